@@ -1,0 +1,17 @@
+//! Schema migrations of the state database, applied at start-up by every
+//! command that touches the database (`Migrator::up`). One file per
+//! migration, `mYYYYMMDD_HHMMSS_verb_noun.rs`, each with a `down()`.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261123_000001_create_state_tables;
+
+/// The migrator: every migration in order.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261123_000001_create_state_tables::Migration)]
+    }
+}

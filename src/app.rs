@@ -1,0 +1,230 @@
+//! What each command does, given parsed flags and loaded settings. Returns
+//! the process exit code: 0 success; 1 a failed or refused run, or an
+//! unreachable API in `check`; 2 bad configuration (reported by `main`).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::cli::{Cli, Command, Job};
+use crate::config::Settings;
+use crate::sync::contacts::{self, ContactsReport, Outcome};
+use crate::sync::plan::Plan;
+use crate::sync::{Context, RunOptions};
+
+/// Exit code of a failed or refused run.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code of bad configuration.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Runs the command `cli` names with `settings`. `demo` is handled by
+/// `main` because it needs no settings.
+pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
+    let result = match cli.command {
+        Some(Command::Status) => crate::status::print(&settings).await,
+        Some(Command::Check) => check(settings).await,
+        Some(Command::Demo) => crate::demo::run().await,
+        None if cli.once => once(&cli, settings).await,
+        None => daemon(settings).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // The chain on one line; redacted by construction (no URL or
+            // secret is put into an error), scrubbed again to be sure.
+            tracing::error!(error = %format!("{e:#}"), "command failed");
+            eprintln!("crm-edm-sync: {e:#}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+async fn once(cli: &Cli, settings: Settings) -> anyhow::Result<ExitCode> {
+    let ctx = Context::new(settings).await?;
+    let opts = RunOptions {
+        dry_run: cli.dry_run,
+        force: cli.force,
+        full: cli.full,
+    };
+    let mut ok = true;
+    if matches!(cli.job, None | Some(Job::Contacts)) {
+        let report = contacts::run(&ctx, opts)
+            .await
+            .map_err(|e| redacted(&ctx, e))?;
+        if let Outcome::DryRun(plan) = &report.outcome {
+            print!("{}", render_plan(&report, plan));
+        }
+        ok &= report.is_success();
+    }
+    if matches!(cli.job, None | Some(Job::Writeback)) {
+        if cli.job == Some(Job::Writeback) {
+            anyhow::bail!("the writeback job is not part of this build yet");
+        }
+        tracing::info!(
+            job = "writeback",
+            "writeback job not part of this build yet; skipped"
+        );
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    })
+}
+
+fn redacted(ctx: &Context, e: anyhow::Error) -> anyhow::Error {
+    anyhow::anyhow!(ctx.redactor.redact(&format!("{e:#}")))
+}
+
+/// Samples shown per kind in a dry-run plan.
+const SAMPLE: usize = 5;
+
+/// The dry-run report: counts, then a sample of each kind with link-man ids
+/// and masked addresses (the plan goes to a terminal, not a log, but it
+/// need not spread addresses further than an operator needs).
+pub fn render_plan(report: &ContactsReport, plan: &Plan) -> String {
+    use std::fmt::Write;
+    let c = &report.counts;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "dry run {}: {} customers, {} link-men, {} desired members",
+        report.run_id, c.customers, c.linkmen, c.desired
+    );
+    let _ = writeln!(
+        out,
+        "plan: {} adds, {} edits, {} unsubscribes, {} adoptions; {} suppressed, {} invalid emails skipped",
+        plan.adds.len(),
+        plan.edits.len(),
+        plan.unsubs.len(),
+        plan.adoptions(),
+        plan.suppressed.len(),
+        c.skipped_invalid
+    );
+    for a in plan.adds.iter().take(SAMPLE) {
+        let _ = writeln!(
+            out,
+            "  add    list {} {} (link-man {})",
+            a.key.list_id,
+            a.key.email.masked(),
+            a.link_man_id
+        );
+    }
+    for e in plan.edits.iter().take(SAMPLE) {
+        let _ = writeln!(
+            out,
+            "  edit   list {} {} (link-man {})",
+            e.key.list_id,
+            e.key.email.masked(),
+            e.link_man_id
+        );
+    }
+    for u in plan.unsubs.iter().take(SAMPLE) {
+        let owner = u
+            .link_man_id
+            .map(|id| format!(" (link-man {id})"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  unsub  list {} {}{owner}",
+            u.key.list_id,
+            u.key.email.masked()
+        );
+    }
+    let _ = writeln!(out, "nothing was changed");
+    out
+}
+
+/// `check`: the config is valid (it loaded), the database opens and
+/// migrates, EDM accepts the credentials, and one CRM page of size 1 reads.
+async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
+    let redactor = Arc::new(crate::remote::Redactor::new(crate::sync::secrets_of(
+        &settings,
+    )));
+    println!("config: ok");
+    let mut ok = true;
+    match crate::state::Store::connect(&settings.database.url).await {
+        Ok(_) => println!("database: ok"),
+        Err(e) => {
+            ok = false;
+            println!("database: FAILED: {}", redactor.redact(&format!("{e:#}")));
+        }
+    }
+    let edm = crate::edm::EdmClient::new(&settings.edm, redactor.clone())?;
+    match edm.customer_info().await {
+        Ok(account) => println!("edm: ok (account {})", account.username),
+        Err(e) => {
+            ok = false;
+            println!("edm: FAILED: {}", redactor.redact(&e.to_string()));
+        }
+    }
+    let crm = crate::crm::CrmClient::new(&settings.crm, redactor.clone())?;
+    match crm.customers_page(1, 1).await {
+        Ok(_) => println!("crm: ok"),
+        Err(e) => {
+            ok = false;
+            println!("crm: FAILED: {}", redactor.redact(&e.to_string()));
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    })
+}
+
+/// Daemon mode: migrate, then run the contacts job on `sync.schedule`
+/// until SIGTERM or SIGINT. A tick that finds the job still running is
+/// skipped. (The write-back schedule joins when that job exists.)
+async fn daemon(settings: Settings) -> anyhow::Result<ExitCode> {
+    use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
+    let schedule = settings.sync.schedule.clone();
+    let ctx = Arc::new(Context::new(settings).await?);
+    let running = Arc::new(AtomicBool::new(false));
+    let mut scheduler = JobScheduler::new().await?;
+    let job_ctx = ctx.clone();
+    let job_running = running.clone();
+    let job = CronJob::new_async(schedule.as_str(), move |_id, _lock| {
+        let ctx = job_ctx.clone();
+        let running = job_running.clone();
+        Box::pin(async move {
+            if running.swap(true, Ordering::SeqCst) {
+                tracing::warn!(
+                    job = contacts::JOB,
+                    "previous run still going; tick skipped"
+                );
+                return;
+            }
+            if let Err(e) = contacts::run(&ctx, RunOptions::default()).await {
+                tracing::error!(job = contacts::JOB, error = %ctx.redactor.redact(&format!("{e:#}")), "run failed");
+            }
+            running.store(false, Ordering::SeqCst);
+        })
+    })?;
+    scheduler.add(job).await?;
+    scheduler.start().await?;
+    tracing::info!(schedule = %schedule, "daemon started");
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new runs; waiting for the current one");
+    scheduler.shutdown().await?;
+    while running.load(Ordering::SeqCst) {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}

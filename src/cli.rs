@@ -1,0 +1,105 @@
+//! The command line (DESIGN.md "Command line — contract").
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Keeps bestedm (EDM) mailing lists in step with the contact persons of a
+/// 全程云 CRM, and writes campaign activity back to the CRM.
+///
+/// Without a command and without --once it runs as a daemon: migrate, then
+/// schedule both jobs.
+#[derive(Debug, Clone, Parser, PartialEq)]
+#[command(name = "crm-edm-sync", version, about)]
+pub struct Cli {
+    /// Config file (default /etc/crm-edm-sync/config.toml, else
+    /// config/default.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Run contacts then writeback once, and exit (0 on success).
+    #[arg(long)]
+    pub once: bool,
+
+    /// With --once: only this job.
+    #[arg(long, value_enum, requires = "once")]
+    pub job: Option<Job>,
+
+    /// With --once: print the plan (counts and a sample), change nothing.
+    #[arg(long, requires = "once")]
+    pub dry_run: bool,
+
+    /// With --once: apply even past the unsubscribe safety ratio.
+    #[arg(long, requires = "once")]
+    pub force: bool,
+
+    /// With --once: re-read the EDM lists and repair any drift.
+    #[arg(long, requires = "once")]
+    pub full: bool,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// A job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Job {
+    Contacts,
+    Writeback,
+}
+
+#[derive(Debug, Clone, Subcommand, PartialEq)]
+pub enum Command {
+    /// Last runs, pending and failed operations, suppressions.
+    Status,
+    /// Validate the config, reach both APIs and the database.
+    Check,
+    /// Start the built-in sandbox CRM and EDM on loopback, sync into a
+    /// temporary SQLite database, and print what happened.
+    Demo,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn once_with_flags_parses() {
+        let cli = Cli::try_parse_from([
+            "crm-edm-sync",
+            "--config",
+            "c.toml",
+            "--once",
+            "--job",
+            "contacts",
+            "--dry-run",
+            "--force",
+            "--full",
+        ])
+        .unwrap();
+        assert!(cli.once && cli.dry_run && cli.force && cli.full);
+        assert_eq!(cli.job, Some(Job::Contacts));
+        assert_eq!(cli.config, Some(PathBuf::from("c.toml")));
+        assert_eq!(cli.command, None);
+    }
+
+    #[test]
+    fn subcommands_parse_with_global_config() {
+        let cli = Cli::try_parse_from(["crm-edm-sync", "status", "--config", "x.toml"]).unwrap();
+        assert_eq!(cli.command, Some(Command::Status));
+        assert_eq!(cli.config, Some(PathBuf::from("x.toml")));
+        assert_eq!(
+            Cli::try_parse_from(["crm-edm-sync", "demo"])
+                .unwrap()
+                .command,
+            Some(Command::Demo)
+        );
+    }
+
+    #[test]
+    fn run_flags_need_once() {
+        assert!(Cli::try_parse_from(["crm-edm-sync", "--dry-run"]).is_err());
+        assert!(Cli::try_parse_from(["crm-edm-sync", "--job", "writeback"]).is_err());
+        assert!(Cli::try_parse_from(["crm-edm-sync", "--once", "--job", "other"]).is_err());
+    }
+}

@@ -1,0 +1,671 @@
+//! Typed, layered settings (DESIGN.md "Configuration — contract").
+//!
+//! Layers, later wins: built-in defaults → TOML file → environment variables
+//! `CRM_EDM_SYNC__SECTION__KEY`. Unknown keys and bad values are errors that
+//! name the key. Secrets are [`SecretString`]s from the moment they are read
+//! and are never printed by `Debug`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::domain::{ListId, VAR_COUNT};
+
+/// The environment-variable prefix (`CRM_EDM_SYNC__EDM__PASSWORD`).
+pub const ENV_PREFIX: &str = "CRM_EDM_SYNC";
+/// The system-wide config file used when `--config` is not given.
+pub const SYSTEM_CONFIG: &str = "/etc/crm-edm-sync/config.toml";
+/// The fallback config file, relative to the working directory.
+pub const LOCAL_CONFIG: &str = "config/default.toml";
+
+/// Everything the daemon can be told.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The 全程云 CRM WebApi.
+    pub crm: CrmSettings,
+    /// The bestedm user API.
+    pub edm: EdmSettings,
+    /// The state database.
+    pub database: DatabaseSettings,
+    /// The contacts job.
+    pub sync: SyncSettings,
+    /// The write-back job.
+    pub writeback: WritebackSettings,
+    /// Logging.
+    pub log: LogSettings,
+    /// The ops HTTP endpoint (daemon mode).
+    pub http: HttpSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrmSettings {
+    /// Site root; `/WebApi/Handler/1.0/CRM/...` is appended.
+    pub base_url: String,
+    /// The logged-in user's access token.
+    pub token: SecretString,
+    /// Customers per `GetAllList` page, 1..=100.
+    pub page_size: u32,
+    /// `GetLinkManList` requests in flight, ≥ 1.
+    pub concurrency: usize,
+    /// Per-request timeout.
+    pub timeout_secs: u64,
+    /// Retries of a transient failure before giving up.
+    pub max_retries: u32,
+    /// Which keys inside CRM objects hold what.
+    pub fields: CrmFields,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrmFields {
+    pub customer_id: String,
+    pub customer_name: String,
+    pub linkman_id: String,
+    pub linkman_name: String,
+    pub linkman_email: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdmSettings {
+    /// e.g. `http://www.bestedm.org/mm-ms/api`.
+    pub base_url: String,
+    pub username: String,
+    /// Plain password; sent as its lowercase hex MD5.
+    pub password: SecretString,
+    /// Addresses per `ml-addr-add` / `ml-unsub` call.
+    pub batch_size: usize,
+    /// Addresses per `ml-addr-list` page when a list is read (not in the
+    /// contract; the API's default of 50 would make large reads slow).
+    pub list_page_size: u32,
+    pub timeout_secs: u64,
+    pub max_retries: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `sqlite://state.db?mode=rwc` or `postgres://user:pass@host/db`.
+    pub url: SecretString,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSettings {
+    /// Six-field cron (seconds first), UTC.
+    pub schedule: String,
+    /// The default EDM list.
+    pub list_id: ListId,
+    /// Planned unsubscribes ÷ members per list above which a plan is refused.
+    pub max_unsubscribe_ratio: f64,
+    /// First match wins; else `list_id`.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// EDM `var1`…`var10` from CRM fields.
+    #[serde(default)]
+    pub vars: VarMapping,
+}
+
+/// Sends a link-man to `list_id` when the text form of `field` equals `equals`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// `customer.X` reads the owning customer, plain `X` the link-man.
+    pub field: String,
+    pub equals: String,
+    pub list_id: ListId,
+}
+
+/// `[sync.vars]`: which CRM field fills which EDM variable.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VarMapping {
+    pub var1: Option<String>,
+    pub var2: Option<String>,
+    pub var3: Option<String>,
+    pub var4: Option<String>,
+    pub var5: Option<String>,
+    pub var6: Option<String>,
+    pub var7: Option<String>,
+    pub var8: Option<String>,
+    pub var9: Option<String>,
+    pub var10: Option<String>,
+}
+
+impl VarMapping {
+    /// The ten slots in order.
+    pub fn slots(&self) -> [Option<&str>; VAR_COUNT] {
+        [
+            self.var1.as_deref(),
+            self.var2.as_deref(),
+            self.var3.as_deref(),
+            self.var4.as_deref(),
+            self.var5.as_deref(),
+            self.var6.as_deref(),
+            self.var7.as_deref(),
+            self.var8.as_deref(),
+            self.var9.as_deref(),
+            self.var10.as_deref(),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WritebackSettings {
+    pub schedule: String,
+    pub lookback_days: u32,
+    /// ContactHistory contact category.
+    pub type_id: i64,
+    /// ContactHistory contact route (3 = email).
+    pub route_id: i64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG` overrides.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+}
+
+/// The built-in defaults, the lowest layer. The credentials have no
+/// meaningful default; they are empty and `validate` rejects them.
+const DEFAULTS: &str = r#"
+[crm]
+base_url = ""
+token = ""
+page_size = 100
+concurrency = 4
+timeout_secs = 30
+max_retries = 5
+[crm.fields]
+customer_id = "id"
+customer_name = "name"
+linkman_id = "id"
+linkman_name = "name"
+linkman_email = "email"
+
+[edm]
+base_url = "http://www.bestedm.org/mm-ms/api"
+username = ""
+password = ""
+batch_size = 500
+list_page_size = 1000
+timeout_secs = 30
+max_retries = 5
+
+[database]
+url = "sqlite://state.db?mode=rwc"
+
+[sync]
+schedule = "0 */15 * * * *"
+list_id = 1
+max_unsubscribe_ratio = 0.2
+
+[writeback]
+schedule = "0 5 * * * *"
+lookback_days = 14
+type_id = 1
+route_id = 3
+
+[log]
+format = "json"
+level = "info"
+
+[http]
+listen = "127.0.0.1:9187"
+"#;
+
+/// A settings error; its text always names the offending key or file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path} not found")]
+    Missing { path: PathBuf },
+    #[error("{0}")]
+    Load(String),
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl Settings {
+    /// Loads the layers for `explicit` (the `--config` flag), reading the
+    /// process environment.
+    pub fn load(explicit: Option<&Path>) -> Result<Settings, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(explicit, env)
+    }
+
+    /// As [`Settings::load`], with the environment given (for tests).
+    pub fn load_with_env(
+        explicit: Option<&Path>,
+        env: Vec<(String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let file = match explicit {
+            Some(path) if !path.exists() => {
+                return Err(ConfigError::Missing {
+                    path: path.to_path_buf(),
+                });
+            }
+            Some(path) => Some(path.to_path_buf()),
+            None => [SYSTEM_CONFIG, LOCAL_CONFIG]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists()),
+        };
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = &file {
+            builder = builder.add_source(
+                config::File::from(path.as_path())
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let env_map: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                // No `try_parsing`: it would turn a token such as "0123"
+                // into the number 123. Numeric keys parse from text anyway.
+                .source(Some(env_map)),
+        );
+        let where_ = file
+            .as_ref()
+            .map(|p| format!(" (file {})", p.display()))
+            .unwrap_or_default();
+        let raw = builder
+            .build()
+            .map_err(|e| ConfigError::Load(format!("cannot read settings{where_}: {e}")))?;
+        let settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError::Load(format!("bad settings{where_}: {e}")))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Parses settings from TOML text alone (defaults below it, no
+    /// environment). Used by tests and the demo.
+    pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
+        let raw = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|e| ConfigError::Load(format!("cannot read settings: {e}")))?;
+        let settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError::Load(format!("bad settings: {e}")))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks the values serde cannot: ranges, URLs, cron expressions,
+    /// route fields and non-empty credentials.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        use secrecy::ExposeSecret;
+        let bad = |key: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                key: key.to_string(),
+                reason: reason.to_string(),
+            })
+        };
+        check_url("crm.base_url", &self.crm.base_url)?;
+        check_url("edm.base_url", &self.edm.base_url)?;
+        if self.crm.token.expose_secret().trim().is_empty() {
+            return bad("crm.token", "must be set");
+        }
+        if !(1..=100).contains(&self.crm.page_size) {
+            return bad("crm.page_size", "must be between 1 and 100");
+        }
+        if self.crm.concurrency == 0 || self.crm.concurrency > 256 {
+            return bad("crm.concurrency", "must be between 1 and 256");
+        }
+        if self.crm.timeout_secs == 0 {
+            return bad("crm.timeout_secs", "must be at least 1");
+        }
+        for (key, value) in [
+            ("crm.fields.customer_id", &self.crm.fields.customer_id),
+            ("crm.fields.customer_name", &self.crm.fields.customer_name),
+            ("crm.fields.linkman_id", &self.crm.fields.linkman_id),
+            ("crm.fields.linkman_name", &self.crm.fields.linkman_name),
+            ("crm.fields.linkman_email", &self.crm.fields.linkman_email),
+        ] {
+            if value.trim().is_empty() {
+                return bad(key, "must not be empty");
+            }
+        }
+        if self.edm.username.trim().is_empty() {
+            return bad("edm.username", "must be set");
+        }
+        if self.edm.password.expose_secret().is_empty() {
+            return bad("edm.password", "must be set");
+        }
+        if self.edm.batch_size == 0 || self.edm.batch_size > 10_000 {
+            return bad("edm.batch_size", "must be between 1 and 10000");
+        }
+        if self.edm.list_page_size == 0 || self.edm.list_page_size > 10_000 {
+            return bad("edm.list_page_size", "must be between 1 and 10000");
+        }
+        if self.edm.timeout_secs == 0 {
+            return bad("edm.timeout_secs", "must be at least 1");
+        }
+        let db = self.database.url.expose_secret();
+        if !(db.starts_with("sqlite:")
+            || db.starts_with("postgres://")
+            || db.starts_with("postgresql://"))
+        {
+            return bad(
+                "database.url",
+                "must start with sqlite:, postgres:// or postgresql://",
+            );
+        }
+        check_cron("sync.schedule", &self.sync.schedule)?;
+        check_cron("writeback.schedule", &self.writeback.schedule)?;
+        if self.sync.list_id < 1 {
+            return bad("sync.list_id", "must be a list id ≥ 1");
+        }
+        if !(0.0..=1.0).contains(&self.sync.max_unsubscribe_ratio) {
+            return bad("sync.max_unsubscribe_ratio", "must be between 0 and 1");
+        }
+        for (i, route) in self.sync.routes.iter().enumerate() {
+            if route.list_id < 1 {
+                return bad(
+                    &format!("sync.routes[{i}].list_id"),
+                    "must be a list id ≥ 1",
+                );
+            }
+            check_field_ref(&format!("sync.routes[{i}].field"), &route.field)?;
+        }
+        for (i, slot) in self.sync.vars.slots().iter().enumerate() {
+            if let Some(field) = slot {
+                check_field_ref(&format!("sync.vars.var{}", i + 1), field)?;
+            }
+        }
+        if self.writeback.lookback_days == 0 || self.writeback.lookback_days > 366 {
+            return bad("writeback.lookback_days", "must be between 1 and 366");
+        }
+        if !valid_log_filter(&self.log.level) {
+            return bad("log.level", "is not a valid level or filter directive");
+        }
+        Ok(())
+    }
+
+    /// Every EDM list the contacts job syncs: the default list and each
+    /// route's, ascending, without repeats.
+    pub fn synced_lists(&self) -> Vec<ListId> {
+        let mut lists: Vec<ListId> = std::iter::once(self.sync.list_id)
+            .chain(self.sync.routes.iter().map(|r| r.list_id))
+            .collect();
+        lists.sort_unstable();
+        lists.dedup();
+        lists
+    }
+
+    pub fn crm_timeout(&self) -> Duration {
+        Duration::from_secs(self.crm.timeout_secs)
+    }
+
+    pub fn edm_timeout(&self) -> Duration {
+        Duration::from_secs(self.edm.timeout_secs)
+    }
+}
+
+/// `info`, or directives such as `warn,crm_edm_sync=debug`: every level
+/// named must be one tracing knows.
+fn valid_log_filter(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    !filter.trim().is_empty()
+        && filter.split(',').all(|directive| {
+            let level = directive.rsplit('=').next().unwrap_or_default().trim();
+            let target_ok = match directive.split_once('=') {
+                Some((target, _)) => {
+                    !target.trim().is_empty()
+                        && target
+                            .trim()
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_:-".contains(c))
+                }
+                None => true,
+            };
+            target_ok && LEVELS.contains(&level.to_ascii_lowercase().as_str())
+        })
+        && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
+}
+
+fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    match url::Url::parse(value) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(()),
+        Ok(_) => Err(ConfigError::Invalid {
+            key: key.into(),
+            reason: "must be an http:// or https:// URL".into(),
+        }),
+        Err(e) => Err(ConfigError::Invalid {
+            key: key.into(),
+            reason: if value.is_empty() {
+                "must be set".into()
+            } else {
+                format!("not a URL: {e}")
+            },
+        }),
+    }
+}
+
+fn check_field_ref(key: &str, value: &str) -> Result<(), ConfigError> {
+    let name = value.strip_prefix("customer.").unwrap_or(value);
+    if name.trim().is_empty() || name.contains(char::is_whitespace) {
+        return Err(ConfigError::Invalid {
+            key: key.into(),
+            reason: format!("{value:?} is not a field name (use \"X\" or \"customer.X\")"),
+        });
+    }
+    Ok(())
+}
+
+/// A six-field (seconds first) or seven-field (with year) cron expression,
+/// parsed with the same `croner` settings tokio-cron-scheduler uses, so a
+/// schedule that passes here is one the scheduler accepts.
+fn check_cron(key: &str, value: &str) -> Result<(), ConfigError> {
+    let fields = value.split_whitespace().count();
+    let reason = if !(6..=7).contains(&fields) {
+        Some(format!(
+            "{value:?} has {fields} fields; six (seconds first) or seven are needed"
+        ))
+    } else {
+        croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Required)
+            .dom_and_dow(true)
+            .build()
+            .parse(value)
+            .err()
+            .map(|e| format!("{value:?} is not a valid cron expression: {e}"))
+    };
+    match reason {
+        None => Ok(()),
+        Some(reason) => Err(ConfigError::Invalid {
+            key: key.into(),
+            reason,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    const MINIMAL: &str = r#"
+[crm]
+base_url = "http://crm.test"
+token = "tok"
+[edm]
+username = "u"
+password = "p"
+"#;
+
+    fn write_config(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        file
+    }
+
+    #[test]
+    fn defaults_fill_everything_not_given() {
+        let s = Settings::from_toml(MINIMAL).unwrap();
+        assert_eq!(s.crm.page_size, 100);
+        assert_eq!(s.crm.concurrency, 4);
+        assert_eq!(s.crm.fields.linkman_email, "email");
+        assert_eq!(s.edm.batch_size, 500);
+        assert_eq!(s.sync.max_unsubscribe_ratio, 0.2);
+        assert_eq!(s.writeback.route_id, 3);
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert_eq!(s.synced_lists(), vec![1]);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let file = write_config(MINIMAL);
+        let env = vec![
+            (
+                "CRM_EDM_SYNC__EDM__PASSWORD".to_string(),
+                "from-env".to_string(),
+            ),
+            ("CRM_EDM_SYNC__CRM__PAGE_SIZE".to_string(), "50".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let s = Settings::load_with_env(Some(file.path()), env).unwrap();
+        assert_eq!(s.edm.password.expose_secret(), "from-env");
+        assert_eq!(s.crm.page_size, 50);
+    }
+
+    #[test]
+    fn a_numeric_looking_secret_from_the_environment_stays_text() {
+        let file = write_config(MINIMAL);
+        let env = vec![("CRM_EDM_SYNC__CRM__TOKEN".to_string(), "0123".to_string())];
+        let s = Settings::load_with_env(Some(file.path()), env).unwrap();
+        assert_eq!(s.crm.token.expose_secret(), "0123");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = Settings::from_toml(&format!("{MINIMAL}\n[sync]\nlist_idd = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("list_idd"), "{err}");
+        let err =
+            Settings::from_toml(&format!("{MINIMAL}\n[sync.vars]\nvar11 = \"x\"\n")).unwrap_err();
+        assert!(err.to_string().contains("var11"), "{err}");
+    }
+
+    #[test]
+    fn unknown_environment_key_is_an_error_naming_it() {
+        let file = write_config(MINIMAL);
+        let env = vec![("CRM_EDM_SYNC__EDM__PASSWROD".to_string(), "x".to_string())];
+        let err = Settings::load_with_env(Some(file.path()), env).unwrap_err();
+        assert!(err.to_string().contains("passwrod"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_the_key() {
+        let cases = [
+            ("[crm]\npage_size = 101", "crm.page_size"),
+            ("[crm]\nconcurrency = 0", "crm.concurrency"),
+            ("[edm]\nbatch_size = 0", "edm.batch_size"),
+            (
+                "[sync]\nmax_unsubscribe_ratio = 1.5",
+                "sync.max_unsubscribe_ratio",
+            ),
+            ("[sync]\nschedule = \"*/15 * * * *\"", "sync.schedule"),
+            (
+                "[writeback]\nschedule = \"0 61 * * * *\"",
+                "writeback.schedule",
+            ),
+            ("[sync]\nlist_id = 0", "sync.list_id"),
+            ("[database]\nurl = \"mysql://x\"", "database.url"),
+            ("[log]\nlevel = \"loud!!\"", "log.level"),
+            (
+                "[[sync.routes]]\nfield = \"\"\nequals = \"1\"\nlist_id = 2",
+                "sync.routes[0].field",
+            ),
+        ];
+        for (extra, key) in cases {
+            let text = merge(MINIMAL, extra);
+            let err = Settings::from_toml(&text).unwrap_err();
+            assert!(err.to_string().contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn wrong_type_is_an_error_naming_the_key() {
+        let err = Settings::from_toml(&merge(MINIMAL, "[crm]\npage_size = \"many\"")).unwrap_err();
+        assert!(err.to_string().contains("page_size"), "{err}");
+    }
+
+    #[test]
+    fn missing_credentials_are_reported_by_key() {
+        let err = Settings::from_toml("[crm]\nbase_url = \"http://x.test\"").unwrap_err();
+        assert!(err.to_string().contains("crm.token"), "{err}");
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error_naming_it() {
+        let err =
+            Settings::load_with_env(Some(Path::new("/nonexistent/c.toml")), vec![]).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/c.toml"), "{err}");
+    }
+
+    #[test]
+    fn routes_and_vars_are_read_and_lists_collected() {
+        let text = format!(
+            "{MINIMAL}\n[sync]\nlist_id = 3\n[[sync.routes]]\nfield = \"customer.type_id\"\nequals = \"2\"\nlist_id = 2\n[[sync.routes]]\nfield = \"dept\"\nequals = \"x\"\nlist_id = 3\n[sync.vars]\nvar1 = \"customer.name\"\nvar10 = \"mobile\"\n"
+        );
+        let s = Settings::from_toml(&text).unwrap();
+        assert_eq!(s.sync.routes.len(), 2);
+        assert_eq!(s.synced_lists(), vec![2, 3]);
+        assert_eq!(s.sync.vars.slots()[0], Some("customer.name"));
+        assert_eq!(s.sync.vars.slots()[9], Some("mobile"));
+    }
+
+    #[test]
+    fn debug_output_does_not_show_secrets() {
+        let s = Settings::from_toml(MINIMAL).unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("tok\""), "{dbg}");
+        assert!(dbg.contains("REDACTED"), "{dbg}");
+    }
+
+    /// Appends `extra` to `base`, merging a repeated `[section]` header into
+    /// the base's section (TOML forbids declaring a table twice).
+    fn merge(base: &str, extra: &str) -> String {
+        let mut out = base.to_string();
+        let mut lines = extra.lines();
+        let header = lines.next().unwrap_or_default();
+        if header.starts_with("[[") || !out.contains(header) {
+            out.push('\n');
+            out.push_str(extra);
+        } else {
+            let rest: Vec<&str> = lines.collect();
+            out = out.replacen(header, &format!("{header}\n{}", rest.join("\n")), 1);
+        }
+        out
+    }
+}

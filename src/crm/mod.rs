@@ -1,0 +1,420 @@
+//! The 全程云 CRM WebApi: JSON over HTTP, POST form fields, `{"value": …}`.
+//!
+//! The fields inside Customer and CustomerLinkMan objects are not
+//! documented, so objects are kept as JSON maps and read through the
+//! configured `crm.fields` keys (API.md decision). Ids may arrive as numbers
+//! or numeric strings.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value};
+
+use crate::config::{CrmFields, CrmSettings};
+use crate::domain::{CustomerId, LinkManId};
+use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Redactor, RemoteError};
+
+/// A CRM object as the API returned it.
+pub type CrmMap = Map<String, Value>;
+
+/// A customer with its id read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Customer {
+    pub id: CustomerId,
+    pub data: CrmMap,
+}
+
+/// A link-man with its id read; it belongs to the customer whose
+/// `GetLinkManList` returned it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkMan {
+    pub id: LinkManId,
+    pub customer_id: CustomerId,
+    pub data: CrmMap,
+}
+
+/// One customer and the link-men its `GetLinkManList` returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomerWithLinkMen {
+    pub customer: Customer,
+    pub linkmen: Vec<LinkMan>,
+}
+
+/// Everything a complete pull read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CrmSnapshot {
+    pub customers: Vec<CustomerWithLinkMen>,
+    /// `Customer/GetAllList` pages read.
+    pub pages: u32,
+}
+
+impl CrmSnapshot {
+    pub fn linkman_count(&self) -> usize {
+        self.customers.iter().map(|c| c.linkmen.len()).sum()
+    }
+}
+
+/// Reads an id that may be a JSON number or a numeric string.
+pub fn read_id(value: Option<&Value>) -> Option<i64> {
+    match value? {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    }
+}
+
+/// The CRM client.
+#[derive(Clone, Debug)]
+pub struct CrmClient {
+    http: HttpCaller,
+    base_url: String,
+    token: SecretString,
+    fields: CrmFields,
+    page_size: u32,
+    concurrency: usize,
+}
+
+/// Protects against a CRM whose paging never ends.
+pub const MAX_PAGES: u32 = 100_000;
+
+impl CrmClient {
+    pub fn new(settings: &CrmSettings, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
+        let http = HttpCaller::new(
+            Api::Crm,
+            std::time::Duration::from_secs(settings.timeout_secs),
+            settings.max_retries,
+            redactor,
+        )?;
+        Ok(CrmClient {
+            http,
+            base_url: settings.base_url.trim_end_matches('/').to_string(),
+            token: settings.token.clone(),
+            fields: settings.fields.clone(),
+            page_size: settings.page_size,
+            concurrency: settings.concurrency,
+        })
+    }
+
+    /// Shortens retry delays (tests, demo).
+    pub fn with_min_retry_delay(mut self, delay: std::time::Duration) -> Self {
+        self.http = self.http.with_min_delay(delay);
+        self
+    }
+
+    fn err(&self, operation: &str, kind: ErrorKind) -> RemoteError {
+        RemoteError::new(Api::Crm, operation, kind)
+    }
+
+    /// POSTs `params` (plus `token` and `format=json`) to `{Area}/{Name}` and
+    /// returns the `value`.
+    async fn call(
+        &self,
+        operation: &str,
+        params: &[(&str, String)],
+        idempotence: Idempotence,
+    ) -> Result<Value, RemoteError> {
+        let url = format!(
+            "{}/WebApi/Handler/1.0/CRM/{}.ashx",
+            self.base_url, operation
+        );
+        let mut form: Vec<(&str, &str)> =
+            vec![("token", self.token.expose_secret()), ("format", "json")];
+        form.extend(params.iter().map(|(k, v)| (*k, v.as_str())));
+        self.http
+            .execute(
+                operation,
+                idempotence,
+                || self.http.client.post(&url).form(&form),
+                |body| self.parse_value(operation, body),
+            )
+            .await
+    }
+
+    fn parse_value(&self, operation: &str, body: &[u8]) -> Result<Value, RemoteError> {
+        let excerpt = || self.http.redactor().excerpt(body);
+        let parsed: Value = serde_json::from_slice(body).map_err(|e| {
+            self.err(
+                operation,
+                ErrorKind::Malformed {
+                    detail: format!("not JSON: {e}"),
+                    excerpt: excerpt(),
+                },
+            )
+        })?;
+        match parsed {
+            Value::Object(mut map) => match map.remove("value") {
+                Some(value) => Ok(value),
+                None => Err(self.err(
+                    operation,
+                    ErrorKind::Rejected {
+                        code: "no_value".into(),
+                        message: format!("answer has no \"value\": {}", excerpt()),
+                    },
+                )),
+            },
+            _ => Err(self.err(
+                operation,
+                ErrorKind::Malformed {
+                    detail: "JSON is not an object".into(),
+                    excerpt: excerpt(),
+                },
+            )),
+        }
+    }
+
+    /// A `value` that must be an array of objects.
+    fn objects(&self, operation: &str, value: Value) -> Result<Vec<CrmMap>, RemoteError> {
+        let shape = |detail: String| {
+            self.err(
+                operation,
+                ErrorKind::Malformed {
+                    detail,
+                    excerpt: String::new(),
+                },
+            )
+        };
+        match value {
+            Value::Array(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::Object(map) => Ok(map),
+                    other => Err(shape(format!(
+                        "item {i} of \"value\" is {} instead of an object",
+                        json_kind(&other)
+                    ))),
+                })
+                .collect(),
+            other => Err(shape(format!(
+                "\"value\" is {} instead of an array",
+                json_kind(&other)
+            ))),
+        }
+    }
+
+    /// `Customer/GetAllList`, one page (from 1).
+    #[tracing::instrument(skip_all, fields(page))]
+    pub async fn customers_page(
+        &self,
+        page: u32,
+        page_size: u32,
+    ) -> Result<Vec<CrmMap>, RemoteError> {
+        let op = "Customer/GetAllList";
+        let value = self
+            .call(
+                op,
+                &[
+                    ("pageIndex", page.to_string()),
+                    ("pageSize", page_size.to_string()),
+                ],
+                Idempotence::Idempotent,
+            )
+            .await?;
+        self.objects(op, value)
+    }
+
+    /// `LinkMan/GetLinkManList` of one customer.
+    #[tracing::instrument(skip_all, fields(customer_id))]
+    pub async fn linkmen(&self, customer_id: CustomerId) -> Result<Vec<LinkMan>, RemoteError> {
+        let op = "LinkMan/GetLinkManList";
+        let value = self
+            .call(
+                op,
+                &[("cust_id", customer_id.to_string())],
+                Idempotence::Idempotent,
+            )
+            .await?;
+        self.objects(op, value)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, data)| {
+                let id = read_id(data.get(&self.fields.linkman_id)).ok_or_else(|| {
+                    self.err(
+                        op,
+                        ErrorKind::Malformed {
+                            detail: format!(
+                                "link-man {i} of customer {customer_id}: `{}` is {} (crm.fields.linkman_id)",
+                                self.fields.linkman_id,
+                                describe(data.get(&self.fields.linkman_id))
+                            ),
+                            excerpt: String::new(),
+                        },
+                    )
+                })?;
+                Ok(LinkMan {
+                    id,
+                    customer_id,
+                    data,
+                })
+            })
+            .collect()
+    }
+
+    /// `ContactHistory/Add`: `{"value": true}` is success, anything else an
+    /// error.
+    #[tracing::instrument(skip_all, fields(customer_id, link_man_id))]
+    pub async fn add_contact_history(
+        &self,
+        customer_id: CustomerId,
+        link_man_id: LinkManId,
+        type_id: i64,
+        route_id: i64,
+        title: &str,
+        content: &str,
+    ) -> Result<(), RemoteError> {
+        let op = "ContactHistory/Add";
+        let value = self
+            .call(
+                op,
+                &[
+                    ("customer_id", customer_id.to_string()),
+                    ("type_id", type_id.to_string()),
+                    ("route_id", route_id.to_string()),
+                    ("link_man_id", link_man_id.to_string()),
+                    ("title", title.to_string()),
+                    ("content", content.to_string()),
+                ],
+                Idempotence::NotIdempotent,
+            )
+            .await?;
+        match value {
+            Value::Bool(true) => Ok(()),
+            other => Err(self.err(
+                op,
+                ErrorKind::Rejected {
+                    code: "value_false".into(),
+                    message: format!("answered {other}"),
+                },
+            )),
+        }
+    }
+
+    /// Pages through every customer and fetches each one's link-men, at
+    /// most `crm.concurrency` link-man requests in flight, while the next
+    /// customer pages are read. Any failed call (after retries) fails the
+    /// whole pull: an incomplete pull must apply nothing (behaviour 7).
+    #[tracing::instrument(skip_all)]
+    pub async fn pull(&self) -> Result<CrmSnapshot, RemoteError> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Customer>(self.page_size as usize * 2);
+        let page_size = self.page_size;
+        let pager = async move {
+            let mut seen: HashSet<CustomerId> = HashSet::new();
+            let mut previous: Option<Vec<CustomerId>> = None;
+            for page in 1..=MAX_PAGES {
+                let items = self.customers_page(page, page_size).await?;
+                let pages = page;
+                let n = items.len();
+                let mut ids = Vec::with_capacity(n);
+                for (i, data) in items.into_iter().enumerate() {
+                    let id = read_id(data.get(&self.fields.customer_id)).ok_or_else(|| {
+                        self.err(
+                            "Customer/GetAllList",
+                            ErrorKind::Malformed {
+                                detail: format!(
+                                    "customer {i} of page {page}: `{}` is {} (crm.fields.customer_id)",
+                                    self.fields.customer_id,
+                                    describe(data.get(&self.fields.customer_id))
+                                ),
+                                excerpt: String::new(),
+                            },
+                        )
+                    })?;
+                    ids.push(id);
+                    // A customer that moved to a later page while we paged
+                    // is read once.
+                    if seen.insert(id) && tx.send(Customer { id, data }).await.is_err() {
+                        // The fetcher stopped on an error; it reports it.
+                        return Ok(pages);
+                    }
+                }
+                if n == page_size as usize && previous.as_ref() == Some(&ids) {
+                    return Err(self.err(
+                        "Customer/GetAllList",
+                        ErrorKind::Malformed {
+                            detail: format!(
+                                "page {page} repeats page {}; paging would not end",
+                                page - 1
+                            ),
+                            excerpt: String::new(),
+                        },
+                    ));
+                }
+                if n < page_size as usize {
+                    return Ok(pages);
+                }
+                previous = Some(ids);
+            }
+            Err(self.err(
+                "Customer/GetAllList",
+                ErrorKind::Malformed {
+                    detail: format!("more than {MAX_PAGES} pages"),
+                    excerpt: String::new(),
+                },
+            ))
+        };
+        let fetcher = tokio_stream_from(rx)
+            .map(|customer| async move {
+                let linkmen = self.linkmen(customer.id).await?;
+                Ok::<_, RemoteError>(CustomerWithLinkMen { customer, linkmen })
+            })
+            .buffer_unordered(self.concurrency)
+            .try_collect::<Vec<_>>();
+        let (pages, mut customers) = futures::try_join!(pager, fetcher)?;
+        customers.sort_by_key(|c| c.customer.id);
+        Ok(CrmSnapshot { customers, pages })
+    }
+}
+
+/// A `Stream` over an mpsc receiver.
+fn tokio_stream_from<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn describe(v: Option<&Value>) -> String {
+    match v {
+        None => "missing".into(),
+        Some(Value::String(s)) => format!(
+            "the non-numeric string {:?}",
+            s.chars().take(40).collect::<String>()
+        ),
+        Some(Value::Number(n)) => format!("the non-integer number {n}"),
+        Some(other) => json_kind(other).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn ids_are_read_from_numbers_and_numeric_strings() {
+        assert_eq!(read_id(Some(&json!(42))), Some(42));
+        assert_eq!(read_id(Some(&json!("42"))), Some(42));
+        assert_eq!(read_id(Some(&json!(" 7 "))), Some(7));
+        assert_eq!(read_id(Some(&json!(4.5))), None);
+        assert_eq!(read_id(Some(&json!("abc"))), None);
+        assert_eq!(read_id(Some(&json!(null))), None);
+        assert_eq!(read_id(None), None);
+    }
+
+    #[test]
+    fn describe_names_what_was_found() {
+        assert_eq!(describe(None), "missing");
+        assert_eq!(describe(Some(&json!(1.5))), "the non-integer number 1.5");
+        assert_eq!(describe(Some(&json!("x"))), "the non-numeric string \"x\"");
+    }
+}

@@ -1,0 +1,324 @@
+//! Domain types shared by the engine, the state DB and the clients.
+//!
+//! Everything here was validated once, at the edge ("parse, don't
+//! validate"): an [`Email`] is always a normalised, valid mailbox in the sense
+//! of DESIGN.md behaviour 2, and [`MemberFields`] never contain a character
+//! that would corrupt the EDM `ml_addr` line format (behaviour 3).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// An EDM mailing-list id ("联系人分类 ID"). Always ≥ 1 for lists the daemon
+/// syncs; `0` is EDM's "unfiled" pseudo-list and is never synced.
+pub type ListId = i64;
+/// A CRM link-man (contact person) id.
+pub type LinkManId = i64;
+/// A CRM customer id.
+pub type CustomerId = i64;
+
+/// Maximum length of a whole address (behaviour 2).
+pub const MAX_EMAIL_LEN: usize = 254;
+/// Maximum length of the local part (behaviour 2).
+pub const MAX_LOCAL_LEN: usize = 64;
+/// Number of EDM custom variables (`var1`…`var10`).
+pub const VAR_COUNT: usize = 10;
+
+/// Why a CRM email value was not accepted as a mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EmailError {
+    #[error("empty address")]
+    Empty,
+    #[error("address longer than 254 characters")]
+    TooLong,
+    #[error("no single '@' separating local part and domain")]
+    NoAt,
+    #[error("local part longer than 64 characters")]
+    LocalTooLong,
+    #[error("local part is not a dot-atom of allowed ASCII characters")]
+    BadLocal,
+    #[error("domain is not two or more labels of letters, digits and inner hyphens")]
+    BadDomain,
+}
+
+/// A normalised (trimmed, lowercased) and valid mailbox address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Email(String);
+
+impl Email {
+    /// Normalises a CRM value (trim, ASCII lowercase) and validates it.
+    pub fn parse(raw: &str) -> Result<Self, EmailError> {
+        let normalised = raw.trim().to_lowercase();
+        validate_mailbox(&normalised)?;
+        Ok(Email(normalised))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A form safe for info-level logs: first character of the local part
+    /// and the domain, e.g. `z***@example.com`.
+    pub fn masked(&self) -> String {
+        mask_address(&self.0)
+    }
+}
+
+impl fmt::Display for Email {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for Email {
+    type Error = EmailError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Email::parse(&value)
+    }
+}
+
+impl From<Email> for String {
+    fn from(value: Email) -> Self {
+        value.0
+    }
+}
+
+/// Masks any text that may be an address so that logs never carry it whole:
+/// keeps the first character before `@` and everything after the last `@`.
+pub fn mask_address(raw: &str) -> String {
+    let raw = raw.trim();
+    match raw.rsplit_once('@') {
+        Some((local, domain)) => {
+            let first: String = local.chars().take(1).collect();
+            format!("{first}***@{domain}")
+        }
+        None => {
+            let first: String = raw.chars().take(1).collect();
+            format!("{first}*** (no @)")
+        }
+    }
+}
+
+fn is_atext(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~-".contains(&c)
+}
+
+/// Behaviour 2: `local@domain`, at most 254 characters; `local` a dot-atom
+/// (at most 64 characters); `domain` two or more labels of ASCII letters,
+/// digits and inner hyphens.
+fn validate_mailbox(addr: &str) -> Result<(), EmailError> {
+    if addr.is_empty() {
+        return Err(EmailError::Empty);
+    }
+    if addr.len() > MAX_EMAIL_LEN {
+        return Err(EmailError::TooLong);
+    }
+    let (local, domain) = addr.split_once('@').ok_or(EmailError::NoAt)?;
+    if domain.contains('@') {
+        return Err(EmailError::NoAt);
+    }
+    if local.len() > MAX_LOCAL_LEN {
+        return Err(EmailError::LocalTooLong);
+    }
+    let local_ok = !local.is_empty()
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.bytes().all(is_atext));
+    if !local_ok {
+        return Err(EmailError::BadLocal);
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    let domain_ok = labels.len() >= 2
+        && labels.iter().all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if !domain_ok {
+        return Err(EmailError::BadDomain);
+    }
+    Ok(())
+}
+
+/// Replaces each `;`, tab, CR or LF by one space; nothing else changes
+/// (behaviour 3). Applied to fullname and every var before anything is
+/// compared or sent, so the `ml_addr` line format stays intact.
+pub fn sanitize_field(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| match c {
+            ';' | '\t' | '\r' | '\n' => ' ',
+            other => other,
+        })
+        .collect()
+}
+
+/// The text form of a CRM scalar (behaviour 3): strings as they are, numbers
+/// in decimal as JSON writes them, `true`/`false`, and `""` for null or
+/// absent. Arrays and objects become their JSON text.
+pub fn json_text(value: Option<&serde_json::Value>) -> String {
+    match value {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// The member data the daemon keeps in step: fullname and `var1`…`var10`,
+/// already sanitised.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MemberFields {
+    pub fullname: String,
+    pub vars: [String; VAR_COUNT],
+}
+
+impl MemberFields {
+    /// Builds fields from raw texts, sanitising each one.
+    pub fn new(fullname: &str, vars: &[String; VAR_COUNT]) -> Self {
+        MemberFields {
+            fullname: sanitize_field(fullname),
+            vars: vars.clone().map(|v| sanitize_field(&v)),
+        }
+    }
+
+    /// One `ml_addr` line: `email;fullname;var1;…;var10;`.
+    pub fn ml_addr_line(&self, email: &Email) -> String {
+        let mut line = String::with_capacity(64);
+        line.push_str(email.as_str());
+        line.push(';');
+        line.push_str(&self.fullname);
+        line.push(';');
+        for v in &self.vars {
+            line.push_str(v);
+            line.push(';');
+        }
+        line
+    }
+}
+
+/// The key of an EDM member (behaviour 1).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MemberKey {
+    pub list_id: ListId,
+    pub email: Email,
+}
+
+impl MemberKey {
+    pub fn new(list_id: ListId, email: Email) -> Self {
+        MemberKey { list_id, email }
+    }
+}
+
+impl fmt::Display for MemberKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "list {} {}", self.list_id, self.email.masked())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn email_is_trimmed_and_lowercased() {
+        let email = Email::parse("  Zhang.San@Example.COM ").unwrap();
+        assert_eq!(email.as_str(), "zhang.san@example.com");
+    }
+
+    #[test]
+    fn valid_and_invalid_mailboxes_follow_behaviour_2() {
+        let cases: &[(&str, bool)] = &[
+            ("a@b.cn", true),
+            ("first.last@example.com", true),
+            ("x!#$%&'*+/=?^_`{|}~-@example.com", true),
+            ("user@sub-domain.example.co", true),
+            ("1@2.3", true),
+            ("", false),
+            ("plain", false),
+            ("@example.com", false),
+            ("user@", false),
+            ("user@localhost", false),
+            ("a@@b.com", false),
+            ("a@b@c.com", false),
+            (".a@b.com", false),
+            ("a.@b.com", false),
+            ("a..b@c.com", false),
+            ("\"quoted\"@example.com", false),
+            ("a b@c.com", false),
+            ("a;b@c.com", false),
+            ("a,b@c.com", false),
+            ("a@b.com;c@d.com", false),
+            ("张三@example.com", false),
+            ("a@例子.cn", false),
+            ("a@-b.com", false),
+            ("a@b-.com", false),
+            ("a@b..com", false),
+            ("a@.b.com", false),
+            ("a@b.com.", false),
+            ("a@b_c.com", false),
+            ("a(comment)@b.com", false),
+            ("a@[127.0.0.1]", false),
+        ];
+        for (raw, ok) in cases {
+            assert_eq!(Email::parse(raw).is_ok(), *ok, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn length_limits_are_64_local_and_254_total() {
+        let local64 = "a".repeat(64);
+        assert!(Email::parse(&format!("{local64}@b.cn")).is_ok());
+        assert_eq!(
+            Email::parse(&format!("{local64}a@b.cn")),
+            Err(EmailError::LocalTooLong)
+        );
+        let label = "d".repeat(60);
+        let long_domain = format!("{label}.{label}.{label}.{label}.cn"); // 247 chars
+        let at_limit = format!("{}@{long_domain}", "a".repeat(254 - 1 - long_domain.len()));
+        assert_eq!(at_limit.len(), 254);
+        assert!(Email::parse(&at_limit).is_ok());
+        assert_eq!(
+            Email::parse(&format!("a{at_limit}")),
+            Err(EmailError::TooLong)
+        );
+    }
+
+    #[test]
+    fn sanitize_replaces_separators_and_nothing_else() {
+        assert_eq!(sanitize_field("a;b\tc\rd\ne"), "a b c d e");
+        assert_eq!(sanitize_field("张三, <x> & \"y\""), "张三, <x> & \"y\"");
+        assert_eq!(sanitize_field("\r\n"), "  ");
+    }
+
+    #[test]
+    fn json_text_writes_scalars_as_json_does() {
+        use serde_json::json;
+        assert_eq!(json_text(Some(&json!("x"))), "x");
+        assert_eq!(json_text(Some(&json!(42))), "42");
+        assert_eq!(json_text(Some(&json!(2.5))), "2.5");
+        assert_eq!(json_text(Some(&json!(true))), "true");
+        assert_eq!(json_text(Some(&json!(null))), "");
+        assert_eq!(json_text(None), "");
+    }
+
+    #[test]
+    fn ml_addr_line_has_twelve_semicolon_terminated_fields() {
+        let email = Email::parse("a@b.cn").unwrap();
+        let mut vars: [String; VAR_COUNT] = Default::default();
+        vars[0] = "v;1".into();
+        let fields = MemberFields::new("张 三;", &vars);
+        assert_eq!(fields.ml_addr_line(&email), "a@b.cn;张 三 ;v 1;;;;;;;;;;");
+        assert_eq!(fields.ml_addr_line(&email).matches(';').count(), 12);
+    }
+
+    #[test]
+    fn masked_address_hides_the_local_part() {
+        let email = Email::parse("secret.person@example.com").unwrap();
+        assert_eq!(email.masked(), "s***@example.com");
+        assert!(!email.masked().contains("secret"));
+    }
+}

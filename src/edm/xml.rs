@@ -1,0 +1,560 @@
+//! EDM's XML answers: a tolerant normaliser, then quick-xml serde.
+//!
+//! The API documents (API.md) show quirks that a strict parser rejects:
+//! `< fullname >` written with spaces, `</aillist>` closing `<maillist>`,
+//! a document ending in `<data>` instead of `</data>`, CDATA, GBK bodies.
+//! [`normalize`] turns such a body into well-formed UTF-8 XML without a
+//! declaration — spaced tag names tightened, a mismatched end tag taken as
+//! the end of the element that is open, elements left open closed at the end
+//! — and the wire types below are read from that with `quick_xml::de`.
+//! Wire types stay private to the EDM module.
+
+use quick_xml::Reader;
+use quick_xml::Writer;
+use quick_xml::events::{BytesEnd, BytesText, Event};
+use serde::Deserialize;
+
+/// Why an EDM body is not readable XML.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum XmlError {
+    #[error("body is empty")]
+    Empty,
+    #[error("body is not valid {0}")]
+    Encoding(String),
+    #[error("unknown encoding {0:?} in the XML declaration")]
+    UnknownEncoding(String),
+    #[error("not XML: {0}")]
+    Syntax(String),
+    #[error("no root element")]
+    NoRoot,
+    #[error("unexpected root element <{found}>, expected <{expected}>")]
+    UnexpectedRoot { found: String, expected: String },
+    #[error("cannot read <{root}>: {detail}")]
+    Shape { root: String, detail: String },
+}
+
+/// Decodes the body by its BOM or XML declaration (UTF-8 unless declared
+/// otherwise, e.g. GBK).
+pub fn decode(body: &[u8]) -> Result<String, XmlError> {
+    if let Some(rest) = body.strip_prefix(b"\xEF\xBB\xBF") {
+        return std::str::from_utf8(rest)
+            .map(str::to_owned)
+            .map_err(|_| XmlError::Encoding("UTF-8".into()));
+    }
+    let head = &body[..body.len().min(200)];
+    let label = declared_encoding(head);
+    match label {
+        None => std::str::from_utf8(body)
+            .map(str::to_owned)
+            .map_err(|_| XmlError::Encoding("UTF-8".into())),
+        Some(label) => {
+            let encoding = encoding_rs::Encoding::for_label(label.as_bytes())
+                .ok_or_else(|| XmlError::UnknownEncoding(label.clone()))?;
+            if encoding == encoding_rs::UTF_8 {
+                return std::str::from_utf8(body)
+                    .map(str::to_owned)
+                    .map_err(|_| XmlError::Encoding("UTF-8".into()));
+            }
+            let (text, _, had_errors) = encoding.decode(body);
+            if had_errors {
+                return Err(XmlError::Encoding(encoding.name().into()));
+            }
+            Ok(text.into_owned())
+        }
+    }
+}
+
+fn declared_encoding(head: &[u8]) -> Option<String> {
+    let head = String::from_utf8_lossy(head);
+    let decl_end = head.find("?>")?;
+    let decl = &head[..decl_end];
+    if !decl.trim_start().starts_with("<?xml") {
+        return None;
+    }
+    let pos = decl.find("encoding")?;
+    let rest = decl[pos + "encoding".len()..]
+        .trim_start()
+        .strip_prefix('=')?;
+    let rest = rest.trim_start();
+    let quote = rest.chars().next()?;
+    if quote != '"' && quote != '\'' {
+        return None;
+    }
+    let value = &rest[1..];
+    let end = value.find(quote)?;
+    Some(value[..end].trim().to_string())
+}
+
+/// Tightens tags written with spaces inside the brackets, `< name >` and
+/// `</ name >`, to `<name>` and `</name>`. Only a complete tag of that form
+/// is touched; CDATA sections and comments are copied as they are.
+fn tighten_spaced_tags(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let mut copied_to = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'<' {
+            i += 1;
+            continue;
+        }
+        if text[i..].starts_with("<![CDATA[") {
+            i = text[i..]
+                .find("]]>")
+                .map(|p| i + p + 3)
+                .unwrap_or(bytes.len());
+            continue;
+        }
+        if text[i..].starts_with("<!--") {
+            i = text[i..]
+                .find("-->")
+                .map(|p| i + p + 3)
+                .unwrap_or(bytes.len());
+            continue;
+        }
+        // Look for `<` ws* `/`? ws* NAME ws* `>` with at least one ws
+        // before the name.
+        let mut j = i + 1;
+        let skip_ws = |mut k: usize| {
+            while k < bytes.len() && (bytes[k] as char).is_ascii_whitespace() {
+                k += 1;
+            }
+            k
+        };
+        let after_lt = skip_ws(j);
+        let mut spaced = after_lt > j;
+        j = after_lt;
+        let closing = j < bytes.len() && bytes[j] == b'/';
+        if closing {
+            j += 1;
+            let after_slash = skip_ws(j);
+            spaced |= after_slash > j;
+            j = after_slash;
+        }
+        let name_start = j;
+        while j < bytes.len() && !b" \t\r\n<>/=\"'".contains(&bytes[j]) {
+            j += 1;
+        }
+        let name_end = j;
+        let k = skip_ws(j);
+        if spaced && name_end > name_start && k < bytes.len() && bytes[k] == b'>' {
+            out.push_str(&text[copied_to..i]);
+            out.push('<');
+            if closing {
+                out.push('/');
+            }
+            out.push_str(&text[name_start..name_end]);
+            out.push('>');
+            i = k + 1;
+            copied_to = i;
+        } else {
+            i += 1;
+        }
+    }
+    out.push_str(&text[copied_to..]);
+    out
+}
+
+/// Makes an EDM body well-formed: decoded, spaced tags tightened, end tags
+/// matched to the open elements, open elements closed at the end. Returns
+/// the document (no declaration) and the name of its root element.
+pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(XmlError::Empty);
+    }
+    let text = tighten_spaced_tags(&decode(body)?);
+    let mut reader = Reader::from_str(&text);
+    reader.config_mut().check_end_names = false;
+    // Not `trim_text`: it would also eat the spaces around entity
+    // references inside a value. Whitespace-only text between elements is
+    // dropped below instead.
+    let mut writer = Writer::new(Vec::with_capacity(text.len()));
+    let mut stack: Vec<String> = Vec::new();
+    let mut root: Option<String> = None;
+    let write_err = |e: std::io::Error| XmlError::Syntax(e.to_string());
+    loop {
+        let event = reader
+            .read_event()
+            .map_err(|e| XmlError::Syntax(format!("at byte {}: {e}", reader.error_position())))?;
+        match event {
+            Event::Eof => break,
+            Event::Decl(_) | Event::PI(_) | Event::DocType(_) | Event::Comment(_) => {}
+            Event::Start(start) => {
+                let name = start.name().as_ref().to_string();
+                if stack.is_empty() {
+                    if root.is_some() {
+                        // A second root: the document ended in an unclosed
+                        // tag that we closed, or junk follows. Stop here.
+                        break;
+                    }
+                    root = Some(name.clone());
+                }
+                stack.push(name);
+                writer.write_event(Event::Start(start)).map_err(write_err)?;
+            }
+            Event::Empty(empty) => {
+                if stack.is_empty() {
+                    if root.is_some() {
+                        break;
+                    }
+                    root = Some(empty.name().as_ref().to_string());
+                }
+                writer.write_event(Event::Empty(empty)).map_err(write_err)?;
+            }
+            Event::End(end) => {
+                let name = end.name().as_ref().to_string();
+                match stack.iter().rposition(|open| *open == name) {
+                    // Close everything opened inside it, then it.
+                    Some(pos) => {
+                        while stack.len() > pos {
+                            let open = stack.pop().unwrap_or_default();
+                            writer
+                                .write_event(Event::End(BytesEnd::new(open)))
+                                .map_err(write_err)?;
+                        }
+                    }
+                    // `</aillist>`: a misspelt end closes the element that
+                    // is open.
+                    None => {
+                        if let Some(open) = stack.pop() {
+                            writer
+                                .write_event(Event::End(BytesEnd::new(open)))
+                                .map_err(write_err)?;
+                        }
+                    }
+                }
+                if stack.is_empty() && root.is_some() {
+                    // Anything after the root is ignored.
+                    break;
+                }
+            }
+            Event::Text(t) => {
+                if !stack.is_empty() && !t.trim().is_empty() {
+                    writer.write_event(Event::Text(t)).map_err(write_err)?;
+                }
+            }
+            Event::CData(c) => {
+                if !stack.is_empty() {
+                    // Re-emit as escaped text: the reader below then sees
+                    // one kind of text only.
+                    let content = (*c).to_string();
+                    writer
+                        .write_event(Event::Text(BytesText::new(&content)))
+                        .map_err(write_err)?;
+                }
+            }
+            Event::GeneralRef(r) => {
+                if !stack.is_empty() {
+                    let name = (*r).to_string();
+                    let replacement = match name.as_str() {
+                        "amp" | "lt" | "gt" | "quot" | "apos" => None,
+                        _ if name.starts_with('#') => None,
+                        // HTML entities an ill-made server may use.
+                        "nbsp" => Some("\u{a0}".to_string()),
+                        other => Some(format!("&{other};")),
+                    };
+                    match replacement {
+                        None => writer
+                            .write_event(Event::GeneralRef(r))
+                            .map_err(write_err)?,
+                        Some(text) => writer
+                            .write_event(Event::Text(BytesText::new(&text)))
+                            .map_err(write_err)?,
+                    }
+                }
+            }
+        }
+    }
+    while let Some(open) = stack.pop() {
+        writer
+            .write_event(Event::End(BytesEnd::new(open)))
+            .map_err(write_err)?;
+    }
+    let root = root.ok_or(XmlError::NoRoot)?;
+    let out =
+        String::from_utf8(writer.into_inner()).map_err(|e| XmlError::Syntax(e.to_string()))?;
+    Ok((out, root))
+}
+
+/// Reads a normalised document as `T`, checking the root element's name.
+pub fn read<T: for<'de> Deserialize<'de>>(
+    doc: &str,
+    root: &str,
+    expected_root: &str,
+) -> Result<T, XmlError> {
+    if root != expected_root {
+        return Err(XmlError::UnexpectedRoot {
+            found: root.into(),
+            expected: expected_root.into(),
+        });
+    }
+    quick_xml::de::from_str(doc).map_err(|e| XmlError::Shape {
+        root: root.into(),
+        detail: e.to_string(),
+    })
+}
+
+/// `<result><status/><data/>[<id/>]</result>`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ResultXml {
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub data: String,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// `<customer>…</customer>` of `customer-info`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct CustomerXml {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub username: String,
+}
+
+/// `<maillist><item>…</item>…</maillist>` of `maillist-list`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct MailListsXml {
+    #[serde(default)]
+    pub item: Vec<MailListXml>,
+}
+
+/// One list: an `<item>` of `maillist-list`, or the `<maillist>` of
+/// `maillist-detail`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct MailListXml {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub subject: String,
+    /// Spelt with U+012B in the documents and, we assume, on the wire.
+    #[serde(rename = "descrīption", alias = "description", default)]
+    pub description: String,
+    #[serde(default)]
+    pub count: String,
+    #[serde(default)]
+    pub status: String,
+}
+
+/// `<data><addr>…</addr>…</data>` of `ml-addr-list`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct AddrListXml {
+    #[serde(default)]
+    pub addr: Vec<AddrXml>,
+}
+
+/// One address of a list.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+pub struct AddrXml {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub list_id: String,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub fullname: String,
+    #[serde(default)]
+    pub time: String,
+    #[serde(default)]
+    pub var1: String,
+    #[serde(default)]
+    pub var2: String,
+    #[serde(default)]
+    pub var3: String,
+    #[serde(default)]
+    pub var4: String,
+    #[serde(default)]
+    pub var5: String,
+    #[serde(default)]
+    pub var6: String,
+    #[serde(default)]
+    pub var7: String,
+    #[serde(default)]
+    pub var8: String,
+    #[serde(default)]
+    pub var9: String,
+    #[serde(default)]
+    pub var10: String,
+}
+
+impl AddrXml {
+    pub fn vars(&self) -> [String; 10] {
+        [
+            self.var1.clone(),
+            self.var2.clone(),
+            self.var3.clone(),
+            self.var4.clone(),
+            self.var5.clone(),
+            self.var6.clone(),
+            self.var7.clone(),
+            self.var8.clone(),
+            self.var9.clone(),
+            self.var10.clone(),
+        ]
+    }
+}
+
+/// Parses an id that may be written as a number or a numeric string.
+pub fn parse_id(raw: &str) -> Option<i64> {
+    raw.trim().parse::<i64>().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse<T: for<'de> Deserialize<'de>>(body: &str, expected_root: &str) -> T {
+        let (doc, root) = normalize(body.as_bytes()).expect("normalize");
+        read(&doc, &root, expected_root).expect("read")
+    }
+
+    /// The `result` shape as the documents print it: declaration, blank
+    /// lines between elements.
+    #[test]
+    fn result_with_blank_lines_is_read() {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\n<result>\n\n\n<status>success</status>\n\n\n<data>添加成功</data>\n\n</result>\n";
+        let r: ResultXml = parse(body, "result");
+        assert_eq!(r.status, "success");
+        assert_eq!(r.data, "添加成功");
+        assert_eq!(r.id, None);
+    }
+
+    #[test]
+    fn result_with_cdata_and_id_is_read() {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<result><status><![CDATA[success]]></status><data><![CDATA[ok <b>&</b>]]></data><id>77</id></result>";
+        let r: ResultXml = parse(body, "result");
+        assert_eq!(r.status, "success");
+        assert_eq!(r.data, "ok <b>&</b>");
+        assert_eq!(r.id.as_deref().and_then(parse_id), Some(77));
+    }
+
+    #[test]
+    fn error_result_carries_its_code() {
+        let r: ResultXml = parse(
+            "<result><status>add_maillist_error</status><data>错误</data></result>",
+            "result",
+        );
+        assert_eq!(r.status, "add_maillist_error");
+    }
+
+    /// maillist-list as documented, with the `descrīption` spelling.
+    #[test]
+    fn maillist_list_with_non_ascii_description_tag_is_read() {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\n<maillist>\n\n\n<item>\n\n\n\n<id>1</id>\n\n\n\n<subject>客户</subject>\n\n\n\n<descrīption>CRM 同步</descrīption>\n\n\n\n<count>2</count>\n\n\n\n<status>enabled</status>\n\n\n</item>\n<item><id>2</id><subject>VIP</subject><descrīption></descrīption><count>0</count><status>disabled</status></item>\n\n</maillist>";
+        let lists: MailListsXml = parse(body, "maillist");
+        assert_eq!(lists.item.len(), 2);
+        assert_eq!(lists.item[0].description, "CRM 同步");
+        assert_eq!(lists.item[0].subject, "客户");
+        assert_eq!(lists.item[1].description, "");
+        assert_eq!(lists.item[1].status, "disabled");
+    }
+
+    #[test]
+    fn empty_maillist_is_an_empty_vec() {
+        let lists: MailListsXml = parse("<maillist></maillist>", "maillist");
+        assert!(lists.item.is_empty());
+        let lists: MailListsXml = parse("<maillist/>", "maillist");
+        assert!(lists.item.is_empty());
+    }
+
+    /// maillist-detail as documented: closed by `</aillist>`.
+    #[test]
+    fn maillist_detail_closed_by_misspelt_end_tag_is_read() {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\n<maillist>\n\n<id>3</id>\n\n<subject>分类</subject>\n\n<descrīption>说明</descrīption>\n\n<count>5</count>\n\n<status>enabled</status>\n\n</aillist>";
+        let list: MailListXml = parse(body, "maillist");
+        assert_eq!(list.id, "3");
+        assert_eq!(list.count, "5");
+    }
+
+    /// ml-addr-list as documented: `</ fullname >` with spaces, indentation,
+    /// empty vars, ids as numbers.
+    #[test]
+    fn addr_list_with_spaced_tag_and_empty_values_is_read() {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\n<data>\n\n\n<addr>\n\n    <id>11</id>\n\n\n  <list_id>1</list_id>\n\n\n  <address>a@b.cn</address>\n\n\n  <fullname>张三</ fullname >\n\n\n  <time>2024-01-01 10:00:00</time>\n\n  <var1>北京</var1>\n\n\n  <var2></var2>\n  <var3/>\n  </addr>\n\n<addr><id> 12 </id><list_id>1</list_id><address>c@d.cn</address>< fullname >李四</ fullname ><var10>x</var10></addr>\n\n</data>";
+        let list: AddrListXml = parse(body, "data");
+        assert_eq!(list.addr.len(), 2);
+        assert_eq!(list.addr[0].fullname, "张三");
+        assert_eq!(list.addr[0].var1, "北京");
+        assert_eq!(list.addr[0].var2, "");
+        assert_eq!(list.addr[0].var3, "");
+        assert_eq!(parse_id(&list.addr[1].id), Some(12));
+        assert_eq!(list.addr[1].fullname, "李四");
+        assert_eq!(list.addr[1].vars()[9], "x");
+    }
+
+    #[test]
+    fn empty_addr_list_is_an_empty_vec() {
+        let list: AddrListXml = parse("<?xml version=\"1.0\"?>\n<data>\n</data>\n", "data");
+        assert!(list.addr.is_empty());
+    }
+
+    /// The open/click detail examples end with `<data>` instead of `</data>`.
+    #[test]
+    fn document_ending_in_an_open_tag_is_closed() {
+        let body = "<data>\n<addr><id>1</id><address>a@b.cn</address></addr>\n<data>";
+        let list: AddrListXml = parse(body, "data");
+        assert_eq!(list.addr.len(), 1);
+    }
+
+    #[test]
+    fn unknown_elements_are_ignored() {
+        let body =
+            "<result><status>success</status><extra><x>1</x></extra><data>ok</data></result>";
+        let r: ResultXml = parse(body, "result");
+        assert_eq!(r.data, "ok");
+    }
+
+    #[test]
+    fn gbk_declared_body_is_decoded() {
+        let (bytes, _, _) = encoding_rs::GBK.encode(
+            "<?xml version=\"1.0\" encoding=\"GBK\"?><result><status>success</status><data>成功</data></result>",
+        );
+        let (doc, root) = normalize(&bytes).unwrap();
+        let r: ResultXml = read(&doc, &root, "result").unwrap();
+        assert_eq!(r.data, "成功");
+    }
+
+    #[test]
+    fn invalid_utf8_is_an_encoding_error() {
+        let err = normalize(b"<result>\xff\xfe</result>").unwrap_err();
+        assert_eq!(err, XmlError::Encoding("UTF-8".into()));
+    }
+
+    #[test]
+    fn html_error_page_is_not_mistaken_for_an_answer() {
+        let body = "<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body>oops</body></html>";
+        let (doc, root) = normalize(body.as_bytes()).unwrap();
+        let err = read::<ResultXml>(&doc, &root, "result").unwrap_err();
+        assert!(matches!(err, XmlError::UnexpectedRoot { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn empty_and_non_xml_bodies_are_errors() {
+        assert_eq!(normalize(b"  \n").unwrap_err(), XmlError::Empty);
+        assert_eq!(normalize(b"just text").unwrap_err(), XmlError::NoRoot);
+        assert!(normalize(b"<result><status>success</sta").is_err());
+    }
+
+    #[test]
+    fn nbsp_entity_does_not_break_the_reader() {
+        let r: ResultXml = parse(
+            "<result><status>success</status><data>a&nbsp;b &amp; c</data></result>",
+            "result",
+        );
+        assert_eq!(r.data, "a\u{a0}b & c");
+    }
+
+    #[test]
+    fn text_with_a_lone_less_than_is_left_for_the_reader_to_reject() {
+        // `< b` is not a whole tag, so it is not tightened into one.
+        assert_eq!(tighten_spaced_tags("<x>a < b</x>"), "<x>a < b</x>");
+        assert_eq!(tighten_spaced_tags("< x >1</ x >"), "<x>1</x>");
+        assert_eq!(
+            tighten_spaced_tags("<![CDATA[< y >]]>"),
+            "<![CDATA[< y >]]>"
+        );
+    }
+}

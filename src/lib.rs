@@ -1,0 +1,19 @@
+//! crm-edm-sync: keeps bestedm (EDM) mailing lists in step with the contact
+//! persons of a 全程云 CRM.
+//!
+//! `main.rs` parses the command line, sets up logging and calls [`app::run`];
+//! everything else is library code that tests drive directly.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod crm;
+pub mod demo;
+pub mod domain;
+pub mod edm;
+pub mod remote;
+pub mod sandbox;
+pub mod state;
+pub mod status;
+pub mod sync;
+pub mod telemetry;

@@ -1,0 +1,46 @@
+//! The binary: parse the command line, load settings, set up logging, and
+//! hand over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use crm_edm_sync::app::{self, EXIT_CONFIG};
+use crm_edm_sync::cli::{Cli, Command};
+use crm_edm_sync::config::{LogFormat, Settings};
+use crm_edm_sync::telemetry;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("crm-edm-sync: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if cli.command == Some(Command::Demo) {
+        // The demo prints its own report; only problems are logged.
+        telemetry::init(LogFormat::Pretty, "warn");
+        return runtime.block_on(async {
+            match crm_edm_sync::demo::run().await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("crm-edm-sync: demo failed: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        });
+    }
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("crm-edm-sync: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::init(settings.log.format, &settings.log.level);
+    runtime.block_on(app::run(cli, settings))
+}

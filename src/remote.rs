@@ -1,0 +1,515 @@
+//! What both remote clients share: the error type that knows whether a
+//! failure is worth retrying, secret redaction, and one retrying HTTP call.
+//!
+//! Retries follow DESIGN.md behaviour 10: connect errors, timeouts, HTTP
+//! 408/429/5xx and a 2xx body that cannot be parsed are transient and retried
+//! with exponential backoff and jitter, bounded by `max_retries`; everything
+//! else is permanent. Calls that are not idempotent (`ml-addr-add`,
+//! `ml-unsub`) are only retried blindly when the request certainly did not
+//! take effect (see [`RemoteError::maybe_applied`]); the engine checks the
+//! list before sending them again.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use secrecy::{ExposeSecret, SecretString};
+
+/// Which remote system a call went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Api {
+    Crm,
+    Edm,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Crm => "crm",
+            Api::Edm => "edm",
+        }
+    }
+}
+
+impl fmt::Display for Api {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Api::Crm => "CRM",
+            Api::Edm => "EDM",
+        })
+    }
+}
+
+/// What went wrong with one remote call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ErrorKind {
+    /// No connection was made; the request was not sent.
+    Connect(String),
+    /// No answer within the timeout; the request may have taken effect.
+    Timeout,
+    /// The connection broke during the exchange (including a truncated
+    /// body); the request may have taken effect.
+    Transport(String),
+    /// A non-2xx HTTP status.
+    Status {
+        status: u16,
+        excerpt: String,
+        retry_after: Option<Duration>,
+    },
+    /// The server refused the credentials; `credential` names the setting.
+    Auth {
+        credential: &'static str,
+        detail: String,
+    },
+    /// A 2xx body that could not be read as the documented format.
+    Malformed { detail: String, excerpt: String },
+    /// The API answered, and said no (EDM status code, CRM `value:false`,
+    /// a CRM object without `value`).
+    Rejected { code: String, message: String },
+    /// The body was larger than the client accepts.
+    TooLarge { limit: usize },
+}
+
+/// A failed remote call: which API, which operation, what happened. Its text
+/// never contains a URL or a secret.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{api} {operation}: {kind}")]
+pub struct RemoteError {
+    pub api: Api,
+    pub operation: String,
+    pub kind: ErrorKind,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorKind::Connect(d) => write!(f, "cannot connect: {d}"),
+            ErrorKind::Timeout => write!(f, "no answer before the timeout"),
+            ErrorKind::Transport(d) => write!(f, "connection failed during the exchange: {d}"),
+            ErrorKind::Status {
+                status, excerpt, ..
+            } => write!(f, "HTTP status {status}, body: {excerpt:?}"),
+            ErrorKind::Auth { credential, detail } => {
+                write!(f, "credentials rejected, check `{credential}`: {detail}")
+            }
+            ErrorKind::Malformed { detail, excerpt } => {
+                write!(f, "unreadable answer ({detail}), body: {excerpt:?}")
+            }
+            ErrorKind::Rejected { code, message } => {
+                write!(f, "refused with code {code:?}: {message}")
+            }
+            ErrorKind::TooLarge { limit } => write!(f, "answer larger than {limit} bytes"),
+        }
+    }
+}
+
+impl RemoteError {
+    pub fn new(api: Api, operation: impl Into<String>, kind: ErrorKind) -> Self {
+        RemoteError {
+            api,
+            operation: operation.into(),
+            kind,
+        }
+    }
+
+    /// Transient: worth another attempt (behaviour 10).
+    pub fn is_retriable(&self) -> bool {
+        match &self.kind {
+            ErrorKind::Connect(_)
+            | ErrorKind::Timeout
+            | ErrorKind::Transport(_)
+            | ErrorKind::Malformed { .. } => true,
+            ErrorKind::Status { status, .. } => {
+                *status == 408 || *status == 429 || (500..600).contains(status)
+            }
+            ErrorKind::Auth { .. } | ErrorKind::Rejected { .. } | ErrorKind::TooLarge { .. } => {
+                false
+            }
+        }
+    }
+
+    /// Whether the server may have carried out the request although the
+    /// client saw a failure: the answer was lost, not the request. For such
+    /// errors a non-idempotent call must be checked before it is re-sent.
+    pub fn maybe_applied(&self) -> bool {
+        match &self.kind {
+            ErrorKind::Connect(_) => false,
+            ErrorKind::Status { status, .. } => *status >= 500,
+            ErrorKind::Timeout
+            | ErrorKind::Transport(_)
+            | ErrorKind::Malformed { .. }
+            | ErrorKind::TooLarge { .. } => true,
+            // An EDM error code for a batch does not say which lines failed.
+            ErrorKind::Rejected { .. } => true,
+            ErrorKind::Auth { .. } => false,
+        }
+    }
+
+    pub fn is_auth(&self) -> bool {
+        matches!(self.kind, ErrorKind::Auth { .. })
+    }
+}
+
+/// Removes secrets from any text before it can reach a log or an error.
+#[derive(Clone, Default)]
+pub struct Redactor {
+    secrets: Vec<SecretString>,
+}
+
+impl fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Redactor({} secrets)", self.secrets.len())
+    }
+}
+
+/// What replaces a secret in redacted text.
+pub const REDACTED: &str = "[REDACTED]";
+
+impl Redactor {
+    /// Secrets shorter than 4 characters are not scrubbed from free text
+    /// (they would mangle ordinary words); they still never enter a URL we
+    /// log, because no URL is ever logged.
+    pub fn new(secrets: impl IntoIterator<Item = String>) -> Self {
+        let mut secrets: Vec<String> = secrets.into_iter().filter(|s| s.len() >= 4).collect();
+        // Longest first, so a secret containing another is removed whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        Redactor {
+            secrets: secrets.into_iter().map(SecretString::from).collect(),
+        }
+    }
+
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for secret in &self.secrets {
+            let s = secret.expose_secret();
+            if out.contains(s) {
+                out = out.replace(s, REDACTED);
+            }
+        }
+        out
+    }
+
+    /// A short, single-line, redacted excerpt of a body for error messages.
+    pub fn excerpt(&self, body: &[u8]) -> String {
+        const MAX: usize = 160;
+        let text = String::from_utf8_lossy(&body[..body.len().min(MAX * 4)]);
+        // Redact before cutting, so a cut cannot leave half a secret.
+        let collapsed = self.redact(&text.split_whitespace().collect::<Vec<_>>().join(" "));
+        let mut short: String = collapsed.chars().take(MAX).collect();
+        if collapsed.chars().count() > MAX {
+            short.push('…');
+        }
+        short
+    }
+}
+
+/// Whether a call may be repeated blindly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idempotence {
+    /// Reads and edits: any transient failure is retried.
+    Idempotent,
+    /// Adds and unsubscribes: retried only when the request certainly did
+    /// not take effect.
+    NotIdempotent,
+}
+
+/// The largest body a client reads (issue: "a body over a size limit").
+pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// One API's HTTP caller: a shared `reqwest::Client`, the retry bound and
+/// the redactor.
+#[derive(Clone, Debug)]
+pub struct HttpCaller {
+    pub(crate) client: reqwest::Client,
+    pub(crate) api: Api,
+    pub(crate) max_retries: u32,
+    pub(crate) min_delay: Duration,
+    pub(crate) redactor: Arc<Redactor>,
+}
+
+impl HttpCaller {
+    pub fn new(
+        api: Api,
+        timeout: Duration,
+        max_retries: u32,
+        redactor: Arc<Redactor>,
+    ) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .pool_max_idle_per_host(64)
+            .user_agent(concat!("crm-edm-sync/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(HttpCaller {
+            client,
+            api,
+            max_retries,
+            min_delay: Duration::from_millis(200),
+            redactor,
+        })
+    }
+
+    /// Shortens the first backoff delay (tests and the demo use this to keep
+    /// fault scenarios fast).
+    pub fn with_min_delay(mut self, min_delay: Duration) -> Self {
+        self.min_delay = min_delay;
+        self
+    }
+
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
+    /// Sends the request `build` makes, reads the body and hands it to
+    /// `parse`; retries transient failures as `idempotence` allows.
+    pub async fn execute<T, B, P>(
+        &self,
+        operation: &str,
+        idempotence: Idempotence,
+        build: B,
+        parse: P,
+    ) -> Result<T, RemoteError>
+    where
+        B: Fn() -> reqwest::RequestBuilder,
+        P: Fn(&[u8]) -> Result<T, RemoteError>,
+    {
+        let attempt = || async {
+            let body = self.send_once(operation, build()).await?;
+            parse(&body)
+        };
+        let backoff = ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(Duration::from_secs(30))
+            .with_max_times(self.max_retries as usize);
+        let api = self.api;
+        attempt
+            .retry(backoff)
+            .when(|e: &RemoteError| match idempotence {
+                Idempotence::Idempotent => e.is_retriable(),
+                Idempotence::NotIdempotent => e.is_retriable() && !e.maybe_applied(),
+            })
+            .adjust(|e: &RemoteError, planned| match &e.kind {
+                ErrorKind::Status {
+                    retry_after: Some(after),
+                    ..
+                } => planned.map(|p| p.max(*after).min(Duration::from_secs(300))),
+                _ => planned,
+            })
+            .notify(|e: &RemoteError, after: Duration| {
+                tracing::warn!(
+                    api = api.as_str(),
+                    operation = %e.operation,
+                    error = %e,
+                    retry_in_ms = after.as_millis() as u64,
+                    "transient failure, retrying"
+                );
+            })
+            .await
+    }
+
+    async fn send_once(
+        &self,
+        operation: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Bytes, RemoteError> {
+        let err = |kind| RemoteError::new(self.api, operation, kind);
+        let response = request.send().await.map_err(|e| err(classify(&e)))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        if let Some(len) = response.content_length()
+            && len as usize > MAX_BODY_BYTES
+        {
+            return Err(err(ErrorKind::TooLarge {
+                limit: MAX_BODY_BYTES,
+            }));
+        }
+        let body = read_limited(response)
+            .await
+            .map_err(|e| err(e.unwrap_or_else(|e| classify(&e))))?;
+        if !status.is_success() {
+            let excerpt = self.redactor.excerpt(&body);
+            return Err(err(match (self.api, status.as_u16()) {
+                (Api::Crm, 401 | 403) => ErrorKind::Auth {
+                    credential: "crm.token",
+                    detail: format!("HTTP status {}, body: {excerpt:?}", status.as_u16()),
+                },
+                (Api::Edm, 401 | 403) => ErrorKind::Auth {
+                    credential: "edm.username/edm.password",
+                    detail: format!("HTTP status {}, body: {excerpt:?}", status.as_u16()),
+                },
+                (_, code) => ErrorKind::Status {
+                    status: code,
+                    excerpt,
+                    retry_after,
+                },
+            }));
+        }
+        Ok(body)
+    }
+}
+
+/// Reads the body up to [`MAX_BODY_BYTES`]; `Err(Some(kind))` for an
+/// oversize body, `Err(None)`-style transport failures come back as the
+/// reqwest error.
+async fn read_limited(
+    mut response: reqwest::Response,
+) -> Result<Bytes, Result<ErrorKind, reqwest::Error>> {
+    let mut buf = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(Ok(ErrorKind::TooLarge {
+                        limit: MAX_BODY_BYTES,
+                    }));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(Bytes::from(buf)),
+            Err(e) => return Err(Err(e)),
+        }
+    }
+}
+
+/// Maps a reqwest failure to a kind, without its URL.
+fn classify(e: &reqwest::Error) -> ErrorKind {
+    if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_connect() {
+        ErrorKind::Connect(source_chain(e))
+    } else {
+        ErrorKind::Transport(source_chain(e))
+    }
+}
+
+/// The error's cause chain as text, without the URL reqwest attaches.
+fn source_chain(e: &reqwest::Error) -> String {
+    use std::error::Error;
+    let mut parts = Vec::new();
+    let mut current: Option<&dyn Error> = e.source();
+    while let Some(err) = current {
+        parts.push(err.to_string());
+        current = err.source();
+    }
+    if parts.is_empty() {
+        // reqwest's own Display starts with the kind and may include the
+        // URL; strip it to be sure.
+        let mut text = String::from("request failed");
+        if e.is_body() || e.is_decode() {
+            text = "body could not be read".into();
+        }
+        return text;
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16) -> RemoteError {
+        RemoteError::new(
+            Api::Edm,
+            "op",
+            ErrorKind::Status {
+                status: code,
+                excerpt: String::new(),
+                retry_after: None,
+            },
+        )
+    }
+
+    #[test]
+    fn transient_and_permanent_failures_follow_behaviour_10() {
+        for code in [408, 429, 500, 502, 503, 504] {
+            assert!(status(code).is_retriable(), "{code}");
+        }
+        for code in [400, 401, 404, 410, 422] {
+            assert!(!status(code).is_retriable(), "{code}");
+        }
+        let kinds = [
+            (ErrorKind::Timeout, true),
+            (ErrorKind::Connect("refused".into()), true),
+            (ErrorKind::Transport("reset".into()), true),
+            (
+                ErrorKind::Malformed {
+                    detail: "x".into(),
+                    excerpt: "y".into(),
+                },
+                true,
+            ),
+            (
+                ErrorKind::Rejected {
+                    code: "c".into(),
+                    message: "m".into(),
+                },
+                false,
+            ),
+            (
+                ErrorKind::Auth {
+                    credential: "crm.token",
+                    detail: String::new(),
+                },
+                false,
+            ),
+        ];
+        for (kind, retriable) in kinds {
+            let e = RemoteError::new(Api::Crm, "op", kind.clone());
+            assert_eq!(e.is_retriable(), retriable, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn only_unsent_requests_are_known_not_applied() {
+        assert!(!RemoteError::new(Api::Edm, "op", ErrorKind::Connect("x".into())).maybe_applied());
+        assert!(!status(429).maybe_applied());
+        assert!(!status(408).maybe_applied());
+        assert!(status(502).maybe_applied());
+        assert!(RemoteError::new(Api::Edm, "op", ErrorKind::Timeout).maybe_applied());
+    }
+
+    #[test]
+    fn redactor_scrubs_every_secret_and_keeps_other_text() {
+        let r = Redactor::new(["s3cret-token".to_string(), "0123456789abcdef".to_string()]);
+        let out = r.redact("token=s3cret-token&password=0123456789abcdef&do=x");
+        assert_eq!(out, "token=[REDACTED]&password=[REDACTED]&do=x");
+    }
+
+    #[test]
+    fn excerpt_is_short_single_line_and_redacted() {
+        let r = Redactor::new(["hunter22".to_string()]);
+        let body = format!(
+            "<html>\n<body>error hunter22 {}</body></html>",
+            "x".repeat(1000)
+        );
+        let ex = r.excerpt(body.as_bytes());
+        assert!(!ex.contains('\n'));
+        assert!(!ex.contains("hunter22"));
+        assert!(ex.chars().count() <= 161);
+    }
+
+    #[test]
+    fn error_text_names_api_operation_and_cause() {
+        let e = RemoteError::new(
+            Api::Edm,
+            "ml-addr-add",
+            ErrorKind::Rejected {
+                code: "add_error".into(),
+                message: "bad".into(),
+            },
+        );
+        assert_eq!(
+            e.to_string(),
+            "EDM ml-addr-add: refused with code \"add_error\": bad"
+        );
+    }
+}

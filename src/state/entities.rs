@@ -1,0 +1,168 @@
+//! sea-orm entities of the state database (see `migrations/`). Timestamps
+//! are milliseconds since the Unix epoch.
+
+/// What the daemon knows of one `(list_id, email)` in EDM.
+pub mod member {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "members")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub list_id: i64,
+        /// Normalised address (behaviour 1).
+        pub email: String,
+        /// `owned` (the daemon added it), `adopted` (it was there and is a
+        /// desired member), `foreign` (it was there and is not ours).
+        pub origin: String,
+        /// Whether EDM holds it now, as far as the daemon knows.
+        pub present: bool,
+        /// The link-man that owns (or last owned) it.
+        pub link_man_id: Option<i64>,
+        pub customer_id: Option<i64>,
+        /// EDM's address id, once known.
+        pub edm_id: Option<i64>,
+        /// The fullname EDM holds.
+        pub fullname: String,
+        /// `var1`…`var10` as a JSON array of ten strings.
+        pub vars: String,
+        pub updated_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The outbox (behaviour 9): every planned EDM write, recorded before it
+/// is sent.
+pub mod operation {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "operations")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub run_id: String,
+        /// `add`, `edit` or `unsub`.
+        pub kind: String,
+        pub list_id: i64,
+        pub email: String,
+        pub edm_id: Option<i64>,
+        pub link_man_id: Option<i64>,
+        pub customer_id: Option<i64>,
+        pub fullname: String,
+        pub vars: String,
+        /// `pending` (recorded; maybe sent), `done` (EDM confirmed, or the
+        /// list showed it took effect), `superseded` (shown not to have
+        /// taken effect; the next plan decides again).
+        pub status: String,
+        pub attempts: i32,
+        pub last_error: Option<String>,
+        /// For `unsub`: its line in `unsubscribe-export` has been seen.
+        pub export_matched: bool,
+        pub created_at: i64,
+        pub updated_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Addresses that get no operation: user unsubscribes (per list) and
+/// hard bounces (`list_id` 0: every list).
+pub mod suppression {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "suppressions")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub list_id: i64,
+        pub email: String,
+        /// `user_unsubscribe` or `bounce`.
+        pub reason: String,
+        /// Where it came from, e.g. the export line's time.
+        pub source: String,
+        pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `unsubscribe-export` lines already seen (behaviour 6).
+pub mod unsub_line {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "unsub_lines")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub list_id: i64,
+        pub email: String,
+        pub time: String,
+        pub seen_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Per-list bookkeeping.
+pub mod list_state {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "list_state")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub list_id: i64,
+        /// When the list was first read whole (behaviour 5).
+        pub initial_read_at: Option<i64>,
+        /// When its `unsubscribe-export` was last read (behaviour 6).
+        pub export_read_at: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// One run of a job.
+pub mod run {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "runs")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub job: String,
+        pub started_at: i64,
+        pub finished_at: Option<i64>,
+        /// `running`, `succeeded`, `failed` or `refused`.
+        pub status: String,
+        pub dry_run: bool,
+        /// The run's counts as a JSON object.
+        pub counts: String,
+        pub error: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

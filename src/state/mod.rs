@@ -1,0 +1,729 @@
+//! The state database: what the daemon pushed, what it is about to push,
+//! what it must never touch, and what each run did. SQLite by default,
+//! PostgreSQL by URL; migrations run at connect time.
+//!
+//! Writes on the hot path are batched ([`CHUNK`] rows a statement) inside
+//! transactions, so a run makes a handful of round trips per EDM batch, not
+//! one per member.
+
+pub mod entities;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::Context;
+use migrations::{Migrator, MigratorTrait};
+use sea_orm::sea_query::{ExprTrait, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::domain::{Email, ListId, MemberFields, MemberKey, VAR_COUNT};
+use crate::sync::plan::{MemberState, Origin, Suppressions};
+use entities::{list_state, member, operation, run, suppression, unsub_line};
+
+/// Rows per multi-row statement (well under SQLite's and PostgreSQL's
+/// bound-parameter limits for our widest table).
+pub const CHUNK: usize = 500;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Suppression `list_id` meaning "every list" (hard bounces).
+pub const ALL_LISTS: ListId = 0;
+
+/// Operation kinds.
+pub mod op_kind {
+    pub const ADD: &str = "add";
+    pub const EDIT: &str = "edit";
+    pub const UNSUB: &str = "unsub";
+}
+
+/// Operation statuses.
+pub mod op_status {
+    pub const PENDING: &str = "pending";
+    pub const DONE: &str = "done";
+    pub const SUPERSEDED: &str = "superseded";
+}
+
+/// Suppression reasons.
+pub mod reason {
+    pub const USER_UNSUBSCRIBE: &str = "user_unsubscribe";
+    pub const BOUNCE: &str = "bounce";
+}
+
+/// A planned operation about to be recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewOperation {
+    pub kind: &'static str,
+    pub list_id: ListId,
+    pub email: Email,
+    pub edm_id: Option<i64>,
+    pub link_man_id: Option<i64>,
+    pub customer_id: Option<i64>,
+    pub fields: MemberFields,
+}
+
+/// A user unsubscribe seen in an export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSuppression {
+    pub list_id: ListId,
+    pub email: String,
+    pub reason: &'static str,
+    pub source: String,
+}
+
+/// One export line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SeenLine {
+    pub list_id: ListId,
+    pub email: String,
+    pub time: String,
+}
+
+/// Per-list bookkeeping.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ListBook {
+    pub initial_read_at: Option<i64>,
+    pub export_read_at: Option<i64>,
+}
+
+/// What a run learned from EDM before planning (exports, recovery checks,
+/// list reads), written in one transaction.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observations {
+    pub new_lines: Vec<SeenLine>,
+    pub suppressions: Vec<NewSuppression>,
+    /// `unsub` operations whose export line was seen.
+    pub matched_ops: Vec<i64>,
+    /// Operations from earlier runs, resolved: `(id, status)`.
+    pub resolved_ops: Vec<(i64, &'static str)>,
+    /// Member rows to write whole.
+    pub members: Vec<MemberState>,
+    /// Lists whose export was read, and when.
+    pub export_reads: Vec<(ListId, i64)>,
+    /// Lists read whole (behaviour 5), and when.
+    pub list_reads: Vec<(ListId, i64)>,
+}
+
+/// A summary row for `status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRow {
+    pub id: String,
+    pub job: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub status: String,
+    pub dry_run: bool,
+    pub counts: serde_json::Value,
+    pub error: Option<String>,
+}
+
+/// A pending operation, for `status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingRow {
+    pub id: i64,
+    pub kind: String,
+    pub list_id: ListId,
+    pub email: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+}
+
+/// The state database.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+fn vars_to_json(vars: &[String; VAR_COUNT]) -> String {
+    serde_json::to_string(vars).unwrap_or_else(|_| "[]".into())
+}
+
+fn vars_from_json(text: &str) -> [String; VAR_COUNT] {
+    let parsed: Vec<String> = serde_json::from_str(text).unwrap_or_default();
+    std::array::from_fn(|i| parsed.get(i).cloned().unwrap_or_default())
+}
+
+fn member_row(m: &MemberState, now: i64) -> member::ActiveModel {
+    member::ActiveModel {
+        list_id: Set(m.key.list_id),
+        email: Set(m.key.email.to_string()),
+        origin: Set(m.origin.as_str().to_string()),
+        present: Set(m.present),
+        link_man_id: Set(m.link_man_id),
+        customer_id: Set(m.customer_id),
+        edm_id: Set(m.edm_id),
+        fullname: Set(m.fields.fullname.clone()),
+        vars: Set(vars_to_json(&m.fields.vars)),
+        updated_at: Set(now),
+        ..Default::default()
+    }
+}
+
+impl Store {
+    /// Connects and applies every pending migration.
+    pub async fn connect(url: &SecretString) -> anyhow::Result<Store> {
+        let raw = url.expose_secret();
+        let mut options = ConnectOptions::new(raw.to_string());
+        options
+            .max_connections(if raw.starts_with("sqlite:") { 1 } else { 8 })
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(10))
+            // Statements carry addresses; they do not belong in the logs.
+            .sqlx_logging(false);
+        let db = Database::connect(options).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the state database: {}",
+                redact_db_error(&e.to_string(), raw)
+            )
+        })?;
+        if raw.starts_with("sqlite:") {
+            for pragma in [
+                "PRAGMA journal_mode=WAL",
+                "PRAGMA busy_timeout=10000",
+                "PRAGMA synchronous=NORMAL",
+            ] {
+                db.execute_unprepared(pragma)
+                    .await
+                    .with_context(|| format!("cannot set {pragma}"))?;
+            }
+        }
+        Migrator::up(&db, None).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot migrate the state database: {}",
+                redact_db_error(&e.to_string(), raw)
+            )
+        })?;
+        Ok(Store { db })
+    }
+
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Every member row, keyed.
+    pub async fn load_members(&self) -> anyhow::Result<HashMap<MemberKey, MemberState>> {
+        let rows = member::Entity::find()
+            .all(&self.db)
+            .await
+            .context("cannot read members")?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let Ok(email) = Email::parse(&row.email) else {
+                tracing::warn!(
+                    member_id = row.id,
+                    "member row with an invalid address ignored"
+                );
+                continue;
+            };
+            let Some(origin) = Origin::parse(&row.origin) else {
+                tracing::warn!(member_id = row.id, origin = %row.origin, "member row with an unknown origin ignored");
+                continue;
+            };
+            let key = MemberKey::new(row.list_id, email);
+            out.insert(
+                key.clone(),
+                MemberState {
+                    key,
+                    origin,
+                    present: row.present,
+                    link_man_id: row.link_man_id,
+                    customer_id: row.customer_id,
+                    edm_id: row.edm_id,
+                    fields: MemberFields {
+                        fullname: row.fullname,
+                        vars: vars_from_json(&row.vars),
+                    },
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// The suppressions in force.
+    pub async fn load_suppressions(&self) -> anyhow::Result<Suppressions> {
+        let rows = suppression::Entity::find()
+            .all(&self.db)
+            .await
+            .context("cannot read suppressions")?;
+        let mut out = Suppressions::default();
+        for row in rows {
+            let Ok(email) = Email::parse(&row.email) else {
+                continue; // an address that is not valid is never sent anyway
+            };
+            if row.list_id == ALL_LISTS {
+                out.bounced.insert(email);
+            } else {
+                out.user.insert(MemberKey::new(row.list_id, email));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn list_books(&self) -> anyhow::Result<HashMap<ListId, ListBook>> {
+        let rows = list_state::Entity::find()
+            .all(&self.db)
+            .await
+            .context("cannot read list state")?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.list_id,
+                    ListBook {
+                        initial_read_at: r.initial_read_at,
+                        export_read_at: r.export_read_at,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Export lines of a list already seen, as `(email, time)`.
+    pub async fn seen_lines(&self, list_id: ListId) -> anyhow::Result<HashSet<(String, String)>> {
+        let rows = unsub_line::Entity::find()
+            .filter(unsub_line::Column::ListId.eq(list_id))
+            .all(&self.db)
+            .await
+            .context("cannot read seen export lines")?;
+        Ok(rows.into_iter().map(|r| (r.email, r.time)).collect())
+    }
+
+    /// The daemon's own `ml-unsub`s to `list_id` since `since` that no
+    /// export line has matched yet: `(operation id, email)`, oldest first.
+    pub async fn unmatched_unsubs(
+        &self,
+        list_id: ListId,
+        since: Option<i64>,
+    ) -> anyhow::Result<Vec<(i64, String)>> {
+        let mut query = operation::Entity::find()
+            .filter(operation::Column::Kind.eq(op_kind::UNSUB))
+            .filter(operation::Column::ListId.eq(list_id))
+            .filter(operation::Column::ExportMatched.eq(false))
+            .filter(operation::Column::Status.ne(op_status::SUPERSEDED));
+        if let Some(since) = since {
+            query = query.filter(operation::Column::CreatedAt.gte(since));
+        }
+        let rows = query
+            .order_by_asc(operation::Column::Id)
+            .all(&self.db)
+            .await
+            .context("cannot read unsubscribe operations")?;
+        Ok(rows.into_iter().map(|r| (r.id, r.email)).collect())
+    }
+
+    /// Operations still pending (from this or earlier runs).
+    pub async fn pending_operations(&self) -> anyhow::Result<Vec<operation::Model>> {
+        operation::Entity::find()
+            .filter(operation::Column::Status.eq(op_status::PENDING))
+            .order_by_asc(operation::Column::Id)
+            .all(&self.db)
+            .await
+            .context("cannot read pending operations")
+    }
+
+    /// Writes what a run observed, in one transaction.
+    pub async fn persist_observations(&self, obs: &Observations) -> anyhow::Result<()> {
+        let now = now_ms();
+        let txn = self.db.begin().await?;
+        for chunk in obs.new_lines.chunks(CHUNK) {
+            unsub_line::Entity::insert_many(chunk.iter().map(|l| unsub_line::ActiveModel {
+                list_id: Set(l.list_id),
+                email: Set(l.email.clone()),
+                time: Set(l.time.clone()),
+                seen_at: Set(now),
+                ..Default::default()
+            }))
+            .on_conflict(
+                OnConflict::columns([
+                    unsub_line::Column::ListId,
+                    unsub_line::Column::Email,
+                    unsub_line::Column::Time,
+                ])
+                .do_nothing()
+                .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await
+            .context("cannot record export lines")?;
+        }
+        insert_suppressions(&txn, &obs.suppressions).await?;
+        for chunk in obs.matched_ops.chunks(CHUNK) {
+            operation::Entity::update_many()
+                .col_expr(operation::Column::ExportMatched, true.into())
+                .col_expr(operation::Column::UpdatedAt, now.into())
+                .filter(operation::Column::Id.is_in(chunk.iter().copied()))
+                .exec(&txn)
+                .await
+                .context("cannot mark matched unsubscribes")?;
+        }
+        for status in [op_status::DONE, op_status::SUPERSEDED] {
+            let ids: Vec<i64> = obs
+                .resolved_ops
+                .iter()
+                .filter(|(_, s)| *s == status)
+                .map(|(id, _)| *id)
+                .collect();
+            for chunk in ids.chunks(CHUNK) {
+                operation::Entity::update_many()
+                    .col_expr(operation::Column::Status, status.into())
+                    .col_expr(operation::Column::UpdatedAt, now.into())
+                    .filter(operation::Column::Id.is_in(chunk.iter().copied()))
+                    .exec(&txn)
+                    .await
+                    .context("cannot resolve earlier operations")?;
+            }
+        }
+        upsert_members(&txn, &obs.members, now).await?;
+        for (list_id, at) in &obs.export_reads {
+            upsert_list_book(&txn, *list_id, None, Some(*at)).await?;
+        }
+        for (list_id, at) in &obs.list_reads {
+            upsert_list_book(&txn, *list_id, Some(*at), None).await?;
+        }
+        txn.commit().await.context("cannot commit observations")?;
+        Ok(())
+    }
+
+    /// Writes member rows whole (adoptions, owner changes).
+    pub async fn upsert_members(&self, members: &[MemberState]) -> anyhow::Result<()> {
+        let txn = self.db.begin().await?;
+        upsert_members(&txn, members, now_ms()).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Records operations as pending before they are sent (behaviour 9).
+    pub async fn record_operations(
+        &self,
+        run_id: &str,
+        ops: &[NewOperation],
+    ) -> anyhow::Result<()> {
+        let now = now_ms();
+        let txn = self.db.begin().await?;
+        for chunk in ops.chunks(CHUNK) {
+            operation::Entity::insert_many(chunk.iter().map(|op| operation::ActiveModel {
+                run_id: Set(run_id.to_string()),
+                kind: Set(op.kind.to_string()),
+                list_id: Set(op.list_id),
+                email: Set(op.email.to_string()),
+                edm_id: Set(op.edm_id),
+                link_man_id: Set(op.link_man_id),
+                customer_id: Set(op.customer_id),
+                fullname: Set(op.fields.fullname.clone()),
+                vars: Set(vars_to_json(&op.fields.vars)),
+                status: Set(op_status::PENDING.to_string()),
+                attempts: Set(0),
+                last_error: Set(None),
+                export_matched: Set(false),
+                created_at: Set(now),
+                updated_at: Set(now),
+                ..Default::default()
+            }))
+            .exec_without_returning(&txn)
+            .await
+            .context("cannot record operations")?;
+        }
+        txn.commit().await.context("cannot commit operations")?;
+        Ok(())
+    }
+
+    /// Marks this run's `kind` operations on `emails` in `list_id` done and
+    /// writes the members they produced, in one transaction.
+    pub async fn complete_operations(
+        &self,
+        run_id: &str,
+        kind: &str,
+        list_id: ListId,
+        emails: &[&Email],
+        members: &[MemberState],
+    ) -> anyhow::Result<()> {
+        let now = now_ms();
+        let txn = self.db.begin().await?;
+        for chunk in emails.chunks(CHUNK) {
+            operation::Entity::update_many()
+                .col_expr(operation::Column::Status, op_status::DONE.into())
+                .col_expr(operation::Column::UpdatedAt, now.into())
+                .col_expr(
+                    operation::Column::Attempts,
+                    sea_orm::sea_query::Expr::col(operation::Column::Attempts).add(1),
+                )
+                .filter(operation::Column::RunId.eq(run_id))
+                .filter(operation::Column::Kind.eq(kind))
+                .filter(operation::Column::ListId.eq(list_id))
+                .filter(operation::Column::Status.eq(op_status::PENDING))
+                .filter(operation::Column::Email.is_in(chunk.iter().map(|e| e.to_string())))
+                .exec(&txn)
+                .await
+                .context("cannot mark operations done")?;
+        }
+        upsert_members(&txn, members, now).await?;
+        txn.commit()
+            .await
+            .context("cannot commit completed operations")?;
+        Ok(())
+    }
+
+    /// Notes a failed attempt on this run's operations; they stay pending.
+    pub async fn note_failure(
+        &self,
+        run_id: &str,
+        kind: &str,
+        list_id: ListId,
+        emails: &[&Email],
+        error: &str,
+    ) -> anyhow::Result<()> {
+        let now = now_ms();
+        let txn = self.db.begin().await?;
+        for chunk in emails.chunks(CHUNK) {
+            operation::Entity::update_many()
+                .col_expr(operation::Column::LastError, Some(error.to_string()).into())
+                .col_expr(operation::Column::UpdatedAt, now.into())
+                .col_expr(
+                    operation::Column::Attempts,
+                    sea_orm::sea_query::Expr::col(operation::Column::Attempts).add(1),
+                )
+                .filter(operation::Column::RunId.eq(run_id))
+                .filter(operation::Column::Kind.eq(kind))
+                .filter(operation::Column::ListId.eq(list_id))
+                .filter(operation::Column::Status.eq(op_status::PENDING))
+                .filter(operation::Column::Email.is_in(chunk.iter().map(|e| e.to_string())))
+                .exec(&txn)
+                .await
+                .context("cannot record the failure")?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Adds suppressions (duplicates are ignored).
+    pub async fn add_suppressions(&self, items: &[NewSuppression]) -> anyhow::Result<()> {
+        let txn = self.db.begin().await?;
+        insert_suppressions(&txn, items).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Starts a run record.
+    pub async fn start_run(&self, id: &str, job: &str, dry_run: bool) -> anyhow::Result<()> {
+        run::Entity::insert(run::ActiveModel {
+            id: Set(id.to_string()),
+            job: Set(job.to_string()),
+            started_at: Set(now_ms()),
+            finished_at: Set(None),
+            status: Set("running".into()),
+            dry_run: Set(dry_run),
+            counts: Set("{}".into()),
+            error: Set(None),
+        })
+        .exec_without_returning(&self.db)
+        .await
+        .context("cannot record the run")?;
+        Ok(())
+    }
+
+    /// Finishes a run record.
+    pub async fn finish_run(
+        &self,
+        id: &str,
+        status: &str,
+        counts: &serde_json::Value,
+        error: Option<&str>,
+    ) -> anyhow::Result<()> {
+        run::Entity::update_many()
+            .col_expr(run::Column::FinishedAt, Some(now_ms()).into())
+            .col_expr(run::Column::Status, status.into())
+            .col_expr(run::Column::Counts, counts.to_string().into())
+            .col_expr(run::Column::Error, error.map(str::to_string).into())
+            .filter(run::Column::Id.eq(id))
+            .exec(&self.db)
+            .await
+            .context("cannot finish the run record")?;
+        Ok(())
+    }
+
+    /// The latest runs, newest first.
+    pub async fn recent_runs(&self, limit: u64) -> anyhow::Result<Vec<RunRow>> {
+        let rows = run::Entity::find()
+            .order_by_desc(run::Column::StartedAt)
+            .limit(limit)
+            .all(&self.db)
+            .await
+            .context("cannot read runs")?;
+        Ok(rows
+            .into_iter()
+            .map(|r| RunRow {
+                id: r.id,
+                job: r.job,
+                started_at: r.started_at,
+                finished_at: r.finished_at,
+                status: r.status,
+                dry_run: r.dry_run,
+                counts: serde_json::from_str(&r.counts).unwrap_or(serde_json::Value::Null),
+                error: r.error,
+            })
+            .collect())
+    }
+
+    /// Pending operations, oldest first, at most `limit`, and how many
+    /// there are in all.
+    pub async fn pending_summary(&self, limit: u64) -> anyhow::Result<(u64, Vec<PendingRow>)> {
+        use sea_orm::PaginatorTrait;
+        let total = operation::Entity::find()
+            .filter(operation::Column::Status.eq(op_status::PENDING))
+            .count(&self.db)
+            .await?;
+        let rows = operation::Entity::find()
+            .filter(operation::Column::Status.eq(op_status::PENDING))
+            .order_by_asc(operation::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?;
+        Ok((
+            total,
+            rows.into_iter()
+                .map(|r| PendingRow {
+                    id: r.id,
+                    kind: r.kind,
+                    list_id: r.list_id,
+                    email: r.email,
+                    attempts: r.attempts,
+                    last_error: r.last_error,
+                    created_at: r.created_at,
+                })
+                .collect(),
+        ))
+    }
+
+    /// Suppression counts by reason.
+    pub async fn suppression_counts(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let rows = suppression::Entity::find().all(&self.db).await?;
+        let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+        for r in rows {
+            *counts.entry(r.reason).or_insert(0) += 1;
+        }
+        Ok(counts.into_iter().collect())
+    }
+
+    /// Member counts per list: `(list_id, origin, present, count)`.
+    pub async fn member_counts(&self) -> anyhow::Result<Vec<(ListId, String, bool, u64)>> {
+        let rows: Vec<(i64, String, bool, i64)> = member::Entity::find()
+            .select_only()
+            .column(member::Column::ListId)
+            .column(member::Column::Origin)
+            .column(member::Column::Present)
+            .column_as(member::Column::Id.count(), "n")
+            .group_by(member::Column::ListId)
+            .group_by(member::Column::Origin)
+            .group_by(member::Column::Present)
+            .order_by_asc(member::Column::ListId)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(l, o, p, n)| (l, o, p, n as u64))
+            .collect())
+    }
+}
+
+async fn upsert_members<C: ConnectionTrait>(
+    db: &C,
+    members: &[MemberState],
+    now: i64,
+) -> anyhow::Result<()> {
+    for chunk in members.chunks(CHUNK) {
+        member::Entity::insert_many(chunk.iter().map(|m| member_row(m, now)))
+            .on_conflict(
+                OnConflict::columns([member::Column::ListId, member::Column::Email])
+                    .update_columns([
+                        member::Column::Origin,
+                        member::Column::Present,
+                        member::Column::LinkManId,
+                        member::Column::CustomerId,
+                        member::Column::EdmId,
+                        member::Column::Fullname,
+                        member::Column::Vars,
+                        member::Column::UpdatedAt,
+                    ])
+                    .to_owned(),
+            )
+            .exec_without_returning(db)
+            .await
+            .context("cannot write members")?;
+    }
+    Ok(())
+}
+
+async fn insert_suppressions<C: ConnectionTrait>(
+    db: &C,
+    items: &[NewSuppression],
+) -> anyhow::Result<()> {
+    let now = now_ms();
+    for chunk in items.chunks(CHUNK) {
+        suppression::Entity::insert_many(chunk.iter().map(|s| suppression::ActiveModel {
+            list_id: Set(s.list_id),
+            email: Set(s.email.clone()),
+            reason: Set(s.reason.to_string()),
+            source: Set(s.source.clone()),
+            created_at: Set(now),
+            ..Default::default()
+        }))
+        .on_conflict(
+            OnConflict::columns([suppression::Column::ListId, suppression::Column::Email])
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await
+        .context("cannot record suppressions")?;
+    }
+    Ok(())
+}
+
+async fn upsert_list_book<C: ConnectionTrait>(
+    db: &C,
+    list_id: ListId,
+    initial_read_at: Option<i64>,
+    export_read_at: Option<i64>,
+) -> anyhow::Result<()> {
+    let mut update = Vec::new();
+    if initial_read_at.is_some() {
+        update.push(list_state::Column::InitialReadAt);
+    }
+    if export_read_at.is_some() {
+        update.push(list_state::Column::ExportReadAt);
+    }
+    list_state::Entity::insert(list_state::ActiveModel {
+        list_id: Set(list_id),
+        initial_read_at: Set(initial_read_at),
+        export_read_at: Set(export_read_at),
+    })
+    .on_conflict(
+        OnConflict::column(list_state::Column::ListId)
+            .update_columns(update)
+            .to_owned(),
+    )
+    .exec_without_returning(db)
+    .await
+    .context("cannot write list state")?;
+    Ok(())
+}
+
+/// Database errors may echo the URL, which may carry a password.
+fn redact_db_error(text: &str, url: &str) -> String {
+    let mut out = text.replace(url, "[database.url]");
+    if let Ok(parsed) = url::Url::parse(url)
+        && let Some(password) = parsed.password()
+        && !password.is_empty()
+    {
+        out = out.replace(password, crate::remote::REDACTED);
+    }
+    out
+}

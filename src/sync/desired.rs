@@ -1,0 +1,393 @@
+//! CRM snapshot → desired EDM members (DESIGN.md behaviours 1–4). Pure: no
+//! I/O, no clock; what deserves a log line comes back in the result.
+
+use std::collections::BTreeMap;
+
+use crate::config::{Route, Settings, VarMapping};
+use crate::crm::{CrmMap, CrmSnapshot, CustomerWithLinkMen, LinkMan};
+use crate::domain::{
+    CustomerId, Email, EmailError, LinkManId, ListId, MemberFields, MemberKey, VAR_COUNT,
+    json_text, mask_address,
+};
+
+/// What the mapping needs from the settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappingRules {
+    pub default_list: ListId,
+    pub routes: Vec<Route>,
+    pub vars: VarMapping,
+    pub linkman_name: String,
+    pub linkman_email: String,
+}
+
+impl MappingRules {
+    pub fn from_settings(settings: &Settings) -> Self {
+        MappingRules {
+            default_list: settings.sync.list_id,
+            routes: settings.sync.routes.clone(),
+            vars: settings.sync.vars.clone(),
+            linkman_name: settings.crm.fields.linkman_name.clone(),
+            linkman_email: settings.crm.fields.linkman_email.clone(),
+        }
+    }
+}
+
+/// A member the CRM says EDM should hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredMember {
+    pub key: MemberKey,
+    pub link_man_id: LinkManId,
+    pub customer_id: CustomerId,
+    pub fields: MemberFields,
+}
+
+/// A link-man whose email is not a valid mailbox (logged without the full
+/// address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidEmail {
+    pub link_man_id: LinkManId,
+    pub customer_id: CustomerId,
+    pub masked: String,
+    pub reason: EmailError,
+}
+
+/// Link-men sharing one member key; the lowest id owns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Collision {
+    pub key: MemberKey,
+    pub owner: LinkManId,
+    pub others: Vec<LinkManId>,
+}
+
+/// The mapping's result.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Desired {
+    pub members: BTreeMap<MemberKey, DesiredMember>,
+    pub invalid: Vec<InvalidEmail>,
+    /// Link-men without an email.
+    pub without_email: usize,
+    pub collisions: Vec<Collision>,
+    /// Link-men returned by more than one customer's `GetLinkManList`: kept
+    /// with the first (lowest customer id).
+    pub repeated_linkmen: Vec<LinkManId>,
+}
+
+/// Reads `field` (`customer.X` or `X`) as text (behaviour 3).
+fn field_text(field: &str, customer: &CrmMap, linkman: &CrmMap) -> String {
+    match field.strip_prefix("customer.") {
+        Some(name) => json_text(customer.get(name)),
+        None => json_text(linkman.get(field)),
+    }
+}
+
+/// The list a link-man goes to: the first route whose field text equals
+/// `equals`, else the default list.
+fn route(rules: &MappingRules, customer: &CrmMap, linkman: &CrmMap) -> ListId {
+    rules
+        .routes
+        .iter()
+        .find(|r| field_text(&r.field, customer, linkman) == r.equals)
+        .map(|r| r.list_id)
+        .unwrap_or(rules.default_list)
+}
+
+fn fields_of(rules: &MappingRules, customer: &CrmMap, linkman: &CrmMap) -> MemberFields {
+    let fullname = json_text(linkman.get(&rules.linkman_name));
+    let slots = rules.vars.slots();
+    let vars: [String; VAR_COUNT] = std::array::from_fn(|i| match slots[i] {
+        Some(field) => field_text(field, customer, linkman),
+        None => String::new(),
+    });
+    MemberFields::new(&fullname, &vars)
+}
+
+/// Maps every link-man with a valid email to a desired member.
+pub fn desired_members(snapshot: &CrmSnapshot, rules: &MappingRules) -> Desired {
+    let mut out = Desired::default();
+    let mut seen_linkmen = std::collections::HashSet::new();
+    // Candidates per key, to pick the lowest link-man id.
+    let mut by_key: BTreeMap<MemberKey, Vec<DesiredMember>> = BTreeMap::new();
+    let mut customers: Vec<&CustomerWithLinkMen> = snapshot.customers.iter().collect();
+    customers.sort_by_key(|c| c.customer.id);
+    for entry in customers {
+        for lm in &entry.linkmen {
+            if !seen_linkmen.insert(lm.id) {
+                out.repeated_linkmen.push(lm.id);
+                continue;
+            }
+            match member_of(rules, &entry.customer.data, lm) {
+                Ok(Some(member)) => by_key.entry(member.key.clone()).or_default().push(member),
+                Ok(None) => out.without_email += 1,
+                Err(invalid) => out.invalid.push(invalid),
+            }
+        }
+    }
+    for (key, mut candidates) in by_key {
+        candidates.sort_by_key(|m| m.link_man_id);
+        let mut iter = candidates.into_iter();
+        let owner = iter.next().expect("a key exists only with a candidate");
+        let others: Vec<LinkManId> = iter.map(|m| m.link_man_id).collect();
+        if !others.is_empty() {
+            out.collisions.push(Collision {
+                key: key.clone(),
+                owner: owner.link_man_id,
+                others,
+            });
+        }
+        out.members.insert(key, owner);
+    }
+    out
+}
+
+fn member_of(
+    rules: &MappingRules,
+    customer: &CrmMap,
+    lm: &LinkMan,
+) -> Result<Option<DesiredMember>, InvalidEmail> {
+    let raw = json_text(lm.data.get(&rules.linkman_email));
+    if raw.trim().is_empty() {
+        return Ok(None);
+    }
+    let email = Email::parse(&raw).map_err(|reason| InvalidEmail {
+        link_man_id: lm.id,
+        customer_id: lm.customer_id,
+        masked: mask_address(&raw),
+        reason,
+    })?;
+    let list_id = route(rules, customer, &lm.data);
+    Ok(Some(DesiredMember {
+        key: MemberKey::new(list_id, email),
+        link_man_id: lm.id,
+        customer_id: lm.customer_id,
+        fields: fields_of(rules, customer, &lm.data),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crm::{Customer, CustomerWithLinkMen};
+    use serde_json::{Value, json};
+
+    fn map(v: Value) -> CrmMap {
+        v.as_object().unwrap().clone()
+    }
+
+    fn rules() -> MappingRules {
+        MappingRules {
+            default_list: 1,
+            routes: vec![Route {
+                field: "customer.type_id".into(),
+                equals: "2".into(),
+                list_id: 2,
+            }],
+            vars: VarMapping {
+                var1: Some("customer.name".into()),
+                var2: Some("mobile".into()),
+                ..Default::default()
+            },
+            linkman_name: "name".into(),
+            linkman_email: "email".into(),
+        }
+    }
+
+    fn snapshot(customers: Vec<(Value, Vec<Value>)>) -> CrmSnapshot {
+        CrmSnapshot {
+            customers: customers
+                .into_iter()
+                .map(|(c, lms)| {
+                    let c = map(c);
+                    let id = crate::crm::read_id(c.get("id")).unwrap();
+                    CustomerWithLinkMen {
+                        customer: Customer { id, data: c },
+                        linkmen: lms
+                            .into_iter()
+                            .map(|l| {
+                                let l = map(l);
+                                LinkMan {
+                                    id: crate::crm::read_id(l.get("id")).unwrap(),
+                                    customer_id: id,
+                                    data: l,
+                                }
+                            })
+                            .collect(),
+                    }
+                })
+                .collect(),
+            pages: 1,
+        }
+    }
+
+    fn key(list: ListId, email: &str) -> MemberKey {
+        MemberKey::new(list, Email::parse(email).unwrap())
+    }
+
+    #[test]
+    fn key_is_trimmed_lowercased_email_in_routed_list() {
+        let snap = snapshot(vec![
+            (
+                json!({"id": 1, "name": "甲公司", "type_id": 1}),
+                vec![json!({"id": 10, "name": "张三", "email": " Zhang@Example.CN "})],
+            ),
+            (
+                json!({"id": 2, "name": "乙公司", "type_id": "2"}),
+                vec![
+                    json!({"id": 20, "name": "李四", "email": "li@example.cn", "mobile": 13800138000u64}),
+                ],
+            ),
+        ]);
+        let d = desired_members(&snap, &rules());
+        let zhang = &d.members[&key(1, "zhang@example.cn")];
+        assert_eq!(zhang.link_man_id, 10);
+        assert_eq!(zhang.fields.vars[0], "甲公司");
+        let li = &d.members[&key(2, "li@example.cn")];
+        assert_eq!(li.customer_id, 2);
+        assert_eq!(li.fields.fullname, "李四");
+        assert_eq!(li.fields.vars[1], "13800138000");
+        assert_eq!(li.fields.vars[2], "");
+    }
+
+    #[test]
+    fn route_compares_text_form_so_number_and_string_both_match() {
+        let snap = snapshot(vec![
+            (
+                json!({"id": 1, "type_id": 2}),
+                vec![json!({"id": 10, "email": "a@x.cn"})],
+            ),
+            (
+                json!({"id": 2, "type_id": "2"}),
+                vec![json!({"id": 20, "email": "b@x.cn"})],
+            ),
+            (
+                json!({"id": 3, "type_id": 2.0}),
+                vec![json!({"id": 30, "email": "c@x.cn"})],
+            ),
+        ]);
+        let d = desired_members(&snap, &rules());
+        assert!(d.members.contains_key(&key(2, "a@x.cn")));
+        assert!(d.members.contains_key(&key(2, "b@x.cn")));
+        // 2.0 is written "2.0" by JSON, which is not "2".
+        assert!(d.members.contains_key(&key(1, "c@x.cn")));
+    }
+
+    #[test]
+    fn first_matching_route_wins_and_linkman_fields_can_route() {
+        let mut r = rules();
+        r.routes.push(Route {
+            field: "dept".into(),
+            equals: "sales".into(),
+            list_id: 3,
+        });
+        r.routes.insert(
+            0,
+            Route {
+                field: "dept".into(),
+                equals: "sales".into(),
+                list_id: 4,
+            },
+        );
+        let snap = snapshot(vec![(
+            json!({"id": 1, "type_id": 2}),
+            vec![json!({"id": 10, "email": "a@x.cn", "dept": "sales"})],
+        )]);
+        let d = desired_members(&snap, &r);
+        assert!(d.members.contains_key(&key(4, "a@x.cn")));
+    }
+
+    #[test]
+    fn duplicate_emails_in_one_list_are_owned_by_lowest_linkman_id() {
+        let snap = snapshot(vec![
+            (
+                json!({"id": 1}),
+                vec![json!({"id": 30, "name": "C", "email": "same@x.cn"})],
+            ),
+            (
+                json!({"id": 2}),
+                vec![
+                    json!({"id": 12, "name": "A", "email": "SAME@x.cn"}),
+                    json!({"id": 25, "name": "B", "email": "same@x.cn "}),
+                ],
+            ),
+        ]);
+        let d = desired_members(&snap, &rules());
+        assert_eq!(d.members.len(), 1);
+        let m = &d.members[&key(1, "same@x.cn")];
+        assert_eq!(m.link_man_id, 12);
+        assert_eq!(m.fields.fullname, "A");
+        assert_eq!(d.collisions.len(), 1);
+        assert_eq!(d.collisions[0].others, vec![25, 30]);
+    }
+
+    #[test]
+    fn same_email_in_two_lists_is_two_members() {
+        let snap = snapshot(vec![
+            (
+                json!({"id": 1, "type_id": 1}),
+                vec![json!({"id": 10, "email": "s@x.cn"})],
+            ),
+            (
+                json!({"id": 2, "type_id": 2}),
+                vec![json!({"id": 20, "email": "s@x.cn"})],
+            ),
+        ]);
+        let d = desired_members(&snap, &rules());
+        assert_eq!(d.members.len(), 2);
+        assert!(d.collisions.is_empty());
+    }
+
+    #[test]
+    fn invalid_and_missing_emails_are_counted_not_mapped() {
+        let snap = snapshot(vec![(
+            json!({"id": 1}),
+            vec![
+                json!({"id": 10, "email": "not-an-address"}),
+                json!({"id": 11, "email": "a;b@x.cn"}),
+                json!({"id": 12, "email": "张@x.cn"}),
+                json!({"id": 13, "email": null}),
+                json!({"id": 14}),
+                json!({"id": 15, "email": "  "}),
+                json!({"id": 16, "email": "ok@x.cn"}),
+            ],
+        )]);
+        let d = desired_members(&snap, &rules());
+        assert_eq!(d.members.len(), 1);
+        assert_eq!(d.invalid.len(), 3);
+        assert_eq!(d.without_email, 3);
+        assert!(
+            d.invalid
+                .iter()
+                .all(|i| !i.masked.contains("not-an-address"))
+        );
+    }
+
+    #[test]
+    fn field_separators_in_names_and_vars_become_spaces() {
+        let snap = snapshot(vec![(
+            json!({"id": 1, "name": "A;B\tC"}),
+            vec![json!({"id": 10, "name": "王\n五;", "email": "w@x.cn", "mobile": "1\r2"})],
+        )]);
+        let d = desired_members(&snap, &rules());
+        let m = &d.members[&key(1, "w@x.cn")];
+        assert_eq!(m.fields.fullname, "王 五 ");
+        assert_eq!(m.fields.vars[0], "A B C");
+        assert_eq!(m.fields.vars[1], "1 2");
+    }
+
+    #[test]
+    fn a_linkman_returned_by_two_customers_belongs_to_the_first() {
+        let snap = snapshot(vec![
+            (
+                json!({"id": 2, "type_id": 2}),
+                vec![json!({"id": 10, "email": "a@x.cn"})],
+            ),
+            (
+                json!({"id": 1, "type_id": 1}),
+                vec![json!({"id": 10, "email": "a@x.cn"})],
+            ),
+        ]);
+        let d = desired_members(&snap, &rules());
+        assert_eq!(d.members.len(), 1);
+        assert_eq!(d.members[&key(1, "a@x.cn")].customer_id, 1);
+        assert_eq!(d.repeated_linkmen, vec![10]);
+    }
+}

@@ -1,0 +1,83 @@
+//! The contacts job: CRM link-men → EDM lists.
+//!
+//! `desired` and `plan` are pure; `contacts` does the I/O around them; the
+//! [`Context`] owns the clients and the store that a job needs.
+
+pub mod contacts;
+pub mod desired;
+pub mod observe;
+pub mod plan;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+
+use crate::config::Settings;
+use crate::crm::CrmClient;
+use crate::edm::{EdmClient, password_md5};
+use crate::remote::Redactor;
+use crate::state::Store;
+
+/// What a job needs: settings, both clients, the store.
+#[derive(Clone, Debug)]
+pub struct Context {
+    pub settings: Arc<Settings>,
+    pub crm: CrmClient,
+    pub edm: EdmClient,
+    pub store: Store,
+    pub redactor: Arc<Redactor>,
+}
+
+/// Every secret the settings hold, for the redactor: the token, the EDM
+/// password and its MD5, and the database password.
+pub fn secrets_of(settings: &Settings) -> Vec<String> {
+    let password = settings.edm.password.expose_secret().to_string();
+    let mut secrets = vec![
+        settings.crm.token.expose_secret().to_string(),
+        password_md5(&password),
+        password,
+    ];
+    if let Ok(url) = url::Url::parse(settings.database.url.expose_secret())
+        && let Some(p) = url.password()
+    {
+        secrets.push(p.to_string());
+    }
+    secrets
+}
+
+impl Context {
+    /// Builds the clients and opens (and migrates) the state database.
+    pub async fn new(settings: Settings) -> anyhow::Result<Context> {
+        let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
+        let crm = CrmClient::new(&settings.crm, redactor.clone())?;
+        let edm = EdmClient::new(&settings.edm, redactor.clone())?;
+        let store = Store::connect(&settings.database.url).await?;
+        Ok(Context {
+            settings: Arc::new(settings),
+            crm,
+            edm,
+            store,
+            redactor,
+        })
+    }
+
+    /// Shortens the first retry delay of both clients (tests and the demo
+    /// use this so that fault scenarios finish quickly).
+    pub fn with_min_retry_delay(mut self, delay: Duration) -> Self {
+        self.crm = self.crm.with_min_retry_delay(delay);
+        self.edm = self.edm.with_min_retry_delay(delay);
+        self
+    }
+}
+
+/// Flags of a contacts run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Compute and print the plan; change nothing.
+    pub dry_run: bool,
+    /// Apply even past the unsubscribe safety ratio.
+    pub force: bool,
+    /// Re-read the EDM lists and repair any drift.
+    pub full: bool,
+}

@@ -1,0 +1,553 @@
+//! The diff: desired members × what the state DB knows → a plan of EDM
+//! writes (adds, edits, unsubscribes) and state-only changes (adoptions,
+//! owner changes). Pure: no I/O, no clock (STYLE.md rule 2).
+//!
+//! Rules (DESIGN.md): a suppressed key gets no operation (behaviour 6, and
+//! bounces: never added or edited, unsubscribed where the daemon owns it);
+//! only members the daemon added are unsubscribed, adopted ones never
+//! (behaviour 5); an address EDM already holds that is a desired member is
+//! adopted, never added twice.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use crate::domain::{CustomerId, Email, LinkManId, ListId, MemberFields, MemberKey};
+use crate::sync::desired::DesiredMember;
+
+/// How a member came to be in the state DB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// The daemon added it: it may unsubscribe it.
+    Owned,
+    /// It was in the list and is a desired member: kept in step, never
+    /// unsubscribed.
+    Adopted,
+    /// It was in the list and matches no desired member: left alone.
+    Foreign,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Owned => "owned",
+            Origin::Adopted => "adopted",
+            Origin::Foreign => "foreign",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "owned" => Some(Origin::Owned),
+            "adopted" => Some(Origin::Adopted),
+            "foreign" => Some(Origin::Foreign),
+            _ => None,
+        }
+    }
+}
+
+/// One member as the state DB knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberState {
+    pub key: MemberKey,
+    pub origin: Origin,
+    /// EDM holds it now (as far as the daemon knows).
+    pub present: bool,
+    pub link_man_id: Option<LinkManId>,
+    pub customer_id: Option<CustomerId>,
+    pub edm_id: Option<i64>,
+    /// What EDM holds.
+    pub fields: MemberFields,
+}
+
+/// The suppressions in force.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Suppressions {
+    /// User unsubscribes: no operation of any kind for these keys.
+    pub user: HashSet<MemberKey>,
+    /// Hard bounces: in every list, never added or edited; unsubscribed
+    /// where owned.
+    pub bounced: HashSet<Email>,
+}
+
+impl Suppressions {
+    fn blocks_writes(&self, key: &MemberKey) -> bool {
+        self.user.contains(key) || self.bounced.contains(&key.email)
+    }
+}
+
+/// A planned `ml-addr-add`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedAdd {
+    pub key: MemberKey,
+    pub link_man_id: LinkManId,
+    pub customer_id: CustomerId,
+    pub fields: MemberFields,
+}
+
+/// A planned `ml-addr-edit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedEdit {
+    pub key: MemberKey,
+    /// EDM's id when known; otherwise found before the edit is sent.
+    pub edm_id: Option<i64>,
+    pub link_man_id: LinkManId,
+    pub customer_id: CustomerId,
+    pub fields: MemberFields,
+}
+
+/// A planned `ml-unsub`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedUnsub {
+    pub key: MemberKey,
+    pub link_man_id: Option<LinkManId>,
+}
+
+/// A state-only change: who owns a member, and whether it becomes adopted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerChange {
+    pub key: MemberKey,
+    pub link_man_id: LinkManId,
+    pub customer_id: CustomerId,
+    /// `true` when a foreign address becomes adopted.
+    pub adopt: bool,
+}
+
+/// The plan of one contacts run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub adds: Vec<PlannedAdd>,
+    pub edits: Vec<PlannedEdit>,
+    pub unsubs: Vec<PlannedUnsub>,
+    /// Adoptions and owner changes (no EDM write).
+    pub owner_changes: Vec<OwnerChange>,
+    /// Desired members that got nothing because they are suppressed.
+    pub suppressed: Vec<MemberKey>,
+}
+
+impl Plan {
+    /// EDM writes the plan will make (before batching).
+    pub fn write_count(&self) -> usize {
+        self.adds.len() + self.edits.len() + self.unsubs.len()
+    }
+
+    pub fn adoptions(&self) -> usize {
+        self.owner_changes.iter().filter(|c| c.adopt).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.write_count() == 0 && self.owner_changes.is_empty()
+    }
+
+    /// The lists the plan adds into.
+    pub fn lists_with_adds(&self) -> BTreeSet<ListId> {
+        self.adds.iter().map(|a| a.key.list_id).collect()
+    }
+}
+
+/// Computes the plan.
+pub fn plan(
+    desired: &BTreeMap<MemberKey, DesiredMember>,
+    state: &HashMap<MemberKey, MemberState>,
+    suppressions: &Suppressions,
+) -> Plan {
+    let mut plan = Plan::default();
+    for (key, want) in desired {
+        if suppressions.blocks_writes(key) {
+            plan.suppressed.push(key.clone());
+            continue;
+        }
+        match state.get(key) {
+            Some(have) if have.present => {
+                let adopt = have.origin == Origin::Foreign;
+                let owner_differs = have.link_man_id != Some(want.link_man_id)
+                    || have.customer_id != Some(want.customer_id);
+                if adopt || owner_differs {
+                    plan.owner_changes.push(OwnerChange {
+                        key: key.clone(),
+                        link_man_id: want.link_man_id,
+                        customer_id: want.customer_id,
+                        adopt,
+                    });
+                }
+                if have.fields != want.fields {
+                    plan.edits.push(PlannedEdit {
+                        key: key.clone(),
+                        edm_id: have.edm_id,
+                        link_man_id: want.link_man_id,
+                        customer_id: want.customer_id,
+                        fields: want.fields.clone(),
+                    });
+                }
+            }
+            _ => plan.adds.push(PlannedAdd {
+                key: key.clone(),
+                link_man_id: want.link_man_id,
+                customer_id: want.customer_id,
+                fields: want.fields.clone(),
+            }),
+        }
+    }
+    let mut unsubs: Vec<PlannedUnsub> = state
+        .values()
+        .filter(|have| have.present && have.origin == Origin::Owned)
+        .filter(|have| !suppressions.user.contains(&have.key))
+        .filter(|have| {
+            !desired.contains_key(&have.key) || suppressions.bounced.contains(&have.key.email)
+        })
+        .map(|have| PlannedUnsub {
+            key: have.key.clone(),
+            link_man_id: have.link_man_id,
+        })
+        .collect();
+    unsubs.sort_by(|a, b| a.key.cmp(&b.key));
+    plan.unsubs = unsubs;
+    plan
+}
+
+/// Why a plan was refused (behaviour 7).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "list {list_id}: {unsubs} planned unsubscribes of {members} members exceeds sync.max_unsubscribe_ratio {ratio} (use --force to apply)"
+    )]
+    Ratio {
+        list_id: ListId,
+        unsubs: usize,
+        members: usize,
+        ratio: f64,
+    },
+    #[error(
+        "the CRM pull produced no valid member while the state DB records {members} members (use --force to apply)"
+    )]
+    EmptyPull { members: usize },
+}
+
+/// Members (owned and adopted) the state DB records per list before the
+/// run: the safety ratio's denominator.
+pub fn members_per_list(state: &HashMap<MemberKey, MemberState>) -> BTreeMap<ListId, usize> {
+    let mut counts = BTreeMap::new();
+    for m in state.values() {
+        if m.present && m.origin != Origin::Foreign {
+            *counts.entry(m.key.list_id).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Checks the plan against the safety limits of behaviour 7.
+pub fn check_safety(
+    plan: &Plan,
+    desired_count: usize,
+    members: &BTreeMap<ListId, usize>,
+    max_ratio: f64,
+) -> Result<(), Refusal> {
+    let total: usize = members.values().sum();
+    if desired_count == 0 && total > 0 {
+        return Err(Refusal::EmptyPull { members: total });
+    }
+    let mut unsubs_per_list: BTreeMap<ListId, usize> = BTreeMap::new();
+    for u in &plan.unsubs {
+        *unsubs_per_list.entry(u.key.list_id).or_insert(0) += 1;
+    }
+    for (list_id, unsubs) in unsubs_per_list {
+        let members = members.get(&list_id).copied().unwrap_or(0);
+        let ratio = if members == 0 {
+            f64::INFINITY
+        } else {
+            unsubs as f64 / members as f64
+        };
+        if ratio > max_ratio {
+            return Err(Refusal::Ratio {
+                list_id,
+                unsubs,
+                members,
+                ratio: max_ratio,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::VAR_COUNT;
+
+    fn key(list: ListId, email: &str) -> MemberKey {
+        MemberKey::new(list, Email::parse(email).unwrap())
+    }
+
+    fn fields(name: &str) -> MemberFields {
+        MemberFields::new(name, &Default::default())
+    }
+
+    fn want(list: ListId, email: &str, lm: LinkManId, name: &str) -> (MemberKey, DesiredMember) {
+        let k = key(list, email);
+        (
+            k.clone(),
+            DesiredMember {
+                key: k,
+                link_man_id: lm,
+                customer_id: lm * 100,
+                fields: fields(name),
+            },
+        )
+    }
+
+    fn have(
+        list: ListId,
+        email: &str,
+        lm: LinkManId,
+        name: &str,
+        origin: Origin,
+    ) -> (MemberKey, MemberState) {
+        let k = key(list, email);
+        (
+            k.clone(),
+            MemberState {
+                key: k,
+                origin,
+                present: true,
+                link_man_id: Some(lm),
+                customer_id: Some(lm * 100),
+                edm_id: Some(lm + 1000),
+                fields: fields(name),
+            },
+        )
+    }
+
+    fn desired(items: Vec<(MemberKey, DesiredMember)>) -> BTreeMap<MemberKey, DesiredMember> {
+        items.into_iter().collect()
+    }
+
+    fn state(items: Vec<(MemberKey, MemberState)>) -> HashMap<MemberKey, MemberState> {
+        items.into_iter().collect()
+    }
+
+    #[test]
+    fn new_members_are_added() {
+        let d = desired(vec![want(1, "a@x.cn", 1, "A"), want(2, "b@x.cn", 2, "B")]);
+        let p = plan(&d, &HashMap::new(), &Suppressions::default());
+        assert_eq!(p.adds.len(), 2);
+        assert!(p.edits.is_empty() && p.unsubs.is_empty());
+    }
+
+    #[test]
+    fn no_change_gives_an_empty_plan() {
+        let d = desired(vec![want(1, "a@x.cn", 1, "A")]);
+        let s = state(vec![have(1, "a@x.cn", 1, "A", Origin::Owned)]);
+        let p = plan(&d, &s, &Suppressions::default());
+        assert!(p.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn changed_fields_are_one_edit_with_the_known_id() {
+        let d = desired(vec![want(1, "a@x.cn", 1, "A2")]);
+        let s = state(vec![have(1, "a@x.cn", 1, "A", Origin::Owned)]);
+        let p = plan(&d, &s, &Suppressions::default());
+        assert_eq!(p.edits.len(), 1);
+        assert_eq!(p.edits[0].edm_id, Some(1001));
+        assert_eq!(p.edits[0].fields.fullname, "A2");
+        assert!(p.adds.is_empty() && p.unsubs.is_empty());
+    }
+
+    #[test]
+    fn a_var_change_alone_is_an_edit() {
+        let (k, mut w) = want(1, "a@x.cn", 1, "A");
+        w.fields.vars[VAR_COUNT - 1] = "new".into();
+        let d = desired(vec![(k, w)]);
+        let s = state(vec![have(1, "a@x.cn", 1, "A", Origin::Owned)]);
+        assert_eq!(plan(&d, &s, &Suppressions::default()).edits.len(), 1);
+    }
+
+    #[test]
+    fn a_deleted_linkman_is_unsubscribed() {
+        let s = state(vec![
+            have(1, "a@x.cn", 1, "A", Origin::Owned),
+            have(1, "b@x.cn", 2, "B", Origin::Owned),
+        ]);
+        let d = desired(vec![want(1, "b@x.cn", 2, "B")]);
+        let p = plan(&d, &s, &Suppressions::default());
+        assert_eq!(p.unsubs.len(), 1);
+        assert_eq!(p.unsubs[0].key, key(1, "a@x.cn"));
+    }
+
+    #[test]
+    fn an_email_change_unsubscribes_the_old_and_adds_the_new() {
+        let s = state(vec![have(1, "old@x.cn", 1, "A", Origin::Owned)]);
+        let d = desired(vec![want(1, "new@x.cn", 1, "A")]);
+        let p = plan(&d, &s, &Suppressions::default());
+        assert_eq!(p.unsubs[0].key, key(1, "old@x.cn"));
+        assert_eq!(p.adds[0].key, key(1, "new@x.cn"));
+    }
+
+    #[test]
+    fn a_route_change_moves_the_member_between_lists() {
+        let s = state(vec![have(1, "a@x.cn", 1, "A", Origin::Owned)]);
+        let d = desired(vec![want(2, "a@x.cn", 1, "A")]);
+        let p = plan(&d, &s, &Suppressions::default());
+        assert_eq!(p.unsubs[0].key, key(1, "a@x.cn"));
+        assert_eq!(p.adds[0].key, key(2, "a@x.cn"));
+    }
+
+    #[test]
+    fn a_member_the_daemon_unsubscribed_is_added_again_when_desired_again() {
+        let (k, mut m) = have(1, "a@x.cn", 1, "A", Origin::Owned);
+        m.present = false;
+        let p = plan(
+            &desired(vec![want(1, "a@x.cn", 1, "A")]),
+            &state(vec![(k, m)]),
+            &Suppressions::default(),
+        );
+        assert_eq!(p.adds.len(), 1);
+    }
+
+    #[test]
+    fn user_suppression_blocks_every_operation() {
+        let sup = Suppressions {
+            user: [key(1, "a@x.cn"), key(1, "b@x.cn")].into_iter().collect(),
+            bounced: HashSet::new(),
+        };
+        // a: desired, not in state (would be an add); b: in state with
+        // other fields (would be an edit), and still present by mistake.
+        let d = desired(vec![want(1, "a@x.cn", 1, "A"), want(1, "b@x.cn", 2, "B2")]);
+        let s = state(vec![have(1, "b@x.cn", 2, "B", Origin::Owned)]);
+        let p = plan(&d, &s, &sup);
+        assert_eq!(p.write_count(), 0, "{p:?}");
+        assert_eq!(p.suppressed.len(), 2);
+        // Not desired any more: still no unsubscribe for a user-suppressed key.
+        let p = plan(&BTreeMap::new(), &s, &sup);
+        assert!(p.unsubs.is_empty());
+    }
+
+    #[test]
+    fn user_suppression_is_per_list() {
+        let sup = Suppressions {
+            user: [key(1, "a@x.cn")].into_iter().collect(),
+            bounced: HashSet::new(),
+        };
+        let p = plan(
+            &desired(vec![want(2, "a@x.cn", 1, "A")]),
+            &HashMap::new(),
+            &sup,
+        );
+        assert_eq!(p.adds.len(), 1);
+    }
+
+    #[test]
+    fn bounced_address_is_unsubscribed_where_owned_and_never_added_or_edited() {
+        let sup = Suppressions {
+            user: HashSet::new(),
+            bounced: [Email::parse("b@x.cn").unwrap()].into_iter().collect(),
+        };
+        let d = desired(vec![
+            want(1, "b@x.cn", 1, "B2"),
+            want(2, "b@x.cn", 1, "B"),
+            want(3, "b@x.cn", 1, "B2"),
+        ]);
+        let s = state(vec![
+            have(1, "b@x.cn", 1, "B", Origin::Owned),
+            have(3, "b@x.cn", 1, "B", Origin::Adopted),
+        ]);
+        let p = plan(&d, &s, &sup);
+        assert_eq!(p.unsubs.len(), 1);
+        assert_eq!(p.unsubs[0].key, key(1, "b@x.cn"));
+        assert!(p.adds.is_empty() && p.edits.is_empty());
+    }
+
+    #[test]
+    fn foreign_address_that_is_desired_is_adopted_not_added() {
+        let d = desired(vec![want(1, "a@x.cn", 7, "A")]);
+        let (k, mut m) = have(1, "a@x.cn", 0, "Old", Origin::Foreign);
+        m.link_man_id = None;
+        m.customer_id = None;
+        let p = plan(&d, &state(vec![(k, m)]), &Suppressions::default());
+        assert!(p.adds.is_empty());
+        assert_eq!(p.adoptions(), 1);
+        assert_eq!(p.owner_changes[0].link_man_id, 7);
+        // Its fields are kept in step.
+        assert_eq!(p.edits.len(), 1);
+    }
+
+    #[test]
+    fn adopted_and_foreign_members_are_never_unsubscribed() {
+        let s = state(vec![
+            have(1, "a@x.cn", 1, "A", Origin::Adopted),
+            have(1, "f@x.cn", 2, "F", Origin::Foreign),
+        ]);
+        let p = plan(&BTreeMap::new(), &s, &Suppressions::default());
+        assert!(p.unsubs.is_empty());
+    }
+
+    #[test]
+    fn owner_change_without_field_change_is_state_only() {
+        let s = state(vec![have(1, "a@x.cn", 5, "A", Origin::Owned)]);
+        let d = desired(vec![want(1, "a@x.cn", 3, "A")]);
+        let mut d = d;
+        d.values_mut().next().unwrap().customer_id = 500;
+        let p = plan(&d, &s, &Suppressions::default());
+        assert_eq!(p.write_count(), 0);
+        assert_eq!(p.owner_changes.len(), 1);
+        assert!(!p.owner_changes[0].adopt);
+    }
+
+    #[test]
+    fn ratio_above_limit_is_refused_per_list() {
+        let s = state(
+            (0..10)
+                .map(|i| have(1, &format!("u{i}@x.cn"), i, "N", Origin::Owned))
+                .chain((0..10).map(|i| have(2, &format!("v{i}@x.cn"), i, "N", Origin::Owned)))
+                .collect(),
+        );
+        let keep: Vec<_> = (0..8)
+            .map(|i| want(1, &format!("u{i}@x.cn"), i, "N"))
+            .chain((0..10).map(|i| want(2, &format!("v{i}@x.cn"), i, "N")))
+            .collect();
+        let d = desired(keep);
+        let p = plan(&d, &s, &Suppressions::default());
+        let members = members_per_list(&s);
+        // 2 of 10 = 0.2: at the limit, allowed.
+        assert_eq!(check_safety(&p, d.len(), &members, 0.2), Ok(()));
+        // 3 of 10 in list 1 = 0.3: refused.
+        let d = desired(
+            (0..7)
+                .map(|i| want(1, &format!("u{i}@x.cn"), i, "N"))
+                .chain((0..10).map(|i| want(2, &format!("v{i}@x.cn"), i, "N")))
+                .collect(),
+        );
+        let p = plan(&d, &s, &Suppressions::default());
+        assert_eq!(
+            check_safety(&p, d.len(), &members, 0.2),
+            Err(Refusal::Ratio {
+                list_id: 1,
+                unsubs: 3,
+                members: 10,
+                ratio: 0.2
+            })
+        );
+    }
+
+    #[test]
+    fn empty_pull_with_recorded_members_is_refused() {
+        let s = state(vec![have(1, "a@x.cn", 1, "A", Origin::Owned)]);
+        let p = plan(&BTreeMap::new(), &s, &Suppressions::default());
+        assert_eq!(
+            check_safety(&p, 0, &members_per_list(&s), 1.0),
+            Err(Refusal::EmptyPull { members: 1 })
+        );
+        // With nothing recorded an empty pull is fine.
+        assert_eq!(
+            check_safety(&Plan::default(), 0, &BTreeMap::new(), 0.2),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn adopted_members_count_in_the_ratio_denominator_but_foreign_do_not() {
+        let s = state(vec![
+            have(1, "a@x.cn", 1, "A", Origin::Owned),
+            have(1, "b@x.cn", 2, "B", Origin::Adopted),
+            have(1, "c@x.cn", 3, "C", Origin::Foreign),
+        ]);
+        assert_eq!(members_per_list(&s)[&1], 2);
+    }
+}
