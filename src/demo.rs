@@ -1,3 +1,211 @@
-pub async fn run() -> anyhow::Result<std::process::ExitCode> {
-    todo!()
+//! `crm-edm-sync demo`: the sandbox CRM and EDM on loopback, a temporary
+//! SQLite state DB, and three contacts runs — a first sync, an unchanged
+//! rerun (zero EDM writes), and a run after the CRM and EDM changed — with
+//! what each run did printed to stdout.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::config::Settings;
+use crate::sandbox::Sandbox;
+use crate::sync::contacts::{self, ContactsReport};
+use crate::sync::{Context, RunOptions};
+
+const COMPANIES: [&str; 12] = [
+    "北京华信科技有限公司",
+    "上海浦江贸易有限公司",
+    "广州南方电子有限公司",
+    "深圳前海物流有限公司",
+    "杭州西湖软件有限公司",
+    "成都天府食品有限公司",
+    "武汉长江机械有限公司",
+    "南京金陵医药有限公司",
+    "西安古城文化传媒有限公司",
+    "重庆山城建材有限公司",
+    "苏州园林设计有限公司",
+    "天津港湾船务有限公司",
+];
+const SURNAMES: [&str; 10] = ["王", "李", "张", "刘", "陈", "杨", "赵", "黄", "周", "吴"];
+const CITIES: [&str; 3] = ["北京", "上海", "广州"];
+const GIVEN: [&str; 10] = ["伟", "芳", "娜", "敏", "静", "磊", "洋", "艳", "勇", "军"];
+
+/// Seeds the demo data set: 36 customers (every third one a VIP, routed to
+/// list 2), 1–3 link-men each, with Chinese names, a few invalid emails,
+/// two link-men sharing an address, a name with `;` and a newline, and one
+/// address already in EDM list 1 before the first sync (it is adopted).
+pub fn seed(sb: &Sandbox) {
+    sb.edm.create_list(1, "客户联系人");
+    sb.edm.create_list(2, "VIP 客户");
+    let mut lm_id = 1000;
+    for c in 1..=36i64 {
+        let vip = c % 3 == 0;
+        sb.crm.put_customer(
+            c,
+            json!({
+                "name": format!("{}{}", COMPANIES[(c as usize) % COMPANIES.len()], c),
+                "type_id": if vip { 2 } else { 1 },
+                "city": CITIES[(c as usize) % 3],
+            }),
+        );
+        for k in 0..(1 + c % 3) {
+            lm_id += 1;
+            let name = format!(
+                "{}{}",
+                SURNAMES[(lm_id as usize) % SURNAMES.len()],
+                GIVEN[(lm_id as usize / 10) % GIVEN.len()]
+            );
+            sb.crm.put_linkman(
+                c,
+                lm_id,
+                json!({
+                    "name": name,
+                    "email": format!("contact{lm_id}@customer{c}.example.cn"),
+                    "mobile": format!("1380013{:04}", lm_id),
+                    "position": if k == 0 { "总经理" } else { "采购" },
+                }),
+            );
+        }
+    }
+    // Invalid addresses: counted and skipped, never sent.
+    sb.crm
+        .put_linkman(4, 2001, json!({"name": "赵六", "email": "赵六@例子.中国"}));
+    sb.crm.put_linkman(
+        5,
+        2002,
+        json!({"name": "钱七", "email": "qianqi at example.cn"}),
+    );
+    sb.crm.put_linkman(
+        7,
+        2003,
+        json!({"name": "孙八", "email": "sun;ba@example.cn"}),
+    );
+    // Two link-men of one company share an address: one member, owned by
+    // the lower id.
+    sb.crm.put_linkman(
+        8,
+        2004,
+        json!({"name": "前台", "email": "info@customer8.example.cn"}),
+    );
+    sb.crm.put_linkman(
+        8,
+        2005,
+        json!({"name": "前台（备用）", "email": "INFO@customer8.example.cn "}),
+    );
+    // Separators in a name become spaces.
+    sb.crm.put_linkman(
+        10,
+        2006,
+        json!({"name": "欧阳;娜娜\n(市场部)", "email": "ouyang@customer10.example.cn"}),
+    );
+    // Already in EDM before the daemon's first add: adopted, not re-added.
+    sb.edm
+        .add_existing(1, "contact1001@customer1.example.cn", "王伟（手工录入）");
+}
+
+/// The config the demo uses for `sb`.
+pub fn settings(sb: &Sandbox, database_url: &str) -> anyhow::Result<Settings> {
+    let text = format!(
+        "{}\n[sync]\nlist_id = 1\n[[sync.routes]]\nfield = \"customer.type_id\"\nequals = \"2\"\nlist_id = 2\n[sync.vars]\nvar1 = \"customer.name\"\nvar2 = \"mobile\"\nvar3 = \"customer.city\"\n[log]\nformat = \"pretty\"\n",
+        sb.config_toml(database_url)
+    );
+    Ok(Settings::from_toml(&text)?)
+}
+
+fn describe(title: &str, report: &ContactsReport, writes: usize) -> String {
+    let c = &report.counts;
+    format!(
+        "{title}\n  {} customers, {} link-men → {} desired members\n  added {}, updated {}, unsubscribed {}, adopted {}, skipped_invalid {}, suppressed {}, failed {}, duplicates {}\n  EDM write requests: {writes}   ({} ms, {})\n",
+        c.customers,
+        c.linkmen,
+        c.desired,
+        c.added,
+        c.updated,
+        c.unsubscribed,
+        c.adopted,
+        c.skipped_invalid,
+        c.suppressed,
+        c.failed,
+        c.duplicates,
+        report.duration_ms,
+        if report.is_success() { "ok" } else { "FAILED" }
+    )
+}
+
+/// Runs the demo and prints its report.
+pub async fn run() -> anyhow::Result<ExitCode> {
+    let sb = Sandbox::start().await?;
+    seed(&sb);
+    let dir = tempfile::tempdir()?;
+    let db = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("demo-state.db").display()
+    );
+    let ctx = Context::new(settings(&sb, &db)?)
+        .await?
+        .with_min_retry_delay(Duration::from_millis(20));
+    println!(
+        "crm-edm-sync demo: sandbox CRM at {}, EDM at {}",
+        sb.crm_url, sb.edm_url
+    );
+    println!(
+        "state database: {}\n",
+        dir.path().join("demo-state.db").display()
+    );
+
+    let mut ok = true;
+    let mut step = |title: &str, report: ContactsReport, writes: usize| {
+        ok &= report.is_success();
+        println!("{}", describe(title, &report, writes));
+    };
+
+    sb.clear_requests();
+    let first = contacts::run(&ctx, RunOptions::default()).await?;
+    step("run 1 — first sync", first, sb.edm_writes());
+
+    sb.clear_requests();
+    let second = contacts::run(&ctx, RunOptions::default()).await?;
+    let second_writes = sb.edm_writes();
+    step("run 2 — CRM unchanged", second, second_writes);
+
+    // Changes in the CRM and in EDM between runs.
+    sb.crm
+        .set_linkman_field(1002, "name", json!("李芳（已升职）"));
+    sb.crm.remove_linkman(1004);
+    sb.crm
+        .set_linkman_field(1010, "email", json!("new.address@customer7.example.cn"));
+    sb.crm.set_customer_field(4, "type_id", json!(2));
+    sb.crm.put_linkman(
+        11,
+        3001,
+        json!({"name": "新客户经理", "email": "manager@customer11.example.cn"}),
+    );
+    sb.edm
+        .user_unsubscribe(1, "contact1003@customer2.example.cn");
+    sb.crm
+        .set_linkman_field(1003, "name", json!("已退订的联系人改名"));
+    println!(
+        "between runs: a name changed, a link-man deleted, an email changed, customer 4 became a VIP,\n  a link-man was added, and a recipient unsubscribed through EDM (then was renamed in the CRM)\n"
+    );
+
+    sb.clear_requests();
+    let third = contacts::run(&ctx, RunOptions::default()).await?;
+    step("run 3 — after the changes", third, sb.edm_writes());
+
+    println!(
+        "EDM now holds {} addresses in list 1 and {} in list 2.",
+        sb.edm.addresses(1).len(),
+        sb.edm.addresses(2).len()
+    );
+    println!("\n{}", crate::status::render(&ctx.store).await?);
+    if second_writes != 0 {
+        println!("unexpected: the unchanged rerun wrote to EDM");
+        ok = false;
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -1,1 +1,273 @@
+//! The project's own fake CRM and EDM: stateful HTTP servers on loopback
+//! that follow API.md — auth checks, paging, the `ml_addr` line format, XML
+//! that looks like the documents (declaration, indentation, CDATA, and the
+//! documented quirks `</ fullname >` and `</aillist>`). They power `demo`,
+//! the integration tests and the benchmark.
+//!
+//! A [`Sandbox`] owns both servers; its handles seed and mutate data, read
+//! back EDM state and the request log, and inject faults.
 
+mod crm;
+mod edm;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+pub use crm::{ContactRecord, CrmHandle};
+pub use edm::{EdmHandle, SandboxAddress};
+
+/// The CRM token the sandbox accepts.
+pub const TOKEN: &str = "sandbox-crm-token-5f2c9e";
+/// The EDM username the sandbox accepts.
+pub const EDM_USER: &str = "demo";
+/// The EDM password (plain) whose MD5 the sandbox accepts.
+pub const EDM_PASSWORD: &str = "sandbox-edm-password-81d4";
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it
+/// (the sandbox's state stays usable for the test that observes it).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Which fake server a request went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    Crm,
+    Edm,
+}
+
+/// One request as the sandbox saw it; secrets are not kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedRequest {
+    pub server: Server,
+    /// `Customer/GetAllList`, `ml-addr-add`, …
+    pub operation: String,
+    /// Every parameter except `token`, `username` and `password`.
+    pub params: BTreeMap<String, String>,
+    /// The HTTP status answered (0 when the connection was dropped).
+    pub status: u16,
+}
+
+impl LoggedRequest {
+    /// EDM operations that change a list.
+    pub fn is_edm_write(&self) -> bool {
+        self.server == Server::Edm
+            && matches!(
+                self.operation.as_str(),
+                "ml-addr-add"
+                    | "ml-addr-edit"
+                    | "ml-addr-del"
+                    | "ml-unsub"
+                    | "ml-sub"
+                    | "ml-addr-empty"
+            )
+    }
+}
+
+/// A fault to inject into the next `remaining` requests of an operation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Carry the request out, then answer 502 with an HTML page: the answer
+    /// is lost, the effect is not.
+    LoseAnswer,
+    /// Answer this status with an HTML page, without carrying it out.
+    Status(u16),
+    /// Answer 200 with an HTML page, without carrying it out.
+    HtmlOk,
+    /// Wait this long before handling the request.
+    Delay(Duration),
+}
+
+#[derive(Debug, Clone)]
+struct Armed {
+    operation: String,
+    fault: Fault,
+    remaining: u32,
+}
+
+/// The request log and the armed faults, shared by both servers.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    log: Mutex<Vec<LoggedRequest>>,
+    faults: Mutex<Vec<Armed>>,
+}
+
+impl Shared {
+    /// Takes the fault armed for `operation`, if any.
+    pub(crate) fn take_fault(&self, operation: &str) -> Option<Fault> {
+        let mut faults = lock(&self.faults);
+        let pos = faults
+            .iter()
+            .position(|a| a.operation == operation && a.remaining > 0)?;
+        faults[pos].remaining -= 1;
+        let fault = faults[pos].fault.clone();
+        if faults[pos].remaining == 0 {
+            faults.remove(pos);
+        }
+        Some(fault)
+    }
+
+    pub(crate) fn record(
+        &self,
+        server: Server,
+        operation: &str,
+        params: &BTreeMap<String, String>,
+        status: u16,
+    ) {
+        let params = params
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "token" | "username" | "password"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        lock(&self.log).push(LoggedRequest {
+            server,
+            operation: operation.to_string(),
+            params,
+            status,
+        });
+    }
+}
+
+/// Both fake servers, running until dropped.
+pub struct Sandbox {
+    /// `crm.base_url` for the daemon.
+    pub crm_url: String,
+    /// `edm.base_url` for the daemon.
+    pub edm_url: String,
+    pub crm: CrmHandle,
+    pub edm: EdmHandle,
+    shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn serve(router: axum::Router) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "sandbox server stopped");
+        }
+    });
+    Ok((addr, task))
+}
+
+impl Sandbox {
+    /// Starts both servers on loopback, on ports the OS picks, with no data
+    /// (EDM has no lists yet).
+    pub async fn start() -> anyhow::Result<Sandbox> {
+        let shared = Arc::new(Shared::default());
+        let crm = CrmHandle::new(shared.clone());
+        let edm = EdmHandle::new(shared.clone());
+        let (crm_addr, crm_task) = serve(crm.router()).await?;
+        let (edm_addr, edm_task) = serve(edm.router()).await?;
+        Ok(Sandbox {
+            crm_url: format!("http://{crm_addr}"),
+            edm_url: format!("http://{edm_addr}/mm-ms/api"),
+            crm,
+            edm,
+            shared,
+            tasks: vec![crm_task, edm_task],
+        })
+    }
+
+    /// Arms `fault` for the next `times` requests of `operation`
+    /// (`Customer/GetAllList`, `ml-addr-add`, …).
+    pub fn inject(&self, operation: &str, fault: Fault, times: u32) {
+        lock(&self.shared.faults).push(Armed {
+            operation: operation.to_string(),
+            fault,
+            remaining: times,
+        });
+    }
+
+    /// Disarms every fault.
+    pub fn clear_faults(&self) {
+        lock(&self.shared.faults).clear();
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        lock(&self.shared.log).clone()
+    }
+
+    /// Forgets the request log (to count one run's requests).
+    pub fn clear_requests(&self) {
+        lock(&self.shared.log).clear();
+    }
+
+    /// Requests to `operation` so far.
+    pub fn count(&self, operation: &str) -> usize {
+        lock(&self.shared.log)
+            .iter()
+            .filter(|r| r.operation == operation)
+            .count()
+    }
+
+    /// EDM writes so far.
+    pub fn edm_writes(&self) -> usize {
+        lock(&self.shared.log)
+            .iter()
+            .filter(|r| r.is_edm_write())
+            .count()
+    }
+
+    /// A config file's text that points the daemon at this sandbox.
+    pub fn config_toml(&self, database_url: &str) -> String {
+        format!(
+            r#"[crm]
+base_url = "{crm}"
+token = "{token}"
+timeout_secs = 5
+max_retries = 2
+
+[edm]
+base_url = "{edm}"
+username = "{user}"
+password = "{password}"
+timeout_secs = 5
+max_retries = 2
+
+[database]
+url = "{db}"
+"#,
+            crm = self.crm_url,
+            token = TOKEN,
+            edm = self.edm_url,
+            user = EDM_USER,
+            password = EDM_PASSWORD,
+            db = database_url,
+        )
+    }
+}
+
+/// Parameters of a request: the query string, then the form body (a body
+/// field wins).
+pub(crate) fn params(query: Option<&str>, body: &[u8]) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(q) = query {
+        for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+            out.insert(k.into_owned(), v.into_owned());
+        }
+    }
+    for (k, v) in url::form_urlencoded::parse(body) {
+        out.insert(k.into_owned(), v.into_owned());
+    }
+    out
+}
+
+/// An HTML error page, as a proxy in front of a real API would send.
+pub(crate) fn html_page(status: u16) -> String {
+    format!(
+        "<!DOCTYPE html>\n<html><head><title>{status} Error</title></head><body><h1>{status}</h1><p>upstream error</p></body></html>\n"
+    )
+}

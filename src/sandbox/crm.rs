@@ -1,0 +1,243 @@
+//! The fake 全程云 CRM: `/WebApi/Handler/1.0/CRM/{Area}/{Name}.ashx`, GET or
+//! POST, `token` checked, `{"value": …}` answers.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use super::{Fault, Server, Shared, html_page, lock, params};
+
+/// One `ContactHistory/Add` the CRM received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContactRecord {
+    pub customer_id: i64,
+    pub link_man_id: i64,
+    pub type_id: i64,
+    pub route_id: i64,
+    pub title: String,
+    pub content: String,
+}
+
+#[derive(Debug, Default)]
+struct CrmData {
+    customers: BTreeMap<i64, Map<String, Value>>,
+    /// link-man id → (customer id, object)
+    linkmen: BTreeMap<i64, (i64, Map<String, Value>)>,
+    history: Vec<ContactRecord>,
+}
+
+/// Seeds, mutates and reads the fake CRM.
+#[derive(Clone, Debug)]
+pub struct CrmHandle {
+    data: Arc<Mutex<CrmData>>,
+    shared: Arc<Shared>,
+}
+
+fn object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+impl CrmHandle {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        CrmHandle {
+            data: Arc::new(Mutex::new(CrmData::default())),
+            shared,
+        }
+    }
+
+    /// Adds or replaces a customer; `fields` is merged with `{"id": id}`.
+    pub fn put_customer(&self, id: i64, fields: Value) {
+        let mut obj = object(fields);
+        obj.insert("id".into(), json!(id));
+        lock(&self.data).customers.insert(id, obj);
+    }
+
+    /// Removes a customer and its link-men.
+    pub fn remove_customer(&self, id: i64) {
+        let mut d = lock(&self.data);
+        d.customers.remove(&id);
+        d.linkmen.retain(|_, (c, _)| *c != id);
+    }
+
+    /// Adds or replaces a link-man of `customer_id`; `fields` is merged
+    /// with `{"id": id}`.
+    pub fn put_linkman(&self, customer_id: i64, id: i64, fields: Value) {
+        let mut obj = object(fields);
+        obj.insert("id".into(), json!(id));
+        lock(&self.data).linkmen.insert(id, (customer_id, obj));
+    }
+
+    /// Sets one field of a link-man (`Value::Null` to clear it).
+    pub fn set_linkman_field(&self, id: i64, key: &str, value: Value) {
+        if let Some((_, obj)) = lock(&self.data).linkmen.get_mut(&id) {
+            obj.insert(key.into(), value);
+        }
+    }
+
+    /// Sets one field of a customer.
+    pub fn set_customer_field(&self, id: i64, key: &str, value: Value) {
+        if let Some(obj) = lock(&self.data).customers.get_mut(&id) {
+            obj.insert(key.into(), value);
+        }
+    }
+
+    pub fn remove_linkman(&self, id: i64) {
+        lock(&self.data).linkmen.remove(&id);
+    }
+
+    pub fn customer_count(&self) -> usize {
+        lock(&self.data).customers.len()
+    }
+
+    pub fn linkman_count(&self) -> usize {
+        lock(&self.data).linkmen.len()
+    }
+
+    /// Every `ContactHistory/Add` received.
+    pub fn history(&self) -> Vec<ContactRecord> {
+        lock(&self.data).history.clone()
+    }
+
+    pub(crate) fn router(&self) -> Router {
+        Router::new()
+            .route(
+                "/WebApi/Handler/1.0/CRM/{area}/{file}",
+                axum::routing::any(handle),
+            )
+            .with_state(self.clone())
+    }
+}
+
+async fn handle(
+    State(h): State<CrmHandle>,
+    Path((area, file)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    let name = file.strip_suffix(".ashx").unwrap_or(&file);
+    let operation = format!("{area}/{name}");
+    let p = params(query.as_deref(), &body);
+    let fault = h.shared.take_fault(&operation);
+    if let Some(Fault::Delay(d)) = &fault {
+        tokio::time::sleep(*d).await;
+    }
+    let unapplied = |status: u16| {
+        h.shared.record(Server::Crm, &operation, &p, status);
+        (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            [("content-type", "text/html")],
+            html_page(status),
+        )
+            .into_response()
+    };
+    match fault {
+        Some(Fault::Status(code)) => return unapplied(code),
+        Some(Fault::HtmlOk) => return unapplied(200),
+        _ => {}
+    }
+    if p.get("token").map(String::as_str) != Some(super::TOKEN) {
+        h.shared.record(Server::Crm, &operation, &p, 401);
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"message": "token invalid or expired"})),
+        )
+            .into_response();
+    }
+    let (status, value) = answer(&h, &operation, &p);
+    if fault == Some(Fault::LoseAnswer) {
+        return unapplied(502);
+    }
+    h.shared
+        .record(Server::Crm, &operation, &p, status.as_u16());
+    (status, axum::Json(value)).into_response()
+}
+
+fn int(p: &BTreeMap<String, String>, key: &str) -> Option<i64> {
+    p.get(key).and_then(|v| v.trim().parse().ok())
+}
+
+fn answer(h: &CrmHandle, operation: &str, p: &BTreeMap<String, String>) -> (StatusCode, Value) {
+    let mut d = lock(&h.data);
+    match operation {
+        "Customer/GetAllList" => {
+            let page = int(p, "pageIndex").unwrap_or(1).max(1) as usize;
+            let size = int(p, "pageSize").unwrap_or(10).clamp(1, 100) as usize;
+            let items: Vec<Value> = d
+                .customers
+                .values()
+                .skip((page - 1) * size)
+                .take(size)
+                .map(|c| Value::Object(c.clone()))
+                .collect();
+            (StatusCode::OK, json!({ "value": items }))
+        }
+        "Customer/Get" => match int(p, "id").and_then(|id| d.customers.get(&id)) {
+            Some(c) => (StatusCode::OK, json!({ "value": c })),
+            None => (StatusCode::OK, json!({ "value": null })),
+        },
+        "LinkMan/GetLinkManList" => {
+            let cust = int(p, "cust_id");
+            let items: Vec<Value> = d
+                .linkmen
+                .values()
+                .filter(|(c, _)| Some(*c) == cust)
+                .map(|(_, l)| Value::Object(l.clone()))
+                .collect();
+            (StatusCode::OK, json!({ "value": items }))
+        }
+        "LinkMan/GetLinkMan" => match int(p, "id").and_then(|id| d.linkmen.get(&id)) {
+            Some((_, l)) => (StatusCode::OK, json!({ "value": l })),
+            None => (StatusCode::OK, json!({ "value": null })),
+        },
+        "ContactHistory/Add" => {
+            let fields = (
+                int(p, "customer_id"),
+                int(p, "link_man_id"),
+                int(p, "type_id"),
+                int(p, "route_id"),
+                p.get("title"),
+                p.get("content"),
+            );
+            match fields {
+                (
+                    Some(customer_id),
+                    Some(link_man_id),
+                    Some(type_id),
+                    Some(route_id),
+                    Some(title),
+                    Some(content),
+                ) if d.customers.contains_key(&customer_id) => {
+                    d.history.push(ContactRecord {
+                        customer_id,
+                        link_man_id,
+                        type_id,
+                        route_id,
+                        title: title.clone(),
+                        content: content.clone(),
+                    });
+                    (StatusCode::OK, json!({ "value": true }))
+                }
+                _ => (StatusCode::OK, json!({ "value": false })),
+            }
+        }
+        "BaseType/GetBaseType" => (
+            StatusCode::OK,
+            json!({ "value": [
+                {"id": 1, "name": "销售联系"}, {"id": 2, "name": "客户关怀"}, {"id": 3, "name": "售后回访"}
+            ]}),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            json!({ "message": format!("no such handler {operation}") }),
+        ),
+    }
+}

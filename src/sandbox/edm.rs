@@ -1,0 +1,448 @@
+//! The fake bestedm user API: `/mm-ms/api/{script}.php?do=…`, username and
+//! MD5 password checked in the query string, XML answers shaped like the
+//! documents. Adds are naive on purpose — an address added twice is held
+//! twice — so a duplicate add shows in the list, not only in the log.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::{Fault, Server, Shared, html_page, lock, params};
+
+/// One address a fake list holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxAddress {
+    pub id: i64,
+    pub address: String,
+    pub fullname: String,
+    pub vars: [String; 10],
+    pub time: String,
+}
+
+#[derive(Debug, Default)]
+struct FakeList {
+    subject: String,
+    addrs: Vec<SandboxAddress>,
+    /// `(time, email)` lines of `unsubscribe-export`.
+    unsubs: Vec<(String, String)>,
+}
+
+#[derive(Debug, Default)]
+struct EdmData {
+    lists: BTreeMap<i64, FakeList>,
+    next_id: i64,
+    /// A logical clock, one second a tick from 2026-01-01, so that export
+    /// lines written in one real second still differ.
+    clock: i64,
+}
+
+impl EdmData {
+    fn tick(&mut self) -> String {
+        self.clock += 1;
+        let base = chrono::NaiveDate::from_ymd_opt(2026, 1, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .unwrap_or_default();
+        (base + chrono::Duration::seconds(self.clock))
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string()
+    }
+
+    fn push(&mut self, list_id: i64, address: &str, fullname: &str, vars: [String; 10]) -> i64 {
+        self.next_id += 1;
+        let id = self.next_id;
+        let time = self.tick();
+        if let Some(list) = self.lists.get_mut(&list_id) {
+            list.addrs.push(SandboxAddress {
+                id,
+                address: address.to_string(),
+                fullname: fullname.to_string(),
+                vars,
+                time,
+            });
+        }
+        id
+    }
+
+    fn unsubscribe(&mut self, list_id: i64, address: &str) -> bool {
+        let time = self.tick();
+        let wanted = address.trim().to_lowercase();
+        let Some(list) = self.lists.get_mut(&list_id) else {
+            return false;
+        };
+        let before = list.addrs.len();
+        list.addrs.retain(|a| a.address.to_lowercase() != wanted);
+        list.unsubs.push((time, wanted));
+        list.addrs.len() != before
+    }
+}
+
+/// Seeds, mutates and reads the fake EDM.
+#[derive(Clone, Debug)]
+pub struct EdmHandle {
+    data: Arc<Mutex<EdmData>>,
+    shared: Arc<Shared>,
+}
+
+impl EdmHandle {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        EdmHandle {
+            data: Arc::new(Mutex::new(EdmData::default())),
+            shared,
+        }
+    }
+
+    /// Creates an empty list.
+    pub fn create_list(&self, id: i64, subject: &str) {
+        lock(&self.data).lists.insert(
+            id,
+            FakeList {
+                subject: subject.to_string(),
+                ..Default::default()
+            },
+        );
+    }
+
+    /// Puts an address into a list as if someone else had added it.
+    pub fn add_existing(&self, list_id: i64, address: &str, fullname: &str) -> i64 {
+        lock(&self.data).push(list_id, address, fullname, Default::default())
+    }
+
+    /// A recipient unsubscribes through EDM (a link in a mail): the address
+    /// leaves the list and an export line is written.
+    pub fn user_unsubscribe(&self, list_id: i64, address: &str) {
+        lock(&self.data).unsubscribe(list_id, address);
+    }
+
+    /// Removes an address by id, as someone using EDM's web UI would.
+    pub fn delete_address(&self, id: i64) {
+        for list in lock(&self.data).lists.values_mut() {
+            list.addrs.retain(|a| a.id != id);
+        }
+    }
+
+    /// Changes an address's fullname behind the daemon's back.
+    pub fn rename_address(&self, id: i64, fullname: &str) {
+        for list in lock(&self.data).lists.values_mut() {
+            for a in list.addrs.iter_mut().filter(|a| a.id == id) {
+                a.fullname = fullname.to_string();
+            }
+        }
+    }
+
+    /// Every address a list holds, in the order added.
+    pub fn addresses(&self, list_id: i64) -> Vec<SandboxAddress> {
+        lock(&self.data)
+            .lists
+            .get(&list_id)
+            .map(|l| l.addrs.clone())
+            .unwrap_or_default()
+    }
+
+    /// The lowercased addresses a list holds, sorted (duplicates kept).
+    pub fn emails(&self, list_id: i64) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .addresses(list_id)
+            .into_iter()
+            .map(|a| a.address.to_lowercase())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The export lines of a list.
+    pub fn export_lines(&self, list_id: i64) -> Vec<(String, String)> {
+        lock(&self.data)
+            .lists
+            .get(&list_id)
+            .map(|l| l.unsubs.clone())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn router(&self) -> Router {
+        Router::new()
+            .route("/mm-ms/api/{script}", axum::routing::any(handle))
+            .with_state(self.clone())
+    }
+}
+
+/// Writes XML the way the documents print it: declaration, a blank line,
+/// indented elements, text in CDATA.
+struct Xml(String);
+
+impl Xml {
+    fn new() -> Self {
+        Xml("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\n".to_string())
+    }
+    fn open(&mut self, depth: usize, name: &str) {
+        let _ = writeln!(self.0, "{}<{name}>", "  ".repeat(depth));
+    }
+    fn close(&mut self, depth: usize, name: &str) {
+        let _ = writeln!(self.0, "{}</{name}>", "  ".repeat(depth));
+    }
+    fn leaf(&mut self, depth: usize, name: &str, value: &str) {
+        self.leaf_closed_by(depth, name, value, name);
+    }
+    fn leaf_closed_by(&mut self, depth: usize, name: &str, value: &str, end: &str) {
+        let indent = "  ".repeat(depth);
+        if value.is_empty() {
+            let _ = writeln!(self.0, "{indent}<{name}></{end}>");
+        } else {
+            // `]]>` cannot stand inside CDATA; split it as XML requires.
+            let safe = value.replace("]]>", "]]]]><![CDATA[>");
+            let _ = writeln!(self.0, "{indent}<{name}><![CDATA[{safe}]]></{end}>");
+        }
+    }
+}
+
+fn result(status: &str, data: &str, id: Option<i64>) -> String {
+    let mut x = Xml::new();
+    x.open(0, "result");
+    x.leaf(1, "status", status);
+    x.leaf(1, "data", data);
+    if let Some(id) = id {
+        x.leaf(1, "id", &id.to_string());
+    }
+    x.close(0, "result");
+    x.0
+}
+
+async fn handle(
+    State(h): State<EdmHandle>,
+    Path(script): Path<String>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    let p = params(query.as_deref(), &body);
+    // username, password and do are read from the query string only.
+    let q = params(query.as_deref(), &[]);
+    let operation = q.get("do").cloned().unwrap_or_default();
+    let fault = h.shared.take_fault(&operation);
+    if let Some(Fault::Delay(d)) = &fault {
+        tokio::time::sleep(*d).await;
+    }
+    let unapplied = |status: u16| {
+        h.shared.record(Server::Edm, &operation, &p, status);
+        (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            [("content-type", "text/html")],
+            html_page(status),
+        )
+            .into_response()
+    };
+    match fault {
+        Some(Fault::Status(code)) => return unapplied(code),
+        Some(Fault::HtmlOk) => return unapplied(200),
+        _ => {}
+    }
+    let password_ok = q.get("password").map(String::as_str)
+        == Some(crate::edm::password_md5(super::EDM_PASSWORD).as_str());
+    let body = if q.get("username").map(String::as_str) != Some(super::EDM_USER) || !password_ok {
+        result("user_auth_error", "用户名或密码错误", None)
+    } else {
+        answer(&h, &script, &operation, &p)
+    };
+    if fault == Some(Fault::LoseAnswer) {
+        return unapplied(502);
+    }
+    h.shared.record(Server::Edm, &operation, &p, 200);
+    let content_type = if operation == "unsubscribe-export" && !body.starts_with("<?xml") {
+        "text/plain; charset=utf-8"
+    } else {
+        "text/xml; charset=utf-8"
+    };
+    ([("content-type", content_type)], body).into_response()
+}
+
+fn int(p: &BTreeMap<String, String>, key: &str) -> Option<i64> {
+    p.get(key).and_then(|v| v.trim().parse().ok())
+}
+
+fn vars_from(p: &BTreeMap<String, String>) -> [String; 10] {
+    std::array::from_fn(|i| p.get(&format!("var{}", i + 1)).cloned().unwrap_or_default())
+}
+
+fn answer(h: &EdmHandle, script: &str, operation: &str, p: &BTreeMap<String, String>) -> String {
+    let mut d = lock(&h.data);
+    let list_id = int(p, "list_id");
+    let no_list = || result("list_not_exist", "联系人分类不存在", None);
+    match (script, operation) {
+        ("account.php", "customer-info") => {
+            let mut x = Xml::new();
+            x.open(0, "customer");
+            x.leaf(1, "id", "1001");
+            x.leaf(1, "username", super::EDM_USER);
+            x.leaf(1, "company", "演示公司");
+            x.close(0, "customer");
+            x.0
+        }
+        ("mloperate.php", "maillist-list") => {
+            let mut x = Xml::new();
+            x.open(0, "maillist");
+            for (id, list) in &d.lists {
+                x.open(1, "item");
+                x.leaf(2, "id", &id.to_string());
+                x.leaf(2, "subject", &list.subject);
+                x.leaf(2, "descrīption", "");
+                x.leaf(2, "count", &list.addrs.len().to_string());
+                x.leaf(2, "status", "enabled");
+                x.close(1, "item");
+            }
+            x.close(0, "maillist");
+            x.0
+        }
+        ("mloperate.php", "maillist-detail") => {
+            match int(p, "id").and_then(|id| d.lists.get(&id).map(|l| (id, l))) {
+                Some((id, list)) => {
+                    let mut x = Xml::new();
+                    x.open(0, "maillist");
+                    x.leaf(1, "id", &id.to_string());
+                    x.leaf(1, "subject", &list.subject);
+                    x.leaf(1, "descrīption", "");
+                    x.leaf(1, "count", &list.addrs.len().to_string());
+                    x.leaf(1, "status", "enabled");
+                    // As documented: closed by `</aillist>`.
+                    x.close(0, "aillist");
+                    x.0
+                }
+                None => no_list(),
+            }
+        }
+        ("mloperate.php", "ml-addr-list") => {
+            let Some(list) = list_id.and_then(|id| d.lists.get(&id)) else {
+                return no_list();
+            };
+            let keyword = p.get("keyword").map(|k| k.to_lowercase());
+            let matching: Vec<&SandboxAddress> = list
+                .addrs
+                .iter()
+                .filter(|a| match &keyword {
+                    Some(k) => {
+                        a.address.to_lowercase().contains(k)
+                            || a.fullname.to_lowercase().contains(k)
+                    }
+                    None => true,
+                })
+                .collect();
+            let page: Vec<&SandboxAddress> = match int(p, "page") {
+                Some(page) => {
+                    let limit = int(p, "limit").unwrap_or(50).max(1) as usize;
+                    let page = page.max(1) as usize;
+                    matching
+                        .into_iter()
+                        .skip((page - 1) * limit)
+                        .take(limit)
+                        .collect()
+                }
+                None => matching,
+            };
+            let mut x = Xml::new();
+            x.open(0, "data");
+            for a in page {
+                x.open(1, "addr");
+                x.leaf(2, "id", &a.id.to_string());
+                x.leaf(2, "list_id", &list_id.unwrap_or_default().to_string());
+                x.leaf(2, "address", &a.address);
+                // As documented: `</ fullname >`.
+                x.leaf_closed_by(2, "fullname", &a.fullname, " fullname ");
+                x.leaf(2, "time", &a.time);
+                for (i, v) in a.vars.iter().enumerate() {
+                    x.leaf(2, &format!("var{}", i + 1), v);
+                }
+                x.close(1, "addr");
+            }
+            x.close(0, "data");
+            x.0
+        }
+        ("mloperate.php", "ml-addr-add") => {
+            let Some(list_id) = list_id.filter(|id| d.lists.contains_key(id)) else {
+                return no_list();
+            };
+            if let Some(lines) = p.get("ml_addr") {
+                let separator = p
+                    .get("separate")
+                    .map(String::as_str)
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or("\n");
+                let mut added = 0;
+                for line in lines.split(separator) {
+                    let parts: Vec<&str> = line.split(';').collect();
+                    let address = parts.first().map(|s| s.trim()).unwrap_or_default();
+                    if !address.contains('@') {
+                        continue;
+                    }
+                    let fullname = parts.get(1).copied().unwrap_or_default();
+                    let vars: [String; 10] = std::array::from_fn(|i| {
+                        parts.get(i + 2).map(|s| s.to_string()).unwrap_or_default()
+                    });
+                    d.push(list_id, address, fullname, vars);
+                    added += 1;
+                }
+                result("success", &format!("成功添加 {added} 个地址"), None)
+            } else if let Some(address) = p.get("address").filter(|a| a.contains('@')) {
+                let fullname = p.get("fullname").cloned().unwrap_or_default();
+                let id = d.push(list_id, address, &fullname, vars_from(p));
+                let with_id = p.get("return_id").map(String::as_str) == Some("1");
+                result("success", "添加成功", with_id.then_some(id))
+            } else {
+                result("add_address_error", "地址为空", None)
+            }
+        }
+        ("mloperate.php", "ml-addr-edit") => {
+            let Some(id) = int(p, "id") else {
+                return result("update_address_error", "缺少地址id", None);
+            };
+            let vars = vars_from(p);
+            for list in d.lists.values_mut() {
+                if let Some(a) = list.addrs.iter_mut().find(|a| a.id == id) {
+                    if let Some(address) = p.get("address") {
+                        a.address = address.clone();
+                    }
+                    if let Some(fullname) = p.get("fullname") {
+                        a.fullname = fullname.clone();
+                    }
+                    a.vars = vars;
+                    return result("success", "修改成功", None);
+                }
+            }
+            result("address_not_exist", "地址不存在", None)
+        }
+        ("mloperate.php", "ml-addr-del") => {
+            let id = int(p, "id");
+            for list in d.lists.values_mut() {
+                list.addrs.retain(|a| Some(a.id) != id);
+            }
+            result("success", "删除成功", None)
+        }
+        ("mloperate.php", "ml-unsub") => {
+            let Some(list_id) = list_id.filter(|id| d.lists.contains_key(id)) else {
+                return no_list();
+            };
+            let raw = p.get("address").cloned().unwrap_or_default();
+            let addresses: Vec<&str> = raw
+                .split([',', '\n'])
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .collect();
+            for address in &addresses {
+                d.unsubscribe(list_id, address);
+            }
+            result("success", &format!("退订 {} 个地址", addresses.len()), None)
+        }
+        ("mloperate.php", "unsubscribe-export") => {
+            let Some(list) = int(p, "id").and_then(|id| d.lists.get(&id)) else {
+                return no_list();
+            };
+            list.unsubs
+                .iter()
+                .map(|(t, e)| format!("{t}\t{e}\n"))
+                .collect()
+        }
+        _ => result("unknown_operation", &format!("未知操作 {operation}"), None),
+    }
+}

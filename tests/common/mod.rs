@@ -1,0 +1,169 @@
+//! Test helpers: a sandbox, a fresh state database and a [`Context`] wired
+//! to both. `CRM_EDM_SYNC_TEST_DB=postgres` runs the same tests against a
+//! fresh PostgreSQL database per test (created on `127.0.0.1:5432`, dropped
+//! afterwards); SQLite in a temporary directory otherwise.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use crm_edm_sync::config::Settings;
+use crm_edm_sync::sandbox::Sandbox;
+use crm_edm_sync::sync::contacts::{self, ContactsReport};
+use crm_edm_sync::sync::{Context, RunOptions};
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::json;
+
+/// Where the PostgreSQL test databases live.
+pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A fresh state database, removed when dropped.
+pub struct TestDb {
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        if std::env::var("CRM_EDM_SYNC_TEST_DB").as_deref() == Ok("postgres") {
+            let name = format!("ces_test_{}", uuid::Uuid::new_v4().simple());
+            let admin = Database::connect(PG_ADMIN_URL)
+                .await
+                .expect("PostgreSQL reachable");
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("create test database");
+            TestDb {
+                url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+                pg_name: Some(name),
+                _dir: None,
+            }
+        } else {
+            let dir = tempfile::tempdir().expect("temp dir");
+            TestDb {
+                url: format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("state.db").display()
+                ),
+                pg_name: None,
+                _dir: Some(dir),
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(name) = self.pg_name.take() {
+            // Drop runs outside any async context we can rely on: use a
+            // runtime of its own on a plain thread.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                rt.block_on(async {
+                    let admin = Database::connect(PG_ADMIN_URL).await.ok()?;
+                    admin
+                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await
+                        .ok()
+                })
+            })
+            .join();
+        }
+    }
+}
+
+/// A sandbox with lists 1 and 2, a fresh database and a context.
+pub struct Env {
+    pub sb: Sandbox,
+    pub db: TestDb,
+    pub ctx: Context,
+}
+
+/// The `[sync]` section the tests use: default list 1, customers with
+/// `type_id` 2 go to list 2, var1 is the customer's name, var2 the mobile.
+pub fn sync_section(extra: &str) -> String {
+    format!(
+        "[sync]\nlist_id = 1\n{extra}\n[[sync.routes]]\nfield = \"customer.type_id\"\nequals = \"2\"\nlist_id = 2\n[sync.vars]\nvar1 = \"customer.name\"\nvar2 = \"mobile\"\n"
+    )
+}
+
+/// The whole config text for `sb` and `db_url`.
+pub fn config_text(sb: &Sandbox, db_url: &str, sync_extra: &str, more: &str) -> String {
+    format!(
+        "{}\n{}\n{more}\n",
+        sb.config_toml(db_url),
+        sync_section(sync_extra)
+    )
+}
+
+pub async fn env() -> Env {
+    env_with("", "").await
+}
+
+/// `sync_extra`: lines inside `[sync]`; `more`: further sections.
+pub async fn env_with(sync_extra: &str, more: &str) -> Env {
+    let sb = Sandbox::start().await.expect("sandbox");
+    sb.edm.create_list(1, "客户");
+    sb.edm.create_list(2, "VIP");
+    let db = TestDb::new().await;
+    let settings =
+        Settings::from_toml(&config_text(&sb, &db.url, sync_extra, more)).expect("settings");
+    let ctx = Context::new(settings)
+        .await
+        .expect("context")
+        .with_min_retry_delay(Duration::from_millis(5));
+    Env { sb, db, ctx }
+}
+
+/// Ten customers, one link-man each: customers 1–5 (type 1) go to list 1,
+/// 6–10 (type 2) to list 2. Link-man `10·c`, `lm{c}@example.com`.
+pub fn seed_basic(sb: &Sandbox) {
+    for c in 1..=10i64 {
+        sb.crm.put_customer(
+            c,
+            json!({"name": format!("公司{c}"), "type_id": if c > 5 { 2 } else { 1 }}),
+        );
+        sb.crm.put_linkman(c, c * 10, json!({"name": format!("联系人{c}"), "email": format!("lm{c}@example.com"), "mobile": format!("1380000{c:04}")}));
+    }
+}
+
+pub fn emails(range: std::ops::RangeInclusive<i64>) -> Vec<String> {
+    let mut v: Vec<String> = range.map(|c| format!("lm{c}@example.com")).collect();
+    v.sort();
+    v
+}
+
+impl Env {
+    pub async fn run(&self, opts: RunOptions) -> ContactsReport {
+        contacts::run(&self.ctx, opts).await.expect("run completes")
+    }
+
+    pub async fn sync(&self) -> ContactsReport {
+        self.run(RunOptions::default()).await
+    }
+
+    /// A second context on the same database with other settings.
+    pub async fn ctx_with(&self, sync_extra: &str, more: &str) -> Context {
+        let settings = Settings::from_toml(&config_text(&self.sb, &self.db.url, sync_extra, more))
+            .expect("settings");
+        Context::new(settings)
+            .await
+            .expect("context")
+            .with_min_retry_delay(Duration::from_millis(5))
+    }
+
+    /// A second context on the same database, its settings changed by `f`.
+    pub async fn ctx_from(&self, f: impl FnOnce(&mut Settings)) -> Context {
+        let mut settings =
+            Settings::from_toml(&config_text(&self.sb, &self.db.url, "", "")).expect("settings");
+        f(&mut settings);
+        Context::new(settings)
+            .await
+            .expect("context")
+            .with_min_retry_delay(Duration::from_millis(5))
+    }
+}
