@@ -653,6 +653,31 @@ password = "p"
         assert!(dbg.contains("REDACTED"), "{dbg}");
     }
 
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let s = Settings::from_toml(include_str!("../config/example.toml")).unwrap();
+        assert_eq!(s.synced_lists(), vec![1, 2]);
+        assert_eq!(s.sync.vars.slots()[0], Some("customer.name"));
+    }
+
+    #[test]
+    fn shipped_default_config_loads_with_credentials_from_the_environment() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let env = [
+            ("CRM_EDM_SYNC__CRM__BASE_URL", "https://crm.example.com"),
+            ("CRM_EDM_SYNC__CRM__TOKEN", "t0ken"),
+            ("CRM_EDM_SYNC__EDM__USERNAME", "u"),
+            ("CRM_EDM_SYNC__EDM__PASSWORD", "p"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .to_vec();
+        let s = Settings::load_with_env(Some(&path), env).unwrap();
+        assert_eq!(s.crm.base_url, "https://crm.example.com");
+        // Without them it names the first missing one.
+        let err = Settings::load_with_env(Some(&path), vec![]).unwrap_err();
+        assert!(err.to_string().contains("crm.base_url"), "{err}");
+    }
+
     /// Appends `extra` to `base`, merging a repeated `[section]` header into
     /// the base's section (TOML forbids declaring a table twice).
     fn merge(base: &str, extra: &str) -> String {

@@ -3,6 +3,8 @@
 //! stderr; stdout is kept for what a command prints (`status`, the dry-run
 //! plan, the demo's report).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -22,7 +24,10 @@ pub fn init(format: LogFormat, level: &str) {
             .with_current_span(false)
             .with_span_list(false)
             .try_init(),
-        LogFormat::Pretty => builder.with_target(false).try_init(),
+        LogFormat::Pretty => builder
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
     };
     // A second call (tests) keeps the first subscriber.
     let _ = result;

@@ -1,0 +1,317 @@
+//! The real binary against the sandbox: exit codes, the JSON summary event,
+//! and no secret in any output.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use common::{TestDb, config_text, seed_basic};
+use crm_edm_sync::edm::password_md5;
+use crm_edm_sync::sandbox::{EDM_PASSWORD, Fault, Sandbox, TOKEN};
+
+const BIN: &str = env!("CARGO_BIN_EXE_crm-edm-sync");
+
+struct Cli {
+    sb: Sandbox,
+    _db: TestDb,
+    dir: tempfile::TempDir,
+}
+
+async fn setup(log_level: &str) -> Cli {
+    let sb = Sandbox::start().await.unwrap();
+    sb.edm.create_list(1, "客户");
+    sb.edm.create_list(2, "VIP");
+    seed_basic(&sb);
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(
+        &sb,
+        &db.url,
+        "",
+        &format!(
+            "[log]\nformat = \"json\"\nlevel = \"{log_level}\"\n[http]\nlisten = \"127.0.0.1:0\"\n"
+        ),
+    );
+    std::fs::write(dir.path().join("config.toml"), text).unwrap();
+    Cli { sb, _db: db, dir }
+}
+
+impl Cli {
+    fn config(&self) -> String {
+        self.dir.path().join("config.toml").display().to_string()
+    }
+
+    async fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.arg("--config")
+            .arg(self.config())
+            .args(args)
+            .env_remove("RUST_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .expect("binary finished in time")
+            .expect("binary ran")
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The JSON log lines of an output whose `message` is `msg`.
+fn events(o: &Output, msg: &str) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == msg)
+        .collect()
+}
+
+#[tokio::test]
+async fn once_exits_zero_and_logs_one_json_summary_event_with_the_counts() {
+    let cli = setup("info").await;
+
+    let out = cli.run(&["--once", "--job", "contacts"], &[]).await;
+
+    assert!(out.status.success(), "{}", text(&out));
+    let summaries = events(&out, "run finished");
+    assert_eq!(summaries.len(), 1, "{}", text(&out));
+    let s = &summaries[0];
+    assert_eq!(s["job"], "contacts");
+    assert_eq!(s["added"], 10);
+    for field in [
+        "run_id",
+        "updated",
+        "unsubscribed",
+        "adopted",
+        "skipped_invalid",
+        "suppressed",
+        "failed",
+        "duration_ms",
+    ] {
+        assert!(!s[field].is_null(), "summary lacks {field}: {s}");
+    }
+    // Every stderr line is a JSON object.
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn dry_run_prints_the_plan_and_exits_zero_without_writing() {
+    let cli = setup("info").await;
+
+    let out = cli
+        .run(&["--once", "--job", "contacts", "--dry-run"], &[])
+        .await;
+
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("plan: 10 adds"), "{stdout}");
+    assert!(stdout.contains("nothing was changed"), "{stdout}");
+    assert_eq!(cli.sb.edm_writes(), 0);
+}
+
+#[tokio::test]
+async fn refused_plan_exits_non_zero_and_logs_an_error() {
+    let cli = setup("info").await;
+    assert!(
+        cli.run(&["--once", "--job", "contacts"], &[])
+            .await
+            .status
+            .success()
+    );
+    for c in 1..=3 {
+        cli.sb.crm.remove_linkman(c * 10);
+    }
+
+    let out = cli.run(&["--once", "--job", "contacts"], &[]).await;
+
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let refusals = events(&out, "plan refused");
+    assert_eq!(refusals.len(), 1, "{}", text(&out));
+    assert_eq!(refusals[0]["level"], "ERROR");
+    // --force applies it.
+    let forced = cli
+        .run(&["--once", "--job", "contacts", "--force"], &[])
+        .await;
+    assert!(forced.status.success(), "{}", text(&forced));
+    assert_eq!(cli.sb.edm.emails(1).len(), 2);
+}
+
+#[tokio::test]
+async fn bad_config_exits_2_naming_the_key() {
+    let cli = setup("info").await;
+    let bad = cli.dir.path().join("bad.toml");
+    std::fs::write(&bad, "[crm]\nbase_url = \"http://x.test\"\ntoken = \"t\"\npage_size = 500\n[edm]\nusername = \"u\"\npassword = \"p\"\n").unwrap();
+
+    let out = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&bad)
+        .args(["--once"])
+        .output()
+        .await
+        .unwrap();
+
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("crm.page_size"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test]
+async fn unknown_config_key_exits_2_naming_it() {
+    let cli = setup("info").await;
+    let out = cli
+        .run(&["status"], &[("CRM_EDM_SYNC__SYNC__LIST_IDD", "3")])
+        .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("list_idd"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test]
+async fn status_and_check_exit_zero_and_report() {
+    let cli = setup("info").await;
+    cli.run(&["--once", "--job", "contacts"], &[]).await;
+
+    let status = cli.run(&["status"], &[]).await;
+    let check = cli.run(&["check"], &[]).await;
+
+    assert!(status.status.success(), "{}", text(&status));
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("contacts succeeded"),
+        "{}",
+        text(&status)
+    );
+    assert!(check.status.success(), "{}", text(&check));
+    let out = String::from_utf8_lossy(&check.stdout);
+    for line in ["config: ok", "database: ok", "edm: ok", "crm: ok"] {
+        assert!(out.contains(line), "{out}");
+    }
+}
+
+#[tokio::test]
+async fn check_says_which_api_failed() {
+    let cli = setup("info").await;
+    let out = cli
+        .run(
+            &["check"],
+            &[("CRM_EDM_SYNC__CRM__TOKEN", "wrong-token-1234")],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("crm: FAILED"), "{stdout}");
+    assert!(stdout.contains("crm.token"), "{stdout}");
+    assert!(stdout.contains("edm: ok"), "{stdout}");
+}
+
+/// Behaviour 11: the token, the password and its MD5 never appear in any
+/// output, at any log level, whether commands succeed or fail.
+#[tokio::test]
+async fn no_command_prints_the_token_the_password_or_its_md5() {
+    let cli = setup("trace").await;
+    let wrong_password = "Wrong-Edm-Password-777";
+    let wrong_token = "Wrong-Crm-Token-888";
+    let secrets = [
+        TOKEN.to_string(),
+        EDM_PASSWORD.to_string(),
+        password_md5(EDM_PASSWORD),
+        wrong_password.to_string(),
+        password_md5(wrong_password),
+        wrong_token.to_string(),
+    ];
+    let trace = [("RUST_LOG", "trace")];
+    let mut outputs = Vec::new();
+    outputs.push(
+        cli.run(&["--once", "--job", "contacts", "--dry-run"], &trace)
+            .await,
+    );
+    outputs.push(cli.run(&["--once", "--job", "contacts"], &trace).await);
+    cli.sb.inject("ml-unsub", Fault::LoseAnswer, 1);
+    cli.sb.inject("Customer/GetAllList", Fault::Status(503), 1);
+    cli.sb.crm.remove_linkman(10);
+    outputs.push(cli.run(&["--once", "--job", "contacts"], &trace).await);
+    outputs.push(
+        cli.run(
+            &["--once"],
+            &[("CRM_EDM_SYNC__EDM__PASSWORD", wrong_password)],
+        )
+        .await,
+    );
+    outputs.push(
+        cli.run(&["--once"], &[("CRM_EDM_SYNC__CRM__TOKEN", wrong_token)])
+            .await,
+    );
+    outputs.push(cli.run(&["status"], &trace).await);
+    outputs.push(cli.run(&["check"], &trace).await);
+    outputs.push(
+        cli.run(
+            &["check"],
+            &[
+                ("CRM_EDM_SYNC__EDM__PASSWORD", wrong_password),
+                ("CRM_EDM_SYNC__CRM__TOKEN", wrong_token),
+            ],
+        )
+        .await,
+    );
+    outputs.push(daemon_start_stop(&cli).await);
+
+    assert!(
+        outputs.iter().any(|o| !o.status.success()),
+        "some runs were meant to fail"
+    );
+    let mut total = 0;
+    for out in &outputs {
+        let all = text(out);
+        total += all.len();
+        for secret in &secrets {
+            assert!(
+                !all.contains(secret.as_str()),
+                "output contains a secret:\n{all}"
+            );
+        }
+    }
+    assert!(total > 10_000, "trace output expected, got {total} bytes");
+}
+
+async fn daemon_start_stop(cli: &Cli) -> Output {
+    let child = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(cli.config())
+        .env("RUST_LOG", "trace")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("daemon stops on SIGTERM")
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("daemon started"), "{}", text(&out));
+    out
+}
