@@ -703,3 +703,108 @@ async fn status_shows_runs_members_and_suppressions() {
     assert!(text.contains("pending operations: 0"), "{text}");
     assert!(text.contains("list 2: owned in list: 5"), "{text}");
 }
+
+#[tokio::test]
+async fn customers_are_paged_from_one_until_a_short_page() {
+    let e = env().await;
+    seed_basic(&e.sb);
+    let paged = e.ctx_from(|s| s.crm.page_size = 3).await;
+
+    let report = contacts::run(&paged, RunOptions::default()).await.unwrap();
+
+    assert_eq!(report.counts.customers, 10);
+    let pages: Vec<String> =
+        e.sb.requests()
+            .into_iter()
+            .filter(|r| r.operation == "Customer/GetAllList")
+            .map(|r| format!("{}/{}", r.params["pageIndex"], r.params["pageSize"]))
+            .collect();
+    assert_eq!(pages, vec!["1/3", "2/3", "3/3", "4/3"]);
+    // A last page that is exactly full is followed by one empty page.
+    e.sb.crm.remove_customer(10);
+    e.sb.clear_requests();
+    contacts::run(
+        &paged,
+        RunOptions {
+            force: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(e.sb.count("Customer/GetAllList"), 4);
+}
+
+#[tokio::test]
+async fn linkman_requests_stay_within_crm_concurrency() {
+    let e = env().await;
+    for c in 1..=24i64 {
+        e.sb.crm
+            .put_customer(c, json!({"name": format!("c{c}"), "type_id": 1}));
+        e.sb.crm.put_linkman(
+            c,
+            c * 10,
+            json!({"name": "n", "email": format!("p{c}@example.com")}),
+        );
+    }
+    e.sb.inject(
+        "LinkMan/GetLinkManList",
+        Fault::Delay(std::time::Duration::from_millis(40)),
+        24,
+    );
+    let three = e.ctx_from(|s| s.crm.concurrency = 3).await;
+
+    let report = contacts::run(&three, RunOptions::default()).await.unwrap();
+
+    assert_eq!(report.counts.linkmen, 24);
+    assert_eq!(e.sb.max_in_flight("LinkMan/GetLinkManList"), 3);
+}
+
+#[tokio::test]
+async fn configured_crm_field_names_and_string_ids_are_read() {
+    let e = env().await;
+    e.sb.crm.put_customer(
+        7,
+        json!({"cust_no": "7", "title": "公司七", "type_id": "1"}),
+    );
+    e.sb.crm.put_linkman(
+        7,
+        70,
+        json!({"lm_no": " 70 ", "full_name": "七号", "mail": "Seven@Example.com"}),
+    );
+    let custom = e
+        .ctx_from(|s| {
+            s.crm.fields.customer_id = "cust_no".into();
+            s.crm.fields.linkman_id = "lm_no".into();
+            s.crm.fields.linkman_name = "full_name".into();
+            s.crm.fields.linkman_email = "mail".into();
+            s.sync.vars.var1 = Some("customer.title".into());
+        })
+        .await;
+
+    contacts::run(&custom, RunOptions::default()).await.unwrap();
+
+    let held = e.sb.edm.addresses(1);
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].address, "seven@example.com");
+    assert_eq!(held[0].fullname, "七号");
+    assert_eq!(held[0].vars[0], "公司七");
+}
+
+#[tokio::test]
+async fn a_linkman_without_a_usable_id_fails_the_pull_naming_the_field() {
+    let e = env().await;
+    seed_basic(&e.sb);
+    e.sync().await;
+    e.sb.crm.set_linkman_field(30, "id", json!("abc"));
+    e.sb.clear_requests();
+
+    let err = contacts::run(&e.ctx, RunOptions::default())
+        .await
+        .unwrap_err();
+
+    let text = format!("{err:#}");
+    assert!(text.contains("crm.fields.linkman_id"), "{text}");
+    assert!(text.contains("\"abc\""), "{text}");
+    assert_eq!(e.sb.edm_writes(), 0);
+}

@@ -411,6 +411,84 @@ mod tests {
         assert_eq!(read_id(None), None);
     }
 
+    fn client() -> CrmClient {
+        let settings = crate::config::Settings::from_toml(
+            "[crm]\nbase_url = \"http://crm.test\"\ntoken = \"s3cret-token\"\n[edm]\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let redactor = Arc::new(Redactor::new(["s3cret-token".to_string()]));
+        CrmClient::new(&settings.crm, redactor).unwrap()
+    }
+
+    #[test]
+    fn value_is_taken_from_the_answer() {
+        let c = client();
+        assert_eq!(
+            c.parse_value("op", br#"{"value": [1, 2]}"#).unwrap(),
+            json!([1, 2])
+        );
+        assert_eq!(
+            c.parse_value("op", br#"{"value": null}"#).unwrap(),
+            json!(null)
+        );
+    }
+
+    #[test]
+    fn html_page_is_a_retriable_malformed_answer_with_an_excerpt() {
+        let err = client()
+            .parse_value(
+                "Customer/GetAllList",
+                b"<html><body>502 Bad Gateway</body></html>",
+            )
+            .unwrap_err();
+        assert!(err.is_retriable());
+        assert!(
+            matches!(&err.kind, ErrorKind::Malformed { excerpt, .. } if excerpt.contains("502 Bad Gateway"))
+        );
+        assert!(err.to_string().contains("Customer/GetAllList"));
+    }
+
+    #[test]
+    fn object_without_value_is_a_permanent_error_with_a_redacted_excerpt() {
+        let err = client()
+            .parse_value("op", br#"{"error": "token s3cret-token expired"}"#)
+            .unwrap_err();
+        assert!(!err.is_retriable());
+        let text = err.to_string();
+        assert!(text.contains("no \"value\""), "{text}");
+        assert!(
+            text.contains("[REDACTED]") && !text.contains("s3cret-token"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn truncated_json_and_non_objects_are_malformed() {
+        let c = client();
+        assert!(matches!(
+            c.parse_value("op", br#"{"value": [1, "#).unwrap_err().kind,
+            ErrorKind::Malformed { .. }
+        ));
+        assert!(matches!(
+            c.parse_value("op", b"[1, 2]").unwrap_err().kind,
+            ErrorKind::Malformed { .. }
+        ));
+        assert!(matches!(
+            c.parse_value("op", b"").unwrap_err().kind,
+            ErrorKind::Malformed { .. }
+        ));
+    }
+
+    #[test]
+    fn value_must_be_an_array_of_objects_for_lists() {
+        let c = client();
+        assert!(c.objects("op", json!(null)).is_err());
+        assert!(c.objects("op", json!({"a": 1})).is_err());
+        let err = c.objects("op", json!([{"id": 1}, 5])).unwrap_err();
+        assert!(err.to_string().contains("item 1"), "{err}");
+        assert_eq!(c.objects("op", json!([])).unwrap().len(), 0);
+    }
+
     #[test]
     fn describe_names_what_was_found() {
         assert_eq!(describe(None), "missing");

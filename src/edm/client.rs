@@ -501,6 +501,88 @@ mod tests {
         assert_eq!(password_md5(""), "d41d8cd98f00b204e9800998ecf8427e");
     }
 
+    fn client() -> EdmClient {
+        let settings = crate::config::Settings::from_toml(
+            "[crm]\nbase_url = \"http://crm.test\"\ntoken = \"t0ken\"\n[edm]\nusername = \"u\"\npassword = \"hunter22\"\n",
+        )
+        .unwrap();
+        let redactor = Arc::new(Redactor::new([
+            "hunter22".to_string(),
+            password_md5("hunter22"),
+        ]));
+        EdmClient::new(&settings.edm, redactor).unwrap()
+    }
+
+    #[test]
+    fn customer_info_shape_is_read() {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\n<customer>\n\n\n<id>1001</id>\n\n\n<username>demo</username>\n\n<company>公司</company>\n</customer>";
+        let c: CustomerXml = client()
+            .parse_xml("customer-info", body.as_bytes(), "customer")
+            .unwrap();
+        assert_eq!((c.id.as_str(), c.username.as_str()), ("1001", "demo"));
+    }
+
+    #[test]
+    fn error_result_in_place_of_data_is_a_rejection_with_its_code() {
+        let body = b"<result><status>list_not_exist</status><data>no list</data></result>";
+        let err = client()
+            .parse_xml::<AddrListXml>("ml-addr-list", body, "data")
+            .unwrap_err();
+        assert_eq!(
+            err.kind,
+            ErrorKind::Rejected {
+                code: "list_not_exist".into(),
+                message: "no list".into()
+            }
+        );
+    }
+
+    #[test]
+    fn auth_error_result_names_the_credentials_without_them() {
+        let body =
+            b"<result><status>user_auth_error</status><data>bad password hunter22</data></result>";
+        let err = client()
+            .parse_xml::<ResultXml>("ml-addr-add", body, "result")
+            .unwrap_err();
+        assert!(err.is_auth());
+        let text = err.to_string();
+        assert!(text.contains("edm.username/edm.password"), "{text}");
+        assert!(!text.contains("hunter22"), "{text}");
+    }
+
+    #[test]
+    fn unsubscribe_export_lines_are_read_and_bad_lines_skipped() {
+        let body = "2026-01-01 10:00:00\tA@Example.com\r\n\n2026-01-02 11:00:00\t b@example.com \nno tab here\n";
+        let lines = client().parse_export(1, body.as_bytes()).unwrap();
+        assert_eq!(
+            lines,
+            vec![
+                ExportLine {
+                    time: "2026-01-01 10:00:00".into(),
+                    address: "a@example.com".into()
+                },
+                ExportLine {
+                    time: "2026-01-02 11:00:00".into(),
+                    address: "b@example.com".into()
+                },
+            ]
+        );
+        assert!(client().parse_export(1, b"").unwrap().is_empty());
+    }
+
+    #[test]
+    fn unsubscribe_export_answered_with_xml_or_html_is_an_error() {
+        let c = client();
+        let err = c
+            .parse_export(1, b"<?xml version=\"1.0\"?><result><status>list_not_exist</status><data>x</data></result>")
+            .unwrap_err();
+        assert!(matches!(err.kind, ErrorKind::Rejected { .. }), "{err:?}");
+        let err = c
+            .parse_export(1, b"<html><body>error</body></html>")
+            .unwrap_err();
+        assert!(err.is_retriable(), "{err:?}");
+    }
+
     #[test]
     fn auth_codes_are_recognised() {
         assert!(is_auth_code("user_auth_error"));

@@ -126,6 +126,7 @@ async fn handle(
     let name = file.strip_suffix(".ashx").unwrap_or(&file);
     let operation = format!("{area}/{name}");
     let p = params(query.as_deref(), &body);
+    let _in_flight = h.shared.enter(&operation);
     let fault = h.shared.take_fault(&operation);
     if let Some(Fault::Delay(d)) = &fault {
         tokio::time::sleep(*d).await;

@@ -222,6 +222,7 @@ async fn handle(
     // username, password and do are read from the query string only.
     let q = params(query.as_deref(), &[]);
     let operation = q.get("do").cloned().unwrap_or_default();
+    let _in_flight = h.shared.enter(&operation);
     let fault = h.shared.take_fault(&operation);
     if let Some(Fault::Delay(d)) = &fault {
         tokio::time::sleep(*d).await;

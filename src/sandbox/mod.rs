@@ -92,6 +92,22 @@ struct Armed {
 pub(crate) struct Shared {
     log: Mutex<Vec<LoggedRequest>>,
     faults: Mutex<Vec<Armed>>,
+    /// Per operation: requests being handled now, and the most at once.
+    in_flight: Mutex<BTreeMap<String, (usize, usize)>>,
+}
+
+/// Counts a request as in flight until dropped.
+pub(crate) struct InFlight<'a> {
+    shared: &'a Shared,
+    operation: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(entry) = lock(&self.shared.in_flight).get_mut(&self.operation) {
+            entry.0 = entry.0.saturating_sub(1);
+        }
+    }
 }
 
 impl Shared {
@@ -107,6 +123,17 @@ impl Shared {
             faults.remove(pos);
         }
         Some(fault)
+    }
+
+    pub(crate) fn enter(&self, operation: &str) -> InFlight<'_> {
+        let mut map = lock(&self.in_flight);
+        let entry = map.entry(operation.to_string()).or_insert((0, 0));
+        entry.0 += 1;
+        entry.1 = entry.1.max(entry.0);
+        InFlight {
+            shared: self,
+            operation: operation.to_string(),
+        }
     }
 
     pub(crate) fn record(
@@ -193,6 +220,14 @@ impl Sandbox {
     /// Disarms every fault.
     pub fn clear_faults(&self) {
         lock(&self.shared.faults).clear();
+    }
+
+    /// The most requests to `operation` that were handled at once.
+    pub fn max_in_flight(&self, operation: &str) -> usize {
+        lock(&self.shared.in_flight)
+            .get(operation)
+            .map(|e| e.1)
+            .unwrap_or(0)
     }
 
     /// Every request so far.
