@@ -11,6 +11,7 @@ use crate::config::Settings;
 use crate::sync::contacts::{self, ContactsReport, Outcome};
 use crate::sync::plan::Plan;
 use crate::sync::{Context, RunOptions};
+use crate::writeback;
 
 /// Exit code of a failed or refused run.
 pub const EXIT_FAILED: u8 = 1;
@@ -48,22 +49,39 @@ async fn once(cli: &Cli, settings: Settings) -> anyhow::Result<ExitCode> {
     };
     let mut ok = true;
     if matches!(cli.job, None | Some(Job::Contacts)) {
-        let report = contacts::run(&ctx, opts)
-            .await
-            .map_err(|e| redacted(&ctx, e))?;
-        if let Outcome::DryRun(plan) = &report.outcome {
-            print!("{}", render_plan(&report, plan));
+        match contacts::run(&ctx, opts).await {
+            Ok(report) => {
+                if let Outcome::DryRun(plan) = &report.outcome {
+                    print!("{}", render_plan(&report, plan));
+                }
+                ok &= report.is_success();
+            }
+            Err(e) => {
+                ok = false;
+                let e = redacted(&ctx, e);
+                tracing::error!(job = contacts::JOB, error = %e, "run failed");
+                eprintln!("crm-edm-sync: contacts: {e:#}");
+            }
         }
-        ok &= report.is_success();
     }
     if matches!(cli.job, None | Some(Job::Writeback)) {
-        if cli.job == Some(Job::Writeback) {
-            anyhow::bail!("the writeback job is not part of this build yet");
+        if cli.dry_run {
+            // Write-back has nothing to preview that is not also a write.
+            tracing::info!(
+                job = writeback::JOB,
+                "--dry-run: the writeback job is skipped"
+            );
+        } else {
+            match writeback::run(&ctx).await {
+                Ok(report) => ok &= report.is_success(),
+                Err(e) => {
+                    ok = false;
+                    let e = redacted(&ctx, e);
+                    tracing::error!(job = writeback::JOB, error = %e, "run failed");
+                    eprintln!("crm-edm-sync: writeback: {e:#}");
+                }
+            }
         }
-        tracing::info!(
-            job = "writeback",
-            "writeback job not part of this build yet; skipped"
-        );
     }
     Ok(if ok {
         ExitCode::SUCCESS
@@ -173,45 +191,77 @@ async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Daemon mode: migrate, then run the contacts job on `sync.schedule`
-/// until SIGTERM or SIGINT. A tick that finds the job still running is
-/// skipped. (The write-back schedule joins when that job exists.)
+/// Daemon mode: migrate, then run the contacts job on `sync.schedule` and
+/// the write-back job on `writeback.schedule` until SIGTERM or SIGINT. The
+/// jobs never run at the same time (one lock); a tick that finds its own
+/// job still running is skipped and logged.
 async fn daemon(settings: Settings) -> anyhow::Result<ExitCode> {
-    use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
-    let schedule = settings.sync.schedule.clone();
+    use tokio_cron_scheduler::JobScheduler;
+    let schedules = [
+        (contacts::JOB, settings.sync.schedule.clone()),
+        (writeback::JOB, settings.writeback.schedule.clone()),
+    ];
     let ctx = Arc::new(Context::new(settings).await?);
-    let running = Arc::new(AtomicBool::new(false));
+    let one_at_a_time = Arc::new(tokio::sync::Mutex::new(()));
     let mut scheduler = JobScheduler::new().await?;
-    let job_ctx = ctx.clone();
-    let job_running = running.clone();
-    let job = CronJob::new_async(schedule.as_str(), move |_id, _lock| {
-        let ctx = job_ctx.clone();
-        let running = job_running.clone();
-        Box::pin(async move {
-            if running.swap(true, Ordering::SeqCst) {
-                tracing::warn!(
-                    job = contacts::JOB,
-                    "previous run still going; tick skipped"
-                );
-                return;
-            }
-            if let Err(e) = contacts::run(&ctx, RunOptions::default()).await {
-                tracing::error!(job = contacts::JOB, error = %ctx.redactor.redact(&format!("{e:#}")), "run failed");
-            }
-            running.store(false, Ordering::SeqCst);
-        })
-    })?;
-    scheduler.add(job).await?;
+    let mut flags = Vec::new();
+    for (job, schedule) in &schedules {
+        let running = Arc::new(AtomicBool::new(false));
+        flags.push(running.clone());
+        scheduler
+            .add(scheduled(
+                job,
+                schedule,
+                ctx.clone(),
+                running,
+                one_at_a_time.clone(),
+            )?)
+            .await?;
+    }
     scheduler.start().await?;
-    tracing::info!(schedule = %schedule, "daemon started");
+    tracing::info!(contacts = %schedules[0].1, writeback = %schedules[1].1, "daemon started");
     shutdown_signal().await;
     tracing::info!("shutting down: no new runs; waiting for the current one");
     scheduler.shutdown().await?;
-    while running.load(Ordering::SeqCst) {
+    while flags.iter().any(|f| f.load(Ordering::SeqCst)) {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A cron job that runs `job` on `schedule`, skipping a tick while the
+/// previous run of the same job is still going.
+fn scheduled(
+    job: &'static str,
+    schedule: &str,
+    ctx: Arc<Context>,
+    running: Arc<AtomicBool>,
+    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
+) -> anyhow::Result<tokio_cron_scheduler::Job> {
+    Ok(tokio_cron_scheduler::Job::new_async(
+        schedule,
+        move |_id, _lock| {
+            let ctx = ctx.clone();
+            let running = running.clone();
+            let one_at_a_time = one_at_a_time.clone();
+            Box::pin(async move {
+                if running.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(job, "previous run still going; tick skipped");
+                    return;
+                }
+                let _turn = one_at_a_time.lock().await;
+                let result = match job {
+                    contacts::JOB => contacts::run(&ctx, RunOptions::default()).await.map(|_| ()),
+                    _ => writeback::run(&ctx).await.map(|_| ()),
+                };
+                if let Err(e) = result {
+                    tracing::error!(job, error = %ctx.redactor.redact(&format!("{e:#}")), "run failed");
+                }
+                running.store(false, Ordering::SeqCst);
+            })
+        },
+    )?)
 }
 
 async fn shutdown_signal() {

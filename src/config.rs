@@ -164,6 +164,72 @@ pub struct WritebackSettings {
     pub type_id: i64,
     /// ContactHistory contact route (3 = email).
     pub route_id: i64,
+    /// Title and content of each kind of record.
+    pub templates: Templates,
+}
+
+/// `[writeback.templates]`: title and content of the ContactHistory record
+/// of each kind. `{name}` placeholders are filled in; see
+/// [`TEMPLATE_PLACEHOLDERS`].
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Templates {
+    pub open_title: String,
+    pub open_content: String,
+    pub click_title: String,
+    pub click_content: String,
+    pub bounce_title: String,
+    pub bounce_content: String,
+    pub unsubscribe_title: String,
+    pub unsubscribe_content: String,
+}
+
+/// The placeholders a write-back template may use.
+pub const TEMPLATE_PLACEHOLDERS: [&str; 12] = [
+    "name",
+    "email",
+    "campaign",
+    "sn",
+    "campaign_id",
+    "list",
+    "count",
+    "first",
+    "last",
+    "links",
+    "reason",
+    "time",
+];
+
+impl Templates {
+    fn all(&self) -> [(&'static str, &str); 8] {
+        [
+            ("open_title", &self.open_title),
+            ("open_content", &self.open_content),
+            ("click_title", &self.click_title),
+            ("click_content", &self.click_content),
+            ("bounce_title", &self.bounce_title),
+            ("bounce_content", &self.bounce_content),
+            ("unsubscribe_title", &self.unsubscribe_title),
+            ("unsubscribe_content", &self.unsubscribe_content),
+        ]
+    }
+}
+
+/// The `{placeholder}` names a template uses.
+pub fn placeholders(template: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        match after.find('}') {
+            Some(end) => {
+                out.push(&after[..end]);
+                rest = &after[end + 1..];
+            }
+            None => break,
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -226,6 +292,16 @@ schedule = "0 5 * * * *"
 lookback_days = 14
 type_id = 1
 route_id = 3
+
+[writeback.templates]
+open_title = "邮件打开：{campaign}"
+open_content = "{name}（{email}）打开了群发邮件《{campaign}》（任务号 {sn}）{count} 次，首次 {first}，最近 {last}。"
+click_title = "邮件点击：{campaign}"
+click_content = "{name}（{email}）点击了群发邮件《{campaign}》（任务号 {sn}）中的链接 {count} 次，首次 {first}，最近 {last}。点击的链接：{links}"
+bounce_title = "邮件退信：{campaign}"
+bounce_content = "发往 {name}（{email}）的群发邮件《{campaign}》（任务号 {sn}）被退回：{reason}。今后不再向该地址发送。"
+unsubscribe_title = "邮件退订：{list}"
+unsubscribe_content = "{name}（{email}）于 {time} 退订了邮件列表 {list}，今后不再向其发送该列表的邮件。"
 
 [log]
 format = "json"
@@ -405,6 +481,23 @@ impl Settings {
         }
         if self.writeback.lookback_days == 0 || self.writeback.lookback_days > 366 {
             return bad("writeback.lookback_days", "must be between 1 and 366");
+        }
+        for (key, template) in self.writeback.templates.all() {
+            if template.trim().is_empty() {
+                return bad(&format!("writeback.templates.{key}"), "must not be empty");
+            }
+            if let Some(unknown) = placeholders(template)
+                .into_iter()
+                .find(|p| !TEMPLATE_PLACEHOLDERS.contains(p))
+            {
+                return Err(ConfigError::Invalid {
+                    key: format!("writeback.templates.{key}"),
+                    reason: format!(
+                        "unknown placeholder {{{unknown}}}; known: {}",
+                        TEMPLATE_PLACEHOLDERS.join(", ")
+                    ),
+                });
+            }
         }
         if !valid_log_filter(&self.log.level) {
             return bad("log.level", "is not a valid level or filter directive");
@@ -651,6 +744,29 @@ password = "p"
         let dbg = format!("{s:?}");
         assert!(!dbg.contains("tok\""), "{dbg}");
         assert!(dbg.contains("REDACTED"), "{dbg}");
+    }
+
+    #[test]
+    fn templates_have_chinese_defaults_and_can_be_overridden() {
+        let s = Settings::from_toml(MINIMAL).unwrap();
+        assert!(s.writeback.templates.open_title.contains("邮件打开"));
+        let s = Settings::from_toml(&format!(
+            "{MINIMAL}\n[writeback.templates]\nopen_title = \"Opened {{campaign}}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.writeback.templates.open_title, "Opened {campaign}");
+        assert!(s.writeback.templates.click_title.contains("邮件点击"));
+    }
+
+    #[test]
+    fn unknown_template_placeholder_is_an_error_naming_the_key() {
+        let err = Settings::from_toml(&format!(
+            "{MINIMAL}\n[writeback.templates]\nclick_content = \"{{nmae}} clicked\"\n"
+        ))
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("writeback.templates.click_content"), "{text}");
+        assert!(text.contains("{nmae}"), "{text}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::config::Settings;
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Sandbox, SandboxCampaign};
 use crate::sync::contacts::{self, ContactsReport};
 use crate::sync::{Context, RunOptions};
 
@@ -104,6 +104,69 @@ pub fn seed(sb: &Sandbox) {
         .add_existing(1, "contact1001@customer1.example.cn", "王伟（手工录入）");
 }
 
+/// Two campaigns sent yesterday: one to list 1 with opens (one by an
+/// address the CRM does not know), clicks, a hard bounce (customer 4's
+/// link-man, who has since moved to the VIP list) and an over-quota
+/// address; one to the VIP list with opens only.
+pub fn seed_campaigns(sb: &Sandbox) {
+    let day = (chrono::Utc::now().date_naive() - chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let at = |h: u32, m: u32| format!("{day} {h:02}:{m:02}:00");
+    let addr = |lm: i64, c: i64| format!("contact{lm}@customer{c}.example.cn");
+    sb.edm.put_campaign(SandboxCampaign {
+        id: 501,
+        sn: format!("{}-501", day.replace('-', "")),
+        name: "年终答谢 · 新品发布会邀请".into(),
+        list_id: 1,
+        date: day.clone(),
+        send_status: 3,
+        track_status: 2,
+        opens: vec![
+            (addr(1001, 1), 3, at(9, 12), at(15, 40)),
+            (addr(1005, 2), 1, at(10, 3), at(10, 3)),
+            (addr(1011, 5), 2, at(11, 30), at(18, 2)),
+            (
+                "someone.forwarded@gmail.example".into(),
+                1,
+                at(12, 0),
+                at(12, 0),
+            ),
+        ],
+        clicks: vec![
+            (
+                addr(1001, 1),
+                "https://www.example.cn/launch?utm=edm".into(),
+                2,
+                at(9, 13),
+                at(15, 41),
+            ),
+            (
+                addr(1001, 1),
+                "https://www.example.cn/rsvp".into(),
+                1,
+                at(9, 15),
+                at(9, 15),
+            ),
+        ],
+        bounces: vec![
+            ("not_exist".into(), addr(1008, 4)),
+            ("over_quota".into(), addr(1013, 7)),
+        ],
+    });
+    sb.edm.put_campaign(SandboxCampaign {
+        id: 502,
+        sn: format!("{}-502", day.replace('-', "")),
+        name: "VIP 专享活动".into(),
+        list_id: 2,
+        date: day.clone(),
+        send_status: 2,
+        track_status: 1,
+        opens: vec![(addr(1006, 3), 1, at(8, 0), at(8, 0))],
+        ..Default::default()
+    });
+}
+
 /// The config the demo uses for `sb`.
 pub fn settings(sb: &Sandbox, database_url: &str) -> anyhow::Result<Settings> {
     let text = format!(
@@ -155,19 +218,19 @@ pub async fn run() -> anyhow::Result<ExitCode> {
     );
 
     let mut ok = true;
-    let mut step = |title: &str, report: ContactsReport, writes: usize| {
-        ok &= report.is_success();
+    let step = |title: &str, report: ContactsReport, writes: usize| {
         println!("{}", describe(title, &report, writes));
+        report.is_success()
     };
 
     sb.clear_requests();
     let first = contacts::run(&ctx, RunOptions::default()).await?;
-    step("run 1 — first sync", first, sb.edm_writes());
+    ok &= step("run 1 — first sync", first, sb.edm_writes());
 
     sb.clear_requests();
     let second = contacts::run(&ctx, RunOptions::default()).await?;
     let second_writes = sb.edm_writes();
-    step("run 2 — CRM unchanged", second, second_writes);
+    ok &= step("run 2 — CRM unchanged", second, second_writes);
 
     // Changes in the CRM and in EDM between runs.
     sb.crm
@@ -191,7 +254,41 @@ pub async fn run() -> anyhow::Result<ExitCode> {
 
     sb.clear_requests();
     let third = contacts::run(&ctx, RunOptions::default()).await?;
-    step("run 3 — after the changes", third, sb.edm_writes());
+    ok &= step("run 3 — after the changes", third, sb.edm_writes());
+
+    seed_campaigns(&sb);
+    sb.clear_requests();
+    let wb = crate::writeback::run(&ctx).await?;
+    ok &= wb.is_success();
+    let c = &wb.counts;
+    println!(
+        "run 4 — write-back of yesterday's two campaigns\n  {} campaigns → ContactHistory records: open {}, click {}, bounce {}, unsubscribe {}; unmatched {}, failed {}\n  hard bounces newly suppressed: {}   EDM write requests: {}   ({} ms)\n",
+        c.campaigns,
+        c.open,
+        c.click,
+        c.bounce,
+        c.unsubscribe,
+        c.unmatched,
+        c.failed,
+        c.new_bounce_suppressions,
+        sb.edm_writes(),
+        wb.duration_ms
+    );
+    for r in sb.crm.history().iter().take(3) {
+        println!(
+            "  e.g. customer {} link-man {}: {} — {}",
+            r.customer_id, r.link_man_id, r.title, r.content
+        );
+    }
+    println!();
+
+    sb.clear_requests();
+    let fifth = contacts::run(&ctx, RunOptions::default()).await?;
+    ok &= step(
+        "run 5 — contacts after write-back (the bounced address leaves its list)",
+        fifth,
+        sb.edm_writes(),
+    );
 
     println!(
         "EDM now holds {} addresses in list 1 and {} in list 2.",

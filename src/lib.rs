@@ -17,3 +17,4 @@ pub mod state;
 pub mod status;
 pub mod sync;
 pub mod telemetry;
+pub mod writeback;

@@ -141,8 +141,10 @@ impl RemoteError {
             | ErrorKind::Transport(_)
             | ErrorKind::Malformed { .. }
             | ErrorKind::TooLarge { .. } => true,
-            // An EDM error code for a batch does not say which lines failed.
-            ErrorKind::Rejected { .. } => true,
+            // An EDM error code for a batch does not say which lines
+            // failed; a CRM `value:false` says plainly that nothing was
+            // written.
+            ErrorKind::Rejected { .. } => self.api == Api::Edm,
             ErrorKind::Auth { .. } => false,
         }
     }
@@ -475,6 +477,12 @@ mod tests {
         assert!(!status(408).maybe_applied());
         assert!(status(502).maybe_applied());
         assert!(RemoteError::new(Api::Edm, "op", ErrorKind::Timeout).maybe_applied());
+        let rejected = ErrorKind::Rejected {
+            code: "c".into(),
+            message: "m".into(),
+        };
+        assert!(RemoteError::new(Api::Edm, "ml-addr-add", rejected.clone()).maybe_applied());
+        assert!(!RemoteError::new(Api::Crm, "ContactHistory/Add", rejected).maybe_applied());
     }
 
     #[test]

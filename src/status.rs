@@ -90,6 +90,14 @@ pub async fn render(store: &Store) -> anyhow::Result<String> {
     for (reason, n) in sup {
         let _ = writeln!(out, "  {reason}: {n}");
     }
+    let _ = writeln!(out, "contact-history records:");
+    let ledger = store.ledger_counts().await?;
+    if ledger.is_empty() {
+        let _ = writeln!(out, "  none");
+    }
+    for (kind, status, n) in ledger {
+        let _ = writeln!(out, "  {kind} {status}: {n}");
+    }
     let _ = writeln!(out, "members:");
     let counts = store.member_counts().await?;
     if counts.is_empty() {

@@ -11,7 +11,10 @@ use std::sync::Arc;
 use md5::{Digest, Md5};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::xml::{self, AddrListXml, CustomerXml, MailListsXml, ResultXml, XmlError};
+use super::xml::{
+    self, AddrListXml, ClickDetailXml, CustomerXml, MailListsXml, OpenDetailXml, ResultXml,
+    TaskListXml, XmlError,
+};
 use crate::config::EdmSettings;
 use crate::domain::{Email, ListId, MemberFields, VAR_COUNT};
 use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Redactor, RemoteError};
@@ -62,6 +65,56 @@ pub struct ExportLine {
     pub time: String,
     /// Trimmed and lowercased, as keys are.
     pub address: String,
+}
+
+/// A campaign ("群发任务") of `task-list`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Campaign {
+    pub id: i64,
+    pub sn: String,
+    /// The template's name: the closest thing to a campaign title.
+    pub name: String,
+    pub list_id: Option<ListId>,
+    /// `YYYY-MM-DD` of the send (time_start, else send_time, else the date
+    /// it was listed under).
+    pub send_date: String,
+    /// 1 waiting, 2 sending, 3 done, -1/-2/-3 held, paused, cancelled.
+    pub send_status: i32,
+    /// 0 off, 1 opens, 2 opens and clicks.
+    pub track_status: i32,
+}
+
+/// One recipient's opens of a campaign.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenEvent {
+    pub address: String,
+    pub total: u64,
+    pub first: String,
+    pub last: String,
+}
+
+/// One recipient's clicks on one link of a campaign.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClickEvent {
+    pub address: String,
+    pub link: String,
+    pub total: u64,
+    pub first: String,
+    pub last: String,
+}
+
+/// Hard-bounce types of `failexport.php` the daemon reads.
+pub const HARD_BOUNCE_TYPES: [&str; 2] = ["not_exist", "user_reject"];
+
+fn count(raw: &str) -> u64 {
+    raw.trim().parse().unwrap_or(0)
+}
+
+/// The date part of `YYYY-MM-DD[ HH:MM[:SS]]`, if it looks like one.
+fn date_part(raw: &str) -> Option<String> {
+    let d = raw.trim().get(..10)?;
+    chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok()?;
+    Some(d.to_string())
 }
 
 /// The EDM client.
@@ -432,6 +485,183 @@ impl EdmClient {
         Ok(())
     }
 
+    /// One page (from 1) of `task-list` for `date` (`YYYY-MM-DD`), all
+    /// send statuses.
+    #[tracing::instrument(skip_all, fields(date, page))]
+    pub async fn task_page(
+        &self,
+        date: &str,
+        page: u32,
+        limit: u32,
+    ) -> Result<Vec<Campaign>, RemoteError> {
+        let form = [
+            ("date", date.to_string()),
+            ("send_status", "all".to_string()),
+            ("page", page.to_string()),
+            ("limit", limit.to_string()),
+        ];
+        let tasks: TaskListXml = self
+            .call_xml(
+                "task.php",
+                "task-list",
+                &form,
+                Idempotence::Idempotent,
+                "task_list",
+            )
+            .await?;
+        let mut out = Vec::with_capacity(tasks.task.len());
+        for t in tasks.task {
+            let Some(id) = xml::parse_id(&t.id) else {
+                tracing::warn!(date, raw_id = %t.id.chars().take(20).collect::<String>(), "campaign without a numeric id skipped");
+                continue;
+            };
+            out.push(Campaign {
+                id,
+                name: if t.tpl_name.trim().is_empty() {
+                    t.sn.trim().to_string()
+                } else {
+                    t.tpl_name.trim().to_string()
+                },
+                sn: t.sn.trim().to_string(),
+                list_id: xml::parse_id(&t.list_id),
+                send_date: date_part(&t.time_start)
+                    .or_else(|| date_part(&t.send_time))
+                    .unwrap_or_else(|| date.to_string()),
+                send_status: t.send_status.trim().parse().unwrap_or(0),
+                track_status: t.track_status.trim().parse().unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every campaign listed under `date`, page by page until a short page.
+    pub async fn tasks_on(&self, date: &str) -> Result<Vec<Campaign>, RemoteError> {
+        const LIMIT: u32 = 100;
+        let mut all: Vec<Campaign> = Vec::new();
+        for page in 1..=1000u32 {
+            let batch = self.task_page(date, page, LIMIT).await?;
+            let n = batch.len();
+            if n > 0 && all.iter().any(|c| c.id == batch[0].id) {
+                return Err(self.err(
+                    "task-list",
+                    ErrorKind::Malformed {
+                        detail: format!("page {page} of {date} repeats an earlier page"),
+                        excerpt: String::new(),
+                    },
+                ));
+            }
+            all.extend(batch);
+            if n < LIMIT as usize {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
+    /// `open-detail` of a campaign.
+    #[tracing::instrument(skip_all, fields(campaign_id))]
+    pub async fn open_detail(&self, campaign_id: i64) -> Result<Vec<OpenEvent>, RemoteError> {
+        let detail: OpenDetailXml = self
+            .call_xml(
+                "track.php",
+                "open-detail",
+                &[("id", campaign_id.to_string())],
+                Idempotence::Idempotent,
+                "data",
+            )
+            .await?;
+        Ok(detail
+            .user
+            .into_iter()
+            .map(|u| OpenEvent {
+                address: u.email.trim().to_lowercase(),
+                total: count(&u.open_total).max(1),
+                first: u.open_first.trim().to_string(),
+                last: u.open_last.trim().to_string(),
+            })
+            .collect())
+    }
+
+    /// `click-detail` of a campaign.
+    #[tracing::instrument(skip_all, fields(campaign_id))]
+    pub async fn click_detail(&self, campaign_id: i64) -> Result<Vec<ClickEvent>, RemoteError> {
+        let detail: ClickDetailXml = self
+            .call_xml(
+                "track.php",
+                "click-detail",
+                &[("id", campaign_id.to_string())],
+                Idempotence::Idempotent,
+                "data",
+            )
+            .await?;
+        Ok(detail
+            .click
+            .into_iter()
+            .map(|c| ClickEvent {
+                address: c.email.trim().to_lowercase(),
+                link: c.link.trim().to_string(),
+                total: count(&c.click_total).max(1),
+                first: c.click_first.trim().to_string(),
+                last: c.click_last.trim().to_string(),
+            })
+            .collect())
+    }
+
+    /// `failexport.php`: the addresses of a campaign that failed with
+    /// `kind` (`not_exist`, `user_reject`, …) on `date`; plain text, one a
+    /// line.
+    #[tracing::instrument(skip_all, fields(campaign_id, kind))]
+    pub async fn failed_addresses(
+        &self,
+        date: &str,
+        kind: &str,
+        campaign_id: i64,
+    ) -> Result<Vec<String>, RemoteError> {
+        let operation = "failexport";
+        let form = [
+            ("date", date.to_string()),
+            ("type", kind.to_string()),
+            ("task_id", campaign_id.to_string()),
+        ];
+        self.call(
+            "failexport.php",
+            operation,
+            &form,
+            Idempotence::Idempotent,
+            |body| {
+                Ok(self
+                    .text_body(operation, body)?
+                    .lines()
+                    .map(|l| l.trim().to_lowercase())
+                    .filter(|l| !l.is_empty())
+                    .collect())
+            },
+        )
+        .await
+    }
+
+    /// A body that should be plain text: decoded; an XML `<result>` error
+    /// (or an HTML page) in its place is an error.
+    fn text_body(&self, operation: &str, body: &[u8]) -> Result<String, RemoteError> {
+        let malformed = |detail: String| {
+            self.err(
+                operation,
+                ErrorKind::Malformed {
+                    detail,
+                    excerpt: self.http.redactor().excerpt(body),
+                },
+            )
+        };
+        let text = xml::decode(body).map_err(|e| malformed(e.to_string()))?;
+        if text.trim_start().starts_with('<') {
+            // parse_xml turns an error <result> into its error; anything
+            // else shaped like markup is not the text we asked for.
+            self.parse_xml::<ResultXml>(operation, body, "result")?;
+            return Err(malformed("expected text lines, got XML".into()));
+        }
+        Ok(text)
+    }
+
     /// `unsubscribe-export`: plain text, `TIME\tEMAIL` a line. An XML
     /// `<result>` error (or an HTML page) in its place is an error.
     #[tracing::instrument(skip_all, fields(list_id))]
@@ -451,23 +681,7 @@ impl EdmClient {
     }
 
     fn parse_export(&self, list_id: ListId, body: &[u8]) -> Result<Vec<ExportLine>, RemoteError> {
-        let operation = "unsubscribe-export";
-        let malformed = |detail: String| {
-            self.err(
-                operation,
-                ErrorKind::Malformed {
-                    detail,
-                    excerpt: self.http.redactor().excerpt(body),
-                },
-            )
-        };
-        let text = xml::decode(body).map_err(|e| malformed(e.to_string()))?;
-        if text.trim_start().starts_with('<') {
-            // parse_xml turns an error <result> into its error; anything
-            // else shaped like markup is not the text we asked for.
-            self.parse_xml::<ResultXml>(operation, body, "result")?;
-            return Err(malformed("expected text lines, got XML".into()));
-        }
+        let text = self.text_body("unsubscribe-export", body)?;
         let mut lines = Vec::new();
         for (n, line) in text.lines().enumerate() {
             if line.trim().is_empty() {

@@ -3,4 +3,7 @@
 mod client;
 pub mod xml;
 
-pub use client::{EdmAccount, EdmAddress, EdmClient, ExportLine, MailList, password_md5};
+pub use client::{
+    Campaign, ClickEvent, EdmAccount, EdmAddress, EdmClient, ExportLine, HARD_BOUNCE_TYPES,
+    MailList, OpenEvent, password_md5,
+};

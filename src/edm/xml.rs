@@ -397,6 +397,80 @@ impl AddrXml {
     }
 }
 
+/// `<task_list><task>…</task>…</task_list>` of `task-list`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct TaskListXml {
+    #[serde(default)]
+    pub task: Vec<TaskXml>,
+}
+
+/// One campaign ("群发任务").
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+pub struct TaskXml {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub sn: String,
+    #[serde(default)]
+    pub tpl_name: String,
+    #[serde(default)]
+    pub list_id: String,
+    #[serde(default)]
+    pub list_name: String,
+    #[serde(default)]
+    pub send_time: String,
+    #[serde(default)]
+    pub time_start: String,
+    #[serde(default)]
+    pub send_status: String,
+    #[serde(default)]
+    pub track_status: String,
+}
+
+/// `<data><user>…</user>…</data>` of `open-detail`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct OpenDetailXml {
+    #[serde(default)]
+    pub user: Vec<OpenXml>,
+}
+
+/// One recipient's opens of a campaign.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+pub struct OpenXml {
+    #[serde(default)]
+    pub email: String,
+    #[serde(default)]
+    pub open_total: String,
+    #[serde(default)]
+    pub open_first: String,
+    #[serde(default)]
+    pub open_last: String,
+    #[serde(default)]
+    pub click_total: String,
+}
+
+/// `<data><click>…</click>…</data>` of `click-detail`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ClickDetailXml {
+    #[serde(default)]
+    pub click: Vec<ClickXml>,
+}
+
+/// One recipient's clicks on one link of a campaign.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+pub struct ClickXml {
+    #[serde(default)]
+    pub email: String,
+    #[serde(default)]
+    pub link: String,
+    #[serde(default)]
+    pub click_total: String,
+    #[serde(default)]
+    pub click_first: String,
+    #[serde(default)]
+    pub click_last: String,
+}
+
 /// Parses an id that may be written as a number or a numeric string.
 pub fn parse_id(raw: &str) -> Option<i64> {
     raw.trim().parse::<i64>().ok()
@@ -497,6 +571,38 @@ mod tests {
         let body = "<data>\n<addr><id>1</id><address>a@b.cn</address></addr>\n<data>";
         let list: AddrListXml = parse(body, "data");
         assert_eq!(list.addr.len(), 1);
+    }
+
+    /// task-list as documented, with fields the daemon does not use.
+    #[test]
+    fn task_list_is_read() {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<task_list>\n<task>\n<id>31</id>\n<sn>20261120-31</sn>\n<acct_type>domain</acct_type>\n<tpl_id>5</tpl_id>\n<tpl_name><![CDATA[双十一促销]]></tpl_name>\n<list_id>1</list_id>\n<list_name>客户</list_name>\n<send_time>2026-11-20 10:00</send_time>\n<time_start>2026-11-20 10:00:05</time_start>\n<send_status>3</send_status>\n<track_status>2</track_status>\n</task>\n<task><id>32</id><send_status>1</send_status><track_status></track_status></task>\n</task_list>";
+        let tasks: TaskListXml = parse(body, "task_list");
+        assert_eq!(tasks.task.len(), 2);
+        assert_eq!(tasks.task[0].tpl_name, "双十一促销");
+        assert_eq!(tasks.task[0].track_status, "2");
+        assert_eq!(tasks.task[1].track_status, "");
+    }
+
+    /// open-detail as documented: it ends with `<data>` instead of `</data>`.
+    #[test]
+    fn open_detail_with_unclosed_data_is_read() {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<data>\n<user>\n<email_id>9</email_id>\n<email>a@x.cn</email>\n<browser>Chrome</browser>\n<os>Windows</os>\n<ip_first>1.2.3.4</ip_first>\n<ip_last>1.2.3.4</ip_last>\n<open_total>3</open_total>\n<click_total>1</click_total>\n<open_first>2026-11-20 11:00:00</open_first>\n<open_last>2026-11-21 09:00:00</open_last>\n<click_first></click_first>\n<click_last></click_last>\n</user>\n<user><email>b@x.cn</email><open_total>1</open_total></user>\n<data>";
+        let opens: OpenDetailXml = parse(body, "data");
+        assert_eq!(opens.user.len(), 2);
+        assert_eq!(opens.user[0].open_total, "3");
+        assert_eq!(opens.user[0].open_last, "2026-11-21 09:00:00");
+        assert_eq!(opens.user[1].email, "b@x.cn");
+    }
+
+    /// click-detail as documented, also ending with `<data>`.
+    #[test]
+    fn click_detail_with_unclosed_data_is_read() {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<data>\n<click>\n<click_id>1</click_id>\n<email>a@x.cn</email>\n<link><![CDATA[https://shop.example.cn/?a=1&b=2]]></link>\n<click_unique>1</click_unique>\n<click_total>2</click_total>\n<click_first>2026-11-20 11:05:00</click_first>\n<click_last>2026-11-20 11:06:00</click_last>\n</click>\n<data>";
+        let clicks: ClickDetailXml = parse(body, "data");
+        assert_eq!(clicks.click.len(), 1);
+        assert_eq!(clicks.click[0].link, "https://shop.example.cn/?a=1&b=2");
+        assert_eq!(clicks.click[0].click_total, "2");
     }
 
     #[test]

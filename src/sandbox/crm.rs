@@ -143,6 +143,10 @@ async fn handle(
     match fault {
         Some(Fault::Status(code)) => return unapplied(code),
         Some(Fault::HtmlOk) => return unapplied(200),
+        Some(Fault::Body(body)) => {
+            h.shared.record(Server::Crm, &operation, &p, 200);
+            return (StatusCode::OK, body).into_response();
+        }
         _ => {}
     }
     if p.get("token").map(String::as_str) != Some(super::TOKEN) {

@@ -33,9 +33,31 @@ struct FakeList {
     unsubs: Vec<(String, String)>,
 }
 
+/// A campaign of the fake EDM, with what its recipients did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SandboxCampaign {
+    pub id: i64,
+    pub sn: String,
+    pub name: String,
+    pub list_id: i64,
+    /// `YYYY-MM-DD`: the date `task-list` lists it under and its send date.
+    pub date: String,
+    /// 1 waiting, 2 sending, 3 done, negative: held.
+    pub send_status: i32,
+    /// 0 off, 1 opens, 2 opens and clicks.
+    pub track_status: i32,
+    /// `(email, open_total, open_first, open_last)`.
+    pub opens: Vec<(String, u64, String, String)>,
+    /// `(email, link, click_total, click_first, click_last)`.
+    pub clicks: Vec<(String, String, u64, String, String)>,
+    /// `(failexport type, email)`.
+    pub bounces: Vec<(String, String)>,
+}
+
 #[derive(Debug, Default)]
 struct EdmData {
     lists: BTreeMap<i64, FakeList>,
+    campaigns: BTreeMap<i64, SandboxCampaign>,
     next_id: i64,
     /// A logical clock, one second a tick from 2026-01-01, so that export
     /// lines written in one real second still differ.
@@ -135,6 +157,11 @@ impl EdmHandle {
         }
     }
 
+    /// Adds or replaces a campaign.
+    pub fn put_campaign(&self, campaign: SandboxCampaign) {
+        lock(&self.data).campaigns.insert(campaign.id, campaign);
+    }
+
     /// Every address a list holds, in the order added.
     pub fn addresses(&self, list_id: i64) -> Vec<SandboxAddress> {
         lock(&self.data)
@@ -221,7 +248,11 @@ async fn handle(
     let p = params(query.as_deref(), &body);
     // username, password and do are read from the query string only.
     let q = params(query.as_deref(), &[]);
-    let operation = q.get("do").cloned().unwrap_or_default();
+    // failexport.php takes no `do`; it is named by its script.
+    let operation = match script.as_str() {
+        "failexport.php" => "failexport".to_string(),
+        _ => q.get("do").cloned().unwrap_or_default(),
+    };
     let _in_flight = h.shared.enter(&operation);
     let fault = h.shared.take_fault(&operation);
     if let Some(Fault::Delay(d)) = &fault {
@@ -239,6 +270,10 @@ async fn handle(
     match fault {
         Some(Fault::Status(code)) => return unapplied(code),
         Some(Fault::HtmlOk) => return unapplied(200),
+        Some(Fault::Body(body)) => {
+            h.shared.record(Server::Edm, &operation, &p, 200);
+            return (StatusCode::OK, body).into_response();
+        }
         _ => {}
     }
     let password_ok = q.get("password").map(String::as_str)
@@ -252,7 +287,8 @@ async fn handle(
         return unapplied(502);
     }
     h.shared.record(Server::Edm, &operation, &p, 200);
-    let content_type = if operation == "unsubscribe-export" && !body.starts_with("<?xml") {
+    let plain = matches!(operation.as_str(), "unsubscribe-export" | "failexport");
+    let content_type = if plain && !body.starts_with("<?xml") {
         "text/plain; charset=utf-8"
     } else {
         "text/xml; charset=utf-8"
@@ -442,6 +478,125 @@ fn answer(h: &EdmHandle, script: &str, operation: &str, p: &BTreeMap<String, Str
             list.unsubs
                 .iter()
                 .map(|(t, e)| format!("{t}\t{e}\n"))
+                .collect()
+        }
+        ("task.php", "task-list") => {
+            let date = p.get("date").cloned();
+            let status = p
+                .get("send_status")
+                .cloned()
+                .unwrap_or_else(|| "all".into());
+            let matching: Vec<&SandboxCampaign> = d
+                .campaigns
+                .values()
+                .filter(|c| date.as_ref().is_none_or(|dt| &c.date == dt))
+                .filter(|c| status == "all" || status == c.send_status.to_string())
+                .filter(|c| int(p, "id").is_none_or(|id| id == c.id))
+                .collect();
+            let page: Vec<&SandboxCampaign> = match (int(p, "page"), int(p, "limit")) {
+                (None, None) => matching,
+                (page, limit) => {
+                    let limit = limit.unwrap_or(30).max(1) as usize;
+                    let page = page.unwrap_or(1).max(1) as usize;
+                    matching
+                        .into_iter()
+                        .skip((page - 1) * limit)
+                        .take(limit)
+                        .collect()
+                }
+            };
+            let mut x = Xml::new();
+            x.open(0, "task_list");
+            for c in page {
+                x.open(1, "task");
+                x.leaf(2, "id", &c.id.to_string());
+                x.leaf(2, "sn", &c.sn);
+                x.leaf(2, "acct_type", "domain");
+                x.leaf(2, "tpl_id", "1");
+                x.leaf(2, "tpl_name", &c.name);
+                x.leaf(2, "list_id", &c.list_id.to_string());
+                x.leaf(
+                    2,
+                    "list_name",
+                    d.lists
+                        .get(&c.list_id)
+                        .map(|l| l.subject.as_str())
+                        .unwrap_or(""),
+                );
+                x.leaf(2, "send_time", &format!("{} 09:00", c.date));
+                x.leaf(2, "time_start", &format!("{} 09:00:05", c.date));
+                x.leaf(2, "send_status", &c.send_status.to_string());
+                x.leaf(2, "track_status", &c.track_status.to_string());
+                x.close(1, "task");
+            }
+            x.close(0, "task_list");
+            x.0
+        }
+        ("track.php", "open-detail") => {
+            let Some(c) = int(p, "id").and_then(|id| d.campaigns.get(&id)) else {
+                return result("task_not_exist", "任务不存在", None);
+            };
+            let mut x = Xml::new();
+            x.open(0, "data");
+            for (i, (email, total, first, last)) in c.opens.iter().enumerate() {
+                x.open(1, "user");
+                x.leaf(2, "email_id", &(i + 1).to_string());
+                x.leaf(2, "email", email);
+                x.leaf(2, "browser", "Chrome");
+                x.leaf(2, "os", "Windows");
+                x.leaf(2, "ip_first", "203.0.113.7");
+                x.leaf(2, "ip_last", "203.0.113.7");
+                x.leaf(2, "open_total", &total.to_string());
+                x.leaf(2, "click_total", "0");
+                x.leaf(2, "open_first", first);
+                x.leaf(2, "open_last", last);
+                x.leaf(2, "click_first", "");
+                x.leaf(2, "click_last", "");
+                x.close(1, "user");
+            }
+            // As documented: the document ends with `<data>`.
+            x.open(0, "data");
+            x.0
+        }
+        ("track.php", "click-detail") => {
+            let Some(c) = int(p, "id").and_then(|id| d.campaigns.get(&id)) else {
+                return result("task_not_exist", "任务不存在", None);
+            };
+            let mut x = Xml::new();
+            x.open(0, "data");
+            for (i, (email, link, total, first, last)) in c.clicks.iter().enumerate() {
+                x.open(1, "click");
+                x.leaf(2, "click_id", &(i + 1).to_string());
+                x.leaf(2, "email", email);
+                x.leaf(2, "link", link);
+                x.leaf(2, "click_unique", "1");
+                x.leaf(2, "click_total", &total.to_string());
+                x.leaf(2, "click_first", first);
+                x.leaf(2, "click_last", last);
+                x.close(1, "click");
+            }
+            x.open(0, "data");
+            x.0
+        }
+        ("failexport.php", _) => {
+            let kind = p.get("type").cloned().unwrap_or_default();
+            let kind = match kind.as_str() {
+                "1" => "not_exist",
+                "2" => "over_quota",
+                "3" => "user_reject",
+                "8" => "invalid_addr",
+                "9" => "format_error",
+                other => other,
+            }
+            .to_string();
+            let date = p.get("date").cloned().unwrap_or_default();
+            let task = int(p, "task_id");
+            d.campaigns
+                .values()
+                .filter(|c| c.date == date && task.is_none_or(|t| t == c.id))
+                .flat_map(|c| c.bounces.iter())
+                .filter(|(t, _)| *t == kind)
+                .map(|(_, e)| format!("{e}\n"))
                 .collect()
         }
         _ => result("unknown_operation", &format!("未知操作 {operation}"), None),

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 pub use crm::{ContactRecord, CrmHandle};
-pub use edm::{EdmHandle, SandboxAddress};
+pub use edm::{EdmHandle, SandboxAddress, SandboxCampaign};
 
 /// The CRM token the sandbox accepts.
 pub const TOKEN: &str = "sandbox-crm-token-5f2c9e";
@@ -78,6 +78,8 @@ pub enum Fault {
     HtmlOk,
     /// Wait this long before handling the request.
     Delay(Duration),
+    /// Answer 200 with this body, without carrying the request out.
+    Body(String),
 }
 
 #[derive(Debug, Clone)]

@@ -166,3 +166,39 @@ pub mod run {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// The write-back ledger: one ContactHistory record per key, written once
+/// over the daemon's life.
+pub mod ledger {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "writeback_ledger")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        /// `open`, `click`, `bounce` or `unsubscribe`.
+        pub kind: String,
+        /// `campaign:ID` (open, click, bounce) or `list:ID` (unsubscribe).
+        pub scope: String,
+        pub link_man_id: i64,
+        pub customer_id: i64,
+        pub email: String,
+        pub title: String,
+        pub content: String,
+        /// `pending` or `done`.
+        pub status: String,
+        /// A call may have reached the CRM without its answer arriving:
+        /// sending again may write the record twice.
+        pub uncertain: bool,
+        pub attempts: i32,
+        pub last_error: Option<String>,
+        pub created_at: i64,
+        pub updated_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -22,7 +22,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::domain::{Email, ListId, MemberFields, MemberKey, VAR_COUNT};
 use crate::sync::plan::{MemberState, Origin, Suppressions};
-use entities::{list_state, member, operation, run, suppression, unsub_line};
+use entities::{ledger, list_state, member, operation, run, suppression, unsub_line};
 
 /// Rows per multi-row statement (well under SQLite's and PostgreSQL's
 /// bound-parameter limits for our widest table).
@@ -48,6 +48,24 @@ pub mod op_status {
     pub const PENDING: &str = "pending";
     pub const DONE: &str = "done";
     pub const SUPERSEDED: &str = "superseded";
+}
+
+/// Write-back ledger statuses.
+pub mod ledger_status {
+    pub const PENDING: &str = "pending";
+    pub const DONE: &str = "done";
+}
+
+/// A ContactHistory record about to be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRecord {
+    pub kind: &'static str,
+    pub scope: String,
+    pub link_man_id: i64,
+    pub customer_id: i64,
+    pub email: String,
+    pub title: String,
+    pub content: String,
 }
 
 /// Suppression reasons.
@@ -508,6 +526,189 @@ impl Store {
         insert_suppressions(&txn, items).await?;
         txn.commit().await?;
         Ok(())
+    }
+
+    /// The ledger keys `(kind, scope, link_man_id)` already recorded for
+    /// `scopes`, done or pending.
+    pub async fn ledger_keys(
+        &self,
+        scopes: &[String],
+    ) -> anyhow::Result<HashSet<(String, String, i64)>> {
+        let mut out = HashSet::new();
+        for chunk in scopes.chunks(CHUNK) {
+            let rows: Vec<(String, String, i64)> = ledger::Entity::find()
+                .select_only()
+                .column(ledger::Column::Kind)
+                .column(ledger::Column::Scope)
+                .column(ledger::Column::LinkManId)
+                .filter(ledger::Column::Scope.is_in(chunk.iter().cloned()))
+                .into_tuple()
+                .all(&self.db)
+                .await
+                .context("cannot read the write-back ledger")?;
+            out.extend(rows);
+        }
+        Ok(out)
+    }
+
+    /// Ledger rows still pending, oldest first.
+    pub async fn pending_records(&self) -> anyhow::Result<Vec<ledger::Model>> {
+        ledger::Entity::find()
+            .filter(ledger::Column::Status.eq(ledger_status::PENDING))
+            .order_by_asc(ledger::Column::Id)
+            .all(&self.db)
+            .await
+            .context("cannot read pending write-back records")
+    }
+
+    /// Records new ledger rows as pending (and uncertain: they are about to
+    /// be sent); keys already present are left as they are. Returns the
+    /// rows now pending for those keys.
+    pub async fn insert_records(
+        &self,
+        records: &[NewRecord],
+    ) -> anyhow::Result<Vec<ledger::Model>> {
+        let now = now_ms();
+        let txn = self.db.begin().await?;
+        for chunk in records.chunks(CHUNK) {
+            ledger::Entity::insert_many(chunk.iter().map(|r| ledger::ActiveModel {
+                kind: Set(r.kind.to_string()),
+                scope: Set(r.scope.clone()),
+                link_man_id: Set(r.link_man_id),
+                customer_id: Set(r.customer_id),
+                email: Set(r.email.clone()),
+                title: Set(r.title.clone()),
+                content: Set(r.content.clone()),
+                status: Set(ledger_status::PENDING.to_string()),
+                uncertain: Set(true),
+                attempts: Set(0),
+                last_error: Set(None),
+                created_at: Set(now),
+                updated_at: Set(now),
+                ..Default::default()
+            }))
+            .on_conflict(
+                OnConflict::columns([
+                    ledger::Column::Kind,
+                    ledger::Column::Scope,
+                    ledger::Column::LinkManId,
+                ])
+                .do_nothing()
+                .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await
+            .context("cannot record write-back records")?;
+        }
+        txn.commit().await?;
+        let scopes: Vec<String> = records
+            .iter()
+            .map(|r| r.scope.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let wanted: HashSet<(&str, &str, i64)> = records
+            .iter()
+            .map(|r| (r.kind, r.scope.as_str(), r.link_man_id))
+            .collect();
+        let mut rows = Vec::with_capacity(records.len());
+        for chunk in scopes.chunks(CHUNK) {
+            let found = ledger::Entity::find()
+                .filter(ledger::Column::Status.eq(ledger_status::PENDING))
+                .filter(ledger::Column::Scope.is_in(chunk.iter().cloned()))
+                .all(&self.db)
+                .await?;
+            rows.extend(
+                found.into_iter().filter(|r| {
+                    wanted.contains(&(r.kind.as_str(), r.scope.as_str(), r.link_man_id))
+                }),
+            );
+        }
+        Ok(rows)
+    }
+
+    /// Marks ledger rows as about to be sent (uncertain until answered).
+    pub async fn mark_records_uncertain(&self, ids: &[i64]) -> anyhow::Result<()> {
+        for chunk in ids.chunks(CHUNK) {
+            ledger::Entity::update_many()
+                .col_expr(ledger::Column::Uncertain, true.into())
+                .col_expr(ledger::Column::UpdatedAt, now_ms().into())
+                .filter(ledger::Column::Id.is_in(chunk.iter().copied()))
+                .exec(&self.db)
+                .await
+                .context("cannot mark write-back records")?;
+        }
+        Ok(())
+    }
+
+    /// Marks ledger rows done after `{"value": true}`.
+    pub async fn records_done(&self, ids: &[i64]) -> anyhow::Result<()> {
+        let now = now_ms();
+        let txn = self.db.begin().await?;
+        for chunk in ids.chunks(CHUNK) {
+            ledger::Entity::update_many()
+                .col_expr(ledger::Column::Status, ledger_status::DONE.into())
+                .col_expr(ledger::Column::Uncertain, false.into())
+                .col_expr(
+                    ledger::Column::Attempts,
+                    sea_orm::sea_query::Expr::col(ledger::Column::Attempts).add(1),
+                )
+                .col_expr(ledger::Column::UpdatedAt, now.into())
+                .filter(ledger::Column::Id.is_in(chunk.iter().copied()))
+                .exec(&txn)
+                .await
+                .context("cannot mark write-back records done")?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Notes a failed attempt; the row stays pending. `uncertain` says
+    /// whether the CRM may have written it anyway.
+    pub async fn record_failed(&self, id: i64, error: &str, uncertain: bool) -> anyhow::Result<()> {
+        ledger::Entity::update_many()
+            .col_expr(ledger::Column::LastError, Some(error.to_string()).into())
+            .col_expr(ledger::Column::Uncertain, uncertain.into())
+            .col_expr(
+                ledger::Column::Attempts,
+                sea_orm::sea_query::Expr::col(ledger::Column::Attempts).add(1),
+            )
+            .col_expr(ledger::Column::UpdatedAt, now_ms().into())
+            .filter(ledger::Column::Id.eq(id))
+            .exec(&self.db)
+            .await
+            .context("cannot record a write-back failure")?;
+        Ok(())
+    }
+
+    /// Ledger counts: `(kind, status, count)`.
+    pub async fn ledger_counts(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
+        let rows: Vec<(String, String, i64)> = ledger::Entity::find()
+            .select_only()
+            .column(ledger::Column::Kind)
+            .column(ledger::Column::Status)
+            .column_as(ledger::Column::Id.count(), "n")
+            .group_by(ledger::Column::Kind)
+            .group_by(ledger::Column::Status)
+            .order_by_asc(ledger::Column::Kind)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows.into_iter().map(|(k, s, n)| (k, s, n as u64)).collect())
+    }
+
+    /// User-unsubscribe suppressions: `(list_id, email, source)`.
+    pub async fn user_unsubscribes(&self) -> anyhow::Result<Vec<(ListId, String, String)>> {
+        let rows = suppression::Entity::find()
+            .filter(suppression::Column::Reason.eq(reason::USER_UNSUBSCRIBE))
+            .order_by_asc(suppression::Column::Id)
+            .all(&self.db)
+            .await
+            .context("cannot read suppressions")?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.list_id, r.email, r.source))
+            .collect())
     }
 
     /// Starts a run record.

@@ -23,14 +23,14 @@ use serde::Serialize;
 use super::desired::{Desired, MappingRules, desired_members};
 use super::observe::{classify_export, reconcile_list, resolve_pending};
 use super::plan::{
-    MemberState, Origin, Plan, PlannedAdd, PlannedEdit, PlannedUnsub, Refusal, check_safety,
-    members_per_list, plan,
+    MemberState, Origin, Plan, PlannedAdd, PlannedEdit, PlannedUnsub, Refusal, Suppressions,
+    check_safety, members_per_list, plan,
 };
 use super::{Context, RunOptions};
 use crate::domain::{Email, ListId, MemberKey};
 use crate::edm::EdmAddress;
 use crate::remote::RemoteError;
-use crate::state::{NewOperation, Observations, now_ms, op_kind, op_status};
+use crate::state::{ListBook, NewOperation, Observations, now_ms, op_kind, op_status};
 
 /// The job name in logs, runs and metrics.
 pub const JOB: &str = "contacts";
@@ -195,31 +195,15 @@ async fn run_inner(
     let mut obs = Observations::default();
 
     // 2. Exports.
-    for &list_id in &lists {
-        let read_at = now_ms();
-        let lines = ctx.edm.unsubscribe_export(list_id).await.with_context(|| {
-            format!("cannot read the unsubscribes of list {list_id}; nothing was applied")
-        })?;
-        let seen = ctx.store.seen_lines(list_id).await?;
-        let since = books.get(&list_id).and_then(|b| b.export_read_at);
-        let own = ctx.store.unmatched_unsubs(list_id, since).await?;
-        let found = classify_export(list_id, &lines, &seen, &own, &members);
-        counts.user_unsubscribes += found.suppressions.len();
-        for s in &found.suppressions {
-            if let Ok(email) = Email::parse(&s.email) {
-                tracing::info!(list_id, address = %email.masked(), "user unsubscribe: suppressed from now on");
-                suppressions.user.insert(MemberKey::new(list_id, email));
-            }
-        }
-        for m in found.departed {
-            members.insert(m.key.clone(), m.clone());
-            obs.members.push(m);
-        }
-        obs.new_lines.extend(found.new_lines);
-        obs.matched_ops.extend(found.matched_ops);
-        obs.suppressions.extend(found.suppressions);
-        obs.export_reads.push((list_id, read_at));
-    }
+    counts.user_unsubscribes = read_exports(
+        ctx,
+        &lists,
+        &books,
+        &mut members,
+        &mut suppressions,
+        &mut obs,
+    )
+    .await?;
 
     // 3. Operations left pending by earlier runs.
     let pending = ctx.store.pending_operations().await?;
@@ -344,6 +328,49 @@ async fn run_inner(
     } else {
         Outcome::Applied
     })
+}
+
+/// Reads `unsubscribe-export` of every list in `lists` and folds what the
+/// new lines mean (behaviour 6) into `members`, `suppressions` and `obs`:
+/// the daemon's own unsubscribes are matched to their operations, every
+/// other new line is a user unsubscribe. Returns how many user unsubscribes
+/// were new. Shared by both jobs; an unreadable export is an error, because
+/// without it no write may be planned.
+pub(crate) async fn read_exports(
+    ctx: &Context,
+    lists: &[ListId],
+    books: &HashMap<ListId, ListBook>,
+    members: &mut HashMap<MemberKey, MemberState>,
+    suppressions: &mut Suppressions,
+    obs: &mut Observations,
+) -> anyhow::Result<usize> {
+    let mut user_unsubscribes = 0;
+    for &list_id in lists {
+        let read_at = now_ms();
+        let lines = ctx.edm.unsubscribe_export(list_id).await.with_context(|| {
+            format!("cannot read the unsubscribes of list {list_id}; nothing was applied")
+        })?;
+        let seen = ctx.store.seen_lines(list_id).await?;
+        let since = books.get(&list_id).and_then(|b| b.export_read_at);
+        let own = ctx.store.unmatched_unsubs(list_id, since).await?;
+        let found = classify_export(list_id, &lines, &seen, &own, members);
+        user_unsubscribes += found.suppressions.len();
+        for s in &found.suppressions {
+            if let Ok(email) = Email::parse(&s.email) {
+                tracing::info!(list_id, address = %email.masked(), "user unsubscribe: suppressed from now on");
+                suppressions.user.insert(MemberKey::new(list_id, email));
+            }
+        }
+        for m in found.departed {
+            members.insert(m.key.clone(), m.clone());
+            obs.members.push(m);
+        }
+        obs.new_lines.extend(found.new_lines);
+        obs.matched_ops.extend(found.matched_ops);
+        obs.suppressions.extend(found.suppressions);
+        obs.export_reads.push((list_id, read_at));
+    }
+    Ok(user_unsubscribes)
 }
 
 fn log_mapping(desired: &Desired) {

@@ -1,0 +1,367 @@
+//! The write-back job: what recipients did with recent campaigns becomes
+//! ContactHistory records on the right CRM customer and link-man, each
+//! written once over the daemon's life (DESIGN.md "Write-back — contract").
+//!
+//! 1. The synced lists' `unsubscribe-export` is read as the contacts job
+//!    reads it, so user unsubscribes are current.
+//! 2. Campaigns of the last `writeback.lookback_days` days that are sending
+//!    or done; their opens (`track_status` ≥ 1), clicks (= 2) and hard
+//!    bounces (`not_exist`, `user_reject`).
+//! 3. Every hard-bounced address, known or not, becomes a suppression in
+//!    every list.
+//! 4. One record per once-only key; the ledger row is pending before the
+//!    CRM call and done after `{"value": true}`. A row found pending and
+//!    uncertain (the call may have reached the CRM) is sent again with a
+//!    warning: that is the one case where a record can be written twice.
+//!
+//! The job makes no EDM writes.
+
+pub mod events;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Instant;
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::edm::{Campaign, HARD_BOUNCE_TYPES};
+use crate::state::entities::ledger;
+use crate::state::{ALL_LISTS, NewSuppression, Observations, reason};
+use crate::sync::Context;
+use crate::sync::contacts::read_exports;
+use events::{CampaignEvents, MemberIndex, Unsubscribe, kind};
+
+/// The job name in logs, runs and metrics.
+pub const JOB: &str = "writeback";
+
+/// What a write-back run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WritebackCounts {
+    pub campaigns: usize,
+    /// Records written, per kind.
+    pub open: usize,
+    pub click: usize,
+    pub bounce: usize,
+    pub unsubscribe: usize,
+    /// Events of addresses no synced member has.
+    pub unmatched: usize,
+    /// Records that failed; they stay pending for the next run.
+    pub failed: usize,
+    /// Records already in the ledger (written, or pending and retried).
+    pub already_recorded: usize,
+    /// Pending records from earlier runs sent again.
+    pub retried: usize,
+    /// Of those, how many may have been written already (logged at warn).
+    pub possibly_duplicated: usize,
+    /// Addresses newly suppressed because they hard-bounced.
+    pub new_bounce_suppressions: usize,
+    /// User unsubscribes first seen by this run.
+    pub new_user_unsubscribes: usize,
+}
+
+/// The result of a write-back run.
+#[derive(Debug, Clone)]
+pub struct WritebackReport {
+    pub run_id: String,
+    pub counts: WritebackCounts,
+    pub duration_ms: u64,
+}
+
+impl WritebackReport {
+    pub fn is_success(&self) -> bool {
+        self.counts.failed == 0
+    }
+}
+
+/// Runs the write-back job once, records the run and emits its summary.
+#[tracing::instrument(skip_all, fields(job = JOB))]
+pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
+    let run_id = uuid::Uuid::new_v4().to_string();
+    let started = Instant::now();
+    ctx.store.start_run(&run_id, JOB, false).await?;
+    let mut counts = WritebackCounts::default();
+    let result = run_inner(ctx, &mut counts).await;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let counts_json = serde_json::to_value(&counts).unwrap_or_default();
+    let (status, error) = match &result {
+        Ok(()) if counts.failed == 0 => ("succeeded", None),
+        Ok(()) => (
+            "failed",
+            Some(format!("{} records failed and stay pending", counts.failed)),
+        ),
+        Err(e) => ("failed", Some(ctx.redactor.redact(&format!("{e:#}")))),
+    };
+    if let Err(db) = ctx
+        .store
+        .finish_run(&run_id, status, &counts_json, error.as_deref())
+        .await
+    {
+        tracing::error!(run_id = %run_id, error = %format!("{db:#}"), "cannot record the end of the run");
+    }
+    tracing::info!(
+        job = JOB,
+        run_id = %run_id,
+        status,
+        campaigns = counts.campaigns,
+        open = counts.open,
+        click = counts.click,
+        bounce = counts.bounce,
+        unsubscribe = counts.unsubscribe,
+        unmatched = counts.unmatched,
+        failed = counts.failed,
+        already_recorded = counts.already_recorded,
+        retried = counts.retried,
+        possibly_duplicated = counts.possibly_duplicated,
+        new_bounce_suppressions = counts.new_bounce_suppressions,
+        new_user_unsubscribes = counts.new_user_unsubscribes,
+        duration_ms,
+        "run finished"
+    );
+    result?;
+    Ok(WritebackReport {
+        run_id,
+        counts,
+        duration_ms,
+    })
+}
+
+/// The dates (`YYYY-MM-DD`, UTC) of the last `days` days, today first.
+pub fn lookback_dates(today: chrono::NaiveDate, days: u32) -> Vec<String> {
+    (0..days as i64)
+        .map(|d| {
+            (today - chrono::Duration::days(d))
+                .format("%Y-%m-%d")
+                .to_string()
+        })
+        .collect()
+}
+
+async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Result<()> {
+    let settings = &ctx.settings;
+    let lists = settings.synced_lists();
+
+    // 1. Unsubscribes, as the contacts job classifies them.
+    let mut members = ctx.store.load_members().await?;
+    let mut suppressions = ctx.store.load_suppressions().await?;
+    let books = ctx.store.list_books().await?;
+    let mut obs = Observations::default();
+    counts.new_user_unsubscribes = read_exports(
+        ctx,
+        &lists,
+        &books,
+        &mut members,
+        &mut suppressions,
+        &mut obs,
+    )
+    .await?;
+    ctx.store.persist_observations(&obs).await?;
+
+    // 2. Campaigns and their events.
+    let today = chrono::Utc::now().date_naive();
+    let mut campaigns: BTreeMap<i64, Campaign> = BTreeMap::new();
+    for date in lookback_dates(today, settings.writeback.lookback_days) {
+        for c in ctx.edm.tasks_on(&date).await? {
+            if c.send_status == 2 || c.send_status == 3 {
+                campaigns.entry(c.id).or_insert(c);
+            }
+        }
+    }
+    counts.campaigns = campaigns.len();
+    let mut all_events = Vec::with_capacity(campaigns.len());
+    for c in campaigns.into_values() {
+        let mut ev = CampaignEvents::default();
+        if c.track_status >= 1 {
+            ev.opens = ctx.edm.open_detail(c.id).await?;
+        }
+        if c.track_status == 2 {
+            ev.clicks = ctx.edm.click_detail(c.id).await?;
+        }
+        for bounce_type in HARD_BOUNCE_TYPES {
+            for address in ctx
+                .edm
+                .failed_addresses(&c.send_date, bounce_type, c.id)
+                .await?
+            {
+                ev.bounces.push((bounce_type.to_string(), address));
+            }
+        }
+        ev.campaign = c;
+        all_events.push(ev);
+    }
+
+    // 3. Hard bounces suppress, known or not.
+    let mut new_bounces: Vec<NewSuppression> = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    for ev in &all_events {
+        for (bounce_type, address) in &ev.bounces {
+            let already = crate::domain::Email::parse(address)
+                .map(|e| suppressions.bounced.contains(&e))
+                .unwrap_or(false);
+            if !already && seen.insert(address.as_str()) {
+                new_bounces.push(NewSuppression {
+                    list_id: ALL_LISTS,
+                    email: address.clone(),
+                    reason: reason::BOUNCE,
+                    source: format!("campaign {} {bounce_type}", ev.campaign.id),
+                });
+            }
+        }
+    }
+    counts.new_bounce_suppressions = new_bounces.len();
+    if !new_bounces.is_empty() {
+        ctx.store.add_suppressions(&new_bounces).await?;
+        tracing::info!(
+            count = new_bounces.len(),
+            "hard-bounced addresses suppressed in every list"
+        );
+    }
+
+    // 4. Records.
+    let list_names: HashMap<i64, String> = match ctx.edm.maillist_list().await {
+        Ok(ls) => ls.into_iter().map(|l| (l.id, l.subject)).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read list names; records name lists by id");
+            HashMap::new()
+        }
+    };
+    let synced: HashSet<i64> = lists.iter().copied().collect();
+    let unsubscribes: Vec<Unsubscribe> = ctx
+        .store
+        .user_unsubscribes()
+        .await?
+        .into_iter()
+        .filter(|(list, _, _)| synced.contains(list))
+        .map(|(list_id, address, source)| Unsubscribe {
+            list_id,
+            address,
+            time: source
+                .strip_prefix("unsubscribe-export ")
+                .unwrap_or(&source)
+                .to_string(),
+        })
+        .collect();
+    let index = MemberIndex::new(&members);
+    let (records, unmatched) = events::records(
+        &all_events,
+        &unsubscribes,
+        &index,
+        &settings.writeback.templates,
+        &list_names,
+    );
+    counts.unmatched = unmatched.total();
+    if unmatched.total() > 0 {
+        tracing::info!(
+            open = unmatched.open,
+            click = unmatched.click,
+            bounce = unmatched.bounce,
+            unsubscribe = unmatched.unsubscribe,
+            "events of addresses no synced member has were skipped"
+        );
+    }
+
+    // Pending rows from earlier runs go first, with what they were
+    // recorded with.
+    let earlier = ctx.store.pending_records().await?;
+    for row in earlier.iter().filter(|r| r.uncertain) {
+        counts.possibly_duplicated += 1;
+        tracing::warn!(
+            kind = %row.kind,
+            scope = %row.scope,
+            link_man_id = row.link_man_id,
+            attempts = row.attempts,
+            "contact-history record may already be in the CRM (an earlier call's answer was lost); sending it again can write it twice"
+        );
+    }
+    counts.retried = earlier.len();
+    let earlier_ids: Vec<i64> = earlier.iter().map(|r| r.id).collect();
+    ctx.store.mark_records_uncertain(&earlier_ids).await?;
+
+    let scopes: Vec<String> = records
+        .iter()
+        .map(|r| r.scope.clone())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let known = ctx.store.ledger_keys(&scopes).await?;
+    let total = records.len();
+    let fresh: Vec<_> = records
+        .into_iter()
+        .filter(|r| !known.contains(&(r.kind.to_string(), r.scope.clone(), r.link_man_id)))
+        .collect();
+    counts.already_recorded = total - fresh.len();
+    let inserted = ctx.store.insert_records(&fresh).await?;
+    let mut to_send = earlier;
+    to_send.extend(inserted);
+    send_all(ctx, to_send, counts).await
+}
+
+/// Sends the records, `crm.concurrency` at a time; each is marked done as
+/// soon as the CRM confirms it. A credentials error stops the run.
+async fn send_all(
+    ctx: &Context,
+    rows: Vec<ledger::Model>,
+    counts: &mut WritebackCounts,
+) -> anyhow::Result<()> {
+    let wb = &ctx.settings.writeback;
+    let mut results = futures::stream::iter(rows)
+        .map(|row| async move {
+            let result = ctx
+                .crm
+                .add_contact_history(
+                    row.customer_id,
+                    row.link_man_id,
+                    wb.type_id,
+                    wb.route_id,
+                    &row.title,
+                    &row.content,
+                )
+                .await;
+            (row, result)
+        })
+        .buffer_unordered(ctx.settings.crm.concurrency);
+    let mut auth_error = None;
+    while let Some((row, result)) = results.next().await {
+        match result {
+            Ok(()) => {
+                ctx.store.records_done(&[row.id]).await?;
+                match row.kind.as_str() {
+                    kind::OPEN => counts.open += 1,
+                    kind::CLICK => counts.click += 1,
+                    kind::BOUNCE => counts.bounce += 1,
+                    _ => counts.unsubscribe += 1,
+                }
+            }
+            Err(e) => {
+                counts.failed += 1;
+                let text = e.to_string();
+                ctx.store
+                    .record_failed(row.id, &text, e.maybe_applied())
+                    .await?;
+                if e.is_auth() {
+                    auth_error.get_or_insert(e);
+                } else {
+                    tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id, error = %text, "contact-history record failed; it stays pending for the next run");
+                }
+            }
+        }
+    }
+    if let Some(e) = auth_error {
+        return Err(anyhow::Error::new(e).context("CRM refused the token; write-back stopped"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookback_covers_today_and_the_days_before() {
+        let today = chrono::NaiveDate::from_ymd_opt(2026, 3, 2).unwrap();
+        assert_eq!(
+            lookback_dates(today, 3),
+            vec!["2026-03-02", "2026-03-01", "2026-02-28"]
+        );
+        assert_eq!(lookback_dates(today, 1), vec!["2026-03-02"]);
+    }
+}

@@ -1,0 +1,378 @@
+//! The write-back job end to end against the sandbox: campaigns, opens,
+//! clicks, bounces and unsubscribes become ContactHistory records, once.
+
+mod common;
+
+use common::{Env, env_with, seed_basic};
+use crm_edm_sync::sandbox::{ContactRecord, Fault, SandboxCampaign};
+use crm_edm_sync::sync::RunOptions;
+use crm_edm_sync::writeback;
+use serde_json::json;
+
+fn today(offset_days: i64) -> String {
+    (chrono::Utc::now().date_naive() - chrono::Duration::days(offset_days))
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
+fn ts(h: u32) -> String {
+    format!("{} {h:02}:00:00", today(0))
+}
+
+/// Campaign 100 (list 1, done, opens and clicks): lm1 and lm2 open, a
+/// stranger opens, lm1 clicks two links, lm3 bounces (not_exist), a stranger
+/// bounces (user_reject), lm4 is over quota (not a hard bounce).
+fn campaign_100() -> SandboxCampaign {
+    SandboxCampaign {
+        id: 100,
+        sn: "20261120-100".into(),
+        name: "双十一促销".into(),
+        list_id: 1,
+        date: today(1),
+        send_status: 3,
+        track_status: 2,
+        opens: vec![
+            ("lm1@example.com".into(), 3, ts(9), ts(12)),
+            ("LM2@example.com".into(), 1, ts(10), ts(10)),
+            ("stranger@example.com".into(), 1, ts(10), ts(10)),
+        ],
+        clicks: vec![
+            (
+                "lm1@example.com".into(),
+                "https://shop.example.cn/a".into(),
+                2,
+                ts(9),
+                ts(11),
+            ),
+            (
+                "lm1@example.com".into(),
+                "https://shop.example.cn/b".into(),
+                1,
+                ts(11),
+                ts(11),
+            ),
+        ],
+        bounces: vec![
+            ("not_exist".into(), "lm3@example.com".into()),
+            ("user_reject".into(), "nobody@example.com".into()),
+            ("over_quota".into(), "lm4@example.com".into()),
+        ],
+    }
+}
+
+/// Campaigns the job must not read: waiting (101), outside the lookback
+/// (102), and one with opens only (103, whose clicks must not be read).
+fn other_campaigns() -> Vec<SandboxCampaign> {
+    vec![
+        SandboxCampaign {
+            id: 101,
+            name: "未发送".into(),
+            list_id: 2,
+            date: today(0),
+            send_status: 1,
+            track_status: 2,
+            opens: vec![("lm6@example.com".into(), 1, ts(9), ts(9))],
+            ..Default::default()
+        },
+        SandboxCampaign {
+            id: 102,
+            name: "很久以前".into(),
+            list_id: 1,
+            date: today(30),
+            send_status: 3,
+            track_status: 2,
+            opens: vec![("lm5@example.com".into(), 1, ts(9), ts(9))],
+            ..Default::default()
+        },
+        SandboxCampaign {
+            id: 103,
+            name: "只跟踪打开".into(),
+            list_id: 2,
+            date: today(0),
+            send_status: 2,
+            track_status: 1,
+            opens: vec![("lm7@example.com".into(), 1, ts(9), ts(9))],
+            clicks: vec![(
+                "lm7@example.com".into(),
+                "https://x.cn".into(),
+                1,
+                ts(9),
+                ts(9),
+            )],
+            ..Default::default()
+        },
+    ]
+}
+
+/// A synced sandbox with the campaigns above; write-back type 5, route 3.
+async fn synced() -> Env {
+    let e = env_with(
+        "",
+        "[writeback]\ntype_id = 5\nroute_id = 3\nlookback_days = 7\n",
+    )
+    .await;
+    seed_basic(&e.sb);
+    e.sync().await;
+    e.sb.edm.put_campaign(campaign_100());
+    for c in other_campaigns() {
+        e.sb.edm.put_campaign(c);
+    }
+    e
+}
+
+fn find<'a>(
+    history: &'a [ContactRecord],
+    link_man: i64,
+    title_part: &str,
+) -> Vec<&'a ContactRecord> {
+    history
+        .iter()
+        .filter(|r| r.link_man_id == link_man && r.title.contains(title_part))
+        .collect()
+}
+
+#[tokio::test]
+async fn writes_one_record_per_campaign_linkman_and_kind_on_the_right_customer() {
+    let e = synced().await;
+
+    let report = writeback::run(&e.ctx).await.unwrap();
+
+    let h = e.sb.crm.history();
+    assert_eq!(h.len(), 5, "{h:#?}");
+    assert_eq!(
+        (
+            report.counts.open,
+            report.counts.click,
+            report.counts.bounce,
+            report.counts.unsubscribe
+        ),
+        (3, 1, 1, 0)
+    );
+    for r in &h {
+        assert_eq!((r.type_id, r.route_id), (5, 3));
+        assert_eq!(
+            r.customer_id * 10,
+            r.link_man_id,
+            "record on the link-man's own customer"
+        );
+    }
+    let open1 = find(&h, 10, "邮件打开");
+    assert_eq!(open1.len(), 1);
+    assert!(open1[0].title.contains("双十一促销"));
+    assert!(open1[0].content.contains("3 次"), "{}", open1[0].content);
+    assert!(open1[0].content.contains("20261120-100"));
+    assert_eq!(find(&h, 20, "邮件打开").len(), 1);
+    let click = find(&h, 10, "邮件点击");
+    assert_eq!(click.len(), 1, "one record per campaign, not per click");
+    assert!(click[0].content.contains("https://shop.example.cn/a"));
+    assert!(click[0].content.contains("https://shop.example.cn/b"));
+    let bounce = find(&h, 30, "邮件退信");
+    assert_eq!(bounce.len(), 1);
+    assert!(bounce[0].content.contains("邮箱不存在"));
+    // Campaign 103 tracks opens only: its opens are written, its clicks not read.
+    assert_eq!(find(&h, 70, "邮件打开").len(), 1);
+    assert_eq!(find(&h, 70, "邮件点击").len(), 0);
+}
+
+#[tokio::test]
+async fn only_sending_or_done_campaigns_in_the_lookback_are_read() {
+    let e = synced().await;
+    e.sb.clear_requests();
+
+    let report = writeback::run(&e.ctx).await.unwrap();
+
+    assert_eq!(report.counts.campaigns, 2);
+    let opened: Vec<String> =
+        e.sb.requests()
+            .into_iter()
+            .filter(|r| r.operation == "open-detail")
+            .map(|r| r.params["id"].clone())
+            .collect();
+    assert_eq!(opened, vec!["100", "103"]);
+    let clicked: Vec<String> =
+        e.sb.requests()
+            .into_iter()
+            .filter(|r| r.operation == "click-detail")
+            .map(|r| r.params["id"].clone())
+            .collect();
+    assert_eq!(clicked, vec!["100"]);
+    // One task-list read per day of the lookback.
+    assert_eq!(e.sb.count("task-list"), 7);
+    assert_eq!(e.sb.edm_writes(), 0, "write-back makes no EDM writes");
+}
+
+#[tokio::test]
+async fn unknown_addresses_are_counted_as_unmatched_and_skipped() {
+    let e = synced().await;
+
+    let report = writeback::run(&e.ctx).await.unwrap();
+
+    // stranger's open, nobody's bounce.
+    assert_eq!(report.counts.unmatched, 2);
+    assert!(e.sb.crm.history().iter().all(|r| r.link_man_id != 0));
+}
+
+#[tokio::test]
+async fn a_second_run_writes_nothing_new() {
+    let e = synced().await;
+    writeback::run(&e.ctx).await.unwrap();
+
+    let again = writeback::run(&e.ctx).await.unwrap();
+
+    assert_eq!(e.sb.crm.history().len(), 5);
+    assert_eq!(again.counts.already_recorded, 5);
+    assert_eq!(
+        (again.counts.open, again.counts.click, again.counts.bounce),
+        (0, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn crm_failures_leave_exactly_those_records_pending_and_a_later_run_completes_them() {
+    let e = synced().await;
+    // One definite refusal and one lost-in-the-middle 500 (not applied).
+    e.sb.inject(
+        "ContactHistory/Add",
+        Fault::Body(r#"{"value": false}"#.into()),
+        1,
+    );
+    e.sb.inject("ContactHistory/Add", Fault::Status(500), 1);
+
+    let first = writeback::run(&e.ctx).await.unwrap();
+
+    assert_eq!(first.counts.failed, 2);
+    assert!(!first.is_success());
+    assert_eq!(e.sb.crm.history().len(), 3);
+    let status = crm_edm_sync::status::render(&e.ctx.store).await.unwrap();
+    assert!(
+        status.contains("pending: 2") || status.matches(" pending: 1").count() == 2,
+        "{status}"
+    );
+
+    let second = writeback::run(&e.ctx).await.unwrap();
+
+    assert_eq!(second.counts.failed, 0);
+    assert_eq!(second.counts.retried, 2);
+    // Only the 500 could have reached the CRM; the value:false one could not.
+    assert_eq!(second.counts.possibly_duplicated, 1);
+    let h = e.sb.crm.history();
+    assert_eq!(h.len(), 5, "{h:#?}");
+    let third = writeback::run(&e.ctx).await.unwrap();
+    assert_eq!(third.counts.retried, 0);
+    assert_eq!(e.sb.crm.history().len(), 5);
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_the_one_logged_case_of_a_record_written_twice() {
+    let e = synced().await;
+    e.sb.inject("ContactHistory/Add", Fault::LoseAnswer, 1);
+
+    let first = writeback::run(&e.ctx).await.unwrap();
+    let second = writeback::run(&e.ctx).await.unwrap();
+
+    assert_eq!(first.counts.failed, 1);
+    assert_eq!(second.counts.possibly_duplicated, 1);
+    // The CRM holds that record twice and every other once.
+    assert_eq!(e.sb.crm.history().len(), 6);
+}
+
+#[tokio::test]
+async fn a_bounced_address_is_suppressed_and_unsubscribed_by_the_next_contacts_run() {
+    let e = synced().await;
+
+    let report = writeback::run(&e.ctx).await.unwrap();
+    assert_eq!(report.counts.new_bounce_suppressions, 2);
+    let contacts = e.sync().await;
+
+    assert_eq!(contacts.counts.unsubscribed, 1);
+    assert!(!e.sb.edm.emails(1).contains(&"lm3@example.com".to_string()));
+    let status = crm_edm_sync::status::render(&e.ctx.store).await.unwrap();
+    assert!(status.contains("bounce: 2"), "{status}");
+    // Never added or edited again, whatever the CRM says.
+    e.sb.crm.set_linkman_field(30, "name", json!("改名"));
+    e.sb.crm
+        .put_linkman(7, 71, json!({"name": "同地址", "email": "lm3@example.com"}));
+    e.sb.clear_requests();
+    e.sync().await;
+    let writes: Vec<_> =
+        e.sb.requests()
+            .into_iter()
+            .filter(|r| r.is_edm_write())
+            .collect();
+    assert!(
+        writes
+            .iter()
+            .all(|r| !format!("{:?}", r.params).contains("lm3@")),
+        "{writes:?}"
+    );
+    // An over-quota address is not a hard bounce.
+    assert!(e.sb.edm.emails(1).contains(&"lm4@example.com".to_string()));
+}
+
+#[tokio::test]
+async fn a_user_unsubscribe_gets_one_record_per_list_and_linkman() {
+    let e = synced().await;
+    e.sb.edm.user_unsubscribe(1, "lm5@example.com");
+    // The daemon's own unsubscribe (customer 4 moves to list 2) is not one.
+    e.sb.crm.set_customer_field(4, "type_id", json!(2));
+    e.sync().await;
+
+    let report = writeback::run(&e.ctx).await.unwrap();
+
+    assert_eq!(report.counts.unsubscribe, 1);
+    let h = e.sb.crm.history();
+    let unsub = find(&h, 50, "邮件退订");
+    assert_eq!(unsub.len(), 1, "{h:#?}");
+    assert!(
+        unsub[0].title.contains("客户"),
+        "list named by its EDM subject: {}",
+        unsub[0].title
+    );
+    assert_eq!(find(&h, 40, "邮件退订").len(), 0);
+    let again = writeback::run(&e.ctx).await.unwrap();
+    assert_eq!(again.counts.unsubscribe, 0);
+}
+
+#[tokio::test]
+async fn write_back_sees_a_user_unsubscribe_before_the_contacts_job_does() {
+    let e = synced().await;
+    e.sb.edm.user_unsubscribe(2, "lm8@example.com");
+
+    let report = writeback::run(&e.ctx).await.unwrap();
+
+    assert_eq!(report.counts.new_user_unsubscribes, 1);
+    assert_eq!(report.counts.unsubscribe, 1);
+    // And the contacts job then treats it as the suppression it is (lm3,
+    // bounced in campaign 100, is the other one).
+    e.sb.crm.set_linkman_field(80, "name", json!("改名"));
+    e.sb.clear_requests();
+    let c = e.run(RunOptions::default()).await;
+    assert_eq!(c.counts.suppressed, 2);
+    let writes: Vec<_> =
+        e.sb.requests()
+            .into_iter()
+            .filter(|r| r.is_edm_write())
+            .collect();
+    assert!(
+        writes
+            .iter()
+            .all(|r| !format!("{:?}", r.params).contains("lm8@")),
+        "{writes:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_token_stops_the_job_naming_the_credential() {
+    let e = synced().await;
+    let wrong = e
+        .ctx_from(|s| s.crm.token = "wrong-token-5678".to_string().into())
+        .await;
+
+    // The exports and campaigns are EDM reads; the first CRM call fails.
+    let err = writeback::run(&wrong).await.unwrap_err();
+
+    let text = format!("{err:#}");
+    assert!(text.contains("crm.token"), "{text}");
+    assert!(!text.contains("wrong-token-5678"));
+    assert!(e.sb.crm.history().is_empty());
+}
