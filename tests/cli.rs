@@ -109,6 +109,110 @@ async fn once_exits_zero_and_logs_one_json_summary_event_with_the_counts() {
 }
 
 #[tokio::test]
+async fn writeback_logs_one_summary_event_with_counts_per_kind() {
+    let cli = setup("info").await;
+    assert!(
+        cli.run(&["--once", "--job", "contacts"], &[])
+            .await
+            .status
+            .success()
+    );
+    let day = chrono::Utc::now()
+        .date_naive()
+        .format("%Y-%m-%d")
+        .to_string();
+    cli.sb
+        .edm
+        .put_campaign(crm_edm_sync::sandbox::SandboxCampaign {
+            id: 7,
+            name: "活动".into(),
+            list_id: 1,
+            date: day.clone(),
+            send_status: 3,
+            track_status: 2,
+            opens: vec![
+                (
+                    "lm1@example.com".into(),
+                    2,
+                    format!("{day} 09:00:00"),
+                    format!("{day} 10:00:00"),
+                ),
+                ("x@example.com".into(), 1, String::new(), String::new()),
+            ],
+            ..Default::default()
+        });
+
+    let out = cli.run(&["--once", "--job", "writeback"], &[]).await;
+
+    assert!(out.status.success(), "{}", text(&out));
+    let summaries = events(&out, "run finished");
+    assert_eq!(summaries.len(), 1, "{}", text(&out));
+    let s = &summaries[0];
+    assert_eq!(s["job"], "writeback");
+    assert_eq!(
+        (s["open"].as_u64(), s["unmatched"].as_u64()),
+        (Some(1), Some(1))
+    );
+    for field in [
+        "run_id",
+        "click",
+        "bounce",
+        "unsubscribe",
+        "failed",
+        "duration_ms",
+    ] {
+        assert!(!s[field].is_null(), "summary lacks {field}: {s}");
+    }
+}
+
+#[tokio::test]
+async fn a_record_whose_answer_was_lost_is_sent_again_with_a_warning() {
+    let cli = setup("info").await;
+    assert!(
+        cli.run(&["--once", "--job", "contacts"], &[])
+            .await
+            .status
+            .success()
+    );
+    let day = chrono::Utc::now()
+        .date_naive()
+        .format("%Y-%m-%d")
+        .to_string();
+    cli.sb
+        .edm
+        .put_campaign(crm_edm_sync::sandbox::SandboxCampaign {
+            id: 8,
+            name: "活动".into(),
+            list_id: 1,
+            date: day,
+            send_status: 3,
+            track_status: 1,
+            opens: vec![("lm2@example.com".into(), 1, String::new(), String::new())],
+            ..Default::default()
+        });
+    cli.sb.inject("ContactHistory/Add", Fault::LoseAnswer, 1);
+
+    let first = cli.run(&["--once", "--job", "writeback"], &[]).await;
+    let second = cli.run(&["--once", "--job", "writeback"], &[]).await;
+
+    assert_eq!(first.status.code(), Some(1), "{}", text(&first));
+    assert!(second.status.success(), "{}", text(&second));
+    let warnings: Vec<_> = String::from_utf8_lossy(&second.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["level"] == "WARN"
+                && v["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("may already be in the CRM")
+        })
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", text(&second));
+    assert_eq!(warnings[0]["link_man_id"], 20);
+}
+
+#[tokio::test]
 async fn dry_run_prints_the_plan_and_exits_zero_without_writing() {
     let cli = setup("info").await;
 

@@ -376,3 +376,67 @@ async fn a_wrong_token_stops_the_job_naming_the_credential() {
     assert!(!text.contains("wrong-token-5678"));
     assert!(e.sb.crm.history().is_empty());
 }
+
+#[tokio::test]
+async fn campaigns_are_paged_through_task_list() {
+    let e = env_with("", "[writeback]\nlookback_days = 1\n").await;
+    seed_basic(&e.sb);
+    e.sync().await;
+    for id in 1..=150 {
+        e.sb.edm.put_campaign(SandboxCampaign {
+            id,
+            name: format!("c{id}"),
+            list_id: 1,
+            date: today(0),
+            send_status: 3,
+            track_status: 1,
+            opens: if id == 150 {
+                vec![("lm1@example.com".into(), 1, ts(9), ts(9))]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        });
+    }
+    e.sb.clear_requests();
+
+    let report = writeback::run(&e.ctx).await.unwrap();
+
+    assert_eq!(report.counts.campaigns, 150);
+    assert_eq!(e.sb.count("task-list"), 2);
+    assert_eq!(
+        report.counts.open, 1,
+        "the campaign on the second page is read"
+    );
+}
+
+#[tokio::test]
+async fn configured_templates_shape_the_records() {
+    let e = env_with(
+        "",
+        "[writeback.templates]\nopen_title = \"Opened: {campaign}\"\nopen_content = \"{name} <{email}> opened {campaign} ({sn}) {count}x between {first} and {last}\"\n",
+    )
+    .await;
+    seed_basic(&e.sb);
+    e.sync().await;
+    e.sb.edm.put_campaign(campaign_100());
+
+    writeback::run(&e.ctx).await.unwrap();
+
+    let h = e.sb.crm.history();
+    let open = h
+        .iter()
+        .find(|r| r.link_man_id == 10 && r.title.starts_with("Opened"))
+        .unwrap();
+    assert_eq!(open.title, "Opened: 双十一促销");
+    assert_eq!(
+        open.content,
+        format!(
+            "联系人1 <lm1@example.com> opened 双十一促销 (20261120-100) 3x between {} and {}",
+            ts(9),
+            ts(12)
+        )
+    );
+    // Kinds without an override keep the Chinese default.
+    assert!(h.iter().any(|r| r.title.starts_with("邮件点击")));
+}
