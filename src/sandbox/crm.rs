@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use super::{Fault, Server, Shared, html_page, lock, params};
+use super::{Before, Server, Shared, before, lock, lost, params};
 
 /// One `ContactHistory/Add` the CRM received.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,28 +127,10 @@ async fn handle(
     let operation = format!("{area}/{name}");
     let p = params(query.as_deref(), &body);
     let _in_flight = h.shared.enter(&operation);
-    let fault = h.shared.take_fault(&operation);
-    if let Some(Fault::Delay(d)) = &fault {
-        tokio::time::sleep(*d).await;
-    }
-    let unapplied = |status: u16| {
-        h.shared.record(Server::Crm, &operation, &p, status);
-        (
-            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
-            [("content-type", "text/html")],
-            html_page(status),
-        )
-            .into_response()
+    let lose_answer = match before(&h.shared, Server::Crm, &operation, &p).await {
+        Before::Answered(response) => return response,
+        Before::Proceed { lose_answer } => lose_answer,
     };
-    match fault {
-        Some(Fault::Status(code)) => return unapplied(code),
-        Some(Fault::HtmlOk) => return unapplied(200),
-        Some(Fault::Body(body)) => {
-            h.shared.record(Server::Crm, &operation, &p, 200);
-            return (StatusCode::OK, body).into_response();
-        }
-        _ => {}
-    }
     if p.get("token").map(String::as_str) != Some(super::TOKEN) {
         h.shared.record(Server::Crm, &operation, &p, 401);
         return (
@@ -158,8 +140,8 @@ async fn handle(
             .into_response();
     }
     let (status, value) = answer(&h, &operation, &p);
-    if fault == Some(Fault::LoseAnswer) {
-        return unapplied(502);
+    if lose_answer {
+        return lost(&h.shared, Server::Crm, &operation, &p);
     }
     h.shared
         .record(Server::Crm, &operation, &p, status.as_u16());

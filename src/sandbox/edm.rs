@@ -10,10 +10,9 @@ use std::sync::{Arc, Mutex};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use super::{Fault, Server, Shared, html_page, lock, params};
+use super::{Before, Server, Shared, before, lock, lost, params};
 
 /// One address a fake list holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -254,28 +253,10 @@ async fn handle(
         _ => q.get("do").cloned().unwrap_or_default(),
     };
     let _in_flight = h.shared.enter(&operation);
-    let fault = h.shared.take_fault(&operation);
-    if let Some(Fault::Delay(d)) = &fault {
-        tokio::time::sleep(*d).await;
-    }
-    let unapplied = |status: u16| {
-        h.shared.record(Server::Edm, &operation, &p, status);
-        (
-            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
-            [("content-type", "text/html")],
-            html_page(status),
-        )
-            .into_response()
+    let lose_answer = match before(&h.shared, Server::Edm, &operation, &p).await {
+        Before::Answered(response) => return response,
+        Before::Proceed { lose_answer } => lose_answer,
     };
-    match fault {
-        Some(Fault::Status(code)) => return unapplied(code),
-        Some(Fault::HtmlOk) => return unapplied(200),
-        Some(Fault::Body(body)) => {
-            h.shared.record(Server::Edm, &operation, &p, 200);
-            return (StatusCode::OK, body).into_response();
-        }
-        _ => {}
-    }
     let password_ok = q.get("password").map(String::as_str)
         == Some(crate::edm::password_md5(super::EDM_PASSWORD).as_str());
     let body = if q.get("username").map(String::as_str) != Some(super::EDM_USER) || !password_ok {
@@ -283,8 +264,8 @@ async fn handle(
     } else {
         answer(&h, &script, &operation, &p)
     };
-    if fault == Some(Fault::LoseAnswer) {
-        return unapplied(502);
+    if lose_answer {
+        return lost(&h.shared, Server::Edm, &operation, &p);
     }
     h.shared.record(Server::Edm, &operation, &p, 200);
     let plain = matches!(operation.as_str(), "unsubscribe-export" | "failexport");

@@ -287,6 +287,71 @@ url = "{db}"
     }
 }
 
+/// What the armed fault (if any) means for a request about to be handled.
+pub(crate) enum Before {
+    /// Handle it; if `lose_answer`, carry it out and then answer with
+    /// [`lost`].
+    Proceed { lose_answer: bool },
+    /// The fault answered already; do not carry it out.
+    Answered(axum::response::Response),
+}
+
+/// Takes the fault armed for `operation`: waits out a delay, or answers
+/// for a fault that does not let the request through (recording it).
+pub(crate) async fn before(
+    shared: &Shared,
+    server: Server,
+    operation: &str,
+    p: &BTreeMap<String, String>,
+) -> Before {
+    use axum::response::IntoResponse;
+    let fault = shared.take_fault(operation);
+    match fault {
+        Some(Fault::Delay(d)) => {
+            tokio::time::sleep(d).await;
+            Before::Proceed { lose_answer: false }
+        }
+        Some(Fault::LoseAnswer) => Before::Proceed { lose_answer: true },
+        Some(Fault::Status(code)) => {
+            Before::Answered(html_error(shared, server, operation, p, code))
+        }
+        Some(Fault::HtmlOk) => Before::Answered(html_error(shared, server, operation, p, 200)),
+        Some(Fault::Body(body)) => {
+            shared.record(server, operation, p, 200);
+            Before::Answered((axum::http::StatusCode::OK, body).into_response())
+        }
+        None => Before::Proceed { lose_answer: false },
+    }
+}
+
+/// The answer to a request whose effect happened but whose answer is lost:
+/// a 502 HTML page.
+pub(crate) fn lost(
+    shared: &Shared,
+    server: Server,
+    operation: &str,
+    p: &BTreeMap<String, String>,
+) -> axum::response::Response {
+    html_error(shared, server, operation, p, 502)
+}
+
+fn html_error(
+    shared: &Shared,
+    server: Server,
+    operation: &str,
+    p: &BTreeMap<String, String>,
+    status: u16,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    shared.record(server, operation, p, status);
+    (
+        axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::BAD_GATEWAY),
+        [("content-type", "text/html")],
+        html_page(status),
+    )
+        .into_response()
+}
+
 /// Parameters of a request: the query string, then the form body (a body
 /// field wins).
 pub(crate) fn params(query: Option<&str>, body: &[u8]) -> BTreeMap<String, String> {
@@ -303,7 +368,7 @@ pub(crate) fn params(query: Option<&str>, body: &[u8]) -> BTreeMap<String, Strin
 }
 
 /// An HTML error page, as a proxy in front of a real API would send.
-pub(crate) fn html_page(status: u16) -> String {
+fn html_page(status: u16) -> String {
     format!(
         "<!DOCTYPE html>\n<html><head><title>{status} Error</title></head><body><h1>{status}</h1><p>upstream error</p></body></html>\n"
     )

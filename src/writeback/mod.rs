@@ -26,9 +26,9 @@ use serde::Serialize;
 
 use crate::edm::{Campaign, HARD_BOUNCE_TYPES};
 use crate::state::entities::ledger;
-use crate::state::{ALL_LISTS, NewSuppression, Observations, reason};
+use crate::state::{ALL_LISTS, NewSuppression, reason};
 use crate::sync::Context;
-use crate::sync::contacts::read_exports;
+use crate::sync::contacts::View;
 use events::{CampaignEvents, MemberIndex, Unsubscribe, kind};
 
 /// The job name in logs, runs and metrics.
@@ -141,20 +141,14 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
     let lists = settings.synced_lists();
 
     // 1. Unsubscribes, as the contacts job classifies them.
-    let mut members = ctx.store.load_members().await?;
-    let mut suppressions = ctx.store.load_suppressions().await?;
-    let books = ctx.store.list_books().await?;
-    let mut obs = Observations::default();
-    counts.new_user_unsubscribes = read_exports(
-        ctx,
-        &lists,
-        &books,
-        &mut members,
-        &mut suppressions,
-        &mut obs,
-    )
-    .await?;
-    ctx.store.persist_observations(&obs).await?;
+    let mut view = View::load(ctx).await?;
+    counts.new_user_unsubscribes = view.read_exports(ctx, &lists).await?;
+    ctx.store.persist_observations(&view.obs).await?;
+    let View {
+        members,
+        suppressions,
+        ..
+    } = view;
 
     // 2. Campaigns and their events.
     let today = chrono::Utc::now().date_naive();
