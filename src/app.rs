@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use crate::cli::{Cli, Command, Job};
 use crate::config::Settings;
@@ -22,11 +22,11 @@ pub const EXIT_CONFIG: u8 = 2;
 /// `main` because it needs no settings.
 pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
     let result = match cli.command {
-        Some(Command::Status) => crate::status::print(&settings).await,
+        Some(Command::Status { json }) => crate::status::print(&settings, json).await,
         Some(Command::Check) => check(settings).await,
         Some(Command::Demo) => crate::demo::run().await,
         None if cli.once => once(&cli, settings).await,
-        None => daemon(settings).await,
+        None => crate::daemon::run(settings).await,
     };
     match result {
         Ok(code) => code,
@@ -41,6 +41,14 @@ pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
 }
 
 async fn once(cli: &Cli, settings: Settings) -> anyhow::Result<ExitCode> {
+    // One active instance per database: wait for a running daemon's job
+    // to finish, up to a bound.
+    let _lock = crate::lock::LockTarget::of(&settings.database.url)
+        .acquire_within(
+            Duration::from_secs(settings.daemon.lock_wait_secs),
+            Duration::from_millis(500),
+        )
+        .await?;
     let ctx = Context::new(settings).await?;
     let opts = RunOptions {
         dry_run: cli.dry_run,
@@ -189,92 +197,4 @@ async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(EXIT_FAILED)
     })
-}
-
-/// Daemon mode: migrate, then run the contacts job on `sync.schedule` and
-/// the write-back job on `writeback.schedule` until SIGTERM or SIGINT. The
-/// jobs never run at the same time (one lock); a tick that finds its own
-/// job still running is skipped and logged.
-async fn daemon(settings: Settings) -> anyhow::Result<ExitCode> {
-    use tokio_cron_scheduler::JobScheduler;
-    let schedules = [
-        (contacts::JOB, settings.sync.schedule.clone()),
-        (writeback::JOB, settings.writeback.schedule.clone()),
-    ];
-    let ctx = Arc::new(Context::new(settings).await?);
-    let one_at_a_time = Arc::new(tokio::sync::Mutex::new(()));
-    let mut scheduler = JobScheduler::new().await?;
-    let mut flags = Vec::new();
-    for (job, schedule) in &schedules {
-        let running = Arc::new(AtomicBool::new(false));
-        flags.push(running.clone());
-        scheduler
-            .add(scheduled(
-                job,
-                schedule,
-                ctx.clone(),
-                running,
-                one_at_a_time.clone(),
-            )?)
-            .await?;
-    }
-    scheduler.start().await?;
-    tracing::info!(contacts = %schedules[0].1, writeback = %schedules[1].1, "daemon started");
-    shutdown_signal().await;
-    tracing::info!("shutting down: no new runs; waiting for the current one");
-    scheduler.shutdown().await?;
-    while flags.iter().any(|f| f.load(Ordering::SeqCst)) {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    tracing::info!("stopped");
-    Ok(ExitCode::SUCCESS)
-}
-
-/// A cron job that runs `job` on `schedule`, skipping a tick while the
-/// previous run of the same job is still going.
-fn scheduled(
-    job: &'static str,
-    schedule: &str,
-    ctx: Arc<Context>,
-    running: Arc<AtomicBool>,
-    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
-) -> anyhow::Result<tokio_cron_scheduler::Job> {
-    Ok(tokio_cron_scheduler::Job::new_async(
-        schedule,
-        move |_id, _lock| {
-            let ctx = ctx.clone();
-            let running = running.clone();
-            let one_at_a_time = one_at_a_time.clone();
-            Box::pin(async move {
-                if running.swap(true, Ordering::SeqCst) {
-                    tracing::warn!(job, "previous run still going; tick skipped");
-                    return;
-                }
-                let _turn = one_at_a_time.lock().await;
-                let result = match job {
-                    contacts::JOB => contacts::run(&ctx, RunOptions::default()).await.map(|_| ()),
-                    _ => writeback::run(&ctx).await.map(|_| ()),
-                };
-                if let Err(e) = result {
-                    tracing::error!(job, error = %ctx.redactor.redact(&format!("{e:#}")), "run failed");
-                }
-                running.store(false, Ordering::SeqCst);
-            })
-        },
-    )?)
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
 }

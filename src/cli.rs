@@ -51,7 +51,11 @@ pub enum Job {
 #[derive(Debug, Clone, Subcommand, PartialEq)]
 pub enum Command {
     /// Last runs, pending and failed operations, suppressions.
-    Status,
+    Status {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the config, reach both APIs and the database.
     Check,
     /// Start the built-in sandbox CRM and EDM on loopback, sync into a
@@ -86,8 +90,10 @@ mod tests {
     #[test]
     fn subcommands_parse_with_global_config() {
         let cli = Cli::try_parse_from(["crm-edm-sync", "status", "--config", "x.toml"]).unwrap();
-        assert_eq!(cli.command, Some(Command::Status));
+        assert_eq!(cli.command, Some(Command::Status { json: false }));
         assert_eq!(cli.config, Some(PathBuf::from("x.toml")));
+        let cli = Cli::try_parse_from(["crm-edm-sync", "status", "--json"]).unwrap();
+        assert_eq!(cli.command, Some(Command::Status { json: true }));
         assert_eq!(
             Cli::try_parse_from(["crm-edm-sync", "demo"])
                 .unwrap()

@@ -39,6 +39,22 @@ pub struct Settings {
     pub log: LogSettings,
     /// The ops HTTP endpoint (daemon mode).
     pub http: HttpSettings,
+    /// Daemon behaviour: shutdown drain, instance lock.
+    pub daemon: DaemonSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSettings {
+    /// After SIGTERM/SIGINT, how long a running job may take to finish its
+    /// current batch and record its state before the process exits anyway.
+    pub shutdown_timeout_secs: u64,
+    /// How long `--once` waits for another instance to release the state
+    /// database before it gives up.
+    pub lock_wait_secs: u64,
+    /// How often a standby daemon tries to take over, and an active one
+    /// checks that it still holds the lock.
+    pub lock_poll_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -309,6 +325,11 @@ level = "info"
 
 [http]
 listen = "127.0.0.1:9187"
+
+[daemon]
+shutdown_timeout_secs = 60
+lock_wait_secs = 60
+lock_poll_secs = 5
 "#;
 
 /// A settings error; its text always names the offending key or file.
@@ -498,6 +519,12 @@ impl Settings {
                     ),
                 });
             }
+        }
+        if self.daemon.lock_poll_secs == 0 || self.daemon.lock_poll_secs > 3600 {
+            return bad("daemon.lock_poll_secs", "must be between 1 and 3600");
+        }
+        if self.daemon.shutdown_timeout_secs > 3600 {
+            return bad("daemon.shutdown_timeout_secs", "must be at most 3600");
         }
         if !valid_log_filter(&self.log.level) {
             return bad("log.level", "is not a valid level or filter directive");

@@ -302,6 +302,7 @@ impl HttpCaller {
                 _ => planned,
             })
             .notify(|e: &RemoteError, after: Duration| {
+                crate::ops::http_retry(api.as_str());
                 tracing::warn!(
                     api = api.as_str(),
                     operation = %e.operation,
@@ -319,6 +320,7 @@ impl HttpCaller {
         request: reqwest::RequestBuilder,
     ) -> Result<Bytes, RemoteError> {
         let err = |kind| RemoteError::new(self.api, operation, kind);
+        crate::ops::http_request(self.api.as_str());
         let response = request.send().await.map_err(|e| err(classify(&e)))?;
         let status = response.status();
         let retry_after = response

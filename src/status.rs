@@ -9,15 +9,89 @@ use std::process::ExitCode;
 use crate::config::Settings;
 use crate::state::Store;
 
-/// Runs shown.
-const RUNS: u64 = 10;
+/// Runs shown per job.
+const RUNS_PER_JOB: usize = 5;
 /// Pending operations shown.
 const PENDING: u64 = 20;
 
-pub async fn print(settings: &Settings) -> anyhow::Result<ExitCode> {
+pub async fn print(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     let store = Store::connect(&settings.database.url).await?;
-    print!("{}", render(&store).await?);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&render_json(&store).await?)?
+        );
+    } else {
+        print!("{}", render(&store).await?);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The last runs of each job, newest first.
+async fn runs_per_job(store: &Store) -> anyhow::Result<Vec<crate::state::RunRow>> {
+    let mut per_job: std::collections::HashMap<String, usize> = Default::default();
+    Ok(store
+        .recent_runs(200)
+        .await?
+        .into_iter()
+        .filter(|r| {
+            let n = per_job.entry(r.job.clone()).or_insert(0);
+            *n += 1;
+            *n <= RUNS_PER_JOB
+        })
+        .collect())
+}
+
+/// The status report as JSON, for scripts.
+pub async fn render_json(store: &Store) -> anyhow::Result<serde_json::Value> {
+    use serde_json::json;
+    let runs: Vec<serde_json::Value> = runs_per_job(store)
+        .await?
+        .into_iter()
+        .map(|r| {
+            json!({
+                "id": r.id, "job": r.job, "status": r.status, "dry_run": r.dry_run,
+                "started_at": when(r.started_at), "finished_at": r.finished_at.map(when),
+                "counts": r.counts, "error": r.error,
+            })
+        })
+        .collect();
+    let (pending_total, pending) = store.pending_summary(PENDING).await?;
+    let pending: Vec<serde_json::Value> = pending
+        .into_iter()
+        .map(|p| {
+            json!({
+                "id": p.id, "kind": p.kind, "list_id": p.list_id,
+                "address": crate::domain::mask_address(&p.email),
+                "attempts": p.attempts, "last_error": p.last_error, "since": when(p.created_at),
+            })
+        })
+        .collect();
+    let suppressions: serde_json::Map<String, serde_json::Value> = store
+        .suppression_counts()
+        .await?
+        .into_iter()
+        .map(|(k, n)| (k, json!(n)))
+        .collect();
+    let records: Vec<serde_json::Value> = store
+        .ledger_counts()
+        .await?
+        .into_iter()
+        .map(|(kind, status, n)| json!({"kind": kind, "status": status, "count": n}))
+        .collect();
+    let members: Vec<serde_json::Value> = store
+        .member_counts()
+        .await?
+        .into_iter()
+        .map(|(list, origin, present, n)| json!({"list_id": list, "origin": origin, "present": present, "count": n}))
+        .collect();
+    Ok(json!({
+        "runs": runs,
+        "pending_operations": {"total": pending_total, "oldest": pending},
+        "suppressions": suppressions,
+        "contact_history_records": records,
+        "members": members,
+    }))
 }
 
 fn when(ms: i64) -> String {
@@ -29,7 +103,7 @@ fn when(ms: i64) -> String {
 /// The status report as text.
 pub async fn render(store: &Store) -> anyhow::Result<String> {
     let mut out = String::new();
-    let runs = store.recent_runs(RUNS).await?;
+    let runs = runs_per_job(store).await?;
     let _ = writeln!(out, "last runs:");
     if runs.is_empty() {
         let _ = writeln!(out, "  none yet");

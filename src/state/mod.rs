@@ -772,6 +772,33 @@ impl Store {
             .collect())
     }
 
+    /// The latest finished (not dry) run of each job, newest first.
+    pub async fn last_finished_runs(&self) -> anyhow::Result<Vec<RunRow>> {
+        let rows = run::Entity::find()
+            .filter(run::Column::FinishedAt.is_not_null())
+            .filter(run::Column::DryRun.eq(false))
+            .order_by_desc(run::Column::StartedAt)
+            .limit(100)
+            .all(&self.db)
+            .await
+            .context("cannot read runs")?;
+        let mut seen = HashSet::new();
+        Ok(rows
+            .into_iter()
+            .filter(|r| seen.insert(r.job.clone()))
+            .map(|r| RunRow {
+                id: r.id,
+                job: r.job,
+                started_at: r.started_at,
+                finished_at: r.finished_at,
+                status: r.status,
+                dry_run: r.dry_run,
+                counts: serde_json::from_str(&r.counts).unwrap_or(serde_json::Value::Null),
+                error: r.error,
+            })
+            .collect())
+    }
+
     /// Pending operations, oldest first, at most `limit`, and how many
     /// there are in all.
     pub async fn pending_summary(&self, limit: u64) -> anyhow::Result<(u64, Vec<PendingRow>)> {
@@ -918,7 +945,7 @@ async fn upsert_list_book<C: ConnectionTrait>(
 }
 
 /// Database errors may echo the URL, which may carry a password.
-fn redact_db_error(text: &str, url: &str) -> String {
+pub(crate) fn redact_db_error(text: &str, url: &str) -> String {
     let mut out = text.replace(url, "[database.url]");
     if let Ok(parsed) = url::Url::parse(url)
         && let Some(password) = parsed.password()

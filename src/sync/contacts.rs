@@ -67,6 +67,9 @@ pub enum Outcome {
     Refused(Refusal),
     /// `--dry-run`: the plan, not applied.
     DryRun(Box<Plan>),
+    /// Stopped by a shutdown between batches; what was not sent is
+    /// planned again next run.
+    Interrupted,
 }
 
 /// The result of a contacts run.
@@ -81,13 +84,17 @@ pub struct ContactsReport {
 impl ContactsReport {
     /// Whether the run should make the process exit 0.
     pub fn is_success(&self) -> bool {
-        matches!(self.outcome, Outcome::Applied | Outcome::DryRun(_))
+        matches!(
+            self.outcome,
+            Outcome::Applied | Outcome::DryRun(_) | Outcome::Interrupted
+        )
     }
 
     fn status(&self) -> &'static str {
         match self.outcome {
             Outcome::Applied => "succeeded",
             Outcome::DryRun(_) => "succeeded",
+            Outcome::Interrupted => "interrupted",
             Outcome::Partial => "failed",
             Outcome::Refused(_) => "refused",
         }
@@ -121,6 +128,7 @@ pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsRepo
                 tracing::error!(run_id = %run_id, error = %format!("{db:#}"), "cannot record the end of the run");
             }
             summary_event(&run_id, &counts, duration_ms, "failed");
+            crate::ops::run_finished(JOB, "failed");
             return Err(e);
         }
     };
@@ -136,6 +144,8 @@ pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsRepo
         .finish_run(&run_id, report.status(), &counts_json, error.as_deref())
         .await?;
     summary_event(&run_id, &report.counts, duration_ms, report.status());
+    crate::ops::run_finished(JOB, report.status());
+    crate::ops::refresh_pending(&ctx.store).await;
     Ok(report)
 }
 
@@ -170,11 +180,13 @@ async fn run_inner(
 ) -> anyhow::Result<Outcome> {
     let settings = &ctx.settings;
     // 1. Pull.
-    let snapshot = ctx
-        .crm
-        .pull()
-        .await
-        .context("CRM pull did not complete; nothing was applied")?;
+    let snapshot = tokio::select! {
+        pulled = ctx.crm.pull() => pulled.context("CRM pull did not complete; nothing was applied")?,
+        _ = ctx.shutdown.cancelled() => {
+            tracing::info!("shutdown during the CRM pull; nothing was applied");
+            return Ok(Outcome::Interrupted);
+        }
+    };
     counts.customers = snapshot.customers.len();
     counts.linkmen = snapshot.linkman_count();
     let desired = desired_members(&snapshot, &MappingRules::from_settings(settings));
@@ -318,6 +330,9 @@ async fn run_inner(
         counts,
     };
     applier.apply(the_plan).await?;
+    if ctx.shutdown.is_cancelled() {
+        return Ok(Outcome::Interrupted);
+    }
     Ok(if applier.counts.failed > 0 {
         Outcome::Partial
     } else {
@@ -493,6 +508,9 @@ impl Applier<'_> {
         let batch_size = self.ctx.settings.edm.batch_size;
         for (list_id, unsubs) in group_by_list(plan.unsubs, |u: &PlannedUnsub| u.key.list_id) {
             for chunk in unsubs.chunks(batch_size) {
+                if self.stopping() {
+                    return Ok(());
+                }
                 let emails: Vec<Email> = chunk.iter().map(|u| u.key.email.clone()).collect();
                 self.send_batch(BatchKind::Unsub, list_id, &emails, &HashMap::new())
                     .await?;
@@ -500,6 +518,9 @@ impl Applier<'_> {
         }
         for (list_id, adds) in group_by_list(plan.adds, |a: &PlannedAdd| a.key.list_id) {
             for chunk in adds.chunks(batch_size) {
+                if self.stopping() {
+                    return Ok(());
+                }
                 let emails: Vec<Email> = chunk.iter().map(|a| a.key.email.clone()).collect();
                 let by_email: HashMap<Email, PlannedAdd> = chunk
                     .iter()
@@ -510,9 +531,21 @@ impl Applier<'_> {
             }
         }
         for (list_id, edits) in group_by_list(plan.edits, |e: &PlannedEdit| e.key.list_id) {
+            if self.stopping() {
+                return Ok(());
+            }
             self.send_edits(list_id, edits).await?;
         }
         Ok(())
+    }
+
+    /// A shutdown was asked for: send no further batch.
+    fn stopping(&self) -> bool {
+        let stop = self.ctx.shutdown.is_cancelled();
+        if stop {
+            tracing::info!("shutdown: no further batches; the rest is planned again next run");
+        }
+        stop
     }
 
     /// Sends one add or unsubscribe batch. When the answer is lost, the
@@ -608,6 +641,7 @@ impl Applier<'_> {
                                 .await?;
                             tracing::error!(list_id, operation = op, count = refs.len(), error = %text, "operations stay pending for the next run");
                             self.counts.failed += refs.len();
+                            crate::ops::operations(op, "failed", refs.len());
                             return Ok(());
                         }
                     };
@@ -639,6 +673,7 @@ impl Applier<'_> {
                         .await?;
                     tracing::error!(list_id, operation = op, count = refs.len(), error = %text, "operations failed; they stay pending for the next run");
                     self.counts.failed += refs.len();
+                    crate::ops::operations(op, "failed", refs.len());
                     return Ok(());
                 }
             }
@@ -692,6 +727,7 @@ impl Applier<'_> {
             BatchKind::Add => self.counts.added += refs.len(),
             BatchKind::Unsub => self.counts.unsubscribed += refs.len(),
         }
+        crate::ops::operations(op, "done", refs.len());
         for row in rows {
             self.members.insert(row.key.clone(), row);
         }
@@ -758,6 +794,9 @@ impl Applier<'_> {
             .await?;
         let mut done: Vec<MemberState> = Vec::new();
         for (edit, id) in ready {
+            if self.ctx.shutdown.is_cancelled() {
+                break;
+            }
             self.counts.edm_writes += 1;
             match self.ctx.edm.edit(id, &edit.key.email, &edit.fields).await {
                 Ok(()) => {
@@ -795,6 +834,7 @@ impl Applier<'_> {
                     }
                     tracing::error!(list_id, address = %edit.key.email.masked(), error = %text, "edit failed; it stays pending for the next run");
                     self.counts.failed += 1;
+                    crate::ops::operations(op_kind::EDIT, "failed", 1);
                 }
             }
         }
@@ -816,6 +856,7 @@ impl Applier<'_> {
             .complete_operations(self.run_id, op_kind::EDIT, list_id, &refs, &done)
             .await?;
         self.counts.updated += done.len();
+        crate::ops::operations(op_kind::EDIT, "done", done.len());
         for m in done {
             self.members.insert(m.key.clone(), m);
         }

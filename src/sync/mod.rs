@@ -27,6 +27,9 @@ pub struct Context {
     pub edm: EdmClient,
     pub store: Store,
     pub redactor: Arc<Redactor>,
+    /// Cancelled when the process is asked to stop: a job finishes its
+    /// current batch, records its state and returns.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Every secret the settings hold, for the redactor: the token, the EDM
@@ -59,7 +62,14 @@ impl Context {
             edm,
             store,
             redactor,
+            shutdown: tokio_util::sync::CancellationToken::new(),
         })
+    }
+
+    /// The same context stopping on `token`.
+    pub fn with_shutdown(mut self, token: tokio_util::sync::CancellationToken) -> Self {
+        self.shutdown = token;
+        self
     }
 
     /// Shortens the first retry delay of both clients (tests and the demo

@@ -84,6 +84,7 @@ pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
     let duration_ms = started.elapsed().as_millis() as u64;
     let counts_json = serde_json::to_value(&counts).unwrap_or_default();
     let (status, error) = match &result {
+        Ok(()) if ctx.shutdown.is_cancelled() => ("interrupted", None),
         Ok(()) if counts.failed == 0 => ("succeeded", None),
         Ok(()) => (
             "failed",
@@ -117,6 +118,8 @@ pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
         duration_ms,
         "run finished"
     );
+    crate::ops::run_finished(JOB, status);
+    crate::ops::refresh_pending(&ctx.store).await;
     result?;
     Ok(WritebackReport {
         run_id,
@@ -297,7 +300,9 @@ async fn send_all(
     counts: &mut WritebackCounts,
 ) -> anyhow::Result<()> {
     let wb = &ctx.settings.writeback;
-    let mut results = futures::stream::iter(rows)
+    // A shutdown stops new calls; those in flight are answered and recorded.
+    let results = futures::stream::iter(rows)
+        .take_until(ctx.shutdown.cancelled())
         .map(|row| async move {
             let result = ctx
                 .crm
@@ -313,11 +318,13 @@ async fn send_all(
             (row, result)
         })
         .buffer_unordered(ctx.settings.crm.concurrency);
+    let mut results = std::pin::pin!(results);
     let mut auth_error = None;
     while let Some((row, result)) = results.next().await {
         match result {
             Ok(()) => {
                 ctx.store.records_done(&[row.id]).await?;
+                crate::ops::operations("contact_history", "done", 1);
                 match row.kind.as_str() {
                     kind::OPEN => counts.open += 1,
                     kind::CLICK => counts.click += 1,

@@ -24,31 +24,42 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// SQLite, or PostgreSQL when `CRM_EDM_SYNC_TEST_DB=postgres`.
     pub async fn new() -> TestDb {
         if std::env::var("CRM_EDM_SYNC_TEST_DB").as_deref() == Ok("postgres") {
-            let name = format!("ces_test_{}", uuid::Uuid::new_v4().simple());
-            let admin = Database::connect(PG_ADMIN_URL)
-                .await
-                .expect("PostgreSQL reachable");
-            admin
-                .execute_unprepared(&format!("CREATE DATABASE {name}"))
-                .await
-                .expect("create test database");
-            TestDb {
-                url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
-                pg_name: Some(name),
-                _dir: None,
-            }
+            Self::postgres().await
         } else {
-            let dir = tempfile::tempdir().expect("temp dir");
-            TestDb {
-                url: format!(
-                    "sqlite://{}?mode=rwc",
-                    dir.path().join("state.db").display()
-                ),
-                pg_name: None,
-                _dir: Some(dir),
-            }
+            Self::sqlite()
+        }
+    }
+
+    /// A fresh PostgreSQL database on the local server.
+    pub async fn postgres() -> TestDb {
+        let name = format!("ces_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = Database::connect(PG_ADMIN_URL)
+            .await
+            .expect("PostgreSQL reachable");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        TestDb {
+            url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+            pg_name: Some(name),
+            _dir: None,
+        }
+    }
+
+    /// A fresh SQLite file in a temporary directory.
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        TestDb {
+            url: format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("state.db").display()
+            ),
+            pg_name: None,
+            _dir: Some(dir),
         }
     }
 }

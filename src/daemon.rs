@@ -1,0 +1,379 @@
+//! Daemon mode: migrate, serve `/healthz` and `/metrics`, tell systemd it
+//! is ready, then — while this instance holds the state database's lock —
+//! run the contacts job on `sync.schedule` and the write-back job on
+//! `writeback.schedule` (tokio-cron-scheduler, six-field cron, UTC).
+//!
+//! - A job never overlaps itself: a tick that finds it running is skipped
+//!   and logged. The two jobs never run at the same time either.
+//! - Another instance on the same database stands by, trying the lock every
+//!   `daemon.lock_poll_secs`, and takes over when the active one stops or
+//!   dies. An active instance that loses its PostgreSQL lock connection
+//!   stops its jobs and stands by.
+//! - SIGTERM or SIGINT: no new ticks; the running job finishes its current
+//!   batch and records its state, within `daemon.shutdown_timeout_secs`;
+//!   then exit 0. A second signal exits at once (status 1). What was not
+//!   sent stays to be planned again at the next start.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::lock::{InstanceLock, LockTarget};
+use crate::sync::contacts;
+use crate::sync::{Context, RunOptions};
+use crate::writeback;
+
+/// Lets one run of a job in at a time, counting what it let in and what it
+/// turned away.
+#[derive(Debug, Default)]
+pub struct Gate {
+    running: AtomicBool,
+    /// Ticks that started a run.
+    pub started: AtomicU64,
+    /// Ticks skipped because the previous run was still going.
+    pub skipped: AtomicU64,
+}
+
+/// Held while a run is going; lets the next one in when dropped (also if
+/// the run panicked).
+pub struct GateGuard<'a>(&'a Gate);
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Gate {
+    pub fn try_enter(&self) -> Option<GateGuard<'_>> {
+        if self.running.swap(true, Ordering::SeqCst) {
+            self.skipped.fetch_add(1, Ordering::SeqCst);
+            None
+        } else {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            Some(GateGuard(self))
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+}
+
+/// What a scheduled job runs.
+pub type JobFn = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Adds `job` to `scheduler` on `schedule`: each tick runs it unless its
+/// gate says it is still running; runs of all jobs sharing `turn` take
+/// turns.
+pub async fn schedule(
+    scheduler: &JobScheduler,
+    name: &'static str,
+    schedule: &str,
+    gate: Arc<Gate>,
+    turn: Arc<tokio::sync::Mutex<()>>,
+    job: JobFn,
+) -> anyhow::Result<()> {
+    let cron = CronJob::new_async(schedule, move |_id, _lock| {
+        let gate = gate.clone();
+        let turn = turn.clone();
+        let job = job.clone();
+        Box::pin(async move {
+            let Some(_running) = gate.try_enter() else {
+                tracing::warn!(job = name, "previous run still going; tick skipped");
+                return;
+            };
+            let _turn = turn.lock().await;
+            job().await;
+        })
+    })
+    .map_err(|e| anyhow::anyhow!("cannot schedule {name} on {schedule:?}: {e}"))?;
+    scheduler.add(cron).await?;
+    Ok(())
+}
+
+/// How an active period ended.
+enum Period {
+    Stopped,
+    LockLost,
+}
+
+/// Runs the daemon until a signal stops it.
+pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
+    let poll = Duration::from_secs(settings.daemon.lock_poll_secs);
+    let drain = Duration::from_secs(settings.daemon.shutdown_timeout_secs);
+    let listen = settings.http.listen;
+    let target = LockTarget::of(&settings.database.url);
+    let base = Context::new(settings).await?;
+    let metrics = crate::ops::install_recorder()?;
+    let active = Arc::new(AtomicBool::new(false));
+    let (addr, ops_task) =
+        crate::ops::serve(listen, base.store.clone(), metrics, active.clone()).await?;
+    tracing::info!(listen = %addr, "ops endpoint listening: /healthz, /metrics");
+    let stop = CancellationToken::new();
+    spawn_signal_handler(stop.clone())?;
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    let watchdog = spawn_watchdog(base.store.clone());
+    tracing::info!(
+        contacts = %base.settings.sync.schedule,
+        writeback = %base.settings.writeback.schedule,
+        "daemon started"
+    );
+
+    let mut said_standby = false;
+    while !stop.is_cancelled() {
+        match target.try_acquire().await {
+            Ok(Some(lock)) => {
+                said_standby = false;
+                active.store(true, Ordering::SeqCst);
+                metrics::gauge!(crate::ops::metric::ACTIVE).set(1.0);
+                tracing::info!("holding the instance lock: this instance runs the jobs");
+                let period = active_period(&base, lock, &stop, poll, drain).await;
+                active.store(false, Ordering::SeqCst);
+                metrics::gauge!(crate::ops::metric::ACTIVE).set(0.0);
+                match period? {
+                    Period::Stopped => break,
+                    Period::LockLost => {
+                        tracing::error!(
+                            "lost the instance lock (database connection gone); jobs stopped, standing by"
+                        );
+                        continue;
+                    }
+                }
+            }
+            Ok(None) => {
+                if !said_standby {
+                    tracing::info!(
+                        poll_secs = poll.as_secs(),
+                        "another instance holds the state database: standing by"
+                    );
+                    said_standby = true;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot try the instance lock; will try again")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    ops_task.abort();
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the schedules while the lock is held; returns when a signal
+/// arrives (after draining) or the lock is lost.
+async fn active_period(
+    base: &Context,
+    mut lock: InstanceLock,
+    stop: &CancellationToken,
+    poll: Duration,
+    drain: Duration,
+) -> anyhow::Result<Period> {
+    let period = stop.child_token();
+    let ctx = Arc::new(base.clone().with_shutdown(period.clone()));
+    let scheduler = JobScheduler::new().await?;
+    let turn = Arc::new(tokio::sync::Mutex::new(()));
+    let mut gates = Vec::new();
+    for job in [contacts::JOB, writeback::JOB] {
+        let gate = Arc::new(Gate::default());
+        gates.push(gate.clone());
+        let cron = if job == contacts::JOB {
+            ctx.settings.sync.schedule.clone()
+        } else {
+            ctx.settings.writeback.schedule.clone()
+        };
+        let job_ctx = ctx.clone();
+        let f: JobFn = Arc::new(move || {
+            let ctx = job_ctx.clone();
+            Box::pin(async move { run_job(&ctx, job).await })
+        });
+        schedule(&scheduler, job, &cron, gate, turn.clone(), f).await?;
+    }
+    let mut scheduler = scheduler;
+    scheduler.start().await?;
+    let lost = loop {
+        tokio::select! {
+            _ = stop.cancelled() => break false,
+            _ = tokio::time::sleep(poll) => {
+                if !lock.still_held().await {
+                    break true;
+                }
+            }
+        }
+    };
+    period.cancel();
+    scheduler.shutdown().await?;
+    if gates.iter().any(|g| g.is_running()) {
+        tracing::info!(
+            drain_secs = drain.as_secs(),
+            "waiting for the running job to finish its current batch"
+        );
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    }
+    let deadline = tokio::time::Instant::now() + drain;
+    while gates.iter().any(|g| g.is_running()) {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                "shutdown_timeout_secs passed with a job still running; exiting: unsent work stays to be planned again"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(lock);
+    Ok(if lost {
+        Period::LockLost
+    } else {
+        Period::Stopped
+    })
+}
+
+/// One scheduled run; errors are logged here, where they are handled.
+async fn run_job(ctx: &Context, job: &'static str) {
+    let result = match job {
+        contacts::JOB => contacts::run(ctx, RunOptions::default()).await.map(|_| ()),
+        _ => writeback::run(ctx).await.map(|_| ()),
+    };
+    if let Err(e) = result {
+        tracing::error!(job, error = %ctx.redactor.redact(&format!("{e:#}")), "run failed");
+    }
+}
+
+fn spawn_signal_handler(stop: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!(
+            "stop requested: no new runs; the running job finishes its current batch (a second signal exits at once)"
+        );
+        stop.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!(
+            "second stop signal: exiting at once; unsent work stays to be planned again"
+        );
+        std::process::exit(1);
+    });
+    Ok(())
+}
+
+/// Tells systemd (when it started us with `Type=notify`); a no-op otherwise.
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Pings systemd's watchdog at half its interval while the state database
+/// answers.
+fn spawn_watchdog(store: crate::state::Store) -> Option<tokio::task::JoinHandle<()>> {
+    let interval = sd_notify::watchdog_enabled()? / 2;
+    Some(tokio::spawn(async move {
+        loop {
+            if store.connection().ping().await.is_ok() {
+                notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_lets_one_in_and_counts_the_ones_turned_away() {
+        let gate = Gate::default();
+        let first = gate.try_enter();
+        assert!(first.is_some());
+        assert!(gate.try_enter().is_none());
+        assert!(gate.try_enter().is_none());
+        drop(first);
+        assert!(gate.try_enter().is_some());
+        assert_eq!(gate.started.load(Ordering::SeqCst), 2);
+        assert_eq!(gate.skipped.load(Ordering::SeqCst), 2);
+    }
+
+    /// Real time: tokio-cron-scheduler reads the wall clock, so
+    /// `tokio::time::pause` cannot drive it. A job that takes 1.5 s on an
+    /// every-second schedule must run, have ticks skipped, and never
+    /// overlap itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_scheduler_fires_and_skips_ticks_while_a_run_is_going() {
+        let scheduler = JobScheduler::new().await.unwrap();
+        let gate = Arc::new(Gate::default());
+        let in_flight = Arc::new(AtomicU64::new(0));
+        let max_in_flight = Arc::new(AtomicU64::new(0));
+        let (f_in, f_max) = (in_flight.clone(), max_in_flight.clone());
+        let job: JobFn = Arc::new(move || {
+            let (in_flight, max_in_flight) = (f_in.clone(), f_max.clone());
+            Box::pin(async move {
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                max_in_flight.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+            })
+        });
+        schedule(
+            &scheduler,
+            "test",
+            "* * * * * *",
+            gate.clone(),
+            Arc::new(tokio::sync::Mutex::new(())),
+            job,
+        )
+        .await
+        .unwrap();
+        let mut scheduler = scheduler;
+        scheduler.start().await.unwrap();
+
+        tokio::time::sleep(Duration::from_millis(5200)).await;
+        scheduler.shutdown().await.unwrap();
+
+        assert!(gate.started.load(Ordering::SeqCst) >= 2, "runs: {:?}", gate);
+        assert!(
+            gate.skipped.load(Ordering::SeqCst) >= 1,
+            "skips: {:?}",
+            gate
+        );
+        assert_eq!(max_in_flight.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_bad_schedule_is_an_error_naming_it() {
+        let scheduler = JobScheduler::new().await.unwrap();
+        let job: JobFn = Arc::new(|| Box::pin(async {}));
+        let err = schedule(
+            &scheduler,
+            "x",
+            "every minute",
+            Arc::default(),
+            Arc::default(),
+            job,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("every minute"), "{err}");
+    }
+}

@@ -1,0 +1,456 @@
+//! The real binary in daemon mode: graceful shutdown, one active instance
+//! per database, the ops endpoints.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{TestDb, config_text, seed_basic};
+use crm_edm_sync::sandbox::{Fault, Sandbox};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const BIN: &str = env!("CARGO_BIN_EXE_crm-edm-sync");
+
+/// A config that runs contacts every second, write-back once a year, and
+/// tries the lock every second.
+fn write_config(dir: &std::path::Path, sb: &Sandbox, db: &TestDb) -> std::path::PathBuf {
+    let text = config_text(
+        sb,
+        &db.url,
+        "schedule = \"* * * * * *\"",
+        "[writeback]\nschedule = \"0 0 0 1 1 *\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n[http]\nlisten = \"127.0.0.1:0\"\n[daemon]\nlock_poll_secs = 1\nshutdown_timeout_secs = 30\nlock_wait_secs = 2\n",
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A daemon process whose JSON log lines are collected as they come.
+struct Daemon {
+    child: tokio::process::Child,
+    lines: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Daemon {
+    fn start(config: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.arg("--config")
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("daemon starts");
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let value = serde_json::from_str(&line).unwrap_or_else(|_| json!({"raw": line}));
+                sink.lock().unwrap().push(value);
+            }
+        });
+        Daemon { child, lines }
+    }
+
+    fn count(&self, message: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.contains(message)))
+            .count()
+    }
+
+    fn find(&self, message: &str) -> Option<serde_json::Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|v| v["message"].as_str().is_some_and(|m| m.contains(message)))
+            .cloned()
+    }
+
+    async fn wait_for(&self, message: &str, n: usize, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if self.count(message) >= n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+    }
+
+    async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("exits in time")
+            .unwrap()
+            .code()
+    }
+
+    fn log(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The ops endpoint's base URL, from its log line.
+    async fn ops_url(&self) -> String {
+        assert!(
+            self.wait_for("ops endpoint listening", 1, Duration::from_secs(20))
+                .await,
+            "{}",
+            self.log()
+        );
+        let line = self.find("ops endpoint listening").unwrap();
+        format!("http://{}", line["listen"].as_str().unwrap())
+    }
+}
+
+async fn sandbox() -> Sandbox {
+    let sb = Sandbox::start().await.unwrap();
+    sb.edm.create_list(1, "客户");
+    sb.edm.create_list(2, "VIP");
+    sb
+}
+
+#[tokio::test]
+async fn sigterm_during_a_run_exits_zero_and_the_next_run_completes_the_pending_work() {
+    // Arrange: 60 link-men in list 1, adds in batches of 5, each batch slow.
+    let sb = sandbox().await;
+    for c in 1..=60i64 {
+        sb.crm
+            .put_customer(c, json!({"name": format!("c{c}"), "type_id": 1}));
+        sb.crm.put_linkman(
+            c,
+            c * 10,
+            json!({"name": format!("n{c}"), "email": format!("p{c}@example.com")}),
+        );
+    }
+    sb.inject(
+        "ml-addr-add",
+        Fault::Delay(Duration::from_millis(300)),
+        1000,
+    );
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sb, &db);
+    let mut daemon = Daemon::start(&config, &[("CRM_EDM_SYNC__EDM__BATCH_SIZE", "5")]);
+
+    // Act: stop it once the adds are under way.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sb.count("ml-addr-add") < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.signal("-TERM");
+    let code = daemon.exit_code(Duration::from_secs(30)).await;
+
+    // Assert: a clean exit that stopped between batches.
+    assert_eq!(code, Some(0), "{}", daemon.log());
+    assert!(daemon.count("stop requested") >= 1, "{}", daemon.log());
+    let sent = sb.count("ml-addr-add");
+    assert!(
+        sent < 12,
+        "the run should have stopped early, sent {sent} batches"
+    );
+    let held = sb.edm.emails(1);
+    assert!(held.len() < 60);
+
+    // The next run completes it: exactly the desired members, no duplicate.
+    sb.clear_faults();
+    let out = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["--once", "--job", "contacts"])
+        .env("CRM_EDM_SYNC__EDM__BATCH_SIZE", "5")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut expected: Vec<String> = (1..=60).map(|c| format!("p{c}@example.com")).collect();
+    expected.sort();
+    assert_eq!(sb.edm.emails(1), expected);
+}
+
+async fn only_one_of_two_daemons_runs_jobs_and_the_other_takes_over(db: TestDb) {
+    let sb = sandbox().await;
+    seed_basic(&sb);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sb, &db);
+
+    let first = Daemon::start(&config, &[]);
+    assert!(
+        first
+            .wait_for("holding the instance lock", 1, Duration::from_secs(20))
+            .await,
+        "{}",
+        first.log()
+    );
+    let mut second = Daemon::start(&config, &[]);
+    assert!(
+        second
+            .wait_for("standing by", 1, Duration::from_secs(20))
+            .await,
+        "{}",
+        second.log()
+    );
+    assert!(
+        first
+            .wait_for("run finished", 3, Duration::from_secs(20))
+            .await,
+        "{}",
+        first.log()
+    );
+    assert_eq!(
+        second.count("run finished"),
+        0,
+        "the standby ran a job:\n{}",
+        second.log()
+    );
+    assert_eq!(second.count("holding the instance lock"), 0);
+
+    // The active one dies without a word.
+    first.signal("-KILL");
+
+    assert!(
+        second
+            .wait_for("holding the instance lock", 1, Duration::from_secs(10))
+            .await,
+        "{}",
+        second.log()
+    );
+    assert!(
+        second
+            .wait_for("run finished", 1, Duration::from_secs(10))
+            .await,
+        "{}",
+        second.log()
+    );
+    assert_eq!(
+        sb.edm.emails(1).len(),
+        5,
+        "no duplicate after the take-over"
+    );
+    second.signal("-TERM");
+    assert_eq!(second.exit_code(Duration::from_secs(30)).await, Some(0));
+}
+
+#[tokio::test]
+async fn two_daemons_on_one_postgresql_database_only_one_runs_jobs_the_other_takes_over() {
+    only_one_of_two_daemons_runs_jobs_and_the_other_takes_over(TestDb::postgres().await).await;
+}
+
+#[tokio::test]
+async fn two_daemons_on_one_sqlite_file_only_one_runs_jobs_the_other_takes_over() {
+    only_one_of_two_daemons_runs_jobs_and_the_other_takes_over(TestDb::sqlite()).await;
+}
+
+#[tokio::test]
+async fn once_against_a_locked_database_waits_then_exits_non_zero() {
+    let sb = sandbox().await;
+    seed_basic(&sb);
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sb, &db);
+    let mut daemon = Daemon::start(&config, &[]);
+    assert!(
+        daemon
+            .wait_for("holding the instance lock", 1, Duration::from_secs(20))
+            .await,
+        "{}",
+        daemon.log()
+    );
+
+    let started = std::time::Instant::now();
+    let out = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["--once", "--job", "contacts"])
+        .output()
+        .await
+        .unwrap();
+
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another crm-edm-sync instance holds the state database"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "it waited for the lock"
+    );
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+    let out = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["--once", "--job", "contacts"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn healthz_turns_503_after_a_failed_run_and_200_after_a_good_one() {
+    let sb = sandbox().await;
+    seed_basic(&sb);
+    sb.inject("Customer/GetAllList", Fault::Status(500), 100_000);
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sb, &db);
+    let mut daemon = Daemon::start(&config, &[("CRM_EDM_SYNC__CRM__MAX_RETRIES", "0")]);
+    let url = daemon.ops_url().await;
+    let http = reqwest::Client::new();
+
+    assert!(
+        daemon
+            .wait_for("run finished", 1, Duration::from_secs(20))
+            .await,
+        "{}",
+        daemon.log()
+    );
+    let failing = http.get(format!("{url}/healthz")).send().await.unwrap();
+    assert_eq!(failing.status().as_u16(), 503);
+    let body: serde_json::Value = serde_json::from_slice(&failing.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["status"], "failing");
+    assert!(
+        body["reason"].as_str().unwrap().contains("contacts"),
+        "{body}"
+    );
+
+    sb.clear_faults();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut status = 0;
+    while tokio::time::Instant::now() < deadline {
+        status = http
+            .get(format!("{url}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(status, 200, "{}", daemon.log());
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+}
+
+/// `name{labels}` → value, from Prometheus text; panics on a malformed line.
+fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample: {line:?}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "bad labels in {line:?}");
+        }
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        out.insert(series.to_string(), value);
+    }
+    out
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_and_count_what_the_runs_did() {
+    let sb = sandbox().await;
+    seed_basic(&sb);
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sb, &db);
+    let mut daemon = Daemon::start(&config, &[]);
+    let url = daemon.ops_url().await;
+    assert!(
+        daemon
+            .wait_for("run finished", 2, Duration::from_secs(20))
+            .await,
+        "{}",
+        daemon.log()
+    );
+
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let m = parse_prometheus(&text);
+
+    let runs = m[r#"crm_edm_sync_runs_total{job="contacts",outcome="succeeded"}"#];
+    assert!(runs >= 2.0, "{text}");
+    assert_eq!(
+        m[r#"crm_edm_sync_operations_total{kind="add",outcome="done"}"#], 10.0,
+        "{text}"
+    );
+    assert!(
+        m[r#"crm_edm_sync_http_requests_total{api="crm"}"#] >= 2.0 * 11.0,
+        "{text}"
+    );
+    assert!(
+        m[r#"crm_edm_sync_http_requests_total{api="edm"}"#] >= 4.0,
+        "{text}"
+    );
+    assert!(
+        m[r#"crm_edm_sync_last_success_timestamp_seconds{job="contacts"}"#] > 1.7e9,
+        "{text}"
+    );
+    assert_eq!(
+        m[r#"crm_edm_sync_pending_operations{kind="edm"}"#], 0.0,
+        "{text}"
+    );
+    assert_eq!(m["crm_edm_sync_active"], 1.0, "{text}");
+    // The counters match the sandbox's own log.
+    assert_eq!(sb.count("ml-addr-add"), 2);
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+}
