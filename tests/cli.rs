@@ -312,6 +312,36 @@ async fn status_and_check_exit_zero_and_report() {
 }
 
 #[tokio::test]
+async fn status_json_is_machine_readable() {
+    let cli = setup("info").await;
+    cli.run(&["--once", "--job", "contacts"], &[]).await;
+    cli.sb.edm.user_unsubscribe(1, "lm1@example.com");
+    cli.run(&["--once", "--job", "contacts"], &[]).await;
+
+    let out = cli.run(&["status", "--json"], &[]).await;
+
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{v}");
+    assert!(
+        runs.iter()
+            .any(|r| r["job"] == "contacts" && r["counts"]["added"] == 10),
+        "{v}"
+    );
+    assert_eq!(v["pending_operations"]["total"], 0);
+    assert_eq!(v["suppressions"]["user_unsubscribe"], 1);
+    assert!(
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["list_id"] == 2 && m["count"] == 5),
+        "{v}"
+    );
+}
+
+#[tokio::test]
 async fn check_says_which_api_failed() {
     let cli = setup("info").await;
     let out = cli

@@ -454,3 +454,37 @@ async fn metrics_are_prometheus_text_and_count_what_the_runs_did() {
     daemon.signal("-TERM");
     assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
 }
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let sb = sandbox().await;
+    seed_basic(&sb);
+    // Every add takes 20 s: the drain would take long.
+    sb.inject("ml-addr-add", Fault::Delay(Duration::from_secs(20)), 10);
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sb, &db);
+    let mut daemon = Daemon::start(&config, &[]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // The request log records a request once answered; wait for the
+    // daemon to be inside the slow call instead.
+    while sb.max_in_flight("ml-addr-add") < 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    daemon.signal("-TERM");
+    assert!(
+        daemon
+            .wait_for("stop requested", 1, Duration::from_secs(5))
+            .await,
+        "{}",
+        daemon.log()
+    );
+    let started = std::time::Instant::now();
+    daemon.signal("-TERM");
+    let code = daemon.exit_code(Duration::from_secs(10)).await;
+
+    assert_eq!(code, Some(1), "{}", daemon.log());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(daemon.count("second stop signal"), 1, "{}", daemon.log());
+}
