@@ -72,6 +72,11 @@ pub struct CrmSettings {
     pub timeout_secs: u64,
     /// Retries of a transient failure before giving up.
     pub max_retries: u32,
+    /// Requests started per second at most (all CRM calls); none if unset.
+    #[serde(default)]
+    pub max_requests_per_sec: Option<u32>,
+    /// Guard against a CRM whose paging never ends.
+    pub max_pages: u32,
     /// Which keys inside CRM objects hold what.
     pub fields: CrmFields,
 }
@@ -101,6 +106,11 @@ pub struct EdmSettings {
     pub list_page_size: u32,
     pub timeout_secs: u64,
     pub max_retries: u32,
+    /// EDM requests in flight at once.
+    pub concurrency: usize,
+    /// Requests started per second at most; none if unset.
+    #[serde(default)]
+    pub max_requests_per_sec: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -279,6 +289,7 @@ page_size = 100
 concurrency = 4
 timeout_secs = 30
 max_retries = 5
+max_pages = 100000
 [crm.fields]
 customer_id = "id"
 customer_name = "name"
@@ -294,6 +305,7 @@ batch_size = 500
 list_page_size = 1000
 timeout_secs = 30
 max_retries = 5
+concurrency = 4
 
 [database]
 url = "sqlite://state.db?mode=rwc"
@@ -465,6 +477,18 @@ impl Settings {
         if self.edm.list_page_size == 0 || self.edm.list_page_size > 10_000 {
             return bad("edm.list_page_size", "must be between 1 and 10000");
         }
+        if self.edm.concurrency == 0 || self.edm.concurrency > 64 {
+            return bad("edm.concurrency", "must be between 1 and 64");
+        }
+        if self.crm.max_requests_per_sec == Some(0) {
+            return bad("crm.max_requests_per_sec", "must be at least 1 (or unset)");
+        }
+        if self.edm.max_requests_per_sec == Some(0) {
+            return bad("edm.max_requests_per_sec", "must be at least 1 (or unset)");
+        }
+        if self.crm.max_pages == 0 {
+            return bad("crm.max_pages", "must be at least 1");
+        }
         if self.edm.timeout_secs == 0 {
             return bad("edm.timeout_secs", "must be at least 1");
         }
@@ -543,12 +567,23 @@ impl Settings {
         lists
     }
 
-    pub fn crm_timeout(&self) -> Duration {
-        Duration::from_secs(self.crm.timeout_secs)
+    /// The CRM client's limits: every CRM call shares `crm.concurrency`.
+    pub fn crm_limits(&self) -> crate::remote::Limits {
+        crate::remote::Limits {
+            timeout: Duration::from_secs(self.crm.timeout_secs),
+            max_retries: self.crm.max_retries,
+            in_flight: self.crm.concurrency,
+            per_second: self.crm.max_requests_per_sec,
+        }
     }
 
-    pub fn edm_timeout(&self) -> Duration {
-        Duration::from_secs(self.edm.timeout_secs)
+    pub fn edm_limits(&self) -> crate::remote::Limits {
+        crate::remote::Limits {
+            timeout: Duration::from_secs(self.edm.timeout_secs),
+            max_retries: self.edm.max_retries,
+            in_flight: self.edm.concurrency,
+            per_second: self.edm.max_requests_per_sec,
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+
 use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -221,37 +222,86 @@ pub enum Idempotence {
 /// The largest body a client reads (issue: "a body over a size limit").
 pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
-/// One API's HTTP caller: a shared `reqwest::Client`, the retry bound and
-/// the redactor.
-#[derive(Clone, Debug)]
+/// Requests per second allowed to one API (governor's direct limiter).
+type Limiter = governor::DefaultDirectRateLimiter;
+
+/// How hard a client may press on its API.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub timeout: Duration,
+    pub max_retries: u32,
+    /// Requests in flight at once.
+    pub in_flight: usize,
+    /// Requests started per second, if limited.
+    pub per_second: Option<u32>,
+}
+
+/// One API's HTTP caller: a shared `reqwest::Client`, the retry bound, the
+/// rate and in-flight limits, and the redactor.
+#[derive(Clone)]
 pub struct HttpCaller {
     pub(crate) client: reqwest::Client,
     pub(crate) api: Api,
     pub(crate) max_retries: u32,
     pub(crate) min_delay: Duration,
+    pub(crate) max_body: usize,
     pub(crate) redactor: Arc<Redactor>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    limiter: Option<Arc<Limiter>>,
+}
+
+impl fmt::Debug for HttpCaller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpCaller")
+            .field("api", &self.api)
+            .field("max_retries", &self.max_retries)
+            .field("rate_limited", &self.limiter.is_some())
+            .finish()
+    }
+}
+
+/// Full jitter: a delay drawn evenly from `[0, planned]`, but never below
+/// what the server asked for in `Retry-After` (capped at five minutes).
+pub fn full_jitter(planned: Duration, retry_after: Option<Duration>, draw: f64) -> Duration {
+    let jittered = planned.mul_f64(draw.clamp(0.0, 1.0));
+    match retry_after {
+        Some(after) => jittered.max(after.min(Duration::from_secs(300))),
+        None => jittered,
+    }
 }
 
 impl HttpCaller {
-    pub fn new(
-        api: Api,
-        timeout: Duration,
-        max_retries: u32,
-        redactor: Arc<Redactor>,
-    ) -> anyhow::Result<Self> {
+    pub fn new(api: Api, limits: Limits, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .timeout(limits.timeout)
+            .connect_timeout(limits.timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(64)
             .user_agent(concat!("crm-edm-sync/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        let limiter = limits
+            .per_second
+            .and_then(std::num::NonZeroU32::new)
+            .map(|n| {
+                Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+                    n,
+                )))
+            });
         Ok(HttpCaller {
             client,
             api,
-            max_retries,
+            max_retries: limits.max_retries,
             min_delay: Duration::from_millis(200),
+            max_body: MAX_BODY_BYTES,
             redactor,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(limits.in_flight.max(1))),
+            limiter,
         })
+    }
+
+    /// Lowers the largest body this caller reads (tests).
+    pub fn with_max_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
     }
 
     /// Shortens the first backoff delay (tests and the demo use this to keep
@@ -282,36 +332,53 @@ impl HttpCaller {
             let body = self.send_once(operation, build()).await?;
             parse(&body)
         };
+        // Exponential delays, full jitter applied in `adjust`.
         let backoff = ExponentialBuilder::default()
-            .with_jitter()
             .with_min_delay(self.min_delay)
             .with_max_delay(Duration::from_secs(30))
             .with_max_times(self.max_retries as usize);
         let api = self.api;
-        attempt
+        let retries = std::sync::atomic::AtomicU32::new(0);
+        let result = attempt
             .retry(backoff)
             .when(|e: &RemoteError| match idempotence {
                 Idempotence::Idempotent => e.is_retriable(),
                 Idempotence::NotIdempotent => e.is_retriable() && !e.maybe_applied(),
             })
-            .adjust(|e: &RemoteError, planned| match &e.kind {
-                ErrorKind::Status {
-                    retry_after: Some(after),
-                    ..
-                } => planned.map(|p| p.max(*after).min(Duration::from_secs(300))),
-                _ => planned,
+            .adjust(|e: &RemoteError, planned| {
+                let retry_after = match &e.kind {
+                    ErrorKind::Status { retry_after, .. } => *retry_after,
+                    _ => None,
+                };
+                planned.map(|p| full_jitter(p, retry_after, fastrand::f64()))
             })
             .notify(|e: &RemoteError, after: Duration| {
+                let attempt = retries.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                 crate::ops::http_retry(api.as_str());
                 tracing::warn!(
                     api = api.as_str(),
                     operation = %e.operation,
+                    attempt,
+                    max_retries = self.max_retries,
                     error = %e,
                     retry_in_ms = after.as_millis() as u64,
                     "transient failure, retrying"
                 );
             })
-            .await
+            .await;
+        if let Err(e) = &result {
+            let retried = retries.load(std::sync::atomic::Ordering::SeqCst);
+            if e.is_retriable() && retried > 0 {
+                tracing::error!(
+                    api = api.as_str(),
+                    operation = %e.operation,
+                    attempts = retried + 1,
+                    error = %e,
+                    "retries exhausted"
+                );
+            }
+        }
+        result
     }
 
     async fn send_once(
@@ -320,6 +387,16 @@ impl HttpCaller {
         request: reqwest::RequestBuilder,
     ) -> Result<Bytes, RemoteError> {
         let err = |kind| RemoteError::new(self.api, operation, kind);
+        // Held until the body is read: the in-flight limit covers the
+        // whole exchange.
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| err(ErrorKind::Connect("client is shutting down".into())))?;
+        if let Some(limiter) = &self.limiter {
+            limiter.until_ready().await;
+        }
         crate::ops::http_request(self.api.as_str());
         let response = request.send().await.map_err(|e| err(classify(&e)))?;
         let status = response.status();
@@ -330,13 +407,13 @@ impl HttpCaller {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         if let Some(len) = response.content_length()
-            && len as usize > MAX_BODY_BYTES
+            && len as usize > self.max_body
         {
             return Err(err(ErrorKind::TooLarge {
-                limit: MAX_BODY_BYTES,
+                limit: self.max_body,
             }));
         }
-        let body = read_limited(response)
+        let body = read_limited(response, self.max_body)
             .await
             .map_err(|e| err(e.unwrap_or_else(|e| classify(&e))))?;
         if !status.is_success() {
@@ -361,20 +438,18 @@ impl HttpCaller {
     }
 }
 
-/// Reads the body up to [`MAX_BODY_BYTES`]; `Err(Some(kind))` for an
-/// oversize body, `Err(None)`-style transport failures come back as the
-/// reqwest error.
+/// Reads the body up to `limit` bytes: `Err(Ok(kind))` for an oversize
+/// body, `Err(Err(e))` for a transport failure (a truncated body).
 async fn read_limited(
     mut response: reqwest::Response,
+    limit: usize,
 ) -> Result<Bytes, Result<ErrorKind, reqwest::Error>> {
     let mut buf = Vec::new();
     loop {
         match response.chunk().await {
             Ok(Some(chunk)) => {
-                if buf.len() + chunk.len() > MAX_BODY_BYTES {
-                    return Err(Ok(ErrorKind::TooLarge {
-                        limit: MAX_BODY_BYTES,
-                    }));
+                if buf.len() + chunk.len() > limit {
+                    return Err(Ok(ErrorKind::TooLarge { limit }));
                 }
                 buf.extend_from_slice(&chunk);
             }
@@ -485,6 +560,22 @@ mod tests {
         };
         assert!(RemoteError::new(Api::Edm, "ml-addr-add", rejected.clone()).maybe_applied());
         assert!(!RemoteError::new(Api::Crm, "ContactHistory/Add", rejected).maybe_applied());
+    }
+
+    #[test]
+    fn full_jitter_spreads_over_zero_to_the_planned_delay_and_honours_retry_after() {
+        let planned = Duration::from_secs(4);
+        assert_eq!(full_jitter(planned, None, 0.0), Duration::ZERO);
+        assert_eq!(full_jitter(planned, None, 0.5), Duration::from_secs(2));
+        assert_eq!(full_jitter(planned, None, 1.0), planned);
+        assert_eq!(
+            full_jitter(planned, Some(Duration::from_secs(10)), 0.1),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            full_jitter(planned, Some(Duration::from_secs(3600)), 0.1),
+            Duration::from_secs(300)
+        );
     }
 
     #[test]

@@ -233,7 +233,7 @@ async fn crm_failures_leave_exactly_those_records_pending_and_a_later_run_comple
     // One definite refusal and one lost-in-the-middle 500 (not applied).
     e.sb.inject(
         "ContactHistory/Add",
-        Fault::Body(r#"{"value": false}"#.into()),
+        Fault::Body(br#"{"value": false}"#.to_vec()),
         1,
     );
     e.sb.inject("ContactHistory/Add", Fault::Status(500), 1);

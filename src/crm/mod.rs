@@ -12,7 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 
-use crate::config::{CrmFields, CrmSettings};
+use crate::config::{CrmFields, Settings};
 use crate::domain::{CustomerId, LinkManId};
 use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Redactor, RemoteError};
 
@@ -74,19 +74,14 @@ pub struct CrmClient {
     fields: CrmFields,
     page_size: u32,
     concurrency: usize,
+    /// Protects against a CRM whose paging never ends.
+    max_pages: u32,
 }
 
-/// Protects against a CRM whose paging never ends.
-pub const MAX_PAGES: u32 = 100_000;
-
 impl CrmClient {
-    pub fn new(settings: &CrmSettings, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
-        let http = HttpCaller::new(
-            Api::Crm,
-            std::time::Duration::from_secs(settings.timeout_secs),
-            settings.max_retries,
-            redactor,
-        )?;
+    pub fn new(all: &Settings, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
+        let settings = &all.crm;
+        let http = HttpCaller::new(Api::Crm, all.crm_limits(), redactor)?;
         Ok(CrmClient {
             http,
             base_url: settings.base_url.trim_end_matches('/').to_string(),
@@ -94,7 +89,14 @@ impl CrmClient {
             fields: settings.fields.clone(),
             page_size: settings.page_size,
             concurrency: settings.concurrency,
+            max_pages: settings.max_pages,
         })
+    }
+
+    /// Lowers the largest answer read (tests).
+    pub fn with_max_body(mut self, bytes: usize) -> Self {
+        self.http = self.http.with_max_body(bytes);
+        self
     }
 
     /// Shortens retry delays (tests, demo).
@@ -302,7 +304,7 @@ impl CrmClient {
         let pager = async move {
             let mut seen: HashSet<CustomerId> = HashSet::new();
             let mut previous: Option<Vec<CustomerId>> = None;
-            for page in 1..=MAX_PAGES {
+            for page in 1..=self.max_pages {
                 let items = self.customers_page(page, page_size).await?;
                 let pages = page;
                 let n = items.len();
@@ -349,7 +351,7 @@ impl CrmClient {
             Err(self.err(
                 "Customer/GetAllList",
                 ErrorKind::Malformed {
-                    detail: format!("more than {MAX_PAGES} pages"),
+                    detail: format!("more than {} pages (crm.max_pages)", self.max_pages),
                     excerpt: String::new(),
                 },
             ))
@@ -417,7 +419,7 @@ mod tests {
         )
         .unwrap();
         let redactor = Arc::new(Redactor::new(["s3cret-token".to_string()]));
-        CrmClient::new(&settings.crm, redactor).unwrap()
+        CrmClient::new(&settings, redactor).unwrap()
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::xml::{
     self, AddrListXml, ClickDetailXml, CustomerXml, MailListsXml, OpenDetailXml, ResultXml,
     TaskListXml, XmlError,
 };
-use crate::config::EdmSettings;
+use crate::config::Settings;
 use crate::domain::{Email, ListId, MemberFields, VAR_COUNT};
 use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Redactor, RemoteError};
 
@@ -128,13 +128,9 @@ pub struct EdmClient {
 }
 
 impl EdmClient {
-    pub fn new(settings: &EdmSettings, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
-        let http = HttpCaller::new(
-            Api::Edm,
-            std::time::Duration::from_secs(settings.timeout_secs),
-            settings.max_retries,
-            redactor,
-        )?;
+    pub fn new(all: &Settings, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
+        let settings = &all.edm;
+        let http = HttpCaller::new(Api::Edm, all.edm_limits(), redactor)?;
         Ok(EdmClient {
             http,
             base_url: settings.base_url.trim_end_matches('/').to_string(),
@@ -142,6 +138,12 @@ impl EdmClient {
             password_md5: SecretString::from(password_md5(settings.password.expose_secret())),
             list_page_size: settings.list_page_size,
         })
+    }
+
+    /// Lowers the largest answer read (tests).
+    pub fn with_max_body(mut self, bytes: usize) -> Self {
+        self.http = self.http.with_max_body(bytes);
+        self
     }
 
     /// Shortens retry delays (tests, demo).
@@ -724,7 +726,7 @@ mod tests {
             "hunter22".to_string(),
             password_md5("hunter22"),
         ]));
-        EdmClient::new(&settings.edm, redactor).unwrap()
+        EdmClient::new(&settings, redactor).unwrap()
     }
 
     #[test]

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use super::{Before, Server, Shared, before, lock, lost, params};
+use super::{After, Before, Server, Shared, before, finish, lock, params};
 
 /// One `ContactHistory/Add` the CRM received.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,8 +24,20 @@ pub struct ContactRecord {
     pub content: String,
 }
 
+/// A paging fault of `Customer/GetAllList`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageFault {
+    /// Page 1 is empty, as if the CRM had no customer.
+    EmptyFirst,
+    /// Page k answers 500, always.
+    FailOn(u32),
+    /// Page k serves page k-1 again.
+    Repeat(u32),
+}
+
 #[derive(Debug, Default)]
 struct CrmData {
+    page_fault: Option<PageFault>,
     customers: BTreeMap<i64, Map<String, Value>>,
     /// link-man id → (customer id, object)
     linkmen: BTreeMap<i64, (i64, Map<String, Value>)>,
@@ -102,6 +114,11 @@ impl CrmHandle {
         lock(&self.data).linkmen.len()
     }
 
+    /// Sets (or clears) a paging fault.
+    pub fn page_fault(&self, fault: Option<PageFault>) {
+        lock(&self.data).page_fault = fault;
+    }
+
     /// Every `ContactHistory/Add` received.
     pub fn history(&self) -> Vec<ContactRecord> {
         lock(&self.data).history.clone()
@@ -127,12 +144,12 @@ async fn handle(
     let operation = format!("{area}/{name}");
     let p = params(query.as_deref(), &body);
     let _in_flight = h.shared.enter(&operation);
-    let lose_answer = match before(&h.shared, Server::Crm, &operation, &p).await {
+    let after = match before(&h.shared, Server::Crm, &operation, &p).await {
         Before::Answered(response) => return response,
-        Before::Proceed { lose_answer } => lose_answer,
+        Before::Proceed(after) => after,
     };
     if p.get("token").map(String::as_str) != Some(super::TOKEN) {
-        h.shared.record(Server::Crm, &operation, &p, 401);
+        h.shared.record(Server::Crm, &operation, &p, 401, false);
         return (
             StatusCode::UNAUTHORIZED,
             axum::Json(json!({"message": "token invalid or expired"})),
@@ -140,12 +157,21 @@ async fn handle(
             .into_response();
     }
     let (status, value) = answer(&h, &operation, &p);
-    if lose_answer {
-        return lost(&h.shared, Server::Crm, &operation, &p);
-    }
-    h.shared
-        .record(Server::Crm, &operation, &p, status.as_u16());
-    (status, axum::Json(value)).into_response()
+    let after = if status.is_success() {
+        after
+    } else {
+        After::Answer
+    };
+    finish(
+        &h.shared,
+        Server::Crm,
+        &operation,
+        &p,
+        after,
+        status,
+        "application/json; charset=utf-8",
+        value.to_string().into_bytes(),
+    )
 }
 
 fn int(p: &BTreeMap<String, String>, key: &str) -> Option<i64> {
@@ -156,8 +182,21 @@ fn answer(h: &CrmHandle, operation: &str, p: &BTreeMap<String, String>) -> (Stat
     let mut d = lock(&h.data);
     match operation {
         "Customer/GetAllList" => {
-            let page = int(p, "pageIndex").unwrap_or(1).max(1) as usize;
+            let mut page = int(p, "pageIndex").unwrap_or(1).max(1) as usize;
             let size = int(p, "pageSize").unwrap_or(10).clamp(1, 100) as usize;
+            match d.page_fault {
+                Some(PageFault::EmptyFirst) if page == 1 => {
+                    return (StatusCode::OK, json!({ "value": [] }));
+                }
+                Some(PageFault::FailOn(k)) if page == k as usize => {
+                    return (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        json!({ "message": "internal error" }),
+                    );
+                }
+                Some(PageFault::Repeat(k)) if page == k as usize && page > 1 => page -= 1,
+                _ => {}
+            }
             let items: Vec<Value> = d
                 .customers
                 .values()

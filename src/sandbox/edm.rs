@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
-use super::{Before, Server, Shared, before, lock, lost, params};
+use super::{Before, Server, Shared, before, finish, lock, params};
 
 /// One address a fake list holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -253,9 +253,9 @@ async fn handle(
         _ => q.get("do").cloned().unwrap_or_default(),
     };
     let _in_flight = h.shared.enter(&operation);
-    let lose_answer = match before(&h.shared, Server::Edm, &operation, &p).await {
+    let after = match before(&h.shared, Server::Edm, &operation, &p).await {
         Before::Answered(response) => return response,
-        Before::Proceed { lose_answer } => lose_answer,
+        Before::Proceed(after) => after,
     };
     let password_ok = q.get("password").map(String::as_str)
         == Some(crate::edm::password_md5(super::EDM_PASSWORD).as_str());
@@ -264,17 +264,22 @@ async fn handle(
     } else {
         answer(&h, &script, &operation, &p)
     };
-    if lose_answer {
-        return lost(&h.shared, Server::Edm, &operation, &p);
-    }
-    h.shared.record(Server::Edm, &operation, &p, 200);
     let plain = matches!(operation.as_str(), "unsubscribe-export" | "failexport");
     let content_type = if plain && !body.starts_with("<?xml") {
         "text/plain; charset=utf-8"
     } else {
         "text/xml; charset=utf-8"
     };
-    ([("content-type", content_type)], body).into_response()
+    finish(
+        &h.shared,
+        Server::Edm,
+        &operation,
+        &p,
+        after,
+        axum::http::StatusCode::OK,
+        content_type,
+        body.into_bytes(),
+    )
 }
 
 fn int(p: &BTreeMap<String, String>, key: &str) -> Option<i64> {

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-pub use crm::{ContactRecord, CrmHandle};
+pub use crm::{ContactRecord, CrmHandle, PageFault};
 pub use edm::{EdmHandle, SandboxAddress, SandboxCampaign};
 
 /// The CRM token the sandbox accepts.
@@ -46,8 +46,11 @@ pub struct LoggedRequest {
     pub operation: String,
     /// Every parameter except `token`, `username` and `password`.
     pub params: BTreeMap<String, String>,
-    /// The HTTP status answered (0 when the connection was dropped).
+    /// The HTTP status answered.
     pub status: u16,
+    /// Whether the request was carried out (also when its answer was then
+    /// lost or cut short).
+    pub applied: bool,
 }
 
 impl LoggedRequest {
@@ -78,8 +81,60 @@ pub enum Fault {
     HtmlOk,
     /// Wait this long before handling the request.
     Delay(Duration),
-    /// Answer 200 with this body, without carrying the request out.
-    Body(String),
+    /// Answer 200 with these bytes, without carrying the request out.
+    Body(Vec<u8>),
+    /// Carry the request out, then send half the answer and drop the
+    /// connection.
+    Truncate,
+    /// Wait this long before handling the request (past the client's
+    /// timeout, the client gives up and the request is not carried out).
+    Hang(Duration),
+}
+
+/// Random faults for every request of an operation, drawn from a seeded
+/// generator so a failing run can be repeated.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Chaos {
+    /// Answer 500/502/503 without carrying it out.
+    pub p_5xx: f64,
+    /// Hang for `hang_for` first.
+    pub p_hang: f64,
+    pub hang_for: Duration,
+    /// Wait `delay` first.
+    pub p_delay: f64,
+    pub delay: Duration,
+    /// Carry it out, then cut the answer short.
+    pub p_truncate: f64,
+    /// Answer 200 with an HTML page.
+    pub p_html: f64,
+    /// Carry it out, then answer 502.
+    pub p_lose_answer: f64,
+}
+
+impl Chaos {
+    fn draw(&self, rng: &mut fastrand::Rng) -> Option<Fault> {
+        let r = rng.f64();
+        let mut edge = 0.0;
+        let mut pick = |p: f64| {
+            edge += p;
+            r < edge
+        };
+        if pick(self.p_5xx) {
+            Some(Fault::Status([500, 502, 503][rng.usize(..3)]))
+        } else if pick(self.p_hang) {
+            Some(Fault::Hang(self.hang_for))
+        } else if pick(self.p_delay) {
+            Some(Fault::Delay(self.delay))
+        } else if pick(self.p_truncate) {
+            Some(Fault::Truncate)
+        } else if pick(self.p_html) {
+            Some(Fault::HtmlOk)
+        } else if pick(self.p_lose_answer) {
+            Some(Fault::LoseAnswer)
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +151,8 @@ pub(crate) struct Shared {
     faults: Mutex<Vec<Armed>>,
     /// Per operation: requests being handled now, and the most at once.
     in_flight: Mutex<BTreeMap<String, (usize, usize)>>,
+    /// Random faults per operation (`*`: every operation).
+    chaos: Mutex<(BTreeMap<String, Chaos>, Option<fastrand::Rng>)>,
 }
 
 /// Counts a request as in flight until dropped.
@@ -113,8 +170,20 @@ impl Drop for InFlight<'_> {
 }
 
 impl Shared {
-    /// Takes the fault armed for `operation`, if any.
+    /// Takes the fault armed for `operation`, else draws a random one.
     pub(crate) fn take_fault(&self, operation: &str) -> Option<Fault> {
+        self.take_armed(operation).or_else(|| {
+            let mut chaos = lock(&self.chaos);
+            let (profiles, rng) = &mut *chaos;
+            let profile = profiles
+                .get(operation)
+                .or_else(|| profiles.get("*"))?
+                .clone();
+            profile.draw(rng.get_or_insert_with(|| fastrand::Rng::with_seed(0)))
+        })
+    }
+
+    fn take_armed(&self, operation: &str) -> Option<Fault> {
         let mut faults = lock(&self.faults);
         let pos = faults
             .iter()
@@ -144,6 +213,7 @@ impl Shared {
         operation: &str,
         params: &BTreeMap<String, String>,
         status: u16,
+        applied: bool,
     ) {
         let params = params
             .iter()
@@ -155,6 +225,7 @@ impl Shared {
             operation: operation.to_string(),
             params,
             status,
+            applied,
         });
     }
 }
@@ -219,9 +290,18 @@ impl Sandbox {
         });
     }
 
-    /// Disarms every fault.
+    /// Disarms every fault, armed or random.
     pub fn clear_faults(&self) {
         lock(&self.shared.faults).clear();
+        lock(&self.shared.chaos).0.clear();
+    }
+
+    /// Random faults for every request of `operation` (`*` for all),
+    /// drawn from a generator seeded with `seed`.
+    pub fn chaos(&self, operation: &str, chaos: Chaos, seed: u64) {
+        let mut c = lock(&self.shared.chaos);
+        c.0.insert(operation.to_string(), chaos);
+        c.1 = Some(fastrand::Rng::with_seed(seed));
     }
 
     /// The most requests to `operation` that were handled at once.
@@ -287,11 +367,20 @@ url = "{db}"
     }
 }
 
-/// What the armed fault (if any) means for a request about to be handled.
+/// What happens to the answer of a request that is carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum After {
+    Answer,
+    /// Answer 502 ([`lost`]).
+    Lose,
+    /// Send half of it and drop the connection ([`truncated`]).
+    Truncate,
+}
+
+/// What the fault (if any) means for a request about to be handled.
 pub(crate) enum Before {
-    /// Handle it; if `lose_answer`, carry it out and then answer with
-    /// [`lost`].
-    Proceed { lose_answer: bool },
+    /// Carry it out, then answer as `After` says.
+    Proceed(After),
     /// The fault answered already; do not carry it out.
     Answered(axum::response::Response),
 }
@@ -307,32 +396,65 @@ pub(crate) async fn before(
     use axum::response::IntoResponse;
     let fault = shared.take_fault(operation);
     match fault {
-        Some(Fault::Delay(d)) => {
+        Some(Fault::Delay(d)) | Some(Fault::Hang(d)) => {
+            // If the client gives up meanwhile, the connection closes and
+            // this handler is dropped: the request is not carried out.
             tokio::time::sleep(d).await;
-            Before::Proceed { lose_answer: false }
+            Before::Proceed(After::Answer)
         }
-        Some(Fault::LoseAnswer) => Before::Proceed { lose_answer: true },
+        Some(Fault::LoseAnswer) => Before::Proceed(After::Lose),
+        Some(Fault::Truncate) => Before::Proceed(After::Truncate),
         Some(Fault::Status(code)) => {
             Before::Answered(html_error(shared, server, operation, p, code))
         }
         Some(Fault::HtmlOk) => Before::Answered(html_error(shared, server, operation, p, 200)),
         Some(Fault::Body(body)) => {
-            shared.record(server, operation, p, 200);
+            shared.record(server, operation, p, 200, false);
             Before::Answered((axum::http::StatusCode::OK, body).into_response())
         }
-        None => Before::Proceed { lose_answer: false },
+        None => Before::Proceed(After::Answer),
     }
 }
 
-/// The answer to a request whose effect happened but whose answer is lost:
-/// a 502 HTML page.
-pub(crate) fn lost(
+/// Finishes a request that was carried out: records it and answers as
+/// `after` says.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish(
     shared: &Shared,
     server: Server,
     operation: &str,
     p: &BTreeMap<String, String>,
+    after: After,
+    status: axum::http::StatusCode,
+    content_type: &'static str,
+    body: Vec<u8>,
 ) -> axum::response::Response {
-    html_error(shared, server, operation, p, 502)
+    use axum::response::IntoResponse;
+    match after {
+        After::Answer => {
+            shared.record(server, operation, p, status.as_u16(), true);
+            (status, [("content-type", content_type)], body).into_response()
+        }
+        After::Lose => {
+            shared.record(server, operation, p, 502, true);
+            html_response(502)
+        }
+        After::Truncate => {
+            shared.record(server, operation, p, status.as_u16(), true);
+            let half = body[..body.len() / 2].to_vec();
+            let total = body.len();
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+                Ok(half),
+                Err(std::io::Error::other("sandbox cut the answer short")),
+            ];
+            axum::response::Response::builder()
+                .status(status)
+                .header("content-type", content_type)
+                .header("content-length", total.to_string())
+                .body(axum::body::Body::from_stream(futures::stream::iter(chunks)))
+                .unwrap_or_else(|_| html_response(500))
+        }
+    }
 }
 
 fn html_error(
@@ -342,8 +464,12 @@ fn html_error(
     p: &BTreeMap<String, String>,
     status: u16,
 ) -> axum::response::Response {
+    shared.record(server, operation, p, status, false);
+    html_response(status)
+}
+
+fn html_response(status: u16) -> axum::response::Response {
     use axum::response::IntoResponse;
-    shared.record(server, operation, p, status);
     (
         axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::BAD_GATEWAY),
         [("content-type", "text/html")],

@@ -53,8 +53,8 @@ impl Context {
     /// Builds the clients and opens (and migrates) the state database.
     pub async fn new(settings: Settings) -> anyhow::Result<Context> {
         let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
-        let crm = CrmClient::new(&settings.crm, redactor.clone())?;
-        let edm = EdmClient::new(&settings.edm, redactor.clone())?;
+        let crm = CrmClient::new(&settings, redactor.clone())?;
+        let edm = EdmClient::new(&settings, redactor.clone())?;
         let store = Store::connect(&settings.database.url).await?;
         Ok(Context {
             settings: Arc::new(settings),
