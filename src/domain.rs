@@ -144,14 +144,16 @@ fn validate_mailbox(addr: &str) -> Result<(), EmailError> {
     Ok(())
 }
 
-/// Replaces each `;`, tab, CR or LF by one space; nothing else changes
-/// (behaviour 3). Applied to fullname and every var before anything is
-/// compared or sent, so the `ml_addr` line format stays intact.
+/// Replaces each `;`, tab, CR or LF by one space (behaviour 3), and each
+/// NUL too: PostgreSQL cannot store NUL in text and EDM's PHP would cut the
+/// value there. Nothing else changes. Applied to fullname and every var
+/// before anything is compared or sent, so the `ml_addr` line format stays
+/// intact.
 pub fn sanitize_field(value: &str) -> String {
     value
         .chars()
         .map(|c| match c {
-            ';' | '\t' | '\r' | '\n' => ' ',
+            ';' | '\t' | '\r' | '\n' | '\0' => ' ',
             other => other,
         })
         .collect()
@@ -262,7 +264,32 @@ mod tests {
             ("a@b_c.com", false),
             ("a(comment)@b.com", false),
             ("a@[127.0.0.1]", false),
+            ("o'brien@example.ie", true),
+            ("user+tag@example.com", true),
+            ("_@example.com", true),
+            ("a@b.c-d.e", true),
+            ("a@123.45", true),
+            ("a\u{0}b@example.com", false),
+            ("a@b.com\u{0}", false),
+            ("a\tb@example.com", false),
+            ("a\nb@example.com", false),
+            ("a@b\n.com", false),
+            ("<a@b.com>", false),
+            ("Name <a@b.com>", false),
+            ("a@b.com,c@d.com", false),
+            ("a@ b.com", false),
+            ("\"a b\"@example.com", false),
+            ("a\\b@example.com", false),
+            ("a\"b@example.com", false),
+            ("ｆｕｌｌ@example.com", false),
+            ("a@exämple.com", false),
+            ("a@xn--exmple-cua.com", true),
+            ("a@b.com.cn", true),
+            ("@", false),
+            ("a@.", false),
+            (".@b.com", false),
         ];
+        assert!(cases.len() >= 40);
         for (raw, ok) in cases {
             assert_eq!(Email::parse(raw).is_ok(), *ok, "{raw:?}");
         }
@@ -292,6 +319,7 @@ mod tests {
         assert_eq!(sanitize_field("a;b\tc\rd\ne"), "a b c d e");
         assert_eq!(sanitize_field("张三, <x> & \"y\""), "张三, <x> & \"y\"");
         assert_eq!(sanitize_field("\r\n"), "  ");
+        assert_eq!(sanitize_field("a\0b"), "a b");
     }
 
     #[test]

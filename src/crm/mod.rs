@@ -305,7 +305,13 @@ impl CrmClient {
             let mut seen: HashSet<CustomerId> = HashSet::new();
             let mut previous: Option<Vec<CustomerId>> = None;
             for page in 1..=self.max_pages {
-                let items = self.customers_page(page, page_size).await?;
+                let items = self
+                    .customers_page(page, page_size)
+                    .await
+                    .map_err(|mut e| {
+                        e.operation = format!("{} page {page}", e.operation);
+                        e
+                    })?;
                 let pages = page;
                 let n = items.len();
                 let mut ids = Vec::with_capacity(n);

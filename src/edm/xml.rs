@@ -171,11 +171,22 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
     let mut writer = Writer::new(Vec::with_capacity(text.len()));
     let mut stack: Vec<String> = Vec::new();
     let mut root: Option<String> = None;
+    // A start tag is written only when the next event shows it was one:
+    // the documents end with `<data>` where `</data>` was meant.
+    let mut held: Option<quick_xml::events::BytesStart<'static>> = None;
     let write_err = |e: std::io::Error| XmlError::Syntax(e.to_string());
     loop {
         let event = reader
             .read_event()
             .map_err(|e| XmlError::Syntax(format!("at byte {}: {e}", reader.error_position())))?;
+        let insignificant = match &event {
+            Event::Eof | Event::Comment(_) | Event::PI(_) => true,
+            Event::Text(t) => t.trim().is_empty(),
+            _ => false,
+        };
+        if !insignificant && let Some(start) = held.take() {
+            writer.write_event(Event::Start(start)).map_err(write_err)?;
+        }
         match event {
             Event::Eof => break,
             Event::Decl(_) | Event::PI(_) | Event::DocType(_) | Event::Comment(_) => {}
@@ -183,14 +194,13 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
                 let name = start.name().as_ref().to_string();
                 if stack.is_empty() {
                     if root.is_some() {
-                        // A second root: the document ended in an unclosed
-                        // tag that we closed, or junk follows. Stop here.
+                        // Junk after the root element.
                         break;
                     }
                     root = Some(name.clone());
                 }
                 stack.push(name);
-                writer.write_event(Event::Start(start)).map_err(write_err)?;
+                held = Some(start.into_owned());
             }
             Event::Empty(empty) => {
                 if stack.is_empty() {
@@ -265,10 +275,27 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
             }
         }
     }
-    while let Some(open) = stack.pop() {
-        writer
-            .write_event(Event::End(BytesEnd::new(open)))
-            .map_err(write_err)?;
+    // The documented quirk: a last start tag, with nothing after it, that
+    // repeats an open ancestor's name was meant as that ancestor's end.
+    if let Some(start) = held.take() {
+        let name = stack.pop().unwrap_or_default();
+        if let Some(pos) = stack.iter().rposition(|open| *open == name) {
+            while stack.len() > pos {
+                let open = stack.pop().unwrap_or_default();
+                writer
+                    .write_event(Event::End(BytesEnd::new(open)))
+                    .map_err(write_err)?;
+            }
+        } else {
+            drop(start);
+            stack.push(name);
+        }
+    }
+    // Anything else still open means the body was cut short.
+    if let Some(open) = stack.last() {
+        return Err(XmlError::Syntax(format!(
+            "the body ends inside <{open}>: cut short"
+        )));
     }
     let root = root.ok_or(XmlError::NoRoot)?;
     let out =
@@ -567,10 +594,31 @@ mod tests {
 
     /// The open/click detail examples end with `<data>` instead of `</data>`.
     #[test]
-    fn document_ending_in_an_open_tag_is_closed() {
+    fn document_ending_in_its_root_start_tag_is_closed() {
         let body = "<data>\n<addr><id>1</id><address>a@b.cn</address></addr>\n<data>";
         let list: AddrListXml = parse(body, "data");
         assert_eq!(list.addr.len(), 1);
+        let body = "<data>\n<addr><id>1</id></addr>\n<data>\n";
+        let list: AddrListXml = parse(body, "data");
+        assert_eq!(list.addr.len(), 1);
+    }
+
+    /// A truncated body must not pass for a complete one.
+    #[test]
+    fn body_cut_short_is_an_error_not_a_closed_document() {
+        for body in [
+            "<result><status>succ",
+            "<result><status>success</status><data>ok",
+            "<data><addr><id>1</id>",
+            "<data><addr><id>1</id></addr>",
+            "<data><addr>",
+        ] {
+            let err = normalize(body.as_bytes()).unwrap_err();
+            assert!(
+                matches!(err, XmlError::Syntax(ref m) if m.contains("cut short")),
+                "{body}: {err:?}"
+            );
+        }
     }
 
     /// task-list as documented, with fields the daemon does not use.
