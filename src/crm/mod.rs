@@ -135,65 +135,11 @@ impl CrmClient {
     }
 
     fn parse_value(&self, operation: &str, body: &[u8]) -> Result<Value, RemoteError> {
-        let excerpt = || self.http.redactor().excerpt(body);
-        let parsed: Value = serde_json::from_slice(body).map_err(|e| {
-            self.err(
-                operation,
-                ErrorKind::Malformed {
-                    detail: format!("not JSON: {e}"),
-                    excerpt: excerpt(),
-                },
-            )
-        })?;
-        match parsed {
-            Value::Object(mut map) => match map.remove("value") {
-                Some(value) => Ok(value),
-                None => Err(self.err(
-                    operation,
-                    ErrorKind::Rejected {
-                        code: "no_value".into(),
-                        message: format!("answer has no \"value\": {}", excerpt()),
-                    },
-                )),
-            },
-            _ => Err(self.err(
-                operation,
-                ErrorKind::Malformed {
-                    detail: "JSON is not an object".into(),
-                    excerpt: excerpt(),
-                },
-            )),
-        }
+        read_value(operation, body, self.http.redactor())
     }
 
-    /// A `value` that must be an array of objects.
     fn objects(&self, operation: &str, value: Value) -> Result<Vec<CrmMap>, RemoteError> {
-        let shape = |detail: String| {
-            self.err(
-                operation,
-                ErrorKind::Malformed {
-                    detail,
-                    excerpt: String::new(),
-                },
-            )
-        };
-        match value {
-            Value::Array(items) => items
-                .into_iter()
-                .enumerate()
-                .map(|(i, item)| match item {
-                    Value::Object(map) => Ok(map),
-                    other => Err(shape(format!(
-                        "item {i} of \"value\" is {} instead of an object",
-                        json_kind(&other)
-                    ))),
-                })
-                .collect(),
-            other => Err(shape(format!(
-                "\"value\" is {} instead of an array",
-                json_kind(&other)
-            ))),
-        }
+        read_objects(operation, value)
     }
 
     /// `Customer/GetAllList`, one page (from 1).
@@ -372,6 +318,63 @@ impl CrmClient {
         let (pages, mut customers) = futures::try_join!(pager, fetcher)?;
         customers.sort_by_key(|c| c.customer.id);
         Ok(CrmSnapshot { customers, pages })
+    }
+}
+
+/// The `value` of a CRM answer: a body that is not JSON, not an object,
+/// or an object without `value` is an error with a redacted excerpt.
+pub fn read_value(operation: &str, body: &[u8], redactor: &Redactor) -> Result<Value, RemoteError> {
+    let err = |kind| RemoteError::new(Api::Crm, operation, kind);
+    let excerpt = || redactor.excerpt(body);
+    let parsed: Value = serde_json::from_slice(body).map_err(|e| {
+        err(ErrorKind::Malformed {
+            detail: format!("not JSON: {e}"),
+            excerpt: excerpt(),
+        })
+    })?;
+    match parsed {
+        Value::Object(mut map) => match map.remove("value") {
+            Some(value) => Ok(value),
+            None => Err(err(ErrorKind::Rejected {
+                code: "no_value".into(),
+                message: format!("answer has no \"value\": {}", excerpt()),
+            })),
+        },
+        _ => Err(err(ErrorKind::Malformed {
+            detail: "JSON is not an object".into(),
+            excerpt: excerpt(),
+        })),
+    }
+}
+
+/// A `value` that must be an array of objects.
+pub fn read_objects(operation: &str, value: Value) -> Result<Vec<CrmMap>, RemoteError> {
+    let shape = |detail: String| {
+        RemoteError::new(
+            Api::Crm,
+            operation,
+            ErrorKind::Malformed {
+                detail,
+                excerpt: String::new(),
+            },
+        )
+    };
+    match value {
+        Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::Object(map) => Ok(map),
+                other => Err(shape(format!(
+                    "item {i} of \"value\" is {} instead of an object",
+                    json_kind(&other)
+                ))),
+            })
+            .collect(),
+        other => Err(shape(format!(
+            "\"value\" is {} instead of an array",
+            json_kind(&other)
+        ))),
     }
 }
 
