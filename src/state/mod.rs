@@ -561,9 +561,9 @@ impl Store {
             .context("cannot read pending write-back records")
     }
 
-    /// Records new ledger rows as pending (and uncertain: they are about to
-    /// be sent); keys already present are left as they are. Returns the
-    /// rows now pending for those keys.
+    /// Records new ledger rows as pending (not yet uncertain: nothing was
+    /// sent); keys already present are left as they are. Returns the rows
+    /// now pending for those keys.
     pub async fn insert_records(
         &self,
         records: &[NewRecord],
@@ -580,7 +580,7 @@ impl Store {
                 title: Set(r.title.clone()),
                 content: Set(r.content.clone()),
                 status: Set(ledger_status::PENDING.to_string()),
-                uncertain: Set(true),
+                uncertain: Set(false),
                 attempts: Set(0),
                 last_error: Set(None),
                 created_at: Set(now),
@@ -627,7 +627,7 @@ impl Store {
         Ok(rows)
     }
 
-    /// Marks ledger rows as about to be sent (uncertain until answered).
+    /// Marks ledger rows as being sent: uncertain until the CRM answers.
     pub async fn mark_records_uncertain(&self, ids: &[i64]) -> anyhow::Result<()> {
         for chunk in ids.chunks(CHUNK) {
             ledger::Entity::update_many()

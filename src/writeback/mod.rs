@@ -21,7 +21,6 @@ pub mod events;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
-use futures::StreamExt;
 use serde::Serialize;
 
 use crate::edm::{Campaign, HARD_BOUNCE_TYPES};
@@ -270,8 +269,6 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
         );
     }
     counts.retried = earlier.len();
-    let earlier_ids: Vec<i64> = earlier.iter().map(|r| r.id).collect();
-    ctx.store.mark_records_uncertain(&earlier_ids).await?;
 
     let scopes: Vec<String> = records
         .iter()
@@ -292,62 +289,69 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
     send_all(ctx, to_send, counts).await
 }
 
-/// Sends the records, `crm.concurrency` at a time; each is marked done as
-/// soon as the CRM confirms it. A credentials error stops the run.
+/// Sends the records in waves of `crm.concurrency`: a wave is marked
+/// uncertain (one write), sent concurrently, and its answers recorded (one
+/// write for those done) before the next wave starts. A crash can thus
+/// leave at most one wave uncertain, and no database connection is held
+/// across a CRM call. A credentials error stops the run; a shutdown stops
+/// it between waves.
 async fn send_all(
     ctx: &Context,
     rows: Vec<ledger::Model>,
     counts: &mut WritebackCounts,
 ) -> anyhow::Result<()> {
     let wb = &ctx.settings.writeback;
-    // A shutdown stops new calls; those in flight are answered and recorded.
-    let results = futures::stream::iter(rows)
-        .take_until(ctx.shutdown.cancelled())
-        .map(|row| async move {
-            let result = ctx
-                .crm
-                .add_contact_history(
-                    row.customer_id,
-                    row.link_man_id,
-                    wb.type_id,
-                    wb.route_id,
-                    &row.title,
-                    &row.content,
-                )
-                .await;
-            (row, result)
-        })
-        .buffer_unordered(ctx.settings.crm.concurrency);
-    let mut results = std::pin::pin!(results);
-    let mut auth_error = None;
-    while let Some((row, result)) = results.next().await {
-        match result {
-            Ok(()) => {
-                ctx.store.records_done(&[row.id]).await?;
-                crate::ops::operations("contact_history", "done", 1);
-                match row.kind.as_str() {
-                    kind::OPEN => counts.open += 1,
-                    kind::CLICK => counts.click += 1,
-                    kind::BOUNCE => counts.bounce += 1,
-                    _ => counts.unsubscribe += 1,
+    for wave in rows.chunks(ctx.settings.crm.concurrency.max(1)) {
+        if ctx.shutdown.is_cancelled() {
+            tracing::info!("shutdown: no further contact-history records; the rest stay pending");
+            break;
+        }
+        let ids: Vec<i64> = wave.iter().map(|r| r.id).collect();
+        ctx.store.mark_records_uncertain(&ids).await?;
+        let answers = futures::future::join_all(wave.iter().map(|row| {
+            ctx.crm.add_contact_history(
+                row.customer_id,
+                row.link_man_id,
+                wb.type_id,
+                wb.route_id,
+                &row.title,
+                &row.content,
+            )
+        }))
+        .await;
+        let mut done = Vec::with_capacity(wave.len());
+        let mut auth_error = None;
+        for (row, answer) in wave.iter().zip(answers) {
+            match answer {
+                Ok(()) => {
+                    done.push(row.id);
+                    match row.kind.as_str() {
+                        kind::OPEN => counts.open += 1,
+                        kind::CLICK => counts.click += 1,
+                        kind::BOUNCE => counts.bounce += 1,
+                        _ => counts.unsubscribe += 1,
+                    }
                 }
-            }
-            Err(e) => {
-                counts.failed += 1;
-                let text = e.to_string();
-                ctx.store
-                    .record_failed(row.id, &text, e.maybe_applied())
-                    .await?;
-                if e.is_auth() {
-                    auth_error.get_or_insert(e);
-                } else {
-                    tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id, error = %text, "contact-history record failed; it stays pending for the next run");
+                Err(e) => {
+                    counts.failed += 1;
+                    let text = e.to_string();
+                    ctx.store
+                        .record_failed(row.id, &text, e.maybe_applied())
+                        .await?;
+                    if e.is_auth() {
+                        auth_error.get_or_insert(e);
+                    } else {
+                        tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id, error = %text, "contact-history record failed; it stays pending for the next run");
+                    }
                 }
             }
         }
-    }
-    if let Some(e) = auth_error {
-        return Err(anyhow::Error::new(e).context("CRM refused the token; write-back stopped"));
+        ctx.store.records_done(&done).await?;
+        crate::ops::operations("contact_history", "done", done.len());
+        crate::ops::operations("contact_history", "failed", wave.len() - done.len());
+        if let Some(e) = auth_error {
+            return Err(anyhow::Error::new(e).context("CRM refused the token; write-back stopped"));
+        }
     }
     Ok(())
 }
