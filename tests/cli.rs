@@ -213,6 +213,30 @@ async fn a_record_whose_answer_was_lost_is_sent_again_with_a_warning() {
 }
 
 #[tokio::test]
+async fn each_retry_is_a_warning_and_exhaustion_an_error() {
+    let cli = setup("info").await;
+    // One transient failure, then (next run) more than the 2 retries allow.
+    cli.sb.inject("Customer/GetAllList", Fault::Status(503), 1);
+    let recovered = cli.run(&["--once", "--job", "contacts"], &[]).await;
+    cli.sb.inject("Customer/GetAllList", Fault::Status(503), 3);
+    let exhausted = cli.run(&["--once", "--job", "contacts"], &[]).await;
+
+    assert!(recovered.status.success(), "{}", text(&recovered));
+    let warns = events(&recovered, "transient failure, retrying");
+    assert_eq!(warns.len(), 1, "{}", text(&recovered));
+    assert_eq!(warns[0]["level"], "WARN");
+    assert_eq!(warns[0]["api"], "crm");
+    assert_eq!(warns[0]["operation"], "Customer/GetAllList");
+    assert_eq!(warns[0]["attempt"], 1);
+    assert_eq!(exhausted.status.code(), Some(1));
+    assert_eq!(events(&exhausted, "transient failure, retrying").len(), 2);
+    let gave_up = events(&exhausted, "retries exhausted");
+    assert_eq!(gave_up.len(), 1, "{}", text(&exhausted));
+    assert_eq!(gave_up[0]["level"], "ERROR");
+    assert_eq!(gave_up[0]["attempts"], 3);
+}
+
+#[tokio::test]
 async fn dry_run_prints_the_plan_and_exits_zero_without_writing() {
     let cli = setup("info").await;
 

@@ -407,3 +407,41 @@ async fn nul_and_10kb_fields_are_stored_and_sent_without_breaking_the_line_forma
     e.sync().await;
     assert_eq!(e.sb.edm_writes(), 0, "what was stored equals what was sent");
 }
+
+#[tokio::test]
+async fn a_429_with_retry_after_is_retried_no_sooner_than_asked() {
+    let e = env().await;
+    seed_basic(&e.sb);
+    e.sb.inject("Customer/GetAllList", Fault::TooMany(2), 1);
+    let started = std::time::Instant::now();
+
+    let report = e.sync().await;
+
+    // A lower bound only: slower is never a failure.
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(report.outcome, Outcome::Applied);
+    assert_eq!(e.sb.count("Customer/GetAllList"), 2);
+}
+
+#[tokio::test]
+async fn crm_max_requests_per_sec_spaces_the_requests() {
+    let e = env().await;
+    seed_basic(&e.sb); // 1 page + 10 link-man calls
+    let limited = e.ctx_from(|s| s.crm.max_requests_per_sec = Some(4)).await;
+    let started = std::time::Instant::now();
+
+    contacts::run(&limited, RunOptions::default())
+        .await
+        .unwrap();
+
+    // 11 requests at 4 a second (the first 4 at once): at least 1.5 s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+}

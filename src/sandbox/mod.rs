@@ -89,6 +89,8 @@ pub enum Fault {
     /// Wait this long before handling the request (past the client's
     /// timeout, the client gives up and the request is not carried out).
     Hang(Duration),
+    /// Answer 429 with `Retry-After: secs`, without carrying it out.
+    TooMany(u64),
 }
 
 /// Random faults for every request of an operation, drawn from a seeded
@@ -408,6 +410,17 @@ pub(crate) async fn before(
             Before::Answered(html_error(shared, server, operation, p, code))
         }
         Some(Fault::HtmlOk) => Before::Answered(html_error(shared, server, operation, p, 200)),
+        Some(Fault::TooMany(secs)) => {
+            shared.record(server, operation, p, 429, false);
+            Before::Answered(
+                (
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", secs.to_string())],
+                    "slow down",
+                )
+                    .into_response(),
+            )
+        }
         Some(Fault::Body(body)) => {
             shared.record(server, operation, p, 200, false);
             Before::Answered((axum::http::StatusCode::OK, body).into_response())
