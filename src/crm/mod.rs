@@ -245,6 +245,20 @@ impl CrmClient {
     /// whole pull: an incomplete pull must apply nothing (behaviour 7).
     #[tracing::instrument(skip_all)]
     pub async fn pull(&self) -> Result<CrmSnapshot, RemoteError> {
+        let mut customers = Vec::new();
+        let pages = self.pull_each(|c| customers.push(c)).await?;
+        customers.sort_by_key(|c| c.customer.id);
+        Ok(CrmSnapshot { customers, pages })
+    }
+
+    /// As [`CrmClient::pull`], handing each customer with its link-men to
+    /// `sink` as it arrives (in no particular order) instead of keeping
+    /// them all: the CRM's JSON for 100 000 link-men need never be in
+    /// memory at once. Returns the number of pages read.
+    pub async fn pull_each(
+        &self,
+        mut sink: impl FnMut(CustomerWithLinkMen),
+    ) -> Result<u32, RemoteError> {
         let (tx, rx) = tokio::sync::mpsc::channel::<Customer>(self.page_size as usize * 2);
         let page_size = self.page_size;
         let pager = async move {
@@ -314,10 +328,12 @@ impl CrmClient {
                 Ok::<_, RemoteError>(CustomerWithLinkMen { customer, linkmen })
             })
             .buffer_unordered(self.concurrency)
-            .try_collect::<Vec<_>>();
-        let (pages, mut customers) = futures::try_join!(pager, fetcher)?;
-        customers.sort_by_key(|c| c.customer.id);
-        Ok(CrmSnapshot { customers, pages })
+            .try_for_each(|c| {
+                sink(c);
+                futures::future::ready(Ok(()))
+            });
+        let (pages, ()) = futures::try_join!(pager, fetcher)?;
+        Ok(pages)
     }
 }
 

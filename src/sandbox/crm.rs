@@ -41,6 +41,8 @@ struct CrmData {
     customers: BTreeMap<i64, Map<String, Value>>,
     /// link-man id → (customer id, object)
     linkmen: BTreeMap<i64, (i64, Map<String, Value>)>,
+    /// customer id → its link-men's ids (an index for GetLinkManList).
+    by_customer: BTreeMap<i64, std::collections::BTreeSet<i64>>,
     history: Vec<ContactRecord>,
 }
 
@@ -77,7 +79,9 @@ impl CrmHandle {
     pub fn remove_customer(&self, id: i64) {
         let mut d = lock(&self.data);
         d.customers.remove(&id);
-        d.linkmen.retain(|_, (c, _)| *c != id);
+        for lm in d.by_customer.remove(&id).unwrap_or_default() {
+            d.linkmen.remove(&lm);
+        }
     }
 
     /// Adds or replaces a link-man of `customer_id`; `fields` is merged
@@ -85,7 +89,13 @@ impl CrmHandle {
     pub fn put_linkman(&self, customer_id: i64, id: i64, fields: Value) {
         let mut obj = object(fields);
         obj.insert("id".into(), json!(id));
-        lock(&self.data).linkmen.insert(id, (customer_id, obj));
+        let mut d = lock(&self.data);
+        if let Some((old, _)) = d.linkmen.insert(id, (customer_id, obj))
+            && let Some(set) = d.by_customer.get_mut(&old)
+        {
+            set.remove(&id);
+        }
+        d.by_customer.entry(customer_id).or_default().insert(id);
     }
 
     /// Sets one field of a link-man (`Value::Null` to clear it).
@@ -103,7 +113,12 @@ impl CrmHandle {
     }
 
     pub fn remove_linkman(&self, id: i64) {
-        lock(&self.data).linkmen.remove(&id);
+        let mut d = lock(&self.data);
+        if let Some((c, _)) = d.linkmen.remove(&id)
+            && let Some(set) = d.by_customer.get_mut(&c)
+        {
+            set.remove(&id);
+        }
     }
 
     pub fn customer_count(&self) -> usize {
@@ -211,11 +226,13 @@ fn answer(h: &CrmHandle, operation: &str, p: &BTreeMap<String, String>) -> (Stat
             None => (StatusCode::OK, json!({ "value": null })),
         },
         "LinkMan/GetLinkManList" => {
-            let cust = int(p, "cust_id");
-            let items: Vec<Value> = d
-                .linkmen
-                .values()
-                .filter(|(c, _)| Some(*c) == cust)
+            let ids = int(p, "cust_id")
+                .and_then(|c| d.by_customer.get(&c))
+                .cloned()
+                .unwrap_or_default();
+            let items: Vec<Value> = ids
+                .iter()
+                .filter_map(|id| d.linkmen.get(id))
                 .map(|(_, l)| Value::Object(l.clone()))
                 .collect();
             (StatusCode::OK, json!({ "value": items }))

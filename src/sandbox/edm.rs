@@ -452,8 +452,16 @@ fn answer(h: &EdmHandle, script: &str, operation: &str, p: &BTreeMap<String, Str
                 .map(str::trim)
                 .filter(|a| !a.is_empty())
                 .collect();
-            for address in &addresses {
-                d.unsubscribe(list_id, address);
+            // One pass over the list for the whole batch.
+            let gone: std::collections::HashSet<String> =
+                addresses.iter().map(|a| a.to_lowercase()).collect();
+            let time = d.tick();
+            if let Some(list) = d.lists.get_mut(&list_id) {
+                list.addrs
+                    .retain(|a| !gone.contains(&a.address.to_lowercase()));
+                for address in &addresses {
+                    list.unsubs.push((time.clone(), address.to_lowercase()));
+                }
             }
             result("success", &format!("退订 {} 个地址", addresses.len()), None)
         }

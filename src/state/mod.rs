@@ -225,41 +225,55 @@ impl Store {
         &self.db
     }
 
-    /// Every member row, keyed.
+    /// Every member row, keyed. Read in pages by id, so the driver never
+    /// buffers the whole table next to the map being built.
     pub async fn load_members(&self) -> anyhow::Result<HashMap<MemberKey, MemberState>> {
-        let rows = member::Entity::find()
-            .all(&self.db)
-            .await
-            .context("cannot read members")?;
-        let mut out = HashMap::with_capacity(rows.len());
-        for row in rows {
-            let Ok(email) = Email::parse(&row.email) else {
-                tracing::warn!(
-                    member_id = row.id,
-                    "member row with an invalid address ignored"
-                );
-                continue;
-            };
-            let Some(origin) = Origin::parse(&row.origin) else {
-                tracing::warn!(member_id = row.id, origin = %row.origin, "member row with an unknown origin ignored");
-                continue;
-            };
-            let key = MemberKey::new(row.list_id, email);
-            out.insert(
-                key.clone(),
-                MemberState {
-                    key,
-                    origin,
-                    present: row.present,
-                    link_man_id: row.link_man_id,
-                    customer_id: row.customer_id,
-                    edm_id: row.edm_id,
-                    fields: MemberFields {
-                        fullname: row.fullname,
-                        vars: vars_from_json(&row.vars),
+        const PAGE: u64 = 5000;
+        let mut out = HashMap::new();
+        let mut after = i64::MIN;
+        loop {
+            let rows = member::Entity::find()
+                .filter(member::Column::Id.gt(after))
+                .order_by_asc(member::Column::Id)
+                .limit(PAGE)
+                .all(&self.db)
+                .await
+                .context("cannot read members")?;
+            let Some(last) = rows.last() else { break };
+            after = last.id;
+            let n = rows.len() as u64;
+            for row in rows {
+                let Ok(email) = Email::parse(&row.email) else {
+                    tracing::warn!(
+                        member_id = row.id,
+                        "member row with an invalid address ignored"
+                    );
+                    continue;
+                };
+                let Some(origin) = Origin::parse(&row.origin) else {
+                    tracing::warn!(member_id = row.id, origin = %row.origin, "member row with an unknown origin ignored");
+                    continue;
+                };
+                let key = MemberKey::new(row.list_id, email);
+                out.insert(
+                    key.clone(),
+                    MemberState {
+                        key,
+                        origin,
+                        present: row.present,
+                        link_man_id: row.link_man_id,
+                        customer_id: row.customer_id,
+                        edm_id: row.edm_id,
+                        fields: MemberFields {
+                            fullname: row.fullname,
+                            vars: vars_from_json(&row.vars),
+                        },
                     },
-                },
-            );
+                );
+            }
+            if n < PAGE {
+                break;
+            }
         }
         Ok(out)
     }

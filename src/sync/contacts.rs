@@ -20,7 +20,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::desired::{Desired, MappingRules, desired_members};
+use super::desired::{Desired, DesiredBuilder, MappingRules};
 use super::observe::{classify_export, reconcile_list, resolve_pending};
 use super::plan::{
     MemberState, Origin, Plan, PlannedAdd, PlannedEdit, PlannedUnsub, Refusal, Suppressions,
@@ -180,17 +180,18 @@ async fn run_inner(
 ) -> anyhow::Result<Outcome> {
     let settings = &ctx.settings;
     // 1. Pull.
-    let snapshot = tokio::select! {
-        pulled = ctx.crm.pull() => pulled.context("CRM pull did not complete; nothing was applied")?,
+    let mut builder = DesiredBuilder::new(MappingRules::from_settings(settings));
+    let pulled = tokio::select! {
+        pulled = ctx.crm.pull_each(|c| builder.add(&c.customer.data, c.customer.id, &c.linkmen)) => pulled,
         _ = ctx.shutdown.cancelled() => {
             tracing::info!("shutdown during the CRM pull; nothing was applied");
             return Ok(Outcome::Interrupted);
         }
     };
-    counts.customers = snapshot.customers.len();
-    counts.linkmen = snapshot.linkman_count();
-    let desired = desired_members(&snapshot, &MappingRules::from_settings(settings));
-    drop(snapshot);
+    pulled.context("CRM pull did not complete; nothing was applied")?;
+    counts.customers = builder.customers;
+    counts.linkmen = builder.linkmen;
+    let desired = builder.finish();
     log_mapping(&desired);
     counts.desired = desired.members.len();
     counts.skipped_invalid = desired.invalid.len();
@@ -251,8 +252,7 @@ async fn run_inner(
     }
 
     // 4. Whole-list reads (behaviour 5).
-    let preliminary = plan(&desired.members, &members, &suppressions);
-    let adds_into = preliminary.lists_with_adds();
+    let adds_into = plan(&desired.members, &members, &suppressions).lists_with_adds();
     for &list_id in &lists {
         let first_add = adds_into.contains(&list_id)
             && books
@@ -302,6 +302,8 @@ async fn run_inner(
         &members_before,
         settings.sync.max_unsubscribe_ratio,
     );
+    // The plan carries what it needs; the desired map can go.
+    drop(desired);
     if opts.dry_run {
         counts.added = the_plan.adds.len();
         counts.updated = the_plan.edits.len();

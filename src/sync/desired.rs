@@ -1,10 +1,10 @@
 //! CRM snapshot → desired EDM members (DESIGN.md behaviours 1–4). Pure: no
 //! I/O, no clock; what deserves a log line comes back in the result.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::config::{Route, Settings, VarMapping};
-use crate::crm::{CrmMap, CrmSnapshot, CustomerWithLinkMen, LinkMan};
+use crate::crm::{CrmMap, CrmSnapshot, LinkMan};
 use crate::domain::{
     CustomerId, Email, EmailError, LinkManId, ListId, MemberFields, MemberKey, VAR_COUNT,
     json_text, mask_address,
@@ -103,40 +103,112 @@ fn fields_of(rules: &MappingRules, customer: &CrmMap, linkman: &CrmMap) -> Membe
 
 /// Maps every link-man with a valid email to a desired member.
 pub fn desired_members(snapshot: &CrmSnapshot, rules: &MappingRules) -> Desired {
-    let mut out = Desired::default();
-    let mut seen_linkmen = std::collections::HashSet::new();
-    // Candidates per key, to pick the lowest link-man id.
-    let mut by_key: BTreeMap<MemberKey, Vec<DesiredMember>> = BTreeMap::new();
-    let mut customers: Vec<&CustomerWithLinkMen> = snapshot.customers.iter().collect();
-    customers.sort_by_key(|c| c.customer.id);
-    for entry in customers {
-        for lm in &entry.linkmen {
-            if !seen_linkmen.insert(lm.id) {
-                out.repeated_linkmen.push(lm.id);
-                continue;
-            }
-            match member_of(rules, &entry.customer.data, lm) {
-                Ok(Some(member)) => by_key.entry(member.key.clone()).or_default().push(member),
-                Ok(None) => out.without_email += 1,
-                Err(invalid) => out.invalid.push(invalid),
-            }
+    let mut builder = DesiredBuilder::new(rules.clone());
+    for entry in &snapshot.customers {
+        builder.add(&entry.customer.data, entry.customer.id, &entry.linkmen);
+    }
+    builder.finish()
+}
+
+/// Builds the desired members one customer at a time, in any order, so a
+/// pull need not hold the CRM's objects: only the small member records
+/// are kept.
+#[derive(Debug)]
+pub struct DesiredBuilder {
+    rules: MappingRules,
+    /// Candidates per key, to pick the lowest link-man id.
+    by_key: HashMap<MemberKey, Vec<DesiredMember>>,
+    /// Which customer a link-man was taken from, and under which key.
+    by_linkman: HashMap<LinkManId, (CustomerId, Option<MemberKey>)>,
+    invalid: Vec<InvalidEmail>,
+    without_email: usize,
+    repeated: Vec<LinkManId>,
+    pub customers: usize,
+    pub linkmen: usize,
+}
+
+impl DesiredBuilder {
+    pub fn new(rules: MappingRules) -> Self {
+        DesiredBuilder {
+            rules,
+            by_key: HashMap::new(),
+            by_linkman: HashMap::new(),
+            invalid: Vec::new(),
+            without_email: 0,
+            repeated: Vec::new(),
+            customers: 0,
+            linkmen: 0,
         }
     }
-    for (key, mut candidates) in by_key {
-        candidates.sort_by_key(|m| m.link_man_id);
-        let mut iter = candidates.into_iter();
-        let owner = iter.next().expect("a key exists only with a candidate");
-        let others: Vec<LinkManId> = iter.map(|m| m.link_man_id).collect();
-        if !others.is_empty() {
-            out.collisions.push(Collision {
-                key: key.clone(),
-                owner: owner.link_man_id,
-                others,
-            });
+
+    /// Adds the link-men one customer's `GetLinkManList` returned. A
+    /// link-man returned by two customers belongs to the lower customer id.
+    pub fn add(&mut self, customer: &CrmMap, customer_id: CustomerId, linkmen: &[LinkMan]) {
+        self.customers += 1;
+        for lm in linkmen {
+            self.linkmen += 1;
+            if let Some((earlier, key)) = self.by_linkman.get(&lm.id).cloned() {
+                self.repeated.push(lm.id);
+                if earlier <= customer_id {
+                    continue;
+                }
+                // This customer has the lower id: it wins; undo the other.
+                if let Some(key) = key
+                    && let Some(list) = self.by_key.get_mut(&key)
+                {
+                    list.retain(|m| m.link_man_id != lm.id);
+                    if list.is_empty() {
+                        self.by_key.remove(&key);
+                    }
+                }
+                self.invalid.retain(|i| i.link_man_id != lm.id);
+            }
+            let key = match member_of(&self.rules, customer, lm) {
+                Ok(Some(member)) => {
+                    let key = member.key.clone();
+                    self.by_key.entry(key.clone()).or_default().push(member);
+                    Some(key)
+                }
+                Ok(None) => {
+                    self.without_email += 1;
+                    None
+                }
+                Err(invalid) => {
+                    self.invalid.push(invalid);
+                    None
+                }
+            };
+            self.by_linkman.insert(lm.id, (customer_id, key));
         }
-        out.members.insert(key, owner);
     }
-    out
+
+    pub fn finish(self) -> Desired {
+        let mut out = Desired {
+            invalid: self.invalid,
+            without_email: self.without_email,
+            repeated_linkmen: self.repeated,
+            ..Default::default()
+        };
+        out.invalid.sort_by_key(|i| i.link_man_id);
+        out.repeated_linkmen.sort_unstable();
+        out.repeated_linkmen.dedup();
+        for (key, mut candidates) in self.by_key {
+            candidates.sort_by_key(|m| m.link_man_id);
+            let mut iter = candidates.into_iter();
+            let Some(owner) = iter.next() else { continue };
+            let others: Vec<LinkManId> = iter.map(|m| m.link_man_id).collect();
+            if !others.is_empty() {
+                out.collisions.push(Collision {
+                    key: key.clone(),
+                    owner: owner.link_man_id,
+                    others,
+                });
+            }
+            out.members.insert(key, owner);
+        }
+        out.collisions.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
 }
 
 fn member_of(

@@ -45,19 +45,21 @@ pub struct Owner {
     pub email: String,
 }
 
-/// Members by address, for matching events.
+/// Members by address, for matching events. Each address has its owners
+/// by list in a small vector sorted by list id (most addresses are in one
+/// list; a tree node per address would cost a kilobyte each).
 #[derive(Debug, Default)]
 pub struct MemberIndex {
-    by_email: HashMap<String, BTreeMap<ListId, Owner>>,
+    by_email: HashMap<String, Vec<(ListId, Owner)>>,
 }
 
 impl MemberIndex {
     /// Indexes members that have (or had) an owning link-man.
     pub fn new(members: &HashMap<MemberKey, MemberState>) -> Self {
-        let mut by_email: HashMap<String, BTreeMap<ListId, Owner>> = HashMap::new();
+        let mut by_email: HashMap<String, Vec<(ListId, Owner)>> = HashMap::new();
         for m in members.values() {
             if let (Some(link_man_id), Some(customer_id)) = (m.link_man_id, m.customer_id) {
-                by_email.entry(m.key.email.to_string()).or_default().insert(
+                by_email.entry(m.key.email.to_string()).or_default().push((
                     m.key.list_id,
                     Owner {
                         link_man_id,
@@ -65,8 +67,12 @@ impl MemberIndex {
                         name: m.fields.fullname.clone(),
                         email: m.key.email.to_string(),
                     },
-                );
+                ));
             }
+        }
+        for owners in by_email.values_mut() {
+            owners.sort_by_key(|(list, _)| *list);
+            owners.shrink_to_fit();
         }
         MemberIndex { by_email }
     }
@@ -75,9 +81,10 @@ impl MemberIndex {
     /// where one did.
     pub fn owner(&self, address: &str, list: Option<ListId>) -> Option<&Owner> {
         let email = Email::parse(address).ok()?;
-        let lists = self.by_email.get(email.as_str())?;
-        list.and_then(|l| lists.get(&l))
-            .or_else(|| lists.values().next())
+        let owners = self.by_email.get(email.as_str())?;
+        list.and_then(|l| owners.iter().find(|(id, _)| *id == l))
+            .or_else(|| owners.first())
+            .map(|(_, owner)| owner)
     }
 }
 

@@ -1,0 +1,375 @@
+//! The benchmark: the contacts and write-back jobs against the sandbox at a
+//! chosen size and added latency, measured against lower bounds.
+//!
+//! ```sh
+//! cargo run --release --bin bench -- --linkmen 100000 --latency-ms 20 --db sqlite
+//! cargo run --release --bin bench -- --linkmen 10000 --latency-ms 0 --db postgres
+//! ```
+//!
+//! The sandbox runs in this process; each job runs as the real binary in a
+//! child process (`--once --job …`), so wall time, CPU time and peak RSS are
+//! the daemon's own (`wait4` rusage). For each scenario it prints requests
+//! by API and operation, the lower bounds on requests and on wall time, the
+//! ratios measured / bound, CPU time per link-man and peak RSS.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use crm_edm_sync::sandbox::{Chaos, Sandbox, SandboxCampaign, Server};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(about = "crm-edm-sync benchmark against the sandbox")]
+struct Args {
+    /// Link-men (customers are half as many; 1–3 link-men each).
+    #[arg(long, default_value_t = 10_000)]
+    linkmen: i64,
+    /// Latency added to every sandbox request, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// `sqlite` or `postgres` (a fresh database on 127.0.0.1:5432).
+    #[arg(long, default_value = "sqlite")]
+    db: String,
+    /// `crm.concurrency`.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// The crm-edm-sync binary (default: beside this one).
+    #[arg(long)]
+    bin: Option<std::path::PathBuf>,
+}
+
+const PAGE_SIZE: i64 = 100;
+const BATCH: i64 = 500;
+const LOOKBACK_DAYS: i64 = 14;
+
+/// What a child run cost.
+struct Measured {
+    wall: Duration,
+    cpu: Duration,
+    max_rss_kb: i64,
+    ok: bool,
+}
+
+fn run_child(bin: &std::path::Path, config: &std::path::Path, job: &str) -> Measured {
+    let started = Instant::now();
+    // Reaped below with wait4, which also gives its resource usage.
+    #[allow(clippy::zombie_processes)]
+    let child = std::process::Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .args(["--once", "--job", job])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("the crm-edm-sync binary starts");
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: a zeroed rusage is a valid value for wait4 to fill in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our own child, not yet waited for; the pointers are
+    // to live locals.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall = started.elapsed();
+    assert_eq!(rc, pid, "wait4 failed");
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    Measured {
+        wall,
+        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+        max_rss_kb: usage.ru_maxrss,
+        ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+    }
+}
+
+fn requests(sb: &Sandbox) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for r in sb.requests() {
+        let api = if r.server == Server::Crm {
+            "crm"
+        } else {
+            "edm"
+        };
+        *out.entry(format!("{api} {}", r.operation)).or_insert(0) += 1;
+    }
+    out
+}
+
+fn ceil(a: i64, b: i64) -> i64 {
+    (a + b - 1) / b
+}
+
+struct Row {
+    scenario: String,
+    m: Measured,
+    reqs: usize,
+    req_bound: i64,
+    wall_bound: Duration,
+    linkmen: i64,
+    detail: BTreeMap<String, usize>,
+    edm_writes: usize,
+}
+
+impl Row {
+    fn print(&self) {
+        let ratio_req = self.reqs as f64 / self.req_bound.max(1) as f64;
+        let ratio_wall = if self.wall_bound.is_zero() {
+            f64::NAN
+        } else {
+            self.m.wall.as_secs_f64() / self.wall_bound.as_secs_f64()
+        };
+        println!(
+            "| {} | {:.2} s | {} | {} | {:.3} | {:.2} s | {:.2} | {:.1} µs | {:.0} MB | {} | {} |",
+            self.scenario,
+            self.m.wall.as_secs_f64(),
+            self.reqs,
+            self.req_bound,
+            ratio_req,
+            self.wall_bound.as_secs_f64(),
+            ratio_wall,
+            self.m.cpu.as_secs_f64() * 1e6 / self.linkmen as f64,
+            self.m.max_rss_kb as f64 / 1024.0,
+            self.edm_writes,
+            if self.m.ok { "ok" } else { "FAILED" },
+        );
+        let detail: Vec<String> = self
+            .detail
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        eprintln!("    {}: {}", self.scenario, detail.join(" "));
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin = args.bin.clone().unwrap_or_else(|| {
+        let me = std::env::current_exe().expect("own path");
+        me.with_file_name("crm-edm-sync")
+    });
+    let n = args.linkmen;
+    let latency = Duration::from_millis(args.latency_ms);
+    let c = args.concurrency as i64;
+
+    // Data: customers 1..=n/2, link-men 1–3 each (2 on average), every
+    // third customer a VIP routed to list 2.
+    let sb = Sandbox::start().await?;
+    sb.edm.create_list(1, "客户");
+    sb.edm.create_list(2, "VIP");
+    let customers = n / 2;
+    let mut lm = 0i64;
+    let mut per_list = [0i64; 2];
+    let mut seeded: Vec<(i64, i64, bool)> = Vec::with_capacity(n as usize);
+    for cust in 1..=customers {
+        let vip = cust % 3 == 0;
+        sb.crm.put_customer(
+            cust,
+            json!({"name": format!("客户公司{cust}"), "type_id": if vip { 2 } else { 1 }}),
+        );
+        let k = match cust % 3 {
+            0 => 2,
+            1 => 1,
+            _ => 3,
+        };
+        for _ in 0..k {
+            if lm >= n {
+                break;
+            }
+            lm += 1;
+            sb.crm.put_linkman(cust, lm, json!({"name": format!("联系人{lm}"), "email": format!("lm{lm}@customer{cust}.example.cn"), "mobile": format!("138{lm:08}")}));
+            per_list[usize::from(vip)] += 1;
+            seeded.push((lm, cust, vip));
+        }
+    }
+    let linkmen = lm;
+
+    let db = match args.db.as_str() {
+        "sqlite" => {
+            let dir = std::env::temp_dir().join(format!("ces-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            format!("sqlite://{}?mode=rwc", dir.join("state.db").display())
+        }
+        "postgres" => {
+            use sea_orm::ConnectionTrait;
+            let name = format!("ces_bench_{}", std::process::id());
+            let admin =
+                sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
+            admin
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
+                .await?;
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await?;
+            format!("postgres://postgres@127.0.0.1:5432/{name}")
+        }
+        other => anyhow::bail!("--db must be sqlite or postgres, not {other}"),
+    };
+    let config = std::env::temp_dir().join(format!("ces-bench-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[crm]\n[sync]\nlist_id = 1\n[[sync.routes]]\nfield = \"customer.type_id\"\nequals = \"2\"\nlist_id = 2\n[sync.vars]\nvar1 = \"customer.name\"\nvar2 = \"mobile\"\n[writeback]\nlookback_days = {LOOKBACK_DAYS}\n[log]\nformat = \"json\"\n",
+            sb.config_toml(&db)
+                .replace("timeout_secs = 5", "timeout_secs = 60")
+                .replacen("[crm]\n", &format!("[crm]\npage_size = {PAGE_SIZE}\nconcurrency = {c}\n"), 1)
+        )
+        .replacen("\n[crm]\n[sync]", "\n[sync]", 1),
+    )?;
+    if !latency.is_zero() {
+        sb.chaos(
+            "*",
+            Chaos {
+                p_delay: 1.0,
+                delay: latency,
+                ..Default::default()
+            },
+            1,
+        );
+    }
+    let l = latency;
+    let pages = customers / PAGE_SIZE + 1;
+    let pull = pages + customers;
+    let pull_wall = |extra: i64| l * (pages.max(ceil(customers, c)) as u32) + l * (extra as u32);
+
+    println!(
+        "\nbench: {linkmen} link-men, {customers} customers, latency {} ms, crm.concurrency {c}, db {}\n",
+        args.latency_ms, args.db
+    );
+    println!(
+        "| scenario | wall | requests | request bound | req ratio | wall bound | wall ratio | CPU / link-man | peak RSS | EDM writes | |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+
+    let mut rows = Vec::new();
+    let mut scenario = |name: &str, job: &str, req_bound: i64, wall_bound: Duration| {
+        sb.clear_requests();
+        let m = run_child(&bin, &config, job);
+        let detail = requests(&sb);
+        let row = Row {
+            scenario: name.to_string(),
+            reqs: detail.values().sum(),
+            req_bound,
+            wall_bound,
+            linkmen,
+            edm_writes: sb.requests().iter().filter(|r| r.is_edm_write()).count(),
+            detail,
+            m,
+        };
+        row.print();
+        rows.push(row.m.ok);
+    };
+
+    // First sync: the pull, one export read per list, the list reads
+    // behaviour 5 requires (one page each: the lists are empty), and the
+    // add batches.
+    let lists = 2;
+    let adds: i64 = per_list.iter().map(|&k| ceil(k, BATCH)).sum();
+    let first_extra = lists + lists + adds;
+    scenario(
+        "first sync",
+        "contacts",
+        pull + first_extra,
+        pull_wall(first_extra),
+    );
+
+    // No change: the pull and the export reads, zero writes.
+    scenario(
+        "no-change rerun",
+        "contacts",
+        pull + lists,
+        pull_wall(lists),
+    );
+
+    // 1 % churn: renames (edits), deletions (unsubscribes) and new
+    // link-men (adds), a third each.
+    let churn = (linkmen / 100).max(3);
+    let each = churn / 3;
+    let half = seeded.len() / 2;
+    let mut unsub_lists = [false; 2];
+    let mut add_lists = [false; 2];
+    for &(id, _, _) in seeded[..half]
+        .iter()
+        .step_by((half / each as usize).max(1))
+        .take(each as usize)
+    {
+        sb.crm
+            .set_linkman_field(id, "name", json!(format!("改名{id}")));
+    }
+    for &(id, _, vip) in seeded[half..]
+        .iter()
+        .step_by((half / each as usize).max(1))
+        .take(each as usize)
+    {
+        sb.crm.remove_linkman(id);
+        unsub_lists[usize::from(vip)] = true;
+    }
+    for i in 0..each {
+        let cust = 1 + (i * 7) % customers;
+        sb.crm.put_linkman(
+            cust,
+            linkmen + 1 + i,
+            json!({"name": "新人", "email": format!("new{i}@customer{cust}.example.cn")}),
+        );
+        add_lists[usize::from(cust % 3 == 0)] = true;
+    }
+    // Minimal writes: one edit per rename, one unsubscribe batch and one
+    // add batch per list touched (each well under the batch size).
+    let touched = |l: [bool; 2]| l.iter().filter(|&&b| b).count() as i64;
+    let min_writes = each + touched(unsub_lists) + touched(add_lists);
+    scenario(
+        "1 % churn rerun",
+        "contacts",
+        pull + lists + min_writes,
+        pull_wall(lists + min_writes),
+    );
+
+    // Write-back: 20 campaigns over the lookback, 10 % of link-men open.
+    let today = chrono::Utc::now().date_naive();
+    let per_campaign = (linkmen / 10 / 20).max(1);
+    for k in 0..20i64 {
+        let date = (today - chrono::Duration::days(k % LOOKBACK_DAYS))
+            .format("%Y-%m-%d")
+            .to_string();
+        let opens = (0..per_campaign)
+            .map(|i| {
+                let (id, cust, _) = seeded[((k * per_campaign + i) % linkmen) as usize];
+                (
+                    format!("lm{id}@customer{cust}.example.cn"),
+                    1,
+                    String::new(),
+                    String::new(),
+                )
+            })
+            .collect();
+        sb.edm.put_campaign(SandboxCampaign {
+            id: 1000 + k,
+            name: format!("活动{k}"),
+            list_id: 1,
+            date,
+            send_status: 3,
+            track_status: 1,
+            opens,
+            ..Default::default()
+        });
+    }
+    let records = 20 * per_campaign;
+    // task-list per day, open-detail and two failexport reads per
+    // campaign, the exports, then one record each.
+    let wb_reads = LOOKBACK_DAYS + 20 * 3 + lists;
+    scenario(
+        "write-back",
+        "writeback",
+        wb_reads + records,
+        l * (wb_reads as u32) + l * (ceil(records, c) as u32),
+    );
+
+    std::fs::remove_file(&config).ok();
+    if rows.iter().all(|ok| *ok) {
+        Ok(())
+    } else {
+        anyhow::bail!("a run failed")
+    }
+}
