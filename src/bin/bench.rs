@@ -367,6 +367,20 @@ async fn main() -> anyhow::Result<()> {
     );
 
     std::fs::remove_file(&config).ok();
+    if args.db == "postgres" {
+        use sea_orm::ConnectionTrait;
+        let name = format!("ces_bench_{}", std::process::id());
+        let admin =
+            sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+    } else {
+        std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("ces-bench-{}", std::process::id())),
+        )
+        .ok();
+    }
     if rows.iter().all(|ok| *ok) {
         Ok(())
     } else {
