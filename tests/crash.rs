@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{TestDb, config_text};
+use common::{TestDb, applied_adds, config_text};
 use crm_edm_sync::sandbox::{Fault, Sandbox, SandboxCampaign};
 use serde_json::json;
 
@@ -119,33 +119,6 @@ impl Setup {
             .filter(|r| r.operation == operation && r.applied)
             .count()
     }
-}
-
-/// How many times each (list, address) was added by a request that took
-/// effect.
-fn applied_adds(sb: &Sandbox) -> BTreeMap<(String, String), usize> {
-    let mut out = BTreeMap::new();
-    for r in sb
-        .requests()
-        .into_iter()
-        .filter(|r| r.operation == "ml-addr-add" && r.applied)
-    {
-        let list = r.params.get("list_id").cloned().unwrap_or_default();
-        for line in r
-            .params
-            .get("ml_addr")
-            .map(String::as_str)
-            .unwrap_or("")
-            .lines()
-        {
-            *out.entry((
-                list.clone(),
-                line.split(';').next().unwrap_or("").to_string(),
-            ))
-            .or_insert(0) += 1;
-        }
-    }
-    out
 }
 
 fn want(filter: impl Fn(i64) -> bool) -> Vec<String> {

@@ -3,38 +3,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Env, env, seed_basic};
+use common::{Env, applied_adds, env, seed_basic};
 use crm_edm_sync::sandbox::{Chaos, Fault, PageFault, Sandbox};
 use crm_edm_sync::sync::contacts::{self, Outcome};
 use crm_edm_sync::sync::plan::Refusal;
 use crm_edm_sync::sync::{Context, RunOptions};
 use serde_json::json;
-
-/// How many times each address was added by a request that took effect.
-fn applied_adds(sb: &Sandbox) -> BTreeMap<(String, String), usize> {
-    let mut out = BTreeMap::new();
-    for r in sb
-        .requests()
-        .into_iter()
-        .filter(|r| r.operation == "ml-addr-add" && r.applied)
-    {
-        let list = r.params.get("list_id").cloned().unwrap_or_default();
-        for line in r
-            .params
-            .get("ml_addr")
-            .map(String::as_str)
-            .unwrap_or("")
-            .lines()
-        {
-            let address = line.split(';').next().unwrap_or("").to_string();
-            *out.entry((list.clone(), address)).or_insert(0) += 1;
-        }
-    }
-    out
-}
 
 /// Forty customers, one or two link-men each, over both lists.
 fn seed_forty(sb: &Sandbox) -> (Vec<String>, Vec<String>) {

@@ -178,3 +178,27 @@ impl Env {
             .with_min_retry_delay(Duration::from_millis(5))
     }
 }
+
+/// How many times each (list, address) was added by an `ml-addr-add` that
+/// took effect, from the sandbox's request log.
+pub fn applied_adds(sb: &Sandbox) -> std::collections::BTreeMap<(String, String), usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for r in sb
+        .requests()
+        .into_iter()
+        .filter(|r| r.operation == "ml-addr-add" && r.applied)
+    {
+        let list = r.params.get("list_id").cloned().unwrap_or_default();
+        for line in r
+            .params
+            .get("ml_addr")
+            .map(String::as_str)
+            .unwrap_or("")
+            .lines()
+        {
+            let address = line.split(';').next().unwrap_or("").to_string();
+            *out.entry((list.clone(), address)).or_insert(0) += 1;
+        }
+    }
+    out
+}
