@@ -90,6 +90,15 @@ impl Daemon {
         false
     }
 
+    /// Waits for `n` log lines containing `message`; fails with the log.
+    async fn expect(&self, message: &str, n: usize, within: Duration) {
+        assert!(
+            self.wait_for(message, n, within).await,
+            "expected {n}× {message:?} within {within:?}:\n{}",
+            self.log()
+        );
+    }
+
     fn signal(&self, sig: &str) {
         let pid = self.child.id().expect("running").to_string();
         std::process::Command::new("kill")
@@ -118,12 +127,8 @@ impl Daemon {
 
     /// The ops endpoint's base URL, from its log line.
     async fn ops_url(&self) -> String {
-        assert!(
-            self.wait_for("ops endpoint listening", 1, Duration::from_secs(20))
-                .await,
-            "{}",
-            self.log()
-        );
+        self.expect("ops endpoint listening", 1, Duration::from_secs(20))
+            .await;
         let line = self.find("ops endpoint listening").unwrap();
         format!("http://{}", line["listen"].as_str().unwrap())
     }
@@ -169,13 +174,9 @@ async fn sigterm_during_a_run_exits_zero_and_the_next_run_completes_the_pending_
 
     // Assert: a clean exit that stopped between batches.
     assert_eq!(code, Some(0), "{}", daemon.log());
-    assert!(
-        daemon
-            .wait_for("stop requested", 1, Duration::from_secs(5))
-            .await,
-        "{}",
-        daemon.log()
-    );
+    daemon
+        .expect("stop requested", 1, Duration::from_secs(5))
+        .await;
     let sent = sb.count("ml-addr-add");
     assert!(
         sent < 12,
@@ -211,28 +212,16 @@ async fn only_one_of_two_daemons_runs_jobs_and_the_other_takes_over(db: TestDb) 
     let config = write_config(dir.path(), &sb, &db);
 
     let first = Daemon::start(&config, &[]);
-    assert!(
-        first
-            .wait_for("holding the instance lock", 1, Duration::from_secs(20))
-            .await,
-        "{}",
-        first.log()
-    );
+    first
+        .expect("holding the instance lock", 1, Duration::from_secs(20))
+        .await;
     let mut second = Daemon::start(&config, &[]);
-    assert!(
-        second
-            .wait_for("standing by", 1, Duration::from_secs(20))
-            .await,
-        "{}",
-        second.log()
-    );
-    assert!(
-        first
-            .wait_for("run finished", 3, Duration::from_secs(20))
-            .await,
-        "{}",
-        first.log()
-    );
+    second
+        .expect("standing by", 1, Duration::from_secs(20))
+        .await;
+    first
+        .expect("run finished", 3, Duration::from_secs(20))
+        .await;
     assert_eq!(
         second.count("run finished"),
         0,
@@ -244,20 +233,12 @@ async fn only_one_of_two_daemons_runs_jobs_and_the_other_takes_over(db: TestDb) 
     // The active one dies without a word.
     first.signal("-KILL");
 
-    assert!(
-        second
-            .wait_for("holding the instance lock", 1, Duration::from_secs(10))
-            .await,
-        "{}",
-        second.log()
-    );
-    assert!(
-        second
-            .wait_for("run finished", 1, Duration::from_secs(10))
-            .await,
-        "{}",
-        second.log()
-    );
+    second
+        .expect("holding the instance lock", 1, Duration::from_secs(10))
+        .await;
+    second
+        .expect("run finished", 1, Duration::from_secs(10))
+        .await;
     assert_eq!(
         sb.edm.emails(1).len(),
         5,
@@ -285,13 +266,9 @@ async fn once_against_a_locked_database_waits_then_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &sb, &db);
     let mut daemon = Daemon::start(&config, &[]);
-    assert!(
-        daemon
-            .wait_for("holding the instance lock", 1, Duration::from_secs(20))
-            .await,
-        "{}",
-        daemon.log()
-    );
+    daemon
+        .expect("holding the instance lock", 1, Duration::from_secs(20))
+        .await;
 
     let started = std::time::Instant::now();
     let out = tokio::process::Command::new(BIN)
@@ -340,13 +317,9 @@ async fn healthz_turns_503_after_a_failed_run_and_200_after_a_good_one() {
     let url = daemon.ops_url().await;
     let http = reqwest::Client::new();
 
-    assert!(
-        daemon
-            .wait_for("run finished", 1, Duration::from_secs(20))
-            .await,
-        "{}",
-        daemon.log()
-    );
+    daemon
+        .expect("run finished", 1, Duration::from_secs(20))
+        .await;
     let failing = http.get(format!("{url}/healthz")).send().await.unwrap();
     assert_eq!(failing.status().as_u16(), 503);
     let body: serde_json::Value = serde_json::from_slice(&failing.bytes().await.unwrap()).unwrap();
@@ -416,13 +389,9 @@ async fn metrics_are_prometheus_text_and_count_what_the_runs_did() {
     let config = write_config(dir.path(), &sb, &db);
     let mut daemon = Daemon::start(&config, &[]);
     let url = daemon.ops_url().await;
-    assert!(
-        daemon
-            .wait_for("run finished", 2, Duration::from_secs(20))
-            .await,
-        "{}",
-        daemon.log()
-    );
+    daemon
+        .expect("run finished", 2, Duration::from_secs(20))
+        .await;
 
     let text = reqwest::get(format!("{url}/metrics"))
         .await
@@ -479,13 +448,9 @@ async fn a_second_signal_exits_at_once() {
     }
 
     daemon.signal("-TERM");
-    assert!(
-        daemon
-            .wait_for("stop requested", 1, Duration::from_secs(5))
-            .await,
-        "{}",
-        daemon.log()
-    );
+    daemon
+        .expect("stop requested", 1, Duration::from_secs(5))
+        .await;
     let started = std::time::Instant::now();
     daemon.signal("-TERM");
     let code = daemon.exit_code(Duration::from_secs(10)).await;
@@ -493,11 +458,7 @@ async fn a_second_signal_exits_at_once() {
     assert_eq!(code, Some(1), "{}", daemon.log());
     assert!(started.elapsed() < Duration::from_secs(5));
     // The log reader may still be catching up with the last line.
-    assert!(
-        daemon
-            .wait_for("second stop signal", 1, Duration::from_secs(5))
-            .await,
-        "{}",
-        daemon.log()
-    );
+    daemon
+        .expect("second stop signal", 1, Duration::from_secs(5))
+        .await;
 }
