@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_create_state_tables;
 mod m20261123_000002_create_writeback_ledger;
+mod m20261123_000003_index_operations_by_email;
 
 /// The migrator: every migration in order.
 pub struct Migrator;
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261123_000001_create_state_tables::Migration),
             Box::new(m20261123_000002_create_writeback_ledger::Migration),
+            Box::new(m20261123_000003_index_operations_by_email::Migration),
         ]
     }
 }

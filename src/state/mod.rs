@@ -7,6 +7,7 @@
 //! one per member.
 
 pub mod entities;
+pub mod nodelay;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -23,6 +24,13 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::domain::{Email, ListId, MemberFields, MemberKey, VAR_COUNT};
 use crate::sync::plan::{MemberState, Origin, Suppressions};
 use entities::{ledger, list_state, member, operation, run, suppression, unsub_line};
+
+/// The TCP port of a PostgreSQL URL (5432 when it names none); `None`
+/// for SQLite and for a URL that does not parse.
+fn postgres_tcp_port(raw: &str) -> Option<u16> {
+    let url = url::Url::parse(raw).ok()?;
+    matches!(url.scheme(), "postgres" | "postgresql").then(|| url.port().unwrap_or(5432))
+}
 
 /// Rows per multi-row statement (well under SQLite's and PostgreSQL's
 /// bound-parameter limits for our widest table).
@@ -195,6 +203,18 @@ impl Store {
             .connect_timeout(Duration::from_secs(10))
             // Statements carry addresses; they do not belong in the logs.
             .sqlx_logging(false);
+        if let Some(port) = postgres_tcp_port(raw) {
+            // Every new pooled connection, not just the first (see
+            // `nodelay`): sqlx 0.9.0 leaves Nagle on.
+            options.map_sqlx_postgres_pool_opts(move |pool| {
+                pool.after_connect(move |_conn, _meta| {
+                    Box::pin(async move {
+                        nodelay::set_on_sockets_to(port);
+                        Ok(())
+                    })
+                })
+            });
+        }
         let db = Database::connect(options).await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot open the state database: {}",
@@ -968,4 +988,74 @@ pub(crate) fn redact_db_error(text: &str, url: &str) -> String {
         out = out.replace(password, crate::remote::REDACTED);
     }
     out
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn postgres_connections_are_opened_with_nodelay() {
+        // Arrange: a fresh database, and the sockets to PostgreSQL that
+        // exist before the store connects.
+        let admin = Database::connect("postgres://postgres@127.0.0.1:5432/postgres")
+            .await
+            .expect("PostgreSQL reachable");
+        let name = format!("ces_unit_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let before = nodelay::sockets_to(5432);
+
+        // Act
+        let url = SecretString::from(format!("postgres://postgres@127.0.0.1:5432/{name}"));
+        let store = Store::connect(&url).await.unwrap();
+        let opened: Vec<i32> = nodelay::sockets_to(5432)
+            .into_iter()
+            .filter(|fd| !before.contains(fd))
+            .collect();
+        let all_nodelay = opened.iter().all(|&fd| nodelay::has_nodelay(fd));
+        store.connection().clone().close().await.unwrap();
+        admin
+            .execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+
+        // Assert
+        assert!(!opened.is_empty(), "the store opened no socket to 5432");
+        assert!(all_nodelay, "a pooled connection has Nagle on");
+    }
+
+    #[tokio::test]
+    async fn every_migration_reverts_and_reapplies() {
+        // Arrange: a migrated database.
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
+        let store = Store::connect(&SecretString::from(url)).await.unwrap();
+        let db = store.connection();
+
+        // Act: every `down()`, then every `up()` again.
+        Migrator::down(db, None).await.unwrap();
+        let after_down = Migrator::get_applied_migrations(db).await.unwrap().len();
+        Migrator::up(db, None).await.unwrap();
+
+        // Assert
+        assert_eq!(after_down, 0);
+        assert_eq!(
+            Migrator::get_applied_migrations(db).await.unwrap().len(),
+            Migrator::migrations().len()
+        );
+        assert!(store.load_members().await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_port_comes_from_a_postgres_url_only() {
+        assert_eq!(
+            postgres_tcp_port("postgres://u@db.example:6432/x"),
+            Some(6432)
+        );
+        assert_eq!(postgres_tcp_port("postgresql://u@db.example/x"), Some(5432));
+        assert_eq!(postgres_tcp_port("sqlite://state.db?mode=rwc"), None);
+    }
 }
