@@ -6,6 +6,7 @@ use std::process::ExitCode;
 /// mimalloc instead of glibc malloc: a sync allocates and frees many small
 /// strings; glibc kept about three times the live data resident (see
 /// BENCHMARKS.md).
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -37,6 +37,11 @@ struct Args {
     /// The crm-edm-sync binary (default: beside this one).
     #[arg(long)]
     bin: Option<std::path::PathBuf>,
+    /// A command to run each job under, for profiling, e.g.
+    /// `--wrap "heaptrack -o /tmp/contacts"` (split at spaces). The figures
+    /// are then the wrapper's, not the daemon's.
+    #[arg(long)]
+    wrap: Option<String>,
 }
 
 const PAGE_SIZE: i64 = 100;
@@ -51,11 +56,24 @@ struct Measured {
     ok: bool,
 }
 
-fn run_child(bin: &std::path::Path, config: &std::path::Path, job: &str) -> Measured {
+fn run_child(
+    wrap: &[String],
+    bin: &std::path::Path,
+    config: &std::path::Path,
+    job: &str,
+) -> Measured {
     let started = Instant::now();
+    let mut command = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = std::process::Command::new(first);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => std::process::Command::new(bin),
+    };
     // Reaped below with wait4, which also gives its resource usage.
     #[allow(clippy::zombie_processes)]
-    let child = std::process::Command::new(bin)
+    let child = command
         .arg("--config")
         .arg(config)
         .args(["--once", "--job", job])
@@ -171,6 +189,11 @@ async fn main() -> anyhow::Result<()> {
         let me = std::env::current_exe().expect("own path");
         me.with_file_name("crm-edm-sync")
     });
+    let wrap: Vec<String> = args
+        .wrap
+        .as_deref()
+        .map(|w| w.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
     let n = args.linkmen;
     let latency = Duration::from_millis(args.latency_ms);
     let c = args.concurrency as i64;
@@ -267,7 +290,7 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut scenario = |name: &str, job: &str, req_bound: i64, wall_bound: Duration| {
         sb.clear_requests();
-        let m = run_child(&bin, &config, job);
+        let m = run_child(&wrap, &bin, &config, job);
         let detail = requests(&sb);
         let row = Row {
             scenario: name.to_string(),
