@@ -152,11 +152,13 @@ fn validate_mailbox(addr: &str) -> Result<(), EmailError> {
 pub fn sanitize_field(value: &str) -> String {
     value
         .chars()
-        .map(|c| match c {
-            ';' | '\t' | '\r' | '\n' | '\0' => ' ',
-            other => other,
-        })
+        .map(|c| if breaks_a_line(c) { ' ' } else { c })
         .collect()
+}
+
+/// A character [`sanitize_field`] replaces.
+fn breaks_a_line(c: char) -> bool {
+    matches!(c, ';' | '\t' | '\r' | '\n' | '\0')
 }
 
 /// The text form of a CRM scalar (behaviour 3): strings as they are, numbers
@@ -170,35 +172,108 @@ pub fn json_text(value: Option<&serde_json::Value>) -> String {
     }
 }
 
-/// The member data the daemon keeps in step: fullname and `var1`…`var10`,
-/// already sanitised.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// The member data the daemon keeps in step: fullname and `var1`…`var10`.
+///
+/// Held as one string, the eleven values joined by `\0`, because the daemon
+/// keeps one of these per member two or three times over (desired, state,
+/// plan): eleven `String`s were 264 bytes before any text, this is 16. `\0`
+/// cannot occur in a value: [`sanitize_field`] replaces it, XML 1.0 cannot
+/// carry it and PostgreSQL text cannot store it; [`MemberFields::raw`]
+/// replaces it too, so the encoding is total.
+#[derive(Clone, PartialEq, Eq)]
 pub struct MemberFields {
-    pub fullname: String,
-    pub vars: [String; VAR_COUNT],
+    joined: Box<str>,
 }
 
+const SEP: char = '\0';
+
 impl MemberFields {
-    /// Builds fields from raw texts, sanitising each one.
-    pub fn new(fullname: &str, vars: &[String; VAR_COUNT]) -> Self {
-        MemberFields {
-            fullname: sanitize_field(fullname),
-            vars: vars.clone().map(|v| sanitize_field(&v)),
+    /// Builds fields from raw CRM texts, sanitising each one (behaviour 3).
+    pub fn new<S: AsRef<str>>(fullname: &str, vars: &[S; VAR_COUNT]) -> Self {
+        Self::join(
+            std::iter::once(fullname).chain(vars.iter().map(AsRef::as_ref)),
+            breaks_a_line,
+        )
+    }
+
+    /// A fullname and empty variables.
+    pub fn named(fullname: &str) -> Self {
+        Self::new::<&str>(fullname, &[""; VAR_COUNT])
+    }
+
+    /// Fields as another system holds them (EDM, the state DB): kept as
+    /// they are, so a difference from the CRM's is seen, except `\0`.
+    pub fn raw<S: AsRef<str>>(fullname: &str, vars: &[S; VAR_COUNT]) -> Self {
+        Self::join(
+            std::iter::once(fullname).chain(vars.iter().map(AsRef::as_ref)),
+            |c| c == SEP,
+        )
+    }
+
+    fn join<'a>(values: impl Iterator<Item = &'a str>, replaced: impl Fn(char) -> bool) -> Self {
+        let mut joined = String::new();
+        for (i, value) in values.enumerate() {
+            if i > 0 {
+                joined.push(SEP);
+            }
+            joined.extend(value.chars().map(|c| if replaced(c) { ' ' } else { c }));
         }
+        MemberFields {
+            joined: joined.into_boxed_str(),
+        }
+    }
+
+    pub fn fullname(&self) -> &str {
+        self.values().next().unwrap_or("")
+    }
+
+    /// `var1`…`var10`, always [`VAR_COUNT`] of them.
+    pub fn vars(&self) -> impl Iterator<Item = &str> {
+        self.values().skip(1)
+    }
+
+    /// `var{i + 1}`.
+    pub fn var(&self, i: usize) -> &str {
+        self.vars().nth(i).unwrap_or("")
+    }
+
+    /// A copy with `var{i + 1}` set to `value` (sanitised).
+    pub fn with_var(&self, i: usize, value: &str) -> Self {
+        let mut vars: [String; VAR_COUNT] = Default::default();
+        for (slot, v) in vars.iter_mut().zip(self.vars()) {
+            *slot = v.to_string();
+        }
+        vars[i] = value.to_string();
+        Self::new(self.fullname(), &vars)
+    }
+
+    fn values(&self) -> std::str::Split<'_, char> {
+        self.joined.split(SEP)
     }
 
     /// One `ml_addr` line: `email;fullname;var1;…;var10;`.
     pub fn ml_addr_line(&self, email: &Email) -> String {
-        let mut line = String::with_capacity(64);
+        let mut line = String::with_capacity(email.as_str().len() + self.joined.len() + 2);
         line.push_str(email.as_str());
         line.push(';');
-        line.push_str(&self.fullname);
+        line.extend(self.joined.chars().map(|c| if c == SEP { ';' } else { c }));
         line.push(';');
-        for v in &self.vars {
-            line.push_str(v);
-            line.push(';');
-        }
         line
+    }
+}
+
+impl Default for MemberFields {
+    fn default() -> Self {
+        Self::named("")
+    }
+}
+
+impl fmt::Debug for MemberFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemberFields")
+            .field("fullname", &self.fullname())
+            .field("vars", &self.vars().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -341,6 +416,47 @@ mod tests {
         let fields = MemberFields::new("张 三;", &vars);
         assert_eq!(fields.ml_addr_line(&email), "a@b.cn;张 三 ;v 1;;;;;;;;;;");
         assert_eq!(fields.ml_addr_line(&email).matches(';').count(), 12);
+    }
+
+    #[test]
+    fn fields_read_back_as_they_were_built() {
+        // Arrange
+        let vars: [String; VAR_COUNT] = std::array::from_fn(|i| format!("v{i}"));
+
+        // Act
+        let fields = MemberFields::new("张三", &vars);
+
+        // Assert
+        assert_eq!(fields.fullname(), "张三");
+        assert_eq!(fields.vars().collect::<Vec<_>>(), vars);
+        assert_eq!(fields.var(9), "v9");
+        assert_eq!(MemberFields::default().vars().count(), VAR_COUNT);
+        assert_eq!(MemberFields::named("x").var(0), "");
+    }
+
+    #[test]
+    fn raw_fields_keep_separators_that_new_fields_sanitise() {
+        let vars: [&str; VAR_COUNT] = ["a;b", "c\nd", "", "", "", "", "", "", "", "e\0f"];
+        let raw = MemberFields::raw("n;m", &vars);
+        assert_eq!(raw.fullname(), "n;m");
+        assert_eq!(raw.var(0), "a;b");
+        assert_eq!(raw.var(1), "c\nd");
+        assert_eq!(raw.var(9), "e f", "NUL is the one character not kept");
+        let clean = MemberFields::new("n;m", &vars);
+        assert_eq!(clean.fullname(), "n m");
+        assert_eq!(clean.var(0), "a b");
+        assert_ne!(
+            raw, clean,
+            "a raw EDM value differs from the CRM's sanitised one"
+        );
+    }
+
+    #[test]
+    fn with_var_replaces_one_variable() {
+        let fields = MemberFields::named("a").with_var(VAR_COUNT - 1, "z;");
+        assert_eq!(fields.fullname(), "a");
+        assert_eq!(fields.var(VAR_COUNT - 1), "z ");
+        assert_eq!(fields.var(0), "");
     }
 
     #[test]

@@ -14,7 +14,7 @@ fn email(i: u8) -> Email {
 }
 
 fn fields(v: u8) -> MemberFields {
-    MemberFields::new(&format!("name{}", v % 3), &Default::default())
+    MemberFields::named(&format!("name{}", v % 3))
 }
 
 /// What EDM would hold after the plan, as the state DB records it.

@@ -349,10 +349,7 @@ impl EdmClient {
                     list_id: xml::parse_id(&a.list_id).unwrap_or(list_id),
                     email: Email::parse(&raw).ok(),
                     raw_address: raw,
-                    fields: MemberFields {
-                        fullname: a.fullname.clone(),
-                        vars,
-                    },
+                    fields: MemberFields::raw(&a.fullname, &vars),
                 })
             })
             .collect()
@@ -361,10 +358,21 @@ impl EdmClient {
     /// Every address of a list, read page by page until a short page. A
     /// page that repeats the previous one ends the read with an error (a
     /// server that ignores `page` would otherwise loop for ever).
-    #[tracing::instrument(skip_all, fields(list_id))]
     pub async fn addr_all(&self, list_id: ListId) -> Result<Vec<EdmAddress>, RemoteError> {
-        let limit = self.list_page_size;
         let mut all = Vec::new();
+        self.addr_each(list_id, |a| all.push(a)).await?;
+        Ok(all)
+    }
+
+    /// [`addr_all`](Self::addr_all), handing each address to `visit` as its
+    /// page arrives, so a caller that wants a few holds only those.
+    #[tracing::instrument(skip_all, fields(list_id))]
+    pub async fn addr_each(
+        &self,
+        list_id: ListId,
+        mut visit: impl FnMut(EdmAddress),
+    ) -> Result<(), RemoteError> {
+        let limit = self.list_page_size;
         let mut previous_first: Option<i64> = None;
         for page in 1.. {
             let batch = self.addr_page(list_id, None, page, limit).await?;
@@ -380,12 +388,12 @@ impl EdmClient {
                 ));
             }
             previous_first = first;
-            all.extend(batch);
+            batch.into_iter().for_each(&mut visit);
             if n < limit as usize {
                 break;
             }
         }
-        Ok(all)
+        Ok(())
     }
 
     /// The addresses of `list_id` equal to `email` (keyword search, then an
@@ -447,12 +455,12 @@ impl EdmClient {
         let mut form: Vec<(&str, String)> = Vec::with_capacity(3 + VAR_COUNT);
         form.push(("id", id.to_string()));
         form.push(("address", email.to_string()));
-        form.push(("fullname", fields.fullname.clone()));
+        form.push(("fullname", fields.fullname().to_string()));
         const VAR_NAMES: [&str; VAR_COUNT] = [
             "var1", "var2", "var3", "var4", "var5", "var6", "var7", "var8", "var9", "var10",
         ];
-        for (name, value) in VAR_NAMES.iter().zip(fields.vars.iter()) {
-            form.push((name, value.clone()));
+        for (name, value) in VAR_NAMES.iter().zip(fields.vars()) {
+            form.push((name, value.to_string()));
         }
         let _: ResultXml = self
             .call_xml(

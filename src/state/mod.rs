@@ -167,8 +167,8 @@ pub struct Store {
     db: DatabaseConnection,
 }
 
-fn vars_to_json(vars: &[String; VAR_COUNT]) -> String {
-    serde_json::to_string(vars).unwrap_or_else(|_| "[]".into())
+fn vars_to_json(fields: &MemberFields) -> String {
+    serde_json::to_string(&fields.vars().collect::<Vec<_>>()).unwrap_or_else(|_| "[]".into())
 }
 
 fn vars_from_json(text: &str) -> [String; VAR_COUNT] {
@@ -185,8 +185,8 @@ fn member_row(m: &MemberState, now: i64) -> member::ActiveModel {
         link_man_id: Set(m.link_man_id),
         customer_id: Set(m.customer_id),
         edm_id: Set(m.edm_id),
-        fullname: Set(m.fields.fullname.clone()),
-        vars: Set(vars_to_json(&m.fields.vars)),
+        fullname: Set(m.fields.fullname().to_string()),
+        vars: Set(vars_to_json(&m.fields)),
         updated_at: Set(now),
         ..Default::default()
     }
@@ -248,7 +248,7 @@ impl Store {
     /// Every member row, keyed. Read in pages by id, so the driver never
     /// buffers the whole table next to the map being built.
     pub async fn load_members(&self) -> anyhow::Result<HashMap<MemberKey, MemberState>> {
-        const PAGE: u64 = 5000;
+        const PAGE: u64 = 2000;
         let mut out = HashMap::new();
         let mut after = i64::MIN;
         loop {
@@ -284,10 +284,7 @@ impl Store {
                         link_man_id: row.link_man_id,
                         customer_id: row.customer_id,
                         edm_id: row.edm_id,
-                        fields: MemberFields {
-                            fullname: row.fullname,
-                            vars: vars_from_json(&row.vars),
-                        },
+                        fields: MemberFields::raw(&row.fullname, &vars_from_json(&row.vars)),
                     },
                 );
             }
@@ -468,8 +465,8 @@ impl Store {
                 edm_id: Set(op.edm_id),
                 link_man_id: Set(op.link_man_id),
                 customer_id: Set(op.customer_id),
-                fullname: Set(op.fields.fullname.clone()),
-                vars: Set(vars_to_json(&op.fields.vars)),
+                fullname: Set(op.fields.fullname().to_string()),
+                vars: Set(vars_to_json(&op.fields)),
                 status: Set(op_status::PENDING.to_string()),
                 attempts: Set(0),
                 last_error: Set(None),

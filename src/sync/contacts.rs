@@ -461,11 +461,13 @@ async fn lookup(
         }
     } else {
         let wanted: std::collections::HashSet<&Email> = emails.iter().collect();
-        for addr in ctx.edm.addr_all(list_id).await? {
-            if addr.email.as_ref().is_some_and(|e| wanted.contains(e)) {
-                keep(addr);
-            }
-        }
+        ctx.edm
+            .addr_each(list_id, |addr| {
+                if addr.email.as_ref().is_some_and(|e| wanted.contains(e)) {
+                    keep(addr);
+                }
+            })
+            .await?;
     }
     Ok(found)
 }

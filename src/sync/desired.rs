@@ -116,8 +116,11 @@ pub fn desired_members(snapshot: &CrmSnapshot, rules: &MappingRules) -> Desired 
 #[derive(Debug)]
 pub struct DesiredBuilder {
     rules: MappingRules,
-    /// Candidates per key, to pick the lowest link-man id.
-    by_key: HashMap<MemberKey, Vec<DesiredMember>>,
+    /// Per key, the candidate with the lowest link-man id so far.
+    by_key: HashMap<MemberKey, DesiredMember>,
+    /// Per key, the other candidates (collisions: rare). Kept apart so the
+    /// common key costs no `Vec` (one holds room for four members).
+    others: HashMap<MemberKey, Vec<DesiredMember>>,
     /// Which customer a link-man was taken from, and under which key.
     by_linkman: HashMap<LinkManId, (CustomerId, Option<MemberKey>)>,
     invalid: Vec<InvalidEmail>,
@@ -132,6 +135,7 @@ impl DesiredBuilder {
         DesiredBuilder {
             rules,
             by_key: HashMap::new(),
+            others: HashMap::new(),
             by_linkman: HashMap::new(),
             invalid: Vec::new(),
             without_email: 0,
@@ -153,20 +157,15 @@ impl DesiredBuilder {
                     continue;
                 }
                 // This customer has the lower id: it wins; undo the other.
-                if let Some(key) = key
-                    && let Some(list) = self.by_key.get_mut(&key)
-                {
-                    list.retain(|m| m.link_man_id != lm.id);
-                    if list.is_empty() {
-                        self.by_key.remove(&key);
-                    }
+                if let Some(key) = key {
+                    self.withdraw(&key, lm.id);
                 }
                 self.invalid.retain(|i| i.link_man_id != lm.id);
             }
             let key = match member_of(&self.rules, customer, lm) {
                 Ok(Some(member)) => {
                     let key = member.key.clone();
-                    self.by_key.entry(key.clone()).or_default().push(member);
+                    self.propose(member);
                     Some(key)
                 }
                 Ok(None) => {
@@ -182,6 +181,46 @@ impl DesiredBuilder {
         }
     }
 
+    /// Adds a candidate for its key; the lowest link-man id leads.
+    fn propose(&mut self, member: DesiredMember) {
+        use std::collections::hash_map::Entry;
+        match self.by_key.entry(member.key.clone()) {
+            Entry::Vacant(slot) => {
+                slot.insert(member);
+            }
+            Entry::Occupied(mut slot) => {
+                let loser = if member.link_man_id < slot.get().link_man_id {
+                    slot.insert(member)
+                } else {
+                    member
+                };
+                self.others
+                    .entry(loser.key.clone())
+                    .or_default()
+                    .push(loser);
+            }
+        }
+    }
+
+    /// Takes link-man `id` back from `key`'s candidates; when it led, the
+    /// lowest of the others takes its place.
+    fn withdraw(&mut self, key: &MemberKey, id: LinkManId) {
+        let mut others = self.others.remove(key).unwrap_or_default();
+        others.retain(|m| m.link_man_id != id);
+        if self.by_key.get(key).is_some_and(|m| m.link_man_id == id) {
+            self.by_key.remove(key);
+            if let Some(next) = others.iter().map(|m| m.link_man_id).min() {
+                let at = others.iter().position(|m| m.link_man_id == next);
+                if let Some(at) = at {
+                    self.by_key.insert(key.clone(), others.swap_remove(at));
+                }
+            }
+        }
+        if !others.is_empty() {
+            self.others.insert(key.clone(), others);
+        }
+    }
+
     pub fn finish(self) -> Desired {
         let mut out = Desired {
             invalid: self.invalid,
@@ -192,11 +231,15 @@ impl DesiredBuilder {
         out.invalid.sort_by_key(|i| i.link_man_id);
         out.repeated_linkmen.sort_unstable();
         out.repeated_linkmen.dedup();
-        for (key, mut candidates) in self.by_key {
-            candidates.sort_by_key(|m| m.link_man_id);
-            let mut iter = candidates.into_iter();
-            let Some(owner) = iter.next() else { continue };
-            let others: Vec<LinkManId> = iter.map(|m| m.link_man_id).collect();
+        let mut losers = self.others;
+        for (key, owner) in self.by_key {
+            let mut others: Vec<LinkManId> = losers
+                .remove(&key)
+                .unwrap_or_default()
+                .iter()
+                .map(|m| m.link_man_id)
+                .collect();
+            others.sort_unstable();
             if !others.is_empty() {
                 out.collisions.push(Collision {
                     key: key.clone(),
@@ -311,12 +354,12 @@ mod tests {
         let d = desired_members(&snap, &rules());
         let zhang = &d.members[&key(1, "zhang@example.cn")];
         assert_eq!(zhang.link_man_id, 10);
-        assert_eq!(zhang.fields.vars[0], "甲公司");
+        assert_eq!(zhang.fields.var(0), "甲公司");
         let li = &d.members[&key(2, "li@example.cn")];
         assert_eq!(li.customer_id, 2);
-        assert_eq!(li.fields.fullname, "李四");
-        assert_eq!(li.fields.vars[1], "13800138000");
-        assert_eq!(li.fields.vars[2], "");
+        assert_eq!(li.fields.fullname(), "李四");
+        assert_eq!(li.fields.var(1), "13800138000");
+        assert_eq!(li.fields.var(2), "");
     }
 
     #[test]
@@ -385,7 +428,7 @@ mod tests {
         assert_eq!(d.members.len(), 1);
         let m = &d.members[&key(1, "same@x.cn")];
         assert_eq!(m.link_man_id, 12);
-        assert_eq!(m.fields.fullname, "A");
+        assert_eq!(m.fields.fullname(), "A");
         assert_eq!(d.collisions.len(), 1);
         assert_eq!(d.collisions[0].others, vec![25, 30]);
     }
@@ -440,9 +483,9 @@ mod tests {
         )]);
         let d = desired_members(&snap, &rules());
         let m = &d.members[&key(1, "w@x.cn")];
-        assert_eq!(m.fields.fullname, "王 五 ");
-        assert_eq!(m.fields.vars[0], "A B C");
-        assert_eq!(m.fields.vars[1], "1 2");
+        assert_eq!(m.fields.fullname(), "王 五 ");
+        assert_eq!(m.fields.var(0), "A B C");
+        assert_eq!(m.fields.var(1), "1 2");
     }
 
     #[test]
@@ -461,5 +504,38 @@ mod tests {
         assert_eq!(d.members.len(), 1);
         assert_eq!(d.members[&key(1, "a@x.cn")].customer_id, 1);
         assert_eq!(d.repeated_linkmen, vec![10]);
+    }
+
+    #[test]
+    fn a_leader_taken_back_by_a_lower_customer_hands_its_key_to_the_next_lowest() {
+        // Arrange: customer 2 is read first; link-man 10 leads same@x.cn
+        // over 20 and 30. Customer 1 then returns link-man 10 with another
+        // address.
+        let snap = snapshot(vec![
+            (
+                json!({"id": 2, "type_id": 1}),
+                vec![
+                    json!({"id": 30, "email": "same@x.cn"}),
+                    json!({"id": 10, "name": "ten", "email": "same@x.cn"}),
+                    json!({"id": 20, "name": "twenty", "email": "same@x.cn"}),
+                ],
+            ),
+            (
+                json!({"id": 1, "type_id": 1}),
+                vec![json!({"id": 10, "name": "ten", "email": "b@x.cn"})],
+            ),
+        ]);
+
+        // Act
+        let d = desired_members(&snap, &rules());
+
+        // Assert
+        assert_eq!(d.members[&key(1, "b@x.cn")].link_man_id, 10);
+        let same = &d.members[&key(1, "same@x.cn")];
+        assert_eq!(same.link_man_id, 20);
+        assert_eq!(same.fields.fullname(), "twenty");
+        assert_eq!(d.collisions.len(), 1);
+        assert_eq!(d.collisions[0].owner, 20);
+        assert_eq!(d.collisions[0].others, vec![30]);
     }
 }

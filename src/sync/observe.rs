@@ -249,7 +249,7 @@ mod tests {
                 link_man_id: Some(1),
                 customer_id: Some(2),
                 edm_id: None,
-                fields: MemberFields::new("N", &Default::default()),
+                fields: MemberFields::named("N"),
             },
         )
     }
@@ -267,7 +267,7 @@ mod tests {
             list_id: list,
             raw_address: a.into(),
             email: Email::parse(a).ok(),
-            fields: MemberFields::new(name, &Default::default()),
+            fields: MemberFields::named(name),
         }
     }
 
@@ -412,7 +412,7 @@ mod tests {
             .map(|m| (m.key.email.to_string(), m))
             .collect();
         assert_eq!(by_email["mine@x.cn"].edm_id, Some(10));
-        assert_eq!(by_email["mine@x.cn"].fields.fullname, "Changed in EDM");
+        assert_eq!(by_email["mine@x.cn"].fields.fullname(), "Changed in EDM");
         assert_eq!(by_email["other@x.cn"].origin, Origin::Foreign);
         assert_eq!(by_email["other@x.cn"].edm_id, Some(9));
         assert_eq!(by_email["back@x.cn"].origin, Origin::Foreign);

@@ -277,7 +277,7 @@ mod tests {
     }
 
     fn fields(name: &str) -> MemberFields {
-        MemberFields::new(name, &Default::default())
+        MemberFields::named(name)
     }
 
     fn want(list: ListId, email: &str, lm: LinkManId, name: &str) -> (MemberKey, DesiredMember) {
@@ -346,14 +346,14 @@ mod tests {
         let p = plan(&d, &s, &Suppressions::default());
         assert_eq!(p.edits.len(), 1);
         assert_eq!(p.edits[0].edm_id, Some(1001));
-        assert_eq!(p.edits[0].fields.fullname, "A2");
+        assert_eq!(p.edits[0].fields.fullname(), "A2");
         assert!(p.adds.is_empty() && p.unsubs.is_empty());
     }
 
     #[test]
     fn a_var_change_alone_is_an_edit() {
         let (k, mut w) = want(1, "a@x.cn", 1, "A");
-        w.fields.vars[VAR_COUNT - 1] = "new".into();
+        w.fields = w.fields.with_var(VAR_COUNT - 1, "new");
         let d = desired(vec![(k, w)]);
         let s = state(vec![have(1, "a@x.cn", 1, "A", Origin::Owned)]);
         assert_eq!(plan(&d, &s, &Suppressions::default()).edits.len(), 1);

@@ -45,46 +45,48 @@ pub struct Owner {
     pub email: String,
 }
 
-/// Members by address, for matching events. Each address has its owners
-/// by list in a small vector sorted by list id (most addresses are in one
-/// list; a tree node per address would cost a kilobyte each).
+/// Members by address, for matching events. Borrows the members: an index
+/// entry is an address slice and one reference per list, and an [`Owner`]
+/// is only built for an address an event names (a tenth of them, say).
 #[derive(Debug, Default)]
-pub struct MemberIndex {
-    by_email: HashMap<String, Vec<(ListId, Owner)>>,
+pub struct MemberIndex<'a> {
+    /// Per address, its members that have (or had) an owning link-man,
+    /// sorted by list id (most addresses are in one list).
+    by_email: HashMap<&'a str, Vec<&'a MemberState>>,
 }
 
-impl MemberIndex {
+impl<'a> MemberIndex<'a> {
     /// Indexes members that have (or had) an owning link-man.
-    pub fn new(members: &HashMap<MemberKey, MemberState>) -> Self {
-        let mut by_email: HashMap<String, Vec<(ListId, Owner)>> = HashMap::new();
+    pub fn new(members: &'a HashMap<MemberKey, MemberState>) -> Self {
+        let mut by_email: HashMap<&'a str, Vec<&'a MemberState>> = HashMap::new();
         for m in members.values() {
-            if let (Some(link_man_id), Some(customer_id)) = (m.link_man_id, m.customer_id) {
-                by_email.entry(m.key.email.to_string()).or_default().push((
-                    m.key.list_id,
-                    Owner {
-                        link_man_id,
-                        customer_id,
-                        name: m.fields.fullname.clone(),
-                        email: m.key.email.to_string(),
-                    },
-                ));
+            if m.link_man_id.is_some() && m.customer_id.is_some() {
+                by_email
+                    .entry(m.key.email.as_str())
+                    .or_insert_with(|| Vec::with_capacity(1))
+                    .push(m);
             }
         }
         for owners in by_email.values_mut() {
-            owners.sort_by_key(|(list, _)| *list);
-            owners.shrink_to_fit();
+            owners.sort_by_key(|m| m.key.list_id);
         }
         MemberIndex { by_email }
     }
 
     /// The owner of `address` in `list`, else in the lowest-numbered list
     /// where one did.
-    pub fn owner(&self, address: &str, list: Option<ListId>) -> Option<&Owner> {
+    pub fn owner(&self, address: &str, list: Option<ListId>) -> Option<Owner> {
         let email = Email::parse(address).ok()?;
-        let owners = self.by_email.get(email.as_str())?;
-        list.and_then(|l| owners.iter().find(|(id, _)| *id == l))
-            .or_else(|| owners.first())
-            .map(|(_, owner)| owner)
+        let members = self.by_email.get(email.as_str())?;
+        let m = list
+            .and_then(|l| members.iter().find(|m| m.key.list_id == l))
+            .or_else(|| members.first())?;
+        Some(Owner {
+            link_man_id: m.link_man_id?,
+            customer_id: m.customer_id?,
+            name: m.fields.fullname().to_string(),
+            email: m.key.email.to_string(),
+        })
     }
 }
 
@@ -143,14 +145,14 @@ fn gather<'m, 'a>(
     acc: &'m mut BTreeMap<RecordKey, Gathered<'a>>,
     kind: &'static str,
     scope: &str,
-    owner: &Owner,
+    owner: Owner,
     campaign: Option<&'a Campaign>,
     list_id: Option<ListId>,
 ) -> &'m mut Facts {
     &mut acc
         .entry((kind, scope.to_string(), owner.link_man_id))
         .or_insert_with(|| Gathered {
-            owner: owner.clone(),
+            owner,
             facts: Facts::default(),
             campaign,
             list_id,
@@ -345,7 +347,7 @@ mod tests {
                 link_man_id: Some(lm),
                 customer_id: Some(lm * 100),
                 edm_id: None,
-                fields: MemberFields::new(&format!("人{lm}"), &Default::default()),
+                fields: MemberFields::named(&format!("人{lm}")),
             },
         )
     }

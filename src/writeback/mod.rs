@@ -254,6 +254,11 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
             "events of addresses no synced member has were skipped"
         );
     }
+    // The records own what they need: the members, the index over them and
+    // the events are not held through the sending.
+    drop(index);
+    drop(members);
+    drop(all_events);
 
     // Pending rows from earlier runs go first, with what they were
     // recorded with.
@@ -284,6 +289,7 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
         .collect();
     counts.already_recorded = total - fresh.len();
     let inserted = ctx.store.insert_records(&fresh).await?;
+    drop(fresh);
     let mut to_send = earlier;
     to_send.extend(inserted);
     send_all(ctx, to_send, counts).await
