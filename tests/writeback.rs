@@ -440,3 +440,73 @@ async fn configured_templates_shape_the_records() {
     // Kinds without an override keep the Chinese default.
     assert!(h.iter().any(|r| r.title.starts_with("邮件点击")));
 }
+
+#[tokio::test]
+async fn a_slow_record_does_not_hold_up_the_others() {
+    // Arrange: five records, two calls at a time; the first call takes 3 s.
+    let e = synced().await;
+    let ctx = e.ctx_from(|s| s.crm.concurrency = 2).await;
+    e.sb.inject(
+        "ContactHistory/Add",
+        Fault::Delay(std::time::Duration::from_secs(3)),
+        1,
+    );
+
+    // Act: run, and watch the sandbox while the slow call is out.
+    let job = tokio::spawn(async move { writeback::run(&ctx).await });
+    let mut others_answered_meanwhile = false;
+    while !job.is_finished() {
+        // Answered calls are logged; the slow one is logged when it ends.
+        // Reading the count first and the in-flight gauge second means the
+        // slow call was still out when the count was taken.
+        let answered = e.sb.count("ContactHistory/Add");
+        if answered == 4 && e.sb.in_flight("ContactHistory/Add") == 1 {
+            others_answered_meanwhile = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let report = job.await.unwrap().unwrap();
+
+    // Assert: the window refilled around the slow call (waves of two
+    // would have sent one other record while it was out).
+    assert!(
+        others_answered_meanwhile,
+        "the other four records waited for the slow one"
+    );
+    assert_eq!(report.counts.failed, 0);
+    assert_eq!(e.sb.crm.history().len(), 5);
+    assert_eq!(e.sb.max_in_flight("ContactHistory/Add"), 2);
+}
+
+#[tokio::test]
+async fn a_shutdown_mid_write_back_leaves_unsent_records_pending_and_unsuspected() {
+    // Arrange: two calls at a time. Of the first two, one takes 2 s and
+    // one 10 ms; the record sent after the quick one takes 2 s too.
+    let e = synced().await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let ctx = e
+        .ctx_from(|s| s.crm.concurrency = 2)
+        .await
+        .with_shutdown(shutdown.clone());
+    let slow = std::time::Duration::from_secs(2);
+    for delay in [slow, std::time::Duration::from_millis(10), slow] {
+        e.sb.inject("ContactHistory/Add", Fault::Delay(delay), 1);
+    }
+
+    // Act: shut down once the quick call has answered.
+    let job = tokio::spawn(async move { writeback::run(&ctx).await });
+    while e.sb.count("ContactHistory/Add") == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    shutdown.cancel();
+    let first = job.await.unwrap().unwrap();
+    let second = writeback::run(&e.ctx).await.unwrap();
+
+    // Assert: the calls in flight were awaited and recorded; the two never
+    // sent are retried without a "may be written twice" warning.
+    assert_eq!(e.sb.count("ContactHistory/Add"), 5);
+    assert_eq!(first.counts.failed, 0);
+    assert_eq!(second.counts.retried, 2);
+    assert_eq!(second.counts.possibly_duplicated, 0);
+    assert_eq!(e.sb.crm.history().len(), 5);
+}

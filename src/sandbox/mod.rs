@@ -314,6 +314,14 @@ impl Sandbox {
             .unwrap_or(0)
     }
 
+    /// Requests to `operation` being handled now.
+    pub fn in_flight(&self, operation: &str) -> usize {
+        lock(&self.shared.in_flight)
+            .get(operation)
+            .map(|e| e.0)
+            .unwrap_or(0)
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<LoggedRequest> {
         lock(&self.shared.log).clone()

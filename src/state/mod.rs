@@ -660,9 +660,19 @@ impl Store {
 
     /// Marks ledger rows as being sent: uncertain until the CRM answers.
     pub async fn mark_records_uncertain(&self, ids: &[i64]) -> anyhow::Result<()> {
+        self.set_records_uncertain(ids, true).await
+    }
+
+    /// Takes the mark back from rows that were marked but, the run
+    /// stopping, never sent.
+    pub async fn unmark_records(&self, ids: &[i64]) -> anyhow::Result<()> {
+        self.set_records_uncertain(ids, false).await
+    }
+
+    async fn set_records_uncertain(&self, ids: &[i64], uncertain: bool) -> anyhow::Result<()> {
         for chunk in ids.chunks(CHUNK) {
             ledger::Entity::update_many()
-                .col_expr(ledger::Column::Uncertain, true.into())
+                .col_expr(ledger::Column::Uncertain, uncertain.into())
                 .col_expr(ledger::Column::UpdatedAt, now_ms().into())
                 .filter(ledger::Column::Id.is_in(chunk.iter().copied()))
                 .exec(&self.db)
