@@ -338,15 +338,12 @@ async fn send_all(
                 break;
             }
             if marked.is_empty() {
-                marked.extend(unsent.by_ref().take(window));
-                if marked.is_empty() {
-                    stopped = true;
-                    break;
-                }
-                let ids: Vec<i64> = marked.iter().map(|r| r.id).collect();
-                ctx.store.mark_records_uncertain(&ids).await?;
+                mark_next(ctx, &mut unsent, &mut marked, window).await?;
             }
-            let Some(row) = marked.pop_front() else { break };
+            let Some(row) = marked.pop_front() else {
+                stopped = true;
+                break;
+            };
             in_flight.push(async move {
                 let answer = ctx
                     .crm
@@ -361,6 +358,11 @@ async fn send_all(
                     .await;
                 (row, answer)
             });
+        }
+        // Mark the next window while these calls are out, so the write is
+        // not between an answer and the call that replaces it.
+        if !stopped && marked.is_empty() {
+            mark_next(ctx, &mut unsent, &mut marked, window).await?;
         }
         let Some((row, answer)) = in_flight.next().await else {
             break;
@@ -406,6 +408,22 @@ async fn send_all(
     }
     if let Some(e) = auth_error {
         return Err(anyhow::Error::new(e).context("CRM refused the token; write-back stopped"));
+    }
+    Ok(())
+}
+
+/// Takes the next `window` records and marks them uncertain (one write).
+async fn mark_next(
+    ctx: &Context,
+    unsent: &mut std::vec::IntoIter<ledger::Model>,
+    marked: &mut std::collections::VecDeque<ledger::Model>,
+    window: usize,
+) -> anyhow::Result<()> {
+    let next: Vec<ledger::Model> = unsent.by_ref().take(window).collect();
+    if !next.is_empty() {
+        let ids: Vec<i64> = next.iter().map(|r| r.id).collect();
+        ctx.store.mark_records_uncertain(&ids).await?;
+        marked.extend(next);
     }
     Ok(())
 }
