@@ -808,3 +808,84 @@ async fn a_linkman_without_a_usable_id_fails_the_pull_naming_the_field() {
     assert!(text.contains("\"abc\""), "{text}");
     assert_eq!(e.sb.edm_writes(), 0);
 }
+
+/// One customer with 25 link-men (three add batches of ten), the first
+/// `ml-addr-add` held for a second.
+async fn three_batches_first_one_slow() -> common::Env {
+    let e = env().await;
+    e.sb.crm.put_customer(1, json!({"name": "c", "type_id": 1}));
+    for i in 0..25 {
+        e.sb.crm.put_linkman(
+            1,
+            100 + i,
+            json!({"name": format!("n{i}"), "email": format!("p{i}@example.com")}),
+        );
+    }
+    e.sb.inject(
+        "ml-addr-add",
+        Fault::Delay(std::time::Duration::from_secs(1)),
+        1,
+    );
+    e
+}
+
+#[tokio::test]
+async fn the_next_batch_is_recorded_while_the_current_one_is_out() {
+    // Arrange
+    let e = three_batches_first_one_slow().await;
+    let small = e.ctx_from(|s| s.edm.batch_size = 10).await;
+
+    // Act: run, and read the state DB while the first batch is out.
+    let job = tokio::spawn(async move { contacts::run(&small, RunOptions::default()).await });
+    let mut two_batches_pending_meanwhile = false;
+    while !job.is_finished() {
+        if e.sb.in_flight("ml-addr-add") == 1 {
+            let pending = e.ctx.store.pending_operations().await.unwrap().len();
+            two_batches_pending_meanwhile |= pending == 20;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let report = job.await.unwrap().unwrap();
+
+    // Assert
+    assert!(
+        two_batches_pending_meanwhile,
+        "the second batch was not recorded while the first was out"
+    );
+    assert_eq!(report.counts.added, 25);
+    assert_eq!(e.sb.count("ml-addr-add"), 3);
+    assert!(e.ctx.store.pending_operations().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_shutdown_takes_back_the_batch_recorded_ahead() {
+    // Arrange
+    let e = three_batches_first_one_slow().await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let small = e
+        .ctx_from(|s| s.edm.batch_size = 10)
+        .await
+        .with_shutdown(shutdown.clone());
+
+    // Act: shut down while the first batch is out and the second recorded.
+    let job = tokio::spawn(async move { contacts::run(&small, RunOptions::default()).await });
+    while !(e.sb.in_flight("ml-addr-add") == 1
+        && e.ctx.store.pending_operations().await.unwrap().len() == 20)
+    {
+        assert!(!job.is_finished(), "the run ended before the check");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    shutdown.cancel();
+    let first = job.await.unwrap().unwrap();
+    let pending_after = e.ctx.store.pending_operations().await.unwrap().len();
+    e.sb.clear_requests();
+    let second = e.sync().await;
+
+    // Assert: the first batch landed; the second, never sent, left nothing
+    // pending, so the next run adds the rest without checking the list.
+    assert_eq!(first.counts.added, 10);
+    assert_eq!(pending_after, 0);
+    assert_eq!(second.counts.added, 15);
+    assert_eq!(e.sb.count("ml-addr-list"), 0);
+    assert_eq!(e.sb.edm.emails(1).len(), 25);
+}

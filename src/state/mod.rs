@@ -519,6 +519,33 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes this run's pending `kind` operations on `emails` in
+    /// `list_id` that were recorded but never sent (no attempt made): a
+    /// batch recorded ahead that the run stopped before sending.
+    pub async fn forget_operations(
+        &self,
+        run_id: &str,
+        kind: &str,
+        list_id: ListId,
+        emails: &[&Email],
+    ) -> anyhow::Result<()> {
+        let txn = self.db.begin().await?;
+        for chunk in emails.chunks(CHUNK) {
+            operation::Entity::delete_many()
+                .filter(operation::Column::RunId.eq(run_id))
+                .filter(operation::Column::Kind.eq(kind))
+                .filter(operation::Column::ListId.eq(list_id))
+                .filter(operation::Column::Status.eq(op_status::PENDING))
+                .filter(operation::Column::Attempts.eq(0))
+                .filter(operation::Column::Email.is_in(chunk.iter().map(|e| e.to_string())))
+                .exec(&txn)
+                .await
+                .context("cannot take back unsent operations")?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
     /// Notes a failed attempt on this run's operations; they stay pending.
     pub async fn note_failure(
         &self,

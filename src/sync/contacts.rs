@@ -487,6 +487,23 @@ enum BatchKind {
     Unsub,
 }
 
+impl BatchKind {
+    fn op(&self) -> &'static str {
+        match self {
+            BatchKind::Add => op_kind::ADD,
+            BatchKind::Unsub => op_kind::UNSUB,
+        }
+    }
+}
+
+/// Up to `edm.batch_size` addresses of one list, sent in one request.
+struct Batch {
+    list_id: ListId,
+    emails: Vec<Email>,
+    /// What to add, by address (empty for an unsubscribe batch).
+    adds: HashMap<Email, PlannedAdd>,
+}
+
 impl Applier<'_> {
     async fn apply(&mut self, plan: Plan) -> anyhow::Result<()> {
         // State-only changes first.
@@ -510,29 +527,34 @@ impl Applier<'_> {
             self.counts.adopted = plan.adoptions();
         }
         let batch_size = self.ctx.settings.edm.batch_size;
-        for (list_id, unsubs) in group_by_list(plan.unsubs, |u: &PlannedUnsub| u.key.list_id) {
-            for chunk in unsubs.chunks(batch_size) {
-                if self.stopping() {
-                    return Ok(());
-                }
-                let emails: Vec<Email> = chunk.iter().map(|u| u.key.email.clone()).collect();
-                self.send_batch(BatchKind::Unsub, list_id, &emails, &HashMap::new())
-                    .await?;
+        let mut unsubs = Vec::new();
+        for (list_id, items) in group_by_list(plan.unsubs, |u: &PlannedUnsub| u.key.list_id) {
+            for chunk in items.chunks(batch_size) {
+                unsubs.push(Batch {
+                    list_id,
+                    emails: chunk.iter().map(|u| u.key.email.clone()).collect(),
+                    adds: HashMap::new(),
+                });
             }
         }
-        for (list_id, adds) in group_by_list(plan.adds, |a: &PlannedAdd| a.key.list_id) {
-            for chunk in adds.chunks(batch_size) {
-                if self.stopping() {
-                    return Ok(());
-                }
-                let emails: Vec<Email> = chunk.iter().map(|a| a.key.email.clone()).collect();
-                let by_email: HashMap<Email, PlannedAdd> = chunk
-                    .iter()
-                    .map(|a| (a.key.email.clone(), a.clone()))
-                    .collect();
-                self.send_batch(BatchKind::Add, list_id, &emails, &by_email)
-                    .await?;
+        if !self.send_batches(BatchKind::Unsub, unsubs).await? {
+            return Ok(());
+        }
+        let mut adds = Vec::new();
+        for (list_id, items) in group_by_list(plan.adds, |a: &PlannedAdd| a.key.list_id) {
+            for chunk in items.chunks(batch_size) {
+                adds.push(Batch {
+                    list_id,
+                    emails: chunk.iter().map(|a| a.key.email.clone()).collect(),
+                    adds: chunk
+                        .iter()
+                        .map(|a| (a.key.email.clone(), a.clone()))
+                        .collect(),
+                });
             }
+        }
+        if !self.send_batches(BatchKind::Add, adds).await? {
+            return Ok(());
         }
         for (list_id, edits) in group_by_list(plan.edits, |e: &PlannedEdit| e.key.list_id) {
             if self.stopping() {
@@ -552,21 +574,64 @@ impl Applier<'_> {
         stop
     }
 
-    /// Sends one add or unsubscribe batch. When the answer is lost, the
-    /// list is checked and only what did not take effect is sent again
-    /// (behaviour 9), at most `edm.max_retries` times.
-    async fn send_batch(
-        &mut self,
-        kind: BatchKind,
-        list_id: ListId,
-        emails: &[Email],
-        adds: &HashMap<Email, PlannedAdd>,
-    ) -> anyhow::Result<()> {
-        let op = match kind {
-            BatchKind::Add => op_kind::ADD,
-            BatchKind::Unsub => op_kind::UNSUB,
-        };
-        let records: Vec<NewOperation> = emails
+    /// Sends add or unsubscribe batches in order. Each batch's operations
+    /// are recorded pending before it is sent (behaviour 9); the next
+    /// batch's are recorded while the current one is out, so the state DB
+    /// write is not between two EDM calls. A batch recorded but not sent,
+    /// because the run stops, has its operations taken back. Returns false
+    /// when a shutdown stopped it.
+    async fn send_batches(&mut self, kind: BatchKind, batches: Vec<Batch>) -> anyhow::Result<bool> {
+        let ctx = self.ctx;
+        let run_id = self.run_id;
+        let op = kind.op();
+        let mut recorded = false;
+        for (i, batch) in batches.iter().enumerate() {
+            if self.stopping() {
+                if recorded {
+                    let emails: Vec<&Email> = batch.emails.iter().collect();
+                    ctx.store
+                        .forget_operations(run_id, op, batch.list_id, &emails)
+                        .await?;
+                }
+                return Ok(false);
+            }
+            if !recorded {
+                let ops = self.operations(op, batch);
+                ctx.store.record_operations(run_id, &ops).await?;
+            }
+            let Some(next) = batches.get(i + 1) else {
+                self.deliver(&kind, batch).await?;
+                break;
+            };
+            let next_ops = self.operations(op, next);
+            let (delivered, next_recorded) = tokio::join!(
+                self.deliver(&kind, batch),
+                ctx.store.record_operations(run_id, &next_ops)
+            );
+            recorded = next_recorded.is_ok();
+            if let Err(e) = delivered {
+                if recorded {
+                    let emails: Vec<&Email> = next.emails.iter().collect();
+                    ctx.store
+                        .forget_operations(run_id, op, next.list_id, &emails)
+                        .await?;
+                }
+                return Err(e);
+            }
+            next_recorded?;
+        }
+        Ok(true)
+    }
+
+    /// The pending operations a batch is recorded as.
+    fn operations(&self, op: &'static str, batch: &Batch) -> Vec<NewOperation> {
+        let Batch {
+            list_id,
+            emails,
+            adds,
+        } = batch;
+        let list_id = *list_id;
+        emails
             .iter()
             .map(|email| {
                 let key = MemberKey::new(list_id, email.clone());
@@ -586,12 +651,20 @@ impl Applier<'_> {
                     fields: add.map(|a| a.fields.clone()).unwrap_or_default(),
                 }
             })
-            .collect();
-        self.ctx
-            .store
-            .record_operations(self.run_id, &records)
-            .await?;
+            .collect()
+    }
 
+    /// Sends one recorded batch. When the answer is lost, the list is
+    /// checked and only what did not take effect is sent again
+    /// (behaviour 9), at most `edm.max_retries` times.
+    async fn deliver(&mut self, kind: &BatchKind, batch: &Batch) -> anyhow::Result<()> {
+        let Batch {
+            list_id,
+            emails,
+            adds,
+        } = batch;
+        let list_id = *list_id;
+        let op = kind.op();
         let mut remaining: Vec<Email> = emails.to_vec();
         let max_tries = self.ctx.settings.edm.max_retries + 1;
         for attempt in 1..=max_tries {
@@ -611,7 +684,7 @@ impl Applier<'_> {
                 Ok(()) => {
                     let done: Vec<(Email, Option<i64>)> =
                         remaining.drain(..).map(|e| (e, None)).collect();
-                    self.complete(&kind, list_id, done, adds).await?;
+                    self.complete(kind, list_id, done, adds).await?;
                     return Ok(());
                 }
                 Err(e) if e.is_auth() => {
@@ -662,7 +735,7 @@ impl Applier<'_> {
                             (e, id)
                         })
                         .collect();
-                    self.complete(&kind, list_id, done, adds).await?;
+                    self.complete(kind, list_id, done, adds).await?;
                     remaining = again;
                     if remaining.is_empty() {
                         return Ok(());

@@ -299,14 +299,16 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
 /// each answer arrives (a wave that waited for its slowest call cost a
 /// quarter of the wall time at 20 ms latency).
 ///
-/// The ledger is written in groups, never per record: the next
-/// `concurrency` records are marked uncertain (one write) before the first
-/// of them is sent, and answers are recorded done `concurrency` at a time
-/// (one write). A crash can thus leave fewer than `3 × concurrency` records
-/// uncertain (in flight, marked but unsent, answered but not yet recorded),
-/// and those are the only ones a later run re-sends with a warning; a run
-/// that stops takes the mark back from those it never sent. No
-/// database connection is held across a CRM call. A credentials error
+/// The ledger is written in groups, never per record, and beside the calls
+/// rather than between them: the next `concurrency` records are marked
+/// uncertain (one write) while the current ones are out, and none is sent
+/// before its mark is written; answers are recorded done `concurrency` at
+/// a time (one write). A crash can thus leave at most `6 × concurrency`
+/// records uncertain (one window in flight, one marked ahead, up to four
+/// answered but not yet recorded while a write is slow; about two windows
+/// in practice), and those are the only ones a later run re-sends with a
+/// warning; a run that stops takes the mark back from those it never sent.
+/// No database connection is held across a CRM call. A credentials error
 /// stops new calls; a shutdown stops them too; the calls in flight are
 /// awaited and recorded either way.
 async fn send_all(
@@ -314,7 +316,8 @@ async fn send_all(
     rows: Vec<ledger::Model>,
     counts: &mut WritebackCounts,
 ) -> anyhow::Result<()> {
-    use futures::StreamExt;
+    use futures::future::BoxFuture;
+    use futures::{FutureExt, StreamExt};
 
     let wb = &ctx.settings.writeback;
     let window = ctx.settings.crm.concurrency.max(1);
@@ -322,26 +325,26 @@ async fn send_all(
     let mut marked: std::collections::VecDeque<ledger::Model> = Default::default();
     let mut in_flight = futures::stream::FuturesUnordered::new();
     let mut done: Vec<i64> = Vec::with_capacity(window);
+    let mut marking: Option<BoxFuture<'_, anyhow::Result<Vec<ledger::Model>>>> = None;
+    let mut recording: Option<BoxFuture<'_, anyhow::Result<usize>>> = None;
     let mut auth_error = None;
     let mut stopped = false;
     loop {
-        while !stopped && in_flight.len() < window {
+        // Answers not yet recorded hold back new calls past two windows, so
+        // a slow database bounds what a crash can leave uncertain.
+        while !stopped && in_flight.len() < window && done.len() < 2 * window {
             if auth_error.is_some() {
                 stopped = true;
-                break;
-            }
-            if ctx.shutdown.is_cancelled() {
+            } else if ctx.shutdown.is_cancelled() {
                 tracing::info!(
                     "shutdown: no further contact-history records; the rest stay pending"
                 );
                 stopped = true;
+            }
+            if stopped {
                 break;
             }
-            if marked.is_empty() {
-                mark_next(ctx, &mut unsent, &mut marked, window).await?;
-            }
             let Some(row) = marked.pop_front() else {
-                stopped = true;
                 break;
             };
             in_flight.push(async move {
@@ -359,39 +362,72 @@ async fn send_all(
                 (row, answer)
             });
         }
-        // Mark the next window while these calls are out, so the write is
-        // not between an answer and the call that replaces it.
-        if !stopped && marked.is_empty() {
-            mark_next(ctx, &mut unsent, &mut marked, window).await?;
+        if !stopped && marking.is_none() && marked.is_empty() && unsent.len() > 0 {
+            let next: Vec<ledger::Model> = unsent.by_ref().take(window).collect();
+            marking = Some(
+                async move {
+                    let ids: Vec<i64> = next.iter().map(|r| r.id).collect();
+                    ctx.store.mark_records_uncertain(&ids).await?;
+                    Ok(next)
+                }
+                .boxed(),
+            );
         }
-        let Some((row, answer)) = in_flight.next().await else {
+        if recording.is_none() && done.len() >= window {
+            let ids = std::mem::take(&mut done);
+            recording = Some(
+                async move {
+                    ctx.store.records_done(&ids).await?;
+                    Ok(ids.len())
+                }
+                .boxed(),
+            );
+        }
+        if in_flight.is_empty() && marking.is_none() && recording.is_none() {
+            // Nothing out and nothing being written: everything was sent,
+            // or the run stopped.
             break;
-        };
-        match answer {
-            Ok(()) => {
-                done.push(row.id);
-                match row.kind.as_str() {
-                    kind::OPEN => counts.open += 1,
-                    kind::CLICK => counts.click += 1,
-                    kind::BOUNCE => counts.bounce += 1,
-                    _ => counts.unsubscribe += 1,
+        }
+        tokio::select! {
+            Some((row, answer)) = in_flight.next(), if !in_flight.is_empty() => match answer {
+                Ok(()) => {
+                    done.push(row.id);
+                    match row.kind.as_str() {
+                        kind::OPEN => counts.open += 1,
+                        kind::CLICK => counts.click += 1,
+                        kind::BOUNCE => counts.bounce += 1,
+                        _ => counts.unsubscribe += 1,
+                    }
                 }
-                if done.len() >= window {
-                    record_done(ctx, &mut done).await?;
+                Err(e) => {
+                    counts.failed += 1;
+                    crate::ops::operations("contact_history", "failed", 1);
+                    let text = e.to_string();
+                    // Finish the writes under way first: one may hold the
+                    // only connection (SQLite), and it is not polled here.
+                    if let Some(marking) = marking.take() {
+                        marked.extend(marking.await?);
+                    }
+                    if let Some(recording) = recording.take() {
+                        crate::ops::operations("contact_history", "done", recording.await?);
+                    }
+                    ctx.store
+                        .record_failed(row.id, &text, e.maybe_applied())
+                        .await?;
+                    if e.is_auth() {
+                        auth_error.get_or_insert(e);
+                    } else {
+                        tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id, error = %text, "contact-history record failed; it stays pending for the next run");
+                    }
                 }
+            },
+            next = when_some(&mut marking) => {
+                marking = None;
+                marked.extend(next?);
             }
-            Err(e) => {
-                counts.failed += 1;
-                crate::ops::operations("contact_history", "failed", 1);
-                let text = e.to_string();
-                ctx.store
-                    .record_failed(row.id, &text, e.maybe_applied())
-                    .await?;
-                if e.is_auth() {
-                    auth_error.get_or_insert(e);
-                } else {
-                    tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id, error = %text, "contact-history record failed; it stays pending for the next run");
-                }
+            recorded = when_some(&mut recording) => {
+                recording = None;
+                crate::ops::operations("contact_history", "done", recorded?);
             }
         }
     }
@@ -412,20 +448,13 @@ async fn send_all(
     Ok(())
 }
 
-/// Takes the next `window` records and marks them uncertain (one write).
-async fn mark_next(
-    ctx: &Context,
-    unsent: &mut std::vec::IntoIter<ledger::Model>,
-    marked: &mut std::collections::VecDeque<ledger::Model>,
-    window: usize,
-) -> anyhow::Result<()> {
-    let next: Vec<ledger::Model> = unsent.by_ref().take(window).collect();
-    if !next.is_empty() {
-        let ids: Vec<i64> = next.iter().map(|r| r.id).collect();
-        ctx.store.mark_records_uncertain(&ids).await?;
-        marked.extend(next);
+/// The output of `slot`'s future, or never when the slot is empty (a
+/// `select!` branch that is simply not ready).
+async fn when_some<F: std::future::Future + Unpin>(slot: &mut Option<F>) -> F::Output {
+    match slot {
+        Some(future) => future.await,
+        None => std::future::pending().await,
     }
-    Ok(())
 }
 
 /// Records `done` in the ledger (one write) and empties it.
