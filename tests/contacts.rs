@@ -667,17 +667,23 @@ async fn wrong_crm_token_stops_the_run_naming_the_credential() {
     assert_eq!(e.sb.count("Customer/GetAllList"), 1);
 }
 
-#[tokio::test]
-async fn batches_respect_edm_batch_size() {
+/// One customer (list 1) with `n` link-men, `p{i}@example.com`.
+async fn one_customer_with(n: i64) -> common::Env {
     let e = env().await;
     e.sb.crm.put_customer(1, json!({"name": "c", "type_id": 1}));
-    for i in 0..25 {
+    for i in 0..n {
         e.sb.crm.put_linkman(
             1,
             100 + i,
             json!({"name": format!("n{i}"), "email": format!("p{i}@example.com")}),
         );
     }
+    e
+}
+
+#[tokio::test]
+async fn batches_respect_edm_batch_size() {
+    let e = one_customer_with(25).await;
     let small = e.ctx_from(|s| s.edm.batch_size = 10).await;
 
     let report = contacts::run(&small, RunOptions::default()).await.unwrap();
@@ -812,15 +818,7 @@ async fn a_linkman_without_a_usable_id_fails_the_pull_naming_the_field() {
 /// One customer with 25 link-men (three add batches of ten), the first
 /// `ml-addr-add` held for a second.
 async fn three_batches_first_one_slow() -> common::Env {
-    let e = env().await;
-    e.sb.crm.put_customer(1, json!({"name": "c", "type_id": 1}));
-    for i in 0..25 {
-        e.sb.crm.put_linkman(
-            1,
-            100 + i,
-            json!({"name": format!("n{i}"), "email": format!("p{i}@example.com")}),
-        );
-    }
+    let e = one_customer_with(25).await;
     e.sb.inject(
         "ml-addr-add",
         Fault::Delay(std::time::Duration::from_secs(1)),

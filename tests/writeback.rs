@@ -500,13 +500,20 @@ async fn a_shutdown_mid_write_back_leaves_unsent_records_pending_and_unsuspected
     }
     shutdown.cancel();
     let first = job.await.unwrap().unwrap();
+    let sent_before_stop = e.sb.count("ContactHistory/Add");
     let second = writeback::run(&e.ctx).await.unwrap();
 
-    // Assert: the calls in flight were awaited and recorded; the two never
-    // sent are retried without a "may be written twice" warning.
-    assert_eq!(e.sb.count("ContactHistory/Add"), 5);
+    // Assert: the calls in flight were awaited and recorded (two, or three
+    // when the record after the quick one went out before the stop was
+    // seen); those never sent, marked ahead or not, are retried without a
+    // "may be written twice" warning.
+    assert!((2..=3).contains(&sent_before_stop), "{sent_before_stop}");
     assert_eq!(first.counts.failed, 0);
-    assert_eq!(second.counts.retried, 2);
+    assert_eq!(
+        first.counts.open + first.counts.click + first.counts.bounce + first.counts.unsubscribe,
+        sent_before_stop
+    );
+    assert_eq!(second.counts.retried, 5 - sent_before_stop);
     assert_eq!(second.counts.possibly_duplicated, 0);
     assert_eq!(e.sb.crm.history().len(), 5);
 }

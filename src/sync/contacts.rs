@@ -588,10 +588,7 @@ impl Applier<'_> {
         for (i, batch) in batches.iter().enumerate() {
             if self.stopping() {
                 if recorded {
-                    let emails: Vec<&Email> = batch.emails.iter().collect();
-                    ctx.store
-                        .forget_operations(run_id, op, batch.list_id, &emails)
-                        .await?;
+                    self.take_back(op, batch).await?;
                 }
                 return Ok(false);
             }
@@ -611,16 +608,22 @@ impl Applier<'_> {
             recorded = next_recorded.is_ok();
             if let Err(e) = delivered {
                 if recorded {
-                    let emails: Vec<&Email> = next.emails.iter().collect();
-                    ctx.store
-                        .forget_operations(run_id, op, next.list_id, &emails)
-                        .await?;
+                    self.take_back(op, next).await?;
                 }
                 return Err(e);
             }
             next_recorded?;
         }
         Ok(true)
+    }
+
+    /// Deletes the pending operations of a batch recorded but never sent.
+    async fn take_back(&self, op: &str, batch: &Batch) -> anyhow::Result<()> {
+        let emails: Vec<&Email> = batch.emails.iter().collect();
+        self.ctx
+            .store
+            .forget_operations(self.run_id, op, batch.list_id, &emails)
+            .await
     }
 
     /// The pending operations a batch is recorded as.
