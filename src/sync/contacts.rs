@@ -23,8 +23,8 @@ use serde::Serialize;
 use super::desired::{Desired, DesiredBuilder, MappingRules};
 use super::observe::{classify_export, reconcile_list, resolve_pending};
 use super::plan::{
-    MemberState, Origin, Plan, PlannedAdd, PlannedEdit, PlannedUnsub, Refusal, Suppressions,
-    check_safety, members_per_list, plan,
+    MemberState, Origin, Plan, PlannedAdd, PlannedEdit, Refusal, Suppressions, check_safety,
+    members_per_list, plan,
 };
 use super::{Context, RunOptions};
 use crate::domain::{Email, ListId, MemberKey};
@@ -527,32 +527,11 @@ impl Applier<'_> {
             self.counts.adopted = plan.adoptions();
         }
         let batch_size = self.ctx.settings.edm.batch_size;
-        let mut unsubs = Vec::new();
-        for (list_id, items) in group_by_list(plan.unsubs, |u: &PlannedUnsub| u.key.list_id) {
-            for chunk in items.chunks(batch_size) {
-                unsubs.push(Batch {
-                    list_id,
-                    emails: chunk.iter().map(|u| u.key.email.clone()).collect(),
-                    adds: HashMap::new(),
-                });
-            }
-        }
+        let unsubs = batches(plan.unsubs, batch_size, |u| &u.key, |_| None);
         if !self.send_batches(BatchKind::Unsub, unsubs).await? {
             return Ok(());
         }
-        let mut adds = Vec::new();
-        for (list_id, items) in group_by_list(plan.adds, |a: &PlannedAdd| a.key.list_id) {
-            for chunk in items.chunks(batch_size) {
-                adds.push(Batch {
-                    list_id,
-                    emails: chunk.iter().map(|a| a.key.email.clone()).collect(),
-                    adds: chunk
-                        .iter()
-                        .map(|a| (a.key.email.clone(), a.clone()))
-                        .collect(),
-                });
-            }
-        }
+        let adds = batches(plan.adds, batch_size, |a| &a.key, Some);
         if !self.send_batches(BatchKind::Add, adds).await? {
             return Ok(());
         }
@@ -942,6 +921,36 @@ impl Applier<'_> {
         }
         Ok(())
     }
+}
+
+/// `items` as batches of at most `size` addresses, list by list; `add_of`
+/// says what an item adds (nothing for an unsubscribe).
+fn batches<T>(
+    items: Vec<T>,
+    size: usize,
+    key_of: impl Fn(&T) -> &MemberKey,
+    add_of: impl Fn(T) -> Option<PlannedAdd>,
+) -> Vec<Batch> {
+    let mut out = Vec::new();
+    for (list_id, items) in group_by_list(items, |t| key_of(t).list_id) {
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let mut batch = Batch {
+                list_id,
+                emails: Vec::with_capacity(size),
+                adds: HashMap::new(),
+            };
+            for item in items.by_ref().take(size.max(1)) {
+                let email = key_of(&item).email.clone();
+                if let Some(add) = add_of(item) {
+                    batch.adds.insert(email.clone(), add);
+                }
+                batch.emails.push(email);
+            }
+            out.push(batch);
+        }
+    }
+    out
 }
 
 fn group_by_list<T>(items: Vec<T>, list_of: impl Fn(&T) -> ListId) -> BTreeMap<ListId, Vec<T>> {
