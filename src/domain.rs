@@ -48,8 +48,13 @@ pub struct Email(String);
 
 impl Email {
     /// Normalises a CRM value (trim, ASCII lowercase) and validates it.
+    ///
+    /// Lowercasing is ASCII-only, so behaviour 2 holds on the CRM text as
+    /// given: a non-ASCII letter whose Unicode lowercase is ASCII (the
+    /// Kelvin sign `K`, say) stays non-ASCII and makes the address
+    /// invalid instead of turning it into another, all-ASCII address.
     pub fn parse(raw: &str) -> Result<Self, EmailError> {
-        let normalised = raw.trim().to_lowercase();
+        let normalised = raw.trim().to_ascii_lowercase();
         validate_mailbox(&normalised)?;
         Ok(Email(normalised))
     }
@@ -304,6 +309,27 @@ mod tests {
     fn email_is_trimmed_and_lowercased() {
         let email = Email::parse("  Zhang.San@Example.COM ").unwrap();
         assert_eq!(email.as_str(), "zhang.san@example.com");
+    }
+
+    #[test]
+    fn a_non_ascii_letter_whose_lowercase_is_ascii_makes_the_address_invalid() {
+        // U+212A KELVIN SIGN lowercases (Unicode) to ASCII `k`; U+0130
+        // LATIN CAPITAL LETTER I WITH DOT ABOVE to `i` + a combining dot.
+        for raw in [
+            "\u{212A}ing@example.com",
+            "user@\u{212A}.example.com",
+            "\u{130}@example.com",
+        ] {
+            // Act
+            let parsed = Email::parse(raw);
+
+            // Assert
+            assert!(parsed.is_err(), "{raw:?} was accepted as {parsed:?}");
+        }
+        assert_eq!(
+            Email::parse("  KING@Example.COM ").unwrap().as_str(),
+            "king@example.com"
+        );
     }
 
     #[test]

@@ -296,3 +296,95 @@ async fn sigkill_during_write_back_duplicates_no_record_outside_the_logged_windo
     let duplicates = per_linkman.values().filter(|&&n| n == 2).count();
     assert!(duplicates <= 2 * 4, "{duplicates} duplicates");
 }
+
+/// Kills while `ml-unsub` batches are out — link-men deleted, then
+/// link-men whose email changed (an unsubscribe of the old address and an
+/// add of the new) — and checks that the very next run ends exact. On
+/// PostgreSQL that run used to fail: the export line and the pending
+/// operation both said the member left, and one upsert met its key twice.
+#[tokio::test]
+async fn sigkill_during_unsubscribes_and_email_changes_is_repaired_by_the_next_run() {
+    // Arrange: 300 members synced, every write slow enough to be caught.
+    let s = setup().await;
+    s.run_to_end("contacts").await;
+    // Each write takes effect at once and is answered 300 ms later, so a
+    // kill leaves a batch done in EDM and pending in the state DB.
+    for op in ["ml-addr-add", "ml-unsub"] {
+        s.sb.inject(op, Fault::SlowAnswer(Duration::from_millis(300)), 10_000);
+    }
+
+    // Act 1: 50 link-men leave; killed after two of five unsubscribe
+    // batches took effect.
+    for c in 251..=300i64 {
+        s.sb.crm.remove_linkman(c * 10);
+    }
+    let before = s.applied("ml-unsub");
+    s.kill_when("contacts", |sb| {
+        sb.requests()
+            .iter()
+            .filter(|r| r.operation == "ml-unsub" && r.applied)
+            .count()
+            >= before + 2
+    })
+    .await;
+    let log = s.run_to_end("contacts").await;
+
+    // Assert 1: that next run ended exact.
+    assert_eq!(
+        s.sb.edm.emails(1),
+        want(|c| c % 3 != 0 && c <= 250),
+        "{log}"
+    );
+    assert_eq!(s.sb.edm.emails(2), want(|c| c % 3 == 0 && c <= 250));
+
+    // Act 2: 30 link-men change their email; killed after one unsubscribe
+    // batch of the old addresses took effect, then, in the run after it,
+    // after one add batch of the new addresses took effect.
+    for c in 1..=30i64 {
+        s.sb.crm
+            .set_linkman_field(c * 10, "email", json!(format!("new{c}@example.com")));
+    }
+    for operation in ["ml-unsub", "ml-addr-add"] {
+        let before = s.applied(operation);
+        s.kill_when("contacts", |sb| {
+            sb.requests()
+                .iter()
+                .filter(|r| r.operation == operation && r.applied)
+                .count()
+                > before
+        })
+        .await;
+    }
+    let log = s.run_to_end("contacts").await;
+
+    // Assert 2: the old addresses are gone, the new ones in, once each.
+    let mut want1 = want(|c| c % 3 != 0 && (31..=250).contains(&c));
+    want1.extend(
+        (1..=30)
+            .filter(|c| c % 3 != 0)
+            .map(|c| format!("new{c}@example.com")),
+    );
+    want1.sort();
+    let mut want2 = want(|c| c % 3 == 0 && (31..=250).contains(&c));
+    want2.extend(
+        (1..=30)
+            .filter(|c| c % 3 == 0)
+            .map(|c| format!("new{c}@example.com")),
+    );
+    want2.sort();
+    assert_eq!(s.sb.edm.emails(1), want1, "{log}");
+    assert_eq!(s.sb.edm.emails(2), want2);
+    assert!(
+        applied_adds(&s.sb).values().all(|&n| n == 1),
+        "an address was added twice"
+    );
+    let status = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&s.config)
+        .args(["status", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["pending_operations"]["total"], 0, "{v}");
+}

@@ -174,6 +174,13 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
     // A start tag is written only when the next event shows it was one:
     // the documents end with `<data>` where `</data>` was meant.
     let mut held: Option<quick_xml::events::BytesStart<'static>> = None;
+    // Whitespace-only text is layout between elements, unless it sits in a
+    // run of text and entity references (`x &amp; &lt;y&gt;` is read as
+    // text "x ", `&amp;`, text " ", `&lt;`, …): then it is part of the
+    // value. `in_run` says the last thing written was text or a reference;
+    // `spaces` holds whitespace until the next event tells which it is.
+    let mut in_run = false;
+    let mut spaces: Option<String> = None;
     let write_err = |e: std::io::Error| XmlError::Syntax(e.to_string());
     loop {
         let event = reader
@@ -186,6 +193,25 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
         };
         if !insignificant && let Some(start) = held.take() {
             writer.write_event(Event::Start(start)).map_err(write_err)?;
+        }
+        let continues_run = match &event {
+            Event::GeneralRef(_) | Event::CData(_) => true,
+            Event::Text(t) => !t.trim().is_empty(),
+            _ => false,
+        };
+        if let Some(ws) = spaces.take()
+            && continues_run
+            && !stack.is_empty()
+        {
+            writer
+                .write_event(Event::Text(BytesText::from_escaped(ws)))
+                .map_err(write_err)?;
+        }
+        if !matches!(
+            &event,
+            Event::Text(_) | Event::GeneralRef(_) | Event::CData(_)
+        ) {
+            in_run = false;
         }
         match event {
             Event::Eof => break,
@@ -239,8 +265,12 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
                 }
             }
             Event::Text(t) => {
-                if !stack.is_empty() && !t.trim().is_empty() {
+                if stack.is_empty() {
+                } else if !t.trim().is_empty() || in_run {
                     writer.write_event(Event::Text(t)).map_err(write_err)?;
+                    in_run = true;
+                } else {
+                    spaces = Some(t[..].to_string());
                 }
             }
             Event::CData(c) => {
@@ -251,6 +281,7 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
                     writer
                         .write_event(Event::Text(BytesText::new(&content)))
                         .map_err(write_err)?;
+                    in_run = true;
                 }
             }
             Event::GeneralRef(r) => {
@@ -271,6 +302,7 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
                             .write_event(Event::Text(BytesText::new(&text)))
                             .map_err(write_err)?,
                     }
+                    in_run = true;
                 }
             }
         }
@@ -683,6 +715,25 @@ mod tests {
         let (doc, root) = normalize(body.as_bytes()).unwrap();
         let err = read::<ResultXml>(&doc, &root, "result").unwrap_err();
         assert!(matches!(err, XmlError::UnexpectedRoot { .. }), "{err:?}");
+    }
+
+    /// Whitespace between two entity references, or between one and the
+    /// end of the value, is part of the value; whitespace between elements
+    /// is layout.
+    #[test]
+    fn spaces_between_entity_references_are_kept() {
+        // Arrange
+        let body = "<data>\n  <addr>\n    <id>1</id>\n    <address>a@b.cn</address>\n    <fullname>x &amp; &lt;y&gt;</fullname>\n    <var1>&amp; &amp;  &gt;</var1>\n    <var2> &lt;a&gt; &amp; b </var2>\n    <var3>&amp;&#32;&lt;</var3>\n  </addr>\n</data>";
+
+        // Act
+        let list: AddrListXml = parse(body, "data");
+
+        // Assert
+        assert_eq!(list.addr.len(), 1);
+        assert_eq!(list.addr[0].fullname, "x & <y>");
+        assert_eq!(list.addr[0].var1, "& &  >");
+        assert_eq!(list.addr[0].var2.trim(), "<a> & b");
+        assert_eq!(list.addr[0].var3, "& <");
     }
 
     #[test]

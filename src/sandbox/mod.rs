@@ -91,6 +91,9 @@ pub enum Fault {
     Hang(Duration),
     /// Answer 429 with `Retry-After: secs`, without carrying it out.
     TooMany(u64),
+    /// Carry the request out at once, then hold the answer this long: a
+    /// client killed meanwhile never learns that it took effect.
+    SlowAnswer(Duration),
 }
 
 /// Random faults for every request of an operation, drawn from a seeded
@@ -385,6 +388,8 @@ pub(crate) enum After {
     Lose,
     /// Send half of it and drop the connection ([`truncated`]).
     Truncate,
+    /// Answer in full, but only after this long.
+    Slow(Duration),
 }
 
 /// What the fault (if any) means for a request about to be handled.
@@ -414,6 +419,7 @@ pub(crate) async fn before(
         }
         Some(Fault::LoseAnswer) => Before::Proceed(After::Lose),
         Some(Fault::Truncate) => Before::Proceed(After::Truncate),
+        Some(Fault::SlowAnswer(d)) => Before::Proceed(After::Slow(d)),
         Some(Fault::Status(code)) => {
             Before::Answered(html_error(shared, server, operation, p, code))
         }
@@ -473,6 +479,20 @@ pub(crate) fn finish(
                 .header("content-type", content_type)
                 .header("content-length", total.to_string())
                 .body(axum::body::Body::from_stream(futures::stream::iter(chunks)))
+                .unwrap_or_else(|_| html_response(500))
+        }
+        After::Slow(d) => {
+            shared.record(server, operation, p, status.as_u16(), true);
+            let total = body.len();
+            let held = futures::stream::once(async move {
+                tokio::time::sleep(d).await;
+                Ok::<_, std::io::Error>(body)
+            });
+            axum::response::Response::builder()
+                .status(status)
+                .header("content-type", content_type)
+                .header("content-length", total.to_string())
+                .body(axum::body::Body::from_stream(held))
                 .unwrap_or_else(|_| html_response(500))
         }
     }

@@ -380,8 +380,9 @@ impl Store {
     /// Writes what a run observed, in one transaction.
     pub async fn persist_observations(&self, obs: &Observations) -> anyhow::Result<()> {
         let now = now_ms();
+        let new_lines = one_per_key(&obs.new_lines, |l| l, false);
         let txn = self.db.begin().await?;
-        for chunk in obs.new_lines.chunks(CHUNK) {
+        for chunk in new_lines.chunks(CHUNK) {
             unsub_line::Entity::insert_many(chunk.iter().map(|l| unsub_line::ActiveModel {
                 list_id: Set(l.list_id),
                 email: Set(l.email.clone()),
@@ -627,8 +628,13 @@ impl Store {
         records: &[NewRecord],
     ) -> anyhow::Result<Vec<ledger::Model>> {
         let now = now_ms();
+        let unique = one_per_key(
+            records,
+            |r| (r.kind, r.scope.as_str(), r.link_man_id),
+            false,
+        );
         let txn = self.db.begin().await?;
-        for chunk in records.chunks(CHUNK) {
+        for chunk in unique.chunks(CHUNK) {
             ledger::Entity::insert_many(chunk.iter().map(|r| ledger::ActiveModel {
                 kind: Set(r.kind.to_string()),
                 scope: Set(r.scope.clone()),
@@ -929,11 +935,42 @@ impl Store {
     }
 }
 
+/// `items` with one item per key: the last one (what an upsert would have
+/// left) when `keep_last`, else the first (what `DO NOTHING` keeps), in
+/// their first order. PostgreSQL refuses an `INSERT … ON CONFLICT DO
+/// UPDATE` that meets one key twice ("cannot affect row a second time"),
+/// where SQLite takes the last; every batched write goes through this, so
+/// a caller that hands the same key twice (an export line and a pending
+/// operation that both say a member left) writes the same on both.
+fn one_per_key<'a, T, K: std::hash::Hash + Eq>(
+    items: &'a [T],
+    key: impl Fn(&'a T) -> K,
+    keep_last: bool,
+) -> Vec<&'a T> {
+    let mut slot: HashMap<K, usize> = HashMap::with_capacity(items.len());
+    let mut out: Vec<&T> = Vec::with_capacity(items.len());
+    for item in items {
+        match slot.entry(key(item)) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                if keep_last {
+                    out[*e.get()] = item;
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(out.len());
+                out.push(item);
+            }
+        }
+    }
+    out
+}
+
 async fn upsert_members<C: ConnectionTrait>(
     db: &C,
     members: &[MemberState],
     now: i64,
 ) -> anyhow::Result<()> {
+    let members = one_per_key(members, |m| &m.key, true);
     for chunk in members.chunks(CHUNK) {
         member::Entity::insert_many(chunk.iter().map(|m| member_row(m, now)))
             .on_conflict(
@@ -962,6 +999,7 @@ async fn insert_suppressions<C: ConnectionTrait>(
     items: &[NewSuppression],
 ) -> anyhow::Result<()> {
     let now = now_ms();
+    let items = one_per_key(items, |s| (s.list_id, s.email.as_str()), false);
     for chunk in items.chunks(CHUNK) {
         suppression::Entity::insert_many(chunk.iter().map(|s| suppression::ActiveModel {
             list_id: Set(s.list_id),
@@ -1059,6 +1097,129 @@ mod tests {
         // Assert
         assert!(!opened.is_empty(), "the store opened no socket to 5432");
         assert!(all_nodelay, "a pooled connection has Nagle on");
+    }
+
+    /// A fresh PostgreSQL database: its URL and a guard that drops it.
+    async fn fresh_postgres() -> (String, impl Drop) {
+        struct DropDb(String);
+        impl Drop for DropDb {
+            fn drop(&mut self) {
+                let name = self.0.clone();
+                let _ = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .ok()?;
+                    rt.block_on(async {
+                        let admin =
+                            Database::connect("postgres://postgres@127.0.0.1:5432/postgres")
+                                .await
+                                .ok()?;
+                        admin
+                            .execute_unprepared(&format!(
+                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                            ))
+                            .await
+                            .ok()
+                    })
+                })
+                .join();
+            }
+        }
+        let admin = Database::connect("postgres://postgres@127.0.0.1:5432/postgres")
+            .await
+            .expect("PostgreSQL reachable");
+        let name = format!("ces_unit_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        (
+            format!("postgres://postgres@127.0.0.1:5432/{name}"),
+            DropDb(name),
+        )
+    }
+
+    fn member(email: &str, present: bool, fullname: &str) -> MemberState {
+        MemberState {
+            key: MemberKey::new(1, Email::parse(email).unwrap()),
+            origin: Origin::Owned,
+            present,
+            link_man_id: Some(10),
+            customer_id: Some(1),
+            edm_id: None,
+            fields: MemberFields::new(fullname, &[""; VAR_COUNT]),
+        }
+    }
+
+    /// Behaviour 9 after a kill: an export line and a pending operation can
+    /// both report one member; PostgreSQL refuses an upsert that meets a
+    /// key twice. Every batched write takes the same key twice on both
+    /// databases, and an upsert keeps the last row.
+    #[tokio::test]
+    async fn batched_writes_accept_a_key_twice_on_sqlite_and_postgres() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pg_url, _guard) = fresh_postgres().await;
+        let sqlite_url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
+        for url in [sqlite_url, pg_url] {
+            // Arrange
+            let store = Store::connect(&SecretString::from(url.clone()))
+                .await
+                .unwrap();
+            let line = SeenLine {
+                list_id: 1,
+                email: "a@x.cn".into(),
+                time: "2026-11-30 10:00:00".into(),
+            };
+            let sup = NewSuppression {
+                list_id: 1,
+                email: "b@x.cn".into(),
+                reason: reason::USER_UNSUBSCRIBE,
+                source: "unsubscribe-export 2026-11-30 10:00:00".into(),
+            };
+            let obs = Observations {
+                new_lines: vec![line.clone(), line],
+                suppressions: vec![sup.clone(), sup],
+                members: vec![
+                    member("a@x.cn", true, "first"),
+                    member("c@x.cn", true, "c"),
+                    member("a@x.cn", false, "last"),
+                ],
+                ..Default::default()
+            };
+            let record = NewRecord {
+                kind: "open",
+                scope: "campaign 1".into(),
+                link_man_id: 10,
+                customer_id: 1,
+                email: "a@x.cn".into(),
+                title: "t".into(),
+                content: "c".into(),
+            };
+
+            // Act
+            store.persist_observations(&obs).await.unwrap();
+            store
+                .upsert_members(&[member("c@x.cn", true, "c1"), member("c@x.cn", true, "c2")])
+                .await
+                .unwrap();
+            let pending = store
+                .insert_records(&[record.clone(), record])
+                .await
+                .unwrap();
+
+            // Assert
+            let members = store.load_members().await.unwrap();
+            let a = &members[&MemberKey::new(1, Email::parse("a@x.cn").unwrap())];
+            assert!(!a.present, "{url}");
+            assert_eq!(a.fields.fullname(), "last", "{url}");
+            let c = &members[&MemberKey::new(1, Email::parse("c@x.cn").unwrap())];
+            assert_eq!(c.fields.fullname(), "c2", "{url}");
+            assert_eq!(store.seen_lines(1).await.unwrap().len(), 1, "{url}");
+            assert_eq!(store.user_unsubscribes().await.unwrap().len(), 1, "{url}");
+            assert_eq!(pending.len(), 1, "{url}");
+            store.connection().clone().close().await.unwrap();
+        }
     }
 
     #[tokio::test]
