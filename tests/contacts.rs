@@ -588,6 +588,83 @@ async fn dry_run_reports_the_plan_and_changes_nothing() {
     assert_eq!(real.counts.user_unsubscribes, 1);
 }
 
+/// Names with `&`, `<`, `>` and spaces between them go out in an add and
+/// come back from `ml-addr-list` as they were sent, whether EDM writes
+/// text in CDATA or with entity references: a `--full` read finds no drift
+/// and makes no edit, now and on every later run.
+#[tokio::test]
+async fn names_with_entities_and_spaces_round_trip_through_an_add_and_a_list_read() {
+    for escaped in [false, true] {
+        // Arrange
+        let e = env().await;
+        e.sb.edm.escape_text(escaped);
+        e.sb.crm
+            .put_customer(1, json!({"name": "A & B <co> ", "type_id": 1}));
+        e.sb.crm.put_linkman(
+            1,
+            10,
+            json!({"name": "x & <y>", "email": "amp@example.com", "mobile": "a &  b > c"}),
+        );
+        e.sb.crm.put_linkman(
+            1,
+            11,
+            json!({"name": "&lt & &amp >", "email": "lit@example.com"}),
+        );
+        e.sync().await;
+
+        // Act
+        e.sb.clear_requests();
+        let first = e
+            .run(RunOptions {
+                full: true,
+                ..Default::default()
+            })
+            .await;
+        let second = e
+            .run(RunOptions {
+                full: true,
+                ..Default::default()
+            })
+            .await;
+
+        // Assert
+        let names: Vec<(String, String, String)> =
+            e.sb.edm
+                .addresses(1)
+                .into_iter()
+                .map(|a| (a.address, a.fullname, a.vars[0].clone()))
+                .collect();
+        assert_eq!(
+            names,
+            vec![
+                (
+                    "amp@example.com".into(),
+                    "x & <y>".into(),
+                    "A & B <co> ".into()
+                ),
+                (
+                    "lit@example.com".into(),
+                    "&lt & &amp >".into(),
+                    "A & B <co> ".into()
+                ),
+            ],
+            "escaped: {escaped}"
+        );
+        assert_eq!(
+            first.counts.updated, 0,
+            "escaped: {escaped}: {:?}",
+            first.counts
+        );
+        assert_eq!(second.counts.updated, 0, "escaped: {escaped}");
+        assert_eq!(
+            e.sb.edm_writes(),
+            0,
+            "escaped: {escaped}: {:?}",
+            e.sb.requests()
+        );
+    }
+}
+
 #[tokio::test]
 async fn full_resync_repairs_drift_in_the_edm_lists() {
     let e = env().await;

@@ -108,6 +108,8 @@ impl EdmData {
 pub struct EdmHandle {
     data: Arc<Mutex<EdmData>>,
     shared: Arc<Shared>,
+    /// Write text as escaped characters (`&amp;`, `&lt;`) instead of CDATA.
+    escaped_text: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EdmHandle {
@@ -115,7 +117,16 @@ impl EdmHandle {
         EdmHandle {
             data: Arc::new(Mutex::new(EdmData::default())),
             shared,
+            escaped_text: Arc::default(),
         }
+    }
+
+    /// From now on, answers carry text escaped with entity references, as
+    /// the seed document's examples do, rather than in CDATA sections (API.md
+    /// allows both).
+    pub fn escape_text(&self, on: bool) {
+        self.escaped_text
+            .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Creates an empty list.
@@ -264,6 +275,11 @@ async fn handle(
     } else {
         answer(&h, &script, &operation, &p)
     };
+    let body = if h.escaped_text.load(std::sync::atomic::Ordering::SeqCst) {
+        cdata_to_escaped(&body)
+    } else {
+        body
+    };
     let plain = matches!(operation.as_str(), "unsubscribe-export" | "failexport");
     let content_type = if plain && !body.starts_with("<?xml") {
         "text/plain; charset=utf-8"
@@ -280,6 +296,29 @@ async fn handle(
         content_type,
         body.into_bytes(),
     )
+}
+
+/// Rewrites every CDATA section as escaped text.
+fn cdata_to_escaped(body: &str) -> String {
+    const OPEN: &str = "<![CDATA[";
+    let mut out = String::with_capacity(body.len());
+    let mut rest = body;
+    while let Some(start) = rest.find(OPEN) {
+        out.push_str(&rest[..start]);
+        let inner = &rest[start + OPEN.len()..];
+        let end = inner.find("]]>").unwrap_or(inner.len());
+        for c in inner[..end].chars() {
+            match c {
+                '&' => out.push_str("&amp;"),
+                '<' => out.push_str("&lt;"),
+                '>' => out.push_str("&gt;"),
+                c => out.push(c),
+            }
+        }
+        rest = inner.get(end + 3..).unwrap_or("");
+    }
+    out.push_str(rest);
+    out
 }
 
 fn int(p: &BTreeMap<String, String>, key: &str) -> Option<i64> {
