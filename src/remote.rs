@@ -153,6 +153,14 @@ impl RemoteError {
     pub fn is_auth(&self) -> bool {
         matches!(self.kind, ErrorKind::Auth { .. })
     }
+
+    /// What the server asked for in `Retry-After`, if anything.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match &self.kind {
+            ErrorKind::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
 
 /// Removes secrets from any text before it can reach a log or an error.
@@ -313,6 +321,23 @@ impl HttpCaller {
 
     pub fn redactor(&self) -> &Redactor {
         &self.redactor
+    }
+
+    /// The delay before the `attempt`-th (1-based) repeat of a call that
+    /// its caller repeats itself (a non-idempotent call whose answer was
+    /// lost): the same exponential backoff with full jitter as
+    /// [`execute`](Self::execute), never sooner than `Retry-After`.
+    pub fn backoff_delay(&self, attempt: u32, error: &RemoteError) -> Duration {
+        let factor = 1u32 << attempt.saturating_sub(1).min(16);
+        let planned = self
+            .min_delay
+            .saturating_mul(factor)
+            .min(Duration::from_secs(30));
+        full_jitter(planned, error.retry_after(), fastrand::f64())
+    }
+
+    pub fn max_retries(&self) -> u32 {
+        self.max_retries
     }
 
     /// Sends the request `build` makes, reads the body and hands it to

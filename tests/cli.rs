@@ -193,11 +193,9 @@ async fn a_record_whose_answer_was_lost_is_sent_again_with_a_warning() {
     cli.sb.inject("ContactHistory/Add", Fault::LoseAnswer, 1);
 
     let first = cli.run(&["--once", "--job", "writeback"], &[]).await;
-    let second = cli.run(&["--once", "--job", "writeback"], &[]).await;
 
-    assert_eq!(first.status.code(), Some(1), "{}", text(&first));
-    assert!(second.status.success(), "{}", text(&second));
-    let warnings: Vec<_> = String::from_utf8_lossy(&second.stderr)
+    assert!(first.status.success(), "{}", text(&first));
+    let warnings: Vec<_> = String::from_utf8_lossy(&first.stderr)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| {
@@ -208,7 +206,7 @@ async fn a_record_whose_answer_was_lost_is_sent_again_with_a_warning() {
                     .contains("may already be in the CRM")
         })
         .collect();
-    assert_eq!(warnings.len(), 1, "{}", text(&second));
+    assert_eq!(warnings.len(), 1, "{}", text(&first));
     assert_eq!(warnings[0]["link_man_id"], 20);
 }
 

@@ -230,17 +230,17 @@ async fn a_second_run_writes_nothing_new() {
 #[tokio::test]
 async fn crm_failures_leave_exactly_those_records_pending_and_a_later_run_completes_them() {
     let e = synced().await;
-    // One definite refusal and one lost-in-the-middle 500 (not applied).
+    // Two definite refusals: nothing was written, nothing to retry in the run.
     e.sb.inject(
         "ContactHistory/Add",
         Fault::Body(br#"{"value": false}"#.to_vec()),
-        1,
+        2,
     );
-    e.sb.inject("ContactHistory/Add", Fault::Status(500), 1);
 
     let first = writeback::run(&e.ctx).await.unwrap();
 
     assert_eq!(first.counts.failed, 2);
+    assert_eq!(first.counts.possibly_duplicated, 0);
     assert!(!first.is_success());
     assert_eq!(e.sb.crm.history().len(), 3);
     let status = crm_edm_sync::status::render(&e.ctx.store).await.unwrap();
@@ -253,12 +253,59 @@ async fn crm_failures_leave_exactly_those_records_pending_and_a_later_run_comple
 
     assert_eq!(second.counts.failed, 0);
     assert_eq!(second.counts.retried, 2);
-    // Only the 500 could have reached the CRM; the value:false one could not.
-    assert_eq!(second.counts.possibly_duplicated, 1);
+    // A value:false says plainly that nothing was written.
+    assert_eq!(second.counts.possibly_duplicated, 0);
     let h = e.sb.crm.history();
     assert_eq!(h.len(), 5, "{h:#?}");
     let third = writeback::run(&e.ctx).await.unwrap();
     assert_eq!(third.counts.retried, 0);
+    assert_eq!(e.sb.crm.history().len(), 5);
+}
+
+/// Behaviour 10: an HTTP 5xx is transient, so a record answered 500 is
+/// sent again in the same run (not left for the next), with the warning
+/// and count of a record that may already be in the CRM.
+#[tokio::test]
+async fn a_record_answered_500_is_retried_within_the_run_with_a_warning() {
+    // Arrange: the first call answers 500 (not carried out), twice over.
+    let e = synced().await;
+    e.sb.inject("ContactHistory/Add", Fault::Status(500), 2);
+
+    // Act
+    let first = writeback::run(&e.ctx).await.unwrap();
+
+    // Assert
+    assert_eq!(first.counts.failed, 0, "{:?}", first.counts);
+    assert!(first.is_success());
+    assert_eq!(first.counts.possibly_duplicated, 2);
+    assert_eq!(e.sb.crm.history().len(), 5);
+    assert_eq!(e.sb.count("ContactHistory/Add"), 7);
+    let second = writeback::run(&e.ctx).await.unwrap();
+    assert_eq!(second.counts.retried, 0);
+    assert_eq!(e.sb.crm.history().len(), 5);
+}
+
+/// The in-run retries are bounded by `crm.max_retries`; past them the
+/// record stays pending (and uncertain) for the next run.
+#[tokio::test]
+async fn a_record_answered_500_past_max_retries_stays_pending_for_the_next_run() {
+    // Arrange: more 500s than crm.max_retries (2 in these tests) allow,
+    // all for the first record (one call at a time).
+    let e = synced().await;
+    let ctx = e.ctx_from(|s| s.crm.concurrency = 1).await;
+    let max_retries = ctx.settings.crm.max_retries;
+    e.sb.inject("ContactHistory/Add", Fault::Status(500), max_retries + 1);
+
+    // Act
+    let first = writeback::run(&ctx).await.unwrap();
+    let second = writeback::run(&ctx).await.unwrap();
+
+    // Assert
+    assert_eq!(first.counts.failed, 1);
+    assert_eq!(first.counts.possibly_duplicated, max_retries as usize);
+    assert_eq!(second.counts.retried, 1);
+    assert_eq!(second.counts.possibly_duplicated, 1, "{:?}", second.counts);
+    assert_eq!(second.counts.failed, 0);
     assert_eq!(e.sb.crm.history().len(), 5);
 }
 
@@ -270,8 +317,10 @@ async fn a_lost_answer_is_the_one_logged_case_of_a_record_written_twice() {
     let first = writeback::run(&e.ctx).await.unwrap();
     let second = writeback::run(&e.ctx).await.unwrap();
 
-    assert_eq!(first.counts.failed, 1);
-    assert_eq!(second.counts.possibly_duplicated, 1);
+    // Sent again in the run, with the warning.
+    assert_eq!(first.counts.failed, 0);
+    assert_eq!(first.counts.possibly_duplicated, 1);
+    assert_eq!(second.counts.retried, 0);
     // The CRM holds that record twice and every other once.
     assert_eq!(e.sb.crm.history().len(), 6);
 }

@@ -105,6 +105,17 @@ impl CrmClient {
         self
     }
 
+    /// How often a caller may repeat a call itself (`crm.max_retries`).
+    pub fn max_retries(&self) -> u32 {
+        self.http.max_retries()
+    }
+
+    /// The backoff before the `attempt`-th repeat of a call whose answer
+    /// was lost.
+    pub fn retry_delay(&self, attempt: u32, error: &RemoteError) -> std::time::Duration {
+        self.http.backoff_delay(attempt, error)
+    }
+
     fn err(&self, operation: &str, kind: ErrorKind) -> RemoteError {
         RemoteError::new(Api::Crm, operation, kind)
     }

@@ -348,18 +348,48 @@ async fn send_all(
                 break;
             };
             in_flight.push(async move {
-                let answer = ctx
-                    .crm
-                    .add_contact_history(
-                        row.customer_id,
-                        row.link_man_id,
-                        wb.type_id,
-                        wb.route_id,
-                        &row.title,
-                        &row.content,
-                    )
-                    .await;
-                (row, answer)
+                // A lost answer (5xx, timeout, cut-short body) is retried
+                // here, in the run, up to `crm.max_retries` times
+                // (behaviour 10); the record may already be in the CRM, so
+                // each repeat is a warning and counts as possibly
+                // duplicated. The row stays marked uncertain meanwhile.
+                let mut resent = 0u32;
+                loop {
+                    let answer = ctx
+                        .crm
+                        .add_contact_history(
+                            row.customer_id,
+                            row.link_man_id,
+                            wb.type_id,
+                            wb.route_id,
+                            &row.title,
+                            &row.content,
+                        )
+                        .await;
+                    match answer {
+                        Err(e)
+                            if e.is_retriable()
+                                && e.maybe_applied()
+                                && resent < ctx.crm.max_retries()
+                                && !ctx.shutdown.is_cancelled() =>
+                        {
+                            resent += 1;
+                            tracing::warn!(
+                                kind = %row.kind,
+                                scope = %row.scope,
+                                link_man_id = row.link_man_id,
+                                attempt = resent,
+                                error = %e,
+                                "contact-history record may already be in the CRM (the call's answer was lost); sending it again in this run can write it twice"
+                            );
+                            tokio::select! {
+                                _ = tokio::time::sleep(ctx.crm.retry_delay(resent, &e)) => {}
+                                _ = ctx.shutdown.cancelled() => return (row, Err(e), resent),
+                            }
+                        }
+                        answer => return (row, answer, resent),
+                    }
+                }
             });
         }
         if !stopped && marking.is_none() && marked.is_empty() && unsent.len() > 0 {
@@ -389,7 +419,9 @@ async fn send_all(
             break;
         }
         tokio::select! {
-            Some((row, answer)) = in_flight.next(), if !in_flight.is_empty() => match answer {
+            Some((row, answer, resent)) = in_flight.next(), if !in_flight.is_empty() => {
+                counts.possibly_duplicated += resent as usize;
+                match answer {
                 Ok(()) => {
                     done.push(row.id);
                     match row.kind.as_str() {
@@ -420,7 +452,7 @@ async fn send_all(
                         tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id, error = %text, "contact-history record failed; it stays pending for the next run");
                     }
                 }
-            },
+            }},
             next = when_some(&mut marking) => {
                 marking = None;
                 marked.extend(next?);
