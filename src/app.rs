@@ -21,6 +21,7 @@ pub const EXIT_CONFIG: u8 = 2;
 /// Runs the command `cli` names with `settings`. `demo` is handled by
 /// `main` because it needs no settings.
 pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
+    let redactor = crate::remote::Redactor::new(crate::sync::secrets_of(&settings));
     let result = match cli.command {
         Some(Command::Status { json }) => crate::status::print(&settings, json).await,
         Some(Command::Check) => check(settings).await,
@@ -32,15 +33,27 @@ pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // The chain on one line; redacted by construction (no URL or
-            // secret is put into an error), scrubbed again to be sure.
-            tracing::error!(error = %format!("{e:#}"), "command failed");
-            eprintln!("crm-edm-sync: {e:#}");
+            // secret is put into an error), and scrubbed here again: a
+            // secret can still arrive inside text we do not control (a
+            // path, a driver's message).
+            let line = redactor.redact(&format!("{e:#}"));
+            tracing::error!(error = %line, "command failed");
+            eprintln!("crm-edm-sync: {line}");
             ExitCode::from(EXIT_FAILED)
         }
     }
 }
 
 async fn once(cli: &Cli, settings: Settings) -> anyhow::Result<ExitCode> {
+    if cli.dry_run {
+        // A dry run changes nothing at all — no lock file, no migration,
+        // no run row — so it needs no lock and opens the database
+        // read-only.
+        let ctx = Context::new_read_only(settings).await?;
+        let code = run_jobs(cli, &ctx).await;
+        ctx.store.close().await;
+        return code;
+    }
     // One active instance per database: wait for a running daemon's job
     // to finish, up to a bound.
     let _lock = crate::lock::LockTarget::of(&settings.database.url)
@@ -50,6 +63,12 @@ async fn once(cli: &Cli, settings: Settings) -> anyhow::Result<ExitCode> {
         )
         .await?;
     let ctx = Context::new(settings).await?;
+    let code = run_jobs(cli, &ctx).await;
+    ctx.store.close().await;
+    code
+}
+
+async fn run_jobs(cli: &Cli, ctx: &Context) -> anyhow::Result<ExitCode> {
     let opts = RunOptions {
         dry_run: cli.dry_run,
         force: cli.force,
@@ -57,7 +76,7 @@ async fn once(cli: &Cli, settings: Settings) -> anyhow::Result<ExitCode> {
     };
     let mut ok = true;
     if matches!(cli.job, None | Some(Job::Contacts)) {
-        match contacts::run(&ctx, opts).await {
+        match contacts::run(ctx, opts).await {
             Ok(report) => {
                 if let Outcome::DryRun(plan) = &report.outcome {
                     print!("{}", render_plan(&report, plan));
@@ -66,7 +85,7 @@ async fn once(cli: &Cli, settings: Settings) -> anyhow::Result<ExitCode> {
             }
             Err(e) => {
                 ok = false;
-                let e = redacted(&ctx, e);
+                let e = redacted(ctx, e);
                 tracing::error!(job = contacts::JOB, error = %e, "run failed");
                 eprintln!("crm-edm-sync: contacts: {e:#}");
             }
@@ -80,11 +99,11 @@ async fn once(cli: &Cli, settings: Settings) -> anyhow::Result<ExitCode> {
                 "--dry-run: the writeback job is skipped"
             );
         } else {
-            match writeback::run(&ctx).await {
+            match writeback::run(ctx).await {
                 Ok(report) => ok &= report.is_success(),
                 Err(e) => {
                     ok = false;
-                    let e = redacted(&ctx, e);
+                    let e = redacted(ctx, e);
                     tracing::error!(job = writeback::JOB, error = %e, "run failed");
                     eprintln!("crm-edm-sync: writeback: {e:#}");
                 }

@@ -113,13 +113,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     let base = Context::new(settings).await?;
     let metrics = crate::ops::install_recorder()?;
     let active = Arc::new(AtomicBool::new(false));
+    // `/healthz` reads through a pool of its own, so that it answers
+    // whatever the jobs are doing with theirs.
+    let ops_store = crate::state::Store::reader_beside(&base.settings.database.url).await?;
     let (addr, ops_task) =
-        crate::ops::serve(listen, base.store.clone(), metrics, active.clone()).await?;
+        crate::ops::serve(listen, ops_store.clone(), metrics, active.clone()).await?;
     tracing::info!(listen = %addr, "ops endpoint listening: /healthz, /metrics");
     let stop = CancellationToken::new();
     spawn_signal_handler(stop.clone())?;
     notify_systemd(&[sd_notify::NotifyState::Ready]);
-    let watchdog = spawn_watchdog(base.store.clone());
+    let watchdog = spawn_watchdog(ops_store.clone());
     tracing::info!(
         contacts = %base.settings.sync.schedule,
         writeback = %base.settings.writeback.schedule,
@@ -169,6 +172,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
         w.abort();
     }
     ops_task.abort();
+    ops_store.close().await;
+    base.store.close().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -268,6 +268,18 @@ impl fmt::Debug for HttpCaller {
     }
 }
 
+/// A `Retry-After` value (RFC 9110 §10.2.3): delay-seconds, or an
+/// HTTP-date, read as the time left until then (zero when it has passed).
+/// `None` when it is neither.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
 /// Full jitter: a delay drawn evenly from `[0, planned]`, but never below
 /// what the server asked for in `Retry-After` (capped at five minutes).
 pub fn full_jitter(planned: Duration, retry_after: Option<Duration>, draw: f64) -> Duration {
@@ -429,8 +441,7 @@ impl HttpCaller {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
         if let Some(len) = response.content_length()
             && len as usize > self.max_body
         {
@@ -585,6 +596,28 @@ mod tests {
         };
         assert!(RemoteError::new(Api::Edm, "ml-addr-add", rejected.clone()).maybe_applied());
         assert!(!RemoteError::new(Api::Crm, "ContactHistory/Add", rejected).maybe_applied());
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_an_http_date() {
+        // Arrange
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_785_000_000);
+        let in_90_s = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(5));
+
+        // Act / Assert
+        assert_eq!(parse_retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after(&in_90_s, now),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-3", now), None);
     }
 
     #[test]

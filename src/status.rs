@@ -14,16 +14,34 @@ const RUNS_PER_JOB: usize = 5;
 /// Pending operations shown.
 const PENDING: u64 = 20;
 
+/// Prints the report. Opens the database read-only: `status` creates,
+/// migrates and writes nothing. A database that does not exist yet is
+/// reported as such (exit 1: most often the wrong `database.url`).
 pub async fn print(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(&settings.database.url).await?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&render_json(&store).await?)?
-        );
+    let Some(store) = Store::open_read_only(&settings.database.url).await? else {
+        let what =
+            "no state database yet: nothing has run against database.url (or it points elsewhere)";
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"database": "missing", "message": what})
+                )?
+            );
+        } else {
+            println!("{what}");
+        }
+        return Ok(ExitCode::from(crate::app::EXIT_FAILED));
+    };
+    let report = if json {
+        render_json(&store)
+            .await
+            .and_then(|v| Ok(format!("{}\n", serde_json::to_string_pretty(&v)?)))
     } else {
-        print!("{}", render(&store).await?);
-    }
+        render(&store).await
+    };
+    store.close().await;
+    print!("{}", report?);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -471,3 +471,103 @@ async fn daemon_start_stop(cli: &Cli) -> Output {
     assert!(text(&out).contains("daemon started"), "{}", text(&out));
     out
 }
+
+/// The last line a failing command prints (and logs) goes through the
+/// redactor: a secret that reached an error through text the daemon does
+/// not shape itself — here the token inside a directory name, echoed by
+/// the lock file's error — does not reach the terminal.
+#[tokio::test]
+async fn the_final_error_line_of_a_failing_command_is_scrubbed_of_secrets() {
+    // Arrange: a database path that holds the token and cannot be opened.
+    let cli = setup("info").await;
+    let url = format!("sqlite:///nonexistent-{TOKEN}/state.db?mode=rwc");
+    let text_cfg = config_text(&cli.sb, &url, "", "[log]\nformat = \"json\"\n");
+    let config = cli.dir.path().join("leaky.toml");
+    std::fs::write(&config, text_cfg).unwrap();
+
+    // Act
+    let out = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["--once", "--job", "contacts"])
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+
+    // Assert: it failed, said why, and named no secret.
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("lock file"), "{all}");
+    assert!(!all.contains(TOKEN), "{all}");
+}
+
+/// Routine commands on a current database log no PostgreSQL notice
+/// ("relation … already exists, skipping") and no migrator line; the one
+/// run that migrates says so once, in the daemon's own words.
+#[tokio::test]
+async fn routine_commands_log_no_database_notices_or_migrator_lines() {
+    for db in [TestDb::sqlite(), TestDb::postgres().await] {
+        // Arrange
+        let sb = Sandbox::start().await.unwrap();
+        sb.edm.create_list(1, "客户");
+        sb.edm.create_list(2, "VIP");
+        seed_basic(&sb);
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            config_text(
+                &sb,
+                &db.url,
+                "",
+                "[log]\nformat = \"json\"\nlevel = \"info\"\n",
+            ),
+        )
+        .unwrap();
+        let run = |args: &'static [&'static str]| {
+            let config = config.clone();
+            async move {
+                tokio::process::Command::new(BIN)
+                    .arg("--config")
+                    .arg(&config)
+                    .args(args)
+                    .env_remove("RUST_LOG")
+                    .output()
+                    .await
+                    .unwrap()
+            }
+        };
+
+        // Act
+        let first = run(&["--once", "--job", "contacts"]).await;
+        let second = run(&["--once", "--job", "contacts"]).await;
+        let status = run(&["status"]).await;
+
+        // Assert
+        let lines = |o: &Output| -> Vec<serde_json::Value> {
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        };
+        for out in [&first, &second, &status] {
+            assert!(out.status.success(), "{}", text(out));
+            for line in lines(out) {
+                let target = line["target"].as_str().unwrap_or("");
+                let message = line["message"].as_str().unwrap_or("");
+                assert!(!message.contains("already exists"), "{line}");
+                assert!(!target.starts_with("sea_orm_migration"), "{line}");
+                assert!(!target.starts_with("sqlx"), "{line}");
+            }
+        }
+        let migrated = |o: &Output| {
+            lines(o)
+                .iter()
+                .filter(|l| l["message"].as_str().unwrap_or("").contains("migrated"))
+                .count()
+        };
+        assert_eq!(migrated(&first), 1, "{}", text(&first));
+        assert_eq!(migrated(&second), 0, "{}", text(&second));
+    }
+}

@@ -462,3 +462,126 @@ async fn a_second_signal_exits_at_once() {
         .expect("second stop signal", 1, Duration::from_secs(5))
         .await;
 }
+
+/// With both jobs every two seconds, some requests hanging past the client
+/// timeout and many contact-history calls failing, the state database is
+/// never held across a remote call and no write waits on another:
+/// `/healthz` answers within a second the whole time and no run fails for
+/// want of a database connection (SQLite's pool has one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_hanging_and_failing_requests_healthz_answers_within_a_second_and_the_pool_never_runs_dry()
+ {
+    // Arrange: 300 link-men, a campaign with an open each; one
+    // contact-history call (and list read) in twenty hangs 3 s against 2 s
+    // client timeouts, and one contact-history call in three answers 500
+    // (not retried: crm.max_retries = 0).
+    let sb = sandbox().await;
+    for c in 1..=300i64 {
+        sb.crm
+            .put_customer(c, json!({"name": format!("c{c}"), "type_id": 1}));
+        sb.crm.put_linkman(
+            c,
+            c * 10,
+            json!({"name": format!("n{c}"), "email": format!("p{c}@example.com")}),
+        );
+    }
+    let day = chrono::Utc::now()
+        .date_naive()
+        .format("%Y-%m-%d")
+        .to_string();
+    sb.edm.put_campaign(crm_edm_sync::sandbox::SandboxCampaign {
+        id: 1,
+        name: "活动".into(),
+        list_id: 1,
+        date: day,
+        send_status: 3,
+        track_status: 1,
+        opens: (1..=300)
+            .map(|c| (format!("p{c}@example.com"), 1, String::new(), String::new()))
+            .collect(),
+        ..Default::default()
+    });
+    let hang = crm_edm_sync::sandbox::Chaos {
+        p_hang: 0.05,
+        hang_for: Duration::from_secs(3),
+        ..Default::default()
+    };
+    sb.chaos("ml-addr-list", hang.clone(), 7);
+    sb.chaos(
+        "ContactHistory/Add",
+        crm_edm_sync::sandbox::Chaos {
+            p_5xx: 0.35,
+            ..hang
+        },
+        7,
+    );
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(
+        &sb,
+        &db.url,
+        "schedule = \"*/2 * * * * *\"",
+        "[writeback]\nschedule = \"1/2 * * * * *\"\nlookback_days = 1\n[log]\nformat = \"json\"\nlevel = \"info\"\n[http]\nlisten = \"127.0.0.1:0\"\n[daemon]\nlock_poll_secs = 1\nshutdown_timeout_secs = 10\n",
+    );
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = Daemon::start(
+        &config,
+        &[
+            ("CRM_EDM_SYNC__EDM__BATCH_SIZE", "20"),
+            ("CRM_EDM_SYNC__EDM__TIMEOUT_SECS", "2"),
+            ("CRM_EDM_SYNC__CRM__TIMEOUT_SECS", "2"),
+            ("CRM_EDM_SYNC__EDM__MAX_RETRIES", "1"),
+            ("CRM_EDM_SYNC__CRM__MAX_RETRIES", "0"),
+        ],
+    );
+    let url = daemon.ops_url().await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+
+    // Act: ask /healthz every 100 ms until three write-back runs have
+    // finished (at most 60 s).
+    let mut slow = Vec::new();
+    let mut answered = 0;
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < until && writeback_runs(&daemon) < 3 {
+        let asked = tokio::time::Instant::now();
+        match http.get(format!("{url}/healthz")).send().await {
+            Ok(_) => answered += 1,
+            Err(e) => slow.push(format!("after {:?}: {e}", asked.elapsed())),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let finished = writeback_runs(&daemon);
+    daemon.signal("-TERM");
+    let code = daemon.exit_code(Duration::from_secs(30)).await;
+
+    // Assert
+    let log = daemon.log();
+    assert!(
+        slow.is_empty(),
+        "/healthz did not answer within 1 s: {slow:?}\n{log}"
+    );
+    assert!(answered > 10, "{answered} answers");
+    assert!(
+        finished >= 3,
+        "only {finished} write-back runs finished:\n{log}"
+    );
+    assert!(sb.count("ContactHistory/Add") >= 300, "{log}");
+    assert!(!log.contains("pool timed out"), "{log}");
+    assert!(!log.to_lowercase().contains("acquire connection"), "{log}");
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// Write-back runs that finished, whatever their outcome.
+fn writeback_runs(daemon: &Daemon) -> usize {
+    daemon
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|v| v["message"] == "run finished" && v["job"] == "writeback")
+        .count()
+}

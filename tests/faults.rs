@@ -403,6 +403,29 @@ async fn a_429_with_retry_after_is_retried_no_sooner_than_asked() {
     assert_eq!(e.sb.count("Customer/GetAllList"), 2);
 }
 
+/// `Retry-After` may be an HTTP-date (RFC 9110); it is honoured like
+/// delay-seconds. The date has whole seconds, so 3 s ahead is at least 2 s.
+#[tokio::test]
+async fn a_429_with_an_http_date_retry_after_is_retried_no_sooner_than_that_date() {
+    // Arrange
+    let e = env().await;
+    seed_basic(&e.sb);
+    e.sb.inject("Customer/GetAllList", Fault::TooManyUntil(3), 1);
+    let started = std::time::Instant::now();
+
+    // Act
+    let report = e.sync().await;
+
+    // Assert: a lower bound only; slower is never a failure.
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(report.outcome, Outcome::Applied);
+    assert_eq!(e.sb.count("Customer/GetAllList"), 2);
+}
+
 #[tokio::test]
 async fn crm_max_requests_per_sec_spaces_the_requests() {
     let e = env().await;

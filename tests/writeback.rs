@@ -566,3 +566,71 @@ async fn a_shutdown_mid_write_back_leaves_unsent_records_pending_and_unsuspected
     assert_eq!(second.counts.possibly_duplicated, 0);
     assert_eq!(e.sb.crm.history().len(), 5);
 }
+
+/// SQLite has one pooled connection. A CRM failure that arrives while the
+/// ledger is being marked ahead and answers are being recorded must not
+/// leave one of those writes holding the connection while the job waits
+/// for the other: that stalled every database user for the pool's acquire
+/// timeout and then failed the run ("pool timed out").
+#[tokio::test]
+async fn crm_failures_amid_ledger_writes_never_stall_the_database() {
+    // Arrange: 300 link-men with an open each; one call in three answers
+    // 500 and is not retried (crm.max_retries = 0), so failures arrive
+    // all through the marking and recording of the ledger.
+    let e = env_with("", "[writeback]\nlookback_days = 2\n").await;
+    for c in 1..=300i64 {
+        e.sb.crm
+            .put_customer(c, json!({"name": format!("公司{c}"), "type_id": 1}));
+        e.sb.crm.put_linkman(
+            c,
+            c * 10,
+            json!({"name": format!("人{c}"), "email": format!("p{c}@example.com")}),
+        );
+    }
+    e.sync().await;
+    e.sb.edm.put_campaign(SandboxCampaign {
+        id: 1,
+        name: "活动".into(),
+        list_id: 1,
+        date: today(0),
+        send_status: 3,
+        track_status: 1,
+        opens: (1..=300)
+            .map(|c| (format!("p{c}@example.com"), 1, String::new(), String::new()))
+            .collect(),
+        ..Default::default()
+    });
+    e.sb.chaos(
+        "ContactHistory/Add",
+        crm_edm_sync::sandbox::Chaos {
+            p_5xx: 0.35,
+            ..Default::default()
+        },
+        11,
+    );
+    let ctx = e
+        .ctx_from(|s| {
+            s.crm.max_retries = 0;
+            s.writeback.lookback_days = 2;
+        })
+        .await;
+
+    // Act
+    let started = std::time::Instant::now();
+    let report = writeback::run(&ctx).await;
+
+    // Assert
+    let report = report.expect("the run ends without a database error");
+    assert!(report.counts.failed > 0, "{:?}", report.counts);
+    assert_eq!(
+        report.counts.open + report.counts.failed,
+        300,
+        "{:?}",
+        report.counts
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(9),
+        "the run took {:?}: a database write waited for the pool",
+        started.elapsed()
+    );
+}

@@ -91,6 +91,9 @@ pub enum Fault {
     Hang(Duration),
     /// Answer 429 with `Retry-After: secs`, without carrying it out.
     TooMany(u64),
+    /// Answer 429 with `Retry-After` as an HTTP-date this many seconds
+    /// ahead, without carrying it out.
+    TooManyUntil(u64),
     /// Carry the request out at once, then hold the answer this long: a
     /// client killed meanwhile never learns that it took effect.
     SlowAnswer(Duration),
@@ -430,6 +433,18 @@ pub(crate) async fn before(
                 (
                     axum::http::StatusCode::TOO_MANY_REQUESTS,
                     [("retry-after", secs.to_string())],
+                    "slow down",
+                )
+                    .into_response(),
+            )
+        }
+        Some(Fault::TooManyUntil(secs)) => {
+            shared.record(server, operation, p, 429, false);
+            let at = std::time::SystemTime::now() + Duration::from_secs(secs);
+            Before::Answered(
+                (
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", httpdate::fmt_http_date(at))],
                     "slow down",
                 )
                     .into_response(),

@@ -106,7 +106,11 @@ impl ContactsReport {
 pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsReport> {
     let run_id = uuid::Uuid::new_v4().to_string();
     let started = Instant::now();
-    ctx.store.start_run(&run_id, JOB, opts.dry_run).await?;
+    // A dry run writes nothing, not even its own run row.
+    let record = !opts.dry_run;
+    if record {
+        ctx.store.start_run(&run_id, JOB, false).await?;
+    }
     let mut counts = ContactsCounts::default();
     let result = run_inner(ctx, opts, &run_id, &mut counts).await;
     let duration_ms = started.elapsed().as_millis() as u64;
@@ -120,7 +124,8 @@ pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsRepo
         },
         Err(e) => {
             let text = ctx.redactor.redact(&format!("{e:#}"));
-            if let Err(db) = ctx
+            if !record {
+            } else if let Err(db) = ctx
                 .store
                 .finish_run(&run_id, "failed", &counts_json, Some(&text))
                 .await
@@ -140,9 +145,11 @@ pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsRepo
         )),
         _ => None,
     };
-    ctx.store
-        .finish_run(&run_id, report.status(), &counts_json, error.as_deref())
-        .await?;
+    if record {
+        ctx.store
+            .finish_run(&run_id, report.status(), &counts_json, error.as_deref())
+            .await?;
+    }
     summary_event(&run_id, &report.counts, duration_ms, report.status());
     crate::ops::run_finished(JOB, report.status());
     crate::ops::refresh_pending(&ctx.store).await;

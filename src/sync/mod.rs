@@ -66,6 +66,31 @@ impl Context {
         })
     }
 
+    /// For `--dry-run`: the same clients, and the state database opened
+    /// read-only — nothing is created, migrated or written. A database
+    /// that does not exist yet reads as empty (an in-memory one), as a
+    /// first run would see it.
+    pub async fn new_read_only(settings: Settings) -> anyhow::Result<Context> {
+        let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
+        let crm = CrmClient::new(&settings, redactor.clone())?;
+        let edm = EdmClient::new(&settings, redactor.clone())?;
+        let store = match Store::open_read_only(&settings.database.url).await? {
+            Some(store) => store,
+            None => {
+                tracing::info!("no state database yet: the dry run plans as a first run would");
+                Store::empty_in_memory().await?
+            }
+        };
+        Ok(Context {
+            settings: Arc::new(settings),
+            crm,
+            edm,
+            store,
+            redactor,
+            shutdown: tokio_util::sync::CancellationToken::new(),
+        })
+    }
+
     /// The same context stopping on `token`.
     pub fn with_shutdown(mut self, token: tokio_util::sync::CancellationToken) -> Self {
         self.shutdown = token;

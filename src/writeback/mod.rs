@@ -435,13 +435,29 @@ async fn send_all(
                     counts.failed += 1;
                     crate::ops::operations("contact_history", "failed", 1);
                     let text = e.to_string();
-                    // Finish the writes under way first: one may hold the
-                    // only connection (SQLite), and it is not polled here.
-                    if let Some(marking) = marking.take() {
-                        marked.extend(marking.await?);
+                    // Finish the writes under way first, both at once:
+                    // either may hold the only connection (SQLite) while
+                    // the other waits for it, so awaiting one alone stalled
+                    // every database user until the pool timed out.
+                    let (marked_now, recorded_now) = tokio::join!(
+                        async {
+                            match marking.take() {
+                                Some(f) => f.await.map(Some),
+                                None => Ok(None),
+                            }
+                        },
+                        async {
+                            match recording.take() {
+                                Some(f) => f.await.map(Some),
+                                None => Ok(None),
+                            }
+                        },
+                    );
+                    if let Some(rows) = marked_now? {
+                        marked.extend(rows);
                     }
-                    if let Some(recording) = recording.take() {
-                        crate::ops::operations("contact_history", "done", recording.await?);
+                    if let Some(n) = recorded_now? {
+                        crate::ops::operations("contact_history", "done", n);
                     }
                     ctx.store
                         .record_failed(row.id, &text, e.maybe_applied())
