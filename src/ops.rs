@@ -42,6 +42,11 @@ pub fn run_finished(job: &'static str, outcome: &'static str) {
     }
 }
 
+/// A run an earlier process left unfinished was marked abandoned.
+pub fn run_abandoned() {
+    metrics::counter!(metric::RUNS, "job" => "any", "outcome" => "abandoned").increment(1);
+}
+
 /// `n` operations of `kind` (`add`, `edit`, `unsub`, `contact_history`)
 /// ended with `outcome` (`done`, `failed`).
 pub fn operations(kind: &'static str, outcome: &'static str, n: usize) {

@@ -387,4 +387,17 @@ async fn sigkill_during_unsubscribes_and_email_changes_is_repaired_by_the_next_r
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(v["pending_operations"]["total"], 0, "{v}");
+    // The killed runs are not shown running for ever.
+    let statuses: Vec<&str> = v["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert!(!statuses.contains(&"running"), "{v}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "abandoned").count(),
+        3,
+        "{v}"
+    );
 }

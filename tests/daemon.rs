@@ -258,6 +258,76 @@ async fn two_daemons_on_one_sqlite_file_only_one_runs_jobs_the_other_takes_over(
     only_one_of_two_daemons_runs_jobs_and_the_other_takes_over(TestDb::sqlite()).await;
 }
 
+/// An HA pair booting together on a fresh database: both migrate at the
+/// same moment, both come up, one active and one standing by (the
+/// migrations run under a migration lock). Three fresh databases, so the
+/// two really race to create the tables.
+async fn two_daemons_started_at_once_on_a_fresh_database_both_come_up(postgres: bool) {
+    for _ in 0..3 {
+        // Arrange
+        let db = if postgres {
+            TestDb::postgres().await
+        } else {
+            TestDb::sqlite()
+        };
+        let sb = sandbox().await;
+        seed_basic(&sb);
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &sb, &db);
+
+        // Act: both at once; wait until one holds the lock and the other
+        // stands by, or either exits (at most 30 s).
+        let mut a = Daemon::start(&config, &[]);
+        let mut b = Daemon::start(&config, &[]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let up = |a: &Daemon, b: &Daemon| {
+            a.count("holding the instance lock") + b.count("holding the instance lock") >= 1
+                && a.count("standing by") + b.count("standing by") >= 1
+        };
+        let mut exits = (None, None);
+        while tokio::time::Instant::now() < deadline && !up(&a, &b) {
+            exits = (a.child.try_wait().unwrap(), b.child.try_wait().unwrap());
+            if exits.0.is_some() || exits.1.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // Assert
+        let logs = format!("first:\n{}\nsecond:\n{}", a.log(), b.log());
+        assert_eq!(exits, (None, None), "an instance exited: {logs}");
+        assert!(up(&a, &b), "not one active and one standby: {logs}");
+        assert_eq!(
+            a.count("holding the instance lock") + b.count("holding the instance lock"),
+            1,
+            "{logs}"
+        );
+        assert!(!logs.contains("already exists"), "{logs}");
+        a.signal("-TERM");
+        b.signal("-TERM");
+        assert_eq!(
+            a.exit_code(Duration::from_secs(30)).await,
+            Some(0),
+            "{logs}"
+        );
+        assert_eq!(
+            b.exit_code(Duration::from_secs(30)).await,
+            Some(0),
+            "{logs}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn two_daemons_started_at_once_on_a_fresh_postgresql_database_both_come_up() {
+    two_daemons_started_at_once_on_a_fresh_database_both_come_up(true).await;
+}
+
+#[tokio::test]
+async fn two_daemons_started_at_once_on_a_fresh_sqlite_file_both_come_up() {
+    two_daemons_started_at_once_on_a_fresh_database_both_come_up(false).await;
+}
+
 #[tokio::test]
 async fn once_against_a_locked_database_waits_then_exits_non_zero() {
     let sb = sandbox().await;

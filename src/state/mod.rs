@@ -1024,6 +1024,38 @@ impl Store {
             .collect())
     }
 
+    /// Marks runs still `running` as `abandoned`: their process ended
+    /// without finishing them (SIGKILL, power loss, a crash). Called by a
+    /// job about to start while this process holds the instance lock, so
+    /// no other run can be going. Returns `(id, job)` of each.
+    pub async fn abandon_running_runs(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let rows = run::Entity::find()
+            .filter(run::Column::Status.eq("running"))
+            .all(&self.db)
+            .await
+            .context("cannot read runs")?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+        run::Entity::update_many()
+            .col_expr(run::Column::Status, "abandoned".into())
+            .col_expr(run::Column::FinishedAt, Some(now_ms()).into())
+            .col_expr(
+                run::Column::Error,
+                Some(
+                    "the process ended without finishing this run (killed or crashed)".to_string(),
+                )
+                .into(),
+            )
+            .filter(run::Column::Id.is_in(ids))
+            .filter(run::Column::Status.eq("running"))
+            .exec(&self.db)
+            .await
+            .context("cannot mark abandoned runs")?;
+        Ok(rows.into_iter().map(|r| (r.id, r.job)).collect())
+    }
+
     /// Starts a run record.
     pub async fn start_run(&self, id: &str, job: &str, dry_run: bool) -> anyhow::Result<()> {
         run::Entity::insert(run::ActiveModel {

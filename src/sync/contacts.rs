@@ -109,6 +109,7 @@ pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsRepo
     // A dry run writes nothing, not even its own run row.
     let record = !opts.dry_run;
     if record {
+        super::abandon_unfinished_runs(ctx).await?;
         ctx.store.start_run(&run_id, JOB, false).await?;
     }
     let mut counts = ContactsCounts::default();

@@ -106,6 +106,21 @@ impl Context {
     }
 }
 
+/// Before a job records its run: runs an earlier process left `running`
+/// are marked `abandoned`, each with a warning, so `status` does not show
+/// them running for ever.
+pub async fn abandon_unfinished_runs(ctx: &Context) -> anyhow::Result<()> {
+    for (run_id, job) in ctx.store.abandon_running_runs().await? {
+        tracing::warn!(
+            run_id = %run_id,
+            abandoned_job = %job,
+            "a run an earlier process did not finish (killed or crashed) is marked abandoned"
+        );
+        crate::ops::run_abandoned();
+    }
+    Ok(())
+}
+
 /// Flags of a contacts run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunOptions {

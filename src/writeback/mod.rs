@@ -77,6 +77,7 @@ impl WritebackReport {
 pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
     let run_id = uuid::Uuid::new_v4().to_string();
     let started = Instant::now();
+    crate::sync::abandon_unfinished_runs(ctx).await?;
     ctx.store.start_run(&run_id, JOB, false).await?;
     let mut counts = WritebackCounts::default();
     let result = run_inner(ctx, &mut counts).await;
