@@ -380,6 +380,11 @@ async fn invalid_emails_are_counted_and_never_sent() {
         "张三@example.com",
         "a b@example.com",
         "x@localhost",
+        // Non-ASCII letters whose Unicode lowercase is ASCII (Kelvin
+        // sign → k, capital I with dot → i): invalid as given, never
+        // folded into another, all-ASCII address.
+        "\u{212A}ing@example.com",
+        "\u{130}nfo@example.com",
     ];
     for (i, addr) in bad.iter().enumerate() {
         e.sb.crm
