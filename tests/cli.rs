@@ -448,25 +448,50 @@ async fn no_command_prints_the_token_the_password_or_its_md5() {
     assert!(total > 10_000, "trace output expected, got {total} bytes");
 }
 
+/// Starts the daemon at trace level, waits until it holds the instance
+/// lock (its jobs are scheduled), stops it with SIGTERM and returns all it
+/// wrote.
 async fn daemon_start_stop(cli: &Cli) -> Output {
-    let child = tokio::process::Command::new(BIN)
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(BIN)
         .arg("--config")
         .arg(cli.config())
         .env("RUST_LOG", "trace")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = stderr.clone();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut all = sink.lock().unwrap();
+            all.push_str(&line);
+            all.push('\n');
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !stderr.lock().unwrap().contains("holding the instance lock") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the daemon never took the lock:\n{}",
+            stderr.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let pid = child.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+    let mut out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await
         .expect("daemon stops on SIGTERM")
         .unwrap();
+    reader.await.unwrap();
+    out.stderr = stderr.lock().unwrap().clone().into_bytes();
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("daemon started"), "{}", text(&out));
     out

@@ -169,6 +169,11 @@ async fn sigterm_during_a_run_exits_zero_and_the_next_run_completes_the_pending_
     while sb.count("ml-addr-add") < 2 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(
+        sb.count("ml-addr-add") >= 2,
+        "the adds never got under way:\n{}",
+        daemon.log()
+    );
     daemon.signal("-TERM");
     let code = daemon.exit_code(Duration::from_secs(30)).await;
 
@@ -516,6 +521,12 @@ async fn a_second_signal_exits_at_once() {
     while sb.max_in_flight("ml-addr-add") < 1 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(
+        sb.max_in_flight("ml-addr-add"),
+        1,
+        "the daemon never got into the slow call:\n{}",
+        daemon.log()
+    );
 
     daemon.signal("-TERM");
     daemon

@@ -88,8 +88,10 @@ async fn with_20pc_5xx_and_5pc_hangs_on_every_endpoint_the_sync_converges_withou
     // Act
     let runs = converge(&ctx, &e.sb, &want, 25).await;
 
-    // Assert
-    assert!(runs >= 1);
+    // Assert: the faults did strike (else this proves nothing), and the
+    // runs converged with every address added once.
+    let struck = e.sb.requests().iter().filter(|r| r.status >= 500).count();
+    assert!(struck > 0, "the chaos struck no request in {runs} runs");
     let adds = applied_adds(&e.sb);
     assert!(
         adds.values().all(|&n| n == 1),

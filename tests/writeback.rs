@@ -544,7 +544,12 @@ async fn a_shutdown_mid_write_back_leaves_unsent_records_pending_and_unsuspected
 
     // Act: shut down once the quick call has answered.
     let job = tokio::spawn(async move { writeback::run(&ctx).await });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     while e.sb.count("ContactHistory/Add") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no contact-history call was answered within 20 s"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     shutdown.cancel();

@@ -99,8 +99,9 @@ pub enum Fault {
     SlowAnswer(Duration),
 }
 
-/// Random faults for every request of an operation, drawn from a seeded
-/// generator so a failing run can be repeated.
+/// Random faults for every request of an operation, drawn per request
+/// from the seed and the request itself, so a failing run can be repeated
+/// whatever order concurrent requests arrive in.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Chaos {
     /// Answer 500/502/503 without carrying it out.
@@ -159,8 +160,41 @@ pub(crate) struct Shared {
     faults: Mutex<Vec<Armed>>,
     /// Per operation: requests being handled now, and the most at once.
     in_flight: Mutex<BTreeMap<String, (usize, usize)>>,
-    /// Random faults per operation (`*`: every operation).
-    chaos: Mutex<(BTreeMap<String, Chaos>, Option<fastrand::Rng>)>,
+    /// Random faults per operation (`*`: every operation), the seed, and
+    /// how many times each request (operation and parameters) was seen.
+    chaos: Mutex<ChaosState>,
+}
+
+/// The chaos profiles and what their draws depend on.
+#[derive(Debug, Default)]
+struct ChaosState {
+    profiles: BTreeMap<String, Chaos>,
+    seed: u64,
+    /// Per request key: how many times it was drawn for.
+    seen: BTreeMap<String, u64>,
+}
+
+impl ChaosState {
+    /// The fault for one request: drawn from a generator seeded by the
+    /// seed, the request's key (operation and parameters) and how many
+    /// times that same request was seen before — not by the order in
+    /// which requests arrive — so a seed gives every request the same
+    /// fate however concurrent requests interleave, and a retry of a
+    /// request draws anew.
+    fn draw(&mut self, operation: &str, params: &BTreeMap<String, String>) -> Option<Fault> {
+        let profile = self
+            .profiles
+            .get(operation)
+            .or_else(|| self.profiles.get("*"))?
+            .clone();
+        let key = format!("{operation}?{params:?}");
+        let n = self.seen.entry(key.clone()).or_insert(0);
+        *n += 1;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&(self.seed, key, *n), &mut hasher);
+        let mut rng = fastrand::Rng::with_seed(std::hash::Hasher::finish(&hasher));
+        profile.draw(&mut rng)
+    }
 }
 
 /// Counts a request as in flight until dropped.
@@ -178,17 +212,15 @@ impl Drop for InFlight<'_> {
 }
 
 impl Shared {
-    /// Takes the fault armed for `operation`, else draws a random one.
-    pub(crate) fn take_fault(&self, operation: &str) -> Option<Fault> {
-        self.take_armed(operation).or_else(|| {
-            let mut chaos = lock(&self.chaos);
-            let (profiles, rng) = &mut *chaos;
-            let profile = profiles
-                .get(operation)
-                .or_else(|| profiles.get("*"))?
-                .clone();
-            profile.draw(rng.get_or_insert_with(|| fastrand::Rng::with_seed(0)))
-        })
+    /// Takes the fault armed for `operation`, else draws a random one for
+    /// this request (see [`ChaosState::draw`]).
+    pub(crate) fn take_fault(
+        &self,
+        operation: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Option<Fault> {
+        self.take_armed(operation)
+            .or_else(|| lock(&self.chaos).draw(operation, params))
     }
 
     fn take_armed(&self, operation: &str) -> Option<Fault> {
@@ -301,15 +333,16 @@ impl Sandbox {
     /// Disarms every fault, armed or random.
     pub fn clear_faults(&self) {
         lock(&self.shared.faults).clear();
-        lock(&self.shared.chaos).0.clear();
+        lock(&self.shared.chaos).profiles.clear();
     }
 
     /// Random faults for every request of `operation` (`*` for all),
     /// drawn from a generator seeded with `seed`.
     pub fn chaos(&self, operation: &str, chaos: Chaos, seed: u64) {
         let mut c = lock(&self.shared.chaos);
-        c.0.insert(operation.to_string(), chaos);
-        c.1 = Some(fastrand::Rng::with_seed(seed));
+        c.profiles.insert(operation.to_string(), chaos);
+        c.seed = seed;
+        c.seen.clear();
     }
 
     /// The most requests to `operation` that were handled at once.
@@ -412,7 +445,7 @@ pub(crate) async fn before(
     p: &BTreeMap<String, String>,
 ) -> Before {
     use axum::response::IntoResponse;
-    let fault = shared.take_fault(operation);
+    let fault = shared.take_fault(operation, p);
     match fault {
         Some(Fault::Delay(d)) | Some(Fault::Hang(d)) => {
             // If the client gives up meanwhile, the connection closes and
@@ -554,4 +587,70 @@ fn html_page(status: u16) -> String {
     format!(
         "<!DOCTYPE html>\n<html><head><title>{status} Error</title></head><body><h1>{status}</h1><p>upstream error</p></body></html>\n"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(customer: u32) -> BTreeMap<String, String> {
+        [("customer_id".to_string(), customer.to_string())].into()
+    }
+
+    fn state(seed: u64) -> ChaosState {
+        let mut s = ChaosState {
+            seed,
+            ..Default::default()
+        };
+        s.profiles.insert(
+            "*".into(),
+            Chaos {
+                p_5xx: 0.5,
+                ..Default::default()
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn a_seed_gives_each_request_the_same_fault_whatever_the_arrival_order() {
+        // Arrange: the same 40 requests, each sent twice (a retry), in two
+        // different orders.
+        let forward: Vec<u32> = (1..=40).chain(1..=40).collect();
+        let mut shuffled = forward.clone();
+        fastrand::Rng::with_seed(3).shuffle(&mut shuffled[..40]);
+        fastrand::Rng::with_seed(4).shuffle(&mut shuffled[40..]);
+
+        // Act
+        let fates = |order: &[u32]| {
+            let mut s = state(99);
+            let mut out: BTreeMap<(u32, usize), bool> = BTreeMap::new();
+            for &c in order {
+                let attempt = out.keys().filter(|(k, _)| *k == c).count();
+                let fault = s.draw("LinkMan/GetLinkManList", &params(c));
+                out.insert((c, attempt), fault.is_some());
+            }
+            out
+        };
+        let a = fates(&forward);
+        let b = fates(&shuffled);
+
+        // Assert: same fates; some requests failed and some did not; a
+        // retry draws anew.
+        assert_eq!(a, b);
+        let failed = a.values().filter(|f| **f).count();
+        assert!(failed > 10 && failed < 70, "{failed} of 80");
+        assert!((1..=40).any(|c| a[&(c, 0)] != a[&(c, 1)]));
+        assert_ne!(fates(&forward), {
+            let mut s = state(100);
+            let mut out = BTreeMap::new();
+            for (i, &c) in forward.iter().enumerate() {
+                out.insert(
+                    (c, usize::from(i >= 40)),
+                    s.draw("LinkMan/GetLinkManList", &params(c)).is_some(),
+                );
+            }
+            out
+        });
+    }
 }
