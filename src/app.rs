@@ -13,15 +13,12 @@ use crate::sync::plan::Plan;
 use crate::sync::{Context, RunOptions};
 use crate::writeback;
 
-/// Exit code of a failed or refused run.
-pub const EXIT_FAILED: u8 = 1;
-/// Exit code of bad configuration.
-pub const EXIT_CONFIG: u8 = 2;
+pub use crate::cli::{EXIT_CONFIG, EXIT_FAILED};
 
 /// Runs the command `cli` names with `settings`. `demo` is handled by
 /// `main` because it needs no settings.
 pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
-    let redactor = crate::remote::Redactor::new(crate::sync::secrets_of(&settings));
+    let redactor = crate::redact::Redactor::new(crate::sync::secrets_of(&settings));
     let result = match cli.command {
         Some(Command::Status { json }) => crate::status::print(&settings, json).await,
         Some(Command::Check) => check(settings).await,
@@ -183,7 +180,7 @@ pub fn render_plan(report: &ContactsReport, plan: &Plan) -> String {
 /// `check`: the config is valid (it loaded), the database opens and
 /// migrates, EDM accepts the credentials, and one CRM page of size 1 reads.
 async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
-    let redactor = Arc::new(crate::remote::Redactor::new(crate::sync::secrets_of(
+    let redactor = Arc::new(crate::redact::Redactor::new(crate::sync::secrets_of(
         &settings,
     )));
     println!("config: ok");

@@ -63,6 +63,11 @@ pub enum Command {
     Demo,
 }
 
+/// Exit code of a failed or refused run.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code of bad configuration.
+pub const EXIT_CONFIG: u8 = 2;
+
 #[cfg(test)]
 mod tests {
     use super::*;

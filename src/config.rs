@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -565,25 +564,6 @@ impl Settings {
         lists.sort_unstable();
         lists.dedup();
         lists
-    }
-
-    /// The CRM client's limits: every CRM call shares `crm.concurrency`.
-    pub fn crm_limits(&self) -> crate::remote::Limits {
-        crate::remote::Limits {
-            timeout: Duration::from_secs(self.crm.timeout_secs),
-            max_retries: self.crm.max_retries,
-            in_flight: self.crm.concurrency,
-            per_second: self.crm.max_requests_per_sec,
-        }
-    }
-
-    pub fn edm_limits(&self) -> crate::remote::Limits {
-        crate::remote::Limits {
-            timeout: Duration::from_secs(self.edm.timeout_secs),
-            max_retries: self.edm.max_retries,
-            in_flight: self.edm.concurrency,
-            per_second: self.edm.max_requests_per_sec,
-        }
     }
 }
 

@@ -111,7 +111,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     let listen = settings.http.listen;
     let target = LockTarget::of(&settings.database.url);
     let base = Context::new(settings).await?;
-    let metrics = crate::ops::install_recorder()?;
+    let metrics = crate::metrics::install_recorder()?;
     let active = Arc::new(AtomicBool::new(false));
     // `/healthz` reads through a pool of its own, so that it answers
     // whatever the jobs are doing with theirs.
@@ -135,11 +135,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
             Ok(Some(lock)) => {
                 said_standby = false;
                 active.store(true, Ordering::SeqCst);
-                metrics::gauge!(crate::ops::metric::ACTIVE).set(1.0);
+                metrics::gauge!(crate::metrics::metric::ACTIVE).set(1.0);
                 tracing::info!("holding the instance lock: this instance runs the jobs");
                 let period = active_period(&base, lock, &stop, poll, drain).await;
                 active.store(false, Ordering::SeqCst);
-                metrics::gauge!(crate::ops::metric::ACTIVE).set(0.0);
+                metrics::gauge!(crate::metrics::metric::ACTIVE).set(0.0);
                 match period? {
                     Period::Stopped => break,
                     Period::LockLost => {

@@ -5,6 +5,7 @@
 //! of DESIGN.md behaviour 2, and [`MemberFields`] never contain a character
 //! that would corrupt the EDM `ml_addr` line format (behaviour 3).
 
+use std::collections::HashSet;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -298,6 +299,69 @@ impl MemberKey {
 impl fmt::Display for MemberKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "list {} {}", self.list_id, self.email.masked())
+    }
+}
+
+/// How a member came to be in the state DB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// The daemon added it: it may unsubscribe it.
+    Owned,
+    /// It was in the list and is a desired member: kept in step, never
+    /// unsubscribed.
+    Adopted,
+    /// It was in the list and matches no desired member: left alone.
+    Foreign,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Owned => "owned",
+            Origin::Adopted => "adopted",
+            Origin::Foreign => "foreign",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "owned" => Some(Origin::Owned),
+            "adopted" => Some(Origin::Adopted),
+            "foreign" => Some(Origin::Foreign),
+            _ => None,
+        }
+    }
+}
+
+/// One member as the state DB knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberState {
+    pub key: MemberKey,
+    pub origin: Origin,
+    /// EDM holds it now (as far as the daemon knows).
+    pub present: bool,
+    pub link_man_id: Option<LinkManId>,
+    pub customer_id: Option<CustomerId>,
+    pub edm_id: Option<i64>,
+    /// What EDM holds.
+    pub fields: MemberFields,
+}
+
+/// The suppressions in force.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Suppressions {
+    /// User unsubscribes: no operation of any kind for these keys.
+    pub user: HashSet<MemberKey>,
+    /// Hard bounces: in every list, never added or edited; unsubscribed
+    /// where owned.
+    pub bounced: HashSet<Email>,
+}
+
+impl Suppressions {
+    /// Whether `key` may get no add or edit (a user unsubscribe, or a
+    /// hard bounce in any list).
+    pub fn blocks_writes(&self, key: &MemberKey) -> bool {
+        self.user.contains(key) || self.bounced.contains(&key.email)
     }
 }
 

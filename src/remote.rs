@@ -16,7 +16,8 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 
 use bytes::Bytes;
-use secrecy::{ExposeSecret, SecretString};
+
+pub use crate::redact::{REDACTED, Redactor};
 
 /// Which remote system a call went to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -163,60 +164,6 @@ impl RemoteError {
     }
 }
 
-/// Removes secrets from any text before it can reach a log or an error.
-#[derive(Clone, Default)]
-pub struct Redactor {
-    secrets: Vec<SecretString>,
-}
-
-impl fmt::Debug for Redactor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Redactor({} secrets)", self.secrets.len())
-    }
-}
-
-/// What replaces a secret in redacted text.
-pub const REDACTED: &str = "[REDACTED]";
-
-impl Redactor {
-    /// Secrets shorter than 4 characters are not scrubbed from free text
-    /// (they would mangle ordinary words); they still never enter a URL we
-    /// log, because no URL is ever logged.
-    pub fn new(secrets: impl IntoIterator<Item = String>) -> Self {
-        let mut secrets: Vec<String> = secrets.into_iter().filter(|s| s.len() >= 4).collect();
-        // Longest first, so a secret containing another is removed whole.
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        secrets.dedup();
-        Redactor {
-            secrets: secrets.into_iter().map(SecretString::from).collect(),
-        }
-    }
-
-    pub fn redact(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for secret in &self.secrets {
-            let s = secret.expose_secret();
-            if out.contains(s) {
-                out = out.replace(s, REDACTED);
-            }
-        }
-        out
-    }
-
-    /// A short, single-line, redacted excerpt of a body for error messages.
-    pub fn excerpt(&self, body: &[u8]) -> String {
-        const MAX: usize = 160;
-        let text = String::from_utf8_lossy(&body[..body.len().min(MAX * 4)]);
-        // Redact before cutting, so a cut cannot leave half a secret.
-        let collapsed = self.redact(&text.split_whitespace().collect::<Vec<_>>().join(" "));
-        let mut short: String = collapsed.chars().take(MAX).collect();
-        if collapsed.chars().count() > MAX {
-            short.push('…');
-        }
-        short
-    }
-}
-
 /// Whether a call may be repeated blindly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Idempotence {
@@ -242,6 +189,28 @@ pub struct Limits {
     pub in_flight: usize,
     /// Requests started per second, if limited.
     pub per_second: Option<u32>,
+}
+
+impl Limits {
+    /// The CRM client's limits: every CRM call shares `crm.concurrency`.
+    pub fn of_crm(crm: &crate::config::CrmSettings) -> Limits {
+        Limits {
+            timeout: Duration::from_secs(crm.timeout_secs),
+            max_retries: crm.max_retries,
+            in_flight: crm.concurrency,
+            per_second: crm.max_requests_per_sec,
+        }
+    }
+
+    /// The EDM client's limits.
+    pub fn of_edm(edm: &crate::config::EdmSettings) -> Limits {
+        Limits {
+            timeout: Duration::from_secs(edm.timeout_secs),
+            max_retries: edm.max_retries,
+            in_flight: edm.concurrency,
+            per_second: edm.max_requests_per_sec,
+        }
+    }
 }
 
 /// One API's HTTP caller: a shared `reqwest::Client`, the retry bound, the
@@ -391,7 +360,7 @@ impl HttpCaller {
             })
             .notify(|e: &RemoteError, after: Duration| {
                 let attempt = retries.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                crate::ops::http_retry(api.as_str());
+                crate::metrics::http_retry(api.as_str());
                 tracing::warn!(
                     api = api.as_str(),
                     operation = %e.operation,
@@ -434,7 +403,7 @@ impl HttpCaller {
         if let Some(limiter) = &self.limiter {
             limiter.until_ready().await;
         }
-        crate::ops::http_request(self.api.as_str());
+        crate::metrics::http_request(self.api.as_str());
         let response = request.send().await.map_err(|e| err(classify(&e)))?;
         let status = response.status();
         let retry_after = response

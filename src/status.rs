@@ -31,7 +31,7 @@ pub async fn print(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> 
         } else {
             println!("{what}");
         }
-        return Ok(ExitCode::from(crate::app::EXIT_FAILED));
+        return Ok(ExitCode::from(crate::cli::EXIT_FAILED));
     };
     let report = if json {
         render_json(&store)

@@ -14,7 +14,8 @@ use serde_json::{Map, Value};
 
 use crate::config::{CrmFields, Settings};
 use crate::domain::{CustomerId, LinkManId};
-use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Redactor, RemoteError};
+use crate::redact::Redactor;
+use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, RemoteError};
 
 /// A CRM object as the API returned it.
 pub type CrmMap = Map<String, Value>;
@@ -81,7 +82,7 @@ pub struct CrmClient {
 impl CrmClient {
     pub fn new(all: &Settings, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
         let settings = &all.crm;
-        let http = HttpCaller::new(Api::Crm, all.crm_limits(), redactor)?;
+        let http = HttpCaller::new(Api::Crm, crate::remote::Limits::of_crm(&all.crm), redactor)?;
         Ok(CrmClient {
             http,
             base_url: settings.base_url.trim_end_matches('/').to_string(),

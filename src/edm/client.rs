@@ -17,7 +17,8 @@ use super::xml::{
 };
 use crate::config::Settings;
 use crate::domain::{Email, ListId, MemberFields, VAR_COUNT};
-use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Redactor, RemoteError};
+use crate::redact::Redactor;
+use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, RemoteError};
 
 /// Lowercase hex MD5 of the plain password, as the API expects it.
 pub fn password_md5(plain: &str) -> String {
@@ -130,7 +131,7 @@ pub struct EdmClient {
 impl EdmClient {
     pub fn new(all: &Settings, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
         let settings = &all.edm;
-        let http = HttpCaller::new(Api::Edm, all.edm_limits(), redactor)?;
+        let http = HttpCaller::new(Api::Edm, crate::remote::Limits::of_edm(&all.edm), redactor)?;
         Ok(EdmClient {
             http,
             base_url: settings.base_url.trim_end_matches('/').to_string(),

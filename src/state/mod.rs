@@ -21,8 +21,9 @@ use sea_orm::{
 };
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::domain::{Email, ListId, MemberFields, MemberKey, VAR_COUNT};
-use crate::sync::plan::{MemberState, Origin, Suppressions};
+use crate::domain::{
+    Email, ListId, MemberFields, MemberKey, MemberState, Origin, Suppressions, VAR_COUNT,
+};
 use entities::{ledger, list_state, member, operation, run, suppression, unsub_line};
 
 /// The TCP port of a PostgreSQL URL (5432 when it names none); `None`
@@ -1328,7 +1329,7 @@ pub(crate) fn redact_db_error(text: &str, url: &str) -> String {
         && let Some(password) = parsed.password()
         && !password.is_empty()
     {
-        out = out.replace(password, crate::remote::REDACTED);
+        out = out.replace(password, crate::redact::REDACTED);
     }
     out
 }

@@ -134,7 +134,7 @@ pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsRepo
                 tracing::error!(run_id = %run_id, error = %format!("{db:#}"), "cannot record the end of the run");
             }
             summary_event(&run_id, &counts, duration_ms, "failed");
-            crate::ops::run_finished(JOB, "failed");
+            crate::metrics::run_finished(JOB, "failed");
             return Err(e);
         }
     };
@@ -152,8 +152,8 @@ pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsRepo
             .await?;
     }
     summary_event(&run_id, &report.counts, duration_ms, report.status());
-    crate::ops::run_finished(JOB, report.status());
-    crate::ops::refresh_pending(&ctx.store).await;
+    crate::metrics::run_finished(JOB, report.status());
+    crate::sync::refresh_pending(&ctx.store).await;
     Ok(report)
 }
 
@@ -708,7 +708,7 @@ impl Applier<'_> {
                                 .await?;
                             tracing::error!(list_id, operation = op, count = refs.len(), error = %text, "operations stay pending for the next run");
                             self.counts.failed += refs.len();
-                            crate::ops::operations(op, "failed", refs.len());
+                            crate::metrics::operations(op, "failed", refs.len());
                             return Ok(());
                         }
                     };
@@ -740,7 +740,7 @@ impl Applier<'_> {
                         .await?;
                     tracing::error!(list_id, operation = op, count = refs.len(), error = %text, "operations failed; they stay pending for the next run");
                     self.counts.failed += refs.len();
-                    crate::ops::operations(op, "failed", refs.len());
+                    crate::metrics::operations(op, "failed", refs.len());
                     return Ok(());
                 }
             }
@@ -794,7 +794,7 @@ impl Applier<'_> {
             BatchKind::Add => self.counts.added += refs.len(),
             BatchKind::Unsub => self.counts.unsubscribed += refs.len(),
         }
-        crate::ops::operations(op, "done", refs.len());
+        crate::metrics::operations(op, "done", refs.len());
         for row in rows {
             self.members.insert(row.key.clone(), row);
         }
@@ -901,7 +901,7 @@ impl Applier<'_> {
                     }
                     tracing::error!(list_id, address = %edit.key.email.masked(), error = %text, "edit failed; it stays pending for the next run");
                     self.counts.failed += 1;
-                    crate::ops::operations(op_kind::EDIT, "failed", 1);
+                    crate::metrics::operations(op_kind::EDIT, "failed", 1);
                 }
             }
         }
@@ -923,7 +923,7 @@ impl Applier<'_> {
             .complete_operations(self.run_id, op_kind::EDIT, list_id, &refs, &done)
             .await?;
         self.counts.updated += done.len();
-        crate::ops::operations(op_kind::EDIT, "done", done.len());
+        crate::metrics::operations(op_kind::EDIT, "done", done.len());
         for m in done {
             self.members.insert(m.key.clone(), m);
         }

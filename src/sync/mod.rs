@@ -16,7 +16,7 @@ use secrecy::ExposeSecret;
 use crate::config::Settings;
 use crate::crm::CrmClient;
 use crate::edm::{EdmClient, password_md5};
-use crate::remote::Redactor;
+use crate::redact::Redactor;
 use crate::state::Store;
 
 /// What a job needs: settings, both clients, the store.
@@ -116,9 +116,25 @@ pub async fn abandon_unfinished_runs(ctx: &Context) -> anyhow::Result<()> {
             abandoned_job = %job,
             "a run an earlier process did not finish (killed or crashed) is marked abandoned"
         );
-        crate::ops::run_abandoned();
+        crate::metrics::run_abandoned();
     }
     Ok(())
+}
+
+/// Pending work after a run: EDM operations and contact-history records.
+pub async fn refresh_pending(store: &Store) {
+    if let Ok((edm, _)) = store.pending_summary(0).await {
+        metrics::gauge!(crate::metrics::metric::PENDING, "kind" => "edm").set(edm as f64);
+    }
+    if let Ok(counts) = store.ledger_counts().await {
+        let pending: u64 = counts
+            .iter()
+            .filter(|(_, s, _)| s == "pending")
+            .map(|(_, _, n)| n)
+            .sum();
+        metrics::gauge!(crate::metrics::metric::PENDING, "kind" => "contact_history")
+            .set(pending as f64);
+    }
 }
 
 /// Flags of a contacts run.

@@ -6,10 +6,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crate::domain::{Email, ListId, MemberKey};
+use crate::domain::{MemberState, Origin};
 use crate::edm::{EdmAddress, ExportLine};
 use crate::state::entities::operation;
 use crate::state::{NewSuppression, SeenLine, op_kind, op_status, reason};
-use crate::sync::plan::{MemberState, Origin};
 
 /// What one export read means.
 #[derive(Debug, Clone, Default, PartialEq)]

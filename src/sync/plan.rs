@@ -8,71 +8,12 @@
 //! (behaviour 5); an address EDM already holds that is a desired member is
 //! adopted, never added twice.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::domain::{CustomerId, Email, LinkManId, ListId, MemberFields, MemberKey};
+use crate::domain::{CustomerId, LinkManId, ListId, MemberFields, MemberKey};
 use crate::sync::desired::DesiredMember;
 
-/// How a member came to be in the state DB.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Origin {
-    /// The daemon added it: it may unsubscribe it.
-    Owned,
-    /// It was in the list and is a desired member: kept in step, never
-    /// unsubscribed.
-    Adopted,
-    /// It was in the list and matches no desired member: left alone.
-    Foreign,
-}
-
-impl Origin {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Origin::Owned => "owned",
-            Origin::Adopted => "adopted",
-            Origin::Foreign => "foreign",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "owned" => Some(Origin::Owned),
-            "adopted" => Some(Origin::Adopted),
-            "foreign" => Some(Origin::Foreign),
-            _ => None,
-        }
-    }
-}
-
-/// One member as the state DB knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemberState {
-    pub key: MemberKey,
-    pub origin: Origin,
-    /// EDM holds it now (as far as the daemon knows).
-    pub present: bool,
-    pub link_man_id: Option<LinkManId>,
-    pub customer_id: Option<CustomerId>,
-    pub edm_id: Option<i64>,
-    /// What EDM holds.
-    pub fields: MemberFields,
-}
-
-/// The suppressions in force.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Suppressions {
-    /// User unsubscribes: no operation of any kind for these keys.
-    pub user: HashSet<MemberKey>,
-    /// Hard bounces: in every list, never added or edited; unsubscribed
-    /// where owned.
-    pub bounced: HashSet<Email>,
-}
-
-impl Suppressions {
-    fn blocks_writes(&self, key: &MemberKey) -> bool {
-        self.user.contains(key) || self.bounced.contains(&key.email)
-    }
-}
+pub use crate::domain::{MemberState, Origin, Suppressions};
 
 /// A planned `ml-addr-add`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,7 +211,8 @@ pub fn check_safety(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::VAR_COUNT;
+    use crate::domain::{Email, VAR_COUNT};
+    use std::collections::HashSet;
 
     fn key(list: ListId, email: &str) -> MemberKey {
         MemberKey::new(list, Email::parse(email).unwrap())

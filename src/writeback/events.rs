@@ -5,10 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::config::Templates;
+use crate::domain::MemberState;
 use crate::domain::{CustomerId, Email, LinkManId, ListId, MemberKey};
 use crate::edm::{Campaign, ClickEvent, OpenEvent};
 use crate::state::NewRecord;
-use crate::sync::plan::MemberState;
 
 /// The kinds of record.
 pub mod kind {
@@ -339,7 +339,7 @@ mod tests {
     use super::*;
     use crate::config::Settings;
     use crate::domain::MemberFields;
-    use crate::sync::plan::Origin;
+    use crate::domain::Origin;
 
     fn templates() -> Templates {
         Settings::from_toml("[crm]\nbase_url = \"http://c.test\"\ntoken = \"t\"\n[edm]\nusername = \"u\"\npassword = \"p\"\n")

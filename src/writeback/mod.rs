@@ -118,8 +118,8 @@ pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
         duration_ms,
         "run finished"
     );
-    crate::ops::run_finished(JOB, status);
-    crate::ops::refresh_pending(&ctx.store).await;
+    crate::metrics::run_finished(JOB, status);
+    crate::sync::refresh_pending(&ctx.store).await;
     result?;
     Ok(WritebackReport {
         run_id,
@@ -434,7 +434,7 @@ async fn send_all(
                 }
                 Err(e) => {
                     counts.failed += 1;
-                    crate::ops::operations("contact_history", "failed", 1);
+                    crate::metrics::operations("contact_history", "failed", 1);
                     let text = e.to_string();
                     // Finish the writes under way first, both at once:
                     // either may hold the only connection (SQLite) while
@@ -458,7 +458,7 @@ async fn send_all(
                         marked.extend(rows);
                     }
                     if let Some(n) = recorded_now? {
-                        crate::ops::operations("contact_history", "done", n);
+                        crate::metrics::operations("contact_history", "done", n);
                     }
                     ctx.store
                         .record_failed(row.id, &text, e.maybe_applied())
@@ -476,7 +476,7 @@ async fn send_all(
             }
             recorded = when_some(&mut recording) => {
                 recording = None;
-                crate::ops::operations("contact_history", "done", recorded?);
+                crate::metrics::operations("contact_history", "done", recorded?);
             }
         }
     }
@@ -512,7 +512,7 @@ async fn record_done(ctx: &Context, done: &mut Vec<i64>) -> anyhow::Result<()> {
         return Ok(());
     }
     ctx.store.records_done(done).await?;
-    crate::ops::operations("contact_history", "done", done.len());
+    crate::metrics::operations("contact_history", "done", done.len());
     done.clear();
     Ok(())
 }
