@@ -9,10 +9,13 @@
 //!   `daemon.lock_poll_secs`, and takes over when the active one stops or
 //!   dies. An active instance that loses its PostgreSQL lock connection
 //!   stops its jobs and stands by.
-//! - SIGTERM or SIGINT: no new ticks; the running job finishes its current
-//!   batch and records its state, within `daemon.shutdown_timeout_secs`;
-//!   then exit 0. A second signal exits at once (status 1). What was not
-//!   sent stays to be planned again at the next start.
+//! - SIGTERM or SIGINT (or a lost lock): no new ticks; the running job is
+//!   cancelled — it finishes its current batch and records its state — and
+//!   awaited (a `TaskTracker`, no polling), within
+//!   `daemon.shutdown_timeout_secs`, past which it is dropped where it
+//!   stands; then exit 0 (or stand by). A second signal exits at once
+//!   (status 1). What was not sent stays to be planned again at the next
+//!   start.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,6 +25,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::lock::{InstanceLock, LockTarget};
@@ -188,22 +192,44 @@ async fn active_period(
     drain: Duration,
 ) -> anyhow::Result<Period> {
     let period = stop.child_token();
+    // Fired when the drain bound passes: the running job is dropped where
+    // it stands (what it did not record stays to be planned again).
+    let hard_stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
     let ctx = Arc::new(base.clone().with_shutdown(period.clone()));
     let scheduler = JobScheduler::new().await?;
     let turn = Arc::new(tokio::sync::Mutex::new(()));
-    let mut gates = Vec::new();
     for job in [contacts::JOB, writeback::JOB] {
         let gate = Arc::new(Gate::default());
-        gates.push(gate.clone());
         let cron = if job == contacts::JOB {
             ctx.settings.sync.schedule.clone()
         } else {
             ctx.settings.writeback.schedule.clone()
         };
         let job_ctx = ctx.clone();
+        let (tracker, hard_stop) = (tracker.clone(), hard_stop.clone());
         let f: JobFn = Arc::new(move || {
             let ctx = job_ctx.clone();
-            Box::pin(async move { run_job(&ctx, job).await })
+            let hard_stop = hard_stop.clone();
+            if ctx.shutdown.is_cancelled() {
+                // A tick that waited for its turn while the instance was
+                // stopping: no new run.
+                return Box::pin(async {});
+            }
+            // Tracked, so that stopping awaits it instead of polling.
+            let running = tracker.spawn(async move {
+                tokio::select! {
+                    _ = run_job(&ctx, job) => {}
+                    _ = hard_stop.cancelled() => {
+                        tracing::warn!(job, "job stopped where it stood: the drain bound passed");
+                    }
+                }
+            });
+            Box::pin(async move {
+                if let Err(e) = running.await {
+                    tracing::error!(job, error = %e, "job task ended abnormally");
+                }
+            })
         });
         schedule(&scheduler, job, &cron, gate, turn.clone(), f).await?;
     }
@@ -219,24 +245,25 @@ async fn active_period(
             }
         }
     };
+    // Cancel the running job (it finishes its current batch and records
+    // its state), start no other, and await it — bounded by the drain —
+    // before standing by or exiting.
     period.cancel();
     scheduler.shutdown().await?;
-    if gates.iter().any(|g| g.is_running()) {
+    tracker.close();
+    if !tracker.is_empty() {
         tracing::info!(
             drain_secs = drain.as_secs(),
             "waiting for the running job to finish its current batch"
         );
         notify_systemd(&[sd_notify::NotifyState::Stopping]);
     }
-    let deadline = tokio::time::Instant::now() + drain;
-    while gates.iter().any(|g| g.is_running()) {
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(
-                "shutdown_timeout_secs passed with a job still running; exiting: unsent work stays to be planned again"
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            "shutdown_timeout_secs passed with a job still running; it is stopped where it stands: unsent work stays to be planned again"
+        );
+        hard_stop.cancel();
+        tracker.wait().await;
     }
     drop(lock);
     Ok(if lost {

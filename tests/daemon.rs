@@ -666,3 +666,57 @@ fn writeback_runs(daemon: &Daemon) -> usize {
         .filter(|v| v["message"] == "run finished" && v["job"] == "writeback")
         .count()
 }
+
+/// A job that outlasts `daemon.shutdown_timeout_secs` after SIGTERM (here
+/// inside a 20 s call) is awaited up to that bound, then stopped where it
+/// stands; the daemon exits 0 at once, and the next run completes the work
+/// with no address added twice.
+#[tokio::test]
+async fn a_job_past_the_drain_bound_is_stopped_where_it_stands_and_the_next_run_completes() {
+    // Arrange
+    let sb = sandbox().await;
+    seed_basic(&sb);
+    sb.inject("ml-addr-add", Fault::Delay(Duration::from_secs(20)), 1);
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sb, &db);
+    let mut daemon = Daemon::start(
+        &config,
+        &[("CRM_EDM_SYNC__DAEMON__SHUTDOWN_TIMEOUT_SECS", "1")],
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sb.in_flight("ml-addr-add") < 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sb.in_flight("ml-addr-add"), 1, "{}", daemon.log());
+
+    // Act
+    let asked = std::time::Instant::now();
+    daemon.signal("-TERM");
+    let code = daemon.exit_code(Duration::from_secs(15)).await;
+
+    // Assert
+    assert_eq!(code, Some(0), "{}", daemon.log());
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    daemon
+        .expect("stopped where it stood", 1, Duration::from_secs(5))
+        .await;
+    let out = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["--once", "--job", "contacts"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sb.edm.emails(1).len(), 5);
+    assert!(common::applied_adds(&sb).values().all(|&n| n == 1));
+}
