@@ -83,7 +83,7 @@ async fn run_jobs(cli: &Cli, ctx: &Context) -> anyhow::Result<ExitCode> {
             Err(e) => {
                 ok = false;
                 let e = redacted(ctx, e);
-                tracing::error!(job = contacts::JOB, error = %e, "run failed");
+                tracing::error!(job = %contacts::JOB, error = %e, "run failed");
                 eprintln!("crm-edm-sync: contacts: {e:#}");
             }
         }
@@ -92,7 +92,7 @@ async fn run_jobs(cli: &Cli, ctx: &Context) -> anyhow::Result<ExitCode> {
         if cli.dry_run {
             // Write-back has nothing to preview that is not also a write.
             tracing::info!(
-                job = writeback::JOB,
+                job = %writeback::JOB,
                 "--dry-run: the writeback job is skipped"
             );
         } else {
@@ -101,7 +101,7 @@ async fn run_jobs(cli: &Cli, ctx: &Context) -> anyhow::Result<ExitCode> {
                 Err(e) => {
                     ok = false;
                     let e = redacted(ctx, e);
-                    tracing::error!(job = writeback::JOB, error = %e, "run failed");
+                    tracing::error!(job = %writeback::JOB, error = %e, "run failed");
                     eprintln!("crm-edm-sync: writeback: {e:#}");
                 }
             }

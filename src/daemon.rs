@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::lock::{InstanceLock, LockTarget};
+use crate::states::Job;
 use crate::sync::contacts;
 use crate::sync::{Context, RunOptions};
 use crate::writeback;
@@ -199,12 +200,11 @@ async fn active_period(
     let ctx = Arc::new(base.clone().with_shutdown(period.clone()));
     let scheduler = JobScheduler::new().await?;
     let turn = Arc::new(tokio::sync::Mutex::new(()));
-    for job in [contacts::JOB, writeback::JOB] {
+    for job in Job::ALL {
         let gate = Arc::new(Gate::default());
-        let cron = if job == contacts::JOB {
-            ctx.settings.sync.schedule.clone()
-        } else {
-            ctx.settings.writeback.schedule.clone()
+        let cron = match job {
+            Job::Contacts => ctx.settings.sync.schedule.clone(),
+            Job::Writeback => ctx.settings.writeback.schedule.clone(),
         };
         let job_ctx = ctx.clone();
         let (tracker, hard_stop) = (tracker.clone(), hard_stop.clone());
@@ -221,17 +221,17 @@ async fn active_period(
                 tokio::select! {
                     _ = run_job(&ctx, job) => {}
                     _ = hard_stop.cancelled() => {
-                        tracing::warn!(job, "job stopped where it stood: the drain bound passed");
+                        tracing::warn!(job = %job, "job stopped where it stood: the drain bound passed");
                     }
                 }
             });
             Box::pin(async move {
                 if let Err(e) = running.await {
-                    tracing::error!(job, error = %e, "job task ended abnormally");
+                    tracing::error!(job = %job, error = %e, "job task ended abnormally");
                 }
             })
         });
-        schedule(&scheduler, job, &cron, gate, turn.clone(), f).await?;
+        schedule(&scheduler, job.as_str(), &cron, gate, turn.clone(), f).await?;
     }
     let mut scheduler = scheduler;
     scheduler.start().await?;
@@ -274,13 +274,13 @@ async fn active_period(
 }
 
 /// One scheduled run; errors are logged here, where they are handled.
-async fn run_job(ctx: &Context, job: &'static str) {
+async fn run_job(ctx: &Context, job: Job) {
     let result = match job {
-        contacts::JOB => contacts::run(ctx, RunOptions::default()).await.map(|_| ()),
-        _ => writeback::run(ctx).await.map(|_| ()),
+        Job::Contacts => contacts::run(ctx, RunOptions::default()).await.map(|_| ()),
+        Job::Writeback => writeback::run(ctx).await.map(|_| ()),
     };
     if let Err(e) = result {
-        tracing::error!(job, error = %ctx.redactor.redact(&format!("{e:#}")), "run failed");
+        tracing::error!(job = %job, error = %ctx.redactor.redact(&format!("{e:#}")), "run failed");
     }
 }
 

@@ -303,15 +303,31 @@ impl fmt::Display for MemberKey {
 }
 
 /// How a member came to be in the state DB.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, sea_orm::EnumIter, sea_orm::DeriveActiveEnum, Serialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[sea_orm(
+    rs_type = "String",
+    db_type = "String(sea_orm::sea_query::StringLen::None)"
+)]
 pub enum Origin {
     /// The daemon added it: it may unsubscribe it.
+    #[sea_orm(string_value = "owned")]
     Owned,
     /// It was in the list and is a desired member: kept in step, never
     /// unsubscribed.
+    #[sea_orm(string_value = "adopted")]
     Adopted,
     /// It was in the list and matches no desired member: left alone.
+    #[sea_orm(string_value = "foreign")]
     Foreign,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Origin {
@@ -320,15 +336,6 @@ impl Origin {
             Origin::Owned => "owned",
             Origin::Adopted => "adopted",
             Origin::Foreign => "foreign",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "owned" => Some(Origin::Owned),
-            "adopted" => Some(Origin::Adopted),
-            "foreign" => Some(Origin::Foreign),
-            _ => None,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod redact;
 pub mod remote;
 pub mod sandbox;
 pub mod state;
+pub mod states;
 pub mod status;
 pub mod sync;
 pub mod telemetry;

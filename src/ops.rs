@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::state::Store;
+use crate::states::Job;
 
 #[derive(Clone)]
 struct OpsState {
@@ -29,9 +30,6 @@ struct OpsState {
 
 /// How long `/healthz` waits for the state database.
 const HEALTH_DB_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(800);
-
-/// The jobs whose last run `/healthz` judges.
-const JOBS: [&str; 2] = [crate::sync::contacts::JOB, crate::writeback::JOB];
 
 /// Serves `/healthz` and `/metrics` until the task is aborted.
 pub async fn serve(
@@ -104,10 +102,9 @@ async fn healthz(State(s): State<OpsState>) -> Response {
             ));
         }
     };
-    for job in JOBS {
+    for job in Job::ALL {
         if let Some(run) = runs.iter().find(|r| r.job == job)
-            && run.status != "succeeded"
-            && run.status != "interrupted"
+            && !run.status.is_healthy()
         {
             let error = run.error.clone().unwrap_or_default();
             return failing(format!("last {job} run {}: {error}", run.status));

@@ -47,13 +47,13 @@ pub async fn print(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> 
 
 /// The last runs of each job, newest first.
 async fn runs_per_job(store: &Store) -> anyhow::Result<Vec<crate::state::RunRow>> {
-    let mut per_job: std::collections::HashMap<String, usize> = Default::default();
+    let mut per_job: std::collections::HashMap<crate::states::Job, usize> = Default::default();
     Ok(store
         .recent_runs(200)
         .await?
         .into_iter()
         .filter(|r| {
-            let n = per_job.entry(r.job.clone()).or_insert(0);
+            let n = per_job.entry(r.job).or_insert(0);
             *n += 1;
             *n <= RUNS_PER_JOB
         })
@@ -89,7 +89,7 @@ pub async fn render_json(store: &Store) -> anyhow::Result<serde_json::Value> {
         .suppression_counts()
         .await?
         .into_iter()
-        .map(|(k, n)| (k, json!(n)))
+        .map(|(k, n)| (k.to_string(), json!(n)))
         .collect();
     let records: Vec<serde_json::Value> = store
         .ledger_counts()

@@ -541,7 +541,7 @@ async fn incomplete_crm_pull_applies_nothing() {
     assert_eq!(e.sb.edm_writes(), 0);
     assert_eq!(e.sb.count("unsubscribe-export"), 0);
     let runs = e.ctx.store.recent_runs(1).await.unwrap();
-    assert_eq!(runs[0].status, "failed");
+    assert_eq!(runs[0].status, crm_edm_sync::states::RunStatus::Failed);
     // The next run, with the CRM healthy, applies the change.
     e.sb.clear_faults();
     let report = e.sync().await;

@@ -5,6 +5,8 @@
 pub mod member {
     use sea_orm::entity::prelude::*;
 
+    use crate::domain::Origin;
+
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "members")]
     pub struct Model {
@@ -15,7 +17,7 @@ pub mod member {
         pub email: String,
         /// `owned` (the daemon added it), `adopted` (it was there and is a
         /// desired member), `foreign` (it was there and is not ours).
-        pub origin: String,
+        pub origin: Origin,
         /// Whether EDM holds it now, as far as the daemon knows.
         pub present: bool,
         /// The link-man that owns (or last owned) it.
@@ -41,6 +43,8 @@ pub mod member {
 pub mod operation {
     use sea_orm::entity::prelude::*;
 
+    use crate::states::{OpKind, OpStatus};
+
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "operations")]
     pub struct Model {
@@ -48,7 +52,7 @@ pub mod operation {
         pub id: i64,
         pub run_id: String,
         /// `add`, `edit` or `unsub`.
-        pub kind: String,
+        pub kind: OpKind,
         pub list_id: i64,
         pub email: String,
         pub edm_id: Option<i64>,
@@ -59,7 +63,7 @@ pub mod operation {
         /// `pending` (recorded; maybe sent), `done` (EDM confirmed, or the
         /// list showed it took effect), `superseded` (shown not to have
         /// taken effect; the next plan decides again).
-        pub status: String,
+        pub status: OpStatus,
         pub attempts: i32,
         pub last_error: Option<String>,
         /// For `unsub`: its line in `unsubscribe-export` has been seen.
@@ -79,6 +83,8 @@ pub mod operation {
 pub mod suppression {
     use sea_orm::entity::prelude::*;
 
+    use crate::states::SuppressionReason;
+
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "suppressions")]
     pub struct Model {
@@ -87,7 +93,7 @@ pub mod suppression {
         pub list_id: i64,
         pub email: String,
         /// `user_unsubscribe` or `bounce`.
-        pub reason: String,
+        pub reason: SuppressionReason,
         /// Where it came from, e.g. the export line's time.
         pub source: String,
         pub created_at: i64,
@@ -145,16 +151,18 @@ pub mod list_state {
 pub mod run {
     use sea_orm::entity::prelude::*;
 
+    use crate::states::{Job, RunStatus};
+
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "runs")]
     pub struct Model {
         #[sea_orm(primary_key, auto_increment = false)]
         pub id: String,
-        pub job: String,
+        pub job: Job,
         pub started_at: i64,
         pub finished_at: Option<i64>,
         /// `running`, `succeeded`, `failed` or `refused`.
-        pub status: String,
+        pub status: RunStatus,
         pub dry_run: bool,
         /// The run's counts as a JSON object.
         pub counts: String,
@@ -172,13 +180,15 @@ pub mod run {
 pub mod ledger {
     use sea_orm::entity::prelude::*;
 
+    use crate::states::{LedgerStatus, RecordKind};
+
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "writeback_ledger")]
     pub struct Model {
         #[sea_orm(primary_key)]
         pub id: i64,
         /// `open`, `click`, `bounce` or `unsubscribe`.
-        pub kind: String,
+        pub kind: RecordKind,
         /// `campaign:ID` (open, click, bounce) or `list:ID` (unsubscribe).
         pub scope: String,
         pub link_man_id: i64,
@@ -187,7 +197,7 @@ pub mod ledger {
         pub title: String,
         pub content: String,
         /// `pending` or `done`.
-        pub status: String,
+        pub status: LedgerStatus,
         /// A call may have reached the CRM without its answer arriving:
         /// sending again may write the record twice.
         pub uncertain: bool,

@@ -14,15 +14,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 use migrations::{Migrator, MigratorTrait};
-use sea_orm::sea_query::{ExprTrait, OnConflict};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ActiveEnum, ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database,
+    DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::domain::{
     Email, ListId, MemberFields, MemberKey, MemberState, Origin, Suppressions, VAR_COUNT,
+};
+pub use crate::states::{
+    Job, LedgerStatus, OpKind, OpStatus, RecordKind, RunStatus, SuppressionReason,
+    SuppressionSource,
 };
 use entities::{ledger, list_state, member, operation, run, suppression, unsub_line};
 
@@ -45,30 +49,10 @@ pub fn now_ms() -> i64 {
 /// Suppression `list_id` meaning "every list" (hard bounces).
 pub const ALL_LISTS: ListId = 0;
 
-/// Operation kinds.
-pub mod op_kind {
-    pub const ADD: &str = "add";
-    pub const EDIT: &str = "edit";
-    pub const UNSUB: &str = "unsub";
-}
-
-/// Operation statuses.
-pub mod op_status {
-    pub const PENDING: &str = "pending";
-    pub const DONE: &str = "done";
-    pub const SUPERSEDED: &str = "superseded";
-}
-
-/// Write-back ledger statuses.
-pub mod ledger_status {
-    pub const PENDING: &str = "pending";
-    pub const DONE: &str = "done";
-}
-
 /// A ContactHistory record about to be written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRecord {
-    pub kind: &'static str,
+    pub kind: RecordKind,
     pub scope: String,
     pub link_man_id: i64,
     pub customer_id: i64,
@@ -77,16 +61,10 @@ pub struct NewRecord {
     pub content: String,
 }
 
-/// Suppression reasons.
-pub mod reason {
-    pub const USER_UNSUBSCRIBE: &str = "user_unsubscribe";
-    pub const BOUNCE: &str = "bounce";
-}
-
 /// A planned operation about to be recorded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewOperation {
-    pub kind: &'static str,
+    pub kind: OpKind,
     pub list_id: ListId,
     pub email: Email,
     pub edm_id: Option<i64>,
@@ -100,8 +78,8 @@ pub struct NewOperation {
 pub struct NewSuppression {
     pub list_id: ListId,
     pub email: String,
-    pub reason: &'static str,
-    pub source: String,
+    pub reason: SuppressionReason,
+    pub source: SuppressionSource,
 }
 
 /// One export line.
@@ -128,7 +106,7 @@ pub struct Observations {
     /// `unsub` operations whose export line was seen.
     pub matched_ops: Vec<i64>,
     /// Operations from earlier runs, resolved: `(id, status)`.
-    pub resolved_ops: Vec<(i64, &'static str)>,
+    pub resolved_ops: Vec<(i64, OpStatus)>,
     /// Member rows to write whole.
     pub members: Vec<MemberState>,
     /// Lists whose export was read, and when.
@@ -141,10 +119,10 @@ pub struct Observations {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunRow {
     pub id: String,
-    pub job: String,
+    pub job: Job,
     pub started_at: i64,
     pub finished_at: Option<i64>,
-    pub status: String,
+    pub status: RunStatus,
     pub dry_run: bool,
     pub counts: serde_json::Value,
     pub error: Option<String>,
@@ -154,7 +132,7 @@ pub struct RunRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingRow {
     pub id: i64,
-    pub kind: String,
+    pub kind: OpKind,
     pub list_id: ListId,
     pub email: String,
     pub attempts: i32,
@@ -181,7 +159,7 @@ fn member_row(m: &MemberState, now: i64) -> member::ActiveModel {
     member::ActiveModel {
         list_id: Set(m.key.list_id),
         email: Set(m.key.email.to_string()),
-        origin: Set(m.origin.as_str().to_string()),
+        origin: Set(m.origin),
         present: Set(m.present),
         link_man_id: Set(m.link_man_id),
         customer_id: Set(m.customer_id),
@@ -510,10 +488,7 @@ impl Store {
                     );
                     continue;
                 };
-                let Some(origin) = Origin::parse(&row.origin) else {
-                    tracing::warn!(member_id = row.id, origin = %row.origin, "member row with an unknown origin ignored");
-                    continue;
-                };
+                let origin = row.origin;
                 let key = MemberKey::new(row.list_id, email);
                 out.insert(
                     key.clone(),
@@ -592,10 +567,10 @@ impl Store {
         since: Option<i64>,
     ) -> anyhow::Result<Vec<(i64, String)>> {
         let mut query = operation::Entity::find()
-            .filter(operation::Column::Kind.eq(op_kind::UNSUB))
+            .filter(operation::Column::Kind.eq(OpKind::Unsub))
             .filter(operation::Column::ListId.eq(list_id))
             .filter(operation::Column::ExportMatched.eq(false))
-            .filter(operation::Column::Status.ne(op_status::SUPERSEDED));
+            .filter(operation::Column::Status.ne(OpStatus::Superseded));
         if let Some(since) = since {
             query = query.filter(operation::Column::CreatedAt.gte(since));
         }
@@ -610,7 +585,7 @@ impl Store {
     /// Operations still pending (from this or earlier runs).
     pub async fn pending_operations(&self) -> anyhow::Result<Vec<operation::Model>> {
         operation::Entity::find()
-            .filter(operation::Column::Status.eq(op_status::PENDING))
+            .filter(operation::Column::Status.eq(OpStatus::Pending))
             .order_by_asc(operation::Column::Id)
             .all(&self.db)
             .await
@@ -653,7 +628,7 @@ impl Store {
                 .await
                 .context("cannot mark matched unsubscribes")?;
         }
-        for status in [op_status::DONE, op_status::SUPERSEDED] {
+        for status in [OpStatus::Done, OpStatus::Superseded] {
             let ids: Vec<i64> = obs
                 .resolved_ops
                 .iter()
@@ -662,7 +637,7 @@ impl Store {
                 .collect();
             for chunk in ids.chunks(CHUNK) {
                 operation::Entity::update_many()
-                    .col_expr(operation::Column::Status, status.into())
+                    .col_expr(operation::Column::Status, Expr::value(status.to_value()))
                     .col_expr(operation::Column::UpdatedAt, now.into())
                     .filter(operation::Column::Id.is_in(chunk.iter().copied()))
                     .exec(&txn)
@@ -700,7 +675,7 @@ impl Store {
         for chunk in ops.chunks(CHUNK) {
             operation::Entity::insert_many(chunk.iter().map(|op| operation::ActiveModel {
                 run_id: Set(run_id.to_string()),
-                kind: Set(op.kind.to_string()),
+                kind: Set(op.kind),
                 list_id: Set(op.list_id),
                 email: Set(op.email.to_string()),
                 edm_id: Set(op.edm_id),
@@ -708,7 +683,7 @@ impl Store {
                 customer_id: Set(op.customer_id),
                 fullname: Set(op.fields.fullname().to_string()),
                 vars: Set(vars_to_json(&op.fields)),
-                status: Set(op_status::PENDING.to_string()),
+                status: Set(OpStatus::Pending),
                 attempts: Set(0),
                 last_error: Set(None),
                 export_matched: Set(false),
@@ -729,7 +704,7 @@ impl Store {
     pub async fn complete_operations(
         &self,
         run_id: &str,
-        kind: &str,
+        kind: OpKind,
         list_id: ListId,
         emails: &[&Email],
         members: &[MemberState],
@@ -738,7 +713,10 @@ impl Store {
         let txn = self.db.begin().await?;
         for chunk in emails.chunks(CHUNK) {
             operation::Entity::update_many()
-                .col_expr(operation::Column::Status, op_status::DONE.into())
+                .col_expr(
+                    operation::Column::Status,
+                    Expr::value(OpStatus::Done.to_value()),
+                )
                 .col_expr(operation::Column::UpdatedAt, now.into())
                 .col_expr(
                     operation::Column::Attempts,
@@ -747,7 +725,7 @@ impl Store {
                 .filter(operation::Column::RunId.eq(run_id))
                 .filter(operation::Column::Kind.eq(kind))
                 .filter(operation::Column::ListId.eq(list_id))
-                .filter(operation::Column::Status.eq(op_status::PENDING))
+                .filter(operation::Column::Status.eq(OpStatus::Pending))
                 .filter(operation::Column::Email.is_in(chunk.iter().map(|e| e.to_string())))
                 .exec(&txn)
                 .await
@@ -766,7 +744,7 @@ impl Store {
     pub async fn forget_operations(
         &self,
         run_id: &str,
-        kind: &str,
+        kind: OpKind,
         list_id: ListId,
         emails: &[&Email],
     ) -> anyhow::Result<()> {
@@ -776,7 +754,7 @@ impl Store {
                 .filter(operation::Column::RunId.eq(run_id))
                 .filter(operation::Column::Kind.eq(kind))
                 .filter(operation::Column::ListId.eq(list_id))
-                .filter(operation::Column::Status.eq(op_status::PENDING))
+                .filter(operation::Column::Status.eq(OpStatus::Pending))
                 .filter(operation::Column::Attempts.eq(0))
                 .filter(operation::Column::Email.is_in(chunk.iter().map(|e| e.to_string())))
                 .exec(&txn)
@@ -791,7 +769,7 @@ impl Store {
     pub async fn note_failure(
         &self,
         run_id: &str,
-        kind: &str,
+        kind: OpKind,
         list_id: ListId,
         emails: &[&Email],
         error: &str,
@@ -809,7 +787,7 @@ impl Store {
                 .filter(operation::Column::RunId.eq(run_id))
                 .filter(operation::Column::Kind.eq(kind))
                 .filter(operation::Column::ListId.eq(list_id))
-                .filter(operation::Column::Status.eq(op_status::PENDING))
+                .filter(operation::Column::Status.eq(OpStatus::Pending))
                 .filter(operation::Column::Email.is_in(chunk.iter().map(|e| e.to_string())))
                 .exec(&txn)
                 .await
@@ -853,7 +831,7 @@ impl Store {
     /// Ledger rows still pending, oldest first.
     pub async fn pending_records(&self) -> anyhow::Result<Vec<ledger::Model>> {
         ledger::Entity::find()
-            .filter(ledger::Column::Status.eq(ledger_status::PENDING))
+            .filter(ledger::Column::Status.eq(LedgerStatus::Pending))
             .order_by_asc(ledger::Column::Id)
             .all(&self.db)
             .await
@@ -876,14 +854,14 @@ impl Store {
         let txn = self.db.begin().await?;
         for chunk in unique.chunks(CHUNK) {
             ledger::Entity::insert_many(chunk.iter().map(|r| ledger::ActiveModel {
-                kind: Set(r.kind.to_string()),
+                kind: Set(r.kind),
                 scope: Set(r.scope.clone()),
                 link_man_id: Set(r.link_man_id),
                 customer_id: Set(r.customer_id),
                 email: Set(r.email.clone()),
                 title: Set(r.title.clone()),
                 content: Set(r.content.clone()),
-                status: Set(ledger_status::PENDING.to_string()),
+                status: Set(LedgerStatus::Pending),
                 uncertain: Set(false),
                 attempts: Set(0),
                 last_error: Set(None),
@@ -911,21 +889,21 @@ impl Store {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let wanted: HashSet<(&str, &str, i64)> = records
+        let wanted: HashSet<(RecordKind, &str, i64)> = records
             .iter()
             .map(|r| (r.kind, r.scope.as_str(), r.link_man_id))
             .collect();
         let mut rows = Vec::with_capacity(records.len());
         for chunk in scopes.chunks(CHUNK) {
             let found = ledger::Entity::find()
-                .filter(ledger::Column::Status.eq(ledger_status::PENDING))
+                .filter(ledger::Column::Status.eq(LedgerStatus::Pending))
                 .filter(ledger::Column::Scope.is_in(chunk.iter().cloned()))
                 .all(&self.db)
                 .await?;
             rows.extend(
-                found.into_iter().filter(|r| {
-                    wanted.contains(&(r.kind.as_str(), r.scope.as_str(), r.link_man_id))
-                }),
+                found
+                    .into_iter()
+                    .filter(|r| wanted.contains(&(r.kind, r.scope.as_str(), r.link_man_id))),
             );
         }
         Ok(rows)
@@ -961,7 +939,10 @@ impl Store {
         let txn = self.db.begin().await?;
         for chunk in ids.chunks(CHUNK) {
             ledger::Entity::update_many()
-                .col_expr(ledger::Column::Status, ledger_status::DONE.into())
+                .col_expr(
+                    ledger::Column::Status,
+                    Expr::value(LedgerStatus::Done.to_value()),
+                )
                 .col_expr(ledger::Column::Uncertain, false.into())
                 .col_expr(
                     ledger::Column::Attempts,
@@ -996,8 +977,8 @@ impl Store {
     }
 
     /// Ledger counts: `(kind, status, count)`.
-    pub async fn ledger_counts(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
-        let rows: Vec<(String, String, i64)> = ledger::Entity::find()
+    pub async fn ledger_counts(&self) -> anyhow::Result<Vec<(RecordKind, LedgerStatus, u64)>> {
+        let rows: Vec<(RecordKind, LedgerStatus, i64)> = ledger::Entity::find()
             .select_only()
             .column(ledger::Column::Kind)
             .column(ledger::Column::Status)
@@ -1012,16 +993,18 @@ impl Store {
     }
 
     /// User-unsubscribe suppressions: `(list_id, email, source)`.
-    pub async fn user_unsubscribes(&self) -> anyhow::Result<Vec<(ListId, String, String)>> {
+    pub async fn user_unsubscribes(
+        &self,
+    ) -> anyhow::Result<Vec<(ListId, String, SuppressionSource)>> {
         let rows = suppression::Entity::find()
-            .filter(suppression::Column::Reason.eq(reason::USER_UNSUBSCRIBE))
+            .filter(suppression::Column::Reason.eq(SuppressionReason::UserUnsubscribe))
             .order_by_asc(suppression::Column::Id)
             .all(&self.db)
             .await
             .context("cannot read suppressions")?;
         Ok(rows
             .into_iter()
-            .map(|r| (r.list_id, r.email, r.source))
+            .map(|r| (r.list_id, r.email, SuppressionSource::parse(&r.source)))
             .collect())
     }
 
@@ -1029,9 +1012,9 @@ impl Store {
     /// without finishing them (SIGKILL, power loss, a crash). Called by a
     /// job about to start while this process holds the instance lock, so
     /// no other run can be going. Returns `(id, job)` of each.
-    pub async fn abandon_running_runs(&self) -> anyhow::Result<Vec<(String, String)>> {
+    pub async fn abandon_running_runs(&self) -> anyhow::Result<Vec<(String, Job)>> {
         let rows = run::Entity::find()
-            .filter(run::Column::Status.eq("running"))
+            .filter(run::Column::Status.eq(RunStatus::Running))
             .all(&self.db)
             .await
             .context("cannot read runs")?;
@@ -1040,7 +1023,10 @@ impl Store {
         }
         let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
         run::Entity::update_many()
-            .col_expr(run::Column::Status, "abandoned".into())
+            .col_expr(
+                run::Column::Status,
+                Expr::value(RunStatus::Abandoned.to_value()),
+            )
             .col_expr(run::Column::FinishedAt, Some(now_ms()).into())
             .col_expr(
                 run::Column::Error,
@@ -1050,7 +1036,7 @@ impl Store {
                 .into(),
             )
             .filter(run::Column::Id.is_in(ids))
-            .filter(run::Column::Status.eq("running"))
+            .filter(run::Column::Status.eq(RunStatus::Running))
             .exec(&self.db)
             .await
             .context("cannot mark abandoned runs")?;
@@ -1058,13 +1044,13 @@ impl Store {
     }
 
     /// Starts a run record.
-    pub async fn start_run(&self, id: &str, job: &str, dry_run: bool) -> anyhow::Result<()> {
+    pub async fn start_run(&self, id: &str, job: Job, dry_run: bool) -> anyhow::Result<()> {
         run::Entity::insert(run::ActiveModel {
             id: Set(id.to_string()),
-            job: Set(job.to_string()),
+            job: Set(job),
             started_at: Set(now_ms()),
             finished_at: Set(None),
-            status: Set("running".into()),
+            status: Set(RunStatus::Running),
             dry_run: Set(dry_run),
             counts: Set("{}".into()),
             error: Set(None),
@@ -1079,13 +1065,13 @@ impl Store {
     pub async fn finish_run(
         &self,
         id: &str,
-        status: &str,
+        status: RunStatus,
         counts: &serde_json::Value,
         error: Option<&str>,
     ) -> anyhow::Result<()> {
         run::Entity::update_many()
             .col_expr(run::Column::FinishedAt, Some(now_ms()).into())
-            .col_expr(run::Column::Status, status.into())
+            .col_expr(run::Column::Status, Expr::value(status.to_value()))
             .col_expr(run::Column::Counts, counts.to_string().into())
             .col_expr(run::Column::Error, error.map(str::to_string).into())
             .filter(run::Column::Id.eq(id))
@@ -1131,7 +1117,7 @@ impl Store {
         let mut seen = HashSet::new();
         Ok(rows
             .into_iter()
-            .filter(|r| seen.insert(r.job.clone()))
+            .filter(|r| seen.insert(r.job))
             .map(|r| RunRow {
                 id: r.id,
                 job: r.job,
@@ -1150,11 +1136,11 @@ impl Store {
     pub async fn pending_summary(&self, limit: u64) -> anyhow::Result<(u64, Vec<PendingRow>)> {
         use sea_orm::PaginatorTrait;
         let total = operation::Entity::find()
-            .filter(operation::Column::Status.eq(op_status::PENDING))
+            .filter(operation::Column::Status.eq(OpStatus::Pending))
             .count(&self.db)
             .await?;
         let rows = operation::Entity::find()
-            .filter(operation::Column::Status.eq(op_status::PENDING))
+            .filter(operation::Column::Status.eq(OpStatus::Pending))
             .order_by_asc(operation::Column::Id)
             .limit(limit)
             .all(&self.db)
@@ -1176,9 +1162,9 @@ impl Store {
     }
 
     /// Suppression counts by reason.
-    pub async fn suppression_counts(&self) -> anyhow::Result<Vec<(String, u64)>> {
+    pub async fn suppression_counts(&self) -> anyhow::Result<Vec<(SuppressionReason, u64)>> {
         let rows = suppression::Entity::find().all(&self.db).await?;
-        let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+        let mut counts: std::collections::BTreeMap<SuppressionReason, u64> = Default::default();
         for r in rows {
             *counts.entry(r.reason).or_insert(0) += 1;
         }
@@ -1186,8 +1172,8 @@ impl Store {
     }
 
     /// Member counts per list: `(list_id, origin, present, count)`.
-    pub async fn member_counts(&self) -> anyhow::Result<Vec<(ListId, String, bool, u64)>> {
-        let rows: Vec<(i64, String, bool, i64)> = member::Entity::find()
+    pub async fn member_counts(&self) -> anyhow::Result<Vec<(ListId, Origin, bool, u64)>> {
+        let rows: Vec<(i64, Origin, bool, i64)> = member::Entity::find()
             .select_only()
             .column(member::Column::ListId)
             .column(member::Column::Origin)
@@ -1276,8 +1262,8 @@ async fn insert_suppressions<C: ConnectionTrait>(
         suppression::Entity::insert_many(chunk.iter().map(|s| suppression::ActiveModel {
             list_id: Set(s.list_id),
             email: Set(s.email.clone()),
-            reason: Set(s.reason.to_string()),
-            source: Set(s.source.clone()),
+            reason: Set(s.reason),
+            source: Set(s.source.to_text()),
             created_at: Set(now),
             ..Default::default()
         }))
@@ -1446,8 +1432,10 @@ mod tests {
             let sup = NewSuppression {
                 list_id: 1,
                 email: "b@x.cn".into(),
-                reason: reason::USER_UNSUBSCRIBE,
-                source: "unsubscribe-export 2026-11-30 10:00:00".into(),
+                reason: SuppressionReason::UserUnsubscribe,
+                source: SuppressionSource::Export {
+                    time: "2026-11-30 10:00:00".into(),
+                },
             };
             let obs = Observations {
                 new_lines: vec![line.clone(), line],
@@ -1460,7 +1448,7 @@ mod tests {
                 ..Default::default()
             };
             let record = NewRecord {
-                kind: "open",
+                kind: RecordKind::Open,
                 scope: "campaign 1".into(),
                 link_man_id: 10,
                 customer_id: 1,

@@ -30,10 +30,11 @@ use super::{Context, RunOptions};
 use crate::domain::{Email, ListId, MemberKey};
 use crate::edm::EdmAddress;
 use crate::remote::RemoteError;
-use crate::state::{ListBook, NewOperation, Observations, now_ms, op_kind, op_status};
+use crate::state::{ListBook, NewOperation, Observations, now_ms};
+use crate::states::{Job, OpKind, OpStatus, RunStatus};
 
 /// The job name in logs, runs and metrics.
-pub const JOB: &str = "contacts";
+pub const JOB: Job = Job::Contacts;
 
 /// What a contacts run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -90,19 +91,19 @@ impl ContactsReport {
         )
     }
 
-    fn status(&self) -> &'static str {
+    fn status(&self) -> RunStatus {
         match self.outcome {
-            Outcome::Applied => "succeeded",
-            Outcome::DryRun(_) => "succeeded",
-            Outcome::Interrupted => "interrupted",
-            Outcome::Partial => "failed",
-            Outcome::Refused(_) => "refused",
+            Outcome::Applied => RunStatus::Succeeded,
+            Outcome::DryRun(_) => RunStatus::Succeeded,
+            Outcome::Interrupted => RunStatus::Interrupted,
+            Outcome::Partial => RunStatus::Failed,
+            Outcome::Refused(_) => RunStatus::Refused,
         }
     }
 }
 
 /// Runs the contacts job once, records the run and emits its summary event.
-#[tracing::instrument(skip_all, fields(job = JOB))]
+#[tracing::instrument(skip_all, fields(job = %JOB))]
 pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsReport> {
     let run_id = uuid::Uuid::new_v4().to_string();
     let started = Instant::now();
@@ -128,13 +129,13 @@ pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsRepo
             if !record {
             } else if let Err(db) = ctx
                 .store
-                .finish_run(&run_id, "failed", &counts_json, Some(&text))
+                .finish_run(&run_id, RunStatus::Failed, &counts_json, Some(&text))
                 .await
             {
                 tracing::error!(run_id = %run_id, error = %format!("{db:#}"), "cannot record the end of the run");
             }
-            summary_event(&run_id, &counts, duration_ms, "failed");
-            crate::metrics::run_finished(JOB, "failed");
+            summary_event(&run_id, &counts, duration_ms, RunStatus::Failed);
+            crate::metrics::run_finished(JOB.as_str(), RunStatus::Failed.as_str());
             return Err(e);
         }
     };
@@ -144,7 +145,7 @@ pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsRepo
             "{} operations failed and stay pending",
             report.counts.failed
         )),
-        _ => None,
+        Outcome::Applied | Outcome::DryRun(_) | Outcome::Interrupted => None,
     };
     if record {
         ctx.store
@@ -152,16 +153,16 @@ pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsRepo
             .await?;
     }
     summary_event(&run_id, &report.counts, duration_ms, report.status());
-    crate::metrics::run_finished(JOB, report.status());
+    crate::metrics::run_finished(JOB.as_str(), report.status().as_str());
     crate::sync::refresh_pending(&ctx.store).await;
     Ok(report)
 }
 
-fn summary_event(run_id: &str, c: &ContactsCounts, duration_ms: u64, status: &str) {
+fn summary_event(run_id: &str, c: &ContactsCounts, duration_ms: u64, status: RunStatus) {
     tracing::info!(
-        job = JOB,
+        job = %JOB,
         run_id,
-        status,
+        status = %status,
         added = c.added,
         updated = c.updated,
         unsubscribed = c.unsubscribed,
@@ -230,7 +231,7 @@ async fn run_inner(
     for (list_id, ops) in pending_by_list {
         let to_check: Vec<Email> = ops
             .iter()
-            .filter(|op| op.kind != op_kind::EDIT)
+            .filter(|op| op.kind != OpKind::Edit)
             .filter_map(|op| Email::parse(&op.email).ok())
             .collect();
         let found = if to_check.is_empty() {
@@ -243,7 +244,7 @@ async fn run_inner(
                 })?
         };
         for r in resolve_pending(&ops, &found, &members) {
-            if r.status == op_status::DONE {
+            if r.status == OpStatus::Done {
                 counts.recovered += 1;
             }
             if let Some(m) = r.member {
@@ -496,10 +497,10 @@ enum BatchKind {
 }
 
 impl BatchKind {
-    fn op(&self) -> &'static str {
+    fn op(&self) -> OpKind {
         match self {
-            BatchKind::Add => op_kind::ADD,
-            BatchKind::Unsub => op_kind::UNSUB,
+            BatchKind::Add => OpKind::Add,
+            BatchKind::Unsub => OpKind::Unsub,
         }
     }
 }
@@ -605,7 +606,7 @@ impl Applier<'_> {
     }
 
     /// Deletes the pending operations of a batch recorded but never sent.
-    async fn take_back(&self, op: &str, batch: &Batch) -> anyhow::Result<()> {
+    async fn take_back(&self, op: OpKind, batch: &Batch) -> anyhow::Result<()> {
         let emails: Vec<&Email> = batch.emails.iter().collect();
         self.ctx
             .store
@@ -614,7 +615,7 @@ impl Applier<'_> {
     }
 
     /// The pending operations a batch is recorded as.
-    fn operations(&self, op: &'static str, batch: &Batch) -> Vec<NewOperation> {
+    fn operations(&self, op: OpKind, batch: &Batch) -> Vec<NewOperation> {
         let Batch {
             list_id,
             emails,
@@ -691,7 +692,7 @@ impl Applier<'_> {
                 Err(e) if e.is_retriable() && e.maybe_applied() && attempt < max_tries => {
                     tracing::warn!(
                         list_id,
-                        operation = op,
+                        operation = %op,
                         count = remaining.len(),
                         attempt,
                         error = %e,
@@ -706,9 +707,9 @@ impl Applier<'_> {
                                 .store
                                 .note_failure(self.run_id, op, list_id, &refs, &text)
                                 .await?;
-                            tracing::error!(list_id, operation = op, count = refs.len(), error = %text, "operations stay pending for the next run");
+                            tracing::error!(list_id, operation = %op, count = refs.len(), error = %text, "operations stay pending for the next run");
                             self.counts.failed += refs.len();
-                            crate::metrics::operations(op, "failed", refs.len());
+                            crate::metrics::operations(op.as_str(), "failed", refs.len());
                             return Ok(());
                         }
                     };
@@ -738,9 +739,9 @@ impl Applier<'_> {
                         .store
                         .note_failure(self.run_id, op, list_id, &refs, &text)
                         .await?;
-                    tracing::error!(list_id, operation = op, count = refs.len(), error = %text, "operations failed; they stay pending for the next run");
+                    tracing::error!(list_id, operation = %op, count = refs.len(), error = %text, "operations failed; they stay pending for the next run");
                     self.counts.failed += refs.len();
-                    crate::metrics::operations(op, "failed", refs.len());
+                    crate::metrics::operations(op.as_str(), "failed", refs.len());
                     return Ok(());
                 }
             }
@@ -783,8 +784,8 @@ impl Applier<'_> {
             .collect();
         let refs: Vec<&Email> = done.iter().map(|(e, _)| e).collect();
         let op = match kind {
-            BatchKind::Add => op_kind::ADD,
-            BatchKind::Unsub => op_kind::UNSUB,
+            BatchKind::Add => OpKind::Add,
+            BatchKind::Unsub => OpKind::Unsub,
         };
         self.ctx
             .store
@@ -794,7 +795,7 @@ impl Applier<'_> {
             BatchKind::Add => self.counts.added += refs.len(),
             BatchKind::Unsub => self.counts.unsubscribed += refs.len(),
         }
-        crate::metrics::operations(op, "done", refs.len());
+        crate::metrics::operations(op.as_str(), "done", refs.len());
         for row in rows {
             self.members.insert(row.key.clone(), row);
         }
@@ -846,7 +847,7 @@ impl Applier<'_> {
         let records: Vec<NewOperation> = ready
             .iter()
             .map(|(e, id)| NewOperation {
-                kind: op_kind::EDIT,
+                kind: OpKind::Edit,
                 list_id,
                 email: e.key.email.clone(),
                 edm_id: Some(*id),
@@ -888,7 +889,7 @@ impl Applier<'_> {
                         .store
                         .note_failure(
                             self.run_id,
-                            op_kind::EDIT,
+                            OpKind::Edit,
                             list_id,
                             &[&edit.key.email],
                             &text,
@@ -901,7 +902,7 @@ impl Applier<'_> {
                     }
                     tracing::error!(list_id, address = %edit.key.email.masked(), error = %text, "edit failed; it stays pending for the next run");
                     self.counts.failed += 1;
-                    crate::metrics::operations(op_kind::EDIT, "failed", 1);
+                    crate::metrics::operations(OpKind::Edit.as_str(), "failed", 1);
                 }
             }
         }
@@ -920,10 +921,10 @@ impl Applier<'_> {
         let refs: Vec<&Email> = emails.iter().collect();
         self.ctx
             .store
-            .complete_operations(self.run_id, op_kind::EDIT, list_id, &refs, &done)
+            .complete_operations(self.run_id, OpKind::Edit, list_id, &refs, &done)
             .await?;
         self.counts.updated += done.len();
-        crate::metrics::operations(op_kind::EDIT, "done", done.len());
+        crate::metrics::operations(OpKind::Edit.as_str(), "done", done.len());
         for m in done {
             self.members.insert(m.key.clone(), m);
         }

@@ -129,7 +129,7 @@ pub async fn refresh_pending(store: &Store) {
     if let Ok(counts) = store.ledger_counts().await {
         let pending: u64 = counts
             .iter()
-            .filter(|(_, s, _)| s == "pending")
+            .filter(|(_, s, _)| *s == crate::states::LedgerStatus::Pending)
             .map(|(_, _, n)| n)
             .sum();
         metrics::gauge!(crate::metrics::metric::PENDING, "kind" => "contact_history")

@@ -9,7 +9,8 @@ use crate::domain::{Email, ListId, MemberKey};
 use crate::domain::{MemberState, Origin};
 use crate::edm::{EdmAddress, ExportLine};
 use crate::state::entities::operation;
-use crate::state::{NewSuppression, SeenLine, op_kind, op_status, reason};
+use crate::state::{NewSuppression, SeenLine};
+use crate::states::{OpKind, OpStatus, SuppressionReason, SuppressionSource};
 
 /// What one export read means.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -58,8 +59,10 @@ pub fn classify_export(
             None => out.suppressions.push(NewSuppression {
                 list_id,
                 email: line.address.clone(),
-                reason: reason::USER_UNSUBSCRIBE,
-                source: format!("unsubscribe-export {}", line.time),
+                reason: SuppressionReason::UserUnsubscribe,
+                source: SuppressionSource::Export {
+                    time: line.time.clone(),
+                },
             }),
         }
         if let Ok(email) = Email::parse(&line.address) {
@@ -79,7 +82,7 @@ pub fn classify_export(
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolution {
     pub op_id: i64,
-    pub status: &'static str,
+    pub status: OpStatus,
     /// The member row it leaves, when it took effect.
     pub member: Option<MemberState>,
 }
@@ -99,17 +102,17 @@ pub fn resolve_pending(
         let Ok(email) = Email::parse(&op.email) else {
             out.push(Resolution {
                 op_id: op.id,
-                status: op_status::SUPERSEDED,
+                status: OpStatus::Superseded,
                 member: None,
             });
             continue;
         };
         let key = MemberKey::new(op.list_id, email.clone());
         let held = found.get(&email);
-        let resolution = match (op.kind.as_str(), held) {
-            (op_kind::ADD, Some(addr)) => Resolution {
+        let resolution = match (op.kind, held) {
+            (OpKind::Add, Some(addr)) => Resolution {
                 op_id: op.id,
-                status: op_status::DONE,
+                status: OpStatus::Done,
                 member: Some(MemberState {
                     key,
                     origin: Origin::Owned,
@@ -120,17 +123,20 @@ pub fn resolve_pending(
                     fields: addr.fields.clone(),
                 }),
             },
-            (op_kind::UNSUB, None) => Resolution {
+            (OpKind::Unsub, None) => Resolution {
                 op_id: op.id,
-                status: op_status::DONE,
+                status: OpStatus::Done,
                 member: members.get(&key).map(|m| MemberState {
                     present: false,
                     ..m.clone()
                 }),
             },
-            _ => Resolution {
+            // An add EDM does not hold, an unsubscribe whose address is
+            // still there: they did not take effect. Edits are idempotent:
+            // the next plan sends them again if they are still wanted.
+            (OpKind::Add, None) | (OpKind::Unsub, Some(_)) | (OpKind::Edit, _) => Resolution {
                 op_id: op.id,
-                status: op_status::SUPERSEDED,
+                status: OpStatus::Superseded,
                 member: None,
             },
         };
@@ -291,7 +297,7 @@ mod tests {
         let members: HashMap<_, _> = [member(1, "a@x.cn", Origin::Owned, true)].into();
         let f = classify_export(1, &[line("t1", "a@x.cn")], &HashSet::new(), &[], &members);
         assert_eq!(f.suppressions.len(), 1);
-        assert_eq!(f.suppressions[0].reason, reason::USER_UNSUBSCRIBE);
+        assert_eq!(f.suppressions[0].reason, SuppressionReason::UserUnsubscribe);
         assert_eq!(f.departed.len(), 1);
         assert!(!f.departed[0].present);
     }
@@ -314,14 +320,17 @@ mod tests {
         assert_eq!(f.new_lines.len(), 2);
         assert_eq!(f.matched_ops, vec![9]);
         assert_eq!(f.suppressions.len(), 1);
-        assert_eq!(f.suppressions[0].source, "unsubscribe-export t3");
+        assert_eq!(
+            f.suppressions[0].source,
+            SuppressionSource::Export { time: "t3".into() }
+        );
     }
 
-    fn op(id: i64, kind: &str, list: ListId, e: &str) -> operation::Model {
+    fn op(id: i64, kind: OpKind, list: ListId, e: &str) -> operation::Model {
         operation::Model {
             id,
             run_id: "r".into(),
-            kind: kind.into(),
+            kind,
             list_id: list,
             email: e.into(),
             edm_id: None,
@@ -329,7 +338,7 @@ mod tests {
             customer_id: Some(6),
             fullname: String::new(),
             vars: "[]".into(),
-            status: op_status::PENDING.into(),
+            status: OpStatus::Pending,
             attempts: 0,
             last_error: None,
             export_matched: false,
@@ -343,19 +352,19 @@ mod tests {
         let found: HashMap<_, _> = [(email("a@x.cn"), addr(44, 1, "a@x.cn", "A"))].into();
         let r = resolve_pending(
             &[
-                op(1, op_kind::ADD, 1, "a@x.cn"),
-                op(2, op_kind::ADD, 1, "b@x.cn"),
+                op(1, OpKind::Add, 1, "a@x.cn"),
+                op(2, OpKind::Add, 1, "b@x.cn"),
             ],
             &found,
             &HashMap::new(),
         );
-        assert_eq!(r[0].status, op_status::DONE);
+        assert_eq!(r[0].status, OpStatus::Done);
         let m = r[0].member.as_ref().unwrap();
         assert_eq!(
             (m.origin, m.present, m.edm_id, m.link_man_id),
             (Origin::Owned, true, Some(44), Some(5))
         );
-        assert_eq!(r[1].status, op_status::SUPERSEDED);
+        assert_eq!(r[1].status, OpStatus::Superseded);
         assert!(r[1].member.is_none());
     }
 
@@ -369,25 +378,25 @@ mod tests {
         let found: HashMap<_, _> = [(email("b@x.cn"), addr(2, 1, "b@x.cn", "N"))].into();
         let r = resolve_pending(
             &[
-                op(1, op_kind::UNSUB, 1, "a@x.cn"),
-                op(2, op_kind::UNSUB, 1, "b@x.cn"),
+                op(1, OpKind::Unsub, 1, "a@x.cn"),
+                op(2, OpKind::Unsub, 1, "b@x.cn"),
             ],
             &found,
             &members,
         );
-        assert_eq!(r[0].status, op_status::DONE);
+        assert_eq!(r[0].status, OpStatus::Done);
         assert!(!r[0].member.as_ref().unwrap().present);
-        assert_eq!(r[1].status, op_status::SUPERSEDED);
+        assert_eq!(r[1].status, OpStatus::Superseded);
     }
 
     #[test]
     fn pending_edit_is_superseded() {
         let r = resolve_pending(
-            &[op(1, op_kind::EDIT, 1, "a@x.cn")],
+            &[op(1, OpKind::Edit, 1, "a@x.cn")],
             &HashMap::new(),
             &HashMap::new(),
         );
-        assert_eq!(r[0].status, op_status::SUPERSEDED);
+        assert_eq!(r[0].status, OpStatus::Superseded);
     }
 
     #[test]

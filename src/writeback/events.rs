@@ -9,14 +9,7 @@ use crate::domain::MemberState;
 use crate::domain::{CustomerId, Email, LinkManId, ListId, MemberKey};
 use crate::edm::{Campaign, ClickEvent, OpenEvent};
 use crate::state::NewRecord;
-
-/// The kinds of record.
-pub mod kind {
-    pub const OPEN: &str = "open";
-    pub const CLICK: &str = "click";
-    pub const BOUNCE: &str = "bounce";
-    pub const UNSUBSCRIBE: &str = "unsubscribe";
-}
+use crate::states::RecordKind;
 
 /// A campaign and what its recipients did.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -129,7 +122,7 @@ impl Facts {
 }
 
 /// A record's once-only key: (kind, scope, link-man).
-type RecordKey = (&'static str, String, LinkManId);
+type RecordKey = (RecordKind, String, LinkManId);
 
 /// What is known so far for one record.
 struct Gathered<'a> {
@@ -143,7 +136,7 @@ struct Gathered<'a> {
 /// first use.
 fn gather<'m, 'a>(
     acc: &'m mut BTreeMap<RecordKey, Gathered<'a>>,
-    kind: &'static str,
+    kind: RecordKind,
     scope: &str,
     owner: Owner,
     campaign: Option<&'a Campaign>,
@@ -217,15 +210,29 @@ pub fn records(
         let scope = format!("campaign:{}", c.id);
         for o in &ce.opens {
             match index.owner(&o.address, c.list_id) {
-                Some(owner) => gather(&mut acc, kind::OPEN, &scope, owner, Some(c), c.list_id)
-                    .add(o.total, &o.first, &o.last),
+                Some(owner) => gather(
+                    &mut acc,
+                    RecordKind::Open,
+                    &scope,
+                    owner,
+                    Some(c),
+                    c.list_id,
+                )
+                .add(o.total, &o.first, &o.last),
                 None => unmatched.open += 1,
             }
         }
         for k in &ce.clicks {
             match index.owner(&k.address, c.list_id) {
                 Some(owner) => {
-                    let facts = gather(&mut acc, kind::CLICK, &scope, owner, Some(c), c.list_id);
+                    let facts = gather(
+                        &mut acc,
+                        RecordKind::Click,
+                        &scope,
+                        owner,
+                        Some(c),
+                        c.list_id,
+                    );
                     facts.add(k.total, &k.first, &k.last);
                     if !k.link.is_empty() {
                         facts.links.insert(k.link.clone());
@@ -237,7 +244,14 @@ pub fn records(
         for (bounce_kind, address) in &ce.bounces {
             match index.owner(address, c.list_id) {
                 Some(owner) => {
-                    let facts = gather(&mut acc, kind::BOUNCE, &scope, owner, Some(c), c.list_id);
+                    let facts = gather(
+                        &mut acc,
+                        RecordKind::Bounce,
+                        &scope,
+                        owner,
+                        Some(c),
+                        c.list_id,
+                    );
                     facts.count += 1;
                     if facts.reason.is_empty() {
                         facts.reason = bounce_reason(bounce_kind).to_string();
@@ -253,7 +267,7 @@ pub fn records(
                 let scope = format!("list:{}", u.list_id);
                 let facts = gather(
                     &mut acc,
-                    kind::UNSUBSCRIBE,
+                    RecordKind::Unsubscribe,
                     &scope,
                     owner,
                     None,
@@ -314,10 +328,12 @@ pub fn records(
                 .into_iter()
                 .collect();
                 let (title, content) = match k {
-                    kind::OPEN => (&templates.open_title, &templates.open_content),
-                    kind::CLICK => (&templates.click_title, &templates.click_content),
-                    kind::BOUNCE => (&templates.bounce_title, &templates.bounce_content),
-                    _ => (&templates.unsubscribe_title, &templates.unsubscribe_content),
+                    RecordKind::Open => (&templates.open_title, &templates.open_content),
+                    RecordKind::Click => (&templates.click_title, &templates.click_content),
+                    RecordKind::Bounce => (&templates.bounce_title, &templates.bounce_content),
+                    RecordKind::Unsubscribe => {
+                        (&templates.unsubscribe_title, &templates.unsubscribe_content)
+                    }
                 };
                 NewRecord {
                     kind: k,
@@ -452,7 +468,7 @@ mod tests {
                 ..Default::default()
             }
         );
-        let o = records.iter().find(|r| r.kind == kind::OPEN).unwrap();
+        let o = records.iter().find(|r| r.kind == RecordKind::Open).unwrap();
         assert_eq!(
             (o.scope.as_str(), o.link_man_id, o.customer_id),
             ("campaign:5", 10, 1000)
@@ -469,7 +485,10 @@ mod tests {
             "{}",
             o.content
         );
-        let c = records.iter().find(|r| r.kind == kind::CLICK).unwrap();
+        let c = records
+            .iter()
+            .find(|r| r.kind == RecordKind::Click)
+            .unwrap();
         assert!(c.content.contains("4 次"), "{}", c.content);
         assert!(
             c.content.contains("https://a.cn/1、https://a.cn/2"),
@@ -510,11 +529,14 @@ mod tests {
             &names,
         );
         assert_eq!((unmatched.bounce, unmatched.unsubscribe), (1, 1));
-        let b = records.iter().find(|r| r.kind == kind::BOUNCE).unwrap();
+        let b = records
+            .iter()
+            .find(|r| r.kind == RecordKind::Bounce)
+            .unwrap();
         assert!(b.content.contains("邮箱不存在"), "{}", b.content);
         let u = records
             .iter()
-            .find(|r| r.kind == kind::UNSUBSCRIBE)
+            .find(|r| r.kind == RecordKind::Unsubscribe)
             .unwrap();
         assert_eq!(u.scope, "list:1");
         assert!(u.title.contains("客户"), "{}", u.title);

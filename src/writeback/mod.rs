@@ -25,13 +25,14 @@ use serde::Serialize;
 
 use crate::edm::{Campaign, HARD_BOUNCE_TYPES};
 use crate::state::entities::ledger;
-use crate::state::{ALL_LISTS, NewSuppression, reason};
+use crate::state::{ALL_LISTS, NewSuppression};
+use crate::states::{Job, RecordKind, RunStatus, SuppressionReason, SuppressionSource};
 use crate::sync::Context;
 use crate::sync::contacts::View;
-use events::{CampaignEvents, MemberIndex, Unsubscribe, kind};
+use events::{CampaignEvents, MemberIndex, Unsubscribe};
 
 /// The job name in logs, runs and metrics.
-pub const JOB: &str = "writeback";
+pub const JOB: Job = Job::Writeback;
 
 /// What a write-back run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -73,7 +74,7 @@ impl WritebackReport {
 }
 
 /// Runs the write-back job once, records the run and emits its summary.
-#[tracing::instrument(skip_all, fields(job = JOB))]
+#[tracing::instrument(skip_all, fields(job = %JOB))]
 pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
     let run_id = uuid::Uuid::new_v4().to_string();
     let started = Instant::now();
@@ -84,13 +85,16 @@ pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
     let duration_ms = started.elapsed().as_millis() as u64;
     let counts_json = serde_json::to_value(&counts).unwrap_or_default();
     let (status, error) = match &result {
-        Ok(()) if ctx.shutdown.is_cancelled() => ("interrupted", None),
-        Ok(()) if counts.failed == 0 => ("succeeded", None),
+        Ok(()) if ctx.shutdown.is_cancelled() => (RunStatus::Interrupted, None),
+        Ok(()) if counts.failed == 0 => (RunStatus::Succeeded, None),
         Ok(()) => (
-            "failed",
+            RunStatus::Failed,
             Some(format!("{} records failed and stay pending", counts.failed)),
         ),
-        Err(e) => ("failed", Some(ctx.redactor.redact(&format!("{e:#}")))),
+        Err(e) => (
+            RunStatus::Failed,
+            Some(ctx.redactor.redact(&format!("{e:#}"))),
+        ),
     };
     if let Err(db) = ctx
         .store
@@ -100,9 +104,9 @@ pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
         tracing::error!(run_id = %run_id, error = %format!("{db:#}"), "cannot record the end of the run");
     }
     tracing::info!(
-        job = JOB,
+        job = %JOB,
         run_id = %run_id,
-        status,
+        status = %status,
         campaigns = counts.campaigns,
         open = counts.open,
         click = counts.click,
@@ -118,7 +122,7 @@ pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
         duration_ms,
         "run finished"
     );
-    crate::metrics::run_finished(JOB, status);
+    crate::metrics::run_finished(JOB.as_str(), status.as_str());
     crate::sync::refresh_pending(&ctx.store).await;
     result?;
     Ok(WritebackReport {
@@ -198,8 +202,11 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
                 new_bounces.push(NewSuppression {
                     list_id: ALL_LISTS,
                     email: address.clone(),
-                    reason: reason::BOUNCE,
-                    source: format!("campaign {} {bounce_type}", ev.campaign.id),
+                    reason: SuppressionReason::Bounce,
+                    source: SuppressionSource::Bounce {
+                        campaign_id: ev.campaign.id,
+                        bounce_type: bounce_type.clone(),
+                    },
                 });
             }
         }
@@ -231,10 +238,14 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
         .map(|(list_id, address, source)| Unsubscribe {
             list_id,
             address,
-            time: source
-                .strip_prefix("unsubscribe-export ")
-                .unwrap_or(&source)
-                .to_string(),
+            time: match source {
+                SuppressionSource::Export { time } => time,
+                // Not written by this version for a user unsubscribe;
+                // shown as it is.
+                other @ (SuppressionSource::Bounce { .. } | SuppressionSource::Other(_)) => {
+                    other.to_text()
+                }
+            },
         })
         .collect();
     let index = MemberIndex::new(&members);
@@ -425,11 +436,11 @@ async fn send_all(
                 match answer {
                 Ok(()) => {
                     done.push(row.id);
-                    match row.kind.as_str() {
-                        kind::OPEN => counts.open += 1,
-                        kind::CLICK => counts.click += 1,
-                        kind::BOUNCE => counts.bounce += 1,
-                        _ => counts.unsubscribe += 1,
+                    match row.kind {
+                        RecordKind::Open => counts.open += 1,
+                        RecordKind::Click => counts.click += 1,
+                        RecordKind::Bounce => counts.bounce += 1,
+                        RecordKind::Unsubscribe => counts.unsubscribe += 1,
                     }
                 }
                 Err(e) => {

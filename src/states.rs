@@ -1,0 +1,390 @@
+//! Every state the daemon stores or dispatches on, as an enum: operation
+//! kinds and statuses, write-back ledger statuses and record kinds,
+//! suppression reasons and sources, run statuses and jobs. A leaf of the
+//! crate (it imports nothing from it).
+//!
+//! Stored with sea-orm active enums under the very strings the columns
+//! already hold (no data migration); matched exhaustively everywhere, so a
+//! new state is a compile error wherever it must be handled.
+
+use std::fmt;
+
+use sea_orm::entity::prelude::*;
+
+/// Writes each enum's `as_str` for `Display`.
+macro_rules! display_as_str {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+
+/// An EDM write the daemon records before sending.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    EnumIter,
+    DeriveActiveEnum,
+    serde::Serialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum OpKind {
+    /// `ml-addr-add`.
+    #[sea_orm(string_value = "add")]
+    Add,
+    /// `ml-addr-edit`.
+    #[sea_orm(string_value = "edit")]
+    Edit,
+    /// `ml-unsub`.
+    #[sea_orm(string_value = "unsub")]
+    Unsub,
+}
+
+impl OpKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::Add => "add",
+            OpKind::Edit => "edit",
+            OpKind::Unsub => "unsub",
+        }
+    }
+}
+
+/// Where a recorded operation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum OpStatus {
+    /// Recorded; not confirmed by EDM yet.
+    #[sea_orm(string_value = "pending")]
+    Pending,
+    /// EDM confirmed it (or the list showed it took effect).
+    #[sea_orm(string_value = "done")]
+    Done,
+    /// Did not take effect; the next plan decides again.
+    #[sea_orm(string_value = "superseded")]
+    Superseded,
+}
+
+impl OpStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpStatus::Pending => "pending",
+            OpStatus::Done => "done",
+            OpStatus::Superseded => "superseded",
+        }
+    }
+}
+
+/// Where a write-back ledger row stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum LedgerStatus {
+    /// Recorded; the CRM has not answered `{"value": true}` yet.
+    #[sea_orm(string_value = "pending")]
+    Pending,
+    /// Written.
+    #[sea_orm(string_value = "done")]
+    Done,
+}
+
+impl LedgerStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerStatus::Pending => "pending",
+            LedgerStatus::Done => "done",
+        }
+    }
+}
+
+/// What a ContactHistory record reports.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    EnumIter,
+    DeriveActiveEnum,
+    serde::Serialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum RecordKind {
+    #[sea_orm(string_value = "open")]
+    Open,
+    #[sea_orm(string_value = "click")]
+    Click,
+    #[sea_orm(string_value = "bounce")]
+    Bounce,
+    #[sea_orm(string_value = "unsubscribe")]
+    Unsubscribe,
+}
+
+impl RecordKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Open => "open",
+            RecordKind::Click => "click",
+            RecordKind::Bounce => "bounce",
+            RecordKind::Unsubscribe => "unsubscribe",
+        }
+    }
+}
+
+/// Why an address gets no operation.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    EnumIter,
+    DeriveActiveEnum,
+    serde::Serialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum SuppressionReason {
+    /// A user unsubscribe seen in `unsubscribe-export` (behaviour 6).
+    #[sea_orm(string_value = "user_unsubscribe")]
+    UserUnsubscribe,
+    /// A hard bounce: suppressed in every list.
+    #[sea_orm(string_value = "bounce")]
+    Bounce,
+}
+
+impl SuppressionReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuppressionReason::UserUnsubscribe => "user_unsubscribe",
+            SuppressionReason::Bounce => "bounce",
+        }
+    }
+}
+
+/// Where a suppression was learnt, with its facts as data. Stored as the
+/// text the column has always held (`unsubscribe-export TIME`, `campaign
+/// ID TYPE`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SuppressionSource {
+    /// An `unsubscribe-export` line and its time, as EDM wrote it.
+    Export { time: String },
+    /// A `failexport` line of a campaign.
+    Bounce {
+        campaign_id: i64,
+        bounce_type: String,
+    },
+    /// Text this version does not recognise (kept as it is).
+    Other(String),
+}
+
+impl SuppressionSource {
+    const EXPORT: &'static str = "unsubscribe-export ";
+    const CAMPAIGN: &'static str = "campaign ";
+
+    /// The stored text.
+    pub fn to_text(&self) -> String {
+        match self {
+            SuppressionSource::Export { time } => format!("{}{time}", Self::EXPORT),
+            SuppressionSource::Bounce {
+                campaign_id,
+                bounce_type,
+            } => format!("{}{campaign_id} {bounce_type}", Self::CAMPAIGN),
+            SuppressionSource::Other(text) => text.clone(),
+        }
+    }
+
+    /// Reads the stored text back.
+    pub fn parse(text: &str) -> SuppressionSource {
+        if let Some(time) = text.strip_prefix(Self::EXPORT) {
+            return SuppressionSource::Export {
+                time: time.to_string(),
+            };
+        }
+        if let Some(rest) = text.strip_prefix(Self::CAMPAIGN)
+            && let Some((id, bounce_type)) = rest.split_once(' ')
+            && let Ok(campaign_id) = id.parse()
+        {
+            return SuppressionSource::Bounce {
+                campaign_id,
+                bounce_type: bounce_type.to_string(),
+            };
+        }
+        SuppressionSource::Other(text.to_string())
+    }
+}
+
+impl fmt::Display for SuppressionSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_text())
+    }
+}
+
+/// One of the two jobs.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    EnumIter,
+    DeriveActiveEnum,
+    serde::Serialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum Job {
+    /// CRM link-men → EDM lists.
+    #[sea_orm(string_value = "contacts")]
+    Contacts,
+    /// Campaign activity → CRM contact history.
+    #[sea_orm(string_value = "writeback")]
+    Writeback,
+}
+
+impl Job {
+    pub const ALL: [Job; 2] = [Job::Contacts, Job::Writeback];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Job::Contacts => "contacts",
+            Job::Writeback => "writeback",
+        }
+    }
+}
+
+/// How a run ended (or that it has not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum RunStatus {
+    #[sea_orm(string_value = "running")]
+    Running,
+    #[sea_orm(string_value = "succeeded")]
+    Succeeded,
+    /// Some operations or records failed and stay pending, or the run
+    /// stopped on an error.
+    #[sea_orm(string_value = "failed")]
+    Failed,
+    /// The plan broke a safety limit and was not applied.
+    #[sea_orm(string_value = "refused")]
+    Refused,
+    /// Stopped by a shutdown; the rest is planned again next run.
+    #[sea_orm(string_value = "interrupted")]
+    Interrupted,
+    /// Its process ended without finishing it (killed, crashed).
+    #[sea_orm(string_value = "abandoned")]
+    Abandoned,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Refused => "refused",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::Abandoned => "abandoned",
+        }
+    }
+
+    /// Whether `/healthz` may call the job healthy after a run that ended
+    /// so.
+    pub fn is_healthy(self) -> bool {
+        match self {
+            RunStatus::Succeeded | RunStatus::Interrupted | RunStatus::Running => true,
+            RunStatus::Failed | RunStatus::Refused | RunStatus::Abandoned => false,
+        }
+    }
+}
+
+display_as_str!(
+    OpKind,
+    OpStatus,
+    LedgerStatus,
+    RecordKind,
+    SuppressionReason,
+    Job,
+    RunStatus
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::{ActiveEnum, Iterable};
+
+    #[test]
+    fn every_state_is_stored_under_the_string_it_displays() {
+        for s in OpKind::iter() {
+            assert_eq!(s.to_value(), s.as_str());
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        for s in OpStatus::iter() {
+            assert_eq!(s.to_value(), s.as_str());
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        for s in LedgerStatus::iter() {
+            assert_eq!(s.to_value(), s.as_str());
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        for s in RecordKind::iter() {
+            assert_eq!(s.to_value(), s.as_str());
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        for s in SuppressionReason::iter() {
+            assert_eq!(s.to_value(), s.as_str());
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        for s in Job::iter() {
+            assert_eq!(s.to_value(), s.as_str());
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        for s in RunStatus::iter() {
+            assert_eq!(s.to_value(), s.as_str());
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
+
+    #[test]
+    fn suppression_sources_read_back_as_the_data_they_were_written_from() {
+        let cases = [
+            SuppressionSource::Export {
+                time: "2026-11-30 10:00:00".into(),
+            },
+            SuppressionSource::Bounce {
+                campaign_id: 42,
+                bounce_type: "not_exist".into(),
+            },
+            SuppressionSource::Other("hand-made".into()),
+        ];
+        for source in cases {
+            assert_eq!(SuppressionSource::parse(&source.to_text()), source);
+        }
+        assert_eq!(
+            SuppressionSource::parse("unsubscribe-export 2026-11-30 10:00:00").to_text(),
+            "unsubscribe-export 2026-11-30 10:00:00"
+        );
+    }
+}
