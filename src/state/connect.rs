@@ -1,0 +1,293 @@
+//! Opening the state database: read-write (migrated under a lock, only when
+//! behind), read-only (nothing created, migrated or written), and reading
+//! where its schema stands.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::Context;
+use migrations::{Migrator, MigratorTrait};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::*;
+
+/// Where a state database's schema stands against this binary's
+/// migrations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Schema {
+    /// No migration was ever applied (a new, empty database).
+    Absent,
+    /// Every migration this binary knows is applied, and no other.
+    Current,
+    /// This many migrations are still to be applied.
+    Behind(usize),
+    /// Migrations this binary does not know were applied (a newer binary
+    /// wrote it).
+    Ahead(Vec<String>),
+}
+
+fn is_sqlite(raw: &str) -> bool {
+    raw.starts_with("sqlite:")
+}
+
+/// The file of an SQLite URL; `None` for PostgreSQL and in-memory
+/// databases.
+pub fn sqlite_file(raw: &str) -> Option<std::path::PathBuf> {
+    let path = raw
+        .strip_prefix("sqlite://")
+        .or_else(|| raw.strip_prefix("sqlite:"))?;
+    let path = path.split('?').next().unwrap_or(path);
+    (!path.is_empty() && !path.contains(":memory:")).then(|| std::path::PathBuf::from(path))
+}
+
+/// How a pool is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Read-write: the jobs' pool.
+    Write,
+    /// Read-only; SQLite through the `-wal` file another connection keeps.
+    Shared,
+    /// Read-only, SQLite with no `-wal` file beside it: nothing has it
+    /// open, so it is read as an immutable file and no `-wal`/`-shm` is
+    /// created.
+    Snapshot,
+}
+
+/// Opens a pool on `raw` without touching the schema.
+///
+/// Read-only is enforced by the database, not only by our code:
+/// PostgreSQL sessions start with `default_transaction_read_only`; SQLite
+/// is opened `mode=ro` (never created, never checkpointed: a read-write
+/// connection would fold another process's WAL into the file when it
+/// closes, changing its bytes). When no `-wal` file exists nothing has the
+/// database open, and it is read as immutable, so that SQLite does not
+/// leave `-wal` and `-shm` files behind. A writer that starts during such
+/// a read writes to its own WAL; only its checkpoint touches the file,
+/// and only a long dry run could meet one (it then fails or prints a plan
+/// from a mixed state: run it again).
+async fn open_pool(raw: &str, access: Access) -> anyhow::Result<DatabaseConnection> {
+    let mut options = ConnectOptions::new(raw.to_string());
+    options
+        .max_connections(if is_sqlite(raw) { 1 } else { 8 })
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(10))
+        // Statements carry addresses; they do not belong in the logs.
+        .sqlx_logging(false);
+    if is_sqlite(raw) {
+        if raw.contains(":memory:") {
+            // Each connection to `:memory:` is a database of its own: keep
+            // the one connection for the pool's whole life.
+            options
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None);
+        }
+        // Per connection, so a reopened pooled connection has them too.
+        options.map_sqlx_sqlite_opts(move |o| {
+            let o = o.busy_timeout(Duration::from_secs(10));
+            match access {
+                Access::Shared => o.read_only(true).create_if_missing(false),
+                Access::Snapshot => o.read_only(true).create_if_missing(false).immutable(true),
+                Access::Write => o
+                    .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal),
+            }
+        });
+    }
+    if access != Access::Write {
+        options.map_sqlx_postgres_opts(|o| o.options([("default_transaction_read_only", "on")]));
+    }
+    if let Some(port) = postgres_tcp_port(raw) {
+        // Every new pooled connection, not just the first (see
+        // `nodelay`): sqlx 0.9.0 leaves Nagle on.
+        options.map_sqlx_postgres_pool_opts(move |pool| {
+            pool.after_connect(move |_conn, _meta| {
+                Box::pin(async move {
+                    nodelay::set_on_sockets_to(port);
+                    Ok(())
+                })
+            })
+        });
+    }
+    Database::connect(options).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the state database: {}",
+            redact_db_error(&e.to_string(), raw)
+        )
+    })
+}
+
+/// Reads the schema's state without creating anything (sea-orm's own
+/// check creates its table, and on PostgreSQL logs a notice every time).
+pub async fn schema_of(db: &DatabaseConnection) -> anyhow::Result<Schema> {
+    use sea_orm::{DbBackend, Statement};
+    let backend = db.get_database_backend();
+    let exists_sql = match backend {
+        DbBackend::Sqlite => {
+            "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = 'seaql_migrations'"
+        }
+        _ => {
+            "SELECT COUNT(*) AS n FROM information_schema.tables WHERE table_name = 'seaql_migrations' AND table_schema = current_schema()"
+        }
+    };
+    let exists: i64 = db
+        .query_one_raw(Statement::from_string(backend, exists_sql))
+        .await
+        .context("cannot read the state database's schema")?
+        .and_then(|row| row.try_get::<i64>("", "n").ok())
+        .unwrap_or(0);
+    if exists == 0 {
+        return Ok(Schema::Absent);
+    }
+    let applied: HashSet<String> = db
+        .query_all_raw(Statement::from_string(
+            backend,
+            "SELECT version FROM seaql_migrations",
+        ))
+        .await
+        .context("cannot read the applied migrations")?
+        .into_iter()
+        .filter_map(|row| row.try_get::<String>("", "version").ok())
+        .collect();
+    if applied.is_empty() {
+        return Ok(Schema::Absent);
+    }
+    let known: Vec<String> = Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_string())
+        .collect();
+    let unknown: Vec<String> = applied
+        .iter()
+        .filter(|v| !known.contains(v))
+        .cloned()
+        .collect();
+    if !unknown.is_empty() {
+        return Ok(Schema::Ahead(unknown));
+    }
+    let behind = known.iter().filter(|k| !applied.contains(*k)).count();
+    Ok(if behind == 0 {
+        Schema::Current
+    } else {
+        Schema::Behind(behind)
+    })
+}
+
+/// The PostgreSQL advisory-lock key held while migrating ("cesmigr"), so
+/// that two instances starting at once on a fresh database do not both
+/// create the tables.
+pub const MIGRATION_LOCK_KEY: i64 = 0x63_65_73_6d_69_67_72;
+
+/// Applies the pending migrations while holding a migration lock: a
+/// PostgreSQL advisory lock on a connection of its own, or an exclusive
+/// lock on `<file>.migrate.lock` beside an SQLite file. The second
+/// instance waits, then finds nothing left to do.
+async fn migrate_locked(db: &DatabaseConnection, raw: &str) -> anyhow::Result<()> {
+    let failed = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "cannot migrate the state database: {}",
+            redact_db_error(&e.to_string(), raw)
+        )
+    };
+    if postgres_tcp_port(raw).is_some() || raw.starts_with("postgres") {
+        use sea_orm::sqlx::{self, Connection, PgConnection};
+        let mut lock = PgConnection::connect(raw).await.map_err(|e| failed(&e))?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATION_LOCK_KEY)
+            .execute(&mut lock)
+            .await
+            .map_err(|e| failed(&e))?;
+        let result = Migrator::up(db, None).await;
+        // Closing the connection releases the lock whatever happened.
+        let _ = lock.close().await;
+        result.map_err(|e| failed(&e))?;
+    } else if let Some(file) = sqlite_file(raw) {
+        let path = std::path::PathBuf::from(format!("{}.migrate.lock", file.display()));
+        let lock = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)?;
+            f.lock()?;
+            Ok(f)
+        })
+        .await
+        .map_err(|e| failed(&e))?
+        .map_err(|e| failed(&e))?;
+        let result = Migrator::up(db, None).await;
+        let _ = lock.unlock();
+        result.map_err(|e| failed(&e))?;
+    } else {
+        Migrator::up(db, None).await.map_err(|e| failed(&e))?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Connects and applies every pending migration (under a migration
+    /// lock, see [`migrate_locked`]). A database already current is not
+    /// touched: no statement is run to check it that could write or log.
+    pub async fn connect(url: &SecretString) -> anyhow::Result<Store> {
+        let raw = url.expose_secret();
+        let db = open_pool(raw, Access::Write).await?;
+        match schema_of(&db).await? {
+            Schema::Current => {}
+            Schema::Ahead(unknown) => anyhow::bail!(
+                "the state database was migrated by a newer crm-edm-sync (unknown migrations: {}); run that version",
+                unknown.join(", ")
+            ),
+            Schema::Absent | Schema::Behind(_) => {
+                migrate_locked(&db, raw).await?;
+                tracing::info!("state database migrated to the current schema");
+            }
+        }
+        Ok(Store { db })
+    }
+
+    /// Opens the state database for reading only: nothing is created,
+    /// migrated or written. `Ok(None)` when there is no state database yet
+    /// (no SQLite file, or a database no run has migrated).
+    pub async fn open_read_only(url: &SecretString) -> anyhow::Result<Option<Store>> {
+        let raw = url.expose_secret();
+        let mut access = Access::Shared;
+        if let Some(file) = sqlite_file(raw) {
+            if !file.exists() {
+                return Ok(None);
+            }
+            let wal = std::path::PathBuf::from(format!("{}-wal", file.display()));
+            if !wal.exists() {
+                access = Access::Snapshot;
+            }
+        }
+        let db = open_pool(raw, access).await?;
+        match schema_of(&db).await? {
+            Schema::Current => Ok(Some(Store { db })),
+            Schema::Absent => {
+                let _ = db.close().await;
+                Ok(None)
+            }
+            Schema::Behind(n) => anyhow::bail!(
+                "the state database's schema is {n} migration(s) behind this binary, and a read-only command does not migrate it: run `crm-edm-sync --once` (or start the daemon) first"
+            ),
+            Schema::Ahead(unknown) => anyhow::bail!(
+                "the state database was migrated by a newer crm-edm-sync (unknown migrations: {}); run that version",
+                unknown.join(", ")
+            ),
+        }
+    }
+
+    /// A second, read-only pool on a database this process also writes
+    /// (the ops endpoint's): its reads never wait behind the jobs' writes
+    /// for a pooled connection (SQLite's pool has one).
+    pub async fn reader_beside(url: &SecretString) -> anyhow::Result<Store> {
+        let db = open_pool(url.expose_secret(), Access::Shared).await?;
+        Ok(Store { db })
+    }
+
+    /// An empty state database in memory, for a dry run against a database
+    /// that does not exist yet: it reads as a first run would.
+    pub async fn empty_in_memory() -> anyhow::Result<Store> {
+        Store::connect(&SecretString::from("sqlite::memory:".to_string())).await
+    }
+}

@@ -1,0 +1,146 @@
+//! The `members` table: what the daemon knows each list holds.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, TransactionTrait,
+};
+
+use super::entities::member;
+use super::*;
+use crate::domain::{Email, ListId, MemberFields, MemberKey, MemberState, Origin, VAR_COUNT};
+
+pub(super) fn vars_to_json(fields: &MemberFields) -> String {
+    serde_json::to_string(&fields.vars().collect::<Vec<_>>()).unwrap_or_else(|_| "[]".into())
+}
+
+pub(super) fn vars_from_json(text: &str) -> [String; VAR_COUNT] {
+    let parsed: Vec<String> = serde_json::from_str(text).unwrap_or_default();
+    std::array::from_fn(|i| parsed.get(i).cloned().unwrap_or_default())
+}
+
+pub(super) fn member_row(m: &MemberState, now: i64) -> member::ActiveModel {
+    member::ActiveModel {
+        list_id: Set(m.key.list_id),
+        email: Set(m.key.email.to_string()),
+        origin: Set(m.origin),
+        present: Set(m.present),
+        link_man_id: Set(m.link_man_id),
+        customer_id: Set(m.customer_id),
+        edm_id: Set(m.edm_id),
+        fullname: Set(m.fields.fullname().to_string()),
+        vars: Set(vars_to_json(&m.fields)),
+        updated_at: Set(now),
+        ..Default::default()
+    }
+}
+
+impl Store {
+    /// Every member row, keyed. Read in pages by id, so the driver never
+    /// buffers the whole table next to the map being built.
+    pub async fn load_members(&self) -> anyhow::Result<HashMap<MemberKey, MemberState>> {
+        const PAGE: u64 = 2000;
+        let mut out = HashMap::new();
+        let mut after = i64::MIN;
+        loop {
+            let rows = member::Entity::find()
+                .filter(member::Column::Id.gt(after))
+                .order_by_asc(member::Column::Id)
+                .limit(PAGE)
+                .all(&self.db)
+                .await
+                .context("cannot read members")?;
+            let Some(last) = rows.last() else { break };
+            after = last.id;
+            let n = rows.len() as u64;
+            for row in rows {
+                let Ok(email) = Email::parse(&row.email) else {
+                    tracing::warn!(
+                        member_id = row.id,
+                        "member row with an invalid address ignored"
+                    );
+                    continue;
+                };
+                let origin = row.origin;
+                let key = MemberKey::new(row.list_id, email);
+                out.insert(
+                    key.clone(),
+                    MemberState {
+                        key,
+                        origin,
+                        present: row.present,
+                        link_man_id: row.link_man_id,
+                        customer_id: row.customer_id,
+                        edm_id: row.edm_id,
+                        fields: MemberFields::raw(&row.fullname, &vars_from_json(&row.vars)),
+                    },
+                );
+            }
+            if n < PAGE {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes member rows whole (adoptions, owner changes).
+    pub async fn upsert_members(&self, members: &[MemberState]) -> anyhow::Result<()> {
+        let txn = self.db.begin().await?;
+        upsert_members(&txn, members, now_ms()).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Member counts per list: `(list_id, origin, present, count)`.
+    pub async fn member_counts(&self) -> anyhow::Result<Vec<(ListId, Origin, bool, u64)>> {
+        let rows: Vec<(i64, Origin, bool, i64)> = member::Entity::find()
+            .select_only()
+            .column(member::Column::ListId)
+            .column(member::Column::Origin)
+            .column(member::Column::Present)
+            .column_as(member::Column::Id.count(), "n")
+            .group_by(member::Column::ListId)
+            .group_by(member::Column::Origin)
+            .group_by(member::Column::Present)
+            .order_by_asc(member::Column::ListId)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(l, o, p, n)| (l, o, p, n as u64))
+            .collect())
+    }
+}
+
+pub(super) async fn upsert_members<C: ConnectionTrait>(
+    db: &C,
+    members: &[MemberState],
+    now: i64,
+) -> anyhow::Result<()> {
+    let members = one_per_key(members, |m| &m.key, true);
+    for chunk in members.chunks(CHUNK) {
+        member::Entity::insert_many(chunk.iter().map(|m| member_row(m, now)))
+            .on_conflict(
+                OnConflict::columns([member::Column::ListId, member::Column::Email])
+                    .update_columns([
+                        member::Column::Origin,
+                        member::Column::Present,
+                        member::Column::LinkManId,
+                        member::Column::CustomerId,
+                        member::Column::EdmId,
+                        member::Column::Fullname,
+                        member::Column::Vars,
+                        member::Column::UpdatedAt,
+                    ])
+                    .to_owned(),
+            )
+            .exec_without_returning(db)
+            .await
+            .context("cannot write members")?;
+    }
+    Ok(())
+}

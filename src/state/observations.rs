@@ -1,0 +1,263 @@
+//! What a run learns from EDM before it plans — export lines, user
+//! unsubscribes and bounces (the `suppressions` table), per-list
+//! bookkeeping — written in one transaction.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Context;
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{
+    ActiveEnum, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
+    QueryOrder, TransactionTrait,
+};
+
+use super::entities::{list_state, operation, suppression, unsub_line};
+use super::*;
+use crate::domain::{Email, ListId, MemberKey, MemberState, Suppressions};
+
+/// A user unsubscribe seen in an export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSuppression {
+    pub list_id: ListId,
+    pub email: String,
+    pub reason: SuppressionReason,
+    pub source: SuppressionSource,
+}
+
+/// One export line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SeenLine {
+    pub list_id: ListId,
+    pub email: String,
+    pub time: String,
+}
+
+/// Per-list bookkeeping.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ListBook {
+    pub initial_read_at: Option<i64>,
+    pub export_read_at: Option<i64>,
+}
+
+/// What a run learned from EDM before planning (exports, recovery checks,
+/// list reads), written in one transaction.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observations {
+    pub new_lines: Vec<SeenLine>,
+    pub suppressions: Vec<NewSuppression>,
+    /// `unsub` operations whose export line was seen.
+    pub matched_ops: Vec<i64>,
+    /// Operations from earlier runs, resolved: `(id, status)`.
+    pub resolved_ops: Vec<(i64, OpStatus)>,
+    /// Member rows to write whole.
+    pub members: Vec<MemberState>,
+    /// Lists whose export was read, and when.
+    pub export_reads: Vec<(ListId, i64)>,
+    /// Lists read whole (behaviour 5), and when.
+    pub list_reads: Vec<(ListId, i64)>,
+}
+
+impl Store {
+    /// The suppressions in force.
+    pub async fn load_suppressions(&self) -> anyhow::Result<Suppressions> {
+        let rows = suppression::Entity::find()
+            .all(&self.db)
+            .await
+            .context("cannot read suppressions")?;
+        let mut out = Suppressions::default();
+        for row in rows {
+            let Ok(email) = Email::parse(&row.email) else {
+                continue; // an address that is not valid is never sent anyway
+            };
+            if row.list_id == ALL_LISTS {
+                out.bounced.insert(email);
+            } else {
+                out.user.insert(MemberKey::new(row.list_id, email));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn list_books(&self) -> anyhow::Result<HashMap<ListId, ListBook>> {
+        let rows = list_state::Entity::find()
+            .all(&self.db)
+            .await
+            .context("cannot read list state")?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.list_id,
+                    ListBook {
+                        initial_read_at: r.initial_read_at,
+                        export_read_at: r.export_read_at,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Export lines of a list already seen, as `(email, time)`.
+    pub async fn seen_lines(&self, list_id: ListId) -> anyhow::Result<HashSet<(String, String)>> {
+        let rows = unsub_line::Entity::find()
+            .filter(unsub_line::Column::ListId.eq(list_id))
+            .all(&self.db)
+            .await
+            .context("cannot read seen export lines")?;
+        Ok(rows.into_iter().map(|r| (r.email, r.time)).collect())
+    }
+
+    /// Writes what a run observed, in one transaction.
+    pub async fn persist_observations(&self, obs: &Observations) -> anyhow::Result<()> {
+        let now = now_ms();
+        let new_lines = one_per_key(&obs.new_lines, |l| l, false);
+        let txn = self.db.begin().await?;
+        for chunk in new_lines.chunks(CHUNK) {
+            unsub_line::Entity::insert_many(chunk.iter().map(|l| unsub_line::ActiveModel {
+                list_id: Set(l.list_id),
+                email: Set(l.email.clone()),
+                time: Set(l.time.clone()),
+                seen_at: Set(now),
+                ..Default::default()
+            }))
+            .on_conflict(
+                OnConflict::columns([
+                    unsub_line::Column::ListId,
+                    unsub_line::Column::Email,
+                    unsub_line::Column::Time,
+                ])
+                .do_nothing()
+                .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await
+            .context("cannot record export lines")?;
+        }
+        insert_suppressions(&txn, &obs.suppressions).await?;
+        for chunk in obs.matched_ops.chunks(CHUNK) {
+            operation::Entity::update_many()
+                .col_expr(operation::Column::ExportMatched, true.into())
+                .col_expr(operation::Column::UpdatedAt, now.into())
+                .filter(operation::Column::Id.is_in(chunk.iter().copied()))
+                .exec(&txn)
+                .await
+                .context("cannot mark matched unsubscribes")?;
+        }
+        for status in [OpStatus::Done, OpStatus::Superseded] {
+            let ids: Vec<i64> = obs
+                .resolved_ops
+                .iter()
+                .filter(|(_, s)| *s == status)
+                .map(|(id, _)| *id)
+                .collect();
+            for chunk in ids.chunks(CHUNK) {
+                operation::Entity::update_many()
+                    .col_expr(operation::Column::Status, Expr::value(status.to_value()))
+                    .col_expr(operation::Column::UpdatedAt, now.into())
+                    .filter(operation::Column::Id.is_in(chunk.iter().copied()))
+                    .exec(&txn)
+                    .await
+                    .context("cannot resolve earlier operations")?;
+            }
+        }
+        upsert_members(&txn, &obs.members, now).await?;
+        for (list_id, at) in &obs.export_reads {
+            upsert_list_book(&txn, *list_id, None, Some(*at)).await?;
+        }
+        for (list_id, at) in &obs.list_reads {
+            upsert_list_book(&txn, *list_id, Some(*at), None).await?;
+        }
+        txn.commit().await.context("cannot commit observations")?;
+        Ok(())
+    }
+
+    /// Adds suppressions (duplicates are ignored).
+    pub async fn add_suppressions(&self, items: &[NewSuppression]) -> anyhow::Result<()> {
+        let txn = self.db.begin().await?;
+        insert_suppressions(&txn, items).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// User-unsubscribe suppressions: `(list_id, email, source)`.
+    pub async fn user_unsubscribes(
+        &self,
+    ) -> anyhow::Result<Vec<(ListId, String, SuppressionSource)>> {
+        let rows = suppression::Entity::find()
+            .filter(suppression::Column::Reason.eq(SuppressionReason::UserUnsubscribe))
+            .order_by_asc(suppression::Column::Id)
+            .all(&self.db)
+            .await
+            .context("cannot read suppressions")?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.list_id, r.email, SuppressionSource::parse(&r.source)))
+            .collect())
+    }
+
+    /// Suppression counts by reason.
+    pub async fn suppression_counts(&self) -> anyhow::Result<Vec<(SuppressionReason, u64)>> {
+        let rows = suppression::Entity::find().all(&self.db).await?;
+        let mut counts: std::collections::BTreeMap<SuppressionReason, u64> = Default::default();
+        for r in rows {
+            *counts.entry(r.reason).or_insert(0) += 1;
+        }
+        Ok(counts.into_iter().collect())
+    }
+}
+
+pub(super) async fn insert_suppressions<C: ConnectionTrait>(
+    db: &C,
+    items: &[NewSuppression],
+) -> anyhow::Result<()> {
+    let now = now_ms();
+    let items = one_per_key(items, |s| (s.list_id, s.email.as_str()), false);
+    for chunk in items.chunks(CHUNK) {
+        suppression::Entity::insert_many(chunk.iter().map(|s| suppression::ActiveModel {
+            list_id: Set(s.list_id),
+            email: Set(s.email.clone()),
+            reason: Set(s.reason),
+            source: Set(s.source.to_text()),
+            created_at: Set(now),
+            ..Default::default()
+        }))
+        .on_conflict(
+            OnConflict::columns([suppression::Column::ListId, suppression::Column::Email])
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await
+        .context("cannot record suppressions")?;
+    }
+    Ok(())
+}
+
+pub(super) async fn upsert_list_book<C: ConnectionTrait>(
+    db: &C,
+    list_id: ListId,
+    initial_read_at: Option<i64>,
+    export_read_at: Option<i64>,
+) -> anyhow::Result<()> {
+    let mut update = Vec::new();
+    if initial_read_at.is_some() {
+        update.push(list_state::Column::InitialReadAt);
+    }
+    if export_read_at.is_some() {
+        update.push(list_state::Column::ExportReadAt);
+    }
+    list_state::Entity::insert(list_state::ActiveModel {
+        list_id: Set(list_id),
+        initial_read_at: Set(initial_read_at),
+        export_read_at: Set(export_read_at),
+    })
+    .on_conflict(
+        OnConflict::column(list_state::Column::ListId)
+            .update_columns(update)
+            .to_owned(),
+    )
+    .exec_without_returning(db)
+    .await
+    .context("cannot write list state")?;
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! The `operations` table: every EDM write, recorded pending before it is
+//! sent and marked done after EDM confirms it (behaviour 9).
+
+use anyhow::Context;
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ActiveEnum, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait,
+};
+
+use super::entities::operation;
+use super::*;
+use crate::domain::{Email, ListId, MemberFields, MemberState};
+
+/// A planned operation about to be recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewOperation {
+    pub kind: OpKind,
+    pub list_id: ListId,
+    pub email: Email,
+    pub edm_id: Option<i64>,
+    pub link_man_id: Option<i64>,
+    pub customer_id: Option<i64>,
+    pub fields: MemberFields,
+}
+
+/// A pending operation, for `status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingRow {
+    pub id: i64,
+    pub kind: OpKind,
+    pub list_id: ListId,
+    pub email: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+}
+
+impl Store {
+    /// The daemon's own `ml-unsub`s to `list_id` since `since` that no
+    /// export line has matched yet: `(operation id, email)`, oldest first.
+    pub async fn unmatched_unsubs(
+        &self,
+        list_id: ListId,
+        since: Option<i64>,
+    ) -> anyhow::Result<Vec<(i64, String)>> {
+        let mut query = operation::Entity::find()
+            .filter(operation::Column::Kind.eq(OpKind::Unsub))
+            .filter(operation::Column::ListId.eq(list_id))
+            .filter(operation::Column::ExportMatched.eq(false))
+            .filter(operation::Column::Status.ne(OpStatus::Superseded));
+        if let Some(since) = since {
+            query = query.filter(operation::Column::CreatedAt.gte(since));
+        }
+        let rows = query
+            .order_by_asc(operation::Column::Id)
+            .all(&self.db)
+            .await
+            .context("cannot read unsubscribe operations")?;
+        Ok(rows.into_iter().map(|r| (r.id, r.email)).collect())
+    }
+
+    /// Operations still pending (from this or earlier runs).
+    pub async fn pending_operations(&self) -> anyhow::Result<Vec<operation::Model>> {
+        operation::Entity::find()
+            .filter(operation::Column::Status.eq(OpStatus::Pending))
+            .order_by_asc(operation::Column::Id)
+            .all(&self.db)
+            .await
+            .context("cannot read pending operations")
+    }
+
+    /// Records operations as pending before they are sent (behaviour 9).
+    pub async fn record_operations(
+        &self,
+        run_id: &str,
+        ops: &[NewOperation],
+    ) -> anyhow::Result<()> {
+        let now = now_ms();
+        let txn = self.db.begin().await?;
+        for chunk in ops.chunks(CHUNK) {
+            operation::Entity::insert_many(chunk.iter().map(|op| operation::ActiveModel {
+                run_id: Set(run_id.to_string()),
+                kind: Set(op.kind),
+                list_id: Set(op.list_id),
+                email: Set(op.email.to_string()),
+                edm_id: Set(op.edm_id),
+                link_man_id: Set(op.link_man_id),
+                customer_id: Set(op.customer_id),
+                fullname: Set(op.fields.fullname().to_string()),
+                vars: Set(vars_to_json(&op.fields)),
+                status: Set(OpStatus::Pending),
+                attempts: Set(0),
+                last_error: Set(None),
+                export_matched: Set(false),
+                created_at: Set(now),
+                updated_at: Set(now),
+                ..Default::default()
+            }))
+            .exec_without_returning(&txn)
+            .await
+            .context("cannot record operations")?;
+        }
+        txn.commit().await.context("cannot commit operations")?;
+        Ok(())
+    }
+
+    /// Marks this run's `kind` operations on `emails` in `list_id` done and
+    /// writes the members they produced, in one transaction.
+    pub async fn complete_operations(
+        &self,
+        run_id: &str,
+        kind: OpKind,
+        list_id: ListId,
+        emails: &[&Email],
+        members: &[MemberState],
+    ) -> anyhow::Result<()> {
+        let now = now_ms();
+        let txn = self.db.begin().await?;
+        for chunk in emails.chunks(CHUNK) {
+            operation::Entity::update_many()
+                .col_expr(
+                    operation::Column::Status,
+                    Expr::value(OpStatus::Done.to_value()),
+                )
+                .col_expr(operation::Column::UpdatedAt, now.into())
+                .col_expr(
+                    operation::Column::Attempts,
+                    sea_orm::sea_query::Expr::col(operation::Column::Attempts).add(1),
+                )
+                .filter(operation::Column::RunId.eq(run_id))
+                .filter(operation::Column::Kind.eq(kind))
+                .filter(operation::Column::ListId.eq(list_id))
+                .filter(operation::Column::Status.eq(OpStatus::Pending))
+                .filter(operation::Column::Email.is_in(chunk.iter().map(|e| e.to_string())))
+                .exec(&txn)
+                .await
+                .context("cannot mark operations done")?;
+        }
+        upsert_members(&txn, members, now).await?;
+        txn.commit()
+            .await
+            .context("cannot commit completed operations")?;
+        Ok(())
+    }
+
+    /// Deletes this run's pending `kind` operations on `emails` in
+    /// `list_id` that were recorded but never sent (no attempt made): a
+    /// batch recorded ahead that the run stopped before sending.
+    pub async fn forget_operations(
+        &self,
+        run_id: &str,
+        kind: OpKind,
+        list_id: ListId,
+        emails: &[&Email],
+    ) -> anyhow::Result<()> {
+        let txn = self.db.begin().await?;
+        for chunk in emails.chunks(CHUNK) {
+            operation::Entity::delete_many()
+                .filter(operation::Column::RunId.eq(run_id))
+                .filter(operation::Column::Kind.eq(kind))
+                .filter(operation::Column::ListId.eq(list_id))
+                .filter(operation::Column::Status.eq(OpStatus::Pending))
+                .filter(operation::Column::Attempts.eq(0))
+                .filter(operation::Column::Email.is_in(chunk.iter().map(|e| e.to_string())))
+                .exec(&txn)
+                .await
+                .context("cannot take back unsent operations")?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Notes a failed attempt on this run's operations; they stay pending.
+    pub async fn note_failure(
+        &self,
+        run_id: &str,
+        kind: OpKind,
+        list_id: ListId,
+        emails: &[&Email],
+        error: &str,
+    ) -> anyhow::Result<()> {
+        let now = now_ms();
+        let txn = self.db.begin().await?;
+        for chunk in emails.chunks(CHUNK) {
+            operation::Entity::update_many()
+                .col_expr(operation::Column::LastError, Some(error.to_string()).into())
+                .col_expr(operation::Column::UpdatedAt, now.into())
+                .col_expr(
+                    operation::Column::Attempts,
+                    sea_orm::sea_query::Expr::col(operation::Column::Attempts).add(1),
+                )
+                .filter(operation::Column::RunId.eq(run_id))
+                .filter(operation::Column::Kind.eq(kind))
+                .filter(operation::Column::ListId.eq(list_id))
+                .filter(operation::Column::Status.eq(OpStatus::Pending))
+                .filter(operation::Column::Email.is_in(chunk.iter().map(|e| e.to_string())))
+                .exec(&txn)
+                .await
+                .context("cannot record the failure")?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Pending operations, oldest first, at most `limit`, and how many
+    /// there are in all.
+    pub async fn pending_summary(&self, limit: u64) -> anyhow::Result<(u64, Vec<PendingRow>)> {
+        use sea_orm::PaginatorTrait;
+        let total = operation::Entity::find()
+            .filter(operation::Column::Status.eq(OpStatus::Pending))
+            .count(&self.db)
+            .await?;
+        let rows = operation::Entity::find()
+            .filter(operation::Column::Status.eq(OpStatus::Pending))
+            .order_by_asc(operation::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?;
+        Ok((
+            total,
+            rows.into_iter()
+                .map(|r| PendingRow {
+                    id: r.id,
+                    kind: r.kind,
+                    list_id: r.list_id,
+                    email: r.email,
+                    attempts: r.attempts,
+                    last_error: r.last_error,
+                    created_at: r.created_at,
+                })
+                .collect(),
+        ))
+    }
+}

@@ -1,0 +1,215 @@
+//! The `writeback_ledger` table: one row per ContactHistory record, pending
+//! before the CRM call, done after `{"value": true}`.
+
+use std::collections::HashSet;
+
+use anyhow::Context;
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::{
+    ActiveEnum, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait,
+};
+
+use super::entities::ledger;
+use super::*;
+
+/// A ContactHistory record about to be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRecord {
+    pub kind: RecordKind,
+    pub scope: String,
+    pub link_man_id: i64,
+    pub customer_id: i64,
+    pub email: String,
+    pub title: String,
+    pub content: String,
+}
+
+impl Store {
+    /// The ledger keys `(kind, scope, link_man_id)` already recorded for
+    /// `scopes`, done or pending.
+    pub async fn ledger_keys(
+        &self,
+        scopes: &[String],
+    ) -> anyhow::Result<HashSet<(String, String, i64)>> {
+        let mut out = HashSet::new();
+        for chunk in scopes.chunks(CHUNK) {
+            let rows: Vec<(String, String, i64)> = ledger::Entity::find()
+                .select_only()
+                .column(ledger::Column::Kind)
+                .column(ledger::Column::Scope)
+                .column(ledger::Column::LinkManId)
+                .filter(ledger::Column::Scope.is_in(chunk.iter().cloned()))
+                .into_tuple()
+                .all(&self.db)
+                .await
+                .context("cannot read the write-back ledger")?;
+            out.extend(rows);
+        }
+        Ok(out)
+    }
+
+    /// Ledger rows still pending, oldest first.
+    pub async fn pending_records(&self) -> anyhow::Result<Vec<ledger::Model>> {
+        ledger::Entity::find()
+            .filter(ledger::Column::Status.eq(LedgerStatus::Pending))
+            .order_by_asc(ledger::Column::Id)
+            .all(&self.db)
+            .await
+            .context("cannot read pending write-back records")
+    }
+
+    /// Records new ledger rows as pending (not yet uncertain: nothing was
+    /// sent); keys already present are left as they are. Returns the rows
+    /// now pending for those keys.
+    pub async fn insert_records(
+        &self,
+        records: &[NewRecord],
+    ) -> anyhow::Result<Vec<ledger::Model>> {
+        let now = now_ms();
+        let unique = one_per_key(
+            records,
+            |r| (r.kind, r.scope.as_str(), r.link_man_id),
+            false,
+        );
+        let txn = self.db.begin().await?;
+        for chunk in unique.chunks(CHUNK) {
+            ledger::Entity::insert_many(chunk.iter().map(|r| ledger::ActiveModel {
+                kind: Set(r.kind),
+                scope: Set(r.scope.clone()),
+                link_man_id: Set(r.link_man_id),
+                customer_id: Set(r.customer_id),
+                email: Set(r.email.clone()),
+                title: Set(r.title.clone()),
+                content: Set(r.content.clone()),
+                status: Set(LedgerStatus::Pending),
+                uncertain: Set(false),
+                attempts: Set(0),
+                last_error: Set(None),
+                created_at: Set(now),
+                updated_at: Set(now),
+                ..Default::default()
+            }))
+            .on_conflict(
+                OnConflict::columns([
+                    ledger::Column::Kind,
+                    ledger::Column::Scope,
+                    ledger::Column::LinkManId,
+                ])
+                .do_nothing()
+                .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await
+            .context("cannot record write-back records")?;
+        }
+        txn.commit().await?;
+        let scopes: Vec<String> = records
+            .iter()
+            .map(|r| r.scope.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let wanted: HashSet<(RecordKind, &str, i64)> = records
+            .iter()
+            .map(|r| (r.kind, r.scope.as_str(), r.link_man_id))
+            .collect();
+        let mut rows = Vec::with_capacity(records.len());
+        for chunk in scopes.chunks(CHUNK) {
+            let found = ledger::Entity::find()
+                .filter(ledger::Column::Status.eq(LedgerStatus::Pending))
+                .filter(ledger::Column::Scope.is_in(chunk.iter().cloned()))
+                .all(&self.db)
+                .await?;
+            rows.extend(
+                found
+                    .into_iter()
+                    .filter(|r| wanted.contains(&(r.kind, r.scope.as_str(), r.link_man_id))),
+            );
+        }
+        Ok(rows)
+    }
+
+    /// Marks ledger rows as being sent: uncertain until the CRM answers.
+    pub async fn mark_records_uncertain(&self, ids: &[i64]) -> anyhow::Result<()> {
+        self.set_records_uncertain(ids, true).await
+    }
+
+    /// Takes the mark back from rows that were marked but, the run
+    /// stopping, never sent.
+    pub async fn unmark_records(&self, ids: &[i64]) -> anyhow::Result<()> {
+        self.set_records_uncertain(ids, false).await
+    }
+
+    async fn set_records_uncertain(&self, ids: &[i64], uncertain: bool) -> anyhow::Result<()> {
+        for chunk in ids.chunks(CHUNK) {
+            ledger::Entity::update_many()
+                .col_expr(ledger::Column::Uncertain, uncertain.into())
+                .col_expr(ledger::Column::UpdatedAt, now_ms().into())
+                .filter(ledger::Column::Id.is_in(chunk.iter().copied()))
+                .exec(&self.db)
+                .await
+                .context("cannot mark write-back records")?;
+        }
+        Ok(())
+    }
+
+    /// Marks ledger rows done after `{"value": true}`.
+    pub async fn records_done(&self, ids: &[i64]) -> anyhow::Result<()> {
+        let now = now_ms();
+        let txn = self.db.begin().await?;
+        for chunk in ids.chunks(CHUNK) {
+            ledger::Entity::update_many()
+                .col_expr(
+                    ledger::Column::Status,
+                    Expr::value(LedgerStatus::Done.to_value()),
+                )
+                .col_expr(ledger::Column::Uncertain, false.into())
+                .col_expr(
+                    ledger::Column::Attempts,
+                    sea_orm::sea_query::Expr::col(ledger::Column::Attempts).add(1),
+                )
+                .col_expr(ledger::Column::UpdatedAt, now.into())
+                .filter(ledger::Column::Id.is_in(chunk.iter().copied()))
+                .exec(&txn)
+                .await
+                .context("cannot mark write-back records done")?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Notes a failed attempt; the row stays pending. `uncertain` says
+    /// whether the CRM may have written it anyway.
+    pub async fn record_failed(&self, id: i64, error: &str, uncertain: bool) -> anyhow::Result<()> {
+        ledger::Entity::update_many()
+            .col_expr(ledger::Column::LastError, Some(error.to_string()).into())
+            .col_expr(ledger::Column::Uncertain, uncertain.into())
+            .col_expr(
+                ledger::Column::Attempts,
+                sea_orm::sea_query::Expr::col(ledger::Column::Attempts).add(1),
+            )
+            .col_expr(ledger::Column::UpdatedAt, now_ms().into())
+            .filter(ledger::Column::Id.eq(id))
+            .exec(&self.db)
+            .await
+            .context("cannot record a write-back failure")?;
+        Ok(())
+    }
+
+    /// Ledger counts: `(kind, status, count)`.
+    pub async fn ledger_counts(&self) -> anyhow::Result<Vec<(RecordKind, LedgerStatus, u64)>> {
+        let rows: Vec<(RecordKind, LedgerStatus, i64)> = ledger::Entity::find()
+            .select_only()
+            .column(ledger::Column::Kind)
+            .column(ledger::Column::Status)
+            .column_as(ledger::Column::Id.count(), "n")
+            .group_by(ledger::Column::Kind)
+            .group_by(ledger::Column::Status)
+            .order_by_asc(ledger::Column::Kind)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows.into_iter().map(|(k, s, n)| (k, s, n as u64)).collect())
+    }
+}
