@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use crate::cli::{Cli, Command, Job};
 use crate::config::Settings;
+use crate::jobs::{Context, RunOptions};
 use crate::sync::contacts::{self, ContactsReport, Outcome};
 use crate::sync::plan::Plan;
-use crate::sync::{Context, RunOptions};
 use crate::writeback;
 
 pub use crate::cli::{EXIT_CONFIG, EXIT_FAILED};
@@ -18,7 +18,7 @@ pub use crate::cli::{EXIT_CONFIG, EXIT_FAILED};
 /// Runs the command `cli` names with `settings`. `demo` is handled by
 /// `main` because it needs no settings.
 pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
-    let redactor = crate::redact::Redactor::new(crate::sync::secrets_of(&settings));
+    let redactor = crate::redact::Redactor::new(crate::jobs::secrets_of(&settings));
     let result = match cli.command {
         Some(Command::Status { json }) => crate::status::print(&settings, json).await,
         Some(Command::Check) => check(settings).await,
@@ -180,7 +180,7 @@ pub fn render_plan(report: &ContactsReport, plan: &Plan) -> String {
 /// `check`: the config is valid (it loaded), the database opens and
 /// migrates, EDM accepts the credentials, and one CRM page of size 1 reads.
 async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
-    let redactor = Arc::new(crate::redact::Redactor::new(crate::sync::secrets_of(
+    let redactor = Arc::new(crate::redact::Redactor::new(crate::jobs::secrets_of(
         &settings,
     )));
     println!("config: ok");

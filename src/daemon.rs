@@ -28,10 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
+use crate::jobs::{Context, RunOptions};
 use crate::lock::{InstanceLock, LockTarget};
 use crate::states::Job;
 use crate::sync::contacts;
-use crate::sync::{Context, RunOptions};
 use crate::writeback;
 
 /// Lets one run of a job in at a time, counting what it let in and what it

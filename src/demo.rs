@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::config::Settings;
+use crate::jobs::{Context, RunOptions};
 use crate::sandbox::{Sandbox, SandboxCampaign};
 use crate::sync::contacts::{self, ContactsReport};
-use crate::sync::{Context, RunOptions};
 
 const COMPANIES: [&str; 12] = [
     "北京华信科技有限公司",

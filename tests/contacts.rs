@@ -5,8 +5,8 @@
 mod common;
 
 use common::{emails, env, env_with, seed_basic};
+use crm_edm_sync::jobs::RunOptions;
 use crm_edm_sync::sandbox::Fault;
-use crm_edm_sync::sync::RunOptions;
 use crm_edm_sync::sync::contacts::{self, Outcome};
 use crm_edm_sync::sync::plan::Refusal;
 use serde_json::json;

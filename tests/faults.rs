@@ -6,10 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{Env, applied_adds, env, seed_basic};
+use crm_edm_sync::jobs::{Context, RunOptions};
 use crm_edm_sync::sandbox::{Chaos, Fault, PageFault, Sandbox};
 use crm_edm_sync::sync::contacts::{self, Outcome};
 use crm_edm_sync::sync::plan::Refusal;
-use crm_edm_sync::sync::{Context, RunOptions};
 use serde_json::json;
 
 /// Forty customers, one or two link-men each, over both lists.

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{Env, env_with, seed_basic};
+use crm_edm_sync::jobs::RunOptions;
 use crm_edm_sync::sandbox::{ContactRecord, Fault, SandboxCampaign};
-use crm_edm_sync::sync::RunOptions;
 use crm_edm_sync::writeback;
 use serde_json::json;
 

@@ -19,16 +19,16 @@
 pub mod events;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::edm::{Campaign, HARD_BOUNCE_TYPES};
+use crate::jobs::Context;
+use crate::jobs::exports::View;
+use crate::jobs::lifecycle::Run;
 use crate::state::entities::ledger;
 use crate::state::{ALL_LISTS, NewSuppression};
 use crate::states::{Job, RecordKind, RunStatus, SuppressionReason, SuppressionSource};
-use crate::sync::Context;
-use crate::sync::contacts::View;
 use events::{CampaignEvents, MemberIndex, Unsubscribe};
 
 /// The job name in logs, runs and metrics.
@@ -76,13 +76,11 @@ impl WritebackReport {
 /// Runs the write-back job once, records the run and emits its summary.
 #[tracing::instrument(skip_all, fields(job = %JOB))]
 pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
-    let run_id = uuid::Uuid::new_v4().to_string();
-    let started = Instant::now();
-    crate::sync::abandon_unfinished_runs(ctx).await?;
-    ctx.store.start_run(&run_id, JOB, false).await?;
+    let run = Run::start(ctx, JOB, true).await?;
+    let run_id = run.id.clone();
     let mut counts = WritebackCounts::default();
     let result = run_inner(ctx, &mut counts).await;
-    let duration_ms = started.elapsed().as_millis() as u64;
+    let duration_ms = run.elapsed_ms();
     let counts_json = serde_json::to_value(&counts).unwrap_or_default();
     let (status, error) = match &result {
         Ok(()) if ctx.shutdown.is_cancelled() => (RunStatus::Interrupted, None),
@@ -96,9 +94,8 @@ pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
             Some(ctx.redactor.redact(&format!("{e:#}"))),
         ),
     };
-    if let Err(db) = ctx
-        .store
-        .finish_run(&run_id, status, &counts_json, error.as_deref())
+    if let Err(db) = run
+        .finish(ctx, status, &counts_json, error.as_deref())
         .await
     {
         tracing::error!(run_id = %run_id, error = %format!("{db:#}"), "cannot record the end of the run");
@@ -122,8 +119,6 @@ pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
         duration_ms,
         "run finished"
     );
-    crate::metrics::run_finished(JOB.as_str(), status.as_str());
-    crate::sync::refresh_pending(&ctx.store).await;
     result?;
     Ok(WritebackReport {
         run_id,

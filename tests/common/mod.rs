@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use crm_edm_sync::config::Settings;
+use crm_edm_sync::jobs::{Context, RunOptions};
 use crm_edm_sync::sandbox::Sandbox;
 use crm_edm_sync::sync::contacts::{self, ContactsReport};
-use crm_edm_sync::sync::{Context, RunOptions};
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::json;
 

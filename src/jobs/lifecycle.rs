@@ -1,0 +1,62 @@
+//! The one run lifecycle both jobs use: a run id, the run row from start to
+//! end (runs an earlier process left unfinished are marked abandoned first),
+//! the run counted in the metrics, and the pending gauges refreshed. A dry
+//! run goes through it too and records nothing.
+
+use std::time::Instant;
+
+use super::{Context, abandon_unfinished_runs, refresh_pending};
+use crate::states::{Job, RunStatus};
+
+/// A run under way.
+#[derive(Debug)]
+pub struct Run {
+    pub id: String,
+    job: Job,
+    started: Instant,
+    /// Whether it has a run row (not for a dry run, which writes nothing).
+    recorded: bool,
+}
+
+impl Run {
+    /// Starts a run of `job`; when `record`, marks runs an earlier process
+    /// left `running` as abandoned and records this one as running.
+    pub async fn start(ctx: &Context, job: Job, record: bool) -> anyhow::Result<Run> {
+        let id = uuid::Uuid::new_v4().to_string();
+        if record {
+            abandon_unfinished_runs(ctx).await?;
+            ctx.store.start_run(&id, job, false).await?;
+        }
+        Ok(Run {
+            id,
+            job,
+            started: Instant::now(),
+            recorded: record,
+        })
+    }
+
+    /// Milliseconds since the run started.
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Ends the run: records how it ended (when it has a row), counts it in
+    /// the metrics and refreshes the pending gauges. An error says the end
+    /// could not be recorded; the metrics are counted either way.
+    pub async fn finish(
+        &self,
+        ctx: &Context,
+        status: RunStatus,
+        counts: &serde_json::Value,
+        error: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let recorded = if self.recorded {
+            ctx.store.finish_run(&self.id, status, counts, error).await
+        } else {
+            Ok(())
+        };
+        crate::metrics::run_finished(self.job.as_str(), status.as_str());
+        refresh_pending(&ctx.store).await;
+        recorded
+    }
+}

@@ -1,0 +1,506 @@
+//! Applying a plan to EDM: every operation recorded pending before it is
+//! sent and marked done after EDM confirms it (behaviour 9); adds and
+//! unsubscribes in batches, the next batch recorded while the current one
+//! is out; an answer lost is checked against the list before anything is
+//! sent again.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::Context as _;
+
+use super::lookup::lookup;
+use super::plan::{Plan, PlannedAdd, PlannedEdit};
+use super::report::ContactsCounts;
+use crate::domain::{Email, ListId, MemberKey, MemberState, Origin};
+use crate::jobs::Context;
+use crate::state::NewOperation;
+use crate::states::OpKind;
+
+/// Applies a plan: every operation recorded before it is sent, marked done
+/// after EDM confirms it.
+pub struct Applier<'a> {
+    pub ctx: &'a Context,
+    pub run_id: &'a str,
+    pub members: &'a mut HashMap<MemberKey, MemberState>,
+    pub counts: &'a mut ContactsCounts,
+}
+
+/// An add or unsubscribe batch, and what is left of it to send.
+enum BatchKind {
+    Add,
+    Unsub,
+}
+
+impl BatchKind {
+    fn op(&self) -> OpKind {
+        match self {
+            BatchKind::Add => OpKind::Add,
+            BatchKind::Unsub => OpKind::Unsub,
+        }
+    }
+}
+
+/// Up to `edm.batch_size` addresses of one list, sent in one request.
+struct Batch {
+    list_id: ListId,
+    emails: Vec<Email>,
+    /// What to add, by address (empty for an unsubscribe batch).
+    adds: HashMap<Email, PlannedAdd>,
+}
+
+impl Applier<'_> {
+    pub async fn apply(&mut self, plan: Plan) -> anyhow::Result<()> {
+        // State-only changes first.
+        if !plan.owner_changes.is_empty() {
+            let rows: Vec<MemberState> = plan
+                .owner_changes
+                .iter()
+                .filter_map(|c| {
+                    self.members.get(&c.key).map(|m| MemberState {
+                        origin: if c.adopt { Origin::Adopted } else { m.origin },
+                        link_man_id: Some(c.link_man_id),
+                        customer_id: Some(c.customer_id),
+                        ..m.clone()
+                    })
+                })
+                .collect();
+            self.ctx.store.upsert_members(&rows).await?;
+            for row in rows {
+                self.members.insert(row.key.clone(), row);
+            }
+            self.counts.adopted = plan.adoptions();
+        }
+        let batch_size = self.ctx.settings.edm.batch_size;
+        let unsubs = batches(plan.unsubs, batch_size, |u| &u.key, |_| None);
+        if !self.send_batches(BatchKind::Unsub, unsubs).await? {
+            return Ok(());
+        }
+        let adds = batches(plan.adds, batch_size, |a| &a.key, Some);
+        if !self.send_batches(BatchKind::Add, adds).await? {
+            return Ok(());
+        }
+        for (list_id, edits) in group_by_list(plan.edits, |e: &PlannedEdit| e.key.list_id) {
+            if self.stopping() {
+                return Ok(());
+            }
+            self.send_edits(list_id, edits).await?;
+        }
+        Ok(())
+    }
+
+    /// A shutdown was asked for: send no further batch.
+    fn stopping(&self) -> bool {
+        let stop = self.ctx.shutdown.is_cancelled();
+        if stop {
+            tracing::info!("shutdown: no further batches; the rest is planned again next run");
+        }
+        stop
+    }
+
+    /// Sends add or unsubscribe batches in order. Each batch's operations
+    /// are recorded pending before it is sent (behaviour 9); the next
+    /// batch's are recorded while the current one is out, so the state DB
+    /// write is not between two EDM calls. A batch recorded but not sent,
+    /// because the run stops, has its operations taken back. Returns false
+    /// when a shutdown stopped it.
+    async fn send_batches(&mut self, kind: BatchKind, batches: Vec<Batch>) -> anyhow::Result<bool> {
+        let ctx = self.ctx;
+        let run_id = self.run_id;
+        let op = kind.op();
+        let mut recorded = false;
+        for (i, batch) in batches.iter().enumerate() {
+            if self.stopping() {
+                if recorded {
+                    self.take_back(op, batch).await?;
+                }
+                return Ok(false);
+            }
+            if !recorded {
+                let ops = self.operations(op, batch);
+                ctx.store.record_operations(run_id, &ops).await?;
+            }
+            let Some(next) = batches.get(i + 1) else {
+                self.deliver(&kind, batch).await?;
+                break;
+            };
+            let next_ops = self.operations(op, next);
+            let (delivered, next_recorded) = tokio::join!(
+                self.deliver(&kind, batch),
+                ctx.store.record_operations(run_id, &next_ops)
+            );
+            recorded = next_recorded.is_ok();
+            if let Err(e) = delivered {
+                if recorded {
+                    self.take_back(op, next).await?;
+                }
+                return Err(e);
+            }
+            next_recorded?;
+        }
+        Ok(true)
+    }
+
+    /// Deletes the pending operations of a batch recorded but never sent.
+    async fn take_back(&self, op: OpKind, batch: &Batch) -> anyhow::Result<()> {
+        let emails: Vec<&Email> = batch.emails.iter().collect();
+        self.ctx
+            .store
+            .forget_operations(self.run_id, op, batch.list_id, &emails)
+            .await
+    }
+
+    /// The pending operations a batch is recorded as.
+    fn operations(&self, op: OpKind, batch: &Batch) -> Vec<NewOperation> {
+        let Batch {
+            list_id,
+            emails,
+            adds,
+        } = batch;
+        let list_id = *list_id;
+        emails
+            .iter()
+            .map(|email| {
+                let key = MemberKey::new(list_id, email.clone());
+                let add = adds.get(email);
+                let existing = self.members.get(&key);
+                NewOperation {
+                    kind: op,
+                    list_id,
+                    email: email.clone(),
+                    edm_id: existing.and_then(|m| m.edm_id),
+                    link_man_id: add
+                        .map(|a| a.link_man_id)
+                        .or_else(|| existing.and_then(|m| m.link_man_id)),
+                    customer_id: add
+                        .map(|a| a.customer_id)
+                        .or_else(|| existing.and_then(|m| m.customer_id)),
+                    fields: add.map(|a| a.fields.clone()).unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// Sends one recorded batch. When the answer is lost, the list is
+    /// checked and only what did not take effect is sent again
+    /// (behaviour 9), at most `edm.max_retries` times.
+    async fn deliver(&mut self, kind: &BatchKind, batch: &Batch) -> anyhow::Result<()> {
+        let Batch {
+            list_id,
+            emails,
+            adds,
+        } = batch;
+        let list_id = *list_id;
+        let op = kind.op();
+        let mut remaining: Vec<Email> = emails.to_vec();
+        let max_tries = self.ctx.settings.edm.max_retries + 1;
+        for attempt in 1..=max_tries {
+            let lines: Vec<String>;
+            self.counts.edm_writes += 1;
+            let result = match kind {
+                BatchKind::Add => {
+                    lines = remaining
+                        .iter()
+                        .map(|e| adds[e].fields.ml_addr_line(e))
+                        .collect();
+                    self.ctx.edm.add_batch(list_id, &lines).await
+                }
+                BatchKind::Unsub => self.ctx.edm.unsub(list_id, &remaining).await,
+            };
+            match result {
+                Ok(()) => {
+                    let done: Vec<(Email, Option<i64>)> =
+                        remaining.drain(..).map(|e| (e, None)).collect();
+                    self.complete(kind, list_id, done, adds).await?;
+                    return Ok(());
+                }
+                Err(e) if e.is_auth() => {
+                    let refs: Vec<&Email> = remaining.iter().collect();
+                    let text = e.to_string();
+                    self.ctx
+                        .store
+                        .note_failure(self.run_id, op, list_id, &refs, &text)
+                        .await?;
+                    return Err(
+                        anyhow::Error::new(e).context("EDM refused the credentials; run stopped")
+                    );
+                }
+                Err(e) if e.is_retriable() && e.maybe_applied() && attempt < max_tries => {
+                    tracing::warn!(
+                        list_id,
+                        operation = %op,
+                        count = remaining.len(),
+                        attempt,
+                        error = %e,
+                        "answer lost; checking the list before sending again"
+                    );
+                    let found = match lookup(self.ctx, list_id, &remaining, self.members).await {
+                        Ok(found) => found,
+                        Err(check) => {
+                            let refs: Vec<&Email> = remaining.iter().collect();
+                            let text = format!("{e}; then checking the list failed: {check}");
+                            self.ctx
+                                .store
+                                .note_failure(self.run_id, op, list_id, &refs, &text)
+                                .await?;
+                            tracing::error!(list_id, operation = %op, count = refs.len(), error = %text, "operations stay pending for the next run");
+                            self.counts.failed += refs.len();
+                            crate::metrics::operations(op.as_str(), "failed", refs.len());
+                            return Ok(());
+                        }
+                    };
+                    let (took_effect, again): (Vec<Email>, Vec<Email>) = match kind {
+                        BatchKind::Add => remaining.drain(..).partition(|e| found.contains_key(e)),
+                        BatchKind::Unsub => {
+                            remaining.drain(..).partition(|e| !found.contains_key(e))
+                        }
+                    };
+                    let done = took_effect
+                        .into_iter()
+                        .map(|e| {
+                            let id = found.get(&e).map(|a| a.id);
+                            (e, id)
+                        })
+                        .collect();
+                    self.complete(kind, list_id, done, adds).await?;
+                    remaining = again;
+                    if remaining.is_empty() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    let refs: Vec<&Email> = remaining.iter().collect();
+                    let text = e.to_string();
+                    self.ctx
+                        .store
+                        .note_failure(self.run_id, op, list_id, &refs, &text)
+                        .await?;
+                    tracing::error!(list_id, operation = %op, count = refs.len(), error = %text, "operations failed; they stay pending for the next run");
+                    self.counts.failed += refs.len();
+                    crate::metrics::operations(op.as_str(), "failed", refs.len());
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks operations done and records the members they produced.
+    async fn complete(
+        &mut self,
+        kind: &BatchKind,
+        list_id: ListId,
+        done: Vec<(Email, Option<i64>)>,
+        adds: &HashMap<Email, PlannedAdd>,
+    ) -> anyhow::Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<MemberState> = done
+            .iter()
+            .filter_map(|(email, edm_id)| {
+                let key = MemberKey::new(list_id, email.clone());
+                match kind {
+                    BatchKind::Add => adds.get(email).map(|a| MemberState {
+                        key,
+                        origin: Origin::Owned,
+                        present: true,
+                        link_man_id: Some(a.link_man_id),
+                        customer_id: Some(a.customer_id),
+                        edm_id: *edm_id,
+                        fields: a.fields.clone(),
+                    }),
+                    BatchKind::Unsub => self.members.get(&key).map(|m| MemberState {
+                        present: false,
+                        edm_id: None,
+                        ..m.clone()
+                    }),
+                }
+            })
+            .collect();
+        let refs: Vec<&Email> = done.iter().map(|(e, _)| e).collect();
+        let op = match kind {
+            BatchKind::Add => OpKind::Add,
+            BatchKind::Unsub => OpKind::Unsub,
+        };
+        self.ctx
+            .store
+            .complete_operations(self.run_id, op, list_id, &refs, &rows)
+            .await?;
+        match kind {
+            BatchKind::Add => self.counts.added += refs.len(),
+            BatchKind::Unsub => self.counts.unsubscribed += refs.len(),
+        }
+        crate::metrics::operations(op.as_str(), "done", refs.len());
+        for row in rows {
+            self.members.insert(row.key.clone(), row);
+        }
+        Ok(())
+    }
+
+    /// Sends the edits of one list, finding EDM ids that are not known yet.
+    async fn send_edits(&mut self, list_id: ListId, edits: Vec<PlannedEdit>) -> anyhow::Result<()> {
+        let unknown: Vec<Email> = edits
+            .iter()
+            .filter(|e| e.edm_id.is_none())
+            .map(|e| e.key.email.clone())
+            .collect();
+        let found = if unknown.is_empty() {
+            HashMap::new()
+        } else {
+            lookup(self.ctx, list_id, &unknown, self.members)
+                .await
+                .with_context(|| format!("cannot find EDM ids for edits in list {list_id}"))?
+        };
+        let mut ready: Vec<(PlannedEdit, i64)> = Vec::with_capacity(edits.len());
+        let mut vanished: Vec<MemberState> = Vec::new();
+        for edit in edits {
+            match edit
+                .edm_id
+                .or_else(|| found.get(&edit.key.email).map(|a| a.id))
+            {
+                Some(id) => ready.push((edit, id)),
+                None => {
+                    // EDM no longer holds it: mark it absent; the next run
+                    // adds it again.
+                    tracing::warn!(list_id, address = %edit.key.email.masked(), "member to edit is not in the EDM list; it will be added again next run");
+                    if let Some(m) = self.members.get(&edit.key) {
+                        vanished.push(MemberState {
+                            present: false,
+                            edm_id: None,
+                            ..m.clone()
+                        });
+                    }
+                }
+            }
+        }
+        if !vanished.is_empty() {
+            self.ctx.store.upsert_members(&vanished).await?;
+            for m in vanished {
+                self.members.insert(m.key.clone(), m);
+            }
+        }
+        let records: Vec<NewOperation> = ready
+            .iter()
+            .map(|(e, id)| NewOperation {
+                kind: OpKind::Edit,
+                list_id,
+                email: e.key.email.clone(),
+                edm_id: Some(*id),
+                link_man_id: Some(e.link_man_id),
+                customer_id: Some(e.customer_id),
+                fields: e.fields.clone(),
+            })
+            .collect();
+        self.ctx
+            .store
+            .record_operations(self.run_id, &records)
+            .await?;
+        let mut done: Vec<MemberState> = Vec::new();
+        for (edit, id) in ready {
+            if self.ctx.shutdown.is_cancelled() {
+                break;
+            }
+            self.counts.edm_writes += 1;
+            match self.ctx.edm.edit(id, &edit.key.email, &edit.fields).await {
+                Ok(()) => {
+                    let base = self.members.get(&edit.key).cloned();
+                    done.push(MemberState {
+                        key: edit.key.clone(),
+                        origin: base.as_ref().map(|m| m.origin).unwrap_or(Origin::Owned),
+                        present: true,
+                        link_man_id: Some(edit.link_man_id),
+                        customer_id: Some(edit.customer_id),
+                        edm_id: Some(id),
+                        fields: edit.fields.clone(),
+                    });
+                    if done.len() >= crate::state::CHUNK {
+                        self.complete_edits(list_id, std::mem::take(&mut done))
+                            .await?;
+                    }
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    self.ctx
+                        .store
+                        .note_failure(
+                            self.run_id,
+                            OpKind::Edit,
+                            list_id,
+                            &[&edit.key.email],
+                            &text,
+                        )
+                        .await?;
+                    if e.is_auth() {
+                        self.complete_edits(list_id, done).await?;
+                        return Err(anyhow::Error::new(e)
+                            .context("EDM refused the credentials; run stopped"));
+                    }
+                    tracing::error!(list_id, address = %edit.key.email.masked(), error = %text, "edit failed; it stays pending for the next run");
+                    self.counts.failed += 1;
+                    crate::metrics::operations(OpKind::Edit.as_str(), "failed", 1);
+                }
+            }
+        }
+        self.complete_edits(list_id, done).await
+    }
+
+    async fn complete_edits(
+        &mut self,
+        list_id: ListId,
+        done: Vec<MemberState>,
+    ) -> anyhow::Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let emails: Vec<Email> = done.iter().map(|m| m.key.email.clone()).collect();
+        let refs: Vec<&Email> = emails.iter().collect();
+        self.ctx
+            .store
+            .complete_operations(self.run_id, OpKind::Edit, list_id, &refs, &done)
+            .await?;
+        self.counts.updated += done.len();
+        crate::metrics::operations(OpKind::Edit.as_str(), "done", done.len());
+        for m in done {
+            self.members.insert(m.key.clone(), m);
+        }
+        Ok(())
+    }
+}
+
+/// `items` as batches of at most `size` addresses, list by list; `add_of`
+/// says what an item adds (nothing for an unsubscribe).
+fn batches<T>(
+    items: Vec<T>,
+    size: usize,
+    key_of: impl Fn(&T) -> &MemberKey,
+    add_of: impl Fn(T) -> Option<PlannedAdd>,
+) -> Vec<Batch> {
+    let mut out = Vec::new();
+    for (list_id, items) in group_by_list(items, |t| key_of(t).list_id) {
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let mut batch = Batch {
+                list_id,
+                emails: Vec::with_capacity(size),
+                adds: HashMap::new(),
+            };
+            for item in items.by_ref().take(size.max(1)) {
+                let email = key_of(&item).email.clone();
+                if let Some(add) = add_of(item) {
+                    batch.adds.insert(email.clone(), add);
+                }
+                batch.emails.push(email);
+            }
+            out.push(batch);
+        }
+    }
+    out
+}
+
+fn group_by_list<T>(items: Vec<T>, list_of: impl Fn(&T) -> ListId) -> BTreeMap<ListId, Vec<T>> {
+    let mut out: BTreeMap<ListId, Vec<T>> = BTreeMap::new();
+    for item in items {
+        out.entry(list_of(&item)).or_default().push(item);
+    }
+    out
+}
