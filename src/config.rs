@@ -195,7 +195,7 @@ pub struct WritebackSettings {
 
 /// `[writeback.templates]`: title and content of the ContactHistory record
 /// of each kind. `{name}` placeholders are filled in; see
-/// [`TEMPLATE_PLACEHOLDERS`].
+/// [`crate::template::PLACEHOLDERS`].
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Templates {
@@ -208,22 +208,6 @@ pub struct Templates {
     pub unsubscribe_title: String,
     pub unsubscribe_content: String,
 }
-
-/// The placeholders a write-back template may use.
-pub const TEMPLATE_PLACEHOLDERS: [&str; 12] = [
-    "name",
-    "email",
-    "campaign",
-    "sn",
-    "campaign_id",
-    "list",
-    "count",
-    "first",
-    "last",
-    "links",
-    "reason",
-    "time",
-];
 
 impl Templates {
     fn all(&self) -> [(&'static str, &str); 8] {
@@ -238,23 +222,6 @@ impl Templates {
             ("unsubscribe_content", &self.unsubscribe_content),
         ]
     }
-}
-
-/// The `{placeholder}` names a template uses.
-pub fn placeholders(template: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut rest = template;
-    while let Some(start) = rest.find('{') {
-        let after = &rest[start + 1..];
-        match after.find('}') {
-            Some(end) => {
-                out.push(&after[..end]);
-                rest = &after[end + 1..];
-            }
-            None => break,
-        }
-    }
-    out
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -530,15 +497,12 @@ impl Settings {
             if template.trim().is_empty() {
                 return bad(&format!("writeback.templates.{key}"), "must not be empty");
             }
-            if let Some(unknown) = placeholders(template)
-                .into_iter()
-                .find(|p| !TEMPLATE_PLACEHOLDERS.contains(p))
-            {
+            if let Some(unknown) = crate::template::unknown_placeholder(template) {
                 return Err(ConfigError::Invalid {
                     key: format!("writeback.templates.{key}"),
                     reason: format!(
                         "unknown placeholder {{{unknown}}}; known: {}",
-                        TEMPLATE_PLACEHOLDERS.join(", ")
+                        crate::template::PLACEHOLDERS.join(", ")
                     ),
                 });
             }

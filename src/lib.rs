@@ -24,4 +24,5 @@ pub mod states;
 pub mod status;
 pub mod sync;
 pub mod telemetry;
+pub mod template;
 pub mod writeback;

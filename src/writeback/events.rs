@@ -10,6 +10,7 @@ use crate::domain::{CustomerId, Email, LinkManId, ListId, MemberKey};
 use crate::edm::{Campaign, ClickEvent, OpenEvent};
 use crate::state::NewRecord;
 use crate::states::RecordKind;
+use crate::template::render;
 
 /// A campaign and what its recipients did.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -155,34 +156,6 @@ fn gather<'m, 'a>(
 
 /// Links listed in a click record at the most.
 const MAX_LINKS: usize = 10;
-
-/// Fills `{placeholder}`s in one pass over the template: a value is never
-/// read again, so a campaign name, link or CRM name that itself contains
-/// `{name}` is written as it is. Unknown placeholders are left as they
-/// are (config validation rejects them).
-pub fn render(template: &str, values: &BTreeMap<&str, String>) -> String {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        match after.find('}').and_then(|close| {
-            let name = &after[..close];
-            values.get(name).map(|v| (v, close))
-        }) {
-            Some((value, close)) => {
-                out.push_str(value);
-                rest = &after[close + 1..];
-            }
-            None => {
-                out.push('{');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
 
 fn bounce_reason(kind: &str) -> &'static str {
     match kind {
@@ -566,31 +539,5 @@ mod tests {
             records[0].content
         );
         assert!(!records[0].content.contains("https://a.cn/14"));
-    }
-
-    #[test]
-    fn render_fills_known_placeholders() {
-        let values: BTreeMap<&str, String> = [("name", "张三".to_string())].into();
-        assert_eq!(render("{name} opened {name}", &values), "张三 opened 张三");
-    }
-
-    #[test]
-    fn render_substitutes_once_so_values_containing_placeholders_are_kept_as_written() {
-        // Arrange: a campaign name and a link that look like placeholders.
-        let values: BTreeMap<&str, String> = [
-            ("campaign", "Sale {name} {links}".to_string()),
-            ("name", "张三".to_string()),
-            ("links", "https://a.cn/?q={campaign}".to_string()),
-        ]
-        .into();
-
-        // Act
-        let out = render("{name}: {campaign} / {links} / {unknown} {", &values);
-
-        // Assert
-        assert_eq!(
-            out,
-            "张三: Sale {name} {links} / https://a.cn/?q={campaign} / {unknown} {"
-        );
     }
 }
