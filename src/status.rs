@@ -7,7 +7,9 @@ use std::fmt::Write;
 use std::process::ExitCode;
 
 use crate::config::Settings;
-use crate::state::Store;
+use crate::domain::{ListId, Origin};
+use crate::state::{PendingRow, RunRow, Store};
+use crate::states::{LedgerStatus, RecordKind, SuppressionReason};
 
 /// Runs shown per job.
 const RUNS_PER_JOB: usize = 5;
@@ -33,20 +35,19 @@ pub async fn print(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> 
         }
         return Ok(ExitCode::from(crate::cli::EXIT_FAILED));
     };
-    let report = if json {
-        render_json(&store)
-            .await
-            .and_then(|v| Ok(format!("{}\n", serde_json::to_string_pretty(&v)?)))
-    } else {
-        render(&store).await
-    };
+    let report = StatusReport::read(&store).await;
     store.close().await;
-    print!("{}", report?);
+    let report = report?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{}", report.to_text());
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 /// The last runs of each job, newest first.
-async fn runs_per_job(store: &Store) -> anyhow::Result<Vec<crate::state::RunRow>> {
+async fn runs_per_job(store: &Store) -> anyhow::Result<Vec<RunRow>> {
     let mut per_job: std::collections::HashMap<crate::states::Job, usize> = Default::default();
     Ok(store
         .recent_runs(200)
@@ -60,56 +61,168 @@ async fn runs_per_job(store: &Store) -> anyhow::Result<Vec<crate::state::RunRow>
         .collect())
 }
 
+/// What `status` reports, read once from the store and rendered as text
+/// for people or as JSON for scripts (the same facts in both).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusReport {
+    pub runs: Vec<RunRow>,
+    pub pending_total: u64,
+    pub pending: Vec<PendingRow>,
+    pub suppressions: Vec<(SuppressionReason, u64)>,
+    pub records: Vec<(RecordKind, LedgerStatus, u64)>,
+    pub members: Vec<(ListId, Origin, bool, u64)>,
+}
+
+impl StatusReport {
+    pub async fn read(store: &Store) -> anyhow::Result<StatusReport> {
+        let (pending_total, pending) = store.pending_summary(PENDING).await?;
+        Ok(StatusReport {
+            runs: runs_per_job(store).await?,
+            pending_total,
+            pending,
+            suppressions: store.suppression_counts().await?,
+            records: store.ledger_counts().await?,
+            members: store.member_counts().await?,
+        })
+    }
+
+    /// The report as JSON, for scripts.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let runs: Vec<serde_json::Value> = self
+            .runs
+            .iter()
+            .map(|r| {
+                json!({
+                    "id": r.id, "job": r.job, "status": r.status, "dry_run": r.dry_run,
+                    "started_at": when(r.started_at), "finished_at": r.finished_at.map(when),
+                    "counts": r.counts, "error": r.error,
+                })
+            })
+            .collect();
+        let pending: Vec<serde_json::Value> = self
+            .pending
+            .iter()
+            .map(|p| {
+                json!({
+                    "id": p.id, "kind": p.kind, "list_id": p.list_id,
+                    "address": crate::domain::mask_address(&p.email),
+                    "attempts": p.attempts, "last_error": p.last_error, "since": when(p.created_at),
+                })
+            })
+            .collect();
+        let suppressions: serde_json::Map<String, serde_json::Value> = self
+            .suppressions
+            .iter()
+            .map(|(k, n)| (k.to_string(), json!(n)))
+            .collect();
+        let records: Vec<serde_json::Value> = self
+            .records
+            .iter()
+            .map(|(kind, status, n)| json!({"kind": kind, "status": status, "count": n}))
+            .collect();
+        let members: Vec<serde_json::Value> = self
+            .members
+            .iter()
+            .map(|(list, origin, present, n)| json!({"list_id": list, "origin": origin, "present": present, "count": n}))
+            .collect();
+        json!({
+            "runs": runs,
+            "pending_operations": {"total": self.pending_total, "oldest": pending},
+            "suppressions": suppressions,
+            "contact_history_records": records,
+            "members": members,
+        })
+    }
+
+    /// The report as text, for people.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "last runs:");
+        if self.runs.is_empty() {
+            let _ = writeln!(out, "  none yet");
+        }
+        for r in &self.runs {
+            let took = r
+                .finished_at
+                .map(|f| format!("{} ms", f - r.started_at))
+                .unwrap_or_else(|| "unfinished".into());
+            let dry = if r.dry_run { " (dry run)" } else { "" };
+            let _ = writeln!(
+                out,
+                "  {} {} {}{} {} [{}]",
+                when(r.started_at),
+                r.job,
+                r.status,
+                dry,
+                took,
+                r.id
+            );
+            if let Some(obj) = r.counts.as_object() {
+                let counts: Vec<String> = obj
+                    .iter()
+                    .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                if !counts.is_empty() {
+                    let _ = writeln!(out, "    {}", counts.join(" "));
+                }
+            }
+            if let Some(e) = &r.error {
+                let _ = writeln!(out, "    error: {e}");
+            }
+        }
+        let _ = writeln!(out, "pending operations: {}", self.pending_total);
+        for p in &self.pending {
+            let _ = writeln!(
+                out,
+                "  #{} {} list {} {} since {} attempts={}{}",
+                p.id,
+                p.kind,
+                p.list_id,
+                crate::domain::mask_address(&p.email),
+                when(p.created_at),
+                p.attempts,
+                p.last_error
+                    .as_deref()
+                    .map(|e| format!(" last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        let _ = writeln!(out, "suppressions:");
+        if self.suppressions.is_empty() {
+            let _ = writeln!(out, "  none");
+        }
+        for (reason, n) in &self.suppressions {
+            let _ = writeln!(out, "  {reason}: {n}");
+        }
+        let _ = writeln!(out, "contact-history records:");
+        if self.records.is_empty() {
+            let _ = writeln!(out, "  none");
+        }
+        for (kind, status, n) in &self.records {
+            let _ = writeln!(out, "  {kind} {status}: {n}");
+        }
+        let _ = writeln!(out, "members:");
+        if self.members.is_empty() {
+            let _ = writeln!(out, "  none");
+        }
+        for (list, origin, present, n) in &self.members {
+            let state = if *present { "in list" } else { "removed" };
+            let _ = writeln!(out, "  list {list}: {origin} {state}: {n}");
+        }
+        out
+    }
+}
+
 /// The status report as JSON, for scripts.
 pub async fn render_json(store: &Store) -> anyhow::Result<serde_json::Value> {
-    use serde_json::json;
-    let runs: Vec<serde_json::Value> = runs_per_job(store)
-        .await?
-        .into_iter()
-        .map(|r| {
-            json!({
-                "id": r.id, "job": r.job, "status": r.status, "dry_run": r.dry_run,
-                "started_at": when(r.started_at), "finished_at": r.finished_at.map(when),
-                "counts": r.counts, "error": r.error,
-            })
-        })
-        .collect();
-    let (pending_total, pending) = store.pending_summary(PENDING).await?;
-    let pending: Vec<serde_json::Value> = pending
-        .into_iter()
-        .map(|p| {
-            json!({
-                "id": p.id, "kind": p.kind, "list_id": p.list_id,
-                "address": crate::domain::mask_address(&p.email),
-                "attempts": p.attempts, "last_error": p.last_error, "since": when(p.created_at),
-            })
-        })
-        .collect();
-    let suppressions: serde_json::Map<String, serde_json::Value> = store
-        .suppression_counts()
-        .await?
-        .into_iter()
-        .map(|(k, n)| (k.to_string(), json!(n)))
-        .collect();
-    let records: Vec<serde_json::Value> = store
-        .ledger_counts()
-        .await?
-        .into_iter()
-        .map(|(kind, status, n)| json!({"kind": kind, "status": status, "count": n}))
-        .collect();
-    let members: Vec<serde_json::Value> = store
-        .member_counts()
-        .await?
-        .into_iter()
-        .map(|(list, origin, present, n)| json!({"list_id": list, "origin": origin, "present": present, "count": n}))
-        .collect();
-    Ok(json!({
-        "runs": runs,
-        "pending_operations": {"total": pending_total, "oldest": pending},
-        "suppressions": suppressions,
-        "contact_history_records": records,
-        "members": members,
-    }))
+    Ok(StatusReport::read(store).await?.to_json())
+}
+
+/// The status report as text.
+pub async fn render(store: &Store) -> anyhow::Result<String> {
+    Ok(StatusReport::read(store).await?.to_text())
 }
 
 fn when(ms: i64) -> String {
@@ -118,86 +231,47 @@ fn when(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-/// The status report as text.
-pub async fn render(store: &Store) -> anyhow::Result<String> {
-    let mut out = String::new();
-    let runs = runs_per_job(store).await?;
-    let _ = writeln!(out, "last runs:");
-    if runs.is_empty() {
-        let _ = writeln!(out, "  none yet");
-    }
-    for r in &runs {
-        let took = r
-            .finished_at
-            .map(|f| format!("{} ms", f - r.started_at))
-            .unwrap_or_else(|| "unfinished".into());
-        let dry = if r.dry_run { " (dry run)" } else { "" };
-        let _ = writeln!(
-            out,
-            "  {} {} {}{} {} [{}]",
-            when(r.started_at),
-            r.job,
-            r.status,
-            dry,
-            took,
-            r.id
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_and_json_render_the_same_facts() {
+        // Arrange
+        let report = StatusReport {
+            runs: vec![],
+            pending_total: 3,
+            pending: vec![PendingRow {
+                id: 7,
+                kind: crate::states::OpKind::Unsub,
+                list_id: 2,
+                email: "zhang@example.com".into(),
+                attempts: 4,
+                last_error: Some("refused".into()),
+                created_at: 0,
+            }],
+            suppressions: vec![(SuppressionReason::Bounce, 5)],
+            records: vec![(RecordKind::Open, LedgerStatus::Done, 9)],
+            members: vec![(1, Origin::Adopted, true, 11)],
+        };
+
+        // Act
+        let text = report.to_text();
+        let json = report.to_json();
+
+        // Assert
+        assert!(text.contains("pending operations: 3"), "{text}");
+        assert_eq!(json["pending_operations"]["total"], 3);
+        assert!(text.contains("#7 unsub list 2 z***@example.com"), "{text}");
+        assert_eq!(
+            json["pending_operations"]["oldest"][0]["address"],
+            "z***@example.com"
         );
-        if let Some(obj) = r.counts.as_object() {
-            let counts: Vec<String> = obj
-                .iter()
-                .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            if !counts.is_empty() {
-                let _ = writeln!(out, "    {}", counts.join(" "));
-            }
-        }
-        if let Some(e) = &r.error {
-            let _ = writeln!(out, "    error: {e}");
-        }
+        assert!(text.contains("bounce: 5"), "{text}");
+        assert_eq!(json["suppressions"]["bounce"], 5);
+        assert!(text.contains("open done: 9"), "{text}");
+        assert_eq!(json["contact_history_records"][0]["kind"], "open");
+        assert!(text.contains("list 1: adopted in list: 11"), "{text}");
+        assert_eq!(json["members"][0]["origin"], "adopted");
     }
-    let (total, pending) = store.pending_summary(PENDING).await?;
-    let _ = writeln!(out, "pending operations: {total}");
-    for p in &pending {
-        let _ = writeln!(
-            out,
-            "  #{} {} list {} {} since {} attempts={}{}",
-            p.id,
-            p.kind,
-            p.list_id,
-            crate::domain::mask_address(&p.email),
-            when(p.created_at),
-            p.attempts,
-            p.last_error
-                .as_deref()
-                .map(|e| format!(" last error: {e}"))
-                .unwrap_or_default()
-        );
-    }
-    let _ = writeln!(out, "suppressions:");
-    let sup = store.suppression_counts().await?;
-    if sup.is_empty() {
-        let _ = writeln!(out, "  none");
-    }
-    for (reason, n) in sup {
-        let _ = writeln!(out, "  {reason}: {n}");
-    }
-    let _ = writeln!(out, "contact-history records:");
-    let ledger = store.ledger_counts().await?;
-    if ledger.is_empty() {
-        let _ = writeln!(out, "  none");
-    }
-    for (kind, status, n) in ledger {
-        let _ = writeln!(out, "  {kind} {status}: {n}");
-    }
-    let _ = writeln!(out, "members:");
-    let counts = store.member_counts().await?;
-    if counts.is_empty() {
-        let _ = writeln!(out, "  none");
-    }
-    for (list, origin, present, n) in counts {
-        let state = if present { "in list" } else { "removed" };
-        let _ = writeln!(out, "  list {list}: {origin} {state}: {n}");
-    }
-    Ok(out)
 }
