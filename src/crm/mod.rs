@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use crate::config::{CrmFields, Settings};
 use crate::domain::{CustomerId, LinkManId};
 use crate::redact::Redactor;
-use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, RemoteError};
+use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Pager, RemoteError};
 
 /// A CRM object as the API returned it.
 pub type CrmMap = Map<String, Value>;
@@ -275,8 +275,10 @@ impl CrmClient {
         let page_size = self.page_size;
         let pager = async move {
             let mut seen: HashSet<CustomerId> = HashSet::new();
-            let mut previous: Option<Vec<CustomerId>> = None;
-            for page in 1..=self.max_pages {
+            let mut pages = Pager::new(Api::Crm, "Customer/GetAllList", "the customers", page_size)
+                .fail_after(self.max_pages, "crm.max_pages");
+            let mut read = 0;
+            while let Some(page) = pages.next_page()? {
                 let items = self
                     .customers_page(page, page_size)
                     .await
@@ -284,7 +286,7 @@ impl CrmClient {
                         e.operation = format!("{} page {page}", e.operation);
                         e
                     })?;
-                let pages = page;
+                read = page;
                 let n = items.len();
                 let mut ids = Vec::with_capacity(n);
                 for (i, data) in items.into_iter().enumerate() {
@@ -306,33 +308,12 @@ impl CrmClient {
                     // is read once.
                     if seen.insert(id) && tx.send(Customer { id, data }).await.is_err() {
                         // The fetcher stopped on an error; it reports it.
-                        return Ok(pages);
+                        return Ok(read);
                     }
                 }
-                if n == page_size as usize && previous.as_ref() == Some(&ids) {
-                    return Err(self.err(
-                        "Customer/GetAllList",
-                        ErrorKind::Malformed {
-                            detail: format!(
-                                "page {page} repeats page {}; paging would not end",
-                                page - 1
-                            ),
-                            excerpt: String::new(),
-                        },
-                    ));
-                }
-                if n < page_size as usize {
-                    return Ok(pages);
-                }
-                previous = Some(ids);
+                pages.accept(n, ids)?;
             }
-            Err(self.err(
-                "Customer/GetAllList",
-                ErrorKind::Malformed {
-                    detail: format!("more than {} pages (crm.max_pages)", self.max_pages),
-                    excerpt: String::new(),
-                },
-            ))
+            Ok(read)
         };
         let fetcher = tokio_stream_from(rx)
             .map(|customer| async move {

@@ -18,7 +18,7 @@ use super::xml::{
 use crate::config::Settings;
 use crate::domain::{Email, ListId, MemberFields, VAR_COUNT};
 use crate::redact::Redactor;
-use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, RemoteError};
+use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Pager, RemoteError};
 
 /// Lowercase hex MD5 of the plain password, as the API expects it.
 pub fn password_md5(plain: &str) -> String {
@@ -373,26 +373,18 @@ impl EdmClient {
         list_id: ListId,
         mut visit: impl FnMut(EdmAddress),
     ) -> Result<(), RemoteError> {
-        let limit = self.list_page_size;
-        let mut previous_first: Option<i64> = None;
-        for page in 1.. {
-            let batch = self.addr_page(list_id, None, page, limit).await?;
-            let n = batch.len();
-            let first = batch.first().map(|a| a.id);
-            if n > 0 && first == previous_first {
-                return Err(self.err(
-                    "ml-addr-list",
-                    ErrorKind::Malformed {
-                        detail: format!("page {page} of list {list_id} repeats page {}", page - 1),
-                        excerpt: String::new(),
-                    },
-                ));
-            }
-            previous_first = first;
+        let mut pages = Pager::new(
+            Api::Edm,
+            "ml-addr-list",
+            format!("list {list_id}"),
+            self.list_page_size,
+        );
+        while let Some(page) = pages.next_page()? {
+            let batch = self
+                .addr_page(list_id, None, page, self.list_page_size)
+                .await?;
+            pages.accept(batch.len(), batch.iter().map(|a| a.id))?;
             batch.into_iter().for_each(&mut visit);
-            if n < limit as usize {
-                break;
-            }
         }
         Ok(())
     }
@@ -406,20 +398,23 @@ impl EdmClient {
         email: &Email,
     ) -> Result<Vec<EdmAddress>, RemoteError> {
         let mut found = Vec::new();
-        let limit = self.list_page_size;
-        for page in 1.. {
+        let mut pages = Pager::new(
+            Api::Edm,
+            "ml-addr-list",
+            format!("a search of list {list_id}"),
+            self.list_page_size,
+        )
+        .stop_after(100);
+        while let Some(page) = pages.next_page()? {
             let batch = self
-                .addr_page(list_id, Some(email.as_str()), page, limit)
+                .addr_page(list_id, Some(email.as_str()), page, self.list_page_size)
                 .await?;
-            let n = batch.len();
+            pages.accept(batch.len(), batch.iter().map(|a| a.id))?;
             found.extend(
                 batch
                     .into_iter()
                     .filter(|a| a.email.as_ref() == Some(email)),
             );
-            if n < limit as usize || page >= 100 {
-                break;
-            }
         }
         Ok(found)
     }
@@ -549,22 +544,12 @@ impl EdmClient {
     pub async fn tasks_on(&self, date: &str) -> Result<Vec<Campaign>, RemoteError> {
         const LIMIT: u32 = 100;
         let mut all: Vec<Campaign> = Vec::new();
-        for page in 1..=1000u32 {
+        let mut pages = Pager::new(Api::Edm, "task-list", date, LIMIT)
+            .fail_after(1000, "1000 pages of campaigns a day");
+        while let Some(page) = pages.next_page()? {
             let batch = self.task_page(date, page, LIMIT).await?;
-            let n = batch.len();
-            if n > 0 && all.iter().any(|c| c.id == batch[0].id) {
-                return Err(self.err(
-                    "task-list",
-                    ErrorKind::Malformed {
-                        detail: format!("page {page} of {date} repeats an earlier page"),
-                        excerpt: String::new(),
-                    },
-                ));
-            }
+            pages.accept(batch.len(), batch.iter().map(|c| c.id))?;
             all.extend(batch);
-            if n < LIMIT as usize {
-                break;
-            }
         }
         Ok(all)
     }
