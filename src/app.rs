@@ -192,7 +192,7 @@ async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
             println!("database: FAILED: {}", redactor.redact(&format!("{e:#}")));
         }
     }
-    let edm = crate::edm::EdmClient::new(&settings, redactor.clone())?;
+    let edm = crate::edm::EdmClient::new(&settings.edm, redactor.clone())?;
     match edm.customer_info().await {
         Ok(account) => println!("edm: ok (account {})", account.username),
         Err(e) => {
@@ -200,7 +200,7 @@ async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
             println!("edm: FAILED: {}", redactor.redact(&e.to_string()));
         }
     }
-    let crm = crate::crm::CrmClient::new(&settings, redactor.clone())?;
+    let crm = crate::crm::CrmClient::new(&settings.crm, redactor.clone())?;
     match crm.customers_page(1, 1).await {
         Ok(_) => println!("crm: ok"),
         Err(e) => {

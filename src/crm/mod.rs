@@ -12,7 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 
-use crate::config::{CrmFields, Settings};
+use crate::config::{CrmFields, CrmSettings};
 use crate::domain::{CustomerId, LinkManId};
 use crate::redact::Redactor;
 use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Pager, RemoteError};
@@ -80,9 +80,9 @@ pub struct CrmClient {
 }
 
 impl CrmClient {
-    pub fn new(all: &Settings, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
-        let settings = &all.crm;
-        let http = HttpCaller::new(Api::Crm, crate::remote::Limits::of_crm(&all.crm), redactor)?;
+    /// A client built from the `[crm]` section alone.
+    pub fn new(settings: &CrmSettings, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
+        let http = HttpCaller::new(Api::Crm, crate::remote::Limits::of_crm(settings), redactor)?;
         Ok(CrmClient {
             http,
             base_url: settings.base_url.trim_end_matches('/').to_string(),
@@ -437,7 +437,7 @@ mod tests {
         )
         .unwrap();
         let redactor = Arc::new(Redactor::new(["s3cret-token".to_string()]));
-        CrmClient::new(&settings, redactor).unwrap()
+        CrmClient::new(&settings.crm, redactor).unwrap()
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::xml::{
     self, AddrListXml, ClickDetailXml, CustomerXml, MailListsXml, OpenDetailXml, ResultXml,
     TaskListXml, XmlError,
 };
-use crate::config::Settings;
+use crate::config::EdmSettings;
 use crate::domain::{Email, ListId, MemberFields, VAR_COUNT};
 use crate::redact::Redactor;
 use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Pager, RemoteError};
@@ -129,9 +129,9 @@ pub struct EdmClient {
 }
 
 impl EdmClient {
-    pub fn new(all: &Settings, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
-        let settings = &all.edm;
-        let http = HttpCaller::new(Api::Edm, crate::remote::Limits::of_edm(&all.edm), redactor)?;
+    /// A client built from the `[edm]` section alone.
+    pub fn new(settings: &EdmSettings, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
+        let http = HttpCaller::new(Api::Edm, crate::remote::Limits::of_edm(settings), redactor)?;
         Ok(EdmClient {
             http,
             base_url: settings.base_url.trim_end_matches('/').to_string(),
@@ -720,7 +720,7 @@ mod tests {
             "hunter22".to_string(),
             password_md5("hunter22"),
         ]));
-        EdmClient::new(&settings, redactor).unwrap()
+        EdmClient::new(&settings.edm, redactor).unwrap()
     }
 
     #[test]

@@ -53,8 +53,8 @@ impl Context {
     /// Builds the clients and opens (and migrates) the state database.
     pub async fn new(settings: Settings) -> anyhow::Result<Context> {
         let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
-        let crm = CrmClient::new(&settings, redactor.clone())?;
-        let edm = EdmClient::new(&settings, redactor.clone())?;
+        let crm = CrmClient::new(&settings.crm, redactor.clone())?;
+        let edm = EdmClient::new(&settings.edm, redactor.clone())?;
         let store = Store::connect(&settings.database.url).await?;
         Ok(Context {
             settings: Arc::new(settings),
@@ -72,8 +72,8 @@ impl Context {
     /// first run would see it.
     pub async fn new_read_only(settings: Settings) -> anyhow::Result<Context> {
         let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
-        let crm = CrmClient::new(&settings, redactor.clone())?;
-        let edm = EdmClient::new(&settings, redactor.clone())?;
+        let crm = CrmClient::new(&settings.crm, redactor.clone())?;
+        let edm = EdmClient::new(&settings.edm, redactor.clone())?;
         let store = match Store::open_read_only(&settings.database.url).await? {
             Some(store) => store,
             None => {

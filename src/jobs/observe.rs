@@ -8,8 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use crate::domain::{Email, ListId, MemberKey};
 use crate::domain::{MemberState, Origin};
 use crate::edm::{EdmAddress, ExportLine};
-use crate::state::entities::operation;
-use crate::state::{NewSuppression, SeenLine};
+use crate::state::{NewSuppression, PendingOperation, SeenLine};
 use crate::states::{OpKind, OpStatus, SuppressionReason, SuppressionSource};
 
 /// What one export read means.
@@ -93,7 +92,7 @@ pub struct Resolution {
 /// holds took effect; anything else is superseded and the next plan
 /// decides again. Edits are idempotent and always superseded.
 pub fn resolve_pending(
-    ops: &[operation::Model],
+    ops: &[PendingOperation],
     found: &HashMap<Email, EdmAddress>,
     members: &HashMap<MemberKey, MemberState>,
 ) -> Vec<Resolution> {
@@ -326,24 +325,14 @@ mod tests {
         );
     }
 
-    fn op(id: i64, kind: OpKind, list: ListId, e: &str) -> operation::Model {
-        operation::Model {
+    fn op(id: i64, kind: OpKind, list: ListId, e: &str) -> PendingOperation {
+        PendingOperation {
             id,
-            run_id: "r".into(),
             kind,
             list_id: list,
             email: e.into(),
-            edm_id: None,
             link_man_id: Some(5),
             customer_id: Some(6),
-            fullname: String::new(),
-            vars: "[]".into(),
-            status: OpStatus::Pending,
-            attempts: 0,
-            last_error: None,
-            export_matched: false,
-            created_at: 0,
-            updated_at: 0,
         }
     }
 

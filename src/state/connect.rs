@@ -179,9 +179,9 @@ pub async fn schema_of(db: &DatabaseConnection) -> anyhow::Result<Schema> {
 pub const MIGRATION_LOCK_KEY: i64 = 0x63_65_73_6d_69_67_72;
 
 /// Applies the pending migrations while holding a migration lock: a
-/// PostgreSQL advisory lock on a connection of its own, or an exclusive
-/// lock on `<file>.migrate.lock` beside an SQLite file. The second
-/// instance waits, then finds nothing left to do.
+/// PostgreSQL advisory lock on a connection of its own. (SQLite: the
+/// caller already holds [`SqliteOpenLock`].) The second instance waits,
+/// then finds nothing left to do.
 async fn migrate_locked(db: &DatabaseConnection, raw: &str) -> anyhow::Result<()> {
     let failed = |e: &dyn std::fmt::Display| {
         anyhow::anyhow!(
@@ -201,9 +201,24 @@ async fn migrate_locked(db: &DatabaseConnection, raw: &str) -> anyhow::Result<()
         // Closing the connection releases the lock whatever happened.
         let _ = lock.close().await;
         result.map_err(|e| failed(&e))?;
-    } else if let Some(file) = sqlite_file(raw) {
+    } else {
+        Migrator::up(db, None).await.map_err(|e| failed(&e))?;
+    }
+    Ok(())
+}
+
+/// An exclusive lock on `<file>.migrate.lock` beside an SQLite database,
+/// held while a writer opens it: creating the file, switching it to WAL
+/// and migrating it are then one process at a time, so two instances
+/// starting together on a new file neither meet "database is locked" nor
+/// both create the tables. Released when dropped.
+struct SqliteOpenLock(std::fs::File);
+
+impl SqliteOpenLock {
+    async fn take(file: &std::path::Path) -> anyhow::Result<SqliteOpenLock> {
         let path = std::path::PathBuf::from(format!("{}.migrate.lock", file.display()));
-        let lock = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        let shown = path.display().to_string();
+        let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
             let f = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
@@ -212,16 +227,16 @@ async fn migrate_locked(db: &DatabaseConnection, raw: &str) -> anyhow::Result<()
             f.lock()?;
             Ok(f)
         })
-        .await
-        .map_err(|e| failed(&e))?
-        .map_err(|e| failed(&e))?;
-        let result = Migrator::up(db, None).await;
-        let _ = lock.unlock();
-        result.map_err(|e| failed(&e))?;
-    } else {
-        Migrator::up(db, None).await.map_err(|e| failed(&e))?;
+        .await?
+        .with_context(|| format!("cannot lock {shown}"))?;
+        Ok(SqliteOpenLock(file))
     }
-    Ok(())
+}
+
+impl Drop for SqliteOpenLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
 }
 
 impl Store {
@@ -230,6 +245,10 @@ impl Store {
     /// touched: no statement is run to check it that could write or log.
     pub async fn connect(url: &SecretString) -> anyhow::Result<Store> {
         let raw = url.expose_secret();
+        let _opening = match sqlite_file(raw) {
+            Some(file) => Some(SqliteOpenLock::take(&file).await?),
+            None => None,
+        };
         let db = open_pool(raw, Access::Write).await?;
         match schema_of(&db).await? {
             Schema::Current => {}

@@ -12,7 +12,7 @@
 //! one per member.
 
 mod connect;
-pub mod entities;
+mod entities;
 mod members;
 pub mod nodelay;
 mod observations;
@@ -22,8 +22,8 @@ mod runs;
 
 pub use connect::{MIGRATION_LOCK_KEY, Schema, schema_of, sqlite_file};
 pub use observations::{ListBook, NewSuppression, Observations, SeenLine};
-pub use operations::{NewOperation, PendingRow};
-pub use records::NewRecord;
+pub use operations::{NewOperation, PendingOperation, PendingRow};
+pub use records::{LedgerRow, NewRecord};
 pub use runs::RunRow;
 
 use std::collections::HashMap;

@@ -24,6 +24,17 @@ pub struct NewOperation {
     pub fields: MemberFields,
 }
 
+/// An operation still pending, as recovery needs it (behaviour 9).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingOperation {
+    pub id: i64,
+    pub kind: OpKind,
+    pub list_id: ListId,
+    pub email: String,
+    pub link_man_id: Option<i64>,
+    pub customer_id: Option<i64>,
+}
+
 /// A pending operation, for `status`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingRow {
@@ -61,13 +72,24 @@ impl Store {
     }
 
     /// Operations still pending (from this or earlier runs).
-    pub async fn pending_operations(&self) -> anyhow::Result<Vec<operation::Model>> {
-        operation::Entity::find()
+    pub async fn pending_operations(&self) -> anyhow::Result<Vec<PendingOperation>> {
+        let rows = operation::Entity::find()
             .filter(operation::Column::Status.eq(OpStatus::Pending))
             .order_by_asc(operation::Column::Id)
             .all(&self.db)
             .await
-            .context("cannot read pending operations")
+            .context("cannot read pending operations")?;
+        Ok(rows
+            .into_iter()
+            .map(|r| PendingOperation {
+                id: r.id,
+                kind: r.kind,
+                list_id: r.list_id,
+                email: r.email,
+                link_man_id: r.link_man_id,
+                customer_id: r.customer_id,
+            })
+            .collect())
     }
 
     /// Records operations as pending before they are sent (behaviour 9).

@@ -25,6 +25,38 @@ pub struct NewRecord {
     pub content: String,
 }
 
+/// A write-back ledger row still pending: the record to send, and whether
+/// an earlier call may have written it already.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerRow {
+    pub id: i64,
+    pub kind: RecordKind,
+    pub scope: String,
+    pub link_man_id: i64,
+    pub customer_id: i64,
+    pub title: String,
+    pub content: String,
+    /// A call for it went out and its answer was not recorded.
+    pub uncertain: bool,
+    pub attempts: i32,
+}
+
+impl From<ledger::Model> for LedgerRow {
+    fn from(r: ledger::Model) -> Self {
+        LedgerRow {
+            id: r.id,
+            kind: r.kind,
+            scope: r.scope,
+            link_man_id: r.link_man_id,
+            customer_id: r.customer_id,
+            title: r.title,
+            content: r.content,
+            uncertain: r.uncertain,
+            attempts: r.attempts,
+        }
+    }
+}
+
 impl Store {
     /// The ledger keys `(kind, scope, link_man_id)` already recorded for
     /// `scopes`, done or pending.
@@ -50,22 +82,20 @@ impl Store {
     }
 
     /// Ledger rows still pending, oldest first.
-    pub async fn pending_records(&self) -> anyhow::Result<Vec<ledger::Model>> {
-        ledger::Entity::find()
+    pub async fn pending_records(&self) -> anyhow::Result<Vec<LedgerRow>> {
+        let rows = ledger::Entity::find()
             .filter(ledger::Column::Status.eq(LedgerStatus::Pending))
             .order_by_asc(ledger::Column::Id)
             .all(&self.db)
             .await
-            .context("cannot read pending write-back records")
+            .context("cannot read pending write-back records")?;
+        Ok(rows.into_iter().map(LedgerRow::from).collect())
     }
 
     /// Records new ledger rows as pending (not yet uncertain: nothing was
     /// sent); keys already present are left as they are. Returns the rows
     /// now pending for those keys.
-    pub async fn insert_records(
-        &self,
-        records: &[NewRecord],
-    ) -> anyhow::Result<Vec<ledger::Model>> {
+    pub async fn insert_records(&self, records: &[NewRecord]) -> anyhow::Result<Vec<LedgerRow>> {
         let now = now_ms();
         let unique = one_per_key(
             records,
@@ -124,7 +154,8 @@ impl Store {
             rows.extend(
                 found
                     .into_iter()
-                    .filter(|r| wanted.contains(&(r.kind, r.scope.as_str(), r.link_man_id))),
+                    .filter(|r| wanted.contains(&(r.kind, r.scope.as_str(), r.link_man_id)))
+                    .map(LedgerRow::from),
             );
         }
         Ok(rows)

@@ -26,8 +26,7 @@ use crate::edm::{Campaign, HARD_BOUNCE_TYPES};
 use crate::jobs::Context;
 use crate::jobs::exports::View;
 use crate::jobs::lifecycle::Run;
-use crate::state::entities::ledger;
-use crate::state::{ALL_LISTS, NewSuppression};
+use crate::state::{ALL_LISTS, LedgerRow, NewSuppression};
 use crate::states::{Job, RecordKind, RunStatus, SuppressionReason, SuppressionSource};
 use events::{CampaignEvents, MemberIndex, Unsubscribe};
 
@@ -320,7 +319,7 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
 /// awaited and recorded either way.
 async fn send_all(
     ctx: &Context,
-    rows: Vec<ledger::Model>,
+    rows: Vec<LedgerRow>,
     counts: &mut WritebackCounts,
 ) -> anyhow::Result<()> {
     use futures::future::BoxFuture;
@@ -329,10 +328,10 @@ async fn send_all(
     let wb = &ctx.settings.writeback;
     let window = ctx.settings.crm.concurrency.max(1);
     let mut unsent = rows.into_iter();
-    let mut marked: std::collections::VecDeque<ledger::Model> = Default::default();
+    let mut marked: std::collections::VecDeque<LedgerRow> = Default::default();
     let mut in_flight = futures::stream::FuturesUnordered::new();
     let mut done: Vec<i64> = Vec::with_capacity(window);
-    let mut marking: Option<BoxFuture<'_, anyhow::Result<Vec<ledger::Model>>>> = None;
+    let mut marking: Option<BoxFuture<'_, anyhow::Result<Vec<LedgerRow>>>> = None;
     let mut recording: Option<BoxFuture<'_, anyhow::Result<usize>>> = None;
     let mut auth_error = None;
     let mut stopped = false;
@@ -400,7 +399,7 @@ async fn send_all(
             });
         }
         if !stopped && marking.is_none() && marked.is_empty() && unsent.len() > 0 {
-            let next: Vec<ledger::Model> = unsent.by_ref().take(window).collect();
+            let next: Vec<LedgerRow> = unsent.by_ref().take(window).collect();
             marking = Some(
                 async move {
                     let ids: Vec<i64> = next.iter().map(|r| r.id).collect();
