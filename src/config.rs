@@ -1,5 +1,9 @@
 //! Typed, layered settings (DESIGN.md "Configuration — contract").
 //!
+//! Why one file over 600 lines: every key, its default, its validation
+//! (naming the key) and the tests of that validation are read together
+//! when a key is added or changed; about a quarter is tests.
+//!
 //! Layers, later wins: built-in defaults → TOML file → environment variables
 //! `CRM_EDM_SYNC__SECTION__KEY`. Unknown keys and bad values are errors that
 //! name the key. Secrets are [`SecretString`]s from the moment they are read

@@ -1,6 +1,10 @@
 //! The bestedm user-API client: one `reqwest::Client`, XML answers read
 //! through [`super::xml`], domain types out.
 //!
+//! Why one file over 600 lines: one short method per documented EDM
+//! operation (about twenty), each with its parameters and answer type, and
+//! their tests; splitting them by operation would scatter one API.
+//!
 //! `username`, the MD5 of the password and `do` travel in the query string,
 //! as the API requires; every other parameter is sent as a form field in a
 //! POST body (API.md decision), so list data never appears in a URL. No URL

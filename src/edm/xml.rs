@@ -1,5 +1,9 @@
 //! EDM's XML answers: a tolerant normaliser, then quick-xml serde.
 //!
+//! Why one file over 600 lines: the normaliser, the wire types it feeds
+//! and the tests of every documented quirk belong together; a third of it
+//! is those tests.
+//!
 //! The API documents (API.md) show quirks that a strict parser rejects:
 //! `< fullname >` written with spaces, `</aillist>` closing `<maillist>`,
 //! a document ending in `<data>` instead of `</data>`, CDATA, GBK bodies.

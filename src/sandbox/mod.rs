@@ -4,6 +4,9 @@
 //! documented quirks `</ fullname >` and `</aillist>`). They power `demo`,
 //! the integration tests and the benchmark.
 //!
+//! Why one file over 600 lines: the fault model (armed faults, seeded
+//! chaos, the request log) shared by both fake servers, with its tests.
+//!
 //! A [`Sandbox`] owns both servers; its handles seed and mutate data, read
 //! back EDM state and the request log, and inject faults.
 

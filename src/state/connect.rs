@@ -241,7 +241,7 @@ impl Drop for SqliteOpenLock {
 
 impl Store {
     /// Connects and applies every pending migration (under a migration
-    /// lock, see [`migrate_locked`]). A database already current is not
+    /// lock: a PostgreSQL advisory lock, or the lock file beside SQLite). A database already current is not
     /// touched: no statement is run to check it that could write or log.
     pub async fn connect(url: &SecretString) -> anyhow::Result<Store> {
         let raw = url.expose_secret();
