@@ -1,0 +1,205 @@
+//! Tests of the settings: layers, defaults, and an error naming the key
+//! for every bad value.
+
+use super::*;
+use secrecy::ExposeSecret;
+
+const MINIMAL: &str = r#"
+[crm]
+base_url = "http://crm.test"
+token = "tok"
+[edm]
+username = "u"
+password = "p"
+"#;
+
+fn write_config(text: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    file
+}
+
+#[test]
+fn defaults_fill_everything_not_given() {
+    let s = Settings::from_toml(MINIMAL).unwrap();
+    assert_eq!(s.crm.page_size, 100);
+    assert_eq!(s.crm.concurrency, 4);
+    assert_eq!(s.crm.fields.linkman_email, "email");
+    assert_eq!(s.edm.batch_size, 500);
+    assert_eq!(s.sync.max_unsubscribe_ratio, 0.2);
+    assert_eq!(s.writeback.route_id, 3);
+    assert_eq!(s.log.format, LogFormat::Json);
+    assert_eq!(s.synced_lists(), vec![1]);
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let file = write_config(MINIMAL);
+    let env = vec![
+        (
+            "CRM_EDM_SYNC__EDM__PASSWORD".to_string(),
+            "from-env".to_string(),
+        ),
+        ("CRM_EDM_SYNC__CRM__PAGE_SIZE".to_string(), "50".to_string()),
+        ("UNRELATED".to_string(), "x".to_string()),
+    ];
+    let s = Settings::load_with_env(Some(file.path()), env).unwrap();
+    assert_eq!(s.edm.password.expose_secret(), "from-env");
+    assert_eq!(s.crm.page_size, 50);
+}
+
+#[test]
+fn a_numeric_looking_secret_from_the_environment_stays_text() {
+    let file = write_config(MINIMAL);
+    let env = vec![("CRM_EDM_SYNC__CRM__TOKEN".to_string(), "0123".to_string())];
+    let s = Settings::load_with_env(Some(file.path()), env).unwrap();
+    assert_eq!(s.crm.token.expose_secret(), "0123");
+}
+
+#[test]
+fn unknown_key_is_an_error_naming_it() {
+    let err = Settings::from_toml(&format!("{MINIMAL}\n[sync]\nlist_idd = 3\n")).unwrap_err();
+    assert!(err.to_string().contains("list_idd"), "{err}");
+    let err = Settings::from_toml(&format!("{MINIMAL}\n[sync.vars]\nvar11 = \"x\"\n")).unwrap_err();
+    assert!(err.to_string().contains("var11"), "{err}");
+}
+
+#[test]
+fn unknown_environment_key_is_an_error_naming_it() {
+    let file = write_config(MINIMAL);
+    let env = vec![("CRM_EDM_SYNC__EDM__PASSWROD".to_string(), "x".to_string())];
+    let err = Settings::load_with_env(Some(file.path()), env).unwrap_err();
+    assert!(err.to_string().contains("passwrod"), "{err}");
+}
+
+#[test]
+fn bad_values_are_errors_naming_the_key() {
+    let cases = [
+        ("[crm]\npage_size = 101", "crm.page_size"),
+        ("[crm]\nconcurrency = 0", "crm.concurrency"),
+        ("[edm]\nbatch_size = 0", "edm.batch_size"),
+        (
+            "[sync]\nmax_unsubscribe_ratio = 1.5",
+            "sync.max_unsubscribe_ratio",
+        ),
+        ("[sync]\nschedule = \"*/15 * * * *\"", "sync.schedule"),
+        (
+            "[writeback]\nschedule = \"0 61 * * * *\"",
+            "writeback.schedule",
+        ),
+        ("[sync]\nlist_id = 0", "sync.list_id"),
+        ("[database]\nurl = \"mysql://x\"", "database.url"),
+        ("[log]\nlevel = \"loud!!\"", "log.level"),
+        (
+            "[[sync.routes]]\nfield = \"\"\nequals = \"1\"\nlist_id = 2",
+            "sync.routes[0].field",
+        ),
+    ];
+    for (extra, key) in cases {
+        let text = merge(MINIMAL, extra);
+        let err = Settings::from_toml(&text).unwrap_err();
+        assert!(err.to_string().contains(key), "{extra}: {err}");
+    }
+}
+
+#[test]
+fn wrong_type_is_an_error_naming_the_key() {
+    let err = Settings::from_toml(&merge(MINIMAL, "[crm]\npage_size = \"many\"")).unwrap_err();
+    assert!(err.to_string().contains("page_size"), "{err}");
+}
+
+#[test]
+fn missing_credentials_are_reported_by_key() {
+    let err = Settings::from_toml("[crm]\nbase_url = \"http://x.test\"").unwrap_err();
+    assert!(err.to_string().contains("crm.token"), "{err}");
+}
+
+#[test]
+fn missing_explicit_file_is_an_error_naming_it() {
+    let err = Settings::load_with_env(Some(Path::new("/nonexistent/c.toml")), vec![]).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/c.toml"), "{err}");
+}
+
+#[test]
+fn routes_and_vars_are_read_and_lists_collected() {
+    let text = format!(
+        "{MINIMAL}\n[sync]\nlist_id = 3\n[[sync.routes]]\nfield = \"customer.type_id\"\nequals = \"2\"\nlist_id = 2\n[[sync.routes]]\nfield = \"dept\"\nequals = \"x\"\nlist_id = 3\n[sync.vars]\nvar1 = \"customer.name\"\nvar10 = \"mobile\"\n"
+    );
+    let s = Settings::from_toml(&text).unwrap();
+    assert_eq!(s.sync.routes.len(), 2);
+    assert_eq!(s.synced_lists(), vec![2, 3]);
+    assert_eq!(s.sync.vars.slots()[0], Some("customer.name"));
+    assert_eq!(s.sync.vars.slots()[9], Some("mobile"));
+}
+
+#[test]
+fn debug_output_does_not_show_secrets() {
+    let s = Settings::from_toml(MINIMAL).unwrap();
+    let dbg = format!("{s:?}");
+    assert!(!dbg.contains("tok\""), "{dbg}");
+    assert!(dbg.contains("REDACTED"), "{dbg}");
+}
+
+#[test]
+fn templates_have_chinese_defaults_and_can_be_overridden() {
+    let s = Settings::from_toml(MINIMAL).unwrap();
+    assert!(s.writeback.templates.open_title.contains("邮件打开"));
+    let s = Settings::from_toml(&format!(
+        "{MINIMAL}\n[writeback.templates]\nopen_title = \"Opened {{campaign}}\"\n"
+    ))
+    .unwrap();
+    assert_eq!(s.writeback.templates.open_title, "Opened {campaign}");
+    assert!(s.writeback.templates.click_title.contains("邮件点击"));
+}
+
+#[test]
+fn unknown_template_placeholder_is_an_error_naming_the_key() {
+    let err = Settings::from_toml(&format!(
+        "{MINIMAL}\n[writeback.templates]\nclick_content = \"{{nmae}} clicked\"\n"
+    ))
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("writeback.templates.click_content"), "{text}");
+    assert!(text.contains("{nmae}"), "{text}");
+}
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let s = Settings::from_toml(include_str!("../../config/example.toml")).unwrap();
+    assert_eq!(s.synced_lists(), vec![1, 2]);
+    assert_eq!(s.sync.vars.slots()[0], Some("customer.name"));
+}
+
+#[test]
+fn shipped_default_config_loads_with_credentials_from_the_environment() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+    let env = [
+        ("CRM_EDM_SYNC__CRM__BASE_URL", "https://crm.example.com"),
+        ("CRM_EDM_SYNC__CRM__TOKEN", "t0ken"),
+        ("CRM_EDM_SYNC__EDM__USERNAME", "u"),
+        ("CRM_EDM_SYNC__EDM__PASSWORD", "p"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec();
+    let s = Settings::load_with_env(Some(&path), env).unwrap();
+    assert_eq!(s.crm.base_url, "https://crm.example.com");
+    // Without them it names the first missing one.
+    let err = Settings::load_with_env(Some(&path), vec![]).unwrap_err();
+    assert!(err.to_string().contains("crm.base_url"), "{err}");
+}
+
+/// Appends `extra` to `base`, merging a repeated `[section]` header into
+/// the base's section (TOML forbids declaring a table twice).
+fn merge(base: &str, extra: &str) -> String {
+    let mut out = base.to_string();
+    let mut lines = extra.lines();
+    let header = lines.next().unwrap_or_default();
+    if header.starts_with("[[") || !out.contains(header) {
+        out.push('\n');
+        out.push_str(extra);
+    } else {
+        let rest: Vec<&str> = lines.collect();
+        out = out.replacen(header, &format!("{header}\n{}", rest.join("\n")), 1);
+    }
+    out
+}
