@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{TestDb, applied_adds, config_text};
-use crm_edm_sync::sandbox::{Fault, Sandbox, SandboxCampaign};
+use crm_edm_sync::sandbox::{Fault, Sandbox};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_crm-edm-sync");
@@ -113,12 +113,28 @@ impl Setup {
     }
 
     fn applied(&self, operation: &str) -> usize {
-        self.sb
-            .requests()
-            .iter()
-            .filter(|r| r.operation == operation && r.applied)
-            .count()
+        applied(&self.sb, operation)
     }
+
+    /// What `status --json` says.
+    async fn status_json(&self) -> serde_json::Value {
+        let out = tokio::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["status", "--json"])
+            .output()
+            .await
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+/// Requests of `operation` that took effect.
+fn applied(sb: &Sandbox, operation: &str) -> usize {
+    sb.requests()
+        .iter()
+        .filter(|r| r.operation == operation && r.applied)
+        .count()
 }
 
 fn want(filter: impl Fn(i64) -> bool) -> Vec<String> {
@@ -158,11 +174,7 @@ async fn sigkill_anywhere_in_a_large_sync_is_repaired_by_the_next_run() {
     for batches in [3, 11, 21] {
         let before = s.applied("ml-addr-add");
         s.kill_when("contacts", |sb| {
-            sb.requests()
-                .iter()
-                .filter(|r| r.operation == "ml-addr-add" && r.applied)
-                .count()
-                >= before.max(batches)
+            applied(sb, "ml-addr-add") >= before.max(batches)
         })
         .await;
     }
@@ -184,11 +196,7 @@ async fn sigkill_anywhere_in_a_large_sync_is_repaired_by_the_next_run() {
     }
     let edits_before = s.applied("ml-addr-edit");
     s.kill_when("contacts", |sb| {
-        sb.requests()
-            .iter()
-            .filter(|r| r.operation == "ml-addr-edit" && r.applied)
-            .count()
-            >= edits_before + 10
+        applied(sb, "ml-addr-edit") >= edits_before + 10
     })
     .await;
     s.run_to_end("contacts").await;
@@ -215,14 +223,7 @@ async fn sigkill_anywhere_in_a_large_sync_is_repaired_by_the_next_run() {
         assert_eq!(a.fullname, expected, "{}", a.address);
     }
     assert!(applied_adds(&s.sb).values().all(|&n| n == 1));
-    let status = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&s.config)
-        .args(["status", "--json"])
-        .output()
-        .await
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let v = s.status_json().await;
     assert_eq!(v["pending_operations"]["total"], 0, "{v}");
 }
 
@@ -230,22 +231,7 @@ async fn sigkill_anywhere_in_a_large_sync_is_repaired_by_the_next_run() {
 async fn sigkill_during_write_back_duplicates_no_record_outside_the_logged_window() {
     let s = setup().await;
     s.run_to_end("contacts").await;
-    let day = chrono::Utc::now()
-        .date_naive()
-        .format("%Y-%m-%d")
-        .to_string();
-    s.sb.edm.put_campaign(SandboxCampaign {
-        id: 1,
-        name: "活动".into(),
-        list_id: 1,
-        date: day,
-        send_status: 3,
-        track_status: 1,
-        opens: (1..=300)
-            .map(|c| (format!("p{c}@example.com"), 1, String::new(), String::new()))
-            .collect(),
-        ..Default::default()
-    });
+    s.sb.edm.put_campaign(common::opened_today_by_p1_to(300));
     s.sb.inject(
         "ContactHistory/Add",
         Fault::Delay(Duration::from_millis(25)),
@@ -319,14 +305,8 @@ async fn sigkill_during_unsubscribes_and_email_changes_is_repaired_by_the_next_r
         s.sb.crm.remove_linkman(c * 10);
     }
     let before = s.applied("ml-unsub");
-    s.kill_when("contacts", |sb| {
-        sb.requests()
-            .iter()
-            .filter(|r| r.operation == "ml-unsub" && r.applied)
-            .count()
-            >= before + 2
-    })
-    .await;
+    s.kill_when("contacts", |sb| applied(sb, "ml-unsub") >= before + 2)
+        .await;
     let log = s.run_to_end("contacts").await;
 
     // Assert 1: that next run ended exact.
@@ -346,14 +326,8 @@ async fn sigkill_during_unsubscribes_and_email_changes_is_repaired_by_the_next_r
     }
     for operation in ["ml-unsub", "ml-addr-add"] {
         let before = s.applied(operation);
-        s.kill_when("contacts", |sb| {
-            sb.requests()
-                .iter()
-                .filter(|r| r.operation == operation && r.applied)
-                .count()
-                > before
-        })
-        .await;
+        s.kill_when("contacts", |sb| applied(sb, operation) > before)
+            .await;
     }
     let log = s.run_to_end("contacts").await;
 
@@ -378,14 +352,7 @@ async fn sigkill_during_unsubscribes_and_email_changes_is_repaired_by_the_next_r
         applied_adds(&s.sb).values().all(|&n| n == 1),
         "an address was added twice"
     );
-    let status = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&s.config)
-        .args(["status", "--json"])
-        .output()
-        .await
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let v = s.status_json().await;
     assert_eq!(v["pending_operations"]["total"], 0, "{v}");
     // The killed runs are not shown running for ever.
     let statuses: Vec<&str> = v["runs"]

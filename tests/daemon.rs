@@ -566,22 +566,7 @@ async fn under_hanging_and_failing_requests_healthz_answers_within_a_second_and_
             json!({"name": format!("n{c}"), "email": format!("p{c}@example.com")}),
         );
     }
-    let day = chrono::Utc::now()
-        .date_naive()
-        .format("%Y-%m-%d")
-        .to_string();
-    sb.edm.put_campaign(crm_edm_sync::sandbox::SandboxCampaign {
-        id: 1,
-        name: "活动".into(),
-        list_id: 1,
-        date: day,
-        send_status: 3,
-        track_status: 1,
-        opens: (1..=300)
-            .map(|c| (format!("p{c}@example.com"), 1, String::new(), String::new()))
-            .collect(),
-        ..Default::default()
-    });
+    sb.edm.put_campaign(common::opened_today_by_p1_to(300));
     let hang = crm_edm_sync::sandbox::Chaos {
         p_hang: 0.05,
         hang_for: Duration::from_secs(3),

@@ -593,18 +593,7 @@ async fn crm_failures_amid_ledger_writes_never_stall_the_database() {
         );
     }
     e.sync().await;
-    e.sb.edm.put_campaign(SandboxCampaign {
-        id: 1,
-        name: "活动".into(),
-        list_id: 1,
-        date: today(0),
-        send_status: 3,
-        track_status: 1,
-        opens: (1..=300)
-            .map(|c| (format!("p{c}@example.com"), 1, String::new(), String::new()))
-            .collect(),
-        ..Default::default()
-    });
+    e.sb.edm.put_campaign(common::opened_today_by_p1_to(300));
     e.sb.chaos(
         "ContactHistory/Add",
         crm_edm_sync::sandbox::Chaos {

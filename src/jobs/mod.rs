@@ -52,18 +52,8 @@ pub fn secrets_of(settings: &Settings) -> Vec<String> {
 impl Context {
     /// Builds the clients and opens (and migrates) the state database.
     pub async fn new(settings: Settings) -> anyhow::Result<Context> {
-        let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
-        let crm = CrmClient::new(&settings.crm, redactor.clone())?;
-        let edm = EdmClient::new(&settings.edm, redactor.clone())?;
         let store = Store::connect(&settings.database.url).await?;
-        Ok(Context {
-            settings: Arc::new(settings),
-            crm,
-            edm,
-            store,
-            redactor,
-            shutdown: tokio_util::sync::CancellationToken::new(),
-        })
+        Context::with_store(settings, store)
     }
 
     /// For `--dry-run`: the same clients, and the state database opened
@@ -71,9 +61,6 @@ impl Context {
     /// that does not exist yet reads as empty (an in-memory one), as a
     /// first run would see it.
     pub async fn new_read_only(settings: Settings) -> anyhow::Result<Context> {
-        let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
-        let crm = CrmClient::new(&settings.crm, redactor.clone())?;
-        let edm = EdmClient::new(&settings.edm, redactor.clone())?;
         let store = match Store::open_read_only(&settings.database.url).await? {
             Some(store) => store,
             None => {
@@ -81,6 +68,14 @@ impl Context {
                 Store::empty_in_memory().await?
             }
         };
+        Context::with_store(settings, store)
+    }
+
+    /// Both clients built from `settings`, around `store`.
+    fn with_store(settings: Settings, store: Store) -> anyhow::Result<Context> {
+        let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
+        let crm = CrmClient::new(&settings.crm, redactor.clone())?;
+        let edm = EdmClient::new(&settings.edm, redactor.clone())?;
         Ok(Context {
             settings: Arc::new(settings),
             crm,

@@ -131,29 +131,17 @@ mod tests {
     async fn postgres_connections_are_opened_with_nodelay() {
         // Arrange: a fresh database, and the sockets to PostgreSQL that
         // exist before the store connects.
-        let admin = Database::connect("postgres://postgres@127.0.0.1:5432/postgres")
-            .await
-            .expect("PostgreSQL reachable");
-        let name = format!("ces_unit_{}", uuid::Uuid::new_v4().simple());
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
+        let (url, _guard) = fresh_postgres().await;
         let before = nodelay::sockets_to(5432);
 
         // Act
-        let url = SecretString::from(format!("postgres://postgres@127.0.0.1:5432/{name}"));
-        let store = Store::connect(&url).await.unwrap();
+        let store = Store::connect(&SecretString::from(url)).await.unwrap();
         let opened: Vec<i32> = nodelay::sockets_to(5432)
             .into_iter()
             .filter(|fd| !before.contains(fd))
             .collect();
         let all_nodelay = opened.iter().all(|&fd| nodelay::has_nodelay(fd));
-        store.connection().clone().close().await.unwrap();
-        admin
-            .execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)"))
-            .await
-            .unwrap();
+        store.close().await;
 
         // Assert
         assert!(!opened.is_empty(), "the store opened no socket to 5432");

@@ -47,6 +47,22 @@ pub struct PendingRow {
     pub created_at: i64,
 }
 
+/// This run's pending `kind` operations on `emails` in `list_id`: the
+/// rows a batch was recorded as.
+fn pending_of_run(
+    run_id: &str,
+    kind: OpKind,
+    list_id: ListId,
+    emails: &[&Email],
+) -> sea_orm::Condition {
+    sea_orm::Condition::all()
+        .add(operation::Column::RunId.eq(run_id))
+        .add(operation::Column::Kind.eq(kind))
+        .add(operation::Column::ListId.eq(list_id))
+        .add(operation::Column::Status.eq(OpStatus::Pending))
+        .add(operation::Column::Email.is_in(emails.iter().map(|e| e.to_string())))
+}
+
 impl Store {
     /// The daemon's own `ml-unsub`s to `list_id` since `since` that no
     /// export line has matched yet: `(operation id, email)`, oldest first.
@@ -150,11 +166,7 @@ impl Store {
                     operation::Column::Attempts,
                     sea_orm::sea_query::Expr::col(operation::Column::Attempts).add(1),
                 )
-                .filter(operation::Column::RunId.eq(run_id))
-                .filter(operation::Column::Kind.eq(kind))
-                .filter(operation::Column::ListId.eq(list_id))
-                .filter(operation::Column::Status.eq(OpStatus::Pending))
-                .filter(operation::Column::Email.is_in(chunk.iter().map(|e| e.to_string())))
+                .filter(pending_of_run(run_id, kind, list_id, chunk))
                 .exec(&txn)
                 .await
                 .context("cannot mark operations done")?;
@@ -179,12 +191,8 @@ impl Store {
         let txn = self.db.begin().await?;
         for chunk in emails.chunks(CHUNK) {
             operation::Entity::delete_many()
-                .filter(operation::Column::RunId.eq(run_id))
-                .filter(operation::Column::Kind.eq(kind))
-                .filter(operation::Column::ListId.eq(list_id))
-                .filter(operation::Column::Status.eq(OpStatus::Pending))
+                .filter(pending_of_run(run_id, kind, list_id, chunk))
                 .filter(operation::Column::Attempts.eq(0))
-                .filter(operation::Column::Email.is_in(chunk.iter().map(|e| e.to_string())))
                 .exec(&txn)
                 .await
                 .context("cannot take back unsent operations")?;
@@ -212,11 +220,7 @@ impl Store {
                     operation::Column::Attempts,
                     sea_orm::sea_query::Expr::col(operation::Column::Attempts).add(1),
                 )
-                .filter(operation::Column::RunId.eq(run_id))
-                .filter(operation::Column::Kind.eq(kind))
-                .filter(operation::Column::ListId.eq(list_id))
-                .filter(operation::Column::Status.eq(OpStatus::Pending))
-                .filter(operation::Column::Email.is_in(chunk.iter().map(|e| e.to_string())))
+                .filter(pending_of_run(run_id, kind, list_id, chunk))
                 .exec(&txn)
                 .await
                 .context("cannot record the failure")?;

@@ -25,6 +25,21 @@ pub struct RunRow {
     pub error: Option<String>,
 }
 
+impl From<run::Model> for RunRow {
+    fn from(r: run::Model) -> Self {
+        RunRow {
+            id: r.id,
+            job: r.job,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            status: r.status,
+            dry_run: r.dry_run,
+            counts: serde_json::from_str(&r.counts).unwrap_or(serde_json::Value::Null),
+            error: r.error,
+        }
+    }
+}
+
 impl Store {
     /// Marks runs still `running` as `abandoned`: their process ended
     /// without finishing them (SIGKILL, power loss, a crash). Called by a
@@ -107,19 +122,7 @@ impl Store {
             .all(&self.db)
             .await
             .context("cannot read runs")?;
-        Ok(rows
-            .into_iter()
-            .map(|r| RunRow {
-                id: r.id,
-                job: r.job,
-                started_at: r.started_at,
-                finished_at: r.finished_at,
-                status: r.status,
-                dry_run: r.dry_run,
-                counts: serde_json::from_str(&r.counts).unwrap_or(serde_json::Value::Null),
-                error: r.error,
-            })
-            .collect())
+        Ok(rows.into_iter().map(RunRow::from).collect())
     }
 
     /// The latest finished (not dry) run of each job, newest first.
@@ -136,16 +139,7 @@ impl Store {
         Ok(rows
             .into_iter()
             .filter(|r| seen.insert(r.job))
-            .map(|r| RunRow {
-                id: r.id,
-                job: r.job,
-                started_at: r.started_at,
-                finished_at: r.finished_at,
-                status: r.status,
-                dry_run: r.dry_run,
-                counts: serde_json::from_str(&r.counts).unwrap_or(serde_json::Value::Null),
-                error: r.error,
-            })
+            .map(RunRow::from)
             .collect())
     }
 }

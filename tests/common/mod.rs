@@ -202,3 +202,23 @@ pub fn applied_adds(sb: &Sandbox) -> std::collections::BTreeMap<(String, String)
     }
     out
 }
+
+/// A campaign (id 1, list 1) sent today with opens tracked, opened once by
+/// `p1@example.com` … `p{n}@example.com`.
+pub fn opened_today_by_p1_to(n: i64) -> crm_edm_sync::sandbox::SandboxCampaign {
+    crm_edm_sync::sandbox::SandboxCampaign {
+        id: 1,
+        name: "活动".into(),
+        list_id: 1,
+        date: chrono::Utc::now()
+            .date_naive()
+            .format("%Y-%m-%d")
+            .to_string(),
+        send_status: 3,
+        track_status: 1,
+        opens: (1..=n)
+            .map(|c| (format!("p{c}@example.com"), 1, String::new(), String::new()))
+            .collect(),
+        ..Default::default()
+    }
+}
