@@ -258,19 +258,29 @@ async fn active_period(
         );
         notify_systemd(&[sd_notify::NotifyState::Stopping]);
     }
-    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            "shutdown_timeout_secs passed with a job still running; it is stopped where it stands: unsent work stays to be planned again"
-        );
-        hard_stop.cancel();
-        tracker.wait().await;
-    }
+    drain_jobs(&tracker, &hard_stop, drain).await;
     drop(lock);
     Ok(if lost {
         Period::LockLost
     } else {
         Period::Stopped
     })
+}
+
+/// Awaits the closed `tracker`'s jobs for at most `drain`. Past it,
+/// `hard_stop` is fired so each job is dropped where it stands (what it did
+/// not record stays to be planned again), and those are awaited too.
+/// Returns whether the bound passed.
+async fn drain_jobs(tracker: &TaskTracker, hard_stop: &CancellationToken, drain: Duration) -> bool {
+    if tokio::time::timeout(drain, tracker.wait()).await.is_ok() {
+        return false;
+    }
+    tracing::warn!(
+        "shutdown_timeout_secs passed with a job still running; it is stopped where it stands: unsent work stays to be planned again"
+    );
+    hard_stop.cancel();
+    tracker.wait().await;
+    true
 }
 
 /// One scheduled run; errors are logged here, where they are handled.
@@ -390,6 +400,61 @@ mod tests {
             gate
         );
         assert_eq!(max_in_flight.load(Ordering::SeqCst), 1);
+    }
+
+    /// A tracked job the way `active_period` spawns one: it ends on its
+    /// own after `takes`, or when `hard_stop` fires. Returns what happened.
+    fn tracked_job(
+        tracker: &TaskTracker,
+        hard_stop: &CancellationToken,
+        takes: Duration,
+    ) -> Arc<std::sync::Mutex<Option<&'static str>>> {
+        let ended = Arc::new(std::sync::Mutex::new(None));
+        let (seen, hard_stop) = (ended.clone(), hard_stop.clone());
+        tracker.spawn(async move {
+            let how = tokio::select! {
+                _ = tokio::time::sleep(takes) => "finished",
+                _ = hard_stop.cancelled() => "stopped",
+            };
+            *seen.lock().unwrap() = Some(how);
+        });
+        ended
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_awaits_a_job_that_finishes_within_the_bound() {
+        // Arrange: a job needing 3 s of a 10 s drain.
+        let (tracker, hard_stop) = (TaskTracker::new(), CancellationToken::new());
+        let ended = tracked_job(&tracker, &hard_stop, Duration::from_secs(3));
+        tracker.close();
+        let start = tokio::time::Instant::now();
+
+        // Act
+        let timed_out = drain_jobs(&tracker, &hard_stop, Duration::from_secs(10)).await;
+
+        // Assert: it ran to its end, and the drain returned when it did.
+        assert!(!timed_out);
+        assert_eq!(*ended.lock().unwrap(), Some("finished"));
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+        assert!(!hard_stop.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_stops_a_job_still_running_when_the_bound_passes() {
+        // Arrange: a job that would need an hour.
+        let (tracker, hard_stop) = (TaskTracker::new(), CancellationToken::new());
+        let ended = tracked_job(&tracker, &hard_stop, Duration::from_secs(3600));
+        tracker.close();
+        let start = tokio::time::Instant::now();
+
+        // Act
+        let timed_out = drain_jobs(&tracker, &hard_stop, Duration::from_secs(10)).await;
+
+        // Assert: stopped at the bound, not later, and awaited before return.
+        assert!(timed_out);
+        assert_eq!(*ended.lock().unwrap(), Some("stopped"));
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        assert!(tracker.is_empty());
     }
 
     #[tokio::test]

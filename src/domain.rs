@@ -10,13 +10,48 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// An EDM mailing-list id ("联系人分类 ID"). Always ≥ 1 for lists the daemon
-/// syncs; `0` is EDM's "unfiled" pseudo-list and is never synced.
-pub type ListId = i64;
-/// A CRM link-man (contact person) id.
-pub type LinkManId = i64;
-/// A CRM customer id.
-pub type CustomerId = i64;
+/// Declares an id newtype over `i64`: serialised, displayed and stored as
+/// the bare number, but a list id can never be passed where a link-man id
+/// is expected. The state DB keeps the plain integer columns; `state`
+/// converts at its boundary.
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(
+            Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+            sea_orm::DeriveValueType,
+        )]
+        #[serde(transparent)]
+        pub struct $name(pub i64);
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+
+        /// The bare number, as logs and `?`-formatted fields always showed it.
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// An EDM mailing-list id ("联系人分类 ID"). Always ≥ 1 for lists the
+    /// daemon syncs; `0` is EDM's "unfiled" pseudo-list and is never synced.
+    ListId
+);
+id_type!(
+    /// A CRM link-man (contact person) id.
+    LinkManId
+);
+id_type!(
+    /// A CRM customer id.
+    CustomerId
+);
 
 /// Maximum length of a whole address (behaviour 2).
 pub const MAX_EMAIL_LEN: usize = 254;

@@ -234,6 +234,7 @@ fn when(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ListId;
 
     #[test]
     fn text_and_json_render_the_same_facts() {
@@ -244,7 +245,7 @@ mod tests {
             pending: vec![PendingRow {
                 id: 7,
                 kind: crate::states::OpKind::Unsub,
-                list_id: 2,
+                list_id: ListId(2),
                 email: "zhang@example.com".into(),
                 attempts: 4,
                 last_error: Some("refused".into()),
@@ -252,7 +253,7 @@ mod tests {
             }],
             suppressions: vec![(SuppressionReason::Bounce, 5)],
             records: vec![(RecordKind::Open, LedgerStatus::Done, 9)],
-            members: vec![(1, Origin::Adopted, true, 11)],
+            members: vec![(ListId(1), Origin::Adopted, true, 11)],
         };
 
         // Act

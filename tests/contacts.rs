@@ -5,6 +5,7 @@
 mod common;
 
 use common::{emails, env, env_with, seed_basic};
+use crm_edm_sync::domain::ListId;
 use crm_edm_sync::jobs::RunOptions;
 use crm_edm_sync::sandbox::Fault;
 use crm_edm_sync::sync::contacts::{self, Outcome};
@@ -450,7 +451,7 @@ async fn unsubscribe_ratio_above_the_limit_refuses_the_whole_plan_unless_forced(
         matches!(
             refused.outcome,
             Outcome::Refused(Refusal::Ratio {
-                list_id: 1,
+                list_id: ListId(1),
                 unsubs: 2,
                 members: 5,
                 ..

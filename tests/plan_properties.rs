@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crm_edm_sync::domain::{Email, MemberFields, MemberKey};
+use crm_edm_sync::domain::{CustomerId, Email, LinkManId, ListId, MemberFields, MemberKey};
 use crm_edm_sync::sync::desired::DesiredMember;
 use crm_edm_sync::sync::plan::{MemberState, Origin, Plan, Suppressions, plan};
 use proptest::prelude::*;
@@ -77,15 +77,15 @@ prop_compose! {
         bounced in proptest::collection::btree_set(0u8..20, 0..3),
     ) -> (BTreeMap<MemberKey, DesiredMember>, HashMap<MemberKey, MemberState>, Suppressions) {
         let desired = desired.into_iter().map(|((list, e), (lm, f))| {
-            let key = MemberKey::new(list, email(e));
-            (key.clone(), DesiredMember { key, link_man_id: lm, customer_id: lm * 10, fields: fields(f) })
+            let key = MemberKey::new(ListId(list), email(e));
+            (key.clone(), DesiredMember { key, link_man_id: LinkManId(lm), customer_id: CustomerId(lm * 10), fields: fields(f) })
         }).collect();
-        let user_keys: HashSet<MemberKey> = user.into_iter().map(|(l, e)| MemberKey::new(l, email(e))).collect();
+        let user_keys: HashSet<MemberKey> = user.into_iter().map(|(l, e)| MemberKey::new(ListId(l), email(e))).collect();
         let state = state.into_iter().map(|((list, e), (lm, f, o, present))| {
-            let key = MemberKey::new(list, email(e));
+            let key = MemberKey::new(ListId(list), email(e));
             // A user-unsubscribed address has left the list.
             let present = present && !user_keys.contains(&key);
-            (key.clone(), MemberState { key, origin: origin_of(o), present, link_man_id: Some(lm), customer_id: Some(lm * 10), edm_id: None, fields: fields(f) })
+            (key.clone(), MemberState { key, origin: origin_of(o), present, link_man_id: Some(LinkManId(lm)), customer_id: Some(CustomerId(lm * 10)), edm_id: None, fields: fields(f) })
         }).collect();
         let sup = Suppressions { user: user_keys, bounced: bounced.into_iter().map(email).collect() };
         (desired, state, sup)

@@ -470,14 +470,14 @@ impl Settings {
         }
         check_cron("sync.schedule", &self.sync.schedule)?;
         check_cron("writeback.schedule", &self.writeback.schedule)?;
-        if self.sync.list_id < 1 {
+        if self.sync.list_id.0 < 1 {
             return bad("sync.list_id", "must be a list id ≥ 1");
         }
         if !(0.0..=1.0).contains(&self.sync.max_unsubscribe_ratio) {
             return bad("sync.max_unsubscribe_ratio", "must be between 0 and 1");
         }
         for (i, route) in self.sync.routes.iter().enumerate() {
-            if route.list_id < 1 {
+            if route.list_id.0 < 1 {
                 return bad(
                     &format!("sync.routes[{i}].list_id"),
                     "must be a list id ≥ 1",

@@ -2,6 +2,7 @@
 //! for every bad value.
 
 use super::*;
+use crate::domain::ListId;
 use secrecy::ExposeSecret;
 
 const MINIMAL: &str = r#"
@@ -29,7 +30,7 @@ fn defaults_fill_everything_not_given() {
     assert_eq!(s.sync.max_unsubscribe_ratio, 0.2);
     assert_eq!(s.writeback.route_id, 3);
     assert_eq!(s.log.format, LogFormat::Json);
-    assert_eq!(s.synced_lists(), vec![1]);
+    assert_eq!(s.synced_lists(), vec![ListId(1)]);
 }
 
 #[test]
@@ -127,7 +128,7 @@ fn routes_and_vars_are_read_and_lists_collected() {
     );
     let s = Settings::from_toml(&text).unwrap();
     assert_eq!(s.sync.routes.len(), 2);
-    assert_eq!(s.synced_lists(), vec![2, 3]);
+    assert_eq!(s.synced_lists(), vec![ListId(2), ListId(3)]);
     assert_eq!(s.sync.vars.slots()[0], Some("customer.name"));
     assert_eq!(s.sync.vars.slots()[9], Some("mobile"));
 }
@@ -166,7 +167,7 @@ fn unknown_template_placeholder_is_an_error_naming_the_key() {
 #[test]
 fn shipped_example_config_is_valid() {
     let s = Settings::from_toml(include_str!("../../config/example.toml")).unwrap();
-    assert_eq!(s.synced_lists(), vec![1, 2]);
+    assert_eq!(s.synced_lists(), vec![ListId(1), ListId(2)]);
     assert_eq!(s.sync.vars.slots()[0], Some("customer.name"));
 }
 

@@ -204,7 +204,7 @@ impl CrmClient {
                     )
                 })?;
                 Ok(LinkMan {
-                    id,
+                    id: LinkManId(id),
                     customer_id,
                     data,
                 })
@@ -303,6 +303,7 @@ impl CrmClient {
                             },
                         )
                     })?;
+                    let id = CustomerId(id);
                     ids.push(id);
                     // A customer that moved to a later page while we paged
                     // is read once.

@@ -299,7 +299,7 @@ impl EdmClient {
                     )
                 })?;
                 Ok(MailList {
-                    id,
+                    id: ListId(id),
                     subject: item.subject.trim().to_string(),
                     count: item.count.trim().parse().ok(),
                     enabled: item.status.trim() != "disabled",
@@ -351,7 +351,7 @@ impl EdmClient {
                 let vars = a.vars();
                 Ok(EdmAddress {
                     id,
-                    list_id: xml::parse_id(&a.list_id).unwrap_or(list_id),
+                    list_id: xml::parse_id(&a.list_id).map(ListId).unwrap_or(list_id),
                     email: Email::parse(&raw).ok(),
                     raw_address: raw,
                     fields: MemberFields::raw(&a.fullname, &vars),
@@ -533,7 +533,7 @@ impl EdmClient {
                     t.tpl_name.trim().to_string()
                 },
                 sn: t.sn.trim().to_string(),
-                list_id: xml::parse_id(&t.list_id),
+                list_id: xml::parse_id(&t.list_id).map(ListId),
                 send_date: date_part(&t.time_start)
                     .or_else(|| date_part(&t.send_time))
                     .unwrap_or_else(|| date.to_string()),
@@ -693,7 +693,7 @@ impl EdmClient {
                     address: address.trim().to_lowercase(),
                 }),
                 None => tracing::warn!(
-                    list_id,
+                    list_id = list_id.0,
                     line = n + 1,
                     "unsubscribe-export line without a tab, skipped"
                 ),
@@ -706,6 +706,7 @@ impl EdmClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ListId;
 
     #[test]
     fn password_is_sent_as_lowercase_hex_md5() {
@@ -767,7 +768,7 @@ mod tests {
     #[test]
     fn unsubscribe_export_lines_are_read_and_bad_lines_skipped() {
         let body = "2026-01-01 10:00:00\tA@Example.com\r\n\n2026-01-02 11:00:00\t b@example.com \nno tab here\n";
-        let lines = client().parse_export(1, body.as_bytes()).unwrap();
+        let lines = client().parse_export(ListId(1), body.as_bytes()).unwrap();
         assert_eq!(
             lines,
             vec![
@@ -781,18 +782,18 @@ mod tests {
                 },
             ]
         );
-        assert!(client().parse_export(1, b"").unwrap().is_empty());
+        assert!(client().parse_export(ListId(1), b"").unwrap().is_empty());
     }
 
     #[test]
     fn unsubscribe_export_answered_with_xml_or_html_is_an_error() {
         let c = client();
         let err = c
-            .parse_export(1, b"<?xml version=\"1.0\"?><result><status>list_not_exist</status><data>x</data></result>")
+            .parse_export(ListId(1), b"<?xml version=\"1.0\"?><result><status>list_not_exist</status><data>x</data></result>")
             .unwrap_err();
         assert!(matches!(err.kind, ErrorKind::Rejected { .. }), "{err:?}");
         let err = c
-            .parse_export(1, b"<html><body>error</body></html>")
+            .parse_export(ListId(1), b"<html><body>error</body></html>")
             .unwrap_err();
         assert!(err.is_retriable(), "{err:?}");
     }

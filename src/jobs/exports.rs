@@ -51,7 +51,7 @@ impl View {
             user_unsubscribes += found.suppressions.len();
             for s in &found.suppressions {
                 if let Ok(email) = Email::parse(&s.email) {
-                    tracing::info!(list_id, address = %email.masked(), "user unsubscribe: suppressed from now on");
+                    tracing::info!(list_id = list_id.0, address = %email.masked(), "user unsubscribe: suppressed from now on");
                     self.suppressions
                         .user
                         .insert(MemberKey::new(list_id, email));

@@ -238,6 +238,7 @@ pub fn reconcile_list(
 mod tests {
     use super::*;
     use crate::domain::MemberFields;
+    use crate::domain::{CustomerId, LinkManId, ListId};
 
     fn email(s: &str) -> Email {
         Email::parse(s).unwrap()
@@ -251,8 +252,8 @@ mod tests {
                 key,
                 origin,
                 present,
-                link_man_id: Some(1),
-                customer_id: Some(2),
+                link_man_id: Some(LinkManId(1)),
+                customer_id: Some(CustomerId(2)),
                 edm_id: None,
                 fields: MemberFields::named("N"),
             },
@@ -278,9 +279,9 @@ mod tests {
 
     #[test]
     fn own_unsubscribe_line_is_matched_and_not_a_suppression() {
-        let members: HashMap<_, _> = [member(1, "a@x.cn", Origin::Owned, false)].into();
+        let members: HashMap<_, _> = [member(ListId(1), "a@x.cn", Origin::Owned, false)].into();
         let f = classify_export(
-            1,
+            ListId(1),
             &[line("2026-01-01 10:00:00", "a@x.cn")],
             &HashSet::new(),
             &[(7, "a@x.cn".into())],
@@ -293,8 +294,14 @@ mod tests {
 
     #[test]
     fn unmatched_new_line_is_a_user_unsubscribe_and_the_member_departs() {
-        let members: HashMap<_, _> = [member(1, "a@x.cn", Origin::Owned, true)].into();
-        let f = classify_export(1, &[line("t1", "a@x.cn")], &HashSet::new(), &[], &members);
+        let members: HashMap<_, _> = [member(ListId(1), "a@x.cn", Origin::Owned, true)].into();
+        let f = classify_export(
+            ListId(1),
+            &[line("t1", "a@x.cn")],
+            &HashSet::new(),
+            &[],
+            &members,
+        );
         assert_eq!(f.suppressions.len(), 1);
         assert_eq!(f.suppressions[0].reason, SuppressionReason::UserUnsubscribe);
         assert_eq!(f.departed.len(), 1);
@@ -305,7 +312,7 @@ mod tests {
     fn seen_lines_are_ignored_and_each_own_unsub_matches_once() {
         let seen: HashSet<(String, String)> = [("a@x.cn".to_string(), "t1".to_string())].into();
         let f = classify_export(
-            1,
+            ListId(1),
             &[
                 line("t1", "a@x.cn"),
                 line("t2", "a@x.cn"),
@@ -331,18 +338,18 @@ mod tests {
             kind,
             list_id: list,
             email: e.into(),
-            link_man_id: Some(5),
-            customer_id: Some(6),
+            link_man_id: Some(LinkManId(5)),
+            customer_id: Some(CustomerId(6)),
         }
     }
 
     #[test]
     fn lost_add_found_in_the_list_is_done_and_owned() {
-        let found: HashMap<_, _> = [(email("a@x.cn"), addr(44, 1, "a@x.cn", "A"))].into();
+        let found: HashMap<_, _> = [(email("a@x.cn"), addr(44, ListId(1), "a@x.cn", "A"))].into();
         let r = resolve_pending(
             &[
-                op(1, OpKind::Add, 1, "a@x.cn"),
-                op(2, OpKind::Add, 1, "b@x.cn"),
+                op(1, OpKind::Add, ListId(1), "a@x.cn"),
+                op(2, OpKind::Add, ListId(1), "b@x.cn"),
             ],
             &found,
             &HashMap::new(),
@@ -351,7 +358,7 @@ mod tests {
         let m = r[0].member.as_ref().unwrap();
         assert_eq!(
             (m.origin, m.present, m.edm_id, m.link_man_id),
-            (Origin::Owned, true, Some(44), Some(5))
+            (Origin::Owned, true, Some(44), Some(LinkManId(5)))
         );
         assert_eq!(r[1].status, OpStatus::Superseded);
         assert!(r[1].member.is_none());
@@ -360,15 +367,15 @@ mod tests {
     #[test]
     fn lost_unsub_is_done_only_when_the_address_is_gone() {
         let members: HashMap<_, _> = [
-            member(1, "a@x.cn", Origin::Owned, true),
-            member(1, "b@x.cn", Origin::Owned, true),
+            member(ListId(1), "a@x.cn", Origin::Owned, true),
+            member(ListId(1), "b@x.cn", Origin::Owned, true),
         ]
         .into();
-        let found: HashMap<_, _> = [(email("b@x.cn"), addr(2, 1, "b@x.cn", "N"))].into();
+        let found: HashMap<_, _> = [(email("b@x.cn"), addr(2, ListId(1), "b@x.cn", "N"))].into();
         let r = resolve_pending(
             &[
-                op(1, OpKind::Unsub, 1, "a@x.cn"),
-                op(2, OpKind::Unsub, 1, "b@x.cn"),
+                op(1, OpKind::Unsub, ListId(1), "a@x.cn"),
+                op(2, OpKind::Unsub, ListId(1), "b@x.cn"),
             ],
             &found,
             &members,
@@ -381,7 +388,7 @@ mod tests {
     #[test]
     fn pending_edit_is_superseded() {
         let r = resolve_pending(
-            &[op(1, OpKind::Edit, 1, "a@x.cn")],
+            &[op(1, OpKind::Edit, ListId(1), "a@x.cn")],
             &HashMap::new(),
             &HashMap::new(),
         );
@@ -391,19 +398,19 @@ mod tests {
     #[test]
     fn list_read_records_foreign_addresses_learns_ids_and_drift() {
         let members: HashMap<_, _> = [
-            member(1, "mine@x.cn", Origin::Owned, true),
-            member(1, "gone@x.cn", Origin::Owned, true),
-            member(1, "back@x.cn", Origin::Owned, false),
+            member(ListId(1), "mine@x.cn", Origin::Owned, true),
+            member(ListId(1), "gone@x.cn", Origin::Owned, true),
+            member(ListId(1), "back@x.cn", Origin::Owned, false),
         ]
         .into();
         let read = [
-            addr(10, 1, "mine@x.cn", "Changed in EDM"),
-            addr(11, 1, "other@x.cn", "O"),
-            addr(12, 1, "back@x.cn", "N"),
-            addr(9, 1, "other@x.cn", "O"),
-            addr(13, 1, "not an address", ""),
+            addr(10, ListId(1), "mine@x.cn", "Changed in EDM"),
+            addr(11, ListId(1), "other@x.cn", "O"),
+            addr(12, ListId(1), "back@x.cn", "N"),
+            addr(9, ListId(1), "other@x.cn", "O"),
+            addr(13, ListId(1), "not an address", ""),
         ];
-        let f = reconcile_list(1, &read, &members);
+        let f = reconcile_list(ListId(1), &read, &members);
         let by_email: HashMap<String, &MemberState> = f
             .members
             .iter()

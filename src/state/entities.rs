@@ -12,7 +12,7 @@ pub mod member {
     pub struct Model {
         #[sea_orm(primary_key)]
         pub id: i64,
-        pub list_id: i64,
+        pub list_id: crate::domain::ListId,
         /// Normalised address (behaviour 1).
         pub email: String,
         /// `owned` (the daemon added it), `adopted` (it was there and is a
@@ -21,8 +21,8 @@ pub mod member {
         /// Whether EDM holds it now, as far as the daemon knows.
         pub present: bool,
         /// The link-man that owns (or last owned) it.
-        pub link_man_id: Option<i64>,
-        pub customer_id: Option<i64>,
+        pub link_man_id: Option<crate::domain::LinkManId>,
+        pub customer_id: Option<crate::domain::CustomerId>,
         /// EDM's address id, once known.
         pub edm_id: Option<i64>,
         /// The fullname EDM holds.
@@ -53,11 +53,11 @@ pub mod operation {
         pub run_id: String,
         /// `add`, `edit` or `unsub`.
         pub kind: OpKind,
-        pub list_id: i64,
+        pub list_id: crate::domain::ListId,
         pub email: String,
         pub edm_id: Option<i64>,
-        pub link_man_id: Option<i64>,
-        pub customer_id: Option<i64>,
+        pub link_man_id: Option<crate::domain::LinkManId>,
+        pub customer_id: Option<crate::domain::CustomerId>,
         pub fullname: String,
         pub vars: String,
         /// `pending` (recorded; maybe sent), `done` (EDM confirmed, or the
@@ -90,7 +90,7 @@ pub mod suppression {
     pub struct Model {
         #[sea_orm(primary_key)]
         pub id: i64,
-        pub list_id: i64,
+        pub list_id: crate::domain::ListId,
         pub email: String,
         /// `user_unsubscribe` or `bounce`.
         pub reason: SuppressionReason,
@@ -114,7 +114,7 @@ pub mod unsub_line {
     pub struct Model {
         #[sea_orm(primary_key)]
         pub id: i64,
-        pub list_id: i64,
+        pub list_id: crate::domain::ListId,
         pub email: String,
         pub time: String,
         pub seen_at: i64,
@@ -134,7 +134,7 @@ pub mod list_state {
     #[sea_orm(table_name = "list_state")]
     pub struct Model {
         #[sea_orm(primary_key, auto_increment = false)]
-        pub list_id: i64,
+        pub list_id: crate::domain::ListId,
         /// When the list was first read whole (behaviour 5).
         pub initial_read_at: Option<i64>,
         /// When its `unsubscribe-export` was last read (behaviour 6).
@@ -191,8 +191,8 @@ pub mod ledger {
         pub kind: RecordKind,
         /// `campaign:ID` (open, click, bounce) or `list:ID` (unsubscribe).
         pub scope: String,
-        pub link_man_id: i64,
-        pub customer_id: i64,
+        pub link_man_id: crate::domain::LinkManId,
+        pub customer_id: crate::domain::CustomerId,
         pub email: String,
         pub title: String,
         pub content: String,

@@ -96,7 +96,7 @@ impl Store {
 
     /// Member counts per list: `(list_id, origin, present, count)`.
     pub async fn member_counts(&self) -> anyhow::Result<Vec<(ListId, Origin, bool, u64)>> {
-        let rows: Vec<(i64, Origin, bool, i64)> = member::Entity::find()
+        let rows: Vec<(ListId, Origin, bool, i64)> = member::Entity::find()
             .select_only()
             .column(member::Column::ListId)
             .column(member::Column::Origin)

@@ -54,7 +54,7 @@ pub fn now_ms() -> i64 {
 }
 
 /// Suppression `list_id` meaning "every list" (hard bounces).
-pub const ALL_LISTS: ListId = 0;
+pub const ALL_LISTS: ListId = ListId(0);
 
 /// The state database.
 #[derive(Clone, Debug)]
@@ -122,6 +122,7 @@ pub(crate) fn redact_db_error(text: &str, url: &str) -> String {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+    use crate::domain::{CustomerId, LinkManId, ListId};
     use crate::domain::{Email, MemberFields, MemberKey, MemberState, Origin, VAR_COUNT};
     use migrations::{Migrator, MigratorTrait};
     use sea_orm::{ConnectionTrait, Database};
@@ -191,11 +192,11 @@ mod tests {
 
     fn member(email: &str, present: bool, fullname: &str) -> MemberState {
         MemberState {
-            key: MemberKey::new(1, Email::parse(email).unwrap()),
+            key: MemberKey::new(ListId(1), Email::parse(email).unwrap()),
             origin: Origin::Owned,
             present,
-            link_man_id: Some(10),
-            customer_id: Some(1),
+            link_man_id: Some(LinkManId(10)),
+            customer_id: Some(CustomerId(1)),
             edm_id: None,
             fields: MemberFields::new(fullname, &[""; VAR_COUNT]),
         }
@@ -216,12 +217,12 @@ mod tests {
                 .await
                 .unwrap();
             let line = SeenLine {
-                list_id: 1,
+                list_id: ListId(1),
                 email: "a@x.cn".into(),
                 time: "2026-11-30 10:00:00".into(),
             };
             let sup = NewSuppression {
-                list_id: 1,
+                list_id: ListId(1),
                 email: "b@x.cn".into(),
                 reason: SuppressionReason::UserUnsubscribe,
                 source: SuppressionSource::Export {
@@ -241,8 +242,8 @@ mod tests {
             let record = NewRecord {
                 kind: RecordKind::Open,
                 scope: "campaign 1".into(),
-                link_man_id: 10,
-                customer_id: 1,
+                link_man_id: LinkManId(10),
+                customer_id: CustomerId(1),
                 email: "a@x.cn".into(),
                 title: "t".into(),
                 content: "c".into(),
@@ -261,12 +262,12 @@ mod tests {
 
             // Assert
             let members = store.load_members().await.unwrap();
-            let a = &members[&MemberKey::new(1, Email::parse("a@x.cn").unwrap())];
+            let a = &members[&MemberKey::new(ListId(1), Email::parse("a@x.cn").unwrap())];
             assert!(!a.present, "{url}");
             assert_eq!(a.fields.fullname(), "last", "{url}");
-            let c = &members[&MemberKey::new(1, Email::parse("c@x.cn").unwrap())];
+            let c = &members[&MemberKey::new(ListId(1), Email::parse("c@x.cn").unwrap())];
             assert_eq!(c.fields.fullname(), "c2", "{url}");
-            assert_eq!(store.seen_lines(1).await.unwrap().len(), 1, "{url}");
+            assert_eq!(store.seen_lines(ListId(1)).await.unwrap().len(), 1, "{url}");
             assert_eq!(store.user_unsubscribes().await.unwrap().len(), 1, "{url}");
             assert_eq!(pending.len(), 1, "{url}");
             store.connection().clone().close().await.unwrap();

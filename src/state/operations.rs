@@ -10,7 +10,7 @@ use sea_orm::{
 
 use super::entities::operation;
 use super::*;
-use crate::domain::{Email, ListId, MemberFields, MemberState};
+use crate::domain::{CustomerId, Email, LinkManId, ListId, MemberFields, MemberState};
 
 /// A planned operation about to be recorded.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,8 +19,8 @@ pub struct NewOperation {
     pub list_id: ListId,
     pub email: Email,
     pub edm_id: Option<i64>,
-    pub link_man_id: Option<i64>,
-    pub customer_id: Option<i64>,
+    pub link_man_id: Option<LinkManId>,
+    pub customer_id: Option<CustomerId>,
     pub fields: MemberFields,
 }
 
@@ -31,8 +31,8 @@ pub struct PendingOperation {
     pub kind: OpKind,
     pub list_id: ListId,
     pub email: String,
-    pub link_man_id: Option<i64>,
-    pub customer_id: Option<i64>,
+    pub link_man_id: Option<LinkManId>,
+    pub customer_id: Option<CustomerId>,
 }
 
 /// A pending operation, for `status`.

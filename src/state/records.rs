@@ -12,14 +12,15 @@ use sea_orm::{
 
 use super::entities::ledger;
 use super::*;
+use crate::domain::{CustomerId, LinkManId};
 
 /// A ContactHistory record about to be written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRecord {
     pub kind: RecordKind,
     pub scope: String,
-    pub link_man_id: i64,
-    pub customer_id: i64,
+    pub link_man_id: LinkManId,
+    pub customer_id: CustomerId,
     pub email: String,
     pub title: String,
     pub content: String,
@@ -32,8 +33,8 @@ pub struct LedgerRow {
     pub id: i64,
     pub kind: RecordKind,
     pub scope: String,
-    pub link_man_id: i64,
-    pub customer_id: i64,
+    pub link_man_id: LinkManId,
+    pub customer_id: CustomerId,
     pub title: String,
     pub content: String,
     /// A call for it went out and its answer was not recorded.
@@ -63,10 +64,10 @@ impl Store {
     pub async fn ledger_keys(
         &self,
         scopes: &[String],
-    ) -> anyhow::Result<HashSet<(String, String, i64)>> {
+    ) -> anyhow::Result<HashSet<(String, String, LinkManId)>> {
         let mut out = HashSet::new();
         for chunk in scopes.chunks(CHUNK) {
-            let rows: Vec<(String, String, i64)> = ledger::Entity::find()
+            let rows: Vec<(String, String, LinkManId)> = ledger::Entity::find()
                 .select_only()
                 .column(ledger::Column::Kind)
                 .column(ledger::Column::Scope)
@@ -140,7 +141,7 @@ impl Store {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let wanted: HashSet<(RecordKind, &str, i64)> = records
+        let wanted: HashSet<(RecordKind, &str, LinkManId)> = records
             .iter()
             .map(|r| (r.kind, r.scope.as_str(), r.link_man_id))
             .collect();

@@ -226,7 +226,7 @@ impl Applier<'_> {
                 }
                 Err(e) if e.is_retriable() && e.maybe_applied() && attempt < max_tries => {
                     tracing::warn!(
-                        list_id,
+                        list_id = list_id.0,
                         operation = %op,
                         count = remaining.len(),
                         attempt,
@@ -242,7 +242,7 @@ impl Applier<'_> {
                                 .store
                                 .note_failure(self.run_id, op, list_id, &refs, &text)
                                 .await?;
-                            tracing::error!(list_id, operation = %op, count = refs.len(), error = %text, "operations stay pending for the next run");
+                            tracing::error!(list_id = list_id.0, operation = %op, count = refs.len(), error = %text, "operations stay pending for the next run");
                             self.counts.failed += refs.len();
                             crate::metrics::operations(op.as_str(), "failed", refs.len());
                             return Ok(());
@@ -274,7 +274,7 @@ impl Applier<'_> {
                         .store
                         .note_failure(self.run_id, op, list_id, &refs, &text)
                         .await?;
-                    tracing::error!(list_id, operation = %op, count = refs.len(), error = %text, "operations failed; they stay pending for the next run");
+                    tracing::error!(list_id = list_id.0, operation = %op, count = refs.len(), error = %text, "operations failed; they stay pending for the next run");
                     self.counts.failed += refs.len();
                     crate::metrics::operations(op.as_str(), "failed", refs.len());
                     return Ok(());
@@ -362,7 +362,7 @@ impl Applier<'_> {
                 None => {
                     // EDM no longer holds it: mark it absent; the next run
                     // adds it again.
-                    tracing::warn!(list_id, address = %edit.key.email.masked(), "member to edit is not in the EDM list; it will be added again next run");
+                    tracing::warn!(list_id = list_id.0, address = %edit.key.email.masked(), "member to edit is not in the EDM list; it will be added again next run");
                     if let Some(m) = self.members.get(&edit.key) {
                         vanished.push(MemberState {
                             present: false,
@@ -435,7 +435,7 @@ impl Applier<'_> {
                         return Err(anyhow::Error::new(e)
                             .context("EDM refused the credentials; run stopped"));
                     }
-                    tracing::error!(list_id, address = %edit.key.email.masked(), error = %text, "edit failed; it stays pending for the next run");
+                    tracing::error!(list_id = list_id.0, address = %edit.key.email.masked(), error = %text, "edit failed; it stays pending for the next run");
                     self.counts.failed += 1;
                     crate::metrics::operations(OpKind::Edit.as_str(), "failed", 1);
                 }

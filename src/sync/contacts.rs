@@ -174,7 +174,7 @@ async fn run_inner(
             obs.resolved_ops.push((r.op_id, r.status));
         }
         tracing::info!(
-            list_id,
+            list_id = list_id.0,
             operations = ops.len(),
             "operations left pending by an earlier run resolved"
         );
@@ -200,7 +200,7 @@ async fn run_inner(
         let found = reconcile_list(list_id, &addresses, &members);
         counts.lists_read += 1;
         tracing::info!(
-            list_id,
+            list_id = list_id.0,
             addresses = addresses.len(),
             duplicates = found.duplicates,
             missing = found.missing,
@@ -209,7 +209,7 @@ async fn run_inner(
         );
         if found.missing > 0 || found.drifted > 0 {
             tracing::warn!(
-                list_id,
+                list_id = list_id.0,
                 missing = found.missing,
                 drifted = found.drifted,
                 "EDM list drifted from the state DB; repairing"
@@ -274,8 +274,8 @@ async fn run_inner(
 fn log_mapping(desired: &Desired) {
     for invalid in &desired.invalid {
         tracing::info!(
-            link_man_id = invalid.link_man_id,
-            customer_id = invalid.customer_id,
+            link_man_id = invalid.link_man_id.0,
+            customer_id = invalid.customer_id.0,
             address = %invalid.masked,
             reason = %invalid.reason,
             "invalid email skipped"
@@ -283,9 +283,9 @@ fn log_mapping(desired: &Desired) {
     }
     for c in &desired.collisions {
         tracing::warn!(
-            list_id = c.key.list_id,
+            list_id = c.key.list_id.0,
             address = %c.key.email.masked(),
-            owner = c.owner,
+            owner = c.owner.0,
             others = ?c.others,
             "link-men share an email in one list; the lowest id owns it"
         );

@@ -282,6 +282,7 @@ fn member_of(
 mod tests {
     use super::*;
     use crate::crm::{Customer, CustomerWithLinkMen};
+    use crate::domain::{CustomerId, LinkManId, ListId};
     use serde_json::{Value, json};
 
     fn map(v: Value) -> CrmMap {
@@ -290,11 +291,11 @@ mod tests {
 
     fn rules() -> MappingRules {
         MappingRules {
-            default_list: 1,
+            default_list: ListId(1),
             routes: vec![Route {
                 field: "customer.type_id".into(),
                 equals: "2".into(),
-                list_id: 2,
+                list_id: ListId(2),
             }],
             vars: VarMapping {
                 var1: Some("customer.name".into()),
@@ -314,14 +315,17 @@ mod tests {
                     let c = map(c);
                     let id = crate::crm::read_id(c.get("id")).unwrap();
                     CustomerWithLinkMen {
-                        customer: Customer { id, data: c },
+                        customer: Customer {
+                            id: CustomerId(id),
+                            data: c,
+                        },
                         linkmen: lms
                             .into_iter()
                             .map(|l| {
                                 let l = map(l);
                                 LinkMan {
-                                    id: crate::crm::read_id(l.get("id")).unwrap(),
-                                    customer_id: id,
+                                    id: LinkManId(crate::crm::read_id(l.get("id")).unwrap()),
+                                    customer_id: CustomerId(id),
                                     data: l,
                                 }
                             })
@@ -352,11 +356,11 @@ mod tests {
             ),
         ]);
         let d = desired_members(&snap, &rules());
-        let zhang = &d.members[&key(1, "zhang@example.cn")];
-        assert_eq!(zhang.link_man_id, 10);
+        let zhang = &d.members[&key(ListId(1), "zhang@example.cn")];
+        assert_eq!(zhang.link_man_id, LinkManId(10));
         assert_eq!(zhang.fields.var(0), "甲公司");
-        let li = &d.members[&key(2, "li@example.cn")];
-        assert_eq!(li.customer_id, 2);
+        let li = &d.members[&key(ListId(2), "li@example.cn")];
+        assert_eq!(li.customer_id, CustomerId(2));
         assert_eq!(li.fields.fullname(), "李四");
         assert_eq!(li.fields.var(1), "13800138000");
         assert_eq!(li.fields.var(2), "");
@@ -379,10 +383,10 @@ mod tests {
             ),
         ]);
         let d = desired_members(&snap, &rules());
-        assert!(d.members.contains_key(&key(2, "a@x.cn")));
-        assert!(d.members.contains_key(&key(2, "b@x.cn")));
+        assert!(d.members.contains_key(&key(ListId(2), "a@x.cn")));
+        assert!(d.members.contains_key(&key(ListId(2), "b@x.cn")));
         // 2.0 is written "2.0" by JSON, which is not "2".
-        assert!(d.members.contains_key(&key(1, "c@x.cn")));
+        assert!(d.members.contains_key(&key(ListId(1), "c@x.cn")));
     }
 
     #[test]
@@ -391,14 +395,14 @@ mod tests {
         r.routes.push(Route {
             field: "dept".into(),
             equals: "sales".into(),
-            list_id: 3,
+            list_id: ListId(3),
         });
         r.routes.insert(
             0,
             Route {
                 field: "dept".into(),
                 equals: "sales".into(),
-                list_id: 4,
+                list_id: ListId(4),
             },
         );
         let snap = snapshot(vec![(
@@ -406,7 +410,7 @@ mod tests {
             vec![json!({"id": 10, "email": "a@x.cn", "dept": "sales"})],
         )]);
         let d = desired_members(&snap, &r);
-        assert!(d.members.contains_key(&key(4, "a@x.cn")));
+        assert!(d.members.contains_key(&key(ListId(4), "a@x.cn")));
     }
 
     #[test]
@@ -426,11 +430,11 @@ mod tests {
         ]);
         let d = desired_members(&snap, &rules());
         assert_eq!(d.members.len(), 1);
-        let m = &d.members[&key(1, "same@x.cn")];
-        assert_eq!(m.link_man_id, 12);
+        let m = &d.members[&key(ListId(1), "same@x.cn")];
+        assert_eq!(m.link_man_id, LinkManId(12));
         assert_eq!(m.fields.fullname(), "A");
         assert_eq!(d.collisions.len(), 1);
-        assert_eq!(d.collisions[0].others, vec![25, 30]);
+        assert_eq!(d.collisions[0].others, vec![LinkManId(25), LinkManId(30)]);
     }
 
     #[test]
@@ -482,7 +486,7 @@ mod tests {
             vec![json!({"id": 10, "name": "王\n五;", "email": "w@x.cn", "mobile": "1\r2"})],
         )]);
         let d = desired_members(&snap, &rules());
-        let m = &d.members[&key(1, "w@x.cn")];
+        let m = &d.members[&key(ListId(1), "w@x.cn")];
         assert_eq!(m.fields.fullname(), "王 五 ");
         assert_eq!(m.fields.var(0), "A B C");
         assert_eq!(m.fields.var(1), "1 2");
@@ -502,8 +506,11 @@ mod tests {
         ]);
         let d = desired_members(&snap, &rules());
         assert_eq!(d.members.len(), 1);
-        assert_eq!(d.members[&key(1, "a@x.cn")].customer_id, 1);
-        assert_eq!(d.repeated_linkmen, vec![10]);
+        assert_eq!(
+            d.members[&key(ListId(1), "a@x.cn")].customer_id,
+            CustomerId(1)
+        );
+        assert_eq!(d.repeated_linkmen, vec![LinkManId(10)]);
     }
 
     #[test]
@@ -530,12 +537,15 @@ mod tests {
         let d = desired_members(&snap, &rules());
 
         // Assert
-        assert_eq!(d.members[&key(1, "b@x.cn")].link_man_id, 10);
-        let same = &d.members[&key(1, "same@x.cn")];
-        assert_eq!(same.link_man_id, 20);
+        assert_eq!(
+            d.members[&key(ListId(1), "b@x.cn")].link_man_id,
+            LinkManId(10)
+        );
+        let same = &d.members[&key(ListId(1), "same@x.cn")];
+        assert_eq!(same.link_man_id, LinkManId(20));
         assert_eq!(same.fields.fullname(), "twenty");
         assert_eq!(d.collisions.len(), 1);
-        assert_eq!(d.collisions[0].owner, 20);
-        assert_eq!(d.collisions[0].others, vec![30]);
+        assert_eq!(d.collisions[0].owner, LinkManId(20));
+        assert_eq!(d.collisions[0].others, vec![LinkManId(30)]);
     }
 }

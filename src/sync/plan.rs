@@ -211,6 +211,7 @@ pub fn check_safety(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{CustomerId, LinkManId, ListId};
     use crate::domain::{Email, VAR_COUNT};
     use std::collections::HashSet;
 
@@ -229,7 +230,7 @@ mod tests {
             DesiredMember {
                 key: k,
                 link_man_id: lm,
-                customer_id: lm * 100,
+                customer_id: CustomerId(lm.0 * 100),
                 fields: fields(name),
             },
         )
@@ -250,8 +251,8 @@ mod tests {
                 origin,
                 present: true,
                 link_man_id: Some(lm),
-                customer_id: Some(lm * 100),
-                edm_id: Some(lm + 1000),
+                customer_id: Some(CustomerId(lm.0 * 100)),
+                edm_id: Some(lm.0 + 1000),
                 fields: fields(name),
             },
         )
@@ -267,7 +268,10 @@ mod tests {
 
     #[test]
     fn new_members_are_added() {
-        let d = desired(vec![want(1, "a@x.cn", 1, "A"), want(2, "b@x.cn", 2, "B")]);
+        let d = desired(vec![
+            want(ListId(1), "a@x.cn", LinkManId(1), "A"),
+            want(ListId(2), "b@x.cn", LinkManId(2), "B"),
+        ]);
         let p = plan(&d, &HashMap::new(), &Suppressions::default());
         assert_eq!(p.adds.len(), 2);
         assert!(p.edits.is_empty() && p.unsubs.is_empty());
@@ -275,16 +279,28 @@ mod tests {
 
     #[test]
     fn no_change_gives_an_empty_plan() {
-        let d = desired(vec![want(1, "a@x.cn", 1, "A")]);
-        let s = state(vec![have(1, "a@x.cn", 1, "A", Origin::Owned)]);
+        let d = desired(vec![want(ListId(1), "a@x.cn", LinkManId(1), "A")]);
+        let s = state(vec![have(
+            ListId(1),
+            "a@x.cn",
+            LinkManId(1),
+            "A",
+            Origin::Owned,
+        )]);
         let p = plan(&d, &s, &Suppressions::default());
         assert!(p.is_empty(), "{p:?}");
     }
 
     #[test]
     fn changed_fields_are_one_edit_with_the_known_id() {
-        let d = desired(vec![want(1, "a@x.cn", 1, "A2")]);
-        let s = state(vec![have(1, "a@x.cn", 1, "A", Origin::Owned)]);
+        let d = desired(vec![want(ListId(1), "a@x.cn", LinkManId(1), "A2")]);
+        let s = state(vec![have(
+            ListId(1),
+            "a@x.cn",
+            LinkManId(1),
+            "A",
+            Origin::Owned,
+        )]);
         let p = plan(&d, &s, &Suppressions::default());
         assert_eq!(p.edits.len(), 1);
         assert_eq!(p.edits[0].edm_id, Some(1001));
@@ -294,49 +310,67 @@ mod tests {
 
     #[test]
     fn a_var_change_alone_is_an_edit() {
-        let (k, mut w) = want(1, "a@x.cn", 1, "A");
+        let (k, mut w) = want(ListId(1), "a@x.cn", LinkManId(1), "A");
         w.fields = w.fields.with_var(VAR_COUNT - 1, "new");
         let d = desired(vec![(k, w)]);
-        let s = state(vec![have(1, "a@x.cn", 1, "A", Origin::Owned)]);
+        let s = state(vec![have(
+            ListId(1),
+            "a@x.cn",
+            LinkManId(1),
+            "A",
+            Origin::Owned,
+        )]);
         assert_eq!(plan(&d, &s, &Suppressions::default()).edits.len(), 1);
     }
 
     #[test]
     fn a_deleted_linkman_is_unsubscribed() {
         let s = state(vec![
-            have(1, "a@x.cn", 1, "A", Origin::Owned),
-            have(1, "b@x.cn", 2, "B", Origin::Owned),
+            have(ListId(1), "a@x.cn", LinkManId(1), "A", Origin::Owned),
+            have(ListId(1), "b@x.cn", LinkManId(2), "B", Origin::Owned),
         ]);
-        let d = desired(vec![want(1, "b@x.cn", 2, "B")]);
+        let d = desired(vec![want(ListId(1), "b@x.cn", LinkManId(2), "B")]);
         let p = plan(&d, &s, &Suppressions::default());
         assert_eq!(p.unsubs.len(), 1);
-        assert_eq!(p.unsubs[0].key, key(1, "a@x.cn"));
+        assert_eq!(p.unsubs[0].key, key(ListId(1), "a@x.cn"));
     }
 
     #[test]
     fn an_email_change_unsubscribes_the_old_and_adds_the_new() {
-        let s = state(vec![have(1, "old@x.cn", 1, "A", Origin::Owned)]);
-        let d = desired(vec![want(1, "new@x.cn", 1, "A")]);
+        let s = state(vec![have(
+            ListId(1),
+            "old@x.cn",
+            LinkManId(1),
+            "A",
+            Origin::Owned,
+        )]);
+        let d = desired(vec![want(ListId(1), "new@x.cn", LinkManId(1), "A")]);
         let p = plan(&d, &s, &Suppressions::default());
-        assert_eq!(p.unsubs[0].key, key(1, "old@x.cn"));
-        assert_eq!(p.adds[0].key, key(1, "new@x.cn"));
+        assert_eq!(p.unsubs[0].key, key(ListId(1), "old@x.cn"));
+        assert_eq!(p.adds[0].key, key(ListId(1), "new@x.cn"));
     }
 
     #[test]
     fn a_route_change_moves_the_member_between_lists() {
-        let s = state(vec![have(1, "a@x.cn", 1, "A", Origin::Owned)]);
-        let d = desired(vec![want(2, "a@x.cn", 1, "A")]);
+        let s = state(vec![have(
+            ListId(1),
+            "a@x.cn",
+            LinkManId(1),
+            "A",
+            Origin::Owned,
+        )]);
+        let d = desired(vec![want(ListId(2), "a@x.cn", LinkManId(1), "A")]);
         let p = plan(&d, &s, &Suppressions::default());
-        assert_eq!(p.unsubs[0].key, key(1, "a@x.cn"));
-        assert_eq!(p.adds[0].key, key(2, "a@x.cn"));
+        assert_eq!(p.unsubs[0].key, key(ListId(1), "a@x.cn"));
+        assert_eq!(p.adds[0].key, key(ListId(2), "a@x.cn"));
     }
 
     #[test]
     fn a_member_the_daemon_unsubscribed_is_added_again_when_desired_again() {
-        let (k, mut m) = have(1, "a@x.cn", 1, "A", Origin::Owned);
+        let (k, mut m) = have(ListId(1), "a@x.cn", LinkManId(1), "A", Origin::Owned);
         m.present = false;
         let p = plan(
-            &desired(vec![want(1, "a@x.cn", 1, "A")]),
+            &desired(vec![want(ListId(1), "a@x.cn", LinkManId(1), "A")]),
             &state(vec![(k, m)]),
             &Suppressions::default(),
         );
@@ -346,13 +380,24 @@ mod tests {
     #[test]
     fn user_suppression_blocks_every_operation() {
         let sup = Suppressions {
-            user: [key(1, "a@x.cn"), key(1, "b@x.cn")].into_iter().collect(),
+            user: [key(ListId(1), "a@x.cn"), key(ListId(1), "b@x.cn")]
+                .into_iter()
+                .collect(),
             bounced: HashSet::new(),
         };
         // a: desired, not in state (would be an add); b: in state with
         // other fields (would be an edit), and still present by mistake.
-        let d = desired(vec![want(1, "a@x.cn", 1, "A"), want(1, "b@x.cn", 2, "B2")]);
-        let s = state(vec![have(1, "b@x.cn", 2, "B", Origin::Owned)]);
+        let d = desired(vec![
+            want(ListId(1), "a@x.cn", LinkManId(1), "A"),
+            want(ListId(1), "b@x.cn", LinkManId(2), "B2"),
+        ]);
+        let s = state(vec![have(
+            ListId(1),
+            "b@x.cn",
+            LinkManId(2),
+            "B",
+            Origin::Owned,
+        )]);
         let p = plan(&d, &s, &sup);
         assert_eq!(p.write_count(), 0, "{p:?}");
         assert_eq!(p.suppressed.len(), 2);
@@ -364,11 +409,11 @@ mod tests {
     #[test]
     fn user_suppression_is_per_list() {
         let sup = Suppressions {
-            user: [key(1, "a@x.cn")].into_iter().collect(),
+            user: [key(ListId(1), "a@x.cn")].into_iter().collect(),
             bounced: HashSet::new(),
         };
         let p = plan(
-            &desired(vec![want(2, "a@x.cn", 1, "A")]),
+            &desired(vec![want(ListId(2), "a@x.cn", LinkManId(1), "A")]),
             &HashMap::new(),
             &sup,
         );
@@ -382,30 +427,30 @@ mod tests {
             bounced: [Email::parse("b@x.cn").unwrap()].into_iter().collect(),
         };
         let d = desired(vec![
-            want(1, "b@x.cn", 1, "B2"),
-            want(2, "b@x.cn", 1, "B"),
-            want(3, "b@x.cn", 1, "B2"),
+            want(ListId(1), "b@x.cn", LinkManId(1), "B2"),
+            want(ListId(2), "b@x.cn", LinkManId(1), "B"),
+            want(ListId(3), "b@x.cn", LinkManId(1), "B2"),
         ]);
         let s = state(vec![
-            have(1, "b@x.cn", 1, "B", Origin::Owned),
-            have(3, "b@x.cn", 1, "B", Origin::Adopted),
+            have(ListId(1), "b@x.cn", LinkManId(1), "B", Origin::Owned),
+            have(ListId(3), "b@x.cn", LinkManId(1), "B", Origin::Adopted),
         ]);
         let p = plan(&d, &s, &sup);
         assert_eq!(p.unsubs.len(), 1);
-        assert_eq!(p.unsubs[0].key, key(1, "b@x.cn"));
+        assert_eq!(p.unsubs[0].key, key(ListId(1), "b@x.cn"));
         assert!(p.adds.is_empty() && p.edits.is_empty());
     }
 
     #[test]
     fn foreign_address_that_is_desired_is_adopted_not_added() {
-        let d = desired(vec![want(1, "a@x.cn", 7, "A")]);
-        let (k, mut m) = have(1, "a@x.cn", 0, "Old", Origin::Foreign);
+        let d = desired(vec![want(ListId(1), "a@x.cn", LinkManId(7), "A")]);
+        let (k, mut m) = have(ListId(1), "a@x.cn", LinkManId(0), "Old", Origin::Foreign);
         m.link_man_id = None;
         m.customer_id = None;
         let p = plan(&d, &state(vec![(k, m)]), &Suppressions::default());
         assert!(p.adds.is_empty());
         assert_eq!(p.adoptions(), 1);
-        assert_eq!(p.owner_changes[0].link_man_id, 7);
+        assert_eq!(p.owner_changes[0].link_man_id, LinkManId(7));
         // Its fields are kept in step.
         assert_eq!(p.edits.len(), 1);
     }
@@ -413,8 +458,8 @@ mod tests {
     #[test]
     fn adopted_and_foreign_members_are_never_unsubscribed() {
         let s = state(vec![
-            have(1, "a@x.cn", 1, "A", Origin::Adopted),
-            have(1, "f@x.cn", 2, "F", Origin::Foreign),
+            have(ListId(1), "a@x.cn", LinkManId(1), "A", Origin::Adopted),
+            have(ListId(1), "f@x.cn", LinkManId(2), "F", Origin::Foreign),
         ]);
         let p = plan(&BTreeMap::new(), &s, &Suppressions::default());
         assert!(p.unsubs.is_empty());
@@ -422,10 +467,16 @@ mod tests {
 
     #[test]
     fn owner_change_without_field_change_is_state_only() {
-        let s = state(vec![have(1, "a@x.cn", 5, "A", Origin::Owned)]);
-        let d = desired(vec![want(1, "a@x.cn", 3, "A")]);
+        let s = state(vec![have(
+            ListId(1),
+            "a@x.cn",
+            LinkManId(5),
+            "A",
+            Origin::Owned,
+        )]);
+        let d = desired(vec![want(ListId(1), "a@x.cn", LinkManId(3), "A")]);
         let mut d = d;
-        d.values_mut().next().unwrap().customer_id = 500;
+        d.values_mut().next().unwrap().customer_id = CustomerId(500);
         let p = plan(&d, &s, &Suppressions::default());
         assert_eq!(p.write_count(), 0);
         assert_eq!(p.owner_changes.len(), 1);
@@ -436,13 +487,29 @@ mod tests {
     fn ratio_above_limit_is_refused_per_list() {
         let s = state(
             (0..10)
-                .map(|i| have(1, &format!("u{i}@x.cn"), i, "N", Origin::Owned))
-                .chain((0..10).map(|i| have(2, &format!("v{i}@x.cn"), i, "N", Origin::Owned)))
+                .map(|i| {
+                    have(
+                        ListId(1),
+                        &format!("u{i}@x.cn"),
+                        LinkManId(i),
+                        "N",
+                        Origin::Owned,
+                    )
+                })
+                .chain((0..10).map(|i| {
+                    have(
+                        ListId(2),
+                        &format!("v{i}@x.cn"),
+                        LinkManId(i),
+                        "N",
+                        Origin::Owned,
+                    )
+                }))
                 .collect(),
         );
         let keep: Vec<_> = (0..8)
-            .map(|i| want(1, &format!("u{i}@x.cn"), i, "N"))
-            .chain((0..10).map(|i| want(2, &format!("v{i}@x.cn"), i, "N")))
+            .map(|i| want(ListId(1), &format!("u{i}@x.cn"), LinkManId(i), "N"))
+            .chain((0..10).map(|i| want(ListId(2), &format!("v{i}@x.cn"), LinkManId(i), "N")))
             .collect();
         let d = desired(keep);
         let p = plan(&d, &s, &Suppressions::default());
@@ -452,15 +519,15 @@ mod tests {
         // 3 of 10 in list 1 = 0.3: refused.
         let d = desired(
             (0..7)
-                .map(|i| want(1, &format!("u{i}@x.cn"), i, "N"))
-                .chain((0..10).map(|i| want(2, &format!("v{i}@x.cn"), i, "N")))
+                .map(|i| want(ListId(1), &format!("u{i}@x.cn"), LinkManId(i), "N"))
+                .chain((0..10).map(|i| want(ListId(2), &format!("v{i}@x.cn"), LinkManId(i), "N")))
                 .collect(),
         );
         let p = plan(&d, &s, &Suppressions::default());
         assert_eq!(
             check_safety(&p, d.len(), &members, 0.2),
             Err(Refusal::Ratio {
-                list_id: 1,
+                list_id: ListId(1),
                 unsubs: 3,
                 members: 10,
                 ratio: 0.2
@@ -470,7 +537,13 @@ mod tests {
 
     #[test]
     fn empty_pull_with_recorded_members_is_refused() {
-        let s = state(vec![have(1, "a@x.cn", 1, "A", Origin::Owned)]);
+        let s = state(vec![have(
+            ListId(1),
+            "a@x.cn",
+            LinkManId(1),
+            "A",
+            Origin::Owned,
+        )]);
         let p = plan(&BTreeMap::new(), &s, &Suppressions::default());
         assert_eq!(
             check_safety(&p, 0, &members_per_list(&s), 1.0),
@@ -486,10 +559,10 @@ mod tests {
     #[test]
     fn adopted_members_count_in_the_ratio_denominator_but_foreign_do_not() {
         let s = state(vec![
-            have(1, "a@x.cn", 1, "A", Origin::Owned),
-            have(1, "b@x.cn", 2, "B", Origin::Adopted),
-            have(1, "c@x.cn", 3, "C", Origin::Foreign),
+            have(ListId(1), "a@x.cn", LinkManId(1), "A", Origin::Owned),
+            have(ListId(1), "b@x.cn", LinkManId(2), "B", Origin::Adopted),
+            have(ListId(1), "c@x.cn", LinkManId(3), "C", Origin::Foreign),
         ]);
-        assert_eq!(members_per_list(&s)[&1], 2);
+        assert_eq!(members_per_list(&s)[&ListId(1)], 2);
     }
 }

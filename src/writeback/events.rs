@@ -329,6 +329,7 @@ mod tests {
     use crate::config::Settings;
     use crate::domain::MemberFields;
     use crate::domain::Origin;
+    use crate::domain::{CustomerId, LinkManId, ListId};
 
     fn templates() -> Templates {
         Settings::from_toml("[crm]\nbase_url = \"http://c.test\"\ntoken = \"t\"\n[edm]\nusername = \"u\"\npassword = \"p\"\n")
@@ -352,7 +353,7 @@ mod tests {
                 origin,
                 present,
                 link_man_id: Some(lm),
-                customer_id: Some(lm * 100),
+                customer_id: Some(CustomerId(lm.0 * 100)),
                 edm_id: None,
                 fields: MemberFields::named(&format!("人{lm}")),
             },
@@ -393,27 +394,46 @@ mod tests {
     #[test]
     fn event_maps_to_owner_in_the_campaigns_list_else_the_lowest_list() {
         let members: HashMap<_, _> = [
-            member(1, "a@x.cn", 10, true, Origin::Owned),
-            member(2, "a@x.cn", 20, true, Origin::Owned),
-            member(3, "b@x.cn", 30, false, Origin::Owned),
-            member(2, "b@x.cn", 40, true, Origin::Adopted),
+            member(ListId(1), "a@x.cn", LinkManId(10), true, Origin::Owned),
+            member(ListId(2), "a@x.cn", LinkManId(20), true, Origin::Owned),
+            member(ListId(3), "b@x.cn", LinkManId(30), false, Origin::Owned),
+            member(ListId(2), "b@x.cn", LinkManId(40), true, Origin::Adopted),
         ]
         .into();
         let index = MemberIndex::new(&members);
-        assert_eq!(index.owner("A@x.cn", Some(2)).unwrap().link_man_id, 20);
-        assert_eq!(index.owner("a@x.cn", Some(9)).unwrap().link_man_id, 10);
+        assert_eq!(
+            index.owner("A@x.cn", Some(ListId(2))).unwrap().link_man_id,
+            LinkManId(20)
+        );
+        assert_eq!(
+            index.owner("a@x.cn", Some(ListId(9))).unwrap().link_man_id,
+            LinkManId(10)
+        );
         // A member the daemon removed still names its last owner.
-        assert_eq!(index.owner("b@x.cn", Some(3)).unwrap().link_man_id, 30);
-        assert_eq!(index.owner("b@x.cn", None).unwrap().link_man_id, 40);
-        assert!(index.owner("nobody@x.cn", Some(1)).is_none());
-        assert!(index.owner("not an address", Some(1)).is_none());
+        assert_eq!(
+            index.owner("b@x.cn", Some(ListId(3))).unwrap().link_man_id,
+            LinkManId(30)
+        );
+        assert_eq!(
+            index.owner("b@x.cn", None).unwrap().link_man_id,
+            LinkManId(40)
+        );
+        assert!(index.owner("nobody@x.cn", Some(ListId(1))).is_none());
+        assert!(index.owner("not an address", Some(ListId(1))).is_none());
     }
 
     #[test]
     fn one_record_per_campaign_linkman_and_kind_with_aggregated_facts() {
-        let members: HashMap<_, _> = [member(1, "a@x.cn", 10, true, Origin::Owned)].into();
+        let members: HashMap<_, _> = [member(
+            ListId(1),
+            "a@x.cn",
+            LinkManId(10),
+            true,
+            Origin::Owned,
+        )]
+        .into();
         let events = vec![CampaignEvents {
-            campaign: campaign(5, 1),
+            campaign: campaign(5, ListId(1)),
             opens: vec![
                 open("a@x.cn", 2, "2026-11-20 09:00:00", "2026-11-20 12:00:00"),
                 open("A@X.CN", 1, "2026-11-19 08:00:00", "2026-11-20 10:00:00"),
@@ -444,7 +464,7 @@ mod tests {
         let o = records.iter().find(|r| r.kind == RecordKind::Open).unwrap();
         assert_eq!(
             (o.scope.as_str(), o.link_man_id, o.customer_id),
-            ("campaign:5", 10, 1000)
+            ("campaign:5", LinkManId(10), CustomerId(1000))
         );
         assert!(o.title.contains("活动5"), "{}", o.title);
         assert!(o.content.contains("3 次"), "{}", o.content);
@@ -472,9 +492,16 @@ mod tests {
 
     #[test]
     fn bounces_and_unsubscribes_have_their_own_keys_and_reasons() {
-        let members: HashMap<_, _> = [member(1, "a@x.cn", 10, false, Origin::Owned)].into();
+        let members: HashMap<_, _> = [member(
+            ListId(1),
+            "a@x.cn",
+            LinkManId(10),
+            false,
+            Origin::Owned,
+        )]
+        .into();
         let events = vec![CampaignEvents {
-            campaign: campaign(5, 1),
+            campaign: campaign(5, ListId(1)),
             bounces: vec![
                 ("not_exist".into(), "a@x.cn".into()),
                 ("user_reject".into(), "ghost@x.cn".into()),
@@ -483,17 +510,17 @@ mod tests {
         }];
         let unsubs = vec![
             Unsubscribe {
-                list_id: 1,
+                list_id: ListId(1),
                 address: "a@x.cn".into(),
                 time: "2026-11-21 08:00:00".into(),
             },
             Unsubscribe {
-                list_id: 1,
+                list_id: ListId(1),
                 address: "ghost@x.cn".into(),
                 time: "t".into(),
             },
         ];
-        let names: HashMap<ListId, String> = [(1, "客户".to_string())].into();
+        let names: HashMap<ListId, String> = [(ListId(1), "客户".to_string())].into();
         let (records, unmatched) = records(
             &events,
             &unsubs,
@@ -518,9 +545,16 @@ mod tests {
 
     #[test]
     fn many_links_are_cut_to_ten_with_a_total() {
-        let members: HashMap<_, _> = [member(1, "a@x.cn", 10, true, Origin::Owned)].into();
+        let members: HashMap<_, _> = [member(
+            ListId(1),
+            "a@x.cn",
+            LinkManId(10),
+            true,
+            Origin::Owned,
+        )]
+        .into();
         let events = vec![CampaignEvents {
-            campaign: campaign(5, 1),
+            campaign: campaign(5, ListId(1)),
             clicks: (0..15)
                 .map(|i| click("a@x.cn", &format!("https://a.cn/{i:02}"), 1))
                 .collect(),

@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
+use crate::domain::ListId;
 use crate::edm::{Campaign, HARD_BOUNCE_TYPES};
 use crate::jobs::Context;
 use crate::jobs::exports::View;
@@ -215,14 +216,14 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
     }
 
     // 4. Records.
-    let list_names: HashMap<i64, String> = match ctx.edm.maillist_list().await {
+    let list_names: HashMap<ListId, String> = match ctx.edm.maillist_list().await {
         Ok(ls) => ls.into_iter().map(|l| (l.id, l.subject)).collect(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read list names; records name lists by id");
             HashMap::new()
         }
     };
-    let synced: HashSet<i64> = lists.iter().copied().collect();
+    let synced: HashSet<ListId> = lists.iter().copied().collect();
     let unsubscribes: Vec<Unsubscribe> = ctx
         .store
         .user_unsubscribes()
@@ -274,7 +275,7 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
         tracing::warn!(
             kind = %row.kind,
             scope = %row.scope,
-            link_man_id = row.link_man_id,
+            link_man_id = row.link_man_id.0,
             attempts = row.attempts,
             "contact-history record may already be in the CRM (an earlier call's answer was lost); sending it again can write it twice"
         );
@@ -383,7 +384,7 @@ async fn send_all(
                             tracing::warn!(
                                 kind = %row.kind,
                                 scope = %row.scope,
-                                link_man_id = row.link_man_id,
+                                link_man_id = row.link_man_id.0,
                                 attempt = resent,
                                 error = %e,
                                 "contact-history record may already be in the CRM (the call's answer was lost); sending it again in this run can write it twice"
@@ -471,7 +472,7 @@ async fn send_all(
                     if e.is_auth() {
                         auth_error.get_or_insert(e);
                     } else {
-                        tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id, error = %text, "contact-history record failed; it stays pending for the next run");
+                        tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id.0, error = %text, "contact-history record failed; it stays pending for the next run");
                     }
                 }
             }},
