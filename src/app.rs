@@ -60,7 +60,13 @@ async fn once(cli: &Cli, settings: Settings) -> anyhow::Result<ExitCode> {
         )
         .await?;
     let ctx = Context::new(settings).await?;
+    // Fence this run's writes: a daemon that takes over (should this
+    // process lose its lock) makes every later batch of ours fail.
+    crate::jobs::take_lease(&ctx).await?;
     let code = run_jobs(cli, &ctx).await;
+    if let Err(e) = ctx.store.release_lease().await {
+        tracing::warn!(error = %format!("{e:#}"), "cannot mark the lease released");
+    }
     ctx.store.close().await;
     code
 }

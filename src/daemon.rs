@@ -142,16 +142,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
                 active.store(true, Ordering::SeqCst);
                 metrics::gauge!(crate::metrics::metric::ACTIVE).set(1.0);
                 tracing::info!("holding the instance lock: this instance runs the jobs");
-                let period = active_period(&base, lock, &stop, poll, drain).await;
+                let period = active_period(&base, &ops_store, lock, &stop, poll, drain).await;
                 active.store(false, Ordering::SeqCst);
                 metrics::gauge!(crate::metrics::metric::ACTIVE).set(0.0);
                 match period? {
                     Period::Stopped => break,
                     Period::LockLost => {
                         tracing::error!(
-                            "lost the instance lock (database connection gone); jobs stopped, standing by"
+                            "lost the instance lock (lock connection gone, lock file replaced or lease taken by another instance); jobs stopped, standing by"
                         );
-                        continue;
+                        // Give a waiting standby two polls' head start
+                        // rather than grabbing the lock straight back.
+                        tokio::select! {
+                            _ = tokio::time::sleep(poll) => {}
+                            _ = stop.cancelled() => {}
+                        }
                     }
                 }
             }
@@ -187,6 +192,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
 /// arrives (after draining) or the lock is lost.
 async fn active_period(
     base: &Context,
+    reader: &crate::state::Store,
     mut lock: InstanceLock,
     stop: &CancellationToken,
     poll: Duration,
@@ -233,18 +239,27 @@ async fn active_period(
         });
         schedule(&scheduler, job.as_str(), &cron, gate, turn.clone(), f).await?;
     }
+    crate::jobs::take_lease(&ctx).await?;
     let mut scheduler = scheduler;
     scheduler.start().await?;
+    let check_every = poll.min(Duration::from_secs(1));
     let lost = loop {
         tokio::select! {
             _ = stop.cancelled() => break false,
-            _ = tokio::time::sleep(poll) => {
-                if !lock.still_held().await {
+            _ = tokio::time::sleep(check_every) => {
+                if !still_ours(&mut lock, reader, ctx.store.fence_epoch()).await {
                     break true;
                 }
             }
         }
     };
+    if lost {
+        // Another instance may be writing already: the running job is
+        // dropped where it stands, not drained (what it did not record
+        // stays to be planned again, by the new holder).
+        tracing::error!("lost the instance lock or lease: the running job is stopped at once");
+        hard_stop.cancel();
+    }
     // Cancel the running job (it finishes its current batch and records
     // its state), start no other, and await it — bounded by the drain —
     // before standing by or exiting.
@@ -259,12 +274,31 @@ async fn active_period(
         notify_systemd(&[sd_notify::NotifyState::Stopping]);
     }
     drain_jobs(&tracker, &hard_stop, drain).await;
+    if !lost && let Err(e) = ctx.store.release_lease().await {
+        tracing::warn!(error = %format!("{e:#}"), "cannot mark the lease released");
+    }
     drop(lock);
     Ok(if lost {
         Period::LockLost
     } else {
         Period::Stopped
     })
+}
+
+/// Whether this instance still holds both its lock and the lease it took
+/// (read through `reader`, a pool the jobs do not use, so a busy job
+/// cannot make the check wait). A check that does not answer within two
+/// seconds counts as lost: an instance that cannot prove it holds the
+/// database stops writing.
+async fn still_ours(lock: &mut InstanceLock, reader: &crate::state::Store, epoch: i64) -> bool {
+    let bound = Duration::from_secs(2);
+    let lock_held = tokio::time::timeout(bound, lock.still_held()).await == Ok(true);
+    let lease_held = epoch == 0
+        || matches!(
+            tokio::time::timeout(bound, reader.lease()).await,
+            Ok(Ok(Some(l))) if l.epoch == epoch
+        );
+    lock_held && lease_held
 }
 
 /// Awaits the closed `tracker`'s jobs for at most `drain`. Past it,

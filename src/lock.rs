@@ -118,12 +118,23 @@ impl LockTarget {
 }
 
 impl InstanceLock {
-    /// Whether the lock is still held (a PostgreSQL lock dies with its
-    /// connection).
+    /// Whether the lock is still held: a PostgreSQL lock dies with its
+    /// connection; a lock file is lost when the file at its path is no
+    /// longer the one this process locked (removed or replaced, so that
+    /// another instance could lock a new file there).
     pub async fn still_held(&mut self) -> bool {
         match self {
             InstanceLock::Postgres(conn) => conn.ping().await.is_ok(),
-            InstanceLock::File(..) | InstanceLock::Unshared => true,
+            InstanceLock::File(file, path) => {
+                use std::os::unix::fs::MetadataExt;
+                match (std::fs::metadata(&*path), file.metadata()) {
+                    (Ok(at_path), Ok(ours)) => {
+                        at_path.ino() == ours.ino() && at_path.dev() == ours.dev()
+                    }
+                    _ => false,
+                }
+            }
+            InstanceLock::Unshared => true,
         }
     }
 }
@@ -172,5 +183,24 @@ mod tests {
         );
         drop(first);
         assert!(target.try_acquire().await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_lock_file_removed_or_replaced_is_no_longer_held() {
+        // Arrange: a held lock file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db.lock");
+        let target = LockTarget::File(path.clone());
+        let mut held = target.try_acquire().await.unwrap().unwrap();
+        assert!(held.still_held().await);
+
+        // Act: someone removes it, and another instance locks a new file
+        // at the same path.
+        std::fs::remove_file(&path).unwrap();
+        let usurper = target.try_acquire().await.unwrap();
+
+        // Assert
+        assert!(usurper.is_some(), "the new file can be locked");
+        assert!(!held.still_held().await);
     }
 }

@@ -705,3 +705,140 @@ async fn a_job_past_the_drain_bound_is_stopped_where_it_stands_and_the_next_run_
     assert_eq!(sb.edm.emails(1).len(), 5);
     assert!(common::applied_adds(&sb).values().all(|&n| n == 1));
 }
+
+/// How an active instance loses its lock while it keeps running.
+#[derive(Clone, Copy)]
+enum Usurp {
+    /// Its PostgreSQL lock connection is terminated (`pg_terminate_backend`).
+    TerminateLockConnection,
+    /// Its lock file is removed, so another instance can lock a new one.
+    RemoveLockFile,
+}
+
+/// Terminates the connection holding the instance's advisory lock on the
+/// test database `url`.
+async fn terminate_lock_connection(url: &str) -> u64 {
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    let name = url.rsplit('/').next().unwrap();
+    let key = crm_edm_sync::lock::ADVISORY_KEY;
+    let admin = Database::connect(common::PG_ADMIN_URL).await.unwrap();
+    let sql = format!(
+        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+         WHERE l.locktype = 'advisory' AND l.granted AND d.datname = '{name}' \
+         AND l.classid = {hi} AND l.objid = {lo}",
+        hi = key >> 32,
+        lo = key & 0xffff_ffff
+    );
+    let rows = admin
+        .query_all_raw(Statement::from_string(admin.get_database_backend(), sql))
+        .await
+        .unwrap();
+    rows.len() as u64
+}
+
+/// The lock holder loses its lock while an add batch is in flight and a
+/// standby waits. The standby takes over; the old holder stops at once
+/// and writes nothing once the standby has begun; EDM ends exact, every
+/// address added once. Requests are told apart by their `User-Agent`.
+async fn a_holder_that_loses_its_lock_mid_run_never_writes_after_its_successor(
+    db: TestDb,
+    usurp: Usurp,
+) {
+    // Arrange: 1 100 link-men in list 1 (three add batches), the first
+    // three adds held 3 s by EDM before they take effect.
+    let sb = sandbox().await;
+    for c in 1..=1100i64 {
+        sb.crm
+            .put_customer(c, json!({"name": format!("公司{c}"), "type_id": 1}));
+        sb.crm.put_linkman(
+            c,
+            c * 10,
+            json!({"name": format!("联系人{c}"), "email": format!("m{c}@example.com")}),
+        );
+    }
+    sb.inject("ml-addr-add", Fault::Delay(Duration::from_secs(3)), 3);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sb, &db);
+    let old = Daemon::start(&config, &[("CRM_EDM_SYNC__DAEMON__INSTANCE_ID", "alpha")]);
+    old.expect("holding the instance lock", 1, Duration::from_secs(20))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while sb.in_flight("ml-addr-add") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no add batch went out within 60 s:\n{}",
+            old.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let new = Daemon::start(&config, &[("CRM_EDM_SYNC__DAEMON__INSTANCE_ID", "beta")]);
+    new.expect("standing by", 1, Duration::from_secs(20)).await;
+
+    // Act: the holder loses its lock with its add batch in flight.
+    match usurp {
+        Usurp::TerminateLockConnection => {
+            assert_eq!(terminate_lock_connection(&db.url).await, 1);
+        }
+        Usurp::RemoveLockFile => {
+            let path = db.url.trim_start_matches("sqlite://");
+            let path = path.split('?').next().unwrap();
+            std::fs::remove_file(format!("{path}.lock")).unwrap();
+        }
+    }
+
+    // Assert: the standby takes over, the old holder stops its job.
+    new.expect("holding the instance lock", 1, Duration::from_secs(20))
+        .await;
+    old.expect("lost the instance lock", 1, Duration::from_secs(20))
+        .await;
+    new.expect("run finished", 1, Duration::from_secs(90)).await;
+    let mut expected: Vec<String> = (1..=1100).map(|c| format!("m{c}@example.com")).collect();
+    expected.sort();
+    assert_eq!(sb.edm.emails(1), expected, "EDM ends exact");
+    let adds = common::applied_adds(&sb);
+    let twice: Vec<_> = adds.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "added more than once: {twice:?}");
+    let writes: Vec<_> = sb
+        .requests()
+        .into_iter()
+        .filter(|r| r.is_edm_write())
+        .collect();
+    let by = |who: &str, r: &crm_edm_sync::sandbox::LoggedRequest| {
+        r.user_agent.starts_with("crm-edm-sync/") && r.user_agent.ends_with(&format!("({who})"))
+    };
+    let first_new = writes
+        .iter()
+        .position(|r| by("beta", r))
+        .expect("the successor wrote");
+    let late: Vec<_> = writes[first_new..]
+        .iter()
+        .filter(|r| by("alpha", r))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the old holder wrote after its successor began: {late:?}"
+    );
+    assert!(
+        writes.iter().all(|r| by("alpha", r) || by("beta", r)),
+        "every write names its instance"
+    );
+}
+
+#[tokio::test]
+async fn a_postgresql_holder_whose_lock_connection_is_terminated_never_writes_after_its_successor()
+{
+    a_holder_that_loses_its_lock_mid_run_never_writes_after_its_successor(
+        TestDb::postgres().await,
+        Usurp::TerminateLockConnection,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_sqlite_holder_whose_lock_file_is_taken_over_never_writes_after_its_successor() {
+    a_holder_that_loses_its_lock_mid_run_never_writes_after_its_successor(
+        TestDb::sqlite(),
+        Usurp::RemoveLockFile,
+    )
+    .await;
+}

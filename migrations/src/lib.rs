@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261123_000001_create_state_tables;
 mod m20261123_000002_create_writeback_ledger;
 mod m20261123_000003_index_operations_by_email;
+mod m20261130_000004_create_lease;
 
 /// The migrator: every migration in order.
 pub struct Migrator;
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000001_create_state_tables::Migration),
             Box::new(m20261123_000002_create_writeback_ledger::Migration),
             Box::new(m20261123_000003_index_operations_by_email::Migration),
+            Box::new(m20261130_000004_create_lease::Migration),
         ]
     }
 }

@@ -54,6 +54,9 @@ pub struct DaemonSettings {
     /// How often a standby daemon tries to take over, and an active one
     /// checks that it still holds the lock.
     pub lock_poll_secs: u64,
+    /// This instance's name in the lease row, logs and `User-Agent`
+    /// (`crm-edm-sync/VERSION (ID)`); empty: `HOST-PID`.
+    pub instance_id: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -308,6 +311,7 @@ listen = "127.0.0.1:9187"
 shutdown_timeout_secs = 60
 lock_wait_secs = 60
 lock_poll_secs = 5
+instance_id = ""
 "#;
 
 /// A settings error; its text always names the offending key or file.

@@ -106,6 +106,12 @@ impl CrmClient {
         self
     }
 
+    /// Names this instance in every request's `User-Agent`.
+    pub fn with_user_agent(mut self, user_agent: &str) -> Self {
+        self.http = self.http.with_user_agent(user_agent);
+        self
+    }
+
     /// How often a caller may repeat a call itself (`crm.max_retries`).
     pub fn max_retries(&self) -> u32 {
         self.http.max_retries()

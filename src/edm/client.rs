@@ -157,6 +157,12 @@ impl EdmClient {
         self
     }
 
+    /// Names this instance in every request's `User-Agent`.
+    pub fn with_user_agent(mut self, user_agent: &str) -> Self {
+        self.http = self.http.with_user_agent(user_agent);
+        self
+    }
+
     pub fn list_page_size(&self) -> u32 {
         self.list_page_size
     }

@@ -16,8 +16,9 @@ use secrecy::ExposeSecret;
 use crate::config::Settings;
 use crate::crm::CrmClient;
 use crate::edm::{EdmClient, password_md5};
+use crate::instance::Instance;
 use crate::redact::Redactor;
-use crate::state::Store;
+use crate::state::{Lease, Store};
 
 /// What a job needs: settings, both clients, the store.
 #[derive(Clone, Debug)]
@@ -27,6 +28,9 @@ pub struct Context {
     pub edm: EdmClient,
     pub store: Store,
     pub redactor: Arc<Redactor>,
+    /// This process (`daemon.instance_id`): the lease holder and the
+    /// `User-Agent` of both clients.
+    pub instance: Arc<Instance>,
     /// Cancelled when the process is asked to stop: a job finishes its
     /// current batch, records its state and returns.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -74,14 +78,17 @@ impl Context {
     /// Both clients built from `settings`, around `store`.
     fn with_store(settings: Settings, store: Store) -> anyhow::Result<Context> {
         let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
-        let crm = CrmClient::new(&settings.crm, redactor.clone())?;
-        let edm = EdmClient::new(&settings.edm, redactor.clone())?;
+        let instance = Instance::current(&settings.daemon.instance_id);
+        let agent = instance.user_agent();
+        let crm = CrmClient::new(&settings.crm, redactor.clone())?.with_user_agent(&agent);
+        let edm = EdmClient::new(&settings.edm, redactor.clone())?.with_user_agent(&agent);
         Ok(Context {
             settings: Arc::new(settings),
             crm,
             edm,
             store,
             redactor,
+            instance,
             shutdown: tokio_util::sync::CancellationToken::new(),
         })
     }
@@ -116,6 +123,56 @@ pub async fn abandon_unfinished_runs(ctx: &Context) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// After the instance lock was acquired: takes the lease (the fencing
+/// token every later write is checked against) and, when the instance it
+/// replaces may still be running — it lost its lock without stopping, on
+/// this host with its process alive or on another host — waits before the
+/// first write until any request that one had in flight has landed or
+/// timed out: the longer client timeout plus the two seconds the old
+/// holder takes at most to notice and stop. A predecessor that stopped
+/// cleanly (released the lease) or whose process is gone costs no wait.
+pub async fn take_lease(ctx: &Context) -> anyhow::Result<()> {
+    let (taken, before) = ctx.store.take_lease(&ctx.instance).await?;
+    tracing::info!(
+        epoch = taken.epoch,
+        instance = %taken.holder,
+        "lease taken: writes from an earlier holder are refused from now on"
+    );
+    let Some(before) = before else {
+        return Ok(());
+    };
+    if !may_still_run(&before, &ctx.instance) {
+        return Ok(());
+    }
+    let wait = Duration::from_secs(
+        ctx.settings
+            .edm
+            .timeout_secs
+            .max(ctx.settings.crm.timeout_secs),
+    ) + Duration::from_secs(2);
+    tracing::warn!(
+        predecessor = %before.holder,
+        predecessor_host = %before.host,
+        wait_secs = wait.as_secs(),
+        "the previous holder lost the lock without stopping and may still be running: waiting for its requests in flight to land before the first write"
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => Ok(()),
+        _ = ctx.shutdown.cancelled() => Ok(()),
+    }
+}
+
+/// Whether the holder of `before` may still be running and sending.
+fn may_still_run(before: &Lease, me: &Instance) -> bool {
+    if before.pid == 0 {
+        return false; // released on a clean stop
+    }
+    if before.host != me.host {
+        return true; // cannot tell: assume it may
+    }
+    before.pid != me.pid && crate::instance::process_alive(before.pid)
+}
+
 /// Pending work after a run: EDM operations and contact-history records.
 pub async fn refresh_pending(store: &Store) {
     if let Ok((edm, _)) = store.pending_summary(0).await {
@@ -141,4 +198,34 @@ pub struct RunOptions {
     pub force: bool,
     /// Re-read the EDM lists and repair any drift.
     pub full: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(host: &str, pid: u32) -> Lease {
+        Lease {
+            epoch: 1,
+            holder: "old".into(),
+            host: host.into(),
+            pid,
+            acquired_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_successor_waits_only_for_a_predecessor_that_may_still_be_sending() {
+        let me = Instance::current("me");
+        // Released on a clean stop: no request of its can be in flight.
+        assert!(!may_still_run(&lease(&me.host, 0), &me));
+        // On this host, its process gone (killed, crashed).
+        assert!(!may_still_run(&lease(&me.host, 4_194_305), &me));
+        // This very process, taking the lease back after standing by.
+        assert!(!may_still_run(&lease(&me.host, me.pid), &me));
+        // On this host and alive (pid 1 always is).
+        assert!(may_still_run(&lease(&me.host, 1), &me));
+        // On another host: it cannot be told, so it may.
+        assert!(may_still_run(&lease("elsewhere", 4_194_305), &me));
+    }
 }

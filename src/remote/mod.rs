@@ -232,6 +232,8 @@ pub struct HttpCaller {
     pub(crate) redactor: Arc<Redactor>,
     in_flight: Arc<tokio::sync::Semaphore>,
     limiter: Option<Arc<Limiter>>,
+    /// Sent with every request: `crm-edm-sync/VERSION (instance ID)`.
+    user_agent: Arc<str>,
 }
 
 impl fmt::Debug for HttpCaller {
@@ -272,7 +274,7 @@ impl HttpCaller {
             .timeout(limits.timeout)
             .connect_timeout(limits.timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(64)
-            .user_agent(concat!("crm-edm-sync/", env!("CARGO_PKG_VERSION")))
+            .user_agent(crate::instance::default_user_agent())
             .build()?;
         let limiter = limits
             .per_second
@@ -291,7 +293,14 @@ impl HttpCaller {
             redactor,
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.in_flight.max(1))),
             limiter,
+            user_agent: Arc::from(crate::instance::default_user_agent()),
         })
+    }
+
+    /// Names this instance in every request's `User-Agent`.
+    pub fn with_user_agent(mut self, user_agent: &str) -> Self {
+        self.user_agent = Arc::from(user_agent);
+        self
     }
 
     /// Lowers the largest body this caller reads (tests).
@@ -411,7 +420,11 @@ impl HttpCaller {
             limiter.until_ready().await;
         }
         crate::metrics::http_request(self.api.as_str());
-        let response = request.send().await.map_err(|e| err(classify(&e)))?;
+        let response = request
+            .header(reqwest::header::USER_AGENT, &*self.user_agent)
+            .send()
+            .await
+            .map_err(|e| err(classify(&e)))?;
         let status = response.status();
         let retry_after = response
             .headers()

@@ -54,6 +54,29 @@ pub struct LoggedRequest {
     /// Whether the request was carried out (also when its answer was then
     /// lost or cut short).
     pub applied: bool,
+    /// The request's `User-Agent` (`crm-edm-sync/VERSION (instance ID)`):
+    /// which instance sent it.
+    pub user_agent: String,
+}
+
+tokio::task_local! {
+    /// The `User-Agent` of the request being handled, set around each
+    /// handler by [`serve`]'s middleware, read by `record`.
+    static USER_AGENT: String;
+}
+
+/// Runs the handler with the request's `User-Agent` at hand for `record`.
+async fn remember_user_agent(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let agent = request
+        .headers()
+        .get(axum::http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    USER_AGENT.scope(agent, next.run(request)).await
 }
 
 impl LoggedRequest {
@@ -269,6 +292,7 @@ impl Shared {
             params,
             status,
             applied,
+            user_agent: USER_AGENT.try_with(Clone::clone).unwrap_or_default(),
         });
     }
 }
@@ -294,6 +318,7 @@ impl Drop for Sandbox {
 }
 
 async fn serve(router: axum::Router) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let router = router.layer(axum::middleware::from_fn(remember_user_agent));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {

@@ -261,7 +261,7 @@ impl Store {
                 tracing::info!("state database migrated to the current schema");
             }
         }
-        Ok(Store { db })
+        Ok(Store::around(db))
     }
 
     /// Opens the state database for reading only: nothing is created,
@@ -281,7 +281,7 @@ impl Store {
         }
         let db = open_pool(raw, access).await?;
         match schema_of(&db).await? {
-            Schema::Current => Ok(Some(Store { db })),
+            Schema::Current => Ok(Some(Store::around(db))),
             Schema::Absent => {
                 let _ = db.close().await;
                 Ok(None)
@@ -301,7 +301,7 @@ impl Store {
     /// for a pooled connection (SQLite's pool has one).
     pub async fn reader_beside(url: &SecretString) -> anyhow::Result<Store> {
         let db = open_pool(url.expose_secret(), Access::Shared).await?;
-        Ok(Store { db })
+        Ok(Store::around(db))
     }
 
     /// An empty state database in memory, for a dry run against a database

@@ -212,3 +212,27 @@ pub mod ledger {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// The lease: one row (`id` 1) whose `epoch` each new lock holder
+/// increments — the fencing token of the instance lock.
+pub mod lease {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "lease")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: i64,
+        pub epoch: i64,
+        /// The holder's `daemon.instance_id` (or `HOST-PID`).
+        pub holder: String,
+        pub host: String,
+        pub pid: i64,
+        pub acquired_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

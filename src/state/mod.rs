@@ -13,6 +13,7 @@
 
 mod connect;
 mod entities;
+mod lease;
 mod members;
 pub mod nodelay;
 mod observations;
@@ -21,6 +22,7 @@ mod records;
 mod runs;
 
 pub use connect::{MIGRATION_LOCK_KEY, Schema, schema_of, sqlite_file};
+pub use lease::{Fenced, Lease};
 pub use observations::{ListBook, NewSuppression, Observations, SeenLine};
 pub use operations::{NewOperation, PendingOperation, PendingRow};
 pub use records::{LedgerRow, NewRecord};
@@ -60,9 +62,20 @@ pub const ALL_LISTS: ListId = ListId(0);
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
+    /// The lease epoch this instance took ([`Store::take_lease`]); 0 when
+    /// it took none (dry runs, library tests): its writes are not fenced.
+    /// Shared by every clone of the store.
+    fence: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Store {
+    fn around(db: DatabaseConnection) -> Store {
+        Store {
+            db,
+            fence: Default::default(),
+        }
+    }
+
     /// Closes the pool. On SQLite the last connection to close folds the
     /// WAL into the database file and removes `-wal` and `-shm`, so a
     /// process that ends cleanly leaves the database as one file.
@@ -271,6 +284,76 @@ mod tests {
             assert_eq!(store.user_unsubscribes().await.unwrap().len(), 1, "{url}");
             assert_eq!(pending.len(), 1, "{url}");
             store.connection().clone().close().await.unwrap();
+        }
+    }
+
+    /// The fencing token: once a second instance took the lease, the
+    /// first one can record no operation and mark no record as being sent
+    /// (its transaction fails and keeps nothing); the new holder can.
+    #[tokio::test]
+    async fn a_store_whose_lease_was_taken_over_can_record_no_write_on_sqlite_and_postgres() {
+        use crate::instance::Instance;
+        let dir = tempfile::tempdir().unwrap();
+        let (pg_url, _guard) = fresh_postgres().await;
+        let sqlite_url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
+        for url in [sqlite_url, pg_url] {
+            // Arrange: "old" took the lease, then "new" took it over.
+            let secret = SecretString::from(url.clone());
+            let old = Store::connect(&secret).await.unwrap();
+            let new = Store::connect(&secret).await.unwrap();
+            let (first, none) = old.take_lease(&Instance::current("old")).await.unwrap();
+            let (second, before) = new.take_lease(&Instance::current("new")).await.unwrap();
+            let record = NewRecord {
+                kind: RecordKind::Open,
+                scope: "campaign:1".into(),
+                link_man_id: LinkManId(10),
+                customer_id: CustomerId(1),
+                email: "a@x.cn".into(),
+                title: "t".into(),
+                content: "c".into(),
+            };
+            let rows = new.insert_records(&[record]).await.unwrap();
+            let op = |email: &str| NewOperation {
+                kind: OpKind::Add,
+                list_id: ListId(1),
+                email: Email::parse(email).unwrap(),
+                edm_id: None,
+                link_man_id: Some(LinkManId(10)),
+                customer_id: Some(CustomerId(1)),
+                fields: MemberFields::named("A"),
+            };
+
+            // Act
+            let refused = old.record_operations("run-old", &[op("a@x.cn")]).await;
+            let unmarked = old.mark_records_uncertain(&[rows[0].id]).await;
+            let accepted = new.record_operations("run-new", &[op("b@x.cn")]).await;
+
+            // Assert
+            assert!(none.is_none(), "{url}");
+            assert_eq!(second.epoch, first.epoch + 1, "{url}");
+            assert_eq!(before.map(|l| l.holder), Some("old".to_string()), "{url}");
+            let fenced = refused.unwrap_err().downcast::<Fenced>().unwrap();
+            assert_eq!(
+                (fenced.ours, fenced.current),
+                (first.epoch, second.epoch),
+                "{url}"
+            );
+            assert_eq!(fenced.holder, "new", "{url}");
+            assert!(
+                unmarked.unwrap_err().downcast_ref::<Fenced>().is_some(),
+                "{url}"
+            );
+            accepted.unwrap();
+            let pending = new.pending_operations().await.unwrap();
+            let emails: Vec<&str> = pending.iter().map(|p| p.email.as_str()).collect();
+            assert_eq!(
+                emails,
+                ["b@x.cn"],
+                "{url}: nothing of the fenced write is kept"
+            );
+            assert!(!old.holds_lease().await && new.holds_lease().await, "{url}");
+            old.connection().clone().close().await.unwrap();
+            new.connection().clone().close().await.unwrap();
         }
     }
 

@@ -116,6 +116,7 @@ impl Store {
     ) -> anyhow::Result<()> {
         let now = now_ms();
         let txn = self.db.begin().await?;
+        self.check_fence(&txn).await?;
         for chunk in ops.chunks(CHUNK) {
             operation::Entity::insert_many(chunk.iter().map(|op| operation::ActiveModel {
                 run_id: Set(run_id.to_string()),

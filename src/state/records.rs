@@ -173,16 +173,25 @@ impl Store {
         self.set_records_uncertain(ids, false).await
     }
 
+    /// Marking (`uncertain`) precedes a CRM call, so it is fenced: an
+    /// instance that lost the lease marks nothing and sends nothing.
     async fn set_records_uncertain(&self, ids: &[i64], uncertain: bool) -> anyhow::Result<()> {
+        let txn = self.db.begin().await?;
+        if uncertain {
+            self.check_fence(&txn).await?;
+        }
         for chunk in ids.chunks(CHUNK) {
             ledger::Entity::update_many()
                 .col_expr(ledger::Column::Uncertain, uncertain.into())
                 .col_expr(ledger::Column::UpdatedAt, now_ms().into())
                 .filter(ledger::Column::Id.is_in(chunk.iter().copied()))
-                .exec(&self.db)
+                .exec(&txn)
                 .await
                 .context("cannot mark write-back records")?;
         }
+        txn.commit()
+            .await
+            .context("cannot commit write-back marks")?;
         Ok(())
     }
 

@@ -194,6 +194,14 @@ impl Applier<'_> {
         let mut remaining: Vec<Email> = emails.to_vec();
         let max_tries = self.ctx.settings.edm.max_retries + 1;
         for attempt in 1..=max_tries {
+            // The batch was recorded (fenced) while the one before it was
+            // out; prove the lease once more before it leaves.
+            if !self.ctx.store.holds_lease().await {
+                return Err(anyhow::anyhow!(
+                    "this instance no longer holds the state database's lease: batch of {} {op} in list {list_id} not sent",
+                    remaining.len()
+                ));
+            }
             let lines: Vec<String>;
             self.counts.edm_writes += 1;
             let result = match kind {
