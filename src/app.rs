@@ -76,6 +76,7 @@ async fn run_jobs(cli: &Cli, ctx: &Context) -> anyhow::Result<ExitCode> {
         dry_run: cli.dry_run,
         force: cli.force,
         full: cli.full,
+        retry_parked: cli.retry_parked,
     };
     let mut ok = true;
     if matches!(cli.job, None | Some(Job::Contacts)) {
@@ -102,7 +103,7 @@ async fn run_jobs(cli: &Cli, ctx: &Context) -> anyhow::Result<ExitCode> {
                 "--dry-run: the writeback job is skipped"
             );
         } else {
-            match writeback::run(ctx).await {
+            match writeback::run_with(ctx, cli.retry_parked).await {
                 Ok(report) => ok &= report.is_success(),
                 Err(e) => {
                     ok = false;

@@ -37,6 +37,11 @@ pub struct Cli {
     #[arg(long, requires = "once")]
     pub full: bool,
 
+    /// With --once: send parked operations and records again (those EDM
+    /// or the CRM refused in `*.max_attempts` runs).
+    #[arg(long, requires = "once")]
+    pub retry_parked: bool,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -84,9 +89,10 @@ mod tests {
             "--dry-run",
             "--force",
             "--full",
+            "--retry-parked",
         ])
         .unwrap();
-        assert!(cli.once && cli.dry_run && cli.force && cli.full);
+        assert!(cli.once && cli.dry_run && cli.force && cli.full && cli.retry_parked);
         assert_eq!(cli.job, Some(Job::Contacts));
         assert_eq!(cli.config, Some(PathBuf::from("c.toml")));
         assert_eq!(cli.command, None);

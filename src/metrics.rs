@@ -15,6 +15,7 @@ pub mod metric {
     pub const HTTP_RETRIES: &str = "crm_edm_sync_http_retries_total";
     pub const LAST_SUCCESS: &str = "crm_edm_sync_last_success_timestamp_seconds";
     pub const PENDING: &str = "crm_edm_sync_pending_operations";
+    pub const PARKED: &str = "crm_edm_sync_parked_operations";
     pub const ACTIVE: &str = "crm_edm_sync_active";
 }
 

@@ -97,6 +97,10 @@ pub enum LedgerStatus {
     /// Written.
     #[sea_orm(string_value = "done")]
     Done,
+    /// Refused by the CRM in `crm.max_attempts` runs: no longer sent,
+    /// until `--retry-parked`.
+    #[sea_orm(string_value = "parked")]
+    Parked,
 }
 
 impl LedgerStatus {
@@ -104,6 +108,7 @@ impl LedgerStatus {
         match self {
             LedgerStatus::Pending => "pending",
             LedgerStatus::Done => "done",
+            LedgerStatus::Parked => "parked",
         }
     }
 }

@@ -8,13 +8,15 @@ use std::process::ExitCode;
 
 use crate::config::Settings;
 use crate::domain::{ListId, Origin};
-use crate::state::{PendingRow, RunRow, Store};
+use crate::state::{ParkedRecord, PendingRow, Refusal, RunRow, Store};
 use crate::states::{LedgerStatus, RecordKind, SuppressionReason};
 
 /// Runs shown per job.
 const RUNS_PER_JOB: usize = 5;
 /// Pending operations shown.
 const PENDING: u64 = 20;
+/// Parked operations and records shown.
+const PARKED: u64 = 20;
 
 /// Prints the report. Opens the database read-only: `status` creates,
 /// migrates and writes nothing. A database that does not exist yet is
@@ -71,12 +73,24 @@ pub struct StatusReport {
     pub suppressions: Vec<(SuppressionReason, u64)>,
     pub records: Vec<(RecordKind, LedgerStatus, u64)>,
     pub members: Vec<(ListId, Origin, bool, u64)>,
+    /// EDM operations parked (refused in `edm.max_attempts` runs).
+    pub parked_total: u64,
+    pub parked: Vec<Refusal>,
+    /// Contact-history records parked (refused in `crm.max_attempts` runs).
+    pub parked_records_total: u64,
+    pub parked_records: Vec<ParkedRecord>,
 }
 
 impl StatusReport {
     pub async fn read(store: &Store) -> anyhow::Result<StatusReport> {
         let (pending_total, pending) = store.pending_summary(PENDING).await?;
+        let (parked_total, parked) = store.parked_operations(PARKED).await?;
+        let (parked_records_total, parked_records) = store.parked_records(PARKED).await?;
         Ok(StatusReport {
+            parked_total,
+            parked,
+            parked_records_total,
+            parked_records,
             runs: runs_per_job(store).await?,
             pending_total,
             pending,
@@ -126,9 +140,34 @@ impl StatusReport {
             .iter()
             .map(|(list, origin, present, n)| json!({"list_id": list, "origin": origin, "present": present, "count": n}))
             .collect();
+        let parked: Vec<serde_json::Value> = self
+            .parked
+            .iter()
+            .map(|r| {
+                json!({
+                    "kind": r.kind, "list_id": r.list_id,
+                    "address": crate::domain::mask_address(&r.email),
+                    "code": r.code, "message": r.message, "runs": r.failed_runs,
+                    "since": when(r.updated_at),
+                })
+            })
+            .collect();
+        let parked_records: Vec<serde_json::Value> = self
+            .parked_records
+            .iter()
+            .map(|r| {
+                json!({
+                    "kind": r.kind, "scope": r.scope, "link_man_id": r.link_man_id,
+                    "address": crate::domain::mask_address(&r.email),
+                    "runs": r.failed_runs, "last_error": r.last_error,
+                })
+            })
+            .collect();
         json!({
             "runs": runs,
             "pending_operations": {"total": self.pending_total, "oldest": pending},
+            "parked_operations": {"total": self.parked_total, "oldest": parked},
+            "parked_records": {"total": self.parked_records_total, "oldest": parked_records},
             "suppressions": suppressions,
             "contact_history_records": records,
             "members": members,
@@ -187,6 +226,41 @@ impl StatusReport {
                     .as_deref()
                     .map(|e| format!(" last error: {e}"))
                     .unwrap_or_default()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "parked operations: {} (not sent until they change or --retry-parked)",
+            self.parked_total
+        );
+        for r in &self.parked {
+            let _ = writeln!(
+                out,
+                "  {} list {} {} refused in {} runs, last {}: {} {}",
+                r.kind,
+                r.list_id,
+                crate::domain::mask_address(&r.email),
+                r.failed_runs,
+                when(r.updated_at),
+                r.code,
+                r.message
+            );
+        }
+        let _ = writeln!(
+            out,
+            "parked contact-history records: {} (not sent until --retry-parked)",
+            self.parked_records_total
+        );
+        for r in &self.parked_records {
+            let _ = writeln!(
+                out,
+                "  {} {} link-man {} {} refused in {} runs: {}",
+                r.kind,
+                r.scope,
+                r.link_man_id,
+                crate::domain::mask_address(&r.email),
+                r.failed_runs,
+                r.last_error.as_deref().unwrap_or("")
             );
         }
         let _ = writeln!(out, "suppressions:");
@@ -254,6 +328,20 @@ mod tests {
             suppressions: vec![(SuppressionReason::Bounce, 5)],
             records: vec![(RecordKind::Open, LedgerStatus::Done, 9)],
             members: vec![(ListId(1), Origin::Adopted, true, 11)],
+            parked_total: 1,
+            parked: vec![Refusal {
+                kind: crate::states::OpKind::Add,
+                list_id: ListId(1),
+                email: "li@example.com".into(),
+                content: "li@example.com;Li;;;;;;;;;;;".into(),
+                code: "add_address_error".into(),
+                message: "地址被拒绝".into(),
+                failed_runs: 5,
+                parked: true,
+                updated_at: 0,
+            }],
+            parked_records_total: 0,
+            parked_records: vec![],
         };
 
         // Act
@@ -274,5 +362,20 @@ mod tests {
         assert_eq!(json["contact_history_records"][0]["kind"], "open");
         assert!(text.contains("list 1: adopted in list: 11"), "{text}");
         assert_eq!(json["members"][0]["origin"], "adopted");
+        assert!(text.contains("parked operations: 1"), "{text}");
+        assert!(
+            text.contains("add list 1 l***@example.com refused in 5 runs"),
+            "{text}"
+        );
+        assert!(text.contains("add_address_error 地址被拒绝"), "{text}");
+        assert_eq!(json["parked_operations"]["total"], 1);
+        assert_eq!(
+            json["parked_operations"]["oldest"][0]["code"],
+            "add_address_error"
+        );
+        assert_eq!(
+            json["parked_operations"]["oldest"][0]["address"],
+            "l***@example.com"
+        );
     }
 }

@@ -8,6 +8,7 @@ mod m20261123_000001_create_state_tables;
 mod m20261123_000002_create_writeback_ledger;
 mod m20261123_000003_index_operations_by_email;
 mod m20261130_000004_create_lease;
+mod m20261130_000005_create_refusals;
 
 /// The migrator: every migration in order.
 pub struct Migrator;
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000002_create_writeback_ledger::Migration),
             Box::new(m20261123_000003_index_operations_by_email::Migration),
             Box::new(m20261130_000004_create_lease::Migration),
+            Box::new(m20261130_000005_create_refusals::Migration),
         ]
     }
 }

@@ -74,6 +74,9 @@ pub struct CrmSettings {
     pub timeout_secs: u64,
     /// Retries of a transient failure before giving up.
     pub max_retries: u32,
+    /// Runs in which the CRM may refuse a contact-history record before it
+    /// is parked (no longer sent until `--retry-parked`), ≥ 1.
+    pub max_attempts: u32,
     /// Requests started per second at most (all CRM calls); none if unset.
     #[serde(default)]
     pub max_requests_per_sec: Option<u32>,
@@ -108,6 +111,10 @@ pub struct EdmSettings {
     pub list_page_size: u32,
     pub timeout_secs: u64,
     pub max_retries: u32,
+    /// Runs in which EDM may refuse an operation (its line isolated from
+    /// its batch) before it is parked (no longer sent until its content
+    /// changes or `--retry-parked`), ≥ 1.
+    pub max_attempts: u32,
     /// EDM requests in flight at once.
     pub concurrency: usize,
     /// Requests started per second at most; none if unset.
@@ -258,6 +265,7 @@ page_size = 100
 concurrency = 4
 timeout_secs = 30
 max_retries = 5
+max_attempts = 5
 max_pages = 100000
 [crm.fields]
 customer_id = "id"
@@ -274,6 +282,7 @@ batch_size = 500
 list_page_size = 1000
 timeout_secs = 30
 max_retries = 5
+max_attempts = 5
 concurrency = 4
 
 [database]
@@ -423,6 +432,12 @@ impl Settings {
         }
         if self.crm.timeout_secs == 0 {
             return bad("crm.timeout_secs", "must be at least 1");
+        }
+        if self.crm.max_attempts == 0 {
+            return bad("crm.max_attempts", "must be at least 1");
+        }
+        if self.edm.max_attempts == 0 {
+            return bad("edm.max_attempts", "must be at least 1");
         }
         for (key, value) in [
             ("crm.fields.customer_id", &self.crm.fields.customer_id),

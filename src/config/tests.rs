@@ -79,6 +79,8 @@ fn bad_values_are_errors_naming_the_key() {
         ("[crm]\npage_size = 101", "crm.page_size"),
         ("[crm]\nconcurrency = 0", "crm.concurrency"),
         ("[edm]\nbatch_size = 0", "edm.batch_size"),
+        ("[edm]\nmax_attempts = 0", "edm.max_attempts"),
+        ("[crm]\nmax_attempts = 0", "crm.max_attempts"),
         (
             "[sync]\nmax_unsubscribe_ratio = 1.5",
             "sync.max_unsubscribe_ratio",

@@ -187,6 +187,12 @@ pub async fn refresh_pending(store: &Store) {
         metrics::gauge!(crate::metrics::metric::PENDING, "kind" => "contact_history")
             .set(pending as f64);
     }
+    if let Ok((n, _)) = store.parked_operations(0).await {
+        metrics::gauge!(crate::metrics::metric::PARKED, "kind" => "edm").set(n as f64);
+    }
+    if let Ok((n, _)) = store.parked_records(0).await {
+        metrics::gauge!(crate::metrics::metric::PARKED, "kind" => "contact_history").set(n as f64);
+    }
 }
 
 /// Flags of a contacts run.
@@ -198,6 +204,8 @@ pub struct RunOptions {
     pub force: bool,
     /// Re-read the EDM lists and repair any drift.
     pub full: bool,
+    /// Send parked operations (and, for write-back, parked records) again.
+    pub retry_parked: bool,
 }
 
 #[cfg(test)]

@@ -162,6 +162,15 @@ impl RemoteError {
         matches!(self.kind, ErrorKind::Auth { .. })
     }
 
+    /// The API's own refusal — an EDM error code, a CRM `value:false` —
+    /// as `(code, message)`: the request was understood and said no.
+    pub fn refusal(&self) -> Option<(&str, &str)> {
+        match &self.kind {
+            ErrorKind::Rejected { code, message } => Some((code, message)),
+            _ => None,
+        }
+    }
+
     /// What the server asked for in `Retry-After`, if anything.
     pub fn retry_after(&self) -> Option<Duration> {
         match &self.kind {

@@ -64,6 +64,10 @@ struct EdmData {
     /// A logical clock, one second a tick from 2026-01-01, so that export
     /// lines written in one real second still differ.
     clock: i64,
+    /// Addresses (lowercase) whose presence makes an `ml-addr-add`,
+    /// `ml-unsub` or `ml-addr-edit` refuse the whole request with
+    /// `(code, message)`, applying nothing: a poison record.
+    refused: BTreeMap<String, (String, String)>,
 }
 
 impl EdmData {
@@ -130,6 +134,22 @@ impl EdmHandle {
     pub fn escape_text(&self, on: bool) {
         self.escaped_text
             .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// From now on, any add, unsubscribe or edit request carrying
+    /// `address` is refused whole with the error `code` and `message`
+    /// (nothing in it is applied), as EDM refuses a batch without saying
+    /// which line it objects to.
+    pub fn refuse_address(&self, address: &str, code: &str, message: &str) {
+        lock(&self.data).refused.insert(
+            address.to_lowercase(),
+            (code.to_string(), message.to_string()),
+        );
+    }
+
+    /// Takes back [`refuse_address`](Self::refuse_address).
+    pub fn accept_address(&self, address: &str) {
+        lock(&self.data).refused.remove(&address.to_lowercase());
     }
 
     /// Creates an empty list.
@@ -434,6 +454,13 @@ fn answer(h: &EdmHandle, script: &str, operation: &str, p: &BTreeMap<String, Str
                     .map(String::as_str)
                     .filter(|s| !s.is_empty())
                     .unwrap_or("\n");
+                let poison = lines.split(separator).find_map(|line| {
+                    let address = line.split(';').next().unwrap_or_default().trim();
+                    d.refused.get(&address.to_lowercase())
+                });
+                if let Some((code, message)) = poison {
+                    return result(code, message, None);
+                }
                 let mut added = 0;
                 for line in lines.split(separator) {
                     let parts: Vec<&str> = line.split(';').collect();
@@ -462,6 +489,12 @@ fn answer(h: &EdmHandle, script: &str, operation: &str, p: &BTreeMap<String, Str
             let Some(id) = int(p, "id") else {
                 return result("update_address_error", "缺少地址id", None);
             };
+            if let Some((code, message)) = p
+                .get("address")
+                .and_then(|a| d.refused.get(&a.to_lowercase()))
+            {
+                return result(code, message, None);
+            }
             let vars = vars_from(p);
             for list in d.lists.values_mut() {
                 if let Some(a) = list.addrs.iter_mut().find(|a| a.id == id) {
@@ -494,6 +527,12 @@ fn answer(h: &EdmHandle, script: &str, operation: &str, p: &BTreeMap<String, Str
                 .map(str::trim)
                 .filter(|a| !a.is_empty())
                 .collect();
+            if let Some((code, message)) = addresses
+                .iter()
+                .find_map(|a| d.refused.get(&a.to_lowercase()))
+            {
+                return result(code, message, None);
+            }
             // One pass over the list for the whole batch.
             let gone: std::collections::HashSet<String> =
                 addresses.iter().map(|a| a.to_lowercase()).collect();

@@ -205,6 +205,43 @@ pub mod ledger {
         pub last_error: Option<String>,
         pub created_at: i64,
         pub updated_at: i64,
+        /// Runs in which the CRM refused it (a run counts once).
+        pub failed_runs: i32,
+        pub last_failed_run: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// EDM operations refused with an error code once isolated from their
+/// batch: the poison-record memory.
+pub mod refusal {
+    use sea_orm::entity::prelude::*;
+
+    use crate::states::OpKind;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "refusals")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub kind: OpKind,
+        pub list_id: crate::domain::ListId,
+        pub email: String,
+        /// What was sent (the `ml_addr` line; empty for an unsubscribe):
+        /// a parked operation is sent again when this changes.
+        pub content: String,
+        pub code: String,
+        pub message: String,
+        /// Runs that refused it (a run counts once).
+        pub failed_runs: i32,
+        pub last_run_id: String,
+        pub parked: bool,
+        pub created_at: i64,
+        pub updated_at: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -19,6 +19,7 @@ pub mod nodelay;
 mod observations;
 mod operations;
 mod records;
+mod refusals;
 mod runs;
 
 pub use connect::{MIGRATION_LOCK_KEY, Schema, schema_of, sqlite_file};
@@ -26,6 +27,7 @@ pub use lease::{Fenced, Lease};
 pub use observations::{ListBook, NewSuppression, Observations, SeenLine};
 pub use operations::{NewOperation, PendingOperation, PendingRow};
 pub use records::{LedgerRow, NewRecord};
+pub use refusals::{NewRefusal, ParkedRecord, Refusal, RefusalKey};
 pub use runs::RunRow;
 
 use std::collections::HashMap;

@@ -230,6 +230,41 @@ impl Store {
         Ok(())
     }
 
+    /// This run's operations on `emails` that EDM refused outright (an
+    /// error code on their line alone): they did not take effect and are
+    /// superseded, with the refusal as their last error; whether they are
+    /// sent again is the next plan's (and the refusal memory's) call.
+    pub async fn refuse_operations(
+        &self,
+        run_id: &str,
+        kind: OpKind,
+        list_id: ListId,
+        emails: &[&Email],
+        error: &str,
+    ) -> anyhow::Result<()> {
+        let now = now_ms();
+        let txn = self.db.begin().await?;
+        for chunk in emails.chunks(CHUNK) {
+            operation::Entity::update_many()
+                .col_expr(
+                    operation::Column::Status,
+                    Expr::value(OpStatus::Superseded.to_value()),
+                )
+                .col_expr(operation::Column::LastError, Some(error.to_string()).into())
+                .col_expr(operation::Column::UpdatedAt, now.into())
+                .col_expr(
+                    operation::Column::Attempts,
+                    sea_orm::sea_query::Expr::col(operation::Column::Attempts).add(1),
+                )
+                .filter(pending_of_run(run_id, kind, list_id, chunk))
+                .exec(&txn)
+                .await
+                .context("cannot record the refusal")?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
     /// Pending operations, oldest first, at most `limit`, and how many
     /// there are in all.
     pub async fn pending_summary(&self, limit: u64) -> anyhow::Result<(u64, Vec<PendingRow>)> {

@@ -119,6 +119,8 @@ impl Store {
                 last_error: Set(None),
                 created_at: Set(now),
                 updated_at: Set(now),
+                failed_runs: Set(0),
+                last_failed_run: Set(None),
                 ..Default::default()
             }))
             .on_conflict(

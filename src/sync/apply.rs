@@ -13,7 +13,8 @@ use super::plan::{Plan, PlannedAdd, PlannedEdit};
 use super::report::ContactsCounts;
 use crate::domain::{Email, ListId, MemberKey, MemberState, Origin};
 use crate::jobs::Context;
-use crate::state::NewOperation;
+use crate::remote::RemoteError;
+use crate::state::{NewOperation, NewRefusal, Refusal, RefusalKey};
 use crate::states::OpKind;
 
 /// Applies a plan: every operation recorded before it is sent, marked done
@@ -23,6 +24,10 @@ pub struct Applier<'a> {
     pub run_id: &'a str,
     pub members: &'a mut HashMap<MemberKey, MemberState>,
     pub counts: &'a mut ContactsCounts,
+    /// `--retry-parked`: send parked operations too.
+    pub retry_parked: bool,
+    /// The refusal memory, loaded when applying starts.
+    pub refusals: HashMap<RefusalKey, Refusal>,
 }
 
 /// An add or unsubscribe batch, and what is left of it to send.
@@ -48,8 +53,68 @@ struct Batch {
     adds: HashMap<Email, PlannedAdd>,
 }
 
-impl Applier<'_> {
-    pub async fn apply(&mut self, plan: Plan) -> anyhow::Result<()> {
+impl<'a> Applier<'a> {
+    pub fn new(
+        ctx: &'a Context,
+        run_id: &'a str,
+        members: &'a mut HashMap<MemberKey, MemberState>,
+        counts: &'a mut ContactsCounts,
+        retry_parked: bool,
+    ) -> Self {
+        Applier {
+            ctx,
+            run_id,
+            members,
+            counts,
+            retry_parked,
+            refusals: HashMap::new(),
+        }
+    }
+
+    /// Whether the operation `(op, key)` with `content` is parked: EDM
+    /// refused it in `edm.max_attempts` runs and it has not changed since.
+    /// `--retry-parked` sends it anyway. Counts what it holds back.
+    fn parked(&mut self, op: OpKind, key: &MemberKey, content: &str) -> bool {
+        if self.retry_parked {
+            return false;
+        }
+        let held = self
+            .refusals
+            .get(&(op, key.list_id, key.email.to_string()))
+            .is_some_and(|r| r.parked && r.content == content);
+        if held {
+            self.counts.parked += 1;
+        }
+        held
+    }
+
+    pub async fn apply(&mut self, mut plan: Plan) -> anyhow::Result<()> {
+        self.refusals = self.ctx.store.load_refusals().await?;
+        if !self.refusals.is_empty() {
+            let adds = std::mem::take(&mut plan.adds);
+            plan.adds = adds
+                .into_iter()
+                .filter(|a| !self.parked(OpKind::Add, &a.key, &a.fields.ml_addr_line(&a.key.email)))
+                .collect();
+            let unsubs = std::mem::take(&mut plan.unsubs);
+            plan.unsubs = unsubs
+                .into_iter()
+                .filter(|u| !self.parked(OpKind::Unsub, &u.key, ""))
+                .collect();
+            let edits = std::mem::take(&mut plan.edits);
+            plan.edits = edits
+                .into_iter()
+                .filter(|e| {
+                    !self.parked(OpKind::Edit, &e.key, &e.fields.ml_addr_line(&e.key.email))
+                })
+                .collect();
+            if self.counts.parked > 0 {
+                tracing::warn!(
+                    count = self.counts.parked,
+                    "parked operations not sent (refused by EDM in edm.max_attempts runs); `status` lists them, --retry-parked sends them"
+                );
+            }
+        }
         // State-only changes first.
         if !plan.owner_changes.is_empty() {
             let rows: Vec<MemberState> = plan
@@ -184,14 +249,34 @@ impl Applier<'_> {
     /// checked and only what did not take effect is sent again
     /// (behaviour 9), at most `edm.max_retries` times.
     async fn deliver(&mut self, kind: &BatchKind, batch: &Batch) -> anyhow::Result<()> {
-        let Batch {
-            list_id,
-            emails,
-            adds,
-        } = batch;
-        let list_id = *list_id;
+        self.deliver_lines(kind, batch.list_id, batch.emails.to_vec(), &batch.adds)
+            .await
+    }
+
+    /// Sends `emails` of one list as one request. A refusal with an EDM
+    /// error code does not say which line it is about, so the lines are
+    /// split in two and each half sent (bisection) until a refused line is
+    /// alone: the others arrive in this run, at most
+    /// `2 × ceil(log2(batch_size))` more requests per refused line.
+    fn deliver_lines<'s>(
+        &'s mut self,
+        kind: &'s BatchKind,
+        list_id: ListId,
+        emails: Vec<Email>,
+        adds: &'s HashMap<Email, PlannedAdd>,
+    ) -> futures::future::BoxFuture<'s, anyhow::Result<()>> {
+        Box::pin(self.deliver_lines_inner(kind, list_id, emails, adds))
+    }
+
+    async fn deliver_lines_inner(
+        &mut self,
+        kind: &BatchKind,
+        list_id: ListId,
+        emails: Vec<Email>,
+        adds: &HashMap<Email, PlannedAdd>,
+    ) -> anyhow::Result<()> {
         let op = kind.op();
-        let mut remaining: Vec<Email> = emails.to_vec();
+        let mut remaining: Vec<Email> = emails;
         let max_tries = self.ctx.settings.edm.max_retries + 1;
         for attempt in 1..=max_tries {
             // The batch was recorded (fenced) while the one before it was
@@ -275,6 +360,25 @@ impl Applier<'_> {
                         return Ok(());
                     }
                 }
+                Err(e) if e.refusal().is_some() && remaining.len() > 1 => {
+                    tracing::info!(
+                        list_id = list_id.0,
+                        operation = %op,
+                        count = remaining.len(),
+                        error = %e,
+                        "EDM refused the batch; splitting it to isolate the refused lines"
+                    );
+                    let second = remaining.split_off(remaining.len() / 2);
+                    self.deliver_lines(kind, list_id, remaining, adds).await?;
+                    return self.deliver_lines(kind, list_id, second, adds).await;
+                }
+                Err(e) if e.refusal().is_some() => {
+                    let content = match kind {
+                        BatchKind::Add => adds[&remaining[0]].fields.ml_addr_line(&remaining[0]),
+                        BatchKind::Unsub => String::new(),
+                    };
+                    return self.refuse(op, list_id, &remaining[0], content, &e).await;
+                }
                 Err(e) => {
                     let refs: Vec<&Email> = remaining.iter().collect();
                     let text = e.to_string();
@@ -290,6 +394,76 @@ impl Applier<'_> {
             }
         }
         Ok(())
+    }
+
+    /// One line EDM refused on its own: its operation is superseded, the
+    /// refusal remembered (parked after `edm.max_attempts` runs), the run
+    /// counts it failed.
+    async fn refuse(
+        &mut self,
+        op: OpKind,
+        list_id: ListId,
+        email: &Email,
+        content: String,
+        e: &RemoteError,
+    ) -> anyhow::Result<()> {
+        let (code, message) = e.refusal().unwrap_or_default();
+        let text = e.to_string();
+        self.ctx
+            .store
+            .refuse_operations(self.run_id, op, list_id, &[email], &text)
+            .await?;
+        let max = self.ctx.settings.edm.max_attempts;
+        let noted = self
+            .ctx
+            .store
+            .note_refusals(
+                self.run_id,
+                &[NewRefusal {
+                    kind: op,
+                    list_id,
+                    email: email.clone(),
+                    content,
+                    code: code.to_string(),
+                    message: message.to_string(),
+                }],
+                max,
+            )
+            .await?;
+        let runs = noted.first().map_or(1, |r| r.failed_runs);
+        if noted.first().is_some_and(|r| r.parked) {
+            tracing::error!(list_id = list_id.0, operation = %op, address = %email.masked(), code, message, runs, "EDM refused this operation in edm.max_attempts runs: parked, not sent again until it changes or --retry-parked");
+        } else {
+            tracing::error!(list_id = list_id.0, operation = %op, address = %email.masked(), code, message, runs, max_attempts = max, "EDM refused this operation; the rest of its batch was applied");
+        }
+        if let Some(r) = noted.into_iter().next() {
+            self.refusals.insert((op, list_id, email.to_string()), r);
+        }
+        self.counts.failed += 1;
+        self.counts.refused += 1;
+        crate::metrics::operations(op.as_str(), "failed", 1);
+        Ok(())
+    }
+
+    /// Forgets the refusals of operations that have now succeeded.
+    async fn forget_refused(
+        &mut self,
+        op: OpKind,
+        list_id: ListId,
+        emails: &[&Email],
+    ) -> anyhow::Result<()> {
+        if self.refusals.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<RefusalKey> = emails
+            .iter()
+            .map(|e| (op, list_id, e.to_string()))
+            .filter(|k| self.refusals.contains_key(k))
+            .collect();
+        for k in &keys {
+            self.refusals.remove(k);
+        }
+        self.ctx.store.forget_refusals(&keys).await
     }
 
     /// Marks operations done and records the members they produced.
@@ -342,7 +516,9 @@ impl Applier<'_> {
         for row in rows {
             self.members.insert(row.key.clone(), row);
         }
-        Ok(())
+        let emails: Vec<Email> = done.into_iter().map(|(e, _)| e).collect();
+        let refs: Vec<&Email> = emails.iter().collect();
+        self.forget_refused(op, list_id, &refs).await
     }
 
     /// Sends the edits of one list, finding EDM ids that are not known yet.
@@ -426,6 +602,11 @@ impl Applier<'_> {
                             .await?;
                     }
                 }
+                Err(e) if e.refusal().is_some() => {
+                    let content = edit.fields.ml_addr_line(&edit.key.email);
+                    self.refuse(OpKind::Edit, list_id, &edit.key.email, content, &e)
+                        .await?;
+                }
                 Err(e) => {
                     let text = e.to_string();
                     self.ctx
@@ -471,7 +652,7 @@ impl Applier<'_> {
         for m in done {
             self.members.insert(m.key.clone(), m);
         }
-        Ok(())
+        self.forget_refused(OpKind::Edit, list_id, &refs).await
     }
 }
 

@@ -90,6 +90,8 @@ fn summary_event(run_id: &str, c: &ContactsCounts, duration_ms: u64, status: Run
         skipped_invalid = c.skipped_invalid,
         suppressed = c.suppressed,
         failed = c.failed,
+        refused = c.refused,
+        parked = c.parked,
         duplicates = c.duplicates,
         user_unsubscribes = c.user_unsubscribes,
         recovered = c.recovered,
@@ -254,12 +256,7 @@ async fn run_inner(
     }
 
     // 6. Apply.
-    let mut applier = Applier {
-        ctx,
-        run_id,
-        members: &mut members,
-        counts,
-    };
+    let mut applier = Applier::new(ctx, run_id, &mut members, counts, opts.retry_parked);
     applier.apply(the_plan).await?;
     if ctx.shutdown.is_cancelled() {
         return Ok(Outcome::Interrupted);

@@ -18,6 +18,12 @@ pub struct ContactsCounts {
     pub skipped_invalid: usize,
     pub suppressed: usize,
     pub failed: usize,
+    /// Lines EDM refused with an error code once isolated from their batch
+    /// (counted in `failed` too).
+    pub refused: usize,
+    /// Planned operations not sent because they are parked (refused in
+    /// `edm.max_attempts` runs, content unchanged).
+    pub parked: usize,
     pub duplicates: usize,
     pub without_email: usize,
     pub user_unsubscribes: usize,

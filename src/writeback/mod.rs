@@ -47,6 +47,9 @@ pub struct WritebackCounts {
     pub unmatched: usize,
     /// Records that failed; they stay pending for the next run.
     pub failed: usize,
+    /// Of those, records the CRM refused in `crm.max_attempts` runs, now
+    /// parked: no longer sent until `--retry-parked`.
+    pub parked: usize,
     /// Records already in the ledger (written, or pending and retried).
     pub already_recorded: usize,
     /// Pending records from earlier runs sent again.
@@ -74,12 +77,18 @@ impl WritebackReport {
 }
 
 /// Runs the write-back job once, records the run and emits its summary.
-#[tracing::instrument(skip_all, fields(job = %JOB))]
 pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
+    run_with(ctx, false).await
+}
+
+/// [`run`], sending parked records again when `retry_parked`
+/// (`--retry-parked`).
+#[tracing::instrument(skip_all, fields(job = %JOB))]
+pub async fn run_with(ctx: &Context, retry_parked: bool) -> anyhow::Result<WritebackReport> {
     let run = Run::start(ctx, JOB, true).await?;
     let run_id = run.id.clone();
     let mut counts = WritebackCounts::default();
-    let result = run_inner(ctx, &mut counts).await;
+    let result = run_inner(ctx, &run_id, retry_parked, &mut counts).await;
     let duration_ms = run.elapsed_ms();
     let counts_json = serde_json::to_value(&counts).unwrap_or_default();
     let (status, error) = match &result {
@@ -111,6 +120,7 @@ pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
         unsubscribe = counts.unsubscribe,
         unmatched = counts.unmatched,
         failed = counts.failed,
+        parked = counts.parked,
         already_recorded = counts.already_recorded,
         retried = counts.retried,
         possibly_duplicated = counts.possibly_duplicated,
@@ -138,7 +148,12 @@ pub fn lookback_dates(today: chrono::NaiveDate, days: u32) -> Vec<String> {
         .collect()
 }
 
-async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Result<()> {
+async fn run_inner(
+    ctx: &Context,
+    run_id: &str,
+    retry_parked: bool,
+    counts: &mut WritebackCounts,
+) -> anyhow::Result<()> {
     let settings = &ctx.settings;
     let lists = settings.synced_lists();
 
@@ -269,6 +284,13 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
 
     // Pending rows from earlier runs go first, with what they were
     // recorded with.
+    if retry_parked {
+        let n = ctx.store.unpark_records().await?;
+        tracing::info!(
+            count = n,
+            "--retry-parked: parked contact-history records are sent again"
+        );
+    }
     let earlier = ctx.store.pending_records().await?;
     for row in earlier.iter().filter(|r| r.uncertain) {
         counts.possibly_duplicated += 1;
@@ -299,7 +321,7 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
     drop(fresh);
     let mut to_send = earlier;
     to_send.extend(inserted);
-    send_all(ctx, to_send, counts).await
+    send_all(ctx, run_id, to_send, counts).await
 }
 
 /// Sends the records with `crm.concurrency` calls in flight, refilled as
@@ -320,6 +342,7 @@ async fn run_inner(ctx: &Context, counts: &mut WritebackCounts) -> anyhow::Resul
 /// awaited and recorded either way.
 async fn send_all(
     ctx: &Context,
+    run_id: &str,
     rows: Vec<LedgerRow>,
     counts: &mut WritebackCounts,
 ) -> anyhow::Result<()> {
@@ -466,13 +489,24 @@ async fn send_all(
                     if let Some(n) = recorded_now? {
                         crate::metrics::operations("contact_history", "done", n);
                     }
-                    ctx.store
-                        .record_failed(row.id, &text, e.maybe_applied())
-                        .await?;
                     if e.is_auth() {
+                        ctx.store.record_failed(row.id, &text, false).await?;
                         auth_error.get_or_insert(e);
-                    } else {
+                    } else if e.is_retriable() {
+                        ctx.store
+                            .record_failed(row.id, &text, e.maybe_applied())
+                            .await?;
                         tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id.0, error = %text, "contact-history record failed; it stays pending for the next run");
+                    } else {
+                        // The CRM said no (`value:false`, a 4xx): a poison
+                        // record once it has said so in max_attempts runs.
+                        let max = ctx.settings.crm.max_attempts;
+                        if ctx.store.record_refused(row.id, run_id, &text, max).await? {
+                            counts.parked += 1;
+                            tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id.0, error = %text, max_attempts = max, "contact-history record refused in crm.max_attempts runs: parked, no longer sent until --retry-parked");
+                        } else {
+                            tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id.0, error = %text, "contact-history record refused by the CRM; it stays pending for the next run");
+                        }
                     }
                 }
             }},
