@@ -1,7 +1,8 @@
 //! Daemon mode: migrate, serve `/healthz` and `/metrics`, tell systemd it
 //! is ready, then — while this instance holds the state database's lock —
 //! run the contacts job on `sync.schedule` and the write-back job on
-//! `writeback.schedule` (tokio-cron-scheduler, six-field cron, UTC).
+//! `writeback.schedule` (tokio-cron-scheduler, six-field cron, read in
+//! `sync.timezone`, UTC by default).
 //!
 //! - A job never overlaps itself: a tick that finds it running is skipped
 //!   and logged. The two jobs never run at the same time either.
@@ -81,11 +82,12 @@ pub async fn schedule(
     scheduler: &JobScheduler,
     name: &'static str,
     schedule: &str,
+    zone: chrono_tz::Tz,
     gate: Arc<Gate>,
     turn: Arc<tokio::sync::Mutex<()>>,
     job: JobFn,
-) -> anyhow::Result<()> {
-    let cron = CronJob::new_async(schedule, move |_id, _lock| {
+) -> anyhow::Result<uuid::Uuid> {
+    let cron = CronJob::new_async_tz(schedule, zone, move |_id, _lock| {
         let gate = gate.clone();
         let turn = turn.clone();
         let job = job.clone();
@@ -99,8 +101,7 @@ pub async fn schedule(
         })
     })
     .map_err(|e| anyhow::anyhow!("cannot schedule {name} on {schedule:?}: {e}"))?;
-    scheduler.add(cron).await?;
-    Ok(())
+    Ok(scheduler.add(cron).await?)
 }
 
 /// How an active period ended.
@@ -237,7 +238,8 @@ async fn active_period(
                 }
             })
         });
-        schedule(&scheduler, job.as_str(), &cron, gate, turn.clone(), f).await?;
+        let zone = ctx.settings.schedule_zone();
+        schedule(&scheduler, job.as_str(), &cron, zone, gate, turn.clone(), f).await?;
     }
     crate::jobs::take_lease(&ctx).await?;
     let mut scheduler = scheduler;
@@ -415,6 +417,7 @@ mod tests {
             &scheduler,
             "test",
             "* * * * * *",
+            chrono_tz::UTC,
             gate.clone(),
             Arc::new(tokio::sync::Mutex::new(())),
             job,
@@ -499,6 +502,7 @@ mod tests {
             &scheduler,
             "x",
             "every minute",
+            chrono_tz::UTC,
             Arc::default(),
             Arc::default(),
             job,
@@ -506,5 +510,39 @@ mod tests {
         .await
         .unwrap_err();
         assert!(err.to_string().contains("every minute"), "{err}");
+    }
+
+    /// `sync.timezone`: a schedule is read in its zone. Nine o'clock in
+    /// Asia/Shanghai (UTC+8, no daylight saving) is one o'clock UTC.
+    #[tokio::test]
+    async fn a_schedule_of_nine_in_asia_shanghai_fires_at_one_utc() {
+        use chrono::Timelike;
+        // Arrange
+        let scheduler = JobScheduler::new().await.unwrap();
+        let job: JobFn = Arc::new(|| Box::pin(async {}));
+
+        // Act
+        let id = schedule(
+            &scheduler,
+            "t",
+            "0 0 9 * * *",
+            chrono_tz::Asia::Shanghai,
+            Arc::default(),
+            Arc::default(),
+            job,
+        )
+        .await
+        .unwrap();
+        let mut scheduler = scheduler;
+        let next = scheduler.next_tick_for_job(id).await.unwrap().unwrap();
+
+        // Assert: the scheduler's own next tick, in UTC.
+        assert_eq!(
+            (next.hour(), next.minute(), next.second()),
+            (1, 0, 0),
+            "{next}"
+        );
+        let until = next - chrono::Utc::now();
+        assert!(until > chrono::Duration::zero() && until <= chrono::Duration::days(1));
     }
 }

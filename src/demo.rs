@@ -109,9 +109,10 @@ pub fn seed(sb: &Sandbox) {
 /// link-man, who has since moved to the VIP list) and an over-quota
 /// address; one to the VIP list with opens only.
 pub fn seed_campaigns(sb: &Sandbox) {
-    let day = (chrono::Utc::now().date_naive() - chrono::Duration::days(1))
-        .format("%Y-%m-%d")
-        .to_string();
+    let day = (crate::writeback::edm_today(chrono::Utc::now(), chrono_tz::Asia::Shanghai)
+        - chrono::Duration::days(1))
+    .format("%Y-%m-%d")
+    .to_string();
     let at = |h: u32, m: u32| format!("{day} {h:02}:{m:02}:00");
     let addr = |lm: i64, c: i64| format!("contact{lm}@customer{c}.example.cn");
     sb.edm.put_campaign(SandboxCampaign {

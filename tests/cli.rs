@@ -117,10 +117,7 @@ async fn writeback_logs_one_summary_event_with_counts_per_kind() {
             .status
             .success()
     );
-    let day = chrono::Utc::now()
-        .date_naive()
-        .format("%Y-%m-%d")
-        .to_string();
+    let day = common::edm_today().format("%Y-%m-%d").to_string();
     cli.sb
         .edm
         .put_campaign(crm_edm_sync::sandbox::SandboxCampaign {
@@ -174,10 +171,7 @@ async fn a_record_whose_answer_was_lost_is_sent_again_with_a_warning() {
             .status
             .success()
     );
-    let day = chrono::Utc::now()
-        .date_naive()
-        .format("%Y-%m-%d")
-        .to_string();
+    let day = common::edm_today().format("%Y-%m-%d").to_string();
     cli.sb
         .edm
         .put_campaign(crm_edm_sync::sandbox::SandboxCampaign {

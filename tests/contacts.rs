@@ -849,6 +849,50 @@ async fn linkman_requests_stay_within_crm_concurrency() {
     assert_eq!(e.sb.max_in_flight("LinkMan/GetLinkManList"), 3);
 }
 
+/// Edits are single calls; a rename touching many members keeps
+/// `edm.concurrency` of them in flight (and never more), and every one
+/// arrives.
+#[tokio::test]
+async fn edits_keep_edm_concurrency_calls_in_flight_and_no_more() {
+    // Arrange: 24 members synced, then all renamed; each edit takes 40 ms.
+    let e = env().await;
+    for c in 1..=24i64 {
+        e.sb.crm
+            .put_customer(c, json!({"name": format!("c{c}"), "type_id": 1}));
+        e.sb.crm.put_linkman(
+            c,
+            c * 10,
+            json!({"name": "old", "email": format!("p{c}@example.com")}),
+        );
+    }
+    e.sync().await;
+    for c in 1..=24i64 {
+        e.sb.crm
+            .set_linkman_field(c * 10, "name", json!(format!("new{c}")));
+    }
+    e.sb.inject(
+        "ml-addr-edit",
+        Fault::Delay(std::time::Duration::from_millis(40)),
+        24,
+    );
+    let four = e.ctx_from(|s| s.edm.concurrency = 4).await;
+
+    // Act
+    let report = contacts::run(&four, RunOptions::default()).await.unwrap();
+
+    // Assert
+    assert_eq!(report.counts.updated, 24);
+    assert_eq!(e.sb.count("ml-addr-edit"), 24);
+    assert_eq!(e.sb.max_in_flight("ml-addr-edit"), 4);
+    let names: Vec<String> =
+        e.sb.edm
+            .addresses(1)
+            .into_iter()
+            .map(|a| a.fullname)
+            .collect();
+    assert!(names.iter().all(|n| n.starts_with("new")), "{names:?}");
+}
+
 #[tokio::test]
 async fn configured_crm_field_names_and_string_ids_are_read() {
     let e = env().await;

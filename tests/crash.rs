@@ -278,9 +278,13 @@ async fn sigkill_during_write_back_duplicates_no_record_outside_the_logged_windo
             );
         }
     }
-    // The window is the calls in flight at the kill: at most crm.concurrency each time.
+    // The window at each kill: the calls in flight (crm.concurrency, 4)
+    // plus the answers not yet recorded done, which hold back new calls
+    // past two windows (send_all) — 3 × 4 per kill, two kills. On an idle
+    // machine it is about one window per kill; under load (a parallel
+    // build) the recording lags and more answers wait.
     let duplicates = per_linkman.values().filter(|&&n| n == 2).count();
-    assert!(duplicates <= 2 * 4, "{duplicates} duplicates");
+    assert!(duplicates <= 2 * 3 * 4, "{duplicates} duplicates");
 }
 
 /// Kills while `ml-unsub` batches are out — link-men deleted, then

@@ -9,8 +9,10 @@ use crm_edm_sync::sandbox::{ContactRecord, Fault, SandboxCampaign};
 use crm_edm_sync::writeback;
 use serde_json::json;
 
+/// A date `offset_days` before today in EDM's zone (`edm.timezone`,
+/// Asia/Shanghai by default), as `task-list` files campaigns.
 fn today(offset_days: i64) -> String {
-    (chrono::Utc::now().date_naive() - chrono::Duration::days(offset_days))
+    (common::edm_today() - chrono::Duration::days(offset_days))
         .format("%Y-%m-%d")
         .to_string()
 }
@@ -627,4 +629,58 @@ async fn crm_failures_amid_ledger_writes_never_stall_the_database() {
         "the run took {:?}: a database write waited for the pool",
         started.elapsed()
     );
+}
+
+/// 2026-11-29 23:30 UTC: already 07:30 on 2026-11-30 in Beijing.
+fn half_past_eleven_utc_on_the_29th() -> chrono::DateTime<chrono::Utc> {
+    "2026-11-29T23:30:00Z".parse().unwrap()
+}
+
+/// `edm.timezone`: a campaign sent at 07:00 Beijing time on 30 November
+/// is filed by EDM under 2026-11-30. A run at 23:30 UTC on the 29th —
+/// the 30th in Beijing — asks `task-list` for the 30th and finds it.
+#[tokio::test]
+async fn a_campaign_sent_at_seven_beijing_time_is_found_on_its_beijing_date_by_a_run_the_utc_day_before()
+ {
+    // Arrange: p1…p3 are members; the campaign opened by them is dated
+    // 2026-11-30; the run's clock reads 23:30 UTC on the 29th; the
+    // lookback is one day.
+    let e = env_with("", "[writeback]\nlookback_days = 1\n").await;
+    seed_basic(&e.sb);
+    e.sync().await;
+    e.sb.edm.put_campaign(SandboxCampaign {
+        id: 7,
+        name: "早安".into(),
+        list_id: 1,
+        date: "2026-11-30".into(),
+        send_status: 3,
+        track_status: 1,
+        opens: (1..=3)
+            .map(|c| {
+                (
+                    format!("lm{c}@example.com"),
+                    1,
+                    "2026-11-30 07:05:00".into(),
+                    "2026-11-30 07:05:00".into(),
+                )
+            })
+            .collect(),
+        ..Default::default()
+    });
+    let ctx = e.ctx.clone().with_clock(half_past_eleven_utc_on_the_29th);
+
+    // Act
+    let report = writeback::run(&ctx).await.unwrap();
+
+    // Assert: task-list was asked for the Beijing date, and the opens
+    // were written.
+    let asked: Vec<String> =
+        e.sb.requests()
+            .iter()
+            .filter(|r| r.operation == "task-list")
+            .filter_map(|r| r.params.get("date").cloned())
+            .collect();
+    assert_eq!(asked, ["2026-11-30"]);
+    assert_eq!(report.counts.campaigns, 1);
+    assert_eq!(report.counts.open, 3);
 }

@@ -117,6 +117,9 @@ pub struct EdmSettings {
     pub max_attempts: u32,
     /// EDM requests in flight at once.
     pub concurrency: usize,
+    /// The service's IANA zone: the dates sent to EDM (`task-list` `date`)
+    /// are days in it. `Asia/Shanghai` by default, EDM's own zone.
+    pub timezone: String,
     /// Requests started per second at most; none if unset.
     #[serde(default)]
     pub max_requests_per_sec: Option<u32>,
@@ -127,13 +130,20 @@ pub struct EdmSettings {
 pub struct DatabaseSettings {
     /// `sqlite://state.db?mode=rwc` or `postgres://user:pass@host/db`.
     pub url: SecretString,
+    /// Done operations, finished runs and export lines older than this
+    /// many days are pruned at the end of each run, ≥ 1.
+    pub retention_days: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncSettings {
-    /// Six-field cron (seconds first), UTC.
+    /// Six-field cron (seconds first), in `sync.timezone`.
     pub schedule: String,
+    /// The IANA zone both schedules (`sync.schedule`,
+    /// `writeback.schedule`) are read in; `UTC` by default, so existing
+    /// configurations keep their meaning.
+    pub timezone: String,
     /// The default EDM list.
     pub list_id: ListId,
     /// Planned unsubscribes ÷ members per list above which a plan is refused.
@@ -284,12 +294,15 @@ timeout_secs = 30
 max_retries = 5
 max_attempts = 5
 concurrency = 4
+timezone = "Asia/Shanghai"
 
 [database]
 url = "sqlite://state.db?mode=rwc"
+retention_days = 90
 
 [sync]
 schedule = "0 */15 * * * *"
+timezone = "UTC"
 list_id = 1
 max_unsubscribe_ratio = 0.2
 
@@ -433,6 +446,9 @@ impl Settings {
         if self.crm.timeout_secs == 0 {
             return bad("crm.timeout_secs", "must be at least 1");
         }
+        if self.database.retention_days == 0 {
+            return bad("database.retention_days", "must be at least 1");
+        }
         if self.crm.max_attempts == 0 {
             return bad("crm.max_attempts", "must be at least 1");
         }
@@ -489,6 +505,8 @@ impl Settings {
         }
         check_cron("sync.schedule", &self.sync.schedule)?;
         check_cron("writeback.schedule", &self.writeback.schedule)?;
+        check_zone("sync.timezone", &self.sync.timezone)?;
+        check_zone("edm.timezone", &self.edm.timezone)?;
         if self.sync.list_id.0 < 1 {
             return bad("sync.list_id", "must be a list id ≥ 1");
         }
@@ -604,6 +622,31 @@ fn check_field_ref(key: &str, value: &str) -> Result<(), ConfigError> {
 /// A six-field (seconds first) or seven-field (with year) cron expression,
 /// parsed with the same `croner` settings tokio-cron-scheduler uses, so a
 /// schedule that passes here is one the scheduler accepts.
+fn check_zone(key: &str, zone: &str) -> Result<(), ConfigError> {
+    match zone.parse::<chrono_tz::Tz>() {
+        Ok(_) => Ok(()),
+        Err(_) => Err(ConfigError::Invalid {
+            key: key.into(),
+            reason: format!("{zone:?} is not an IANA time zone name (e.g. UTC, Asia/Shanghai)"),
+        }),
+    }
+}
+
+impl Settings {
+    /// The zone the schedules are read in (`sync.timezone`).
+    pub fn schedule_zone(&self) -> chrono_tz::Tz {
+        self.sync.timezone.parse().unwrap_or(chrono_tz::UTC)
+    }
+
+    /// EDM's zone (`edm.timezone`): the days of its dates.
+    pub fn edm_zone(&self) -> chrono_tz::Tz {
+        self.edm
+            .timezone
+            .parse()
+            .unwrap_or(chrono_tz::Asia::Shanghai)
+    }
+}
+
 fn check_cron(key: &str, value: &str) -> Result<(), ConfigError> {
     let fields = value.split_whitespace().count();
     let reason = if !(6..=7).contains(&fields) {

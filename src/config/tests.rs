@@ -80,6 +80,9 @@ fn bad_values_are_errors_naming_the_key() {
         ("[crm]\nconcurrency = 0", "crm.concurrency"),
         ("[edm]\nbatch_size = 0", "edm.batch_size"),
         ("[edm]\nmax_attempts = 0", "edm.max_attempts"),
+        ("[database]\nretention_days = 0", "database.retention_days"),
+        ("[edm]\ntimezone = \"Beijing\"", "edm.timezone"),
+        ("[sync]\ntimezone = \"+08:00\"", "sync.timezone"),
         ("[crm]\nmax_attempts = 0", "crm.max_attempts"),
         (
             "[sync]\nmax_unsubscribe_ratio = 1.5",

@@ -45,9 +45,17 @@ impl View {
                 format!("cannot read the unsubscribes of list {list_id}; nothing was applied")
             })?;
             let seen = ctx.store.seen_lines(list_id).await?;
+            let through = ctx.store.lines_seen_through(list_id).await?;
             let since = self.books.get(&list_id).and_then(|b| b.export_read_at);
             let own = ctx.store.unmatched_unsubs(list_id, since).await?;
-            let found = classify_export(list_id, &lines, &seen, &own, &self.members);
+            let found = classify_export(
+                list_id,
+                &lines,
+                &seen,
+                through.as_deref(),
+                &own,
+                &self.members,
+            );
             user_unsubscribes += found.suppressions.len();
             for s in &found.suppressions {
                 if let Ok(email) = Email::parse(&s.email) {

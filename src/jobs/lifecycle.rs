@@ -56,7 +56,31 @@ impl Run {
             Ok(())
         };
         crate::metrics::run_finished(self.job.as_str(), status.as_str());
+        if self.recorded {
+            prune(ctx).await;
+        }
         refresh_pending(&ctx.store).await;
         recorded
+    }
+}
+
+/// Bounded state: what is older than `database.retention_days` and no
+/// longer needed goes (see `state::retention`). A failure is logged, not
+/// fatal: the next run tries again.
+async fn prune(ctx: &Context) {
+    let days = i64::from(ctx.settings.database.retention_days);
+    let cutoff = (ctx.now() - chrono::Duration::days(days)).timestamp_millis();
+    match ctx.store.prune(cutoff).await {
+        Ok(p) if p.total() > 0 => tracing::info!(
+            operations = p.operations,
+            runs = p.runs,
+            export_lines = p.export_lines,
+            retention_days = days,
+            "state older than the retention window pruned"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot prune old state; the next run tries again")
+        }
     }
 }

@@ -34,7 +34,12 @@ pub struct Context {
     /// Cancelled when the process is asked to stop: a job finishes its
     /// current batch, records its state and returns.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The wall clock the jobs read dates from (tests set another).
+    pub clock: Clock,
 }
+
+/// Where "now" comes from.
+pub type Clock = fn() -> chrono::DateTime<chrono::Utc>;
 
 /// Every secret the settings hold, for the redactor: the token, the EDM
 /// password and its MD5, and the database password.
@@ -90,7 +95,19 @@ impl Context {
             redactor,
             instance,
             shutdown: tokio_util::sync::CancellationToken::new(),
+            clock: chrono::Utc::now,
         })
+    }
+
+    /// The same context reading the time from `clock`.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Now, by the context's clock.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        (self.clock)()
     }
 
     /// The same context stopping on `token`.

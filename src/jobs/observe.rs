@@ -31,6 +31,7 @@ pub fn classify_export(
     list_id: ListId,
     lines: &[ExportLine],
     seen: &HashSet<(String, String)>,
+    seen_through: Option<&str>,
     own_unsubs: &[(i64, String)],
     members: &HashMap<MemberKey, MemberState>,
 ) -> ExportFindings {
@@ -42,7 +43,9 @@ pub fn classify_export(
     let mut this_read: HashSet<(&str, &str)> = HashSet::new();
     for line in lines {
         let pair = (line.address.clone(), line.time.clone());
-        if seen.contains(&pair) || !this_read.insert((&line.address, &line.time)) {
+        // Lines up to the watermark were seen and pruned (retention).
+        let pruned = seen_through.is_some_and(|w| line.time.as_str() <= w);
+        if pruned || seen.contains(&pair) || !this_read.insert((&line.address, &line.time)) {
             continue;
         }
         out.new_lines.push(SeenLine {
@@ -284,6 +287,7 @@ mod tests {
             ListId(1),
             &[line("2026-01-01 10:00:00", "a@x.cn")],
             &HashSet::new(),
+            None,
             &[(7, "a@x.cn".into())],
             &members,
         );
@@ -299,6 +303,7 @@ mod tests {
             ListId(1),
             &[line("t1", "a@x.cn")],
             &HashSet::new(),
+            None,
             &[],
             &members,
         );
@@ -320,6 +325,7 @@ mod tests {
                 line("t3", "a@x.cn"),
             ],
             &seen,
+            None,
             &[(9, "a@x.cn".into())],
             &HashMap::new(),
         );
@@ -341,6 +347,33 @@ mod tests {
             link_man_id: Some(LinkManId(5)),
             customer_id: Some(CustomerId(6)),
         }
+    }
+
+    #[test]
+    fn lines_up_to_the_pruned_watermark_count_as_seen_and_later_ones_are_new() {
+        // Arrange: lines through 2026-03-01 were pruned; no row remains.
+        let members: HashMap<_, _> = [member(ListId(1), "a@x.cn", Origin::Owned, true)].into();
+
+        // Act
+        let f = classify_export(
+            ListId(1),
+            &[
+                line("2026-02-28 09:00:00", "a@x.cn"),
+                line("2026-03-01 23:59:59", "b@x.cn"),
+                line("2026-03-02 00:00:01", "c@x.cn"),
+            ],
+            &HashSet::new(),
+            Some("2026-03-01 23:59:59"),
+            &[],
+            &members,
+        );
+
+        // Assert: only the line after the watermark is a (new) user
+        // unsubscribe; a, long gone, is not taken out of the list again.
+        let new: Vec<&str> = f.new_lines.iter().map(|l| l.email.as_str()).collect();
+        assert_eq!(new, ["c@x.cn"]);
+        assert_eq!(f.suppressions.len(), 1);
+        assert!(f.departed.is_empty());
     }
 
     #[test]

@@ -139,6 +139,9 @@ pub mod list_state {
         pub initial_read_at: Option<i64>,
         /// When its `unsubscribe-export` was last read (behaviour 6).
         pub export_read_at: Option<i64>,
+        /// The newest export-line time pruned: lines up to it count as
+        /// seen although their rows are gone.
+        pub lines_seen_through: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

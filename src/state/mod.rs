@@ -20,6 +20,7 @@ mod observations;
 mod operations;
 mod records;
 mod refusals;
+mod retention;
 mod runs;
 
 pub use connect::{MIGRATION_LOCK_KEY, Schema, schema_of, sqlite_file};
@@ -28,6 +29,7 @@ pub use observations::{ListBook, NewSuppression, Observations, SeenLine};
 pub use operations::{NewOperation, PendingOperation, PendingRow};
 pub use records::{LedgerRow, NewRecord};
 pub use refusals::{NewRefusal, ParkedRecord, Refusal, RefusalKey};
+pub use retention::Pruned;
 pub use runs::RunRow;
 
 use std::collections::HashMap;
@@ -356,6 +358,188 @@ mod tests {
             assert!(!old.holds_lease().await && new.holds_lease().await, "{url}");
             old.connection().clone().close().await.unwrap();
             new.connection().clone().close().await.unwrap();
+        }
+    }
+
+    /// Bounded state: what is older than the window and no longer needed
+    /// goes; what behaviour 6, recovery, the ledger and the suppressions
+    /// need stays, and pruned export lines still count as seen.
+    #[tokio::test]
+    async fn pruning_removes_old_finished_state_and_keeps_what_is_still_needed_on_sqlite_and_postgres()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let (pg_url, _guard) = fresh_postgres().await;
+        let sqlite_url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
+        for url in [sqlite_url, pg_url] {
+            // Arrange: 200-day-old history.
+            let store = Store::connect(&SecretString::from(url.clone()))
+                .await
+                .unwrap();
+            let day = 86_400_000i64;
+            let now = now_ms();
+            let old = now - 200 * day;
+            let e = |a: &str| Email::parse(a).unwrap();
+            let op = |kind, email: &str| NewOperation {
+                kind,
+                list_id: ListId(1),
+                email: e(email),
+                edm_id: None,
+                link_man_id: Some(LinkManId(10)),
+                customer_id: Some(CustomerId(1)),
+                fields: MemberFields::named("A"),
+            };
+            store
+                .record_operations(
+                    "r-old",
+                    &[
+                        op(OpKind::Add, "add@x.cn"),
+                        op(OpKind::Unsub, "matched@x.cn"),
+                        op(OpKind::Unsub, "unmatched@x.cn"),
+                        op(OpKind::Add, "pending@x.cn"),
+                    ],
+                )
+                .await
+                .unwrap();
+            store
+                .complete_operations("r-old", OpKind::Add, ListId(1), &[&e("add@x.cn")], &[])
+                .await
+                .unwrap();
+            store
+                .complete_operations(
+                    "r-old",
+                    OpKind::Unsub,
+                    ListId(1),
+                    &[&e("matched@x.cn"), &e("unmatched@x.cn")],
+                    &[],
+                )
+                .await
+                .unwrap();
+            for id in ["run-1", "run-2", "run-3"] {
+                store.start_run(id, Job::Contacts, false).await.unwrap();
+                store
+                    .finish_run(id, RunStatus::Succeeded, &serde_json::json!({}), None)
+                    .await
+                    .unwrap();
+            }
+            let line = |email: &str, time: &str| SeenLine {
+                list_id: ListId(1),
+                email: email.into(),
+                time: time.into(),
+            };
+            store
+                .persist_observations(&Observations {
+                    new_lines: vec![
+                        line("matched@x.cn", "2026-01-01 00:00:01"),
+                        line("gone@x.cn", "2026-01-02 00:00:00"),
+                    ],
+                    suppressions: vec![NewSuppression {
+                        list_id: ListId(1),
+                        email: "gone@x.cn".into(),
+                        reason: SuppressionReason::UserUnsubscribe,
+                        source: SuppressionSource::Export {
+                            time: "2026-01-02 00:00:00".into(),
+                        },
+                    }],
+                    export_reads: vec![(ListId(1), old - 100 * day)],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            store
+                .insert_records(&[NewRecord {
+                    kind: RecordKind::Open,
+                    scope: "campaign:1".into(),
+                    link_man_id: LinkManId(10),
+                    customer_id: CustomerId(1),
+                    email: "add@x.cn".into(),
+                    title: "t".into(),
+                    content: "c".into(),
+                }])
+                .await
+                .unwrap();
+            let db = store.connection();
+            for sql in [
+                format!("UPDATE operations SET created_at = {old}, updated_at = {old}"),
+                "UPDATE operations SET export_matched = TRUE WHERE email = 'matched@x.cn'".into(),
+                format!(
+                    "UPDATE runs SET started_at = {old} + CAST(SUBSTR(id, 5) AS BIGINT), finished_at = {old} + CAST(SUBSTR(id, 5) AS BIGINT)"
+                ),
+                format!("UPDATE unsub_lines SET seen_at = {old}"),
+                format!("UPDATE writeback_ledger SET created_at = {old}, updated_at = {old}"),
+                format!("UPDATE suppressions SET created_at = {old}"),
+            ] {
+                db.execute_unprepared(&sql).await.unwrap();
+            }
+            // A line first seen today, later than the old ones.
+            store
+                .persist_observations(&Observations {
+                    new_lines: vec![line("today@x.cn", "2026-11-30 08:00:00")],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+
+            // Act
+            let pruned = store.prune(now - 90 * day).await.unwrap();
+
+            // Assert
+            assert_eq!(
+                pruned,
+                Pruned {
+                    operations: 2,
+                    runs: 2,
+                    export_lines: 2
+                },
+                "{url}"
+            );
+            let left: Vec<(String, String)> = db
+                .query_all_raw(sea_orm::Statement::from_string(
+                    db.get_database_backend(),
+                    "SELECT email, status FROM operations ORDER BY email",
+                ))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.try_get("", "email").unwrap(),
+                        r.try_get("", "status").unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                left,
+                [
+                    ("pending@x.cn".to_string(), "pending".to_string()),
+                    ("unmatched@x.cn".to_string(), "done".to_string())
+                ],
+                "{url}: the pending add and the unsubscribe the export may still match stay"
+            );
+            let runs = store.recent_runs(10).await.unwrap();
+            assert_eq!(runs.len(), 1, "{url}");
+            assert_eq!(runs[0].id, "run-3", "{url}: each job's newest run stays");
+            let seen = store.seen_lines(ListId(1)).await.unwrap();
+            assert_eq!(seen.len(), 1, "{url}");
+            assert_eq!(
+                store
+                    .lines_seen_through(ListId(1))
+                    .await
+                    .unwrap()
+                    .as_deref(),
+                Some("2026-01-02 00:00:00"),
+                "{url}"
+            );
+            assert_eq!(
+                store.pending_records().await.unwrap().len(),
+                1,
+                "{url}: ledger kept"
+            );
+            assert_eq!(
+                store.user_unsubscribes().await.unwrap().len(),
+                1,
+                "{url}: suppressions kept"
+            );
+            store.connection().clone().close().await.unwrap();
         }
     }
 

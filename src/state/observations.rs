@@ -107,6 +107,16 @@ impl Store {
         Ok(rows.into_iter().map(|r| (r.email, r.time)).collect())
     }
 
+    /// The newest export-line time of `list_id` whose rows were pruned:
+    /// lines up to it count as seen.
+    pub async fn lines_seen_through(&self, list_id: ListId) -> anyhow::Result<Option<String>> {
+        Ok(list_state::Entity::find_by_id(list_id)
+            .one(&self.db)
+            .await
+            .context("cannot read the list bookkeeping")?
+            .and_then(|l| l.lines_seen_through))
+    }
+
     /// Writes what a run observed, in one transaction.
     pub async fn persist_observations(&self, obs: &Observations) -> anyhow::Result<()> {
         let now = now_ms();
@@ -250,6 +260,7 @@ pub(super) async fn upsert_list_book<C: ConnectionTrait>(
         list_id: Set(list_id),
         initial_read_at: Set(initial_read_at),
         export_read_at: Set(export_read_at),
+        lines_seen_through: Set(None),
     })
     .on_conflict(
         OnConflict::column(list_state::Column::ListId)

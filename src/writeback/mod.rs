@@ -137,7 +137,14 @@ pub async fn run_with(ctx: &Context, retry_parked: bool) -> anyhow::Result<Write
     })
 }
 
-/// The dates (`YYYY-MM-DD`, UTC) of the last `days` days, today first.
+/// Today in EDM's zone (`edm.timezone`): the day `task-list` files a
+/// campaign sent now under. At 23:30 UTC it is already tomorrow in Beijing.
+pub fn edm_today(now: chrono::DateTime<chrono::Utc>, zone: chrono_tz::Tz) -> chrono::NaiveDate {
+    now.with_timezone(&zone).date_naive()
+}
+
+/// The dates (`YYYY-MM-DD`, in EDM's zone) of the last `days` days, today
+/// first.
 pub fn lookback_dates(today: chrono::NaiveDate, days: u32) -> Vec<String> {
     (0..days as i64)
         .map(|d| {
@@ -168,7 +175,7 @@ async fn run_inner(
     } = view;
 
     // 2. Campaigns and their events.
-    let today = chrono::Utc::now().date_naive();
+    let today = edm_today(ctx.now(), settings.edm_zone());
     let mut campaigns: BTreeMap<i64, Campaign> = BTreeMap::new();
     for date in lookback_dates(today, settings.writeback.lookback_days) {
         for c in ctx.edm.tasks_on(&date).await? {
@@ -569,5 +576,16 @@ mod tests {
             vec!["2026-03-02", "2026-03-01", "2026-02-28"]
         );
         assert_eq!(lookback_dates(today, 1), vec!["2026-03-02"]);
+    }
+
+    #[test]
+    fn edm_today_is_the_date_in_edm_zone_not_utc() {
+        let late: chrono::DateTime<chrono::Utc> = "2026-11-29T23:30:00Z".parse().unwrap();
+        let date = |y, m, d| chrono::NaiveDate::from_ymd_opt(y, m, d).unwrap();
+        assert_eq!(
+            edm_today(late, chrono_tz::Asia::Shanghai),
+            date(2026, 11, 30)
+        );
+        assert_eq!(edm_today(late, chrono_tz::UTC), date(2026, 11, 29));
     }
 }

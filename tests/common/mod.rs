@@ -210,10 +210,7 @@ pub fn opened_today_by_p1_to(n: i64) -> crm_edm_sync::sandbox::SandboxCampaign {
         id: 1,
         name: "活动".into(),
         list_id: 1,
-        date: chrono::Utc::now()
-            .date_naive()
-            .format("%Y-%m-%d")
-            .to_string(),
+        date: edm_today().format("%Y-%m-%d").to_string(),
         send_status: 3,
         track_status: 1,
         opens: (1..=n)
@@ -221,4 +218,10 @@ pub fn opened_today_by_p1_to(n: i64) -> crm_edm_sync::sandbox::SandboxCampaign {
             .collect(),
         ..Default::default()
     }
+}
+
+/// Today in EDM's zone (`edm.timezone`, Asia/Shanghai by default): the
+/// date `task-list` files a campaign sent now under.
+pub fn edm_today() -> chrono::NaiveDate {
+    crm_edm_sync::writeback::edm_today(chrono::Utc::now(), chrono_tz::Asia::Shanghai)
 }
