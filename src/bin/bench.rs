@@ -1,6 +1,10 @@
 //! The benchmark: the contacts and write-back jobs against the sandbox at a
 //! chosen size and added latency, measured against lower bounds.
 //!
+//! Why one file over 600 lines: a benchmark binary whose scenarios, bounds
+//! and targets are read top to bottom as one script (BENCHMARKS.md
+//! explains each bound).
+//!
 //! ```sh
 //! cargo run --release --bin bench -- --linkmen 100000 --latency-ms 20 --db sqlite
 //! cargo run --release --bin bench -- --linkmen 10000 --latency-ms 0 --db postgres

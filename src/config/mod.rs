@@ -1,5 +1,9 @@
 //! Typed, layered settings (DESIGN.md "Configuration — contract").
 //!
+//! Why one file over 600 lines: every key's struct field, its built-in
+//! default (the `DEFAULTS` text) and its validation are read side by side
+//! when a key is added; the tests are in `config/tests.rs`.
+//!
 //! Layers, later wins: built-in defaults → TOML file → environment variables
 //! `CRM_EDM_SYNC__SECTION__KEY`. Unknown keys and bad values are errors that
 //! name the key. Secrets are [`SecretString`]s from the moment they are read
