@@ -211,23 +211,9 @@ impl Store {
         emails: &[&Email],
         error: &str,
     ) -> anyhow::Result<()> {
-        let now = now_ms();
-        let txn = self.db.begin().await?;
-        for chunk in emails.chunks(CHUNK) {
-            operation::Entity::update_many()
-                .col_expr(operation::Column::LastError, Some(error.to_string()).into())
-                .col_expr(operation::Column::UpdatedAt, now.into())
-                .col_expr(
-                    operation::Column::Attempts,
-                    sea_orm::sea_query::Expr::col(operation::Column::Attempts).add(1),
-                )
-                .filter(pending_of_run(run_id, kind, list_id, chunk))
-                .exec(&txn)
-                .await
-                .context("cannot record the failure")?;
-        }
-        txn.commit().await?;
-        Ok(())
+        self.failed_attempt(run_id, kind, list_id, emails, error, None)
+            .await
+            .context("cannot record the failure")
     }
 
     /// This run's operations on `emails` that EDM refused outright (an
@@ -242,24 +228,46 @@ impl Store {
         emails: &[&Email],
         error: &str,
     ) -> anyhow::Result<()> {
+        self.failed_attempt(
+            run_id,
+            kind,
+            list_id,
+            emails,
+            error,
+            Some(OpStatus::Superseded),
+        )
+        .await
+        .context("cannot record the refusal")
+    }
+
+    /// One more attempt and its error on this run's pending operations on
+    /// `emails`, and their new status if any.
+    async fn failed_attempt(
+        &self,
+        run_id: &str,
+        kind: OpKind,
+        list_id: ListId,
+        emails: &[&Email],
+        error: &str,
+        status: Option<OpStatus>,
+    ) -> anyhow::Result<()> {
         let now = now_ms();
         let txn = self.db.begin().await?;
         for chunk in emails.chunks(CHUNK) {
-            operation::Entity::update_many()
-                .col_expr(
-                    operation::Column::Status,
-                    Expr::value(OpStatus::Superseded.to_value()),
-                )
+            let mut update = operation::Entity::update_many()
                 .col_expr(operation::Column::LastError, Some(error.to_string()).into())
                 .col_expr(operation::Column::UpdatedAt, now.into())
                 .col_expr(
                     operation::Column::Attempts,
                     sea_orm::sea_query::Expr::col(operation::Column::Attempts).add(1),
-                )
+                );
+            if let Some(status) = status {
+                update = update.col_expr(operation::Column::Status, Expr::value(status.to_value()));
+            }
+            update
                 .filter(pending_of_run(run_id, kind, list_id, chunk))
                 .exec(&txn)
-                .await
-                .context("cannot record the refusal")?;
+                .await?;
         }
         txn.commit().await?;
         Ok(())
