@@ -842,3 +842,46 @@ async fn a_sqlite_holder_whose_lock_file_is_taken_over_never_writes_after_its_su
     )
     .await;
 }
+
+/// A parked operation shows in `/metrics`: an address EDM refuses, with
+/// `edm.max_attempts = 1`, is parked by the first run and counted from then
+/// on.
+#[tokio::test]
+async fn a_parked_operation_is_counted_in_metrics() {
+    // Arrange
+    let sb = sandbox().await;
+    seed_basic(&sb);
+    sb.edm
+        .refuse_address("lm3@example.com", "add_address_error", "地址被拒绝");
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sb, &db);
+
+    // Act
+    let mut daemon = Daemon::start(&config, &[("CRM_EDM_SYNC__EDM__MAX_ATTEMPTS", "1")]);
+    let url = daemon.ops_url().await;
+    daemon
+        .expect("run finished", 2, Duration::from_secs(20))
+        .await;
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+
+    // Assert
+    let m = parse_prometheus(&text);
+    assert_eq!(
+        m[r#"crm_edm_sync_parked_operations{kind="edm"}"#], 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        m[r#"crm_edm_sync_parked_operations{kind="contact_history"}"#], 0.0,
+        "{text}"
+    );
+    assert!(!sb.edm.emails(1).contains(&"lm3@example.com".to_string()));
+    assert_eq!(sb.edm.emails(1).len(), 4, "the rest of its batch arrived");
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+}
