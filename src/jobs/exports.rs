@@ -44,8 +44,16 @@ impl View {
             let lines = ctx.edm.unsubscribe_export(list_id).await.with_context(|| {
                 format!("cannot read the unsubscribes of list {list_id}; nothing was applied")
             })?;
-            let seen = ctx.store.seen_lines(list_id).await?;
+            // Only the lines after the pruning watermark are looked up, and
+            // only those: the cost follows this export, not the history.
             let through = ctx.store.lines_seen_through(list_id).await?;
+            let recent: std::collections::BTreeSet<&str> = lines
+                .iter()
+                .filter(|l| through.as_deref().is_none_or(|w| l.time.as_str() > w))
+                .map(|l| l.address.as_str())
+                .collect();
+            let recent: Vec<&str> = recent.into_iter().collect();
+            let seen = ctx.store.seen_lines_of(list_id, &recent).await?;
             let since = self.books.get(&list_id).and_then(|b| b.export_read_at);
             let own = ctx.store.unmatched_unsubs(list_id, since).await?;
             let found = classify_export(

@@ -107,6 +107,27 @@ impl Store {
         Ok(rows.into_iter().map(|r| (r.email, r.time)).collect())
     }
 
+    /// Of the export lines of `list_id` for `emails`, those already seen,
+    /// as `(email, time)`: one indexed lookup per 500 addresses, so the
+    /// cost follows the export read, not the history kept.
+    pub async fn seen_lines_of(
+        &self,
+        list_id: ListId,
+        emails: &[&str],
+    ) -> anyhow::Result<HashSet<(String, String)>> {
+        let mut out = HashSet::new();
+        for chunk in emails.chunks(CHUNK) {
+            let rows = unsub_line::Entity::find()
+                .filter(unsub_line::Column::ListId.eq(list_id))
+                .filter(unsub_line::Column::Email.is_in(chunk.iter().copied()))
+                .all(&self.db)
+                .await
+                .context("cannot read seen export lines")?;
+            out.extend(rows.into_iter().map(|r| (r.email, r.time)));
+        }
+        Ok(out)
+    }
+
     /// The newest export-line time of `list_id` whose rows were pruned:
     /// lines up to it count as seen.
     pub async fn lines_seen_through(&self, list_id: ListId) -> anyhow::Result<Option<String>> {
