@@ -14,11 +14,10 @@
 use anyhow::Context;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
-    TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait,
 };
 
-use super::entities::{lease, ledger, operation};
+use super::entities::lease;
 use super::*;
 use crate::instance::Instance;
 
@@ -181,25 +180,5 @@ impl Store {
             .await
             .context("cannot release the lease")?;
         Ok(())
-    }
-
-    /// Writes a predecessor may still have in flight: EDM operations
-    /// recorded at or after `since_ms` and never answered (pending, no
-    /// attempt counted), and contact-history records marked as being sent
-    /// since then.
-    pub async fn unanswered_since(&self, since_ms: i64) -> anyhow::Result<u64> {
-        let ops = operation::Entity::find()
-            .filter(operation::Column::Status.eq(OpStatus::Pending))
-            .filter(operation::Column::Attempts.eq(0))
-            .filter(operation::Column::CreatedAt.gte(since_ms))
-            .count(&self.db)
-            .await?;
-        let records = ledger::Entity::find()
-            .filter(ledger::Column::Status.eq(LedgerStatus::Pending))
-            .filter(ledger::Column::Uncertain.eq(true))
-            .filter(ledger::Column::UpdatedAt.gte(since_ms))
-            .count(&self.db)
-            .await?;
-        Ok(ops + records)
     }
 }

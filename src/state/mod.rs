@@ -284,7 +284,15 @@ mod tests {
             assert_eq!(a.fields.fullname(), "last", "{url}");
             let c = &members[&MemberKey::new(ListId(1), Email::parse("c@x.cn").unwrap())];
             assert_eq!(c.fields.fullname(), "c2", "{url}");
-            assert_eq!(store.seen_lines(ListId(1)).await.unwrap().len(), 1, "{url}");
+            assert_eq!(
+                store
+                    .seen_lines_of(ListId(1), &["a@x.cn"])
+                    .await
+                    .unwrap()
+                    .len(),
+                1,
+                "{url}"
+            );
             assert_eq!(store.user_unsubscribes().await.unwrap().len(), 1, "{url}");
             assert_eq!(pending.len(), 1, "{url}");
             store.connection().clone().close().await.unwrap();
@@ -518,7 +526,10 @@ mod tests {
             let runs = store.recent_runs(10).await.unwrap();
             assert_eq!(runs.len(), 1, "{url}");
             assert_eq!(runs[0].id, "run-3", "{url}: each job's newest run stays");
-            let seen = store.seen_lines(ListId(1)).await.unwrap();
+            let seen = store
+                .seen_lines_of(ListId(1), &["matched@x.cn", "gone@x.cn", "today@x.cn"])
+                .await
+                .unwrap();
             assert_eq!(seen.len(), 1, "{url}");
             assert_eq!(
                 store

@@ -97,16 +97,6 @@ impl Store {
             .collect())
     }
 
-    /// Export lines of a list already seen, as `(email, time)`.
-    pub async fn seen_lines(&self, list_id: ListId) -> anyhow::Result<HashSet<(String, String)>> {
-        let rows = unsub_line::Entity::find()
-            .filter(unsub_line::Column::ListId.eq(list_id))
-            .all(&self.db)
-            .await
-            .context("cannot read seen export lines")?;
-        Ok(rows.into_iter().map(|r| (r.email, r.time)).collect())
-    }
-
     /// Of the export lines of `list_id` for `emails`, those already seen,
     /// as `(email, time)`: one indexed lookup per 500 addresses, so the
     /// cost follows the export read, not the history kept.
