@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use crate::cli::{Cli, Command, Job};
 use crate::config::Settings;
+use crate::domain::MemberFields;
 use crate::jobs::{Context, RunOptions};
-use crate::sync::contacts::{self, ContactsReport, Outcome};
-use crate::sync::plan::Plan;
+use crate::sync::contacts::{self, ContactsReport, Outcome, Preview};
 use crate::writeback;
 
 pub use crate::cli::{EXIT_CONFIG, EXIT_FAILED};
@@ -82,8 +82,12 @@ async fn run_jobs(cli: &Cli, ctx: &Context) -> anyhow::Result<ExitCode> {
     if matches!(cli.job, None | Some(Job::Contacts)) {
         match contacts::run(ctx, opts).await {
             Ok(report) => {
-                if let Outcome::DryRun(plan) = &report.outcome {
-                    print!("{}", render_plan(&report, plan));
+                if let Outcome::DryRun(preview) = &report.outcome {
+                    print!("{}", render_plan(&report, preview));
+                    if let Some(path) = &cli.plan {
+                        write_plan(path, preview)?;
+                        println!("plan written to {}", path.display());
+                    }
                 }
                 ok &= report.is_success();
             }
@@ -130,10 +134,13 @@ const SAMPLE: usize = 5;
 
 /// The dry-run report: counts, then a sample of each kind with link-man ids
 /// and masked addresses (the plan goes to a terminal, not a log, but it
-/// need not spread addresses further than an operator needs).
-pub fn render_plan(report: &ContactsReport, plan: &Plan) -> String {
+/// need not spread addresses further than an operator needs; `--plan FILE`
+/// has them all), edits with what changes, and the refusal in words when
+/// the real run would refuse the plan.
+pub fn render_plan(report: &ContactsReport, preview: &Preview) -> String {
     use std::fmt::Write;
     let c = &report.counts;
+    let plan = &preview.plan;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -142,13 +149,14 @@ pub fn render_plan(report: &ContactsReport, plan: &Plan) -> String {
     );
     let _ = writeln!(
         out,
-        "plan: {} adds, {} edits, {} unsubscribes, {} adoptions; {} suppressed, {} invalid emails skipped",
+        "plan: {} adds, {} edits, {} unsubscribes, {} adoptions; {} suppressed, {} invalid emails skipped; {} new user unsubscribes",
         plan.adds.len(),
         plan.edits.len(),
         plan.unsubs.len(),
         plan.adoptions(),
         plan.suppressed.len(),
-        c.skipped_invalid
+        c.skipped_invalid,
+        preview.user_unsubscribes.len()
     );
     for a in plan.adds.iter().take(SAMPLE) {
         let _ = writeln!(
@@ -162,10 +170,11 @@ pub fn render_plan(report: &ContactsReport, plan: &Plan) -> String {
     for e in plan.edits.iter().take(SAMPLE) {
         let _ = writeln!(
             out,
-            "  edit   list {} {} (link-man {})",
+            "  edit   list {} {} (link-man {}): {}",
             e.key.list_id,
             e.key.email.masked(),
-            e.link_man_id
+            e.link_man_id,
+            changes(&e.old, &e.fields)
         );
     }
     for u in plan.unsubs.iter().take(SAMPLE) {
@@ -180,8 +189,53 @@ pub fn render_plan(report: &ContactsReport, plan: &Plan) -> String {
             u.key.email.masked()
         );
     }
+    if let Some(refusal) = &preview.refusal {
+        let _ = writeln!(out, "{}", refusal.in_words());
+    }
     let _ = writeln!(out, "nothing was changed");
     out
+}
+
+/// What an edit changes: `fullname "Old" → "New", var1 "" → "Acme"`.
+fn changes(old: &MemberFields, new: &MemberFields) -> String {
+    let mut parts = Vec::new();
+    if old.fullname() != new.fullname() {
+        parts.push(format!(
+            "fullname {:?} → {:?}",
+            old.fullname(),
+            new.fullname()
+        ));
+    }
+    for (i, (o, n)) in old.vars().zip(new.vars()).enumerate() {
+        if o != n {
+            parts.push(format!("var{} {o:?} → {n:?}", i + 1));
+        }
+    }
+    parts.join(", ")
+}
+
+/// Writes `--plan FILE`: one JSON object a line, the file created (or
+/// truncated) readable by its owner only, since it holds full addresses.
+fn write_plan(path: &std::path::Path, preview: &Preview) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write the plan to {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    for line in preview.json_lines() {
+        serde_json::to_writer(&mut out, &line)
+            .and_then(|()| out.write_all(b"\n").map_err(serde_json::Error::io))
+            .with_context(|| format!("cannot write the plan to {}", path.display()))?;
+    }
+    out.flush()
+        .with_context(|| format!("cannot write the plan to {}", path.display()))?;
+    Ok(())
 }
 
 /// `check`: the config is valid (it loaded), the database opens and

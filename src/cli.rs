@@ -29,6 +29,11 @@ pub struct Cli {
     #[arg(long, requires = "once")]
     pub dry_run: bool,
 
+    /// With --dry-run: also write every planned operation to FILE as JSON
+    /// lines (full addresses; created readable by its owner only).
+    #[arg(long, requires = "dry_run", value_name = "FILE")]
+    pub plan: Option<PathBuf>,
+
     /// With --once: apply even past the unsubscribe safety ratio.
     #[arg(long, requires = "once")]
     pub force: bool,
@@ -90,8 +95,11 @@ mod tests {
             "--force",
             "--full",
             "--retry-parked",
+            "--plan",
+            "plan.jsonl",
         ])
         .unwrap();
+        assert_eq!(cli.plan, Some(PathBuf::from("plan.jsonl")));
         assert!(cli.once && cli.dry_run && cli.force && cli.full && cli.retry_parked);
         assert_eq!(cli.job, Some(Job::Contacts));
         assert_eq!(cli.config, Some(PathBuf::from("c.toml")));
@@ -116,6 +124,7 @@ mod tests {
     #[test]
     fn run_flags_need_once() {
         assert!(Cli::try_parse_from(["crm-edm-sync", "--dry-run"]).is_err());
+        assert!(Cli::try_parse_from(["crm-edm-sync", "--once", "--plan", "p.jsonl"]).is_err());
         assert!(Cli::try_parse_from(["crm-edm-sync", "--job", "writeback"]).is_err());
         assert!(Cli::try_parse_from(["crm-edm-sync", "--once", "--job", "other"]).is_err());
     }

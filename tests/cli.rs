@@ -271,6 +271,150 @@ async fn refused_plan_exits_non_zero_and_logs_an_error() {
 }
 
 #[tokio::test]
+async fn a_dry_run_whose_plan_would_be_refused_says_so_in_words_and_exits_1() {
+    // Arrange: list 1 holds five owned members; three of them leave the CRM.
+    let cli = setup("info").await;
+    let first = cli.run(&["--once", "--job", "contacts"], &[]).await;
+    assert!(first.status.success(), "{}", text(&first));
+    for c in 1..=3 {
+        cli.sb.crm.remove_linkman(c * 10);
+    }
+    let writes = cli.sb.edm_writes();
+
+    // Act
+    let out = cli
+        .run(&["--once", "--job", "contacts", "--dry-run"], &[])
+        .await;
+
+    // Assert: exit 1 like the real run, the refusal in words, no write.
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "refused: 3 of 5 members of list 1 would be unsubscribed (ratio 0.60 > 0.20); --force would apply it"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("nothing was changed"), "{stdout}");
+    assert_eq!(cli.sb.edm_writes(), writes);
+}
+
+#[tokio::test]
+async fn a_dry_run_plan_file_holds_every_planned_operation_as_json_lines() {
+    // Arrange: after a first sync, one link-man renamed, one gone, one new,
+    // and one recipient unsubscribed in EDM.
+    let cli = setup("info").await;
+    let first = cli.run(&["--once", "--job", "contacts"], &[]).await;
+    assert!(first.status.success(), "{}", text(&first));
+    cli.sb
+        .crm
+        .set_linkman_field(40, "name", serde_json::json!("改名"));
+    cli.sb.crm.remove_linkman(50);
+    cli.sb.crm.put_linkman(
+        1,
+        11,
+        serde_json::json!({"name": "新人", "email": "new@example.com"}),
+    );
+    cli.sb.edm.user_unsubscribe(2, "lm7@example.com");
+    let plan = cli.dir.path().join("plan.jsonl");
+    let writes = cli.sb.edm_writes();
+
+    // Act
+    let out = cli
+        .run(
+            &[
+                "--once",
+                "--job",
+                "contacts",
+                "--dry-run",
+                "--plan",
+                plan.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .await;
+
+    // Assert
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("fullname \"联系人4\" → \"改名\""),
+        "the edit sample shows old → new: {stdout}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&plan)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    let of = |kind: &str| -> Vec<&serde_json::Value> {
+        lines.iter().filter(|l| l["kind"] == kind).collect()
+    };
+    let adds = of("add");
+    assert_eq!(adds.len(), 1, "{lines:?}");
+    assert_eq!(adds[0]["email"], "new@example.com");
+    assert_eq!(adds[0]["list_id"], 1);
+    assert_eq!(adds[0]["link_man_id"], 11);
+    assert_eq!(adds[0]["customer_id"], 1);
+    assert_eq!(adds[0]["fields"]["fullname"], "新人");
+    let edits = of("edit");
+    assert_eq!(edits.len(), 1, "{lines:?}");
+    assert_eq!(edits[0]["email"], "lm4@example.com");
+    assert_eq!(edits[0]["old"]["fullname"], "联系人4");
+    assert_eq!(edits[0]["new"]["fullname"], "改名");
+    assert_eq!(edits[0]["new"]["vars"][0], "公司4");
+    let unsubs = of("unsub");
+    assert_eq!(unsubs.len(), 1, "{lines:?}");
+    assert_eq!(unsubs[0]["email"], "lm5@example.com");
+    assert_eq!(unsubs[0]["link_man_id"], 50);
+    let user = of("user_unsubscribe");
+    assert_eq!(user.len(), 1, "{lines:?}");
+    assert_eq!(user[0]["email"], "lm7@example.com");
+    assert_eq!(user[0]["list_id"], 2);
+    assert_eq!(of("suppressed").len(), 1, "{lines:?}");
+    assert!(of("refusal").is_empty(), "{lines:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&plan).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(cli.sb.edm_writes(), writes, "a dry run writes nothing");
+}
+
+#[tokio::test]
+async fn a_refused_dry_run_plan_file_ends_with_the_refusal() {
+    let cli = setup("info").await;
+    let first = cli.run(&["--once", "--job", "contacts"], &[]).await;
+    assert!(first.status.success(), "{}", text(&first));
+    for c in 1..=3 {
+        cli.sb.crm.remove_linkman(c * 10);
+    }
+    let plan = cli.dir.path().join("refused.jsonl");
+
+    let out = cli
+        .run(
+            &["--once", "--dry-run", "--plan", plan.to_str().unwrap()],
+            &[],
+        )
+        .await;
+
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let text_of_plan = std::fs::read_to_string(&plan).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(text_of_plan.lines().last().unwrap()).unwrap();
+    assert_eq!(last["kind"], "refusal");
+    assert_eq!(last["list_id"], 1);
+    assert_eq!(last["unsubscribes"], 3);
+    assert_eq!(last["members"], 5);
+    assert_eq!(
+        text_of_plan
+            .lines()
+            .filter(|l| l.contains("\"unsub\""))
+            .count(),
+        3
+    );
+}
+
+#[tokio::test]
 async fn bad_config_exits_2_naming_the_key() {
     let cli = setup("info").await;
     let bad = cli.dir.path().join("bad.toml");

@@ -575,17 +575,19 @@ async fn dry_run_reports_the_plan_and_changes_nothing() {
         })
         .await;
 
-    let Outcome::DryRun(plan) = &report.outcome else {
+    let Outcome::DryRun(preview) = &report.outcome else {
         panic!("{:?}", report.outcome)
     };
-    assert_eq!(plan.adds.len(), 9);
-    assert_eq!(plan.suppressed.len(), 1);
+    assert_eq!(preview.plan.adds.len(), 9);
+    assert_eq!(preview.plan.suppressed.len(), 1);
+    assert_eq!(preview.user_unsubscribes.len(), 1);
+    assert_eq!(preview.refusal, None);
     assert_eq!(e.sb.edm_writes(), 0);
     // Nothing recorded: no members, no suppressions, no operations.
     assert!(e.ctx.store.load_members().await.unwrap().is_empty());
     assert!(e.ctx.store.suppression_counts().await.unwrap().is_empty());
     assert_eq!(e.ctx.store.pending_summary(10).await.unwrap().0, 0);
-    let text = crm_edm_sync::app::render_plan(&report, plan);
+    let text = crm_edm_sync::app::render_plan(&report, preview);
     assert!(text.contains("9 adds"), "{text}");
     assert!(text.contains("nothing was changed"), "{text}");
     // The real run after it sees the same unsubscribe.

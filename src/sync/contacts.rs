@@ -33,7 +33,7 @@ use crate::states::{Job, OpKind, OpStatus, RunStatus};
 /// The job name in logs, runs and metrics.
 pub const JOB: Job = Job::Contacts;
 
-pub use super::report::{ContactsCounts, ContactsReport, Outcome};
+pub use super::report::{ContactsCounts, ContactsReport, Outcome, Preview};
 
 /// Runs the contacts job once, records the run and emits its summary event.
 #[tracing::instrument(skip_all, fields(job = %JOB))]
@@ -243,7 +243,20 @@ async fn run_inner(
         if let Err(refusal) = &safety {
             tracing::warn!(reason = %refusal, "dry run: this plan would be refused");
         }
-        return Ok(Outcome::DryRun(Box::new(the_plan)));
+        let user_unsubscribes = obs
+            .suppressions
+            .iter()
+            .filter_map(|s| {
+                Email::parse(&s.email)
+                    .ok()
+                    .map(|e| crate::domain::MemberKey::new(s.list_id, e))
+            })
+            .collect();
+        return Ok(Outcome::DryRun(Box::new(super::report::Preview {
+            plan: the_plan,
+            user_unsubscribes,
+            refusal: safety.err(),
+        })));
     }
     ctx.store.persist_observations(&obs).await?;
     if let Err(refusal) = safety {

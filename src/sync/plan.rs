@@ -33,6 +33,8 @@ pub struct PlannedEdit {
     pub link_man_id: LinkManId,
     pub customer_id: CustomerId,
     pub fields: MemberFields,
+    /// The fields the state DB records now (what the edit replaces).
+    pub old: MemberFields,
 }
 
 /// A planned `ml-unsub`.
@@ -116,6 +118,7 @@ pub fn plan(
                         link_man_id: want.link_man_id,
                         customer_id: want.customer_id,
                         fields: want.fields.clone(),
+                        old: have.fields.clone(),
                     });
                 }
             }
@@ -160,6 +163,34 @@ pub enum Refusal {
         "the CRM pull produced no valid member while the state DB records {members} members (use --force to apply)"
     )]
     EmptyPull { members: usize },
+}
+
+impl Refusal {
+    /// The refusal in an operator's words, for a dry run's stdout:
+    /// `refused: 72 of 72 members of list 1 would be unsubscribed (ratio
+    /// 1.00 > 0.20); --force would apply it`.
+    pub fn in_words(&self) -> String {
+        match self {
+            Refusal::Ratio {
+                list_id,
+                unsubs,
+                members,
+                ratio,
+            } => {
+                let why = if *members == 0 {
+                    "no member is recorded in it yet".to_string()
+                } else {
+                    format!("ratio {:.2} > {ratio:.2}", *unsubs as f64 / *members as f64)
+                };
+                format!(
+                    "refused: {unsubs} of {members} members of list {list_id} would be unsubscribed ({why}); --force would apply it"
+                )
+            }
+            Refusal::EmptyPull { members } => format!(
+                "refused: the CRM pull produced no valid member while {members} members are recorded; --force would apply it"
+            ),
+        }
+    }
 }
 
 /// Members (owned and adopted) the state DB records per list before the
@@ -532,6 +563,24 @@ mod tests {
                 members: 10,
                 ratio: 0.2
             })
+        );
+    }
+
+    #[test]
+    fn a_refusal_in_words_names_the_counts_the_ratio_and_force() {
+        let r = Refusal::Ratio {
+            list_id: ListId(1),
+            unsubs: 72,
+            members: 72,
+            ratio: 0.2,
+        };
+        assert_eq!(
+            r.in_words(),
+            "refused: 72 of 72 members of list 1 would be unsubscribed (ratio 1.00 > 0.20); --force would apply it"
+        );
+        assert_eq!(
+            Refusal::EmptyPull { members: 9 }.in_words(),
+            "refused: the CRM pull produced no valid member while 9 members are recorded; --force would apply it"
         );
     }
 

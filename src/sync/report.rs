@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::plan::{Plan, Refusal};
+use crate::domain::MemberKey;
 use crate::states::RunStatus;
 
 /// What a contacts run did.
@@ -42,10 +43,20 @@ pub enum Outcome {
     /// The plan broke a safety limit and was not applied.
     Refused(Refusal),
     /// `--dry-run`: the plan, not applied.
-    DryRun(Box<Plan>),
+    DryRun(Box<Preview>),
     /// Stopped by a shutdown between batches; what was not sent is
     /// planned again next run.
     Interrupted,
+}
+
+/// What a dry run found: the plan, the user unsubscribes it read for the
+/// first time (they would be suppressed), and the refusal the real run
+/// would meet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preview {
+    pub plan: Plan,
+    pub user_unsubscribes: Vec<MemberKey>,
+    pub refusal: Option<Refusal>,
 }
 
 /// The result of a contacts run.
@@ -59,20 +70,105 @@ pub struct ContactsReport {
 
 impl ContactsReport {
     /// Whether the run should make the process exit 0.
+    /// A dry run whose plan would be refused fails, as the real run would.
     pub fn is_success(&self) -> bool {
-        matches!(
-            self.outcome,
-            Outcome::Applied | Outcome::DryRun(_) | Outcome::Interrupted
-        )
+        match &self.outcome {
+            Outcome::Applied | Outcome::Interrupted => true,
+            Outcome::DryRun(preview) => preview.refusal.is_none(),
+            Outcome::Partial | Outcome::Refused(_) => false,
+        }
     }
 
     pub fn status(&self) -> RunStatus {
-        match self.outcome {
+        match &self.outcome {
             Outcome::Applied => RunStatus::Succeeded,
+            Outcome::DryRun(preview) if preview.refusal.is_some() => RunStatus::Refused,
             Outcome::DryRun(_) => RunStatus::Succeeded,
             Outcome::Interrupted => RunStatus::Interrupted,
             Outcome::Partial => RunStatus::Failed,
             Outcome::Refused(_) => RunStatus::Refused,
         }
+    }
+}
+
+impl Preview {
+    /// The plan as JSON lines (`--dry-run --plan FILE`), one object per
+    /// line with a `kind`: `add`, `edit` (with `old` and `new` fields),
+    /// `unsub`, `adopt` and `owner_change` (state only), `suppressed` (a
+    /// desired member that gets nothing), `user_unsubscribe` (an export
+    /// line read for the first time), and last, when the real run would
+    /// refuse the plan, `refusal`. Addresses are written in full: the file
+    /// is the operator's, asked for by name.
+    pub fn json_lines(&self) -> impl Iterator<Item = serde_json::Value> + '_ {
+        use serde_json::json;
+        let fields = |f: &crate::domain::MemberFields| json!({ "fullname": f.fullname(), "vars": f.vars().collect::<Vec<_>>() });
+        let p = &self.plan;
+        let adds = p.adds.iter().map(move |a| {
+            json!({
+                "kind": "add",
+                "list_id": a.key.list_id,
+                "email": a.key.email.as_str(),
+                "link_man_id": a.link_man_id,
+                "customer_id": a.customer_id,
+                "fields": fields(&a.fields),
+            })
+        });
+        let edits = p.edits.iter().map(move |e| {
+            json!({
+                "kind": "edit",
+                "list_id": e.key.list_id,
+                "email": e.key.email.as_str(),
+                "link_man_id": e.link_man_id,
+                "customer_id": e.customer_id,
+                "edm_id": e.edm_id,
+                "old": fields(&e.old),
+                "new": fields(&e.fields),
+            })
+        });
+        let unsubs = p.unsubs.iter().map(|u| {
+            json!({
+                "kind": "unsub",
+                "list_id": u.key.list_id,
+                "email": u.key.email.as_str(),
+                "link_man_id": u.link_man_id,
+            })
+        });
+        let owners = p.owner_changes.iter().map(|c| {
+            json!({
+                "kind": if c.adopt { "adopt" } else { "owner_change" },
+                "list_id": c.key.list_id,
+                "email": c.key.email.as_str(),
+                "link_man_id": c.link_man_id,
+                "customer_id": c.customer_id,
+            })
+        });
+        let suppressed = p.suppressed.iter().map(
+            |k| json!({ "kind": "suppressed", "list_id": k.list_id, "email": k.email.as_str() }),
+        );
+        let user = self.user_unsubscribes.iter().map(|k| {
+            json!({ "kind": "user_unsubscribe", "list_id": k.list_id, "email": k.email.as_str() })
+        });
+        let refusal = self.refusal.iter().map(|r| {
+            let mut line = json!({ "kind": "refusal", "reason": r.in_words() });
+            if let Refusal::Ratio {
+                list_id,
+                unsubs,
+                members,
+                ratio,
+            } = r
+            {
+                line["list_id"] = json!(list_id);
+                line["unsubscribes"] = json!(unsubs);
+                line["members"] = json!(members);
+                line["max_unsubscribe_ratio"] = json!(ratio);
+            }
+            line
+        });
+        adds.chain(edits)
+            .chain(unsubs)
+            .chain(owners)
+            .chain(suppressed)
+            .chain(user)
+            .chain(refusal)
     }
 }
