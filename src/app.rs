@@ -21,6 +21,20 @@ pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
     let redactor = crate::redact::Redactor::new(crate::jobs::secrets_of(&settings));
     let result = match cli.command {
         Some(Command::Status { json }) => crate::status::print(&settings, json).await,
+        Some(Command::Explain {
+            email,
+            linkman,
+            live,
+            json,
+        }) => {
+            let question = crate::explain::Question {
+                email,
+                linkman: linkman.map(crate::domain::LinkManId),
+                live,
+                json,
+            };
+            crate::explain::print(&settings, question).await
+        }
         Some(Command::Check) => check(settings).await,
         Some(Command::Demo) => crate::demo::run().await,
         None if cli.once => once(&cli, settings).await,

@@ -66,6 +66,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Why an address is (not) in each list: the state database's member
+    /// rows, suppressions, operations, refusals and contact history.
+    Explain {
+        /// The address (printed in full: you typed it).
+        #[arg(required_unless_present = "linkman")]
+        email: Option<String>,
+        /// Explain the addresses of this link-man's members instead.
+        #[arg(long, value_name = "ID")]
+        linkman: Option<i64>,
+        /// Also ask the CRM and EDM, and print where they disagree with the
+        /// state database (changes nothing).
+        #[arg(long)]
+        live: bool,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the config, reach both APIs and the database.
     Check,
     /// Start the built-in sandbox CRM and EDM on loopback, sync into a
@@ -119,6 +136,32 @@ mod tests {
                 .command,
             Some(Command::Demo)
         );
+    }
+
+    #[test]
+    fn explain_takes_an_address_or_a_linkman() {
+        let cli = Cli::try_parse_from(["crm-edm-sync", "explain", "a@x.cn", "--live"]).unwrap();
+        assert_eq!(
+            cli.command,
+            Some(Command::Explain {
+                email: Some("a@x.cn".into()),
+                linkman: None,
+                live: true,
+                json: false
+            })
+        );
+        let cli =
+            Cli::try_parse_from(["crm-edm-sync", "explain", "--linkman", "7", "--json"]).unwrap();
+        assert_eq!(
+            cli.command,
+            Some(Command::Explain {
+                email: None,
+                linkman: Some(7),
+                live: false,
+                json: true
+            })
+        );
+        assert!(Cli::try_parse_from(["crm-edm-sync", "explain"]).is_err());
     }
 
     #[test]

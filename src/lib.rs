@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod demo;
 pub mod domain;
 pub mod edm;
+pub mod explain;
 pub mod instance;
 pub mod jobs;
 pub mod lock;

@@ -10,6 +10,7 @@ mod m20261123_000003_index_operations_by_email;
 mod m20261130_000004_create_lease;
 mod m20261130_000005_create_refusals;
 mod m20261130_000006_bound_state;
+mod m20261130_000007_index_by_address;
 
 /// The migrator: every migration in order.
 pub struct Migrator;
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261130_000004_create_lease::Migration),
             Box::new(m20261130_000005_create_refusals::Migration),
             Box::new(m20261130_000006_bound_state::Migration),
+            Box::new(m20261130_000007_index_by_address::Migration),
         ]
     }
 }

@@ -14,6 +14,7 @@
 mod connect;
 mod entities;
 mod lease;
+mod lookups;
 mod members;
 pub mod nodelay;
 mod observations;
@@ -25,6 +26,9 @@ mod runs;
 
 pub use connect::{MIGRATION_LOCK_KEY, Schema, schema_of, sqlite_file};
 pub use lease::{Fenced, Lease};
+pub use lookups::{
+    AddressFacts, MemberFact, OperationFact, RecordFact, RefusalFact, SuppressionFact,
+};
 pub use observations::{ListBook, NewSuppression, Observations, SeenLine};
 pub use operations::{NewOperation, PendingOperation, PendingRow};
 pub use records::{LedgerRow, NewRecord};

@@ -1,0 +1,473 @@
+//! `explain EMAIL` (or `--linkman ID`): why an address is, or is not, in
+//! each list — from the state database, and with `--live` also from the
+//! CRM and EDM, printing where they disagree. It changes nothing: the
+//! database is opened read-only, and `--live` only reads (`ml-addr-list`
+//! keyword searches, `GetLinkManList`).
+//!
+//! The address asked about is printed in full (the operator typed it, or
+//! asked for its link-man); any other address (a link-man's new email in
+//! the CRM) is masked. Secrets never appear: remote errors go through the
+//! redactor like every other line.
+
+use std::collections::BTreeSet;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::config::Settings;
+use crate::crm::CrmClient;
+use crate::domain::{CustomerId, Email, LinkManId, ListId, json_text, mask_address};
+use crate::edm::EdmClient;
+use crate::redact::Redactor;
+use crate::state::{
+    AddressFacts, MemberFact, OperationFact, RecordFact, RefusalFact, Store, SuppressionFact,
+};
+
+/// Operations shown per address, newest first.
+const MAX_OPERATIONS: u64 = 20;
+
+/// What the operator asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Question {
+    pub email: Option<String>,
+    pub linkman: Option<LinkManId>,
+    pub live: bool,
+    pub json: bool,
+}
+
+/// The answer for one address.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub address: String,
+    /// `None` when the address is a valid mailbox; else why not.
+    pub invalid: Option<String>,
+    pub lists: Vec<ListAnswer>,
+    pub operations: Vec<OperationFact>,
+    /// Refusals by EDM; `parked: true` ones are no longer sent.
+    pub refusals: Vec<RefusalFact>,
+    pub contact_history: Vec<RecordFact>,
+    pub live: Option<Live>,
+}
+
+/// The address in one list.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListAnswer {
+    pub list_id: ListId,
+    /// How a link-man reaches this list: the default list, or routes.
+    pub reached_by: Vec<String>,
+    /// `owned`, `adopted`, `foreign`, `removed` (EDM no longer holds it) or
+    /// `not a member`.
+    pub state: String,
+    pub member: Option<MemberFact>,
+    pub suppression: Option<SuppressionFact>,
+}
+
+/// What the services said, and where they disagree with the state DB.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Live {
+    /// Per list: EDM's address id when it holds the address.
+    pub edm: Vec<LiveList>,
+    /// Per owning link-man: whether the CRM still has it, and its email.
+    pub crm: Vec<LiveLinkMan>,
+    /// A remote that could not be asked, with its (redacted) error.
+    pub errors: Vec<String>,
+    pub disagreements: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveList {
+    pub list_id: ListId,
+    pub edm_id: Option<i64>,
+    pub fullname: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveLinkMan {
+    pub link_man_id: LinkManId,
+    pub customer_id: CustomerId,
+    pub found: bool,
+    /// Its email in the CRM now: in full when it is the address asked
+    /// about, masked otherwise.
+    pub email: Option<String>,
+}
+
+/// Runs `explain` and prints the answer. Exit 0 with an answer (also for
+/// an invalid address, or one the state DB does not know); 1 when there is
+/// no state database.
+pub async fn print(settings: &Settings, q: Question) -> anyhow::Result<ExitCode> {
+    let Some(store) = Store::open_read_only(&settings.database.url).await? else {
+        println!(
+            "no state database yet: nothing has run against database.url (or it points elsewhere)"
+        );
+        return Ok(ExitCode::from(crate::cli::EXIT_FAILED));
+    };
+    let answers = answer(settings, &store, &q).await;
+    store.close().await;
+    let answers = answers?;
+    if q.json {
+        println!("{}", serde_json::to_string_pretty(&answers)?);
+    } else {
+        for a in &answers {
+            print!("{}", to_text(a));
+        }
+        if let (true, Some(id)) = (answers.is_empty(), q.linkman) {
+            println!(
+                "link-man {id} owns no member in the state database: it has no valid email, or no run has seen it yet"
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The explanations for the question.
+pub async fn answer(
+    settings: &Settings,
+    store: &Store,
+    q: &Question,
+) -> anyhow::Result<Vec<Explanation>> {
+    let mut addresses: Vec<String> = Vec::new();
+    if let Some(raw) = &q.email {
+        addresses.push(raw.clone());
+    }
+    if let Some(id) = q.linkman {
+        addresses.extend(store.emails_of_linkman(id).await?);
+    }
+    let redactor = Arc::new(Redactor::new(crate::jobs::secrets_of(settings)));
+    let clients = if q.live {
+        let agent = crate::instance::Instance::current(&settings.daemon.instance_id).user_agent();
+        Some((
+            CrmClient::new(&settings.crm, redactor.clone())?.with_user_agent(&agent),
+            EdmClient::new(&settings.edm, redactor.clone())?.with_user_agent(&agent),
+        ))
+    } else {
+        None
+    };
+    let mut out = Vec::new();
+    for raw in addresses {
+        let email = match Email::parse(&raw) {
+            Ok(email) => email,
+            Err(reason) => {
+                out.push(Explanation {
+                    address: raw.trim().to_string(),
+                    invalid: Some(reason.to_string()),
+                    lists: Vec::new(),
+                    operations: Vec::new(),
+                    refusals: Vec::new(),
+                    contact_history: Vec::new(),
+                    live: None,
+                });
+                continue;
+            }
+        };
+        let facts = store.facts_of(email.as_str(), MAX_OPERATIONS).await?;
+        let lists = per_list(settings, &facts);
+        let live = match &clients {
+            Some((crm, edm)) => Some(live(settings, crm, edm, &redactor, &email, &facts).await),
+            None => None,
+        };
+        out.push(Explanation {
+            address: email.as_str().to_string(),
+            invalid: None,
+            lists,
+            operations: facts.operations,
+            refusals: facts.refusals,
+            contact_history: facts.records,
+            live,
+        });
+    }
+    Ok(out)
+}
+
+/// The synced lists and any other list the address has a row in.
+fn lists_of(settings: &Settings, facts: &AddressFacts) -> BTreeSet<ListId> {
+    settings
+        .synced_lists()
+        .into_iter()
+        .chain(facts.members.iter().map(|m| m.list_id))
+        .chain(facts.suppressions.iter().map(|s| s.list_id))
+        .collect()
+}
+
+fn per_list(settings: &Settings, facts: &AddressFacts) -> Vec<ListAnswer> {
+    lists_of(settings, facts)
+        .into_iter()
+        .map(|list_id| {
+            let member = facts.members.iter().find(|m| m.list_id == list_id).cloned();
+            let state = match &member {
+                None => "not a member".to_string(),
+                Some(m) if !m.present => "removed".to_string(),
+                Some(m) => m.origin.to_string(),
+            };
+            ListAnswer {
+                list_id,
+                reached_by: reached_by(settings, list_id),
+                state,
+                member,
+                suppression: facts
+                    .suppressions
+                    .iter()
+                    .find(|s| s.list_id == list_id)
+                    .cloned(),
+            }
+        })
+        .collect()
+}
+
+/// How the mapping rules send a link-man to `list_id`.
+fn reached_by(settings: &Settings, list_id: ListId) -> Vec<String> {
+    let mut ways = Vec::new();
+    for (i, r) in settings.sync.routes.iter().enumerate() {
+        if r.list_id == list_id {
+            ways.push(format!("route {}: {} = {:?}", i + 1, r.field, r.equals));
+        }
+    }
+    if settings.sync.list_id == list_id {
+        ways.push("the default list (sync.list_id): link-men no route matches".to_string());
+    }
+    if ways.is_empty() {
+        ways.push("no longer synced (not in the configuration)".to_string());
+    }
+    ways
+}
+
+/// Asks EDM (a keyword search of every list) and the CRM (the owning
+/// customers' link-men), and compares.
+async fn live(
+    settings: &Settings,
+    crm: &CrmClient,
+    edm: &EdmClient,
+    redactor: &Redactor,
+    email: &Email,
+    facts: &AddressFacts,
+) -> Live {
+    let mut live = Live::default();
+    for list_id in lists_of(settings, facts) {
+        let member = facts.members.iter().find(|m| m.list_id == list_id);
+        match edm.find(list_id, email).await {
+            Ok(found) => {
+                let held = found.first();
+                live.edm.push(LiveList {
+                    list_id,
+                    edm_id: held.map(|a| a.id),
+                    fullname: held.map(|a| a.fields.fullname().to_string()),
+                });
+                let recorded = member.is_some_and(|m| m.present);
+                match (recorded, held) {
+                    (true, None) => live.disagreements.push(format!(
+                        "list {list_id}: the state database says EDM holds it; EDM does not (a later run's pending check or `--once --full` repairs the record)"
+                    )),
+                    (false, Some(_)) => live.disagreements.push(format!(
+                        "list {list_id}: EDM holds it; the state database does not record it there (`--once --full` reads the list)"
+                    )),
+                    (true, Some(a)) => {
+                        if let Some(m) = member {
+                            let vars: Vec<&str> = a.fields.vars().collect();
+                            if a.fields.fullname() != m.fullname || vars != m.vars {
+                                live.disagreements.push(format!(
+                                    "list {list_id}: EDM's fullname or variables differ from the state database's (`--once --full` repairs them)"
+                                ));
+                            }
+                        }
+                    }
+                    (false, None) => {}
+                }
+            }
+            Err(e) => live.errors.push(format!(
+                "edm list {list_id}: {}",
+                redactor.redact(&e.to_string())
+            )),
+        }
+    }
+    let owners: BTreeSet<(CustomerId, LinkManId)> = facts
+        .members
+        .iter()
+        .filter_map(|m| Some((m.customer_id?, m.link_man_id?)))
+        .collect();
+    for (customer_id, link_man_id) in owners {
+        match crm.linkmen(customer_id).await {
+            Ok(linkmen) => {
+                let lm = linkmen.iter().find(|l| l.id == link_man_id);
+                let now = lm.map(|l| json_text(l.data.get(&settings.crm.fields.linkman_email)));
+                let same = now
+                    .as_deref()
+                    .and_then(|raw| Email::parse(raw).ok())
+                    .is_some_and(|e| &e == email);
+                let shown = now.as_deref().map(|raw| {
+                    if same {
+                        email.as_str().to_string()
+                    } else {
+                        mask_address(raw.trim())
+                    }
+                });
+                match (&lm, same) {
+                    (None, _) => live.disagreements.push(format!(
+                        "crm: link-man {link_man_id} is no longer a link-man of customer {customer_id} (the next run unsubscribes the address where the daemon owns it)"
+                    )),
+                    (Some(_), false) => live.disagreements.push(format!(
+                        "crm: link-man {link_man_id}'s email is now {} (the next run moves the membership)",
+                        shown.clone().unwrap_or_default()
+                    )),
+                    (Some(_), true) => {}
+                }
+                live.crm.push(LiveLinkMan {
+                    link_man_id,
+                    customer_id,
+                    found: lm.is_some(),
+                    email: shown,
+                });
+            }
+            Err(e) => live.errors.push(format!(
+                "crm customer {customer_id}: {}",
+                redactor.redact(&e.to_string())
+            )),
+        }
+    }
+    live
+}
+
+/// A time from the state database, in UTC.
+fn at(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// The answer in words.
+pub fn to_text(a: &Explanation) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", a.address);
+    if let Some(reason) = &a.invalid {
+        let _ = writeln!(
+            out,
+            "  not a valid mailbox: rule 2, {reason}; the daemon skips this link-man (logged masked, as `invalid email skipped`) and never sends it to EDM"
+        );
+        return out;
+    }
+    for l in &a.lists {
+        let _ = writeln!(out, "  list {}: {}", l.list_id, l.state);
+        if let Some(m) = &l.member {
+            let owner = match (m.link_man_id, m.customer_id) {
+                (Some(lm), Some(c)) => format!("link-man {lm} of customer {c}"),
+                (Some(lm), None) => format!("link-man {lm}"),
+                _ => "no link-man (not ours)".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "    since {}; {owner}; EDM id {}; fullname {:?}",
+                at(m.since_ms),
+                m.edm_id.map_or("unknown".to_string(), |id| id.to_string()),
+                m.fullname
+            );
+        }
+        let _ = writeln!(out, "    reached by {}", l.reached_by.join("; "));
+        if let Some(s) = &l.suppression {
+            let _ = writeln!(
+                out,
+                "    suppressed: {} since {} (source {:?}): no operation of any kind",
+                s.reason,
+                at(s.since_ms),
+                s.source
+            );
+        }
+    }
+    if a.operations.is_empty() {
+        let _ = writeln!(
+            out,
+            "  operations: none recorded (or pruned after database.retention_days)"
+        );
+    } else {
+        let _ = writeln!(out, "  operations (newest first):");
+        for o in &a.operations {
+            let _ = writeln!(
+                out,
+                "    {} {} list {} {}, {} attempts, run {}{}",
+                at(o.created_ms),
+                o.kind,
+                o.list_id,
+                o.status,
+                o.attempts,
+                o.run_id,
+                o.last_error
+                    .as_deref()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    for r in &a.refusals {
+        let _ = writeln!(
+            out,
+            "  {} by EDM: {} list {} refused in {} runs ({} {}), last run {}",
+            if r.parked { "parked" } else { "refused" },
+            r.kind,
+            r.list_id,
+            r.failed_runs,
+            r.code,
+            r.message,
+            r.last_run_id
+        );
+    }
+    if a.contact_history.is_empty() {
+        let _ = writeln!(out, "  contact history: none");
+    } else {
+        let _ = writeln!(out, "  contact history:");
+        for r in &a.contact_history {
+            let _ = writeln!(
+                out,
+                "    {} {} {} link-man {} customer {}: {}{}{}",
+                at(r.created_ms),
+                r.kind,
+                r.scope,
+                r.link_man_id,
+                r.customer_id,
+                r.status,
+                if r.uncertain {
+                    " (may have been written twice)"
+                } else {
+                    ""
+                },
+                r.last_error
+                    .as_deref()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if let Some(live) = &a.live {
+        let _ = writeln!(out, "  live:");
+        for l in &live.edm {
+            let _ = writeln!(
+                out,
+                "    edm list {}: {}",
+                l.list_id,
+                l.edm_id
+                    .map_or("not held".to_string(), |id| format!("held (id {id})"))
+            );
+        }
+        for c in &live.crm {
+            let _ = writeln!(
+                out,
+                "    crm customer {} link-man {}: {}",
+                c.customer_id,
+                c.link_man_id,
+                match (c.found, &c.email) {
+                    (false, _) => "gone".to_string(),
+                    (true, Some(e)) => format!("email {e}"),
+                    (true, None) => "no email".to_string(),
+                }
+            );
+        }
+        for e in &live.errors {
+            let _ = writeln!(out, "    could not ask: {e}");
+        }
+        if live.disagreements.is_empty() && live.errors.is_empty() {
+            let _ = writeln!(out, "    the CRM and EDM agree with the state database");
+        }
+        for d in &live.disagreements {
+            let _ = writeln!(out, "    disagrees: {d}");
+        }
+    }
+    out
+}

@@ -1,0 +1,256 @@
+//! `explain` through the real binary: why an address is (not) in each
+//! list, from the state database and, with `--live`, from the CRM and EDM
+//! — changing nothing, and never printing a secret.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use common::{TestDb, config_text, seed_basic};
+use crm_edm_sync::edm::password_md5;
+use crm_edm_sync::sandbox::{EDM_PASSWORD, Sandbox, SandboxCampaign, TOKEN};
+
+const BIN: &str = env!("CARGO_BIN_EXE_crm-edm-sync");
+
+struct Cli {
+    sb: Sandbox,
+    _db: TestDb,
+    dir: tempfile::TempDir,
+}
+
+/// Ten customers (6–10 routed to list 2), one link-man each, synced once.
+async fn synced() -> Cli {
+    let sb = Sandbox::start().await.unwrap();
+    sb.edm.create_list(1, "客户");
+    sb.edm.create_list(2, "VIP");
+    seed_basic(&sb);
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&sb, &db.url, "", "[log]\nformat = \"json\"\n");
+    std::fs::write(dir.path().join("config.toml"), text).unwrap();
+    let cli = Cli { sb, _db: db, dir };
+    let first = cli.run(&["--once", "--job", "contacts"]).await;
+    assert!(first.status.success(), "{}", text_of(&first));
+    cli
+}
+
+impl Cli {
+    async fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.arg("--config")
+            .arg(self.dir.path().join("config.toml"))
+            .args(args)
+            .env_remove("RUST_LOG");
+        tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .expect("binary finished in time")
+            .expect("binary ran")
+    }
+
+    async fn explain(&self, args: &[&str]) -> String {
+        let out = self.run(&[&["explain"], args].concat()).await;
+        assert!(out.status.success(), "{}", text_of(&out));
+        let all = text_of(&out);
+        for secret in [TOKEN, EDM_PASSWORD, &password_md5(EDM_PASSWORD)] {
+            assert!(!all.contains(secret), "a secret was printed: {all}");
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+fn text_of(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test]
+async fn explain_names_the_list_state_owner_route_and_operations_of_an_address() {
+    let cli = synced().await;
+
+    let text = cli.explain(&["lm1@example.com"]).await;
+
+    assert!(text.starts_with("lm1@example.com\n"), "{text}");
+    assert!(text.contains("  list 1: owned"), "{text}");
+    assert!(text.contains("link-man 10 of customer 1"), "{text}");
+    assert!(
+        text.contains("reached by the default list (sync.list_id)"),
+        "{text}"
+    );
+    assert!(text.contains("  list 2: not a member"), "{text}");
+    assert!(
+        text.contains("reached by route 1: customer.type_id = \"2\""),
+        "{text}"
+    );
+    assert!(
+        text.contains(" add list 1 done, 1 attempts, run "),
+        "{text}"
+    );
+    assert!(text.contains("contact history: none"), "{text}");
+}
+
+#[tokio::test]
+async fn explain_shows_a_user_unsubscribe_as_a_suppression_with_its_source() {
+    // Arrange: lm7 (list 2) unsubscribes in EDM; the next run reads it.
+    let cli = synced().await;
+    cli.sb.edm.user_unsubscribe(2, "lm7@example.com");
+    assert!(
+        cli.run(&["--once", "--job", "contacts"])
+            .await
+            .status
+            .success()
+    );
+
+    // Act
+    let text = cli.explain(&["LM7@example.com"]).await;
+    let json: serde_json::Value =
+        serde_json::from_str(&cli.explain(&["lm7@example.com", "--json"]).await).unwrap();
+
+    // Assert
+    assert!(text.contains("  list 2: removed"), "{text}");
+    assert!(
+        text.contains("suppressed: user_unsubscribe since "),
+        "{text}"
+    );
+    let list2 = &json[0]["lists"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["list_id"] == 2)
+        .unwrap()
+        .clone();
+    assert_eq!(list2["state"], "removed");
+    assert_eq!(list2["suppression"]["reason"], "user_unsubscribe");
+    assert_eq!(json[0]["address"], "lm7@example.com");
+}
+
+#[tokio::test]
+async fn explain_lists_refusals_and_contact_history_records() {
+    // Arrange: EDM refuses lm4; lm1 opened campaign 100; both jobs ran.
+    let sb = Sandbox::start().await.unwrap();
+    sb.edm.create_list(1, "客户");
+    sb.edm.create_list(2, "VIP");
+    seed_basic(&sb);
+    sb.edm
+        .refuse_address("lm4@example.com", "add_address_error", "address refused");
+    let today = common::edm_today().format("%Y-%m-%d").to_string();
+    sb.edm.put_campaign(SandboxCampaign {
+        id: 100,
+        sn: "20261120-100".into(),
+        name: "促销".into(),
+        list_id: 1,
+        date: today.clone(),
+        send_status: 3,
+        track_status: 1,
+        opens: vec![(
+            "lm1@example.com".into(),
+            2,
+            format!("{today} 09:00:00"),
+            format!("{today} 10:00:00"),
+        )],
+        ..Default::default()
+    });
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        config_text(&sb, &db.url, "", "[log]\nformat = \"json\"\n"),
+    )
+    .unwrap();
+    let cli = Cli { sb, _db: db, dir };
+    cli.run(&["--once"]).await;
+
+    // Act
+    let refused = cli.explain(&["lm4@example.com"]).await;
+    let opened = cli.explain(&["lm1@example.com"]).await;
+
+    // Assert
+    assert!(
+        refused.contains(
+            "refused by EDM: add list 1 refused in 1 runs (add_address_error address refused)"
+        ),
+        "{refused}"
+    );
+    assert!(refused.contains("  list 1: not a member"), "{refused}");
+    assert!(
+        opened.contains(" open campaign:100 link-man 10 customer 1: done"),
+        "{opened}"
+    );
+}
+
+#[tokio::test]
+async fn explain_by_linkman_explains_the_addresses_it_owns() {
+    let cli = synced().await;
+
+    let text = cli.explain(&["--linkman", "30"]).await;
+    let none = cli.explain(&["--linkman", "999"]).await;
+
+    assert!(text.starts_with("lm3@example.com\n"), "{text}");
+    assert!(text.contains("link-man 30 of customer 3"), "{text}");
+    assert!(
+        none.contains("link-man 999 owns no member in the state database"),
+        "{none}"
+    );
+}
+
+#[tokio::test]
+async fn explain_says_why_an_invalid_address_is_never_synced() {
+    let cli = synced().await;
+
+    let text = cli.explain(&["not an@address"]).await;
+
+    assert!(text.contains("not a valid mailbox: rule 2, "), "{text}");
+}
+
+#[tokio::test]
+async fn explain_live_prints_where_the_crm_and_edm_disagree_and_changes_nothing() {
+    // Arrange: lm2 deleted from EDM behind the daemon's back; link-man 30's
+    // email changed in the CRM.
+    let cli = synced().await;
+    let lm2 = cli
+        .sb
+        .edm
+        .addresses(1)
+        .into_iter()
+        .find(|a| a.address == "lm2@example.com")
+        .unwrap();
+    cli.sb.edm.delete_address(lm2.id);
+    cli.sb
+        .crm
+        .set_linkman_field(30, "email", serde_json::json!("someone.else@example.com"));
+    let writes = cli.sb.edm_writes();
+    let status_before = cli.run(&["status", "--json"]).await.stdout;
+
+    // Act
+    let missing = cli.explain(&["lm2@example.com", "--live"]).await;
+    let moved = cli.explain(&["lm3@example.com", "--live"]).await;
+    let agreed = cli.explain(&["lm1@example.com", "--live"]).await;
+
+    // Assert
+    assert!(missing.contains("edm list 1: not held"), "{missing}");
+    assert!(
+        missing.contains("disagrees: list 1: the state database says EDM holds it; EDM does not"),
+        "{missing}"
+    );
+    assert!(
+        moved.contains("disagrees: crm: link-man 30's email is now s***@example.com"),
+        "{moved}"
+    );
+    assert!(
+        !moved.contains("someone.else@example.com"),
+        "another address is masked: {moved}"
+    );
+    assert!(
+        agreed.contains("the CRM and EDM agree with the state database"),
+        "{agreed}"
+    );
+    assert_eq!(cli.sb.edm_writes(), writes, "explain --live writes nothing");
+    let status_after = cli.run(&["status", "--json"]).await.stdout;
+    assert_eq!(
+        status_before, status_after,
+        "the state database is unchanged"
+    );
+}
