@@ -36,6 +36,15 @@ pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
             crate::explain::print(&settings, question).await
         }
         Some(Command::Check) => check(settings).await,
+        Some(Command::Health) => {
+            let (healthy, line) = crate::ops::probe(settings.http.listen).await;
+            println!("{line}");
+            Ok(if healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            })
+        }
         Some(Command::Demo) => crate::demo::run().await,
         None if cli.once => once(&cli, settings).await,
         None => crate::daemon::run(settings).await,

@@ -85,6 +85,9 @@ pub enum Command {
     },
     /// Validate the config, reach both APIs and the database.
     Check,
+    /// Ask the running daemon's /healthz (on http.listen): exit 0 healthy,
+    /// 1 not. Writes nothing; for container health checks.
+    Health,
     /// Start the built-in sandbox CRM and EDM on loopback, sync into a
     /// temporary SQLite database, and print what happened.
     Demo,

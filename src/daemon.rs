@@ -118,6 +118,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     let target = LockTarget::of(&settings.database.url);
     let base = Context::new(settings).await?;
     let metrics = crate::metrics::install_recorder()?;
+    // Every series from start-up, standby or not; the last success as the
+    // state database remembers it, so a restart does not blank it.
+    crate::metrics::zero_series(&Job::ALL.map(|j| j.as_str()));
+    crate::metrics::build_info(&base.instance.id);
+    for job in Job::ALL {
+        match base.store.last_success(job).await {
+            Ok(Some(ms)) => crate::metrics::last_success_at(job.as_str(), ms),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(job = %job, error = %format!("{e:#}"), "cannot read the last successful run")
+            }
+        }
+    }
     let active = Arc::new(AtomicBool::new(false));
     // `/healthz` reads through a pool of its own, so that it answers
     // whatever the jobs are doing with theirs.
@@ -141,11 +154,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
             Ok(Some(lock)) => {
                 said_standby = false;
                 active.store(true, Ordering::SeqCst);
-                metrics::gauge!(crate::metrics::metric::ACTIVE).set(1.0);
+                crate::metrics::set_role(true);
                 tracing::info!("holding the instance lock: this instance runs the jobs");
                 let period = active_period(&base, &ops_store, lock, &stop, poll, drain).await;
                 active.store(false, Ordering::SeqCst);
-                metrics::gauge!(crate::metrics::metric::ACTIVE).set(0.0);
+                crate::metrics::set_role(false);
                 match period? {
                     Period::Stopped => break,
                     Period::LockLost => {

@@ -17,6 +17,70 @@ pub mod metric {
     pub const PENDING: &str = "crm_edm_sync_pending_operations";
     pub const PARKED: &str = "crm_edm_sync_parked_operations";
     pub const ACTIVE: &str = "crm_edm_sync_active";
+    pub const ROLE: &str = "crm_edm_sync_role";
+    pub const BUILD_INFO: &str = "crm_edm_sync_build_info";
+}
+
+/// Run outcomes a job's run ends with.
+pub const OUTCOMES: [&str; 4] = ["succeeded", "failed", "refused", "interrupted"];
+/// Operation kinds and their outcomes.
+pub const OPERATION_KINDS: [&str; 4] = ["add", "edit", "unsub", "contact_history"];
+pub const OPERATION_OUTCOMES: [&str; 2] = ["done", "failed"];
+/// The remote APIs.
+pub const APIS: [&str; 2] = ["crm", "edm"];
+/// The kinds of the pending and parked gauges.
+pub const QUEUE_KINDS: [&str; 2] = ["edm", "contact_history"];
+
+/// Creates every labelled series at 0 (the gauges at 0 until the first
+/// run or read sets them), so that from start-up — standby included — an
+/// alert on `increase(…[1h])` or `absent(…)` sees a series, not nothing.
+pub fn zero_series(jobs: &[&'static str]) {
+    for &job in jobs {
+        for outcome in OUTCOMES {
+            metrics::counter!(metric::RUNS, "job" => job, "outcome" => outcome).absolute(0);
+        }
+    }
+    metrics::counter!(metric::RUNS, "job" => "any", "outcome" => "abandoned").absolute(0);
+    for kind in OPERATION_KINDS {
+        for outcome in OPERATION_OUTCOMES {
+            metrics::counter!(metric::OPERATIONS, "kind" => kind, "outcome" => outcome).absolute(0);
+        }
+    }
+    for api in APIS {
+        metrics::counter!(metric::HTTP_REQUESTS, "api" => api).absolute(0);
+        metrics::counter!(metric::HTTP_RETRIES, "api" => api).absolute(0);
+    }
+    for kind in QUEUE_KINDS {
+        metrics::gauge!(metric::PENDING, "kind" => kind).set(0.0);
+        metrics::gauge!(metric::PARKED, "kind" => kind).set(0.0);
+    }
+    set_role(false);
+}
+
+/// This process's version and instance id, as a constant 1.
+pub fn build_info(instance: &str) {
+    metrics::gauge!(
+        metric::BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "instance" => instance.to_string()
+    )
+    .set(1.0);
+}
+
+/// Whether this instance is the active one (holds the lock and runs the
+/// jobs) or a standby: `crm_edm_sync_active` 1/0 and
+/// `crm_edm_sync_role{role}` 1 for the role it has, 0 for the other.
+pub fn set_role(active: bool) {
+    let (a, s) = if active { (1.0, 0.0) } else { (0.0, 1.0) };
+    metrics::gauge!(metric::ACTIVE).set(a);
+    metrics::gauge!(metric::ROLE, "role" => "active").set(a);
+    metrics::gauge!(metric::ROLE, "role" => "standby").set(s);
+}
+
+/// The last success of `job`, read from the state database at start-up,
+/// so that a restart does not blank the gauge.
+pub fn last_success_at(job: &'static str, unix_ms: i64) {
+    metrics::gauge!(metric::LAST_SUCCESS, "job" => job).set(unix_ms as f64 / 1000.0);
 }
 
 /// A run ended with `outcome` (`succeeded`, `failed`, `refused`,
@@ -72,5 +136,67 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         metric::ACTIVE,
         "1 while this instance holds the lock and runs jobs"
     );
+    metrics::describe_gauge!(
+        metric::PARKED,
+        "Operations refused in max_attempts runs, no longer sent"
+    );
+    metrics::describe_gauge!(
+        metric::ROLE,
+        "1 for this instance's role (active or standby)"
+    );
+    metrics::describe_gauge!(
+        metric::BUILD_INFO,
+        "Version and instance id of this process"
+    );
     Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric::*;
+
+    /// The metric names a file mentions (`crm_edm_sync_…`).
+    fn names_in(text: &str) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("crm_edm_sync_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(tail.len());
+            names.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    #[test]
+    fn the_shipped_alerts_and_dashboard_name_only_metrics_the_daemon_exports() {
+        let known = [
+            RUNS,
+            OPERATIONS,
+            HTTP_REQUESTS,
+            HTTP_RETRIES,
+            LAST_SUCCESS,
+            PENDING,
+            PARKED,
+            ACTIVE,
+            ROLE,
+            BUILD_INFO,
+        ];
+        for file in [
+            "deploy/prometheus/alerts.yml",
+            "deploy/grafana/crm-edm-sync.json",
+        ] {
+            let text = std::fs::read_to_string(file).unwrap();
+            let names = names_in(&text);
+            assert!(!names.is_empty(), "{file} names no metric");
+            for name in names {
+                assert!(
+                    known.contains(&name.as_str()),
+                    "{file} names {name}, which is not exported"
+                );
+            }
+        }
+    }
 }

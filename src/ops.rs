@@ -116,3 +116,69 @@ async fn healthz(State(s): State<OpsState>) -> Response {
     )
         .into_response()
 }
+
+/// How long `health` waits for `/healthz` (it answers within a second).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The address to ask for a daemon listening on `listen`: an unspecified
+/// address (`0.0.0.0`, `::`, as in a container) is asked on loopback.
+pub fn probe_addr(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+        }
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+/// `health`: asks the running daemon's `/healthz` on `listen` and returns
+/// whether it answered 200, with a line saying what it answered. Reads
+/// nothing else and writes nothing (no state database, no file).
+pub async fn probe(listen: SocketAddr) -> (bool, String) {
+    let url = format!("http://{}/healthz", probe_addr(listen));
+    let client = match reqwest::Client::builder().timeout(PROBE_TIMEOUT).build() {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                false,
+                format!("unhealthy: cannot build an HTTP client: {e}"),
+            );
+        }
+    };
+    match client.get(&url).send().await {
+        Ok(answer) => {
+            let status = answer.status();
+            let body = answer.text().await.unwrap_or_default();
+            let body = body.trim();
+            if status.is_success() {
+                (true, format!("healthy: {body}"))
+            } else {
+                (false, format!("unhealthy: {url} answered {status}: {body}"))
+            }
+        }
+        Err(e) => (
+            false,
+            format!(
+                "unhealthy: no answer from {url} within {} s (is the daemon running, and http.listen right?): {}",
+                PROBE_TIMEOUT.as_secs(),
+                chain(&e)
+            ),
+        ),
+    }
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

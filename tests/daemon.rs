@@ -403,6 +403,13 @@ async fn healthz_turns_503_after_a_failed_run_and_200_after_a_good_one() {
         body["reason"].as_str().unwrap().contains("contacts"),
         "{body}"
     );
+    // The container health check says the same.
+    let unhealthy = health(&config, url.trim_start_matches("http://"), dir.path()).await;
+    assert_eq!(unhealthy.status.code(), Some(1), "{unhealthy:?}");
+    assert!(
+        String::from_utf8_lossy(&unhealthy.stdout).contains("answered 503"),
+        "{unhealthy:?}"
+    );
 
     sb.clear_faults();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -884,4 +891,115 @@ async fn a_parked_operation_is_counted_in_metrics() {
     assert_eq!(sb.edm.emails(1).len(), 4, "the rest of its batch arrived");
     daemon.signal("-TERM");
     assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+}
+
+/// Runs `crm-edm-sync health` with `config`, the daemon's listen address
+/// set to `listen`, and the state database pointed at a path that must
+/// stay absent (health reads and writes no database).
+async fn health(
+    config: &std::path::Path,
+    listen: &str,
+    dir: &std::path::Path,
+) -> std::process::Output {
+    let untouched = dir.join("health-must-not-create.db");
+    let out = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .arg("health")
+        .env_remove("RUST_LOG")
+        .env("CRM_EDM_SYNC__HTTP__LISTEN", listen)
+        .env(
+            "CRM_EDM_SYNC__DATABASE__URL",
+            format!("sqlite://{}?mode=rwc", untouched.display()),
+        )
+        .output()
+        .await
+        .unwrap();
+    assert!(!untouched.exists(), "health created a database");
+    out
+}
+
+#[tokio::test]
+async fn a_standby_serves_metrics_with_every_series_from_start_up_and_the_last_success_from_the_database()
+ {
+    // Arrange: one successful run recorded, then an active daemon and a
+    // standby on the same database.
+    let sb = sandbox().await;
+    seed_basic(&sb);
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sb, &db);
+    let before = chrono::Utc::now().timestamp() as f64;
+    let once = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["--once", "--job", "contacts"])
+        .output()
+        .await
+        .unwrap();
+    assert!(once.status.success());
+    let after = chrono::Utc::now().timestamp() as f64 + 1.0;
+    let active = Daemon::start(&config, &[("CRM_EDM_SYNC__DAEMON__INSTANCE_ID", "alpha")]);
+    active
+        .expect("holding the instance lock", 1, Duration::from_secs(20))
+        .await;
+    let mut standby = Daemon::start(&config, &[("CRM_EDM_SYNC__DAEMON__INSTANCE_ID", "beta")]);
+    let url = standby.ops_url().await;
+    standby
+        .expect("standing by", 1, Duration::from_secs(20))
+        .await;
+
+    // Act
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let healthy = health(&config, url.trim_start_matches("http://"), dir.path()).await;
+
+    // Assert
+    let m = parse_prometheus(&text);
+    assert_eq!(m["crm_edm_sync_active"], 0.0, "{text}");
+    assert_eq!(m[r#"crm_edm_sync_role{role="standby"}"#], 1.0, "{text}");
+    assert_eq!(m[r#"crm_edm_sync_role{role="active"}"#], 0.0, "{text}");
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        m[&format!(r#"crm_edm_sync_build_info{{version="{version}",instance="beta"}}"#)],
+        1.0,
+        "{text}"
+    );
+    for job in ["contacts", "writeback"] {
+        for outcome in ["succeeded", "failed", "refused", "interrupted"] {
+            let series = format!(r#"crm_edm_sync_runs_total{{job="{job}",outcome="{outcome}"}}"#);
+            assert_eq!(m.get(&series), Some(&0.0), "{series} missing:\n{text}");
+        }
+    }
+    for kind in ["add", "edit", "unsub", "contact_history"] {
+        for outcome in ["done", "failed"] {
+            let series =
+                format!(r#"crm_edm_sync_operations_total{{kind="{kind}",outcome="{outcome}"}}"#);
+            assert_eq!(m.get(&series), Some(&0.0), "{series} missing:\n{text}");
+        }
+    }
+    assert_eq!(
+        m.get(r#"crm_edm_sync_pending_operations{kind="edm"}"#),
+        Some(&0.0),
+        "{text}"
+    );
+    let last = m[r#"crm_edm_sync_last_success_timestamp_seconds{job="contacts"}"#];
+    assert!(
+        (before..=after).contains(&last),
+        "last success {last} not the recorded run's ({before}..{after}):\n{text}"
+    );
+    assert_eq!(healthy.status.code(), Some(0), "{healthy:?}");
+    assert!(String::from_utf8_lossy(&healthy.stdout).starts_with("healthy: "));
+
+    // A daemon that is gone is unhealthy.
+    standby.signal("-TERM");
+    assert_eq!(standby.exit_code(Duration::from_secs(30)).await, Some(0));
+    let gone = health(&config, url.trim_start_matches("http://"), dir.path()).await;
+    assert_eq!(gone.status.code(), Some(1), "{gone:?}");
+    assert!(String::from_utf8_lossy(&gone.stdout).starts_with("unhealthy: no answer from "));
+    active.signal("-TERM");
 }

@@ -125,6 +125,22 @@ impl Store {
         Ok(rows.into_iter().map(RunRow::from).collect())
     }
 
+    /// When `job` last finished a run that succeeded (ms since the epoch),
+    /// for the last-success gauge after a restart.
+    pub async fn last_success(&self, job: Job) -> anyhow::Result<Option<i64>> {
+        let at: Option<Option<i64>> = run::Entity::find()
+            .select_only()
+            .column_as(run::Column::FinishedAt.max(), "at")
+            .filter(run::Column::Job.eq(job))
+            .filter(run::Column::Status.eq(RunStatus::Succeeded))
+            .filter(run::Column::DryRun.eq(false))
+            .into_tuple()
+            .one(&self.db)
+            .await
+            .context("cannot read the last successful run")?;
+        Ok(at.flatten())
+    }
+
     /// The latest finished (not dry) run of each job, newest first.
     pub async fn last_finished_runs(&self) -> anyhow::Result<Vec<RunRow>> {
         let rows = run::Entity::find()
