@@ -517,6 +517,25 @@ async fn check_says_which_api_failed() {
     assert!(stdout.contains("edm: ok"), "{stdout}");
 }
 
+#[tokio::test]
+async fn check_names_crm_token_when_the_crm_refuses_it_in_a_200_body() {
+    let cli = setup("info").await;
+    cli.sb.crm.auth_error_in_body(true);
+
+    let out = cli
+        .run(
+            &["check"],
+            &[("CRM_EDM_SYNC__CRM__TOKEN", "wrong-token-4321")],
+        )
+        .await;
+
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("crm: FAILED"), "{stdout}");
+    assert!(stdout.contains("crm.token"), "{stdout}");
+    assert!(!text(&out).contains("wrong-token-4321"), "{}", text(&out));
+}
+
 /// Behaviour 11: the token, the password and its MD5 never appear in any
 /// output, at any log level, whether commands succeed or fail.
 #[tokio::test]

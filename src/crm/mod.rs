@@ -351,6 +351,13 @@ pub fn read_value(operation: &str, body: &[u8], redactor: &Redactor) -> Result<V
     match parsed {
         Value::Object(mut map) => match map.remove("value") {
             Some(value) => Ok(value),
+            // A refused token answered with 200 and the status in the body.
+            None if read_id(map.get("code")).is_some_and(|c| c == 401 || c == 403) => {
+                Err(err(ErrorKind::Auth {
+                    credential: "crm.token",
+                    detail: format!("the answer says {}", excerpt()),
+                }))
+            }
             None => Err(err(ErrorKind::Rejected {
                 code: "no_value".into(),
                 message: format!("answer has no \"value\": {}", excerpt()),
@@ -487,6 +494,30 @@ mod tests {
             text.contains("[REDACTED]") && !text.contains("s3cret-token"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_auth_error_in_a_200_body_names_crm_token() {
+        for body in [
+            &br#"{"error": "token s3cret-token invalid", "code": 401}"#[..],
+            br#"{"error": "forbidden", "code": "403"}"#,
+        ] {
+            let err = client().parse_value("op", body).unwrap_err();
+            assert!(
+                matches!(
+                    err.kind,
+                    ErrorKind::Auth {
+                        credential: "crm.token",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(!err.is_retriable());
+            let text = err.to_string();
+            assert!(text.contains("crm.token"), "{text}");
+            assert!(!text.contains("s3cret-token"), "{text}");
+        }
     }
 
     #[test]

@@ -44,6 +44,9 @@ struct CrmData {
     /// customer id → its link-men's ids (an index for GetLinkManList).
     by_customer: BTreeMap<i64, std::collections::BTreeSet<i64>>,
     history: Vec<ContactRecord>,
+    /// Refuse a wrong token with 200 `{"error": …, "code": 401}` instead of
+    /// an HTTP 401, as some deployments do.
+    auth_error_in_body: bool,
 }
 
 /// Seeds, mutates and reads the fake CRM.
@@ -66,6 +69,12 @@ impl CrmHandle {
             data: Arc::new(Mutex::new(CrmData::default())),
             shared,
         }
+    }
+
+    /// Refuse a wrong token with 200 and `{"error": …, "code": 401}` in the
+    /// body (`true`) or with an HTTP 401 (`false`, the default).
+    pub fn auth_error_in_body(&self, on: bool) {
+        self.data.lock().unwrap().auth_error_in_body = on;
     }
 
     /// Adds or replaces a customer; `fields` is merged with `{"id": id}`.
@@ -164,6 +173,11 @@ async fn handle(
         Before::Proceed(after) => after,
     };
     if p.get("token").map(String::as_str) != Some(super::TOKEN) {
+        if h.data.lock().unwrap().auth_error_in_body {
+            h.shared.record(Server::Crm, &operation, &p, 200, false);
+            return axum::Json(json!({"error": "token invalid or expired", "code": 401}))
+                .into_response();
+        }
         h.shared.record(Server::Crm, &operation, &p, 401, false);
         return (
             StatusCode::UNAUTHORIZED,
