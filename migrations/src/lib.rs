@@ -11,6 +11,7 @@ mod m20261130_000004_create_lease;
 mod m20261130_000005_create_refusals;
 mod m20261130_000006_bound_state;
 mod m20261130_000007_index_by_address;
+mod m20261130_000008_index_export_lines_by_list;
 
 /// The migrator: every migration in order.
 pub struct Migrator;
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261130_000005_create_refusals::Migration),
             Box::new(m20261130_000006_bound_state::Migration),
             Box::new(m20261130_000007_index_by_address::Migration),
+            Box::new(m20261130_000008_index_export_lines_by_list::Migration),
         ]
     }
 }

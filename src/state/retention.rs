@@ -121,19 +121,14 @@ impl Store {
             }
         }
 
-        // Export lines: per list, everything up to the newest line time
-        // first seen before the cutoff. The watermark is written first, so
-        // a pass cut short leaves only lines that already count as seen.
-        let lists: Vec<ListId> = unsub_line::Entity::find()
-            .select_only()
-            .column(unsub_line::Column::ListId)
-            .filter(unsub_line::Column::SeenAt.lt(cutoff_ms))
-            .distinct()
-            .into_tuple()
-            .all(&self.db)
-            .await
-            .context("cannot find export lines to prune")?;
-        for list_id in lists {
+        // Export lines: per list, every line first seen before the cutoff,
+        // under a watermark of the newest such line's time. The watermark
+        // is written first, so a pass cut short leaves only lines that
+        // already count as seen. Lines exist only for lists whose export
+        // was read, which have bookkeeping; every query below is a range
+        // of `(list_id, seen_at)` over the old lines only (migration 8),
+        // so a run's pruning costs what it deletes, not what is kept.
+        for list_id in books.iter().map(|b| b.list_id) {
             let through: Option<String> = unsub_line::Entity::find()
                 .select_only()
                 .column_as(unsub_line::Column::Time.max(), "through")
@@ -171,7 +166,7 @@ impl Store {
                     .select_only()
                     .column(unsub_line::Column::Id)
                     .filter(unsub_line::Column::ListId.eq(list_id))
-                    .filter(unsub_line::Column::Time.lte(watermark.as_str()))
+                    .filter(unsub_line::Column::SeenAt.lt(cutoff_ms))
                     .limit(PRUNE_CHUNK)
                     .into_tuple()
                     .all(&self.db)
