@@ -3,7 +3,6 @@
 //! unreachable API in `check`; 2 bad configuration (reported by `main`).
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cli::{Cli, Command, Job};
@@ -35,7 +34,7 @@ pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
             };
             crate::explain::print(&settings, question).await
         }
-        Some(Command::Check) => check(settings).await,
+        Some(Command::Check) => crate::check::run(settings).await,
         Some(Command::Health) => {
             let (healthy, line) = crate::ops::probe(settings.http.listen).await;
             println!("{line}");
@@ -259,42 +258,4 @@ fn write_plan(path: &std::path::Path, preview: &Preview) -> anyhow::Result<()> {
     out.flush()
         .with_context(|| format!("cannot write the plan to {}", path.display()))?;
     Ok(())
-}
-
-/// `check`: the config is valid (it loaded), the database opens and
-/// migrates, EDM accepts the credentials, and one CRM page of size 1 reads.
-async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
-    let redactor = Arc::new(crate::redact::Redactor::new(crate::jobs::secrets_of(
-        &settings,
-    )));
-    println!("config: ok");
-    let mut ok = true;
-    match crate::state::Store::connect(&settings.database.url).await {
-        Ok(_) => println!("database: ok"),
-        Err(e) => {
-            ok = false;
-            println!("database: FAILED: {}", redactor.redact(&format!("{e:#}")));
-        }
-    }
-    let edm = crate::edm::EdmClient::new(&settings.edm, redactor.clone())?;
-    match edm.customer_info().await {
-        Ok(account) => println!("edm: ok (account {})", account.username),
-        Err(e) => {
-            ok = false;
-            println!("edm: FAILED: {}", redactor.redact(&e.to_string()));
-        }
-    }
-    let crm = crate::crm::CrmClient::new(&settings.crm, redactor.clone())?;
-    match crm.customers_page(1, 1).await {
-        Ok(_) => println!("crm: ok"),
-        Err(e) => {
-            ok = false;
-            println!("crm: FAILED: {}", redactor.redact(&e.to_string()));
-        }
-    }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_FAILED)
-    })
 }

@@ -142,6 +142,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     spawn_signal_handler(stop.clone())?;
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     let watchdog = spawn_watchdog(ops_store.clone());
+    let service_info = spawn_service_info(base.edm.clone());
     tracing::info!(
         contacts = %base.settings.sync.schedule,
         writeback = %base.settings.writeback.schedule,
@@ -195,6 +196,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     if let Some(w) = watchdog {
         w.abort();
     }
+    service_info.abort();
     ops_task.abort();
     ops_store.close().await;
     base.store.close().await;
@@ -377,6 +379,31 @@ fn notify_systemd(state: &[sd_notify::NotifyState]) {
 
 /// Pings systemd's watchdog at half its interval while the state database
 /// answers.
+/// How often the daemon reads EDM's `service-info` for its gauges.
+const SERVICE_INFO_EVERY: Duration = Duration::from_secs(3600);
+
+/// Reads EDM's sending service now and every [`SERVICE_INFO_EVERY`] into
+/// the `crm_edm_sync_edm_service_*` and quota gauges (active and standby
+/// alike: it is one read). A failure is a warning; the gauges keep their
+/// last values.
+fn spawn_service_info(edm: crate::edm::EdmClient) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match edm.service_info().await {
+                Ok(s) => crate::metrics::edm_service(
+                    s.enabled,
+                    s.expires
+                        .and_then(|d| d.and_hms_opt(0, 0, 0))
+                        .map(|t| t.and_utc().timestamp()),
+                    s.quota_left,
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot read EDM's service-info"),
+            }
+            tokio::time::sleep(SERVICE_INFO_EVERY).await;
+        }
+    })
+}
+
 fn spawn_watchdog(store: crate::state::Store) -> Option<tokio::task::JoinHandle<()>> {
     let interval = sd_notify::watchdog_enabled()? / 2;
     Some(tokio::spawn(async move {

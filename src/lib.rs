@@ -5,6 +5,7 @@
 //! everything else is library code that tests drive directly.
 
 pub mod app;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod crm;

@@ -19,6 +19,9 @@ pub mod metric {
     pub const ACTIVE: &str = "crm_edm_sync_active";
     pub const ROLE: &str = "crm_edm_sync_role";
     pub const BUILD_INFO: &str = "crm_edm_sync_build_info";
+    pub const EDM_SERVICE_ENABLED: &str = "crm_edm_sync_edm_service_enabled";
+    pub const EDM_SERVICE_EXPIRES: &str = "crm_edm_sync_edm_service_expiration_timestamp_seconds";
+    pub const EDM_QUOTA_LEFT: &str = "crm_edm_sync_edm_quota_available";
 }
 
 /// Run outcomes a job's run ends with.
@@ -75,6 +78,18 @@ pub fn set_role(active: bool) {
     metrics::gauge!(metric::ACTIVE).set(a);
     metrics::gauge!(metric::ROLE, "role" => "active").set(a);
     metrics::gauge!(metric::ROLE, "role" => "standby").set(s);
+}
+
+/// EDM's sending service (`service-info`): 1/0, its last day (midnight
+/// UTC, Unix seconds), and the sends left. Unknown values are not set.
+pub fn edm_service(enabled: bool, expires_unix: Option<i64>, quota_left: Option<i64>) {
+    metrics::gauge!(metric::EDM_SERVICE_ENABLED).set(if enabled { 1.0 } else { 0.0 });
+    if let Some(t) = expires_unix {
+        metrics::gauge!(metric::EDM_SERVICE_EXPIRES).set(t as f64);
+    }
+    if let Some(q) = quota_left {
+        metrics::gauge!(metric::EDM_QUOTA_LEFT).set(q as f64);
+    }
 }
 
 /// The last success of `job`, read from the state database at start-up,
@@ -183,6 +198,9 @@ mod tests {
             ACTIVE,
             ROLE,
             BUILD_INFO,
+            EDM_SERVICE_ENABLED,
+            EDM_SERVICE_EXPIRES,
+            EDM_QUOTA_LEFT,
         ];
         for file in [
             "deploy/prometheus/alerts.yml",

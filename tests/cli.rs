@@ -536,6 +536,106 @@ async fn check_names_crm_token_when_the_crm_refuses_it_in_a_200_body() {
     assert!(!text(&out).contains("wrong-token-4321"), "{}", text(&out));
 }
 
+#[tokio::test]
+async fn check_fails_naming_a_list_id_the_edm_account_does_not_have() {
+    let cli = setup("info").await;
+
+    let out = cli
+        .run(&["check"], &[("CRM_EDM_SYNC__SYNC__LIST_ID", "9")])
+        .await;
+
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "edm lists: FAILED: sync.list_id = 9: no such list in the EDM account (it has: 1, 2)"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("edm lists: ok: sync.routes[0].list_id = 2"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn check_warns_when_the_edm_service_is_disabled_ends_soon_or_is_short_of_quota() {
+    let cli = setup("info").await;
+    let soon = (common::edm_today() + chrono::Duration::days(5))
+        .format("%Y-%m-%d")
+        .to_string();
+    cli.sb.edm.set_service("disabled", &soon, 3);
+    assert!(
+        cli.run(&["--once", "--job", "contacts"], &[])
+            .await
+            .status
+            .success()
+    );
+
+    let out = cli.run(&["check"], &[]).await;
+
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "warnings do not fail: {}",
+        text(&out)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("edm service: WARNING: the sending service is disabled"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "edm service: WARNING: the sending service ends on {soon}, in 5 days"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .contains("edm service: WARNING: quota low: 3 sends left, fewer than the 10 addresses"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn check_fails_naming_example_placeholders_and_unknown_contact_history_ids() {
+    let cli = setup("info").await;
+
+    let out = cli
+        .run(
+            &["check"],
+            &[
+                (
+                    "CRM_EDM_SYNC__CRM__TOKEN",
+                    "set-me-or-use-CRM_EDM_SYNC__CRM__TOKEN",
+                ),
+                ("CRM_EDM_SYNC__WRITEBACK__TYPE_ID", "9"),
+                ("CRM_EDM_SYNC__WRITEBACK__ROUTE_ID", "0"),
+            ],
+        )
+        .await;
+
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("config: FAILED: crm.token is still the example's placeholder"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("config: FAILED: writeback.type_id = 9 is not a contact category"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("config: FAILED: writeback.route_id = 0 is not a contact route"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("set-me-or-use"),
+        "the value is not printed: {stdout}"
+    );
+}
+
 /// Behaviour 11: the token, the password and its MD5 never appear in any
 /// output, at any log level, whether commands succeed or fail.
 #[tokio::test]

@@ -992,6 +992,35 @@ async fn a_standby_serves_metrics_with_every_series_from_start_up_and_the_last_s
         (before..=after).contains(&last),
         "last success {last} not the recorded run's ({before}..{after}):\n{text}"
     );
+    // EDM's service-info is read at start-up into gauges.
+    let mut service = BTreeMap::new();
+    for _ in 0..100 {
+        let text = reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        service = parse_prometheus(&text);
+        if service.contains_key("crm_edm_sync_edm_quota_available") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        service.get("crm_edm_sync_edm_service_enabled"),
+        Some(&1.0),
+        "{service:?}"
+    );
+    assert_eq!(
+        service.get("crm_edm_sync_edm_quota_available"),
+        Some(&1_000_000.0)
+    );
+    assert_eq!(
+        service.get("crm_edm_sync_edm_service_expiration_timestamp_seconds"),
+        Some(&4_102_358_400.0),
+        "2099-12-31 00:00 UTC"
+    );
     assert_eq!(healthy.status.code(), Some(0), "{healthy:?}");
     assert!(String::from_utf8_lossy(&healthy.stdout).starts_with("healthy: "));
 

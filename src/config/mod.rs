@@ -560,6 +560,42 @@ impl Settings {
         Ok(())
     }
 
+    /// The keys whose value is still a placeholder of the shipped example
+    /// (`set-me…`, a host under `example.com`): the daemon would run
+    /// against nothing real. Checked by `check`.
+    pub fn placeholders(&self) -> Vec<&'static str> {
+        use secrecy::ExposeSecret;
+        let set_me = |v: &str| v.trim().to_ascii_lowercase().starts_with("set-me");
+        let example_host = |url: &str| {
+            let host = url
+                .split("://")
+                .nth(1)
+                .unwrap_or(url)
+                .split(['/', ':', '?'])
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            host == "example.com" || host.ends_with(".example.com")
+        };
+        let mut keys = Vec::new();
+        if example_host(&self.crm.base_url) {
+            keys.push("crm.base_url");
+        }
+        if set_me(self.crm.token.expose_secret()) {
+            keys.push("crm.token");
+        }
+        if example_host(&self.edm.base_url) {
+            keys.push("edm.base_url");
+        }
+        if set_me(&self.edm.username) {
+            keys.push("edm.username");
+        }
+        if set_me(self.edm.password.expose_secret()) {
+            keys.push("edm.password");
+        }
+        keys
+    }
+
     /// Every EDM list the contacts job syncs: the default list and each
     /// route's, ascending, without repeats.
     pub fn synced_lists(&self) -> Vec<ListId> {

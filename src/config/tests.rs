@@ -177,6 +177,20 @@ fn shipped_example_config_is_valid() {
 }
 
 #[test]
+fn the_shipped_example_placeholders_are_named_by_key_and_real_values_are_not() {
+    let example = Settings::from_toml(include_str!("../../config/example.toml")).unwrap();
+    assert_eq!(
+        example.placeholders(),
+        vec!["crm.base_url", "crm.token", "edm.username", "edm.password"]
+    );
+    let real = Settings::from_toml(
+        "[crm]\nbase_url = \"https://crm.acme.cn\"\ntoken = \"t\"\n[edm]\nusername = \"u\"\npassword = \"p\"\n",
+    )
+    .unwrap();
+    assert!(real.placeholders().is_empty(), "{:?}", real.placeholders());
+}
+
+#[test]
 fn shipped_default_config_loads_with_credentials_from_the_environment() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
     let env = [

@@ -44,6 +44,21 @@ pub struct EdmAccount {
     pub username: String,
 }
 
+/// The sending service of the account (`service-info`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// `service_status` as EDM wrote it.
+    pub status: String,
+    /// `false` when the status reads as off (`disabled`, `0`, `false`,
+    /// `停用`, `关闭`, `过期`, `expired`, `stopped`); the document does not
+    /// list the values, so anything else counts as on.
+    pub enabled: bool,
+    /// The last day of the service.
+    pub expires: Option<chrono::NaiveDate>,
+    /// Sends left (`qty_available`).
+    pub quota_left: Option<i64>,
+}
+
 /// One mailing list.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MailList {
@@ -276,6 +291,34 @@ impl EdmClient {
         Ok(EdmAccount {
             id: c.id.trim().to_string(),
             username: c.username.trim().to_string(),
+        })
+    }
+
+    /// `account.php?do=service-info`: the sending service's status, last
+    /// day and sends left.
+    #[tracing::instrument(skip_all)]
+    pub async fn service_info(&self) -> Result<ServiceInfo, RemoteError> {
+        let s: xml::ServiceXml = self
+            .call_xml(
+                "account.php",
+                "service-info",
+                &[],
+                Idempotence::Idempotent,
+                "service",
+            )
+            .await?;
+        let status = s.service_status.trim().to_string();
+        let off = [
+            "disabled", "0", "false", "停用", "关闭", "过期", "expired", "stopped",
+        ];
+        let date = s.expiration_date.trim();
+        Ok(ServiceInfo {
+            enabled: !off.contains(&status.to_lowercase().as_str()),
+            expires: date
+                .get(..10)
+                .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok()),
+            quota_left: s.qty_available.trim().parse().ok(),
+            status,
         })
     }
 

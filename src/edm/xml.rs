@@ -377,6 +377,17 @@ pub struct CustomerXml {
     pub username: String,
 }
 
+/// `<service>…</service>` of `account.php?do=service-info`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ServiceXml {
+    #[serde(default)]
+    pub service_status: String,
+    #[serde(default)]
+    pub expiration_date: String,
+    #[serde(default)]
+    pub qty_available: String,
+}
+
 /// `<maillist><item>…</item>…</maillist>` of `maillist-list`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct MailListsXml {

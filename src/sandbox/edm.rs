@@ -68,6 +68,9 @@ struct EdmData {
     /// `ml-unsub` or `ml-addr-edit` refuse the whole request with
     /// `(code, message)`, applying nothing: a poison record.
     refused: BTreeMap<String, (String, String)>,
+    /// `service-info`: (status, expiration date, sends left); `None` is
+    /// the default: enabled, 2099-12-31, 1 000 000.
+    service: Option<(String, String, i64)>,
 }
 
 impl EdmData {
@@ -153,6 +156,16 @@ impl EdmHandle {
     }
 
     /// Creates an empty list.
+    /// What `service-info` answers: `service_status`, `expiration_date`
+    /// (`YYYY-MM-DD`) and `qty_available`.
+    pub fn set_service(&self, status: &str, expiration_date: &str, qty_available: i64) {
+        lock(&self.data).service = Some((
+            status.to_string(),
+            expiration_date.to_string(),
+            qty_available,
+        ));
+    }
+
     pub fn create_list(&self, id: i64, subject: &str) {
         lock(&self.data).lists.insert(
             id,
@@ -364,6 +377,23 @@ fn answer(h: &EdmHandle, script: &str, operation: &str, p: &BTreeMap<String, Str
             x.leaf(1, "username", super::EDM_USER);
             x.leaf(1, "company", "演示公司");
             x.close(0, "customer");
+            x.0
+        }
+        ("account.php", "service-info") => {
+            let (status, expires, qty) = d
+                .service
+                .clone()
+                .unwrap_or_else(|| ("enabled".to_string(), "2099-12-31".to_string(), 1_000_000));
+            let mut x = Xml::new();
+            x.open(0, "service");
+            x.leaf(1, "id", "1001");
+            x.leaf(1, "service_status", &status);
+            x.leaf(1, "service_type", "包月");
+            x.leaf(1, "send_type", "1");
+            x.leaf(1, "beginning_date", "2026-01-01");
+            x.leaf(1, "expiration_date", &expires);
+            x.leaf(1, "qty_available", &qty.to_string());
+            x.close(0, "service");
             x.0
         }
         ("mloperate.php", "maillist-list") => {

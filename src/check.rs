@@ -1,0 +1,259 @@
+//! `check`: before an operator starts the daemon, everything that can be
+//! known without writing — each line `NAME: ok …`, `NAME: FAILED: …` (exit
+//! 1) or `NAME: WARNING: …` (exit unchanged):
+//!
+//! - the config loaded, and no value is still a placeholder of the shipped
+//!   example (`set-me…`, an `example.com` host), named by key;
+//! - `writeback.type_id` and `writeback.route_id` are values of the CRM's
+//!   documented dictionaries (contact category 1–7, contact route 1–4;
+//!   the CRM has no read call that would accept or refuse them without
+//!   writing a record);
+//! - the state database opens and migrates;
+//! - EDM accepts the credentials, and every configured list id exists in
+//!   the account (`maillist-list`), named by key; a disabled list warns;
+//! - EDM's sending service (`service-info`): a warning when it is
+//!   disabled, ends within 14 days, or has fewer sends left than the
+//!   synced lists have addresses;
+//! - the CRM answers one page of customers.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::config::Settings;
+use crate::domain::ListId;
+use crate::edm::{EdmClient, MailList, ServiceInfo};
+
+/// Days before the service's last day from which `check` warns.
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
+
+/// The documented `ContactHistory/Add` dictionaries (API.md).
+const TYPE_IDS: std::ops::RangeInclusive<i64> = 1..=7;
+const ROUTE_IDS: std::ops::RangeInclusive<i64> = 1..=4;
+
+pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
+    let redactor = Arc::new(crate::redact::Redactor::new(crate::jobs::secrets_of(
+        &settings,
+    )));
+    let mut ok = true;
+    let placeholders = settings.placeholders();
+    if placeholders.is_empty() {
+        println!("config: ok");
+    } else {
+        ok = false;
+        for key in placeholders {
+            println!("config: FAILED: {key} is still the example's placeholder");
+        }
+    }
+    if !TYPE_IDS.contains(&settings.writeback.type_id) {
+        ok = false;
+        println!(
+            "config: FAILED: writeback.type_id = {} is not a contact category of the CRM (1–7)",
+            settings.writeback.type_id
+        );
+    }
+    if !ROUTE_IDS.contains(&settings.writeback.route_id) {
+        ok = false;
+        println!(
+            "config: FAILED: writeback.route_id = {} is not a contact route of the CRM (1–4; 3 is email)",
+            settings.writeback.route_id
+        );
+    }
+    match crate::state::Store::connect(&settings.database.url).await {
+        Ok(store) => {
+            store.close().await;
+            println!("database: ok");
+        }
+        Err(e) => {
+            ok = false;
+            println!("database: FAILED: {}", redactor.redact(&format!("{e:#}")));
+        }
+    }
+    let edm = EdmClient::new(&settings.edm, redactor.clone())?;
+    match edm.customer_info().await {
+        Ok(account) => {
+            println!("edm: ok (account {})", account.username);
+            match edm.maillist_list().await {
+                Ok(lists) => {
+                    for line in list_findings(&settings, &lists) {
+                        ok &= !line.contains("FAILED");
+                        println!("{line}");
+                    }
+                    match edm.service_info().await {
+                        Ok(service) => {
+                            let today = crate::writeback::edm_today(
+                                chrono::Utc::now(),
+                                settings.edm_zone(),
+                            );
+                            let addresses = synced_addresses(&settings, &lists);
+                            for line in service_findings(&service, today, addresses) {
+                                println!("{line}");
+                            }
+                        }
+                        Err(e) => println!(
+                            "edm service: WARNING: cannot read service-info: {}",
+                            redactor.redact(&e.to_string())
+                        ),
+                    }
+                }
+                Err(e) => {
+                    ok = false;
+                    println!("edm lists: FAILED: {}", redactor.redact(&e.to_string()));
+                }
+            }
+        }
+        Err(e) => {
+            ok = false;
+            println!("edm: FAILED: {}", redactor.redact(&e.to_string()));
+        }
+    }
+    let crm = crate::crm::CrmClient::new(&settings.crm, redactor.clone())?;
+    match crm.customers_page(1, 1).await {
+        Ok(_) => println!("crm: ok"),
+        Err(e) => {
+            ok = false;
+            println!("crm: FAILED: {}", redactor.redact(&e.to_string()));
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(crate::cli::EXIT_FAILED)
+    })
+}
+
+/// Each configured list id (`sync.list_id`, `sync.routes[i].list_id`)
+/// against the account's lists.
+pub fn list_findings(settings: &Settings, lists: &[MailList]) -> Vec<String> {
+    let keyed = std::iter::once(("sync.list_id".to_string(), settings.sync.list_id)).chain(
+        settings
+            .sync
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("sync.routes[{i}].list_id"), r.list_id)),
+    );
+    let known: Vec<String> = lists.iter().map(|l| l.id.to_string()).collect();
+    keyed
+        .map(|(key, id)| match lists.iter().find(|l| l.id == id) {
+            None => format!(
+                "edm lists: FAILED: {key} = {id}: no such list in the EDM account (it has: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+            Some(l) if !l.enabled => format!(
+                "edm lists: WARNING: {key} = {id} ({}) is disabled in EDM",
+                l.subject
+            ),
+            Some(l) => format!("edm lists: ok: {key} = {id} ({})", l.subject),
+        })
+        .collect()
+}
+
+/// The addresses the synced lists hold, as `maillist-list` counts them.
+fn synced_addresses(settings: &Settings, lists: &[MailList]) -> u64 {
+    let synced: Vec<ListId> = settings.synced_lists();
+    lists
+        .iter()
+        .filter(|l| synced.contains(&l.id))
+        .filter_map(|l| l.count)
+        .sum()
+}
+
+/// The service's state in words, with a warning for each of: disabled,
+/// ending within [`EXPIRY_WARNING_DAYS`] (or ended), fewer sends left
+/// than `addresses`.
+pub fn service_findings(
+    service: &ServiceInfo,
+    today: chrono::NaiveDate,
+    addresses: u64,
+) -> Vec<String> {
+    let mut lines = vec![format!(
+        "edm service: {} (status {:?}), ends {}, {} sends left",
+        if service.enabled {
+            "enabled"
+        } else {
+            "disabled"
+        },
+        service.status,
+        service
+            .expires
+            .map_or("on an unknown date".to_string(), |d| d.to_string()),
+        service
+            .quota_left
+            .map_or("an unknown number of".to_string(), |q| q.to_string()),
+    )];
+    if !service.enabled {
+        lines.push(
+            "edm service: WARNING: the sending service is disabled: campaigns are not sent"
+                .to_string(),
+        );
+    }
+    if let Some(end) = service.expires {
+        let days = (end - today).num_days();
+        if days < 0 {
+            lines.push(format!(
+                "edm service: WARNING: the sending service ended on {end}"
+            ));
+        } else if days <= EXPIRY_WARNING_DAYS {
+            lines.push(format!(
+                "edm service: WARNING: the sending service ends on {end}, in {days} days"
+            ));
+        }
+    }
+    if let Some(q) = service.quota_left
+        && (q <= 0 || (q as u64) < addresses)
+    {
+        lines.push(format!(
+            "edm service: WARNING: quota low: {q} sends left, fewer than the {addresses} addresses of the synced lists"
+        ));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(enabled: bool, expires: &str, quota: i64) -> ServiceInfo {
+        ServiceInfo {
+            status: if enabled { "enabled" } else { "disabled" }.into(),
+            enabled,
+            expires: chrono::NaiveDate::parse_from_str(expires, "%Y-%m-%d").ok(),
+            quota_left: Some(quota),
+        }
+    }
+
+    fn day(d: &str) -> chrono::NaiveDate {
+        chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").unwrap()
+    }
+
+    #[test]
+    fn a_healthy_service_gives_one_line_and_no_warning() {
+        let lines = service_findings(&service(true, "2027-06-30", 50_000), day("2026-11-30"), 100);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("enabled") && lines[0].contains("50000 sends left"));
+    }
+
+    #[test]
+    fn disabled_ending_soon_and_low_quota_each_warn() {
+        let lines = service_findings(&service(false, "2026-12-10", 40), day("2026-11-30"), 100);
+        let warnings: Vec<_> = lines.iter().filter(|l| l.contains("WARNING")).collect();
+        assert_eq!(warnings.len(), 3, "{lines:?}");
+        assert!(warnings[0].contains("disabled"));
+        assert!(warnings[1].contains("ends on 2026-12-10, in 10 days"));
+        assert!(warnings[2].contains("quota low: 40 sends left, fewer than the 100"));
+        // 14 days ahead still warns, 15 does not; a past date says ended.
+        let at_14 = service_findings(&service(true, "2026-12-14", 500), day("2026-11-30"), 1);
+        assert!(at_14.iter().any(|l| l.contains("in 14 days")), "{at_14:?}");
+        let at_15 = service_findings(&service(true, "2026-12-15", 500), day("2026-11-30"), 1);
+        assert_eq!(at_15.len(), 1, "{at_15:?}");
+        let ended = service_findings(&service(true, "2026-11-01", 500), day("2026-11-30"), 1);
+        assert!(
+            ended.iter().any(|l| l.contains("ended on 2026-11-01")),
+            "{ended:?}"
+        );
+    }
+}
