@@ -57,7 +57,7 @@ pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
             // path, a driver's message).
             let line = redactor.redact(&format!("{e:#}"));
             tracing::error!(error = %line, "command failed");
-            eprintln!("crm-edm-sync: {line}");
+            println!("crm-edm-sync: {line}");
             ExitCode::from(EXIT_FAILED)
         }
     }
@@ -117,7 +117,7 @@ async fn run_jobs(cli: &Cli, ctx: &Context) -> anyhow::Result<ExitCode> {
                 ok = false;
                 let e = redacted(ctx, e);
                 tracing::error!(job = %contacts::JOB, error = %e, "run failed");
-                eprintln!("crm-edm-sync: contacts: {e:#}");
+                println!("crm-edm-sync: contacts: {e:#}");
             }
         }
     }
@@ -135,7 +135,7 @@ async fn run_jobs(cli: &Cli, ctx: &Context) -> anyhow::Result<ExitCode> {
                     ok = false;
                     let e = redacted(ctx, e);
                     tracing::error!(job = %writeback::JOB, error = %e, "run failed");
-                    eprintln!("crm-edm-sync: writeback: {e:#}");
+                    println!("crm-edm-sync: writeback: {e:#}");
                 }
             }
         }

@@ -229,6 +229,65 @@ async fn each_retry_is_a_warning_and_exhaustion_an_error() {
 }
 
 #[tokio::test]
+async fn every_line_a_run_writes_carries_its_job_and_run_id_and_stderr_is_only_json() {
+    // Arrange: a retry inside the pull and an invalid email; both jobs run.
+    let cli = setup("info").await;
+    cli.sb.crm.put_linkman(
+        1,
+        11,
+        serde_json::json!({"name": "坏", "email": "not-an-address"}),
+    );
+    cli.sb.inject("Customer/GetAllList", Fault::Status(503), 1);
+
+    // Act
+    let out = cli.run(&["--once"], &[]).await;
+
+    // Assert
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let contacts_run = events(&out, "run finished")
+        .into_iter()
+        .find(|e| e["job"] == "contacts")
+        .expect("a contacts summary")["run_id"]
+        .clone();
+    for msg in ["transient failure, retrying", "invalid email skipped"] {
+        let line = lines
+            .iter()
+            .find(|l| l["message"] == msg)
+            .unwrap_or_else(|| panic!("no {msg:?} line: {stderr}"));
+        assert_eq!(line["job"], "contacts", "{line}");
+        assert_eq!(line["run_id"], contacts_run, "{line}");
+    }
+    let writeback = lines
+        .iter()
+        .find(|l| l["message"] == "run finished" && l["job"] == "writeback")
+        .expect("a writeback summary");
+    assert_ne!(writeback["run_id"], contacts_run);
+}
+
+#[tokio::test]
+async fn the_final_error_of_a_failed_once_goes_to_stdout_not_stderr() {
+    let cli = setup("info").await;
+    cli.sb
+        .inject("Customer/GetAllList", Fault::Status(500), 100);
+
+    let out = cli.run(&["--once", "--job", "contacts"], &[]).await;
+
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("crm-edm-sync: contacts: "), "{stdout}");
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON on stderr: {line}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn dry_run_prints_the_plan_and_exits_zero_without_writing() {
     let cli = setup("info").await;
 

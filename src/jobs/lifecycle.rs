@@ -23,6 +23,8 @@ impl Run {
     /// left `running` as abandoned and records this one as running.
     pub async fn start(ctx: &Context, job: Job, record: bool) -> anyhow::Result<Run> {
         let id = uuid::Uuid::new_v4().to_string();
+        // Every later line of the run carries it (the job's span).
+        tracing::Span::current().record("run_id", id.as_str());
         if record {
             abandon_unfinished_runs(ctx).await?;
             ctx.store.start_run(&id, job, false).await?;

@@ -36,7 +36,7 @@ pub const JOB: Job = Job::Contacts;
 pub use super::report::{ContactsCounts, ContactsReport, Outcome, Preview};
 
 /// Runs the contacts job once, records the run and emits its summary event.
-#[tracing::instrument(skip_all, fields(job = %JOB))]
+#[tracing::instrument(name = "run", skip_all, fields(job = %JOB, run_id = tracing::field::Empty))]
 pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsReport> {
     // A dry run writes nothing, not even its own run row.
     let run = Run::start(ctx, JOB, !opts.dry_run).await?;

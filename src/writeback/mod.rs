@@ -83,7 +83,7 @@ pub async fn run(ctx: &Context) -> anyhow::Result<WritebackReport> {
 
 /// [`run`], sending parked records again when `retry_parked`
 /// (`--retry-parked`).
-#[tracing::instrument(skip_all, fields(job = %JOB))]
+#[tracing::instrument(name = "run", skip_all, fields(job = %JOB, run_id = tracing::field::Empty))]
 pub async fn run_with(ctx: &Context, retry_parked: bool) -> anyhow::Result<WritebackReport> {
     let run = Run::start(ctx, JOB, true).await?;
     let run_id = run.id.clone();
