@@ -269,6 +269,81 @@ async fn every_line_a_run_writes_carries_its_job_and_run_id_and_stderr_is_only_j
 }
 
 #[tokio::test]
+async fn an_invalid_or_shared_address_is_logged_once_and_counted_every_run() {
+    // Arrange: link-man 11 has an invalid email; 12 shares lm1's address.
+    let cli = setup("info").await;
+    cli.sb.crm.put_linkman(
+        1,
+        11,
+        serde_json::json!({"name": "坏", "email": "not-an-address"}),
+    );
+    cli.sb.crm.put_linkman(
+        1,
+        12,
+        serde_json::json!({"name": "同", "email": "lm1@example.com"}),
+    );
+    let run = || cli.run(&["--once", "--job", "contacts"], &[]);
+
+    // Act
+    let first = run().await;
+    let second = run().await;
+    cli.sb
+        .crm
+        .set_linkman_field(11, "email", serde_json::json!("fixed@example.com"));
+    let fixed = run().await;
+    cli.sb
+        .crm
+        .set_linkman_field(11, "email", serde_json::json!("broken again"));
+    let again = run().await;
+
+    // Assert
+    let logged = |o: &Output, msg: &str| events(o, msg).len();
+    assert_eq!(
+        logged(&first, "invalid email skipped"),
+        1,
+        "{}",
+        text(&first)
+    );
+    assert_eq!(
+        logged(
+            &first,
+            "link-men share an email in one list; the lowest id owns it"
+        ),
+        1,
+        "{}",
+        text(&first)
+    );
+    assert_eq!(
+        logged(&second, "invalid email skipped"),
+        0,
+        "{}",
+        text(&second)
+    );
+    assert_eq!(
+        logged(
+            &second,
+            "link-men share an email in one list; the lowest id owns it"
+        ),
+        0,
+        "{}",
+        text(&second)
+    );
+    let summary = &events(&second, "run finished")[0];
+    assert_eq!(
+        summary["skipped_invalid"], 1,
+        "counted every run: {summary}"
+    );
+    assert_eq!(summary["duplicates"], 1, "{summary}");
+    assert_eq!(logged(&fixed, "invalid email skipped"), 0);
+    assert_eq!(
+        logged(&again, "invalid email skipped"),
+        1,
+        "{}",
+        text(&again)
+    );
+}
+
+#[tokio::test]
 async fn the_final_error_of_a_failed_once_goes_to_stdout_not_stderr() {
     let cli = setup("info").await;
     cli.sb

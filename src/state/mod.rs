@@ -17,6 +17,7 @@ mod lease;
 mod lookups;
 mod members;
 pub mod nodelay;
+mod notes;
 mod observations;
 mod operations;
 mod records;

@@ -14,7 +14,7 @@
 //!    edits, each recorded as pending before it is sent and marked done
 //!    after EDM confirms it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::Context as _;
 
@@ -123,7 +123,7 @@ async fn run_inner(
     counts.customers = builder.customers;
     counts.linkmen = builder.linkmen;
     let desired = builder.finish();
-    log_mapping(&desired);
+    log_mapping(ctx, &desired, !opts.dry_run).await;
     counts.desired = desired.members.len();
     counts.skipped_invalid = desired.invalid.len();
     counts.without_email = desired.without_email;
@@ -281,24 +281,58 @@ async fn run_inner(
     })
 }
 
-fn log_mapping(desired: &Desired) {
+/// Logs each invalid email and each address link-men share once: a
+/// finding an earlier run logged, still true, is not logged again (a
+/// finding that went away and came back is). Every run's summary counts
+/// them (`skipped_invalid`, `duplicates`). `record`: remember what was
+/// logged (not in a dry run). If the memory cannot be read, everything is
+/// logged.
+async fn log_mapping(ctx: &Context, desired: &Desired, record: bool) {
+    let before = match ctx.store.log_notes().await {
+        Ok(notes) => notes,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot read which findings were logged; logging them all");
+            HashSet::new()
+        }
+    };
+    let mut current = HashSet::new();
     for invalid in &desired.invalid {
-        tracing::info!(
-            link_man_id = invalid.link_man_id.0,
-            customer_id = invalid.customer_id.0,
-            address = %invalid.masked,
-            reason = %invalid.reason,
-            "invalid email skipped"
-        );
+        let digest = note_digest(&format!(
+            "invalid\0{}\0{}\0{}",
+            invalid.link_man_id, invalid.masked, invalid.reason
+        ));
+        if !before.contains(&digest) {
+            tracing::info!(
+                link_man_id = invalid.link_man_id.0,
+                customer_id = invalid.customer_id.0,
+                address = %invalid.masked,
+                reason = %invalid.reason,
+                "invalid email skipped"
+            );
+        }
+        current.insert(digest);
     }
     for c in &desired.collisions {
-        tracing::warn!(
-            list_id = c.key.list_id.0,
-            address = %c.key.email.masked(),
-            owner = c.owner.0,
-            others = ?c.others,
-            "link-men share an email in one list; the lowest id owns it"
-        );
+        let digest = note_digest(&format!(
+            "shared\0{}\0{}\0{}\0{:?}",
+            c.key.list_id, c.key.email, c.owner, c.others
+        ));
+        if !before.contains(&digest) {
+            tracing::warn!(
+                list_id = c.key.list_id.0,
+                address = %c.key.email.masked(),
+                owner = c.owner.0,
+                others = ?c.others,
+                "link-men share an email in one list; the lowest id owns it"
+            );
+        }
+        current.insert(digest);
+    }
+    if record
+        && current != before
+        && let Err(e) = ctx.store.set_log_notes(&before, &current).await
+    {
+        tracing::warn!(error = %format!("{e:#}"), "cannot record which findings were logged");
     }
     if !desired.repeated_linkmen.is_empty() {
         tracing::warn!(
@@ -306,4 +340,10 @@ fn log_mapping(desired: &Desired) {
             "link-men returned by more than one customer; kept with the first"
         );
     }
+}
+
+/// The key a logged finding is remembered by (no address in the clear).
+fn note_digest(finding: &str) -> String {
+    use md5::Digest;
+    hex::encode(md5::Md5::digest(finding.as_bytes()))
 }
