@@ -5,8 +5,10 @@
 //! keyword searches, `GetLinkManList`).
 //!
 //! The address asked about is printed in full (the operator typed it, or
-//! asked for its link-man); any other address (a link-man's new email in
-//! the CRM) is masked. Secrets never appear: remote errors go through the
+//! asked for its link-man, or pasted its masked form from a log line —
+//! `l***@example.com` is answered for every recorded address it may
+//! stand for); any other address (a link-man's new email in the CRM) is
+//! masked. Secrets never appear: remote errors go through the
 //! redactor like every other line.
 
 use std::collections::BTreeSet;
@@ -116,6 +118,17 @@ pub async fn print(settings: &Settings, q: Question) -> anyhow::Result<ExitCode>
                 "link-man {id} owns no member in the state database: it has no valid email, or no run has seen it yet"
             );
         }
+        if let Some(raw) = q.email.as_deref().filter(|r| is_masked(r)) {
+            println!(
+                "{raw} is masked (as in the logs): {} recorded addresses match it{}",
+                answers.len(),
+                if answers.is_empty() {
+                    "; ask with the address from the CRM, or by --linkman ID from the log line"
+                } else {
+                    ""
+                }
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -128,7 +141,12 @@ pub async fn answer(
 ) -> anyhow::Result<Vec<Explanation>> {
     let mut addresses: Vec<String> = Vec::new();
     if let Some(raw) = &q.email {
-        addresses.push(raw.clone());
+        if is_masked(raw) {
+            // Copied from a log line: every recorded address it may be.
+            addresses.extend(store.emails_matching_mask(raw).await?);
+        } else {
+            addresses.push(raw.clone());
+        }
     }
     if let Some(id) = q.linkman {
         addresses.extend(store.emails_of_linkman(id).await?);
@@ -177,6 +195,11 @@ pub async fn answer(
         });
     }
     Ok(out)
+}
+
+/// Whether `raw` is an address as the logs mask it (`l***@example.com`).
+pub fn is_masked(raw: &str) -> bool {
+    raw.contains("***@")
 }
 
 /// The synced lists and any other list the address has a row in.

@@ -254,3 +254,24 @@ async fn explain_live_prints_where_the_crm_and_edm_disagree_and_changes_nothing(
         "the state database is unchanged"
     );
 }
+
+#[tokio::test]
+async fn a_masked_address_from_a_log_line_is_explained_for_every_address_it_may_be() {
+    // Arrange: lm1 and lm10 both mask to l***@example.com.
+    let cli = synced().await;
+
+    // Act
+    let text = cli.explain(&["l***@example.com"]).await;
+    let none = cli.explain(&["z***@example.com"]).await;
+
+    // Assert
+    assert!(text.contains("lm1@example.com\n  list 1: owned"), "{text}");
+    assert!(text.contains("lm10@example.com\n"), "{text}");
+    assert!(
+        text.contains(
+            "l***@example.com is masked (as in the logs): 10 recorded addresses match it"
+        ),
+        "{text}"
+    );
+    assert!(none.contains("0 recorded addresses match it"), "{none}");
+}

@@ -114,6 +114,38 @@ impl Store {
         Ok(emails)
     }
 
+    /// The recorded addresses (members and suppressions) a masked address
+    /// from a log line (`l***@example.com`) may stand for: those in its
+    /// domain whose masked form is the same.
+    pub async fn emails_matching_mask(&self, masked: &str) -> anyhow::Result<Vec<String>> {
+        let masked = masked.trim().to_ascii_lowercase();
+        let Some((_, domain)) = masked.rsplit_once('@') else {
+            return Ok(Vec::new());
+        };
+        let suffix = format!("@{domain}");
+        let mut emails: Vec<String> = member::Entity::find()
+            .select_only()
+            .column(member::Column::Email)
+            .filter(member::Column::Email.ends_with(suffix.as_str()))
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .context("cannot read the members of a domain")?;
+        let suppressed: Vec<String> = suppression::Entity::find()
+            .select_only()
+            .column(suppression::Column::Email)
+            .filter(suppression::Column::Email.ends_with(suffix.as_str()))
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .context("cannot read the suppressions of a domain")?;
+        emails.extend(suppressed);
+        emails.retain(|e| crate::domain::mask_address(e) == masked);
+        emails.sort();
+        emails.dedup();
+        Ok(emails)
+    }
+
     /// What the state database records about `email` (normalised), with
     /// at most `max_operations` operations, newest first.
     pub async fn facts_of(&self, email: &str, max_operations: u64) -> anyhow::Result<AddressFacts> {
