@@ -1024,6 +1024,40 @@ async fn a_standby_serves_metrics_with_every_series_from_start_up_and_the_last_s
     assert_eq!(healthy.status.code(), Some(0), "{healthy:?}");
     assert!(String::from_utf8_lossy(&healthy.stdout).starts_with("healthy: "));
 
+    // The scheduler library's own INFO lines stay quiet.
+    active
+        .expect("run finished", 1, Duration::from_secs(20))
+        .await;
+    let scheduler_lines = active
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| {
+            l["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("tokio_cron_scheduler"))
+        })
+        .count();
+    assert_eq!(scheduler_lines, 0, "{}", active.log());
+    // Every line a scheduled run writes carries its job and run_id.
+    let run_lines: Vec<serde_json::Value> = active
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| {
+            l["target"]
+                .as_str()
+                .is_some_and(|t| t.contains("sync::contacts"))
+        })
+        .cloned()
+        .collect();
+    assert!(!run_lines.is_empty());
+    for l in run_lines {
+        assert!(l["job"] == "contacts" && l["run_id"].is_string(), "{l}");
+    }
+
     // A daemon that is gone is unhealthy.
     standby.signal("-TERM");
     assert_eq!(standby.exit_code(Duration::from_secs(30)).await, Some(0));

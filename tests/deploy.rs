@@ -1,0 +1,51 @@
+//! The shipped deployment files say what the README promises: the image's
+//! build context leaves `target/` out, its health check asks the daemon
+//! (and writes nothing), and the `podman run` line stops within a timeout
+//! longer than the daemon's drain.
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn the_container_build_context_leaves_out_target_and_the_state() {
+    let ignore = read(".containerignore");
+    let lines: Vec<&str> = ignore.lines().map(str::trim).collect();
+    for entry in ["target/", ".git/", "*.db"] {
+        assert!(lines.contains(&entry), ".containerignore lacks {entry}");
+    }
+}
+
+#[test]
+fn the_container_health_check_runs_the_health_subcommand() {
+    let containerfile = read("Containerfile");
+    let check = containerfile
+        .lines()
+        .find(|l| l.starts_with("HEALTHCHECK"))
+        .expect("a HEALTHCHECK");
+    assert!(
+        check.ends_with(r#"CMD ["/usr/local/bin/crm-edm-sync", "health"]"#),
+        "{check}"
+    );
+}
+
+#[test]
+fn the_readme_podman_run_line_stops_after_the_drain_time() {
+    let readme = read("README.md");
+    let default_drain: u64 = read("config/default.toml")
+        .lines()
+        .chain(include_str!("../src/config/mod.rs").lines())
+        .find_map(|l| l.trim().strip_prefix("shutdown_timeout_secs = "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the drain default");
+    let stop: u64 = readme
+        .split("--stop-timeout ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("a --stop-timeout in the README");
+    assert!(
+        stop > default_drain,
+        "stop timeout {stop} ≤ drain {default_drain}"
+    );
+}
