@@ -7,6 +7,10 @@
 //! only members the daemon added are unsubscribed, adopted ones never
 //! (behaviour 5); an address EDM already holds that is a desired member is
 //! adopted, never added twice.
+//!
+//! Why one file over 600 lines: the diff and the safety check are 240
+//! lines; the rest are their tests, one per behaviour rule, kept beside
+//! the rules they pin down.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
