@@ -515,6 +515,34 @@ async fn a_dry_run_plan_file_holds_every_planned_operation_as_json_lines() {
 }
 
 #[tokio::test]
+async fn a_plan_file_for_the_writeback_job_alone_is_refused_in_words() {
+    let cli = setup("info").await;
+    let plan = cli.dir.path().join("never.jsonl");
+
+    let out = cli
+        .run(
+            &[
+                "--once",
+                "--job",
+                "writeback",
+                "--dry-run",
+                "--plan",
+                plan.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .await;
+
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("--job writeback has none"),
+        "{}",
+        text(&out)
+    );
+    assert!(!plan.exists());
+}
+
+#[tokio::test]
 async fn a_refused_dry_run_plan_file_ends_with_the_refusal() {
     let cli = setup("info").await;
     let first = cli.run(&["--once", "--job", "contacts"], &[]).await;
