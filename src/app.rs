@@ -245,20 +245,19 @@ fn write_plan(path: &std::path::Path, preview: &Preview) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write the plan to {}", path.display()))?;
-    let mut out = std::io::BufWriter::new(file);
-    for line in preview.json_lines() {
-        serde_json::to_writer(&mut out, &line)
-            .and_then(|()| out.write_all(b"\n").map_err(serde_json::Error::io))
-            .with_context(|| format!("cannot write the plan to {}", path.display()))?;
-    }
-    out.flush()
-        .with_context(|| format!("cannot write the plan to {}", path.display()))?;
-    Ok(())
+    let write = || -> std::io::Result<()> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
+        let mut out = std::io::BufWriter::new(file);
+        for line in preview.json_lines() {
+            serde_json::to_writer(&mut out, &line)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()
+    };
+    write().with_context(|| format!("cannot write the plan to {}", path.display()))
 }

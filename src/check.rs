@@ -17,11 +17,10 @@
 //! - the CRM answers one page of customers.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use crate::config::Settings;
 use crate::domain::ListId;
-use crate::edm::{EdmClient, MailList, ServiceInfo};
+use crate::edm::{MailList, ServiceInfo};
 
 /// Days before the service's last day from which `check` warns.
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
@@ -31,9 +30,9 @@ const TYPE_IDS: std::ops::RangeInclusive<i64> = 1..=7;
 const ROUTE_IDS: std::ops::RangeInclusive<i64> = 1..=4;
 
 pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
-    let redactor = Arc::new(crate::redact::Redactor::new(crate::jobs::secrets_of(
-        &settings,
-    )));
+    let crate::jobs::Clients {
+        crm, edm, redactor, ..
+    } = crate::jobs::Clients::new(&settings)?;
     let mut ok = true;
     let placeholders = settings.placeholders();
     if placeholders.is_empty() {
@@ -68,7 +67,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
             println!("database: FAILED: {}", redactor.redact(&format!("{e:#}")));
         }
     }
-    let edm = EdmClient::new(&settings.edm, redactor.clone())?;
     match edm.customer_info().await {
         Ok(account) => {
             println!("edm: ok (account {})", account.username);
@@ -106,7 +104,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
             println!("edm: FAILED: {}", redactor.redact(&e.to_string()));
         }
     }
-    let crm = crate::crm::CrmClient::new(&settings.crm, redactor.clone())?;
     match crm.customers_page(1, 1).await {
         Ok(_) => println!("crm: ok"),
         Err(e) => {

@@ -13,18 +13,15 @@
 
 use std::collections::BTreeSet;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::crm::CrmClient;
 use crate::domain::{CustomerId, Email, LinkManId, ListId, json_text, mask_address};
-use crate::edm::EdmClient;
-use crate::redact::Redactor;
 use crate::state::{
     AddressFacts, MemberFact, OperationFact, RecordFact, RefusalFact, Store, SuppressionFact,
 };
+use crate::status::when;
 
 /// Operations shown per address, newest first.
 const MAX_OPERATIONS: u64 = 20;
@@ -151,13 +148,8 @@ pub async fn answer(
     if let Some(id) = q.linkman {
         addresses.extend(store.emails_of_linkman(id).await?);
     }
-    let redactor = Arc::new(Redactor::new(crate::jobs::secrets_of(settings)));
     let clients = if q.live {
-        let agent = crate::instance::Instance::current(&settings.daemon.instance_id).user_agent();
-        Some((
-            CrmClient::new(&settings.crm, redactor.clone())?.with_user_agent(&agent),
-            EdmClient::new(&settings.edm, redactor.clone())?.with_user_agent(&agent),
-        ))
+        Some(crate::jobs::Clients::new(settings)?)
     } else {
         None
     };
@@ -181,7 +173,7 @@ pub async fn answer(
         let facts = store.facts_of(email.as_str(), MAX_OPERATIONS).await?;
         let lists = per_list(settings, &facts);
         let live = match &clients {
-            Some((crm, edm)) => Some(live(settings, crm, edm, &redactor, &email, &facts).await),
+            Some(c) => Some(live(settings, c, &email, &facts).await),
             None => None,
         };
         out.push(Explanation {
@@ -258,12 +250,13 @@ fn reached_by(settings: &Settings, list_id: ListId) -> Vec<String> {
 /// customers' link-men), and compares.
 async fn live(
     settings: &Settings,
-    crm: &CrmClient,
-    edm: &EdmClient,
-    redactor: &Redactor,
+    clients: &crate::jobs::Clients,
     email: &Email,
     facts: &AddressFacts,
 ) -> Live {
+    let crate::jobs::Clients {
+        crm, edm, redactor, ..
+    } = clients;
     let mut live = Live::default();
     for list_id in lists_of(settings, facts) {
         let member = facts.members.iter().find(|m| m.list_id == list_id);
@@ -349,13 +342,6 @@ async fn live(
     live
 }
 
-/// A time from the state database, in UTC.
-fn at(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-        .unwrap_or_else(|| ms.to_string())
-}
-
 /// The answer in words.
 pub fn to_text(a: &Explanation) -> String {
     use std::fmt::Write;
@@ -379,7 +365,7 @@ pub fn to_text(a: &Explanation) -> String {
             let _ = writeln!(
                 out,
                 "    since {}; {owner}; EDM id {}; fullname {:?}",
-                at(m.since_ms),
+                when(m.since_ms),
                 m.edm_id.map_or("unknown".to_string(), |id| id.to_string()),
                 m.fullname
             );
@@ -390,7 +376,7 @@ pub fn to_text(a: &Explanation) -> String {
                 out,
                 "    suppressed: {} since {} (source {:?}): no operation of any kind",
                 s.reason,
-                at(s.since_ms),
+                when(s.since_ms),
                 s.source
             );
         }
@@ -406,7 +392,7 @@ pub fn to_text(a: &Explanation) -> String {
             let _ = writeln!(
                 out,
                 "    {} {} list {} {}, {} attempts, run {}{}",
-                at(o.created_ms),
+                when(o.created_ms),
                 o.kind,
                 o.list_id,
                 o.status,
@@ -440,7 +426,7 @@ pub fn to_text(a: &Explanation) -> String {
             let _ = writeln!(
                 out,
                 "    {} {} {} link-man {} customer {}: {}{}{}",
-                at(r.created_ms),
+                when(r.created_ms),
                 r.kind,
                 r.scope,
                 r.link_man_id,

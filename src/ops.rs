@@ -165,20 +165,8 @@ pub async fn probe(listen: SocketAddr) -> (bool, String) {
             format!(
                 "unhealthy: no answer from {url} within {} s (is the daemon running, and http.listen right?): {}",
                 PROBE_TIMEOUT.as_secs(),
-                chain(&e)
+                crate::remote::source_chain(&e)
             ),
         ),
     }
-}
-
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -299,7 +299,8 @@ pub async fn render(store: &Store) -> anyhow::Result<String> {
     Ok(StatusReport::read(store).await?.to_text())
 }
 
-fn when(ms: i64) -> String {
+/// A time the state database holds (ms since the epoch), in UTC.
+pub fn when(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
         .unwrap_or_else(|| ms.to_string())

@@ -432,6 +432,16 @@ async fn healthz_turns_503_after_a_failed_run_and_200_after_a_good_one() {
     assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
 }
 
+/// The ops endpoint's `/metrics` text.
+async fn metrics_text(url: &str) -> String {
+    reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// `name{labels}` → value, from Prometheus text; panics on a malformed line.
 fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
@@ -475,12 +485,7 @@ async fn metrics_are_prometheus_text_and_count_what_the_runs_did() {
         .expect("run finished", 2, Duration::from_secs(20))
         .await;
 
-    let text = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&url).await;
     let m = parse_prometheus(&text);
 
     let runs = m[r#"crm_edm_sync_runs_total{job="contacts",outcome="succeeded"}"#];
@@ -870,12 +875,7 @@ async fn a_parked_operation_is_counted_in_metrics() {
     daemon
         .expect("run finished", 2, Duration::from_secs(20))
         .await;
-    let text = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&url).await;
 
     // Assert
     let m = parse_prometheus(&text);
@@ -950,12 +950,7 @@ async fn a_standby_serves_metrics_with_every_series_from_start_up_and_the_last_s
         .await;
 
     // Act
-    let text = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&url).await;
     let healthy = health(&config, url.trim_start_matches("http://"), dir.path()).await;
 
     // Assert
@@ -995,12 +990,7 @@ async fn a_standby_serves_metrics_with_every_series_from_start_up_and_the_last_s
     // EDM's service-info is read at start-up into gauges.
     let mut service = BTreeMap::new();
     for _ in 0..100 {
-        let text = reqwest::get(format!("{url}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(&url).await;
         service = parse_prometheus(&text);
         if service.contains_key("crm_edm_sync_edm_quota_available") {
             break;

@@ -600,11 +600,8 @@ const PAIRS: usize = 5;
 /// writes a config for the copy beside `config`.
 async fn snapshot(config: &std::path::Path, url: &str) -> anyhow::Result<std::path::PathBuf> {
     use sea_orm::ConnectionTrait;
-    let copy = if let Some(path) = url
-        .strip_prefix("sqlite://")
-        .map(|p| p.split('?').next().unwrap_or(p))
-    {
-        let fresh = format!("{path}.fresh");
+    let copy = if let Some(path) = crm_edm_sync::state::sqlite_file(url) {
+        let fresh = format!("{}.fresh", path.display());
         let db = sea_orm::Database::connect(url).await?;
         db.execute_unprepared(&format!("VACUUM INTO '{fresh}'"))
             .await?;
@@ -656,14 +653,11 @@ fn paired_reruns(
 async fn db_size(store: &crm_edm_sync::state::Store, url: &str) -> anyhow::Result<u64> {
     use sea_orm::ConnectionTrait;
     let db = store.connection();
-    if let Some(path) = url
-        .strip_prefix("sqlite://")
-        .map(|p| p.split('?').next().unwrap_or(p))
-    {
+    if let Some(path) = crm_edm_sync::state::sqlite_file(url) {
         db.execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
             .await?;
-        let file = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let wal = std::fs::metadata(format!("{path}-wal"))
+        let file = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let wal = std::fs::metadata(format!("{}-wal", path.display()))
             .map(|m| m.len())
             .unwrap_or(0);
         return Ok(file + wal);

@@ -58,6 +58,29 @@ pub fn secrets_of(settings: &Settings) -> Vec<String> {
     secrets
 }
 
+/// Both API clients as every command builds them: one redactor of the
+/// settings' secrets, and this process's `User-Agent` on every request.
+pub struct Clients {
+    pub crm: CrmClient,
+    pub edm: EdmClient,
+    pub redactor: Arc<Redactor>,
+    pub instance: Arc<Instance>,
+}
+
+impl Clients {
+    pub fn new(settings: &Settings) -> anyhow::Result<Clients> {
+        let redactor = Arc::new(Redactor::new(secrets_of(settings)));
+        let instance = Instance::current(&settings.daemon.instance_id);
+        let agent = instance.user_agent();
+        Ok(Clients {
+            crm: CrmClient::new(&settings.crm, redactor.clone())?.with_user_agent(&agent),
+            edm: EdmClient::new(&settings.edm, redactor.clone())?.with_user_agent(&agent),
+            redactor,
+            instance,
+        })
+    }
+}
+
 impl Context {
     /// Builds the clients and opens (and migrates) the state database.
     pub async fn new(settings: Settings) -> anyhow::Result<Context> {
@@ -82,11 +105,12 @@ impl Context {
 
     /// Both clients built from `settings`, around `store`.
     fn with_store(settings: Settings, store: Store) -> anyhow::Result<Context> {
-        let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
-        let instance = Instance::current(&settings.daemon.instance_id);
-        let agent = instance.user_agent();
-        let crm = CrmClient::new(&settings.crm, redactor.clone())?.with_user_agent(&agent);
-        let edm = EdmClient::new(&settings.edm, redactor.clone())?.with_user_agent(&agent);
+        let Clients {
+            crm,
+            edm,
+            redactor,
+            instance,
+        } = Clients::new(&settings)?;
         Ok(Context {
             settings: Arc::new(settings),
             crm,

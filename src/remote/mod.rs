@@ -505,7 +505,7 @@ fn classify(e: &reqwest::Error) -> ErrorKind {
 }
 
 /// The error's cause chain as text, without the URL reqwest attaches.
-fn source_chain(e: &reqwest::Error) -> String {
+pub fn source_chain(e: &reqwest::Error) -> String {
     use std::error::Error;
     let mut parts = Vec::new();
     let mut current: Option<&dyn Error> = e.source();

@@ -115,17 +115,19 @@ impl Store {
     }
 
     /// The recorded addresses (members and suppressions) a masked address
-    /// from a log line (`l***@example.com`) may stand for: those in its
-    /// domain whose masked form is the same.
+    /// from a log line (`l***@example.com`) may stand for: those with its
+    /// first letter and domain whose masked form is the same.
     pub async fn emails_matching_mask(&self, masked: &str) -> anyhow::Result<Vec<String>> {
         let masked = masked.trim().to_ascii_lowercase();
-        let Some((_, domain)) = masked.rsplit_once('@') else {
+        let Some((local, domain)) = masked.rsplit_once('@') else {
             return Ok(Vec::new());
         };
+        let first = local.trim_end_matches('*');
         let suffix = format!("@{domain}");
         let mut emails: Vec<String> = member::Entity::find()
             .select_only()
             .column(member::Column::Email)
+            .filter(member::Column::Email.starts_with(first))
             .filter(member::Column::Email.ends_with(suffix.as_str()))
             .into_tuple()
             .all(&self.db)
@@ -134,6 +136,7 @@ impl Store {
         let suppressed: Vec<String> = suppression::Entity::find()
             .select_only()
             .column(suppression::Column::Email)
+            .filter(suppression::Column::Email.starts_with(first))
             .filter(suppression::Column::Email.ends_with(suffix.as_str()))
             .into_tuple()
             .all(&self.db)
