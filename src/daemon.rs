@@ -135,8 +135,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     // `/healthz` reads through a pool of its own, so that it answers
     // whatever the jobs are doing with theirs.
     let ops_store = crate::state::Store::reader_beside(&base.settings.database.url).await?;
-    let (addr, ops_task) =
-        crate::ops::serve(listen, ops_store.clone(), metrics, active.clone()).await?;
+    let (addr, ops_task) = crate::ops::serve(
+        listen,
+        ops_store.clone(),
+        metrics,
+        active.clone(),
+        base.store.writable().clone(),
+    )
+    .await?;
     tracing::info!(listen = %addr, "ops endpoint listening: /healthz, /metrics");
     let stop = CancellationToken::new();
     spawn_signal_handler(stop.clone())?;

@@ -17,6 +17,14 @@ use crm_edm_sync::config::{LogFormat, Settings};
 use crm_edm_sync::telemetry;
 
 fn main() -> ExitCode {
+    // A file-size limit (RLIMIT_FSIZE) reached by the state database makes
+    // its write fail (EFBIG), which the store reports like a full disk,
+    // instead of killing the process with SIGXFSZ mid-write.
+    // SAFETY: setting a signal's disposition to "ignore" before any other
+    // thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -22,6 +22,7 @@ pub mod metric {
     pub const EDM_SERVICE_ENABLED: &str = "crm_edm_sync_edm_service_enabled";
     pub const EDM_SERVICE_EXPIRES: &str = "crm_edm_sync_edm_service_expiration_timestamp_seconds";
     pub const EDM_QUOTA_LEFT: &str = "crm_edm_sync_edm_quota_available";
+    pub const STATE_DB_WRITABLE: &str = "crm_edm_sync_state_db_writable";
 }
 
 /// Run outcomes a job's run ends with.
@@ -58,6 +59,7 @@ pub fn zero_series(jobs: &[&'static str]) {
         metrics::gauge!(metric::PARKED, "kind" => kind).set(0.0);
     }
     set_role(false);
+    state_db_writable(true);
 }
 
 /// This process's version and instance id, as a constant 1.
@@ -96,6 +98,12 @@ pub fn edm_service(enabled: bool, expires_unix: Option<i64>, quota_left: Option<
 /// so that a restart does not blank the gauge.
 pub fn last_success_at(job: &'static str, unix_ms: i64) {
     metrics::gauge!(metric::LAST_SUCCESS, "job" => job).set(unix_ms as f64 / 1000.0);
+}
+
+/// Whether the state database takes writes (1) or the last run record
+/// could not be written (0).
+pub fn state_db_writable(writable: bool) {
+    metrics::gauge!(metric::STATE_DB_WRITABLE).set(if writable { 1.0 } else { 0.0 });
 }
 
 /// A run ended with `outcome` (`succeeded`, `failed`, `refused`,
@@ -163,6 +171,22 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         metric::BUILD_INFO,
         "Version and instance id of this process"
     );
+    metrics::describe_gauge!(
+        metric::STATE_DB_WRITABLE,
+        "1 while the state database takes the runs' writes, 0 after a run record could not be written"
+    );
+    metrics::describe_gauge!(
+        metric::EDM_SERVICE_ENABLED,
+        "1 while EDM's sending service is enabled (service-info)"
+    );
+    metrics::describe_gauge!(
+        metric::EDM_SERVICE_EXPIRES,
+        "Unix time of the last day of EDM's sending service"
+    );
+    metrics::describe_gauge!(
+        metric::EDM_QUOTA_LEFT,
+        "Sends left in EDM's quota (service-info)"
+    );
     Ok(handle)
 }
 
@@ -201,6 +225,7 @@ mod tests {
             EDM_SERVICE_ENABLED,
             EDM_SERVICE_EXPIRES,
             EDM_QUOTA_LEFT,
+            STATE_DB_WRITABLE,
         ];
         for file in [
             "deploy/prometheus/alerts.yml",

@@ -1,8 +1,9 @@
 //! What an operator's monitoring reads in daemon mode, on `http.listen`:
 //!
 //! - `GET /healthz`: 200 `{"status":"ok",…}` when the state database
-//!   answers and the last finished run of each job succeeded (or none ran
-//!   yet); 503 with a JSON `reason` otherwise.
+//!   answers and takes writes (the runs' own records got through) and the
+//!   last finished run of each job succeeded (or none ran yet); 503 with a
+//!   JSON `reason` otherwise.
 //! - `GET /metrics`: Prometheus text — runs by job and outcome, operations
 //!   by kind and outcome, HTTP requests and retries by API, the last
 //!   success per job, pending operations.
@@ -18,7 +19,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::state::Store;
+use crate::state::{Store, Writable};
 use crate::states::Job;
 
 #[derive(Clone)]
@@ -26,6 +27,8 @@ struct OpsState {
     store: Store,
     metrics: PrometheusHandle,
     active: Arc<AtomicBool>,
+    /// The jobs' store's [`Writable`]: `store` here is a reader beside it.
+    writable: Writable,
 }
 
 /// How long `/healthz` waits for the state database.
@@ -37,6 +40,7 @@ pub async fn serve(
     store: Store,
     metrics: PrometheusHandle,
     active: Arc<AtomicBool>,
+    writable: Writable,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -49,6 +53,7 @@ pub async fn serve(
             store,
             metrics,
             active,
+            writable,
         });
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -92,6 +97,9 @@ async fn healthz(State(s): State<OpsState>) -> Response {
             .await
             .map_err(|e| format!("cannot read runs: {e:#}"))
     };
+    if let Some(reason) = s.writable.failing() {
+        return failing(format!("the state database does not take writes: {reason}"));
+    }
     let runs = match tokio::time::timeout(HEALTH_DB_TIMEOUT, read).await {
         Ok(Ok(r)) => r,
         Ok(Err(reason)) => return failing(reason),

@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use super::{Context, abandon_unfinished_runs, refresh_pending};
+use crate::state::UnrecordedEnd;
 use crate::states::{Job, RunStatus};
 
 /// A run under way.
@@ -25,9 +26,14 @@ impl Run {
         let id = uuid::Uuid::new_v4().to_string();
         // Every later line of the run carries it (the job's span).
         tracing::Span::current().record("run_id", id.as_str());
+        if record && let Err(e) = record_start(ctx, &id, job).await {
+            // Nothing was sent: the run stops before its first request.
+            ctx.store.writable().failed(&format!("{e:#}"));
+            crate::metrics::run_finished(job.as_str(), RunStatus::Failed.as_str());
+            return Err(e.context("cannot record the run's start; nothing was sent"));
+        }
         if record {
-            abandon_unfinished_runs(ctx).await?;
-            ctx.store.start_run(&id, job, false).await?;
+            ctx.store.writable().succeeded();
         }
         Ok(Run {
             id,
@@ -57,13 +63,59 @@ impl Run {
         } else {
             Ok(())
         };
-        crate::metrics::run_finished(self.job.as_str(), status.as_str());
+        // A run whose end could not be recorded counts as failed.
+        let counted = match &recorded {
+            Ok(()) => status,
+            Err(e) => {
+                let reason = format!("{e:#}");
+                ctx.store.writable().failed(&reason);
+                ctx.store.writable().keep_unrecorded(UnrecordedEnd {
+                    run_id: self.id.clone(),
+                    counts: counts.clone(),
+                    error: format!(
+                        "the end of this run ({status}{}) could not be recorded: {reason}",
+                        error.map(|e| format!(": {e}")).unwrap_or_default()
+                    ),
+                });
+                RunStatus::Failed
+            }
+        };
+        if self.recorded && recorded.is_ok() {
+            ctx.store.writable().succeeded();
+        }
+        crate::metrics::run_finished(self.job.as_str(), counted.as_str());
         if self.recorded {
             prune(ctx).await;
         }
         refresh_pending(&ctx.store).await;
         recorded
     }
+}
+
+/// Before a run's start is recorded: the ends of earlier runs that could
+/// not be recorded are written (as failed, saying why), then runs an
+/// earlier process left `running` are marked abandoned, then this run is
+/// recorded as running.
+async fn record_start(ctx: &Context, id: &str, job: Job) -> anyhow::Result<()> {
+    let ends = ctx.store.writable().take_unrecorded();
+    for (i, end) in ends.iter().enumerate() {
+        let written = ctx
+            .store
+            .finish_run(
+                &end.run_id,
+                RunStatus::Failed,
+                &end.counts,
+                Some(&end.error),
+            )
+            .await;
+        if let Err(e) = written {
+            ctx.store.writable().put_back(ends[i..].to_vec());
+            return Err(e);
+        }
+        tracing::info!(earlier_run_id = %end.run_id, "the end of an earlier run that could not be recorded is recorded now, as failed");
+    }
+    abandon_unfinished_runs(ctx).await?;
+    ctx.store.start_run(id, job, false).await
 }
 
 /// Bounded state: what is older than `database.retention_days` and no

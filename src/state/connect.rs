@@ -10,6 +10,7 @@ use migrations::{Migrator, MigratorTrait};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 use secrecy::{ExposeSecret, SecretString};
 
+use super::integrity;
 use super::*;
 
 /// Where a state database's schema stands against this binary's
@@ -95,21 +96,35 @@ async fn open_pool(raw: &str, access: Access) -> anyhow::Result<DatabaseConnecti
             }
         });
     }
-    if access != Access::Write {
-        options.map_sqlx_postgres_opts(|o| o.options([("default_transaction_read_only", "on")]));
-    }
-    if let Some(port) = postgres_tcp_port(raw) {
-        // Every new pooled connection, not just the first (see
-        // `nodelay`): sqlx 0.9.0 leaves Nagle on.
-        options.map_sqlx_postgres_pool_opts(move |pool| {
-            pool.after_connect(move |_conn, _meta| {
-                Box::pin(async move {
-                    nodelay::set_on_sockets_to(port);
-                    Ok(())
-                })
+    if access == Access::Write && !raw.contains(":memory:") {
+        // A connection a failed write left inside a transaction is closed,
+        // never pooled again (see `integrity`). (`:memory:` keeps its one
+        // connection: closing it would drop the database.)
+        options.map_sqlx_sqlite_pool_opts(|pool| {
+            pool.after_release(|conn, _meta| {
+                Box::pin(async move { Ok(integrity::release_clean_sqlite(conn).await) })
             })
         });
     }
+    if access != Access::Write {
+        options.map_sqlx_postgres_opts(|o| o.options([("default_transaction_read_only", "on")]));
+    }
+    let port = postgres_tcp_port(raw);
+    // (One call: sea-orm keeps only the last function given.)
+    options.map_sqlx_postgres_pool_opts(move |pool| {
+        let pool = pool.after_release(|conn, _meta| {
+            Box::pin(async move { Ok(integrity::release_clean_postgres(conn).await) })
+        });
+        let Some(port) = port else { return pool };
+        // Every new pooled connection, not just the first (see
+        // `nodelay`): sqlx 0.9.0 leaves Nagle on.
+        pool.after_connect(move |_conn, _meta| {
+            Box::pin(async move {
+                nodelay::set_on_sockets_to(port);
+                Ok(())
+            })
+        })
+    });
     Database::connect(options).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot open the state database: {}",

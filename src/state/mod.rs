@@ -13,6 +13,7 @@
 
 mod connect;
 mod entities;
+mod integrity;
 mod lease;
 mod lookups;
 mod members;
@@ -24,6 +25,7 @@ mod records;
 mod refusals;
 mod retention;
 mod runs;
+mod writable;
 
 pub use connect::{MIGRATION_LOCK_KEY, Schema, schema_of, sqlite_file};
 pub use lease::{Fenced, Lease};
@@ -36,6 +38,7 @@ pub use records::{LedgerRow, NewRecord};
 pub use refusals::{NewRefusal, ParkedRecord, Refusal, RefusalKey};
 pub use retention::Pruned;
 pub use runs::RunRow;
+pub use writable::{UnrecordedEnd, Writable};
 
 use std::collections::HashMap;
 
@@ -75,6 +78,9 @@ pub struct Store {
     /// it took none (dry runs, library tests): its writes are not fenced.
     /// Shared by every clone of the store.
     fence: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// Whether it takes writes, as the runs' records last found it;
+    /// shared by every clone.
+    writable: Writable,
 }
 
 impl Store {
@@ -82,6 +88,7 @@ impl Store {
         Store {
             db,
             fence: Default::default(),
+            writable: Writable::default(),
         }
     }
 
@@ -96,6 +103,12 @@ impl Store {
 
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
+    }
+
+    /// Whether the database takes writes, as the runs' records last found
+    /// it (see [`Writable`]).
+    pub fn writable(&self) -> &Writable {
+        &self.writable
     }
 }
 
@@ -172,7 +185,7 @@ mod tests {
     }
 
     /// A fresh PostgreSQL database: its URL and a guard that drops it.
-    async fn fresh_postgres() -> (String, impl Drop) {
+    pub(super) async fn fresh_postgres() -> (String, impl Drop) {
         struct DropDb(String);
         impl Drop for DropDb {
             fn drop(&mut self) {

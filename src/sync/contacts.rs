@@ -72,8 +72,14 @@ pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsRepo
         )),
         Outcome::Applied | Outcome::DryRun(_) | Outcome::Interrupted => None,
     };
-    run.finish(ctx, report.status(), &counts_json, error.as_deref())
-        .await?;
+    if let Err(db) = run
+        .finish(ctx, report.status(), &counts_json, error.as_deref())
+        .await
+    {
+        // Counted as failed: what it did is not on record.
+        summary_event(&run.id, &report.counts, duration_ms, RunStatus::Failed);
+        return Err(db.context("cannot record the end of the run"));
+    }
     summary_event(&run.id, &report.counts, duration_ms, report.status());
     Ok(report)
 }

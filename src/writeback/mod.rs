@@ -103,11 +103,18 @@ pub async fn run_with(ctx: &Context, retry_parked: bool) -> anyhow::Result<Write
             Some(ctx.redactor.redact(&format!("{e:#}"))),
         ),
     };
+    let mut result = result;
+    let mut status = status;
     if let Err(db) = run
         .finish(ctx, status, &counts_json, error.as_deref())
         .await
     {
         tracing::error!(run_id = %run_id, error = %format!("{db:#}"), "cannot record the end of the run");
+        // Counted as failed: what it did is not on record.
+        status = RunStatus::Failed;
+        if result.is_ok() {
+            result = Err(db.context("cannot record the end of the run"));
+        }
     }
     tracing::info!(
         job = %JOB,

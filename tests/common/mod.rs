@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+pub mod daemon;
+
 use crm_edm_sync::config::Settings;
 use crm_edm_sync::jobs::{Context, RunOptions};
 use crm_edm_sync::sandbox::Sandbox;

@@ -1,0 +1,180 @@
+//! Nothing lost when the state database stops taking writes: the daemon
+//! fails the runs that cannot record, says so (`/healthz`, a gauge, one
+//! ERROR line), recovers by itself once it can write again, and a restart
+//! on the database it leaves behind adds nobody twice.
+//!
+//! The fault is real: on SQLite the daemon's file-size limit
+//! (`RLIMIT_FSIZE`, set on the running process with `prlimit`) makes every
+//! write to the database and its WAL fail as a full disk does; on
+//! PostgreSQL (`CRM_EDM_SYNC_TEST_DB=postgres`) a deferred constraint
+//! trigger makes every `COMMIT` that touches `runs` or `operations` fail.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::{BIN, Daemon, metrics_text, sandbox, write_config};
+use common::{TestDb, applied_adds};
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::json;
+
+/// Makes the state database refuse writes, or lifts that.
+async fn set_full(db: &TestDb, daemon: &Daemon, full: bool) {
+    if db.url.starts_with("sqlite") {
+        let pid = daemon.child.id().expect("running") as libc::pid_t;
+        let limit = if full { 0 } else { libc::RLIM_INFINITY };
+        let rlim = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: plain system call on a child process of ours.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &rlim, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+        return;
+    }
+    let conn = Database::connect(db.url.as_str()).await.unwrap();
+    let sql = if full {
+        "CREATE OR REPLACE FUNCTION ces_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'injected: could not extend file: No space left on device'; END $$;
+         CREATE CONSTRAINT TRIGGER ces_full_runs AFTER INSERT OR UPDATE ON runs DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ces_full();
+         CREATE CONSTRAINT TRIGGER ces_full_ops AFTER INSERT OR UPDATE ON operations DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ces_full();"
+    } else {
+        "DROP TRIGGER ces_full_runs ON runs; DROP TRIGGER ces_full_ops ON operations;"
+    };
+    conn.execute_unprepared(sql).await.unwrap();
+    conn.close().await.unwrap();
+}
+
+async fn healthz(url: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::get(format!("{url}/healthz")).await.unwrap();
+    let status = r.status().as_u16();
+    let body = r.bytes().await.unwrap_or_default();
+    (status, serde_json::from_slice(&body).unwrap_or_default())
+}
+
+/// Waits up to `within` for `/healthz` to answer `status`.
+async fn healthz_becomes(url: &str, status: u16, within: Duration) -> (u16, serde_json::Value) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let got = healthz(url).await;
+        if got.0 == status || tokio::time::Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn a_state_database_that_stops_taking_writes_fails_runs_loudly_and_the_daemon_recovers_by_itself()
+ {
+    // Arrange: 30 link-men synced by a daemon running contacts every second.
+    let sb = sandbox().await;
+    let linkman = |c: i64| json!({"name": format!("n{c}"), "email": format!("p{c}@example.com")});
+    for c in 1..=30i64 {
+        sb.crm
+            .put_customer(c, json!({"name": format!("c{c}"), "type_id": 1}));
+        sb.crm.put_linkman(c, c * 10, linkman(c));
+    }
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sb, &db);
+    let mut daemon = Daemon::start(&config, &[]);
+    let url = daemon.ops_url().await;
+    daemon
+        .expect("run finished", 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        healthz_becomes(&url, 200, Duration::from_secs(10)).await.0,
+        200
+    );
+
+    // Act 1: the database stops taking writes, and 20 people join the CRM.
+    set_full(&db, &daemon, true).await;
+    for c in 31..=50i64 {
+        sb.crm
+            .put_customer(c, json!({"name": format!("c{c}"), "type_id": 1}));
+        sb.crm.put_linkman(c, c * 10, linkman(c));
+    }
+    let failed_before = daemon.count("run failed");
+    daemon
+        .expect("run failed", failed_before + 3, Duration::from_secs(30))
+        .await;
+    let (full_status, full_body) = healthz(&url).await;
+    let full_metrics = metrics_text(&url).await;
+    let held_while_full = sb.edm.emails(1).len();
+
+    // Act 2: room again.
+    set_full(&db, &daemon, false).await;
+    let (recovered_status, _) = healthz_becomes(&url, 200, Duration::from_secs(30)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sb.edm.emails(1).len() < 50 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recovered_metrics = metrics_text(&url).await;
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+
+    // Act 3: a manual run on the database the daemon left behind.
+    let once = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["--once", "--job", "contacts"])
+        .output()
+        .await
+        .unwrap();
+
+    // Assert: while full, nothing was added, and the daemon said why.
+    let log = daemon.log();
+    assert_eq!(held_while_full, 30, "an add was sent that was not recorded");
+    assert_eq!(full_status, 503, "{full_body}\n{log}");
+    assert!(
+        full_body["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not take writes"),
+        "{full_body}"
+    );
+    assert_eq!(
+        gauge(&full_metrics, "crm_edm_sync_state_db_writable"),
+        Some(0.0)
+    );
+    assert_eq!(
+        daemon.count("the state database does not take writes"),
+        1,
+        "one ERROR line for the change, not one per run:\n{log}"
+    );
+    // Recovered by itself, without a restart.
+    assert_eq!(recovered_status, 200, "{log}");
+    assert_eq!(daemon.count("the state database takes writes again"), 1);
+    assert_eq!(
+        gauge(&recovered_metrics, "crm_edm_sync_state_db_writable"),
+        Some(1.0)
+    );
+    assert_eq!(sb.edm.emails(1).len(), 50, "{log}");
+    // The restart added nobody twice, and no run is left running.
+    assert!(once.status.success(), "{once:?}");
+    let adds = applied_adds(&sb);
+    let twice: Vec<_> = adds.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "added twice: {twice:?}");
+    assert_eq!(adds.len(), 50);
+    let state = Database::connect(db.url.as_str()).await.unwrap();
+    let running = state
+        .query_one_raw(sea_orm::Statement::from_string(
+            state.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM runs WHERE status = 'running'",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap();
+    assert_eq!(running, 0);
+    state.close().await.unwrap();
+}
