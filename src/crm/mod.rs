@@ -218,6 +218,31 @@ impl CrmClient {
             .collect()
     }
 
+    /// `Customer/Get`: one customer by id, `None` when the CRM has no such
+    /// customer (see [`record_or_none`]).
+    #[tracing::instrument(skip_all, fields(customer_id))]
+    pub async fn customer(&self, id: CustomerId) -> Result<Option<CrmMap>, RemoteError> {
+        self.one("Customer/Get", id.0).await
+    }
+
+    /// `LinkMan/GetLinkMan`: one link-man by id, `None` when the CRM has
+    /// no such link-man (see [`record_or_none`]).
+    #[tracing::instrument(skip_all, fields(link_man_id))]
+    pub async fn linkman(&self, id: LinkManId) -> Result<Option<CrmMap>, RemoteError> {
+        self.one("LinkMan/GetLinkMan", id.0).await
+    }
+
+    async fn one(&self, op: &str, id: i64) -> Result<Option<CrmMap>, RemoteError> {
+        let answer = self
+            .call(op, &[("id", id.to_string())], Idempotence::Idempotent)
+            .await;
+        match answer {
+            Ok(value) => record_or_none(op, value),
+            Err(e) if matches!(e.kind, ErrorKind::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `ContactHistory/Add`: `{"value": true}` is success, anything else an
     /// error.
     #[tracing::instrument(skip_all, fields(customer_id, link_man_id))]
@@ -398,6 +423,28 @@ pub fn read_objects(operation: &str, value: Value) -> Result<Vec<CrmMap>, Remote
             "\"value\" is {} instead of an array",
             json_kind(&other)
         ))),
+    }
+}
+
+/// The answer of a get-by-id call. The CRM's documents do not say how it
+/// answers an id it does not have; taken as "no such record": a `value`
+/// that is `null`, `false`, an empty object or an empty array (and, in
+/// the caller, HTTP 404). An object is the record; anything else is an
+/// error.
+pub fn record_or_none(operation: &str, value: Value) -> Result<Option<CrmMap>, RemoteError> {
+    match value {
+        Value::Null | Value::Bool(false) => Ok(None),
+        Value::Object(map) if map.is_empty() => Ok(None),
+        Value::Array(items) if items.is_empty() => Ok(None),
+        Value::Object(map) => Ok(Some(map)),
+        other => Err(RemoteError::new(
+            Api::Crm,
+            operation,
+            ErrorKind::Malformed {
+                detail: format!("\"value\" is {} instead of an object", json_kind(&other)),
+                excerpt: String::new(),
+            },
+        )),
     }
 }
 

@@ -49,11 +49,27 @@ struct CrmData {
     auth_error_in_body: bool,
 }
 
+/// A change a CRM user makes while the daemon reads: run once, right
+/// after the first request of `operation` whose `param` is `value` has
+/// been answered.
+struct MidPull {
+    operation: String,
+    param: (String, String),
+    change: Box<dyn FnOnce(&CrmHandle) + Send>,
+}
+
 /// Seeds, mutates and reads the fake CRM.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CrmHandle {
     data: Arc<Mutex<CrmData>>,
     shared: Arc<Shared>,
+    mid_pull: Arc<Mutex<Vec<MidPull>>>,
+}
+
+impl std::fmt::Debug for CrmHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrmHandle").finish_non_exhaustive()
+    }
 }
 
 fn object(v: Value) -> Map<String, Value> {
@@ -68,6 +84,40 @@ impl CrmHandle {
         CrmHandle {
             data: Arc::new(Mutex::new(CrmData::default())),
             shared,
+            mid_pull: Arc::default(),
+        }
+    }
+
+    /// Changes the CRM once, right after the first `operation` request
+    /// with `param` = `value` was answered (`("pageIndex", "1")` of
+    /// `Customer/GetAllList`, `("cust_id", "7")` of
+    /// `LinkMan/GetLinkManList`): a user editing the CRM while a pull reads
+    /// it.
+    pub fn after(
+        &self,
+        operation: &str,
+        param: (&str, &str),
+        change: impl FnOnce(&CrmHandle) + Send + 'static,
+    ) {
+        lock(&self.mid_pull).push(MidPull {
+            operation: operation.to_string(),
+            param: (param.0.to_string(), param.1.to_string()),
+            change: Box::new(change),
+        });
+    }
+
+    /// Runs the changes due after this request (see [`CrmHandle::after`]).
+    fn changes_after(&self, operation: &str, p: &BTreeMap<String, String>) {
+        let due: Vec<MidPull> = {
+            let mut pending = lock(&self.mid_pull);
+            let (due, rest) = std::mem::take(&mut *pending)
+                .into_iter()
+                .partition(|m| m.operation == operation && p.get(&m.param.0) == Some(&m.param.1));
+            *pending = rest;
+            due
+        };
+        for m in due {
+            (m.change)(self);
         }
     }
 
@@ -186,6 +236,7 @@ async fn handle(
             .into_response();
     }
     let (status, value) = answer(&h, &operation, &p);
+    h.changes_after(&operation, &p);
     let after = if status.is_success() {
         after
     } else {

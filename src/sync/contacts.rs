@@ -1,7 +1,8 @@
 //! One contacts run, in this order:
 //!
 //! 1. Pull the whole CRM. A pull that did not complete applies nothing
-//!    (behaviour 7).
+//!    (behaviour 7). Owned members whose link-man the pull did not return
+//!    are looked at again by id before anything is planned (`vanished`).
 //! 2. Read `unsubscribe-export` of every synced list; new lines are the
 //!    daemon's own unsubscribes or user unsubscribes (behaviour 6).
 //! 3. Resolve operations left pending by earlier runs by checking the list
@@ -22,6 +23,7 @@ use super::apply::Applier;
 use super::desired::{Desired, DesiredBuilder, MappingRules};
 use super::lookup::lookup;
 use super::plan::{check_safety, members_per_list, plan};
+use super::vanished::second_look;
 use crate::domain::{Email, ListId};
 use crate::jobs::exports::View;
 use crate::jobs::lifecycle::Run;
@@ -104,6 +106,10 @@ fn summary_event(run_id: &str, c: &ContactsCounts, duration_ms: u64, status: Run
         customers = c.customers,
         linkmen = c.linkmen,
         edm_writes = c.edm_writes,
+        customers_read_late = c.second_look.customers_read_late,
+        vanished_confirmed = c.second_look.vanished_confirmed,
+        vanished_kept = c.second_look.vanished_kept,
+        vanished_unconfirmed = c.second_look.vanished_unconfirmed,
         duration_ms,
         "run finished"
     );
@@ -126,6 +132,9 @@ async fn run_inner(
         }
     };
     pulled.context("CRM pull did not complete; nothing was applied")?;
+    let mut view = View::load(ctx).await?;
+    // 1b. Nobody is unsubscribed for having vanished from one pull only.
+    counts.second_look = second_look(ctx, &mut builder, &view.members).await;
     counts.customers = builder.customers;
     counts.linkmen = builder.linkmen;
     let desired = builder.finish();
@@ -136,7 +145,6 @@ async fn run_inner(
     counts.duplicates = desired.collisions.len();
 
     let lists = settings.synced_lists();
-    let mut view = View::load(ctx).await?;
     // The safety ratio's denominator: what the state DB recorded before
     // this run changed anything.
     let members_before = members_per_list(&view.members);

@@ -1,7 +1,7 @@
 //! CRM snapshot → desired EDM members (DESIGN.md behaviours 1–4). Pure: no
 //! I/O, no clock; what deserves a log line comes back in the result.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::config::{Route, Settings, VarMapping};
 use crate::crm::{CrmMap, CrmSnapshot, LinkMan};
@@ -123,6 +123,8 @@ pub struct DesiredBuilder {
     others: HashMap<MemberKey, Vec<DesiredMember>>,
     /// Which customer a link-man was taken from, and under which key.
     by_linkman: HashMap<LinkManId, (CustomerId, Option<MemberKey>)>,
+    /// The customers added.
+    customer_ids: HashSet<CustomerId>,
     invalid: Vec<InvalidEmail>,
     without_email: usize,
     repeated: Vec<LinkManId>,
@@ -137,6 +139,7 @@ impl DesiredBuilder {
             by_key: HashMap::new(),
             others: HashMap::new(),
             by_linkman: HashMap::new(),
+            customer_ids: HashSet::new(),
             invalid: Vec::new(),
             without_email: 0,
             repeated: Vec::new(),
@@ -149,6 +152,7 @@ impl DesiredBuilder {
     /// link-man returned by two customers belongs to the lower customer id.
     pub fn add(&mut self, customer: &CrmMap, customer_id: CustomerId, linkmen: &[LinkMan]) {
         self.customers += 1;
+        self.customer_ids.insert(customer_id);
         for lm in linkmen {
             self.linkmen += 1;
             if let Some((earlier, key)) = self.by_linkman.get(&lm.id).cloned() {
@@ -179,6 +183,25 @@ impl DesiredBuilder {
             };
             self.by_linkman.insert(lm.id, (customer_id, key));
         }
+    }
+
+    /// Whether a customer was added.
+    pub fn has_customer(&self, id: CustomerId) -> bool {
+        self.customer_ids.contains(&id)
+    }
+
+    /// Whether a customer returned this link-man.
+    pub fn has_linkman(&self, id: LinkManId) -> bool {
+        self.by_linkman.contains_key(&id)
+    }
+
+    /// Keeps `member` as the state DB has it: its link-man is missing from
+    /// this pull but still in the CRM (the CRM changed while it was read),
+    /// so it is neither unsubscribed nor changed this run.
+    pub fn hold(&mut self, member: DesiredMember) {
+        let (id, customer, key) = (member.link_man_id, member.customer_id, member.key.clone());
+        self.propose(member);
+        self.by_linkman.insert(id, (customer, Some(key)));
     }
 
     /// Adds a candidate for its key; the lowest link-man id leads.

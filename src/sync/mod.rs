@@ -12,3 +12,4 @@ mod edits;
 pub mod lookup;
 pub mod plan;
 pub mod report;
+pub mod vanished;

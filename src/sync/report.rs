@@ -31,6 +31,10 @@ pub struct ContactsCounts {
     pub recovered: usize,
     pub lists_read: usize,
     pub edm_writes: usize,
+    /// What the second look at link-men missing from the pull found (see
+    /// `vanished`).
+    #[serde(flatten)]
+    pub second_look: super::vanished::SecondLook,
 }
 
 /// How a run ended.
