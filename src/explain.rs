@@ -379,6 +379,9 @@ pub fn to_text(a: &Explanation) -> String {
                 when(s.since_ms),
                 s.source
             );
+            if s.unsubscribed_while_behind {
+                let _ = writeln!(out, "    {}", crate::states::SuppressionSource::BEHIND_NOTE);
+            }
         }
     }
     if a.operations.is_empty() {

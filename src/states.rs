@@ -192,6 +192,11 @@ impl SuppressionReason {
 pub enum SuppressionSource {
     /// An `unsubscribe-export` line and its time, as EDM wrote it.
     Export { time: String },
+    /// An `unsubscribe-export` line first read while the state database
+    /// was behind EDM (restored from a backup): it may be the daemon's own
+    /// `ml-unsub` that the restored database forgot, or the recipient's.
+    /// Kept suppressed, and named so.
+    ExportWhileBehind { time: String },
     /// A `failexport` line of a campaign.
     Bounce {
         campaign_id: i64,
@@ -203,12 +208,30 @@ pub enum SuppressionSource {
 
 impl SuppressionSource {
     const EXPORT: &'static str = "unsubscribe-export ";
+    const BEHIND: &'static str = " (state database behind)";
     const CAMPAIGN: &'static str = "campaign ";
+
+    /// Whether it was read while the state database was behind EDM.
+    pub fn while_behind(&self) -> bool {
+        matches!(self, SuppressionSource::ExportWhileBehind { .. })
+    }
+
+    /// What an operator reads for a suppression learnt while the state
+    /// database was behind.
+    pub const BEHIND_NOTE: &'static str = "unsubscribed while the state database was behind: the restored database cannot tell whether this was the daemon's own unsubscribe or the recipient's, so it stays suppressed; lift it only after checking (README, \"Restore a backup\")";
+
+    /// The stored text that marks one read while behind (for queries).
+    pub fn behind_suffix() -> &'static str {
+        Self::BEHIND
+    }
 
     /// The stored text.
     pub fn to_text(&self) -> String {
         match self {
             SuppressionSource::Export { time } => format!("{}{time}", Self::EXPORT),
+            SuppressionSource::ExportWhileBehind { time } => {
+                format!("{}{time}{}", Self::EXPORT, Self::BEHIND)
+            }
             SuppressionSource::Bounce {
                 campaign_id,
                 bounce_type,
@@ -220,6 +243,11 @@ impl SuppressionSource {
     /// Reads the stored text back.
     pub fn parse(text: &str) -> SuppressionSource {
         if let Some(time) = text.strip_prefix(Self::EXPORT) {
+            if let Some(time) = time.strip_suffix(Self::BEHIND) {
+                return SuppressionSource::ExportWhileBehind {
+                    time: time.to_string(),
+                };
+            }
             return SuppressionSource::Export {
                 time: time.to_string(),
             };
@@ -373,6 +401,9 @@ mod tests {
             SuppressionSource::Bounce {
                 campaign_id: 42,
                 bounce_type: "not_exist".into(),
+            },
+            SuppressionSource::ExportWhileBehind {
+                time: "2026-11-30 10:00:00".into(),
             },
             SuppressionSource::Other("hand-made".into()),
         ];

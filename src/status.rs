@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use crate::config::Settings;
 use crate::domain::{ListId, Origin};
 use crate::state::{ParkedRecord, PendingRow, Refusal, RunRow, Store};
-use crate::states::{LedgerStatus, RecordKind, SuppressionReason};
+use crate::states::{LedgerStatus, RecordKind, SuppressionReason, SuppressionSource};
 
 /// Runs shown per job.
 const RUNS_PER_JOB: usize = 5;
@@ -79,6 +79,10 @@ pub struct StatusReport {
     /// Contact-history records parked (refused in `crm.max_attempts` runs).
     pub parked_records_total: u64,
     pub parked_records: Vec<ParkedRecord>,
+    /// Suppressions learnt while the state database was behind EDM:
+    /// how many, and the newest `(list_id, email, export time)`.
+    pub behind_total: u64,
+    pub behind: Vec<(ListId, String, String)>,
 }
 
 impl StatusReport {
@@ -86,7 +90,10 @@ impl StatusReport {
         let (pending_total, pending) = store.pending_summary(PENDING).await?;
         let (parked_total, parked) = store.parked_operations(PARKED).await?;
         let (parked_records_total, parked_records) = store.parked_records(PARKED).await?;
+        let (behind_total, behind) = store.behind_unsubscribes(PARKED as usize).await?;
         Ok(StatusReport {
+            behind_total,
+            behind,
             parked_total,
             parked,
             parked_records_total,
@@ -169,6 +176,13 @@ impl StatusReport {
             "parked_operations": {"total": self.parked_total, "oldest": parked},
             "parked_records": {"total": self.parked_records_total, "oldest": parked_records},
             "suppressions": suppressions,
+            "unsubscribed_while_behind": {
+                "total": self.behind_total,
+                "note": SuppressionSource::BEHIND_NOTE,
+                "members": self.behind.iter().map(|(list_id, email, time)| json!({
+                    "list_id": list_id, "address": crate::domain::mask_address(email), "export_time": time,
+                })).collect::<Vec<_>>(),
+            },
             "contact_history_records": records,
             "members": members,
         })
@@ -270,6 +284,21 @@ impl StatusReport {
         for (reason, n) in &self.suppressions {
             let _ = writeln!(out, "  {reason}: {n}");
         }
+        if self.behind_total > 0 {
+            let _ = writeln!(
+                out,
+                "{}: {}",
+                SuppressionSource::BEHIND_NOTE,
+                self.behind_total
+            );
+            for (list_id, email, time) in &self.behind {
+                let _ = writeln!(
+                    out,
+                    "  list {list_id} {} (export line {time})",
+                    crate::domain::mask_address(email)
+                );
+            }
+        }
         let _ = writeln!(out, "contact-history records:");
         if self.records.is_empty() {
             let _ = writeln!(out, "  none");
@@ -343,6 +372,8 @@ mod tests {
             }],
             parked_records_total: 0,
             parked_records: vec![],
+            behind_total: 0,
+            behind: vec![],
         };
 
         // Act

@@ -427,6 +427,12 @@ mod tests {
     /// opened again — nothing of the failure lingers in a pooled
     /// connection.
     async fn every_write_path_fails_loudly_and_loses_nothing_after(fault: Fault) {
+        let _sockets = match fault {
+            Fault::PostgresCommit | Fault::PostgresTerminated => {
+                Some(super::super::tests::FOREIGN_PG_SOCKETS.lock().await)
+            }
+            _ => None,
+        };
         for path in write_paths() {
             // Arrange
             let dir = tempfile::tempdir().unwrap();

@@ -38,6 +38,9 @@ pub struct SuppressionFact {
     pub reason: SuppressionReason,
     pub source: String,
     pub since_ms: i64,
+    /// Learnt while the state database was behind EDM: perhaps the
+    /// daemon's own unsubscribe, perhaps the recipient's.
+    pub unsubscribed_while_behind: bool,
 }
 
 /// An EDM operation on the address.
@@ -183,6 +186,7 @@ impl Store {
                 list_id: s.list_id,
                 email: s.email,
                 reason: s.reason,
+                unsubscribed_while_behind: SuppressionSource::parse(&s.source).while_behind(),
                 source: s.source,
                 since_ms: s.created_at,
             })

@@ -163,10 +163,17 @@ mod tests {
     use sea_orm::{ConnectionTrait, Database};
     use secrecy::SecretString;
 
+    /// Held by tests that keep connections to PostgreSQL open that are not
+    /// the store's (and so have Nagle on), so that the test counting the
+    /// store's new sockets does not count theirs.
+    pub(super) static FOREIGN_PG_SOCKETS: tokio::sync::Mutex<()> =
+        tokio::sync::Mutex::const_new(());
+
     #[tokio::test]
     async fn postgres_connections_are_opened_with_nodelay() {
         // Arrange: a fresh database, and the sockets to PostgreSQL that
         // exist before the store connects.
+        let _alone = FOREIGN_PG_SOCKETS.lock().await;
         let (url, _guard) = fresh_postgres().await;
         let before = nodelay::sockets_to(5432);
 

@@ -217,6 +217,34 @@ impl Store {
     }
 
     /// Suppression counts by reason.
+    /// Suppressions learnt while the state database was behind EDM
+    /// (newest first): how many, and up to `limit` of them as
+    /// `(list_id, email, export line time)`.
+    pub async fn behind_unsubscribes(
+        &self,
+        limit: usize,
+    ) -> anyhow::Result<(u64, Vec<(ListId, String, String)>)> {
+        let rows = suppression::Entity::find()
+            .filter(
+                suppression::Column::Source
+                    .like(format!("%{}", SuppressionSource::behind_suffix())),
+            )
+            .order_by_desc(suppression::Column::CreatedAt)
+            .all(&self.db)
+            .await
+            .context("cannot read suppressions")?;
+        let total = rows.len() as u64;
+        let shown = rows
+            .into_iter()
+            .take(limit)
+            .filter_map(|r| match SuppressionSource::parse(&r.source) {
+                SuppressionSource::ExportWhileBehind { time } => Some((r.list_id, r.email, time)),
+                _ => None,
+            })
+            .collect();
+        Ok((total, shown))
+    }
+
     pub async fn suppression_counts(&self) -> anyhow::Result<Vec<(SuppressionReason, u64)>> {
         let rows = suppression::Entity::find().all(&self.db).await?;
         let mut counts: std::collections::BTreeMap<SuppressionReason, u64> = Default::default();

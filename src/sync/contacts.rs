@@ -8,7 +8,8 @@
 //! 3. Resolve operations left pending by earlier runs by checking the list
 //!    (behaviour 9).
 //! 4. Read whole lists where behaviour 5 asks for it (before the first add
-//!    into a list, and on `--full`).
+//!    into a list, and on `--full`); where the state DB is behind EDM
+//!    (`behind`), look up the planned adds before sending them.
 //! 5. Plan (pure), check the safety limits (behaviour 7); `--dry-run` stops
 //!    here and changes nothing.
 //! 6. Apply: state-only changes, then unsubscribes, adds (batched) and
@@ -20,6 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use anyhow::Context as _;
 
 use super::apply::Applier;
+use super::behind;
 use super::desired::{Desired, DesiredBuilder, MappingRules};
 use super::lookup::lookup;
 use super::plan::{check_safety, members_per_list, plan};
@@ -110,6 +112,8 @@ fn summary_event(run_id: &str, c: &ContactsCounts, duration_ms: u64, status: Run
         vanished_confirmed = c.second_look.vanished_confirmed,
         vanished_kept = c.second_look.vanished_kept,
         vanished_unconfirmed = c.second_look.vanished_unconfirmed,
+        lists_behind = c.lists_behind,
+        relearnt = c.relearnt,
         duration_ms,
         "run finished"
     );
@@ -197,7 +201,8 @@ async fn run_inner(
     }
 
     // 4. Whole-list reads (behaviour 5).
-    let adds_into = plan(&desired.members, &members, &suppressions).lists_with_adds();
+    let first = plan(&desired.members, &members, &suppressions);
+    let adds_into = first.lists_with_adds();
     for &list_id in &lists {
         let first_add = adds_into.contains(&list_id)
             && books
@@ -237,6 +242,14 @@ async fn run_inner(
         }
         obs.list_reads.push((list_id, read_at));
     }
+
+    // 4b. A state database behind EDM re-learns before it writes.
+    let candidates = behind::candidates(&first, &obs);
+    for list in behind::lists_behind(ctx, &candidates, &members).await? {
+        counts.lists_behind += 1;
+        counts.relearnt += behind::relearn(ctx, list, &first, &mut members, &mut obs).await?;
+    }
+    drop(first);
 
     // 5. Plan and safety.
     let the_plan = plan(&desired.members, &members, &suppressions);

@@ -6,6 +6,7 @@
 //! [`crate::jobs`].
 
 pub mod apply;
+pub mod behind;
 pub mod contacts;
 pub mod desired;
 mod edits;

@@ -35,6 +35,10 @@ pub struct ContactsCounts {
     /// `vanished`).
     #[serde(flatten)]
     pub second_look: super::vanished::SecondLook,
+    /// Lists where the state DB was found behind EDM (see `behind`).
+    pub lists_behind: usize,
+    /// Planned adds EDM already held there: learnt, not sent again.
+    pub relearnt: usize,
 }
 
 /// How a run ended.

@@ -259,6 +259,10 @@ async fn run_inner(
         .await?
         .into_iter()
         .filter(|(list, _, _)| synced.contains(list))
+        // Read while the state database was behind: perhaps the daemon's
+        // own unsubscribe, so no "recipient unsubscribed" record is
+        // written for it.
+        .filter(|(_, _, source)| !source.while_behind())
         .map(|(list_id, address, source)| Unsubscribe {
             list_id,
             address,
@@ -266,9 +270,9 @@ async fn run_inner(
                 SuppressionSource::Export { time } => time,
                 // Not written by this version for a user unsubscribe;
                 // shown as it is.
-                other @ (SuppressionSource::Bounce { .. } | SuppressionSource::Other(_)) => {
-                    other.to_text()
-                }
+                other @ (SuppressionSource::Bounce { .. }
+                | SuppressionSource::ExportWhileBehind { .. }
+                | SuppressionSource::Other(_)) => other.to_text(),
             },
         })
         .collect();
