@@ -178,3 +178,60 @@ async fn a_state_database_that_stops_taking_writes_fails_runs_loudly_and_the_dae
     assert_eq!(running, 0);
     state.close().await.unwrap();
 }
+
+/// Makes every write that marks a contact-history record done fail, as a
+/// full disk would, on either backend; `false` lifts it.
+async fn fail_ledger_done(db: &TestDb, on: bool) {
+    let conn = Database::connect(db.url.as_str()).await.unwrap();
+    let sql = match (db.url.starts_with("sqlite"), on) {
+        (true, true) => "CREATE TRIGGER ces_full_done BEFORE UPDATE ON writeback_ledger WHEN NEW.status = 'done' BEGIN SELECT RAISE(ROLLBACK, 'injected: database or disk is full'); END",
+        (true, false) => "DROP TRIGGER ces_full_done",
+        (false, true) => {
+            "CREATE OR REPLACE FUNCTION ces_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'injected: could not extend file: No space left on device'; END $$;
+             CREATE TRIGGER ces_full_done BEFORE UPDATE ON writeback_ledger FOR EACH ROW WHEN (NEW.status = 'done') EXECUTE FUNCTION ces_full();"
+        }
+        (false, false) => "DROP TRIGGER ces_full_done ON writeback_ledger",
+    };
+    conn.execute_unprepared(sql).await.unwrap();
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn records_the_crm_confirmed_while_the_ledger_took_no_writes_are_not_sent_again() {
+    // Arrange: 30 people who opened today's campaign; the ledger refuses
+    // to record any of them done.
+    let e = common::env().await;
+    for c in 1..=30i64 {
+        e.sb.crm
+            .put_customer(c, json!({"name": format!("公司{c}"), "type_id": 1}));
+        e.sb.crm.put_linkman(
+            c,
+            c * 10,
+            json!({"name": format!("人{c}"), "email": format!("p{c}@example.com")}),
+        );
+    }
+    e.sync().await;
+    e.sb.edm.put_campaign(common::opened_today_by_p1_to(30));
+    fail_ledger_done(&e.db, true).await;
+
+    // Act
+    let failed = crm_edm_sync::writeback::run(&e.ctx).await;
+    let sent_while_failing = e.sb.crm.history().len();
+    fail_ledger_done(&e.db, false).await;
+    let next = crm_edm_sync::writeback::run(&e.ctx).await;
+
+    // Assert: the failing run stopped loudly after the calls in flight;
+    // the next one recorded what the CRM had confirmed and sent only the
+    // rest: each record once.
+    let err = format!("{:#}", failed.unwrap_err());
+    assert!(err.contains("did not take the ledger's writes"), "{err}");
+    assert!(sent_while_failing > 0);
+    let next = next.unwrap();
+    assert_eq!(next.counts.possibly_duplicated, 0, "{:?}", next.counts);
+    assert_eq!(e.sb.crm.history().len(), 30);
+    let mut people: Vec<i64> = e.sb.crm.history().iter().map(|r| r.link_man_id).collect();
+    people.sort();
+    people.dedup();
+    assert_eq!(people.len(), 30);
+    assert!(e.ctx.store.pending_records().await.unwrap().is_empty());
+}

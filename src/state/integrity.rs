@@ -429,7 +429,7 @@ mod tests {
     async fn every_write_path_fails_loudly_and_loses_nothing_after(fault: Fault) {
         let _sockets = match fault {
             Fault::PostgresCommit | Fault::PostgresTerminated => {
-                Some(super::super::tests::FOREIGN_PG_SOCKETS.lock().await)
+                Some(super::super::tests::FOREIGN_PG_SOCKETS.read().await)
             }
             _ => None,
         };

@@ -163,17 +163,18 @@ mod tests {
     use sea_orm::{ConnectionTrait, Database};
     use secrecy::SecretString;
 
-    /// Held by tests that keep connections to PostgreSQL open that are not
-    /// the store's (and so have Nagle on), so that the test counting the
-    /// store's new sockets does not count theirs.
-    pub(super) static FOREIGN_PG_SOCKETS: tokio::sync::Mutex<()> =
-        tokio::sync::Mutex::const_new(());
+    /// Read-held by tests that open connections to PostgreSQL other than a
+    /// store's pool (admin connections, the migration lock, raw
+    /// connections: Nagle on), write-held by the test that counts the
+    /// store's new sockets, so that it does not count theirs.
+    pub(super) static FOREIGN_PG_SOCKETS: tokio::sync::RwLock<()> =
+        tokio::sync::RwLock::const_new(());
 
     #[tokio::test]
     async fn postgres_connections_are_opened_with_nodelay() {
         // Arrange: a fresh database, and the sockets to PostgreSQL that
         // exist before the store connects.
-        let _alone = FOREIGN_PG_SOCKETS.lock().await;
+        let _alone = FOREIGN_PG_SOCKETS.write().await;
         let (url, _guard) = fresh_postgres().await;
         let before = nodelay::sockets_to(5432);
 
@@ -250,6 +251,7 @@ mod tests {
     /// databases, and an upsert keeps the last row.
     #[tokio::test]
     async fn batched_writes_accept_a_key_twice_on_sqlite_and_postgres() {
+        let _sockets = FOREIGN_PG_SOCKETS.read().await;
         let dir = tempfile::tempdir().unwrap();
         let (pg_url, _guard) = fresh_postgres().await;
         let sqlite_url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
@@ -329,6 +331,7 @@ mod tests {
     /// (its transaction fails and keeps nothing); the new holder can.
     #[tokio::test]
     async fn a_store_whose_lease_was_taken_over_can_record_no_write_on_sqlite_and_postgres() {
+        let _sockets = FOREIGN_PG_SOCKETS.read().await;
         use crate::instance::Instance;
         let dir = tempfile::tempdir().unwrap();
         let (pg_url, _guard) = fresh_postgres().await;
@@ -400,6 +403,7 @@ mod tests {
     #[tokio::test]
     async fn pruning_removes_old_finished_state_and_keeps_what_is_still_needed_on_sqlite_and_postgres()
      {
+        let _sockets = FOREIGN_PG_SOCKETS.read().await;
         let dir = tempfile::tempdir().unwrap();
         let (pg_url, _guard) = fresh_postgres().await;
         let sqlite_url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());

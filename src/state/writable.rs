@@ -27,6 +27,8 @@ struct Inner {
     /// get through.
     failing: Option<String>,
     unrecorded: Vec<UnrecordedEnd>,
+    /// Ledger rows the CRM confirmed whose `done` could not be written.
+    owed_records_done: Vec<i64>,
 }
 
 /// Shared by every clone of a [`super::Store`] (and handed to the ops
@@ -87,6 +89,18 @@ impl Writable {
     /// The ends kept so far; they are handed over once.
     pub fn take_unrecorded(&self) -> Vec<UnrecordedEnd> {
         std::mem::take(&mut self.inner().unrecorded)
+    }
+
+    /// Ledger rows the CRM confirmed but the ledger could not record done:
+    /// the next write-back run records them before it sends anything, so
+    /// they are not sent twice (as long as this process lives).
+    pub fn owe_records_done(&self, ids: &[i64]) {
+        self.inner().owed_records_done.extend_from_slice(ids);
+    }
+
+    /// The ledger rows owed so far; handed over once.
+    pub fn take_owed_records_done(&self) -> Vec<i64> {
+        std::mem::take(&mut self.inner().owed_records_done)
     }
 
     /// Puts ends back that still could not be written.

@@ -170,6 +170,7 @@ async fn run_inner(
 ) -> anyhow::Result<()> {
     let settings = &ctx.settings;
     let lists = settings.synced_lists();
+    settle_owed_records(ctx).await?;
 
     // 1. Unsubscribes, as the contacts job classifies them.
     let mut view = View::load(ctx).await?;
@@ -374,14 +375,19 @@ async fn send_all(
     let mut in_flight = futures::stream::FuturesUnordered::new();
     let mut done: Vec<i64> = Vec::with_capacity(window);
     let mut marking: Option<BoxFuture<'_, anyhow::Result<Vec<LedgerRow>>>> = None;
-    let mut recording: Option<BoxFuture<'_, anyhow::Result<usize>>> = None;
+    let mut recording: Option<BoxFuture<'_, (Vec<i64>, anyhow::Result<()>)>> = None;
     let mut auth_error = None;
+    // A ledger write that failed (a full disk): no new call is made, the
+    // calls in flight are awaited, and what the CRM confirmed is owed to
+    // the ledger (recorded done by the next run, not sent again).
+    let mut db_error: Option<anyhow::Error> = None;
+    let mut owed: Vec<i64> = Vec::new();
     let mut stopped = false;
     loop {
         // Answers not yet recorded hold back new calls past two windows, so
         // a slow database bounds what a crash can leave uncertain.
         while !stopped && in_flight.len() < window && done.len() < 2 * window {
-            if auth_error.is_some() {
+            if auth_error.is_some() || db_error.is_some() {
                 stopped = true;
             } else if ctx.shutdown.is_cancelled() {
                 tracing::info!(
@@ -451,12 +457,12 @@ async fn send_all(
                 .boxed(),
             );
         }
-        if recording.is_none() && done.len() >= window {
+        if recording.is_none() && done.len() >= window && db_error.is_none() {
             let ids = std::mem::take(&mut done);
             recording = Some(
                 async move {
-                    ctx.store.records_done(&ids).await?;
-                    Ok(ids.len())
+                    let written = ctx.store.records_done(&ids).await;
+                    (ids, written)
                 }
                 .boxed(),
             );
@@ -482,7 +488,6 @@ async fn send_all(
                 Err(e) => {
                     counts.failed += 1;
                     crate::metrics::operations("contact_history", "failed", 1);
-                    let text = e.to_string();
                     // Finish the writes under way first, both at once:
                     // either may hold the only connection (SQLite) while
                     // the other waits for it, so awaiting one alone stalled
@@ -490,64 +495,77 @@ async fn send_all(
                     let (marked_now, recorded_now) = tokio::join!(
                         async {
                             match marking.take() {
-                                Some(f) => f.await.map(Some),
-                                None => Ok(None),
+                                Some(f) => Some(f.await),
+                                None => None,
                             }
                         },
                         async {
                             match recording.take() {
-                                Some(f) => f.await.map(Some),
-                                None => Ok(None),
+                                Some(f) => Some(f.await),
+                                None => None,
                             }
                         },
                     );
-                    if let Some(rows) = marked_now? {
-                        marked.extend(rows);
+                    match marked_now {
+                        Some(Ok(rows)) => marked.extend(rows),
+                        Some(Err(db)) => {
+                            db_error.get_or_insert(db);
+                        }
+                        None => {}
                     }
-                    if let Some(n) = recorded_now? {
-                        crate::metrics::operations("contact_history", "done", n);
+                    if let Some((ids, written)) = recorded_now {
+                        ledger_written(ids, written, &mut owed, &mut db_error);
+                    }
+                    let noted = note_refused(ctx, run_id, &row, &e, counts).await;
+                    if let Err(db) = noted {
+                        db_error.get_or_insert(db);
                     }
                     if e.is_auth() {
-                        ctx.store.record_failed(row.id, &text, false).await?;
                         auth_error.get_or_insert(e);
-                    } else if e.is_retriable() {
-                        ctx.store
-                            .record_failed(row.id, &text, e.maybe_applied())
-                            .await?;
-                        tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id.0, error = %text, "contact-history record failed; it stays pending for the next run");
-                    } else {
-                        // The CRM said no (`value:false`, a 4xx): a poison
-                        // record once it has said so in max_attempts runs.
-                        let max = ctx.settings.crm.max_attempts;
-                        if ctx.store.record_refused(row.id, run_id, &text, max).await? {
-                            counts.parked += 1;
-                            tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id.0, error = %text, max_attempts = max, "contact-history record refused in crm.max_attempts runs: parked, no longer sent until --retry-parked");
-                        } else {
-                            tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id.0, error = %text, "contact-history record refused by the CRM; it stays pending for the next run");
-                        }
                     }
                 }
             }},
             next = when_some(&mut marking) => {
                 marking = None;
-                marked.extend(next?);
+                match next {
+                    Ok(rows) => marked.extend(rows),
+                    Err(db) => {
+                        db_error.get_or_insert(db);
+                    }
+                }
             }
-            recorded = when_some(&mut recording) => {
+            (ids, written) = when_some(&mut recording) => {
                 recording = None;
-                crate::metrics::operations("contact_history", "done", recorded?);
+                ledger_written(ids, written, &mut owed, &mut db_error);
             }
         }
     }
-    record_done(ctx, &mut done).await?;
+    if db_error.is_none()
+        && let Err(db) = record_done(ctx, &mut done).await
+    {
+        db_error = Some(db);
+    }
+    owed.append(&mut done);
     // Marked but never sent: not suspected of being in the CRM (unless an
-    // earlier run's lost answer made them so).
+    // earlier run's lost answer made them so). Tried after a ledger failure
+    // too; if it fails as well, the next run sends them with a needless
+    // "may already be in the CRM" warning, never twice.
     let unsent: Vec<i64> = marked
         .iter()
         .filter(|r| !r.uncertain)
         .map(|r| r.id)
         .collect();
-    if !unsent.is_empty() {
-        ctx.store.unmark_records(&unsent).await?;
+    if !unsent.is_empty()
+        && let Err(db) = ctx.store.unmark_records(&unsent).await
+    {
+        db_error.get_or_insert(db);
+    }
+    if let Some(db) = db_error {
+        ctx.store.writable().owe_records_done(&owed);
+        return Err(db.context(format!(
+            "the state database did not take the ledger's writes: no further record was sent, the calls in flight were awaited, and the {} records the CRM confirmed are recorded done by the next run",
+            owed.len()
+        )));
     }
     if let Some(e) = auth_error {
         return Err(anyhow::Error::new(e).context("CRM refused the token; write-back stopped"));
@@ -561,6 +579,74 @@ async fn when_some<F: std::future::Future + Unpin>(slot: &mut Option<F>) -> F::O
     match slot {
         Some(future) => future.await,
         None => std::future::pending().await,
+    }
+}
+
+/// Records done the rows an earlier run of this process had confirmed by
+/// the CRM but could not record (the state database did not take the
+/// write), before anything is read or sent: they are not sent again.
+async fn settle_owed_records(ctx: &Context) -> anyhow::Result<()> {
+    let owed = ctx.store.writable().take_owed_records_done();
+    if owed.is_empty() {
+        return Ok(());
+    }
+    if let Err(e) = ctx.store.records_done(&owed).await {
+        ctx.store.writable().owe_records_done(&owed);
+        return Err(e.context("cannot record contact-history records an earlier run sent"));
+    }
+    tracing::info!(
+        records = owed.len(),
+        "contact-history records the CRM confirmed while the state database took no writes are recorded done now, not sent again"
+    );
+    Ok(())
+}
+
+/// A failed call's row in the ledger: a credentials error or a lost
+/// answer stays pending (the latter uncertain); a refusal counts towards
+/// parking. An error is the ledger's write failing.
+async fn note_refused(
+    ctx: &Context,
+    run_id: &str,
+    row: &LedgerRow,
+    e: &crate::remote::RemoteError,
+    counts: &mut WritebackCounts,
+) -> anyhow::Result<()> {
+    let text = e.to_string();
+    if e.is_auth() {
+        ctx.store.record_failed(row.id, &text, false).await?;
+    } else if e.is_retriable() {
+        ctx.store
+            .record_failed(row.id, &text, e.maybe_applied())
+            .await?;
+        tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id.0, error = %text, "contact-history record failed; it stays pending for the next run");
+    } else {
+        // The CRM said no (`value:false`, a 4xx): a poison record once it
+        // has said so in max_attempts runs.
+        let max = ctx.settings.crm.max_attempts;
+        if ctx.store.record_refused(row.id, run_id, &text, max).await? {
+            counts.parked += 1;
+            tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id.0, error = %text, max_attempts = max, "contact-history record refused in crm.max_attempts runs: parked, no longer sent until --retry-parked");
+        } else {
+            tracing::error!(kind = %row.kind, scope = %row.scope, link_man_id = row.link_man_id.0, error = %text, "contact-history record refused by the CRM; it stays pending for the next run");
+        }
+    }
+    Ok(())
+}
+
+/// What a `records_done` write did: counted, or (it failed) its ids owed
+/// and the error kept.
+fn ledger_written(
+    ids: Vec<i64>,
+    written: anyhow::Result<()>,
+    owed: &mut Vec<i64>,
+    db_error: &mut Option<anyhow::Error>,
+) {
+    match written {
+        Ok(()) => crate::metrics::operations("contact_history", "done", ids.len()),
+        Err(db) => {
+            owed.extend(ids);
+            db_error.get_or_insert(db);
+        }
     }
 }
 
