@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::daemon::{BIN, Daemon, metrics_text, sandbox, write_config};
+use common::daemon::{BIN, Daemon, metrics_text, sandbox};
 use common::{TestDb, applied_adds};
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::json;
@@ -71,68 +71,131 @@ fn gauge(metrics: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Both jobs every second or two, on the test database.
+fn write_config(
+    dir: &std::path::Path,
+    sb: &crm_edm_sync::sandbox::Sandbox,
+    db: &TestDb,
+) -> std::path::PathBuf {
+    let text = common::config_text(
+        sb,
+        &db.url,
+        "schedule = \"* * * * * *\"",
+        "[writeback]\nschedule = \"*/2 * * * * *\"\nlookback_days = 2\n[log]\nformat = \"json\"\nlevel = \"info\"\n[http]\nlisten = \"127.0.0.1:0\"\n[daemon]\nlock_poll_secs = 1\nshutdown_timeout_secs = 30\nlock_wait_secs = 2\n",
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn person(sb: &crm_edm_sync::sandbox::Sandbox, c: i64) {
+    sb.crm
+        .put_customer(c, json!({"name": format!("c{c}"), "type_id": 1}));
+    sb.crm.put_linkman(
+        c,
+        c * 10,
+        json!({"name": format!("n{c}"), "email": format!("p{c}@example.com")}),
+    );
+}
+
+/// Waits up to 30 s for `done`.
+async fn until(mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn count(url: &str, sql: &str) -> i64 {
+    let state = Database::connect(url).await.unwrap();
+    let n = state
+        .query_one_raw(sea_orm::Statement::from_string(
+            state.get_database_backend(),
+            sql.to_string(),
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap();
+    state.close().await.unwrap();
+    n
+}
+
 #[tokio::test]
 async fn a_state_database_that_stops_taking_writes_fails_runs_loudly_and_the_daemon_recovers_by_itself()
  {
-    // Arrange: 30 link-men synced by a daemon running contacts every second.
+    // Arrange: 30 people synced and 10 of them written back as having
+    // opened a campaign, by a daemon running both jobs every second or two.
     let sb = sandbox().await;
-    let linkman = |c: i64| json!({"name": format!("n{c}"), "email": format!("p{c}@example.com")});
     for c in 1..=30i64 {
-        sb.crm
-            .put_customer(c, json!({"name": format!("c{c}"), "type_id": 1}));
-        sb.crm.put_linkman(c, c * 10, linkman(c));
+        person(&sb, c);
     }
+    sb.edm.put_campaign(common::opened_today_by_p1_to(10));
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &sb, &db);
     let mut daemon = Daemon::start(&config, &[]);
     let url = daemon.ops_url().await;
-    daemon
-        .expect("run finished", 1, Duration::from_secs(30))
-        .await;
+    until(|| sb.crm.history().len() == 10 && sb.edm.emails(1).len() == 30).await;
     assert_eq!(
         healthz_becomes(&url, 200, Duration::from_secs(10)).await.0,
-        200
+        200,
+        "{}",
+        daemon.log()
     );
 
-    // Act 1: the database stops taking writes, and 20 people join the CRM.
+    // Act 1: the database stops taking writes; meanwhile 20 people join
+    // the CRM, 5 leave it, and 10 more open a second campaign.
     set_full(&db, &daemon, true).await;
     for c in 31..=50i64 {
-        sb.crm
-            .put_customer(c, json!({"name": format!("c{c}"), "type_id": 1}));
-        sb.crm.put_linkman(c, c * 10, linkman(c));
+        person(&sb, c);
     }
+    for c in 1..=5i64 {
+        sb.crm.remove_customer(c);
+    }
+    let mut second = common::opened_today_by_p1_to(20);
+    second.id = 2;
+    second.name = "第二次".into();
+    second.opens.drain(..10);
+    sb.edm.put_campaign(second);
     let failed_before = daemon.count("run failed");
     daemon
-        .expect("run failed", failed_before + 3, Duration::from_secs(30))
+        .expect("run failed", failed_before + 4, Duration::from_secs(30))
         .await;
     let (full_status, full_body) = healthz(&url).await;
     let full_metrics = metrics_text(&url).await;
-    let held_while_full = sb.edm.emails(1).len();
+    let held_while_full = sb.edm.emails(1);
+    let history_while_full = sb.crm.history().len();
 
     // Act 2: room again.
     set_full(&db, &daemon, false).await;
     let (recovered_status, _) = healthz_becomes(&url, 200, Duration::from_secs(30)).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while sb.edm.emails(1).len() < 50 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until(|| sb.crm.history().len() >= 20 && sb.edm.emails(1).len() == 45).await;
     let recovered_metrics = metrics_text(&url).await;
     daemon.signal("-TERM");
     assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
 
-    // Act 3: a manual run on the database the daemon left behind.
+    // Act 3: a manual run of both jobs on the database the daemon left.
     let once = tokio::process::Command::new(BIN)
         .arg("--config")
         .arg(&config)
-        .args(["--once", "--job", "contacts"])
+        .arg("--once")
         .output()
         .await
         .unwrap();
 
-    // Assert: while full, nothing was added, and the daemon said why.
+    // Assert: while full, nothing was sent, and the daemon said why.
     let log = daemon.log();
-    assert_eq!(held_while_full, 30, "an add was sent that was not recorded");
+    assert_eq!(
+        held_while_full.len(),
+        30,
+        "a write was sent that was not recorded"
+    );
+    assert_eq!(
+        history_while_full, 10,
+        "a record was sent that was not recorded"
+    );
     assert_eq!(full_status, 503, "{full_body}\n{log}");
     assert!(
         full_body["reason"]
@@ -157,26 +220,40 @@ async fn a_state_database_that_stops_taking_writes_fails_runs_loudly_and_the_dae
         gauge(&recovered_metrics, "crm_edm_sync_state_db_writable"),
         Some(1.0)
     );
-    assert_eq!(sb.edm.emails(1).len(), 50, "{log}");
-    // The restart added nobody twice, and no run is left running.
+    // After the restart: EDM exact, nobody added twice, the 5 own
+    // unsubscribes known as the daemon's, each record written once.
     assert!(once.status.success(), "{once:?}");
-    let adds = applied_adds(&sb);
-    let twice: Vec<_> = adds.iter().filter(|(_, n)| **n > 1).collect();
+    let mut want: Vec<String> = (6..=50).map(|c| format!("p{c}@example.com")).collect();
+    want.sort();
+    let mut held = sb.edm.emails(1);
+    held.sort();
+    assert_eq!(held, want, "{log}");
+    let twice: Vec<_> = applied_adds(&sb)
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
     assert!(twice.is_empty(), "added twice: {twice:?}");
-    assert_eq!(adds.len(), 50);
-    let state = Database::connect(db.url.as_str()).await.unwrap();
-    let running = state
-        .query_one_raw(sea_orm::Statement::from_string(
-            state.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM runs WHERE status = 'running'",
-        ))
-        .await
-        .unwrap()
-        .unwrap()
-        .try_get::<i64>("", "n")
-        .unwrap();
+    let user_unsubscribes = count(
+        &db.url,
+        "SELECT COUNT(*) AS n FROM suppressions WHERE reason = 'user_unsubscribe'",
+    )
+    .await;
+    assert_eq!(
+        user_unsubscribes, 0,
+        "an own unsubscribe was taken for a recipient's"
+    );
+    let history = sb.crm.history();
+    let distinct: std::collections::BTreeSet<(i64, String)> = history
+        .iter()
+        .map(|r| (r.link_man_id, r.title.clone()))
+        .collect();
+    assert_eq!((history.len(), distinct.len()), (20, 20), "{history:?}");
+    let running = count(
+        &db.url,
+        "SELECT COUNT(*) AS n FROM runs WHERE status = 'running'",
+    )
+    .await;
     assert_eq!(running, 0);
-    state.close().await.unwrap();
 }
 
 /// Makes every write that marks a contact-history record done fail, as a
