@@ -62,7 +62,8 @@ fn clean_or_warn(counted: bool, open: bool) -> bool {
     true
 }
 
-#[cfg(all(test, target_os = "linux"))]
+// Uses `state::tests`' helpers (a fresh PostgreSQL database).
+#[cfg(test)]
 mod tests {
     use super::super::tests::fresh_postgres;
     use super::super::*;
@@ -148,6 +149,13 @@ mod tests {
     /// suppressions, export lines, ledger, refusals, lease, notes,
     /// retention.
     fn write_paths() -> Vec<WritePath> {
+        let mut paths = contacts_write_paths();
+        paths.extend(bookkeeping_write_paths());
+        paths
+    }
+
+    /// Runs, operations, members, suppressions, export lines.
+    fn contacts_write_paths() -> Vec<WritePath> {
         use crate::domain::{MemberKey, MemberState, Origin};
         let member = || MemberState {
             key: MemberKey::new(ListId(1), Email::parse("m@x.cn").unwrap()),
@@ -261,6 +269,13 @@ mod tests {
                     s.seen_lines_of(ListId(1), &["u@x.cn"]).await.unwrap().len() == 1
                 }),
             },
+        ]
+    }
+
+    /// The write-back ledger and the bookkeeping: refusals, lease, notes,
+    /// retention.
+    fn bookkeeping_write_paths() -> Vec<WritePath> {
+        vec![
             WritePath {
                 name: "insert_records (ledger)",
                 table: "writeback_ledger",
