@@ -97,6 +97,59 @@ mod tests {
         conn.close().await.unwrap();
     }
 
+    /// A real `SQLITE_FULL`: the pool's connection may not grow the file
+    /// past its size (`max_page_count`), so a large write fails with
+    /// "database or disk is full"; later writes reach the disk.
+    #[tokio::test]
+    async fn a_write_refused_with_sqlite_full_fails_and_later_writes_reach_the_disk() {
+        // Arrange: a store whose one pooled connection may not grow the file.
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
+        let store = Store::connect(&SecretString::from(url.clone()))
+            .await
+            .unwrap();
+        store
+            .record_operations("r0", &[add("before@x.cn")])
+            .await
+            .unwrap();
+        let db = store.connection();
+        let pages: i64 = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "PRAGMA page_count",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get_by_index(0)
+            .unwrap();
+        db.execute_unprepared(&format!("PRAGMA max_page_count = {pages}"))
+            .await
+            .unwrap();
+        let many: Vec<NewOperation> = (0..2000).map(|i| add(&format!("m{i}@x.cn"))).collect();
+
+        // Act
+        let full = store.record_operations("r1", &many).await;
+        let after = store.record_operations("r2", &[add("after@x.cn")]).await;
+        store.close().await;
+
+        // Assert
+        let err = format!("{:#}", full.unwrap_err());
+        assert!(err.contains("full"), "{err}");
+        after.unwrap();
+        let reopened = Store::connect(&SecretString::from(url)).await.unwrap();
+        let mut pending: Vec<String> = reopened
+            .pending_operations()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.email.to_string())
+            .collect();
+        pending.sort();
+        assert_eq!(pending, ["after@x.cn", "before@x.cn"]);
+        reopened.close().await;
+    }
+
     // ---- Every write path, with the fault injected for real ----
 
     type Step = Box<dyn Fn(Store) -> futures::future::BoxFuture<'static, anyhow::Result<()>>>;
