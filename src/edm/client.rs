@@ -130,6 +130,18 @@ fn count(raw: &str) -> u64 {
     raw.trim().parse().unwrap_or(0)
 }
 
+/// A date-time value as EDM writes it, or `""` for none: real servers
+/// write "no date" as `0000-00-00 00:00:00` (or `0000-00-00`), which
+/// would otherwise sort before every real time.
+fn moment(raw: &str) -> String {
+    let raw = raw.trim();
+    if raw.starts_with("0000-00-00") {
+        String::new()
+    } else {
+        raw.to_string()
+    }
+}
+
 /// The date part of `YYYY-MM-DD[ HH:MM[:SS]]`, if it looks like one.
 fn date_part(raw: &str) -> Option<String> {
     let d = raw.trim().get(..10)?;
@@ -625,8 +637,8 @@ impl EdmClient {
             .map(|u| OpenEvent {
                 address: u.email.trim().to_lowercase(),
                 total: count(&u.open_total).max(1),
-                first: u.open_first.trim().to_string(),
-                last: u.open_last.trim().to_string(),
+                first: moment(&u.open_first),
+                last: moment(&u.open_last),
             })
             .collect())
     }
@@ -650,8 +662,8 @@ impl EdmClient {
                 address: c.email.trim().to_lowercase(),
                 link: c.link.trim().to_string(),
                 total: count(&c.click_total).max(1),
-                first: c.click_first.trim().to_string(),
-                last: c.click_last.trim().to_string(),
+                first: moment(&c.click_first),
+                last: moment(&c.click_last),
             })
             .collect())
     }

@@ -178,13 +178,15 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
     // A start tag is written only when the next event shows it was one:
     // the documents end with `<data>` where `</data>` was meant.
     let mut held: Option<quick_xml::events::BytesStart<'static>> = None;
-    // Whitespace-only text is layout between elements, unless it sits in a
-    // run of text and entity references (`x &amp; &lt;y&gt;` is read as
-    // text "x ", `&amp;`, text " ", `&lt;`, …): then it is part of the
-    // value. `in_run` says the last thing written was text or a reference;
-    // `spaces` holds whitespace until the next event tells which it is.
+    // A value's text arrives in pieces (`x &amp; y` is text "x ", `&amp;`,
+    // text " y"), collected in `run` and written when the value ends,
+    // trimmed at both ends: real servers pad values with spaces, tabs and
+    // CR/LF (`<fullname>\r\n  王小明 \r\n</fullname>`), and the daemon
+    // sends values trimmed, so a value reads back as it was sent.
+    // Whitespace inside a value stays; whitespace-only text between
+    // elements is layout and goes. `in_run`: `run` holds a value's start.
     let mut in_run = false;
-    let mut spaces: Option<String> = None;
+    let mut run: Vec<Event<'static>> = Vec::new();
     let write_err = |e: std::io::Error| XmlError::Syntax(e.to_string());
     loop {
         let event = reader
@@ -198,24 +200,12 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
         if !insignificant && let Some(start) = held.take() {
             writer.write_event(Event::Start(start)).map_err(write_err)?;
         }
-        let continues_run = match &event {
-            Event::GeneralRef(_) | Event::CData(_) => true,
-            Event::Text(t) => !t.trim().is_empty(),
-            _ => false,
-        };
-        if let Some(ws) = spaces.take()
-            && continues_run
-            && !stack.is_empty()
-        {
-            writer
-                .write_event(Event::Text(BytesText::from_escaped(ws)))
-                .map_err(write_err)?;
-        }
         if !matches!(
             &event,
             Event::Text(_) | Event::GeneralRef(_) | Event::CData(_)
         ) {
             in_run = false;
+            write_trimmed(&mut writer, &mut run).map_err(write_err)?;
         }
         match event {
             Event::Eof => break,
@@ -269,12 +259,10 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
                 }
             }
             Event::Text(t) => {
-                if stack.is_empty() {
-                } else if !t.trim().is_empty() || in_run {
-                    writer.write_event(Event::Text(t)).map_err(write_err)?;
+                // Leading whitespace of a value, or layout: dropped.
+                if !stack.is_empty() && (in_run || !t.trim().is_empty()) {
+                    run.push(Event::Text(t.into_owned()));
                     in_run = true;
-                } else {
-                    spaces = Some(t[..].to_string());
                 }
             }
             Event::CData(c) => {
@@ -282,9 +270,7 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
                     // Re-emit as escaped text: the reader below then sees
                     // one kind of text only.
                     let content = (*c).to_string();
-                    writer
-                        .write_event(Event::Text(BytesText::new(&content)))
-                        .map_err(write_err)?;
+                    run.push(Event::Text(BytesText::new(&content).into_owned()));
                     in_run = true;
                 }
             }
@@ -298,14 +284,10 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
                         "nbsp" => Some("\u{a0}".to_string()),
                         other => Some(format!("&{other};")),
                     };
-                    match replacement {
-                        None => writer
-                            .write_event(Event::GeneralRef(r))
-                            .map_err(write_err)?,
-                        Some(text) => writer
-                            .write_event(Event::Text(BytesText::new(&text)))
-                            .map_err(write_err)?,
-                    }
+                    run.push(match replacement {
+                        None => Event::GeneralRef(r.into_owned()),
+                        Some(text) => Event::Text(BytesText::new(&text).into_owned()),
+                    });
                     in_run = true;
                 }
             }
@@ -337,6 +319,34 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
     let out =
         String::from_utf8(writer.into_inner()).map_err(|e| XmlError::Syntax(e.to_string()))?;
     Ok((out, root))
+}
+
+/// Writes the pieces of one value, its whitespace trimmed at both ends
+/// (whitespace-only pieces at the end dropped), and empties `run`.
+fn write_trimmed(
+    writer: &mut Writer<Vec<u8>>,
+    run: &mut Vec<Event<'static>>,
+) -> std::io::Result<()> {
+    let blank = |e: &Event<'_>| matches!(e, Event::Text(t) if t[..].trim().is_empty());
+    while run.last().is_some_and(blank) {
+        run.pop();
+    }
+    let trim = |e: &mut Event<'static>, f: fn(&str) -> &str| {
+        if let Event::Text(t) = e {
+            let text = f(&t[..]).to_string();
+            *t = BytesText::from_escaped(text);
+        }
+    };
+    if let Some(last) = run.last_mut() {
+        trim(last, str::trim_end);
+    }
+    if let Some(first) = run.first_mut() {
+        trim(first, str::trim_start);
+    }
+    for piece in run.drain(..) {
+        writer.write_event(piece)?;
+    }
+    Ok(())
 }
 
 /// Reads a normalised document as `T`, checking the root element's name.
@@ -747,8 +757,37 @@ mod tests {
         assert_eq!(list.addr.len(), 1);
         assert_eq!(list.addr[0].fullname, "x & <y>");
         assert_eq!(list.addr[0].var1, "& &  >");
-        assert_eq!(list.addr[0].var2.trim(), "<a> & b");
+        assert_eq!(list.addr[0].var2, "<a> & b");
         assert_eq!(list.addr[0].var3, "& <");
+    }
+
+    /// Real servers pad values with spaces, tabs and CR/LF inside the
+    /// elements: every value reads trimmed, inner spaces kept.
+    #[test]
+    fn values_padded_with_white_space_read_trimmed() {
+        // Arrange
+        let body = "<data>\r\n<addr>\r\n\t<id>\r\n 11 \r\n</id>\r\n\t<address> a@b.cn </address>\r\n\t<fullname>\r\n  王小明 \r\n</fullname>\r\n\t<var1>\t北京 朝阳\t</var1>\r\n\t<var2> &amp; x &amp; </var2>\r\n\t<var3><![CDATA[ 上海 ]]></var3>\r\n\t<var4> \r\n </var4>\r\n</addr>\r\n</data>";
+        let result =
+            "<result>\r\n<status>\r\n success\r\n </status>\r\n<data> 添加成功 </data></result>";
+
+        // Act
+        let list: AddrListXml = parse(body, "data");
+        let r: ResultXml = parse(result, "result");
+
+        // Assert
+        let a = &list.addr[0];
+        assert_eq!(
+            (a.id.as_str(), a.address.as_str(), a.fullname.as_str()),
+            ("11", "a@b.cn", "王小明")
+        );
+        assert_eq!(a.var1, "北京 朝阳");
+        assert_eq!(a.var2, "& x &");
+        assert_eq!(a.var3, "上海");
+        assert_eq!(a.var4, "");
+        assert_eq!(
+            (r.status.as_str(), r.data.as_str()),
+            ("success", "添加成功")
+        );
     }
 
     #[test]

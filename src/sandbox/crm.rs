@@ -237,6 +237,11 @@ async fn handle(
     }
     let (status, value) = answer(&h, &operation, &p);
     h.changes_after(&operation, &p);
+    let value = if h.shared.real_shapes() {
+        super::shapes::crm_value(value)
+    } else {
+        value
+    };
     let after = if status.is_success() {
         after
     } else {

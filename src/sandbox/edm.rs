@@ -15,7 +15,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
 
-use super::{Before, Server, Shared, before, finish, lock, params};
+use super::{After, Before, Server, Shared, before, finish, lock, params};
 
 /// One address a fake list holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -322,6 +322,25 @@ async fn handle(
     } else {
         "text/xml; charset=utf-8"
     };
+    if h.shared.real_shapes() {
+        let body = super::shapes::edm_body(&body).into_bytes();
+        let content_type = super::shapes::CONTENT_TYPE;
+        if matches!(after, After::Answer) {
+            h.shared.record(Server::Edm, &operation, &p, 200, true);
+            return super::shapes::chunked(axum::http::StatusCode::OK, content_type, body);
+        }
+        let ok = axum::http::StatusCode::OK;
+        return finish(
+            &h.shared,
+            Server::Edm,
+            &operation,
+            &p,
+            after,
+            ok,
+            content_type,
+            body,
+        );
+    }
     finish(
         &h.shared,
         Server::Edm,

@@ -12,6 +12,7 @@
 
 mod crm;
 mod edm;
+pub mod shapes;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -189,6 +190,8 @@ pub(crate) struct Shared {
     /// Random faults per operation (`*`: every operation), the seed, and
     /// how many times each request (operation and parameters) was seen.
     chaos: Mutex<ChaosState>,
+    /// Answer in the shapes real servers send (see [`shapes`]).
+    pub(crate) real_shapes: std::sync::atomic::AtomicBool,
 }
 
 /// The chaos profiles and what their draws depend on.
@@ -198,6 +201,12 @@ struct ChaosState {
     seed: u64,
     /// Per request key: how many times it was drawn for.
     seen: BTreeMap<String, u64>,
+}
+
+impl Shared {
+    pub(crate) fn real_shapes(&self) -> bool {
+        self.real_shapes.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl ChaosState {
@@ -334,6 +343,9 @@ impl Sandbox {
     /// (EDM has no lists yet).
     pub async fn start() -> anyhow::Result<Sandbox> {
         let shared = Arc::new(Shared::default());
+        shared
+            .real_shapes
+            .store(shapes::from_env(), std::sync::atomic::Ordering::SeqCst);
         let crm = CrmHandle::new(shared.clone());
         let edm = EdmHandle::new(shared.clone());
         let (crm_addr, crm_task) = serve(crm.router()).await?;
@@ -346,6 +358,20 @@ impl Sandbox {
             shared,
             tasks: vec![crm_task, edm_task],
         })
+    }
+
+    /// From now on, both servers answer in the shapes real servers send
+    /// (`true`) or as the documents show (`false`); see [`shapes`]. A
+    /// sandbox starts in real shapes when `CRM_EDM_SYNC_SANDBOX_SHAPES=real`.
+    pub fn real_shapes(&self, on: bool) {
+        self.shared
+            .real_shapes
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the servers answer in the shapes real servers send.
+    pub fn in_real_shapes(&self) -> bool {
+        self.shared.real_shapes()
     }
 
     /// Arms `fault` for the next `times` requests of `operation`
