@@ -69,7 +69,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     }
     match edm.customer_info().await {
         Ok(account) => {
-            println!("edm: ok (account {})", account.username);
+            println!(
+                "edm: ok (account {}, edm.auth = {:?})",
+                account.username,
+                edm.auth().as_str()
+            );
             match edm.maillist_list().await {
                 Ok(lists) => {
                     for line in list_findings(&settings, &lists) {
@@ -101,7 +105,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             ok = false;
-            println!("edm: FAILED: {}", redactor.redact(&e.to_string()));
+            println!(
+                "edm: FAILED (edm.auth = {:?}): {}",
+                edm.auth().as_str(),
+                redactor.redact(&e.to_string())
+            );
         }
     }
     match crm.customers_page(1, 1).await {

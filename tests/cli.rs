@@ -7,8 +7,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::{TestDb, config_text, seed_basic};
-use crm_edm_sync::edm::password_md5;
-use crm_edm_sync::sandbox::{EDM_PASSWORD, Fault, Sandbox, TOKEN};
+use crm_edm_sync::edm::{basic_credentials, password_md5};
+use crm_edm_sync::sandbox::{EDM_PASSWORD, EDM_USER, Fault, Sandbox, TOKEN};
 
 const BIN: &str = env!("CARGO_BIN_EXE_crm-edm-sync");
 
@@ -809,9 +809,17 @@ async fn no_command_prints_the_token_the_password_or_its_md5() {
         TOKEN.to_string(),
         EDM_PASSWORD.to_string(),
         password_md5(EDM_PASSWORD),
+        basic_credentials(EDM_USER, EDM_PASSWORD),
         wrong_password.to_string(),
         password_md5(wrong_password),
+        basic_credentials(EDM_USER, wrong_password),
         wrong_token.to_string(),
+    ];
+    let basic_url = cli.sb.edm_basic_url();
+    let basic = [
+        ("RUST_LOG", "trace"),
+        ("CRM_EDM_SYNC__EDM__AUTH", "basic"),
+        ("CRM_EDM_SYNC__EDM__BASE_URL", basic_url.as_str()),
     ];
     let trace = [("RUST_LOG", "trace")];
     let mut outputs = Vec::new();
@@ -848,6 +856,16 @@ async fn no_command_prints_the_token_the_password_or_its_md5() {
         .await,
     );
     outputs.push(daemon_start_stop(&cli).await);
+    // The same with HTTP Basic auth (`edm.auth = "basic"`).
+    outputs.push(cli.run(&["--once", "--job", "contacts"], &basic).await);
+    outputs.push(cli.run(&["check"], &basic).await);
+    let wrong_basic = [
+        basic[1],
+        basic[2],
+        ("CRM_EDM_SYNC__EDM__PASSWORD", wrong_password),
+    ];
+    outputs.push(cli.run(&["--once"], &wrong_basic).await);
+    outputs.push(cli.run(&["check"], &wrong_basic).await);
 
     assert!(
         outputs.iter().any(|o| !o.status.success()),

@@ -127,6 +127,31 @@ pub struct EdmSettings {
     /// Requests started per second at most; none if unset.
     #[serde(default)]
     pub max_requests_per_sec: Option<u32>,
+    /// How the credentials travel: `query` (as the documents say:
+    /// `username` and the password's MD5 in the query string) or `basic`
+    /// (HTTP Basic auth with the plain password, as the public clients call
+    /// the scripts under `/mm-ms/apinew/`).
+    pub auth: EdmAuth,
+}
+
+/// How EDM requests carry the credentials (`edm.auth`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EdmAuth {
+    /// `username=…&password=MD5` in the query string.
+    Query,
+    /// `Authorization: Basic base64(username:password)`; no credential in
+    /// the query.
+    Basic,
+}
+
+impl EdmAuth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EdmAuth::Query => "query",
+            EdmAuth::Basic => "basic",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -299,6 +324,7 @@ max_retries = 5
 max_attempts = 5
 concurrency = 4
 timezone = "Asia/Shanghai"
+auth = "query"
 
 [database]
 url = "sqlite://state.db?mode=rwc"

@@ -19,7 +19,7 @@ use super::xml::{
     self, AddrListXml, ClickDetailXml, CustomerXml, MailListsXml, OpenDetailXml, ResultXml,
     TaskListXml, XmlError,
 };
-use crate::config::EdmSettings;
+use crate::config::{EdmAuth, EdmSettings};
 use crate::domain::{Email, ListId, MemberFields, VAR_COUNT};
 use crate::redact::Redactor;
 use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Pager, RemoteError};
@@ -155,8 +155,17 @@ pub struct EdmClient {
     http: HttpCaller,
     base_url: String,
     username: String,
-    password_md5: SecretString,
+    /// The plain password (`edm.auth = "basic"`) or its MD5 (`"query"`).
+    password: SecretString,
+    auth: EdmAuth,
     list_page_size: u32,
+}
+
+/// The `Authorization` header's credentials, `base64(username:password)`,
+/// as `edm.auth = "basic"` sends them: a secret like the password.
+pub fn basic_credentials(username: &str, password: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
 }
 
 impl EdmClient {
@@ -167,7 +176,13 @@ impl EdmClient {
             http,
             base_url: settings.base_url.trim_end_matches('/').to_string(),
             username: settings.username.clone(),
-            password_md5: SecretString::from(password_md5(settings.password.expose_secret())),
+            password: match settings.auth {
+                EdmAuth::Query => {
+                    SecretString::from(password_md5(settings.password.expose_secret()))
+                }
+                EdmAuth::Basic => settings.password.clone(),
+            },
+            auth: settings.auth,
             list_page_size: settings.list_page_size,
         })
     }
@@ -210,19 +225,41 @@ impl EdmClient {
         parse: impl Fn(&[u8]) -> Result<T, RemoteError>,
     ) -> Result<T, RemoteError> {
         let url = format!("{}/{}", self.base_url, script);
-        let auth = [
-            ("username", self.username.as_str()),
-            ("password", self.password_md5.expose_secret()),
-            ("do", operation),
-        ];
         self.http
             .execute(
                 operation,
                 idempotence,
-                || self.http.client.post(&url).query(&auth).form(form),
+                || self.request(&url, operation, form),
                 parse,
             )
             .await
+    }
+
+    /// One request, its credentials as `edm.auth` says: in the query, or
+    /// in an `Authorization: Basic` header with none in the query.
+    fn request(
+        &self,
+        url: &str,
+        operation: &str,
+        form: &[(&str, String)],
+    ) -> reqwest::RequestBuilder {
+        let post = self.http.client.post(url);
+        match self.auth {
+            EdmAuth::Query => post.query(&[
+                ("username", self.username.as_str()),
+                ("password", self.password.expose_secret()),
+                ("do", operation),
+            ]),
+            EdmAuth::Basic => post
+                .query(&[("do", operation)])
+                .basic_auth(&self.username, Some(self.password.expose_secret())),
+        }
+        .form(form)
+    }
+
+    /// How the credentials travel (`edm.auth`).
+    pub fn auth(&self) -> EdmAuth {
+        self.auth
     }
 
     /// A call whose answer is XML, read as `T` under `expected_root`; a
@@ -267,7 +304,7 @@ impl EdmClient {
                     operation,
                     if is_auth_code(status) {
                         ErrorKind::Auth {
-                            credential: "edm.username/edm.password",
+                            credential: crate::remote::EDM_CREDENTIALS,
                             detail: format!("code {status:?}: {message}"),
                         }
                     } else {

@@ -42,12 +42,13 @@ pub struct Context {
 pub type Clock = fn() -> chrono::DateTime<chrono::Utc>;
 
 /// Every secret the settings hold, for the redactor: the token, the EDM
-/// password and its MD5, and the database password.
+/// password, its MD5 and its Basic-auth form, and the database password.
 pub fn secrets_of(settings: &Settings) -> Vec<String> {
     let password = settings.edm.password.expose_secret().to_string();
     let mut secrets = vec![
         settings.crm.token.expose_secret().to_string(),
         password_md5(&password),
+        crate::edm::basic_credentials(&settings.edm.username, &password),
         password,
     ];
     if let Ok(url) = url::Url::parse(settings.database.url.expose_secret())

@@ -81,6 +81,9 @@ pub enum ErrorKind {
     TooLarge { limit: usize },
 }
 
+/// The settings to check when EDM refuses the credentials.
+pub const EDM_CREDENTIALS: &str = "edm.username/edm.password/edm.auth";
+
 /// A failed remote call: which API, which operation, what happened. Its text
 /// never contains a URL or a secret.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -458,7 +461,7 @@ impl HttpCaller {
                     detail: format!("HTTP status {}, body: {excerpt:?}", status.as_u16()),
                 },
                 (Api::Edm, 401 | 403) => ErrorKind::Auth {
-                    credential: "edm.username/edm.password",
+                    credential: EDM_CREDENTIALS,
                     detail: format!("HTTP status {}, body: {excerpt:?}", status.as_u16()),
                 },
                 (_, code) => ErrorKind::Status {

@@ -120,6 +120,8 @@ pub struct EdmHandle {
     shared: Arc<Shared>,
     /// Write text as escaped characters (`&amp;`, `&lt;`) instead of CDATA.
     escaped_text: Arc<std::sync::atomic::AtomicBool>,
+    /// Requests whose query string or body carried a `password`.
+    with_password: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl EdmHandle {
@@ -128,7 +130,14 @@ impl EdmHandle {
             data: Arc::new(Mutex::new(EdmData::default())),
             shared,
             escaped_text: Arc::default(),
+            with_password: Arc::default(),
         }
+    }
+
+    /// How many requests carried a `password` parameter (query or body):
+    /// none should with `edm.auth = "basic"`.
+    pub fn requests_with_a_password(&self) -> usize {
+        self.with_password.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// From now on, answers carry text escaped with entity references, as
@@ -239,7 +248,8 @@ impl EdmHandle {
 
     pub(crate) fn router(&self) -> Router {
         Router::new()
-            .route("/mm-ms/api/{script}", axum::routing::any(handle))
+            .route("/mm-ms/api/{script}", axum::routing::any(handle_api))
+            .route("/mm-ms/apinew/{script}", axum::routing::any(handle_apinew))
             .with_state(self.clone())
     }
 }
@@ -285,13 +295,53 @@ fn result(status: &str, data: &str, id: Option<i64>) -> String {
     x.0
 }
 
-async fn handle(
+/// `/mm-ms/api/`: the credentials in the query (`username`, `password` as
+/// MD5), as the documents say.
+async fn handle_api(
     State(h): State<EdmHandle>,
     Path(script): Path<String>,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
+    let q = params(query.as_deref(), &[]);
+    let authorized = q.get("username").map(String::as_str) == Some(super::EDM_USER)
+        && q.get("password").map(String::as_str)
+            == Some(crate::edm::password_md5(super::EDM_PASSWORD).as_str());
+    handle(h, script, query, body, authorized).await
+}
+
+/// `/mm-ms/apinew/`: HTTP Basic auth with the plain password, as the
+/// public clients call it; credentials in the query are not accepted here.
+async fn handle_apinew(
+    State(h): State<EdmHandle>,
+    Path(script): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let expected = format!(
+        "Basic {}",
+        crate::edm::basic_credentials(super::EDM_USER, super::EDM_PASSWORD)
+    );
+    let authorized = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == expected);
+    handle(h, script, query, body, authorized).await
+}
+
+async fn handle(
+    h: EdmHandle,
+    script: String,
+    query: Option<String>,
+    body: Bytes,
+    authorized: bool,
+) -> Response {
     let p = params(query.as_deref(), &body);
+    if p.contains_key("password") {
+        h.with_password
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
     // username, password and do are read from the query string only.
     let q = params(query.as_deref(), &[]);
     // failexport.php takes no `do`; it is named by its script.
@@ -304,9 +354,7 @@ async fn handle(
         Before::Answered(response) => return response,
         Before::Proceed(after) => after,
     };
-    let password_ok = q.get("password").map(String::as_str)
-        == Some(crate::edm::password_md5(super::EDM_PASSWORD).as_str());
-    let body = if q.get("username").map(String::as_str) != Some(super::EDM_USER) || !password_ok {
+    let body = if !authorized {
         result("user_auth_error", "用户名或密码错误", None)
     } else {
         answer(&h, &script, &operation, &p)

@@ -360,6 +360,12 @@ impl Sandbox {
         })
     }
 
+    /// The EDM base URL under which the sandbox takes HTTP Basic auth
+    /// (`edm.auth = "basic"`), beside [`Sandbox::edm_url`] (query auth).
+    pub fn edm_basic_url(&self) -> String {
+        self.edm_url.replace("/mm-ms/api", "/mm-ms/apinew")
+    }
+
     /// From now on, both servers answer in the shapes real servers send
     /// (`true`) or as the documents show (`false`); see [`shapes`]. A
     /// sandbox starts in real shapes when `CRM_EDM_SYNC_SANDBOX_SHAPES=real`.
