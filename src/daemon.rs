@@ -20,89 +20,20 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
+use tokio_cron_scheduler::JobScheduler;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::jobs::{Context, RunOptions};
 use crate::lock::{InstanceLock, LockTarget};
+use crate::schedule::{Gate, JobFn, schedule};
 use crate::states::Job;
 use crate::sync::contacts;
 use crate::writeback;
-
-/// Lets one run of a job in at a time, counting what it let in and what it
-/// turned away.
-#[derive(Debug, Default)]
-pub struct Gate {
-    running: AtomicBool,
-    /// Ticks that started a run.
-    pub started: AtomicU64,
-    /// Ticks skipped because the previous run was still going.
-    pub skipped: AtomicU64,
-}
-
-/// Held while a run is going; lets the next one in when dropped (also if
-/// the run panicked).
-pub struct GateGuard<'a>(&'a Gate);
-
-impl Drop for GateGuard<'_> {
-    fn drop(&mut self) {
-        self.0.running.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Gate {
-    pub fn try_enter(&self) -> Option<GateGuard<'_>> {
-        if self.running.swap(true, Ordering::SeqCst) {
-            self.skipped.fetch_add(1, Ordering::SeqCst);
-            None
-        } else {
-            self.started.fetch_add(1, Ordering::SeqCst);
-            Some(GateGuard(self))
-        }
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.running.load(Ordering::SeqCst)
-    }
-}
-
-/// What a scheduled job runs.
-pub type JobFn = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
-
-/// Adds `job` to `scheduler` on `schedule`: each tick runs it unless its
-/// gate says it is still running; runs of all jobs sharing `turn` take
-/// turns.
-pub async fn schedule(
-    scheduler: &JobScheduler,
-    name: &'static str,
-    schedule: &str,
-    zone: chrono_tz::Tz,
-    gate: Arc<Gate>,
-    turn: Arc<tokio::sync::Mutex<()>>,
-    job: JobFn,
-) -> anyhow::Result<uuid::Uuid> {
-    let cron = CronJob::new_async_tz(schedule, zone, move |_id, _lock| {
-        let gate = gate.clone();
-        let turn = turn.clone();
-        let job = job.clone();
-        Box::pin(async move {
-            let Some(_running) = gate.try_enter() else {
-                tracing::warn!(job = name, "previous run still going; tick skipped");
-                return;
-            };
-            let _turn = turn.lock().await;
-            job().await;
-        })
-    })
-    .map_err(|e| anyhow::anyhow!("cannot schedule {name} on {schedule:?}: {e}"))?;
-    Ok(scheduler.add(cron).await?)
-}
 
 /// How an active period ended.
 enum Period {
@@ -426,65 +357,6 @@ fn spawn_watchdog(store: crate::state::Store) -> Option<tokio::task::JoinHandle<
 mod tests {
     use super::*;
 
-    #[test]
-    fn gate_lets_one_in_and_counts_the_ones_turned_away() {
-        let gate = Gate::default();
-        let first = gate.try_enter();
-        assert!(first.is_some());
-        assert!(gate.try_enter().is_none());
-        assert!(gate.try_enter().is_none());
-        drop(first);
-        assert!(gate.try_enter().is_some());
-        assert_eq!(gate.started.load(Ordering::SeqCst), 2);
-        assert_eq!(gate.skipped.load(Ordering::SeqCst), 2);
-    }
-
-    /// Real time: tokio-cron-scheduler reads the wall clock, so
-    /// `tokio::time::pause` cannot drive it. A job that takes 1.5 s on an
-    /// every-second schedule must run, have ticks skipped, and never
-    /// overlap itself.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_scheduler_fires_and_skips_ticks_while_a_run_is_going() {
-        let scheduler = JobScheduler::new().await.unwrap();
-        let gate = Arc::new(Gate::default());
-        let in_flight = Arc::new(AtomicU64::new(0));
-        let max_in_flight = Arc::new(AtomicU64::new(0));
-        let (f_in, f_max) = (in_flight.clone(), max_in_flight.clone());
-        let job: JobFn = Arc::new(move || {
-            let (in_flight, max_in_flight) = (f_in.clone(), f_max.clone());
-            Box::pin(async move {
-                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                max_in_flight.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                in_flight.fetch_sub(1, Ordering::SeqCst);
-            })
-        });
-        schedule(
-            &scheduler,
-            "test",
-            "* * * * * *",
-            chrono_tz::UTC,
-            gate.clone(),
-            Arc::new(tokio::sync::Mutex::new(())),
-            job,
-        )
-        .await
-        .unwrap();
-        let mut scheduler = scheduler;
-        scheduler.start().await.unwrap();
-
-        tokio::time::sleep(Duration::from_millis(5200)).await;
-        scheduler.shutdown().await.unwrap();
-
-        assert!(gate.started.load(Ordering::SeqCst) >= 2, "runs: {:?}", gate);
-        assert!(
-            gate.skipped.load(Ordering::SeqCst) >= 1,
-            "skips: {:?}",
-            gate
-        );
-        assert_eq!(max_in_flight.load(Ordering::SeqCst), 1);
-    }
-
     /// A tracked job the way `active_period` spawns one: it ends on its
     /// own after `takes`, or when `hard_stop` fires. Returns what happened.
     fn tracked_job(
@@ -538,57 +410,5 @@ mod tests {
         assert_eq!(*ended.lock().unwrap(), Some("stopped"));
         assert_eq!(start.elapsed(), Duration::from_secs(10));
         assert!(tracker.is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_bad_schedule_is_an_error_naming_it() {
-        let scheduler = JobScheduler::new().await.unwrap();
-        let job: JobFn = Arc::new(|| Box::pin(async {}));
-        let err = schedule(
-            &scheduler,
-            "x",
-            "every minute",
-            chrono_tz::UTC,
-            Arc::default(),
-            Arc::default(),
-            job,
-        )
-        .await
-        .unwrap_err();
-        assert!(err.to_string().contains("every minute"), "{err}");
-    }
-
-    /// `sync.timezone`: a schedule is read in its zone. Nine o'clock in
-    /// Asia/Shanghai (UTC+8, no daylight saving) is one o'clock UTC.
-    #[tokio::test]
-    async fn a_schedule_of_nine_in_asia_shanghai_fires_at_one_utc() {
-        use chrono::Timelike;
-        // Arrange
-        let scheduler = JobScheduler::new().await.unwrap();
-        let job: JobFn = Arc::new(|| Box::pin(async {}));
-
-        // Act
-        let id = schedule(
-            &scheduler,
-            "t",
-            "0 0 9 * * *",
-            chrono_tz::Asia::Shanghai,
-            Arc::default(),
-            Arc::default(),
-            job,
-        )
-        .await
-        .unwrap();
-        let mut scheduler = scheduler;
-        let next = scheduler.next_tick_for_job(id).await.unwrap().unwrap();
-
-        // Assert: the scheduler's own next tick, in UTC.
-        assert_eq!(
-            (next.hour(), next.minute(), next.second()),
-            (1, 0, 0),
-            "{next}"
-        );
-        let until = next - chrono::Utc::now();
-        assert!(until > chrono::Duration::zero() && until <= chrono::Duration::days(1));
     }
 }

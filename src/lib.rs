@@ -22,6 +22,7 @@ pub mod ops;
 pub mod redact;
 pub mod remote;
 pub mod sandbox;
+pub mod schedule;
 pub mod state;
 pub mod states;
 pub mod status;
