@@ -416,6 +416,17 @@ async fn main() -> anyhow::Result<()> {
         pull_wall(first_extra),
     );
 
+    // What a whole read of the larger list costs on the wire, plain and
+    // gzipped (the daemon offers gzip; the sandbox compresses when asked).
+    match list_read_bytes(&sb, 1, per_list[0]).await {
+        Ok((pages, plain, gzip)) => println!(
+            "    list 1 read whole ({} members, {pages} pages of 1000): {plain} bytes plain, {gzip} bytes gzip ({:.1} %)",
+            per_list[0],
+            100.0 * gzip as f64 / plain.max(1) as f64
+        ),
+        Err(e) => println!("    list 1 read whole: cannot measure: {e:#}"),
+    }
+
     // No change: the pull and the export reads, zero writes.
     scenario(
         "no-change rerun",
@@ -558,6 +569,37 @@ async fn main() -> anyhow::Result<()> {
         }
         anyhow::bail!("{} target(s) missed", misses.len())
     }
+}
+
+/// Reads list `list_id` (`members` addresses) whole twice, as the daemon
+/// does (`ml-addr-list`, 1000 a page), without and with
+/// `Accept-Encoding: gzip`, and counts the body bytes on the wire:
+/// `(pages, plain, gzip)`.
+async fn list_read_bytes(
+    sb: &Sandbox,
+    list_id: i64,
+    members: i64,
+) -> anyhow::Result<(i64, u64, u64)> {
+    let raw = reqwest::Client::builder().no_gzip().build()?;
+    let pages = members / 1000 + 1;
+    let md5 = crm_edm_sync::edm::password_md5(crm_edm_sync::sandbox::EDM_PASSWORD);
+    let mut sizes = [0u64; 2];
+    for (i, encoding) in ["identity", "gzip"].into_iter().enumerate() {
+        for page in 1..=pages {
+            let url = format!(
+                "{}/mloperate.php?do=ml-addr-list&list_id={list_id}&page={page}&limit=1000&username={}&password={md5}",
+                sb.edm_url,
+                crm_edm_sync::sandbox::EDM_USER
+            );
+            let answer = raw
+                .get(&url)
+                .header("accept-encoding", encoding)
+                .send()
+                .await?;
+            sizes[i] += answer.bytes().await?.len() as u64;
+        }
+    }
+    Ok((pages, sizes[0], sizes[1]))
 }
 
 /// Removes the bench's config and state database.

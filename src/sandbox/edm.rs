@@ -122,6 +122,10 @@ pub struct EdmHandle {
     escaped_text: Arc<std::sync::atomic::AtomicBool>,
     /// Requests whose query string or body carried a `password`.
     with_password: Arc<std::sync::atomic::AtomicUsize>,
+    /// gzip answers for clients that accept it.
+    compress: Arc<std::sync::atomic::AtomicBool>,
+    /// Requests that said they accept gzip.
+    gzip_accepted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl EdmHandle {
@@ -131,6 +135,8 @@ impl EdmHandle {
             shared,
             escaped_text: Arc::default(),
             with_password: Arc::default(),
+            compress: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            gzip_accepted: Arc::default(),
         }
     }
 
@@ -246,11 +252,43 @@ impl EdmHandle {
             .unwrap_or_default()
     }
 
+    /// Answers are gzip-compressed for a client that accepts it
+    /// (`Accept-Encoding: gzip`) while [`EdmHandle::compress_answers`] is
+    /// on (the default).
     pub(crate) fn router(&self) -> Router {
+        let compress = self.compress.clone();
+        let when = move |_: axum::http::StatusCode,
+                         _: axum::http::Version,
+                         _: &axum::http::HeaderMap,
+                         _: &axum::http::Extensions| {
+            compress.load(std::sync::atomic::Ordering::SeqCst)
+        };
         Router::new()
             .route("/mm-ms/api/{script}", axum::routing::any(handle_api))
             .route("/mm-ms/apinew/{script}", axum::routing::any(handle_apinew))
             .with_state(self.clone())
+            .layer(tower_http::compression::CompressionLayer::new().compress_when(when))
+    }
+
+    /// How many requests said they accept gzip answers.
+    pub fn requests_accepting_gzip(&self) -> usize {
+        self.gzip_accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn note_encoding(&self, headers: &axum::http::HeaderMap) {
+        let gzip = headers
+            .get_all("accept-encoding")
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains("gzip")));
+        if gzip {
+            self.gzip_accepted
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Whether answers are compressed for clients that accept gzip.
+    pub fn compress_answers(&self, on: bool) {
+        self.compress.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -301,8 +339,10 @@ async fn handle_api(
     State(h): State<EdmHandle>,
     Path(script): Path<String>,
     RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
+    h.note_encoding(&headers);
     let q = params(query.as_deref(), &[]);
     let authorized = q.get("username").map(String::as_str) == Some(super::EDM_USER)
         && q.get("password").map(String::as_str)
@@ -319,6 +359,7 @@ async fn handle_apinew(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
+    h.note_encoding(&headers);
     let expected = format!(
         "Basic {}",
         crate::edm::basic_credentials(super::EDM_USER, super::EDM_PASSWORD)
