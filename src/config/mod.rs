@@ -391,7 +391,11 @@ impl Settings {
         env: Vec<(String, String)>,
     ) -> Result<Settings, ConfigError> {
         let file = match explicit {
-            Some(path) if !path.exists() => {
+            Some(path)
+                if !path.exists()
+                    && std::fs::metadata(path)
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+            {
                 return Err(ConfigError::Missing {
                     path: path.to_path_buf(),
                 });
@@ -402,6 +406,9 @@ impl Settings {
                 .map(PathBuf::from)
                 .find(|p| p.exists()),
         };
+        if let Some(path) = &file {
+            check_syntax(path)?;
+        }
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(path) = &file {
@@ -711,6 +718,83 @@ impl Settings {
             .parse()
             .unwrap_or(chrono_tz::Asia::Shanghai)
     }
+}
+
+/// Reads the config file and checks it is TOML, describing what is wrong
+/// by file, line, column and key, never by its text: the parser's own
+/// errors quote the offending line, which may hold a secret (a
+/// `password = "…` missing its closing quote, a duplicated `token`).
+fn check_syntax(path: &Path) -> Result<(), ConfigError> {
+    let shown = path.display();
+    let bytes = std::fs::read(path).map_err(|e| {
+        ConfigError::Load(match e.kind() {
+            std::io::ErrorKind::IsADirectory => format!("config file {shown} is a directory"),
+            std::io::ErrorKind::PermissionDenied => {
+                format!("config file {shown}: permission denied")
+            }
+            kind => format!("cannot read config file {shown}: {kind}"),
+        })
+    })?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        ConfigError::Load(format!(
+            "config file {shown} is not UTF-8 text (byte {} is not)",
+            e.valid_up_to()
+        ))
+    })?;
+    let Err(e) = toml::from_str::<toml::Table>(text) else {
+        return Ok(());
+    };
+    let at = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
+    let line = text[..at].matches('\n').count() + 1;
+    let column = text[..at].rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    let key = key_at_line(text, line)
+        .map(|k| format!(" (key `{k}`)"))
+        .unwrap_or_default();
+    Err(ConfigError::Load(format!(
+        "config file {shown} is not valid TOML at line {line}, column {column}{key}: {}",
+        scrub(e.message(), text.lines().nth(line - 1).unwrap_or(""))
+    )))
+}
+
+/// The dotted key the `line`-th line (from 1) sets, with the section it
+/// is in (`edm.password`); `None` for a line that sets none.
+fn key_at_line(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let own = lines.get(line.checked_sub(1)?)?;
+    let (key, _) = own.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    let safe = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    };
+    if !safe(key) {
+        return None;
+    }
+    let section = lines[..line - 1]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        .filter(|s| safe(s));
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+/// The parser's message without any word of the offending line's value.
+fn scrub(message: &str, line: &str) -> String {
+    let value = line.split_once('=').map(|(_, v)| v).unwrap_or(line);
+    let mut out = message.to_string();
+    for word in value
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.len() >= 3)
+    {
+        out = out.replace(word, "…");
+    }
+    out.lines().next().unwrap_or("").trim().to_string()
 }
 
 fn check_cron(key: &str, value: &str) -> Result<(), ConfigError> {

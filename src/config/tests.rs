@@ -223,3 +223,64 @@ fn merge(base: &str, extra: &str) -> String {
     }
     out
 }
+
+/// A config file that is not TOML is named by file, line, column and key;
+/// the secret on the broken line never appears (the parser's own error
+/// quotes that line).
+#[test]
+fn a_toml_syntax_error_names_file_line_and_key_but_never_the_value() {
+    let cases = [
+        (
+            "[crm]\nbase_url = \"http://x\"\ntoken = \"Tok3n-Secret-9\n",
+            3,
+            "crm.token",
+        ),
+        (
+            "[edm]\npassword = \"Pa55-Secret-1\"\npassword = \"Pa55-Secret-1\"\n",
+            3,
+            "edm.password",
+        ),
+        ("[edm]\npassword = Pa55-Secret-1\n", 2, "edm.password"),
+    ];
+    for (text, line, key) in cases {
+        // Arrange
+        let file = write_config(text);
+
+        // Act
+        let err = Settings::load_with_env(Some(file.path()), vec![])
+            .unwrap_err()
+            .to_string();
+
+        // Assert
+        assert!(err.contains(&file.path().display().to_string()), "{err}");
+        assert!(err.contains(&format!("line {line}, column")), "{err}");
+        assert!(err.contains(&format!("key `{key}`")), "{err}");
+        assert!(!err.contains("Secret"), "{err}");
+    }
+}
+
+#[test]
+fn bytes_that_are_not_text_are_not_echoed() {
+    // Arrange: 300 bytes that are not UTF-8.
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    let bytes: Vec<u8> = (0..300u32).map(|i| (i * 97 % 256) as u8 | 0x80).collect();
+    std::fs::write(file.path(), &bytes).unwrap();
+
+    // Act
+    let err = Settings::load_with_env(Some(file.path()), vec![])
+        .unwrap_err()
+        .to_string();
+
+    // Assert
+    assert!(err.contains("is not UTF-8 text"), "{err}");
+    assert!(err.len() < 200, "{err}");
+}
+
+#[test]
+fn a_directory_given_as_config_is_named_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Settings::load_with_env(Some(dir.path()), vec![])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is a directory"), "{err}");
+}
