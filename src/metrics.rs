@@ -35,9 +35,10 @@ pub const APIS: [&str; 2] = ["crm", "edm"];
 /// The kinds of the pending and parked gauges.
 pub const QUEUE_KINDS: [&str; 2] = ["edm", "contact_history"];
 
-/// Creates every labelled series at 0 (the gauges at 0 until the first
-/// run or read sets them), so that from start-up — standby included — an
-/// alert on `increase(…[1h])` or `absent(…)` sees a series, not nothing.
+/// Creates every series from start-up — standby included — so that an
+/// alert on `increase(…[1h])` or a gauge's value sees a series, not
+/// nothing: counters and gauges at 0 (the last success at 0: none yet),
+/// the EDM service gauges at NaN until the first `service-info` read.
 pub fn zero_series(jobs: &[&'static str]) {
     for &job in jobs {
         for outcome in OUTCOMES {
@@ -60,6 +61,15 @@ pub fn zero_series(jobs: &[&'static str]) {
     }
     set_role(false);
     state_db_writable(true);
+    for &job in jobs {
+        // 0: no success yet (the state database's last one replaces it).
+        metrics::gauge!(metric::LAST_SUCCESS, "job" => job).set(0.0);
+    }
+    // Unknown until the first service-info read: NaN, so that no alert on
+    // a disabled service, an end date or a low quota fires on it.
+    metrics::gauge!(metric::EDM_SERVICE_ENABLED).set(f64::NAN);
+    metrics::gauge!(metric::EDM_SERVICE_EXPIRES).set(f64::NAN);
+    metrics::gauge!(metric::EDM_QUOTA_LEFT).set(f64::NAN);
 }
 
 /// This process's version and instance id, as a constant 1.

@@ -347,6 +347,12 @@ async fn metrics_are_prometheus_text_and_count_what_the_runs_did() {
 
     let text = metrics_text(&url).await;
     let m = parse_prometheus(&text);
+    // A busy daemon's /metrics, for `.ci/run`'s `promtool check metrics`.
+    std::fs::write(
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("busy-metrics.txt"),
+        &text,
+    )
+    .unwrap();
 
     let runs = m[r#"crm_edm_sync_runs_total{job="contacts",outcome="succeeded"}"#];
     assert!(runs >= 2.0, "{text}");
@@ -915,4 +921,59 @@ async fn a_standby_serves_metrics_with_every_series_from_start_up_and_the_last_s
     assert_eq!(gone.status.code(), Some(1), "{gone:?}");
     assert!(String::from_utf8_lossy(&gone.stdout).starts_with("unhealthy: no answer from "));
     active.signal("-TERM");
+}
+
+/// A fresh daemon — nothing ever ran — serves every series with its HELP:
+/// the last success at 0 for both jobs, the EDM service gauges (NaN until
+/// `service-info` answers), the role and the writable gauge.
+#[tokio::test]
+async fn a_fresh_daemon_serves_every_series_with_help_from_start_up() {
+    // Arrange: EDM unreachable, so service-info never answers; no run due.
+    let sb = sandbox().await;
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sb, &db);
+    let mut daemon = Daemon::start(
+        &config,
+        &[
+            ("CRM_EDM_SYNC__SYNC__SCHEDULE", "0 0 0 1 1 *"),
+            (
+                "CRM_EDM_SYNC__EDM__BASE_URL",
+                "http://127.0.0.1:9/mm-ms/api",
+            ),
+        ],
+    );
+    let url = daemon.ops_url().await;
+
+    // Act
+    let text = metrics_text(&url).await;
+    let m = parse_prometheus(&text);
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+
+    // Assert
+    for job in ["contacts", "writeback"] {
+        let series = format!(r#"crm_edm_sync_last_success_timestamp_seconds{{job="{job}"}}"#);
+        assert_eq!(m.get(&series), Some(&0.0), "{text}");
+    }
+    for gauge in [
+        "crm_edm_sync_edm_service_enabled",
+        "crm_edm_sync_edm_service_expiration_timestamp_seconds",
+        "crm_edm_sync_edm_quota_available",
+    ] {
+        assert!(m[gauge].is_nan(), "{gauge} should be unknown: {text}");
+    }
+    assert_eq!(
+        m.get("crm_edm_sync_state_db_writable"),
+        Some(&1.0),
+        "{text}"
+    );
+    let families: std::collections::BTreeSet<&str> =
+        m.keys().map(|k| k.split('{').next().unwrap()).collect();
+    for family in families {
+        assert!(
+            text.contains(&format!("# HELP {family} ")),
+            "{family} has no HELP:\n{text}"
+        );
+    }
 }
