@@ -244,20 +244,24 @@ fn changes(old: &MemberFields, new: &MemberFields) -> String {
 fn write_plan(path: &std::path::Path, preview: &Preview) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
+    // A new file, readable by its owner only (it holds full addresses),
+    // written beside the target and renamed over it: a file already there
+    // is replaced, never written into with its old, wider mode.
     let write = || -> std::io::Result<()> {
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        let file = tempfile::NamedTempFile::new_in(dir)?;
         let mut out = std::io::BufWriter::new(file);
         for line in preview.json_lines() {
             serde_json::to_writer(&mut out, &line)?;
             out.write_all(b"\n")?;
         }
-        out.flush()
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.as_file().sync_all()?;
+        file.persist(path).map_err(|e| e.error)?;
+        Ok(())
     };
     write().with_context(|| format!("cannot write the plan to {}", path.display()))
 }

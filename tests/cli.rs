@@ -452,6 +452,11 @@ async fn a_dry_run_plan_file_holds_every_planned_operation_as_json_lines() {
     cli.sb.edm.user_unsubscribe(2, "lm7@example.com");
     let plan = cli.dir.path().join("plan.jsonl");
     let writes = cli.sb.edm_writes();
+    // An older plan lies there, readable by everyone: it is replaced by a
+    // file of the owner's only, not written into.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(&plan, "old plan\n").unwrap();
+    std::fs::set_permissions(&plan, std::fs::Permissions::from_mode(0o644)).unwrap();
 
     // Act
     let out = cli
@@ -506,7 +511,6 @@ async fn a_dry_run_plan_file_holds_every_planned_operation_as_json_lines() {
     assert_eq!(user[0]["list_id"], 2);
     assert_eq!(of("suppressed").len(), 1, "{lines:?}");
     assert!(of("refusal").is_empty(), "{lines:?}");
-    use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&plan).unwrap().permissions().mode() & 0o777,
         0o600

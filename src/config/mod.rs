@@ -540,6 +540,17 @@ impl Settings {
                 "must start with sqlite:, postgres:// or postgresql://",
             );
         }
+        let id = &self.daemon.instance_id;
+        if id.len() > 64
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c))
+        {
+            return bad(
+                "daemon.instance_id",
+                "must be at most 64 letters, digits and - _ . : @ (it travels in every request's User-Agent header)",
+            );
+        }
         check_cron("sync.schedule", &self.sync.schedule)?;
         check_cron("writeback.schedule", &self.writeback.schedule)?;
         check_zone("sync.timezone", &self.sync.timezone)?;

@@ -284,3 +284,25 @@ fn a_directory_given_as_config_is_named_as_one() {
         .to_string();
     assert!(err.contains("is a directory"), "{err}");
 }
+
+/// The instance id travels in a header: a line break or a space there made
+/// every request fail as if the network did.
+#[test]
+fn an_instance_id_that_cannot_travel_in_a_header_is_refused_naming_the_key() {
+    for bad in ["a\nb", "has space", "é", &"x".repeat(65)] {
+        let err = Settings::from_toml(&merge(
+            MINIMAL,
+            &format!("[daemon]\ninstance_id = {bad:?}\n"),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("daemon.instance_id"), "{bad:?}: {err}");
+    }
+    for good in ["", "sync-a.example.cn", "node_1:9187", "ops@db1"] {
+        Settings::from_toml(&merge(
+            MINIMAL,
+            &format!("[daemon]\ninstance_id = {good:?}\n"),
+        ))
+        .unwrap_or_else(|e| panic!("{good:?}: {e}"));
+    }
+}
