@@ -25,6 +25,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -58,4 +59,29 @@ fn main() -> ExitCode {
     };
     telemetry::init(settings.log.format, &settings.log.level);
     runtime.block_on(app::run(cli, settings))
+}
+
+/// Standard output that cannot be written is not a crash: a reader that
+/// went away (`demo | head -1`) ends the process quietly with status 0,
+/// any other failure (a full disk) with one line on stderr and status 1 —
+/// instead of a panic and status 101. (`println!` panics on a write error;
+/// this hook catches exactly that panic, wherever it happens.)
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if let Some(cause) = text.strip_prefix("failed printing to stdout: ") {
+            if cause.contains("Broken pipe") {
+                std::process::exit(0);
+            }
+            eprintln!("crm-edm-sync: cannot write to standard output: {cause}");
+            std::process::exit(1);
+        }
+        default(info);
+    }));
 }

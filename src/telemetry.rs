@@ -29,11 +29,42 @@ pub fn directives(level: &str) -> String {
     format!("{level},{QUIET}")
 }
 
+/// Why `RUST_LOG` cannot be used, if it cannot: it does not parse, or it
+/// would silence this program's own lines — even its ERRORs — (no global
+/// level, or `off`, and no `crm_edm_sync` directive).
+pub fn unusable_rust_log(value: &str) -> Option<String> {
+    if let Err(e) = EnvFilter::try_new(value) {
+        return Some(format!("not a filter: {e}"));
+    }
+    let levels = ["trace", "debug", "info", "warn", "error"];
+    let mut global = None;
+    let mut ours = false;
+    for d in value.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let lower = d.to_ascii_lowercase();
+        if levels.contains(&lower.as_str()) || lower == "off" {
+            global = Some(lower);
+        } else if lower.starts_with("crm_edm_sync") {
+            ours = true;
+        }
+    }
+    let silenced = !ours && global.as_deref().is_none_or(|g| g == "off");
+    silenced.then(|| "it lets none of this program's lines through, not even ERRORs".to_string())
+}
+
 /// Installs the global subscriber. Safe to call once per process.
+/// `RUST_LOG` overrides `level`, unless it is unusable
+/// ([`unusable_rust_log`]): then `level` is used and a WARN line says so.
 pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(directives(level)))
-        .unwrap_or_else(|_| EnvFilter::new(directives("info")));
+    let rust_log = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let refused = rust_log.as_deref().and_then(unusable_rust_log);
+    let filter = match (&rust_log, &refused) {
+        (Some(v), None) => EnvFilter::try_new(v).ok(),
+        _ => None,
+    }
+    .or_else(|| EnvFilter::try_new(directives(level)).ok())
+    .unwrap_or_else(|| EnvFilter::new(directives("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -48,7 +79,11 @@ pub fn init(format: LogFormat, level: &str) {
             .try_init(),
     };
     // A second call (tests) keeps the first subscriber.
-    let _ = result;
+    if result.is_ok()
+        && let Some(why) = refused
+    {
+        tracing::warn!(reason = %why, log_level = level, "RUST_LOG is not used: log.level applies");
+    }
 }
 
 /// One JSON object a line: `timestamp`, `level`, the event's fields
@@ -120,5 +155,29 @@ impl Visit for Fields<'_> {
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.0.insert(field.name().into(), Value::from(value));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rust_log_that_would_silence_this_program_is_refused_and_a_usable_one_is_not() {
+        for bad in ["off", "nonsense", "sqlx=debug", "[[[", "crm=info,off"] {
+            assert!(
+                unusable_rust_log(bad).is_some(),
+                "{bad:?} should be refused"
+            );
+        }
+        for good in [
+            "info",
+            "debug,sqlx=warn",
+            "crm_edm_sync=trace",
+            "WARN",
+            "error",
+        ] {
+            assert_eq!(unusable_rust_log(good), None, "{good:?}");
+        }
     }
 }

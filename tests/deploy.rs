@@ -49,3 +49,22 @@ fn the_readme_podman_run_line_stops_after_the_drain_time() {
         "stop timeout {stop} ≤ drain {default_drain}"
     );
 }
+
+/// podman's default (OCI) image format drops `HEALTHCHECK`: every podman
+/// build command shipped asks for the docker format.
+#[test]
+fn every_podman_build_command_keeps_the_health_check() {
+    for (file, text) in [
+        ("README.md", read("README.md")),
+        ("Containerfile", read("Containerfile")),
+    ] {
+        let builds: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("podman build"))
+            .collect();
+        assert!(!builds.is_empty(), "{file} shows no podman build");
+        for line in builds {
+            assert!(line.contains("--format docker"), "{file}: {line}");
+        }
+    }
+}
