@@ -25,6 +25,24 @@ use crate::edm::{MailList, ServiceInfo};
 /// Days before the service's last day from which `check` warns.
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
 
+/// A warning for each schedule that never fires from `now` on (a valid
+/// cron such as `0 0 0 30 2 *`: 30 February), naming its key.
+pub fn schedule_findings(settings: &Settings, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
+    [
+        ("sync.schedule", &settings.sync.schedule),
+        ("writeback.schedule", &settings.writeback.schedule),
+    ]
+    .into_iter()
+    .filter(|(_, cron)| {
+        crate::schedule::ZonedCron::parse(cron, settings.schedule_zone())
+            .is_ok_and(|z| z.next_after(now).is_none())
+    })
+    .map(|(key, cron)| {
+        format!("config: WARNING: {key} = {cron:?} never fires: that job will never run")
+    })
+    .collect()
+}
+
 /// The documented `ContactHistory/Add` dictionaries (API.md).
 const TYPE_IDS: std::ops::RangeInclusive<i64> = 1..=7;
 const ROUTE_IDS: std::ops::RangeInclusive<i64> = 1..=4;
@@ -56,6 +74,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
             "config: FAILED: writeback.route_id = {} is not a contact route of the CRM (1–4; 3 is email)",
             settings.writeback.route_id
         );
+    }
+    for line in schedule_findings(&settings, chrono::Utc::now()) {
+        println!("{line}");
     }
     match crate::state::Store::connect(&settings.database.url).await {
         Ok(store) => {
@@ -233,6 +254,17 @@ mod tests {
 
     fn day(d: &str) -> chrono::NaiveDate {
         chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").unwrap()
+    }
+
+    #[test]
+    fn a_schedule_that_never_fires_is_a_warning_naming_its_key() {
+        let text = "[crm]\nbase_url = \"http://c\"\ntoken = \"t\"\n[edm]\nusername = \"u\"\npassword = \"p\"\n[sync]\nschedule = \"0 0 0 30 2 *\"\n";
+        let settings = Settings::from_toml(text).unwrap();
+        let lines = schedule_findings(&settings, chrono::Utc::now());
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("WARNING: sync.schedule") && lines[0].contains("never fires"));
+        let fine = Settings::from_toml(&text.replace("0 0 0 30 2 *", "0 */15 * * * *")).unwrap();
+        assert!(schedule_findings(&fine, chrono::Utc::now()).is_empty());
     }
 
     #[test]

@@ -106,6 +106,14 @@ pub async fn schedule(
 ) -> anyhow::Result<uuid::Uuid> {
     let cron = ZonedCron::parse(schedule, zone)
         .map_err(|e| anyhow::anyhow!("cannot schedule {name} on {schedule:?}: {e}"))?;
+    if cron.next_after(Utc::now()).is_none() {
+        tracing::warn!(
+            job = name,
+            schedule,
+            "the schedule never fires: this job will never run"
+        );
+        return Ok(uuid::Uuid::nil());
+    }
     let tick: JobFn = Arc::new(move || {
         let (gate, turn, job) = (gate.clone(), turn.clone(), job.clone());
         Box::pin(async move {
@@ -276,6 +284,26 @@ mod tests {
         );
         let until = due - chrono::Utc::now();
         assert!(until > chrono::Duration::zero() && until <= chrono::Duration::days(1));
+    }
+
+    /// A valid cron that never fires (30 February) starts nothing and
+    /// stops nothing: the daemon comes up, the job never runs, a WARN says so.
+    #[tokio::test]
+    async fn a_schedule_that_never_fires_adds_no_job_and_is_no_error() {
+        let scheduler = JobScheduler::new().await.unwrap();
+        let job: JobFn = Arc::new(|| Box::pin(async {}));
+        let id = schedule(
+            &scheduler,
+            "t",
+            "0 0 0 30 2 *",
+            chrono_tz::UTC,
+            Arc::default(),
+            Arc::default(),
+            job,
+        )
+        .await
+        .unwrap();
+        assert!(id.is_nil());
     }
 
     fn at(rfc3339: &str) -> DateTime<Utc> {
