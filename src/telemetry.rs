@@ -162,6 +162,109 @@ impl Visit for Fields<'_> {
 mod tests {
     use super::*;
 
+    /// The names a JSON line has of its own: an event field of the same
+    /// name would overwrite it (a field `message` replaced the line's
+    /// message with EDM's text).
+    const RESERVED: [&str; 6] = ["message", "level", "timestamp", "target", "fields", "span"];
+
+    /// The field names of every `tracing::…!(…)` call in `text`.
+    fn event_fields(text: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        for level in ["trace", "debug", "info", "warn", "error"] {
+            let opener = format!("tracing::{level}!(");
+            let mut rest = text;
+            while let Some(at) = rest.find(&opener) {
+                let body = &rest[at + opener.len()..];
+                let (mut depth, mut in_str, mut end) = (1, false, body.len());
+                let mut parts = vec![String::new()];
+                let mut prev = ' ';
+                for (i, c) in body.char_indices() {
+                    match c {
+                        '"' if prev != '\\' => in_str = !in_str,
+                        '(' | '[' | '{' if !in_str => depth += 1,
+                        ')' | ']' | '}' if !in_str => {
+                            depth -= 1;
+                            if depth == 0 {
+                                end = i;
+                                break;
+                            }
+                        }
+                        ',' if !in_str && depth == 1 => {
+                            parts.push(String::new());
+                            prev = c;
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    if let Some(p) = parts.last_mut() {
+                        p.push(c);
+                    }
+                    prev = c;
+                }
+                for part in parts {
+                    let part = part.trim();
+                    if part.is_empty() || part.starts_with('"') {
+                        continue;
+                    }
+                    let name = part.split('=').next().unwrap_or("").trim();
+                    let name = name.trim_start_matches(['%', '?']);
+                    if name
+                        .chars()
+                        .all(|c| c.is_alphanumeric() || c == '_' || c == '.')
+                    {
+                        names.push(name.to_string());
+                    }
+                }
+                rest = &body[end..];
+            }
+        }
+        names
+    }
+
+    fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn no_event_the_code_emits_has_a_field_named_like_the_line_itself() {
+        // Arrange
+        let mut files = Vec::new();
+        rust_files(std::path::Path::new("src"), &mut files);
+
+        // Act
+        let mut clashes = Vec::new();
+        let mut seen = 0;
+        for file in &files {
+            let text = std::fs::read_to_string(file).unwrap();
+            // The code, not its tests (which sit at the end of a file).
+            let code = text.split("#[cfg(test)]").next().unwrap_or("");
+            for name in event_fields(code) {
+                seen += 1;
+                if RESERVED.contains(&name.as_str()) {
+                    clashes.push(format!("{}: {name}", file.display()));
+                }
+            }
+        }
+
+        // Assert
+        assert!(
+            seen > 100,
+            "only {seen} event fields found: the scan is broken"
+        );
+        assert!(clashes.is_empty(), "{clashes:?}");
+        assert_eq!(
+            event_fields(r#"tracing::error!(code, message, x = %y, "text, with comma")"#),
+            ["code", "message", "x"]
+        );
+    }
+
     #[test]
     fn a_rust_log_that_would_silence_this_program_is_refused_and_a_usable_one_is_not() {
         for bad in ["off", "nonsense", "sqlx=debug", "[[[", "crm=info,off"] {

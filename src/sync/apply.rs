@@ -430,9 +430,9 @@ impl<'a> Applier<'a> {
             .await?;
         let runs = noted.first().map_or(1, |r| r.failed_runs);
         if noted.first().is_some_and(|r| r.parked) {
-            tracing::error!(list_id = list_id.0, operation = %op, address = %email.masked(), code, message, runs, "EDM refused this operation in edm.max_attempts runs: parked, not sent again until it changes or --retry-parked");
+            tracing::error!(list_id = list_id.0, operation = %op, address = %email.masked(), code, edm_message = message, runs, "EDM refused this operation in edm.max_attempts runs: parked, not sent again until it changes or --retry-parked");
         } else {
-            tracing::error!(list_id = list_id.0, operation = %op, address = %email.masked(), code, message, runs, max_attempts = max, "EDM refused this operation; the rest of its batch was applied");
+            tracing::error!(list_id = list_id.0, operation = %op, address = %email.masked(), code, edm_message = message, runs, max_attempts = max, "EDM refused this operation; the rest of its batch was applied");
         }
         if let Some(r) = noted.into_iter().next() {
             self.refusals.insert((op, list_id, email.to_string()), r);
