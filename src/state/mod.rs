@@ -583,6 +583,23 @@ mod tests {
         }
     }
 
+    /// A PostgreSQL that refuses connections is named as refusing them,
+    /// not as "pool timed out", and the URL's password is not printed.
+    #[tokio::test]
+    async fn a_postgresql_that_refuses_connections_is_reported_as_such() {
+        // Act
+        let err = Store::connect(&SecretString::from(
+            "postgres://postgres:Secret-Pw-7@127.0.0.1:1/none".to_string(),
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+
+        // Assert
+        assert!(err.contains("Connection refused"), "{err}");
+        assert!(!err.contains("Secret-Pw-7"), "{err}");
+    }
+
     #[tokio::test]
     async fn every_migration_reverts_and_reapplies() {
         // Arrange: a migrated database.
