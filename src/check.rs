@@ -78,10 +78,25 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     for line in schedule_findings(&settings, chrono::Utc::now()) {
         println!("{line}");
     }
-    match crate::state::Store::connect(&settings.database.url).await {
-        Ok(store) => {
-            store.close().await;
-            println!("database: ok");
+    // Read only: a typo in database.url must not get a new, empty
+    // database; what the daemon will create or migrate is said, not done.
+    use crate::state::Schema;
+    match crate::state::Store::inspect(&settings.database.url).await {
+        Ok(Some(Schema::Current)) => println!("database: ok"),
+        Ok(None) | Ok(Some(Schema::Absent)) => println!(
+            "database: ok: no state database there yet (the daemon will create it; check database.url if one should exist)"
+        ),
+        Ok(Some(Schema::Behind(n))) => {
+            println!(
+                "database: ok: {n} migration(s) behind this binary (the daemon will migrate it)"
+            )
+        }
+        Ok(Some(Schema::Ahead(unknown))) => {
+            ok = false;
+            println!(
+                "database: FAILED: migrated by a newer crm-edm-sync (unknown migrations: {}); run that version",
+                unknown.join(", ")
+            );
         }
         Err(e) => {
             ok = false;

@@ -683,6 +683,27 @@ async fn check_says_which_api_failed() {
     assert!(stdout.contains("edm: ok"), "{stdout}");
 }
 
+/// `check` writes nothing: a `database.url` that names no database yet
+/// (a typo, or a fresh install) is said, not created.
+#[tokio::test]
+async fn check_creates_no_state_database_and_says_there_is_none_yet() {
+    // Arrange
+    let cli = setup("info").await;
+    let fresh = cli.dir.path().join("typo-state.db");
+    let url = format!("sqlite://{}?mode=rwc", fresh.display());
+
+    // Act
+    let out = cli
+        .run(&["check"], &[("CRM_EDM_SYNC__DATABASE__URL", url.as_str())])
+        .await;
+
+    // Assert
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(stdout.contains("no state database there yet"), "{stdout}");
+    assert!(!fresh.exists(), "check created {}", fresh.display());
+}
+
 #[tokio::test]
 async fn check_names_crm_token_when_the_crm_refuses_it_in_a_200_body() {
     let cli = setup("info").await;

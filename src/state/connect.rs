@@ -329,6 +329,26 @@ impl Store {
         }
     }
 
+    /// Where the state database at `url` stands, read without writing
+    /// anything (for `check`): `None` when there is none yet (no SQLite
+    /// file; nothing is created).
+    pub async fn inspect(url: &SecretString) -> anyhow::Result<Option<Schema>> {
+        let raw = url.expose_secret();
+        let mut access = Access::Shared;
+        if let Some(file) = sqlite_file(raw) {
+            if !file.exists() {
+                return Ok(None);
+            }
+            if !std::path::PathBuf::from(format!("{}-wal", file.display())).exists() {
+                access = Access::Snapshot;
+            }
+        }
+        let db = open_pool(raw, access).await?;
+        let schema = schema_of(&db).await;
+        let _ = db.close().await;
+        schema.map(Some)
+    }
+
     /// A second, read-only pool on a database this process also writes
     /// (the ops endpoint's): its reads never wait behind the jobs' writes
     /// for a pooled connection (SQLite's pool has one).
