@@ -114,6 +114,11 @@ async fn run_jobs(cli: &Cli, ctx: &Context) -> anyhow::Result<ExitCode> {
                         println!("plan written to {}", path.display());
                     }
                 }
+                // A refused real run says so on stdout, as every other
+                // failure of --once does.
+                if let Outcome::Refused(refusal) = &report.outcome {
+                    println!("crm-edm-sync: contacts: {}", refusal.in_words());
+                }
                 ok &= report.is_success();
             }
             Err(e) => {

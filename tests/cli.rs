@@ -580,6 +580,62 @@ async fn a_refused_dry_run_plan_file_ends_with_the_refusal() {
     );
 }
 
+/// An empty pull is refused about every list: the plan file has a
+/// refusal line per list with the same fields a ratio refusal has, and the
+/// refused real run says so on stdout as every other failure does.
+#[tokio::test]
+async fn an_empty_pull_refusal_names_each_list_and_a_refused_run_says_so_on_stdout() {
+    // Arrange: a good sync, then a CRM with no customer at all.
+    let cli = setup("info").await;
+    let first = cli.run(&["--once", "--job", "contacts"], &[]).await;
+    assert!(first.status.success(), "{}", text(&first));
+    for c in 1..=10 {
+        cli.sb.crm.remove_customer(c);
+    }
+    let plan = cli.dir.path().join("empty.jsonl");
+
+    // Act
+    let dry = cli
+        .run(
+            &[
+                "--once",
+                "--job",
+                "contacts",
+                "--dry-run",
+                "--plan",
+                plan.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .await;
+    let real = cli.run(&["--once", "--job", "contacts"], &[]).await;
+
+    // Assert
+    assert_eq!(dry.status.code(), Some(1), "{}", text(&dry));
+    let refusals: Vec<serde_json::Value> = std::fs::read_to_string(&plan)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l["kind"] == "refusal")
+        .collect();
+    let lists: Vec<i64> = refusals
+        .iter()
+        .map(|r| r["list_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(lists, [1, 2], "{refusals:?}");
+    for r in &refusals {
+        for field in ["unsubscribes", "members", "max_unsubscribe_ratio", "reason"] {
+            assert!(!r[field].is_null(), "{field} missing: {r}");
+        }
+    }
+    assert_eq!(real.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&real.stdout);
+    assert!(
+        stdout.contains("refused: the CRM pull produced no valid member"),
+        "{stdout}"
+    );
+}
+
 #[tokio::test]
 async fn bad_config_exits_2_naming_the_key() {
     let cli = setup("info").await;

@@ -513,7 +513,7 @@ async fn empty_crm_after_a_good_sync_is_refused() {
     assert!(
         matches!(
             report.outcome,
-            Outcome::Refused(Refusal::EmptyPull { members: 10 })
+            Outcome::Refused(Refusal::EmptyPull { members: 10, .. })
         ),
         "{:?}",
         report.outcome

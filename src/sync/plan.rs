@@ -166,7 +166,12 @@ pub enum Refusal {
     #[error(
         "the CRM pull produced no valid member while the state DB records {members} members (use --force to apply)"
     )]
-    EmptyPull { members: usize },
+    EmptyPull {
+        members: usize,
+        /// Per list: planned unsubscribes and recorded members.
+        lists: Vec<(ListId, usize, usize)>,
+        ratio: f64,
+    },
 }
 
 impl Refusal {
@@ -190,7 +195,7 @@ impl Refusal {
                     "refused: {unsubs} of {members} members of list {list_id} would be unsubscribed ({why}); --force would apply it"
                 )
             }
-            Refusal::EmptyPull { members } => format!(
+            Refusal::EmptyPull { members, .. } => format!(
                 "refused: the CRM pull produced no valid member while {members} members are recorded; --force would apply it"
             ),
         }
@@ -217,12 +222,20 @@ pub fn check_safety(
     max_ratio: f64,
 ) -> Result<(), Refusal> {
     let total: usize = members.values().sum();
-    if desired_count == 0 && total > 0 {
-        return Err(Refusal::EmptyPull { members: total });
-    }
     let mut unsubs_per_list: BTreeMap<ListId, usize> = BTreeMap::new();
     for u in &plan.unsubs {
         *unsubs_per_list.entry(u.key.list_id).or_insert(0) += 1;
+    }
+    if desired_count == 0 && total > 0 {
+        let lists = members
+            .iter()
+            .map(|(&list, &n)| (list, unsubs_per_list.get(&list).copied().unwrap_or(0), n))
+            .collect();
+        return Err(Refusal::EmptyPull {
+            members: total,
+            lists,
+            ratio: max_ratio,
+        });
     }
     for (list_id, unsubs) in unsubs_per_list {
         let members = members.get(&list_id).copied().unwrap_or(0);
@@ -583,7 +596,12 @@ mod tests {
             "refused: 72 of 72 members of list 1 would be unsubscribed (ratio 1.00 > 0.20); --force would apply it"
         );
         assert_eq!(
-            Refusal::EmptyPull { members: 9 }.in_words(),
+            Refusal::EmptyPull {
+                members: 9,
+                lists: vec![(ListId(1), 9, 9)],
+                ratio: 0.2
+            }
+            .in_words(),
             "refused: the CRM pull produced no valid member while 9 members are recorded; --force would apply it"
         );
     }
@@ -600,7 +618,11 @@ mod tests {
         let p = plan(&BTreeMap::new(), &s, &Suppressions::default());
         assert_eq!(
             check_safety(&p, 0, &members_per_list(&s), 1.0),
-            Err(Refusal::EmptyPull { members: 1 })
+            Err(Refusal::EmptyPull {
+                members: 1,
+                lists: vec![(ListId(1), 1, 1)],
+                ratio: 1.0
+            })
         );
         // With nothing recorded an empty pull is fine.
         assert_eq!(

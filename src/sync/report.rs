@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::plan::{Plan, Refusal};
-use crate::domain::MemberKey;
+use crate::domain::{ListId, MemberKey};
 use crate::states::RunStatus;
 
 /// What a contacts run did.
@@ -156,22 +156,28 @@ impl Preview {
         let user = self.user_unsubscribes.iter().map(|k| {
             json!({ "kind": "user_unsubscribe", "list_id": k.list_id, "email": k.email.as_str() })
         });
-        let refusal = self.refusal.iter().map(|r| {
-            let mut line = json!({ "kind": "refusal", "reason": r.in_words() });
-            if let Refusal::Ratio {
-                list_id,
-                unsubs,
-                members,
-                ratio,
-            } = r
-            {
-                line["list_id"] = json!(list_id);
-                line["unsubscribes"] = json!(unsubs);
-                line["members"] = json!(members);
-                line["max_unsubscribe_ratio"] = json!(ratio);
-            }
-            line
-        });
+        // One line per list the refusal is about, each with the same
+        // fields whatever refused it (an empty pull is about every list).
+        let refusal =
+            self.refusal.iter().flat_map(|r| {
+                let lists: Vec<(ListId, usize, usize, f64)> = match r {
+                    Refusal::Ratio {
+                        list_id,
+                        unsubs,
+                        members,
+                        ratio,
+                    } => vec![(*list_id, *unsubs, *members, *ratio)],
+                    Refusal::EmptyPull { lists, ratio, .. } => {
+                        lists.iter().map(|&(l, u, m)| (l, u, m, *ratio)).collect()
+                    }
+                };
+                lists.into_iter().map(move |(list_id, unsubs, members, ratio)| {
+                json!({
+                    "kind": "refusal", "reason": r.in_words(), "list_id": list_id,
+                    "unsubscribes": unsubs, "members": members, "max_unsubscribe_ratio": ratio,
+                })
+            })
+            });
         adds.chain(edits)
             .chain(unsubs)
             .chain(owners)
