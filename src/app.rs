@@ -101,9 +101,6 @@ async fn run_jobs(cli: &Cli, ctx: &Context) -> anyhow::Result<ExitCode> {
         retry_parked: cli.retry_parked,
     };
     let mut ok = true;
-    if cli.plan.is_some() && cli.job == Some(Job::Writeback) {
-        anyhow::bail!("--plan writes the contacts job's plan; --job writeback has none");
-    }
     if matches!(cli.job, None | Some(Job::Contacts)) {
         match contacts::run(ctx, opts).await {
             Ok(report) => {

@@ -51,6 +51,52 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+impl Cli {
+    /// Parses the command line; a combination clap cannot express is a
+    /// usage error too (exit 2), before any database is opened.
+    pub fn parse_checked() -> Cli {
+        use clap::{CommandFactory, Parser};
+        let cli = Cli::parse();
+        if let Some(problem) = cli.misuse() {
+            Cli::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, problem)
+                .exit();
+        }
+        cli
+    }
+
+    /// Flags that make no sense together, in words: `--once` and its
+    /// flags next to a command (`status`, `check`, …) would be silently
+    /// ignored; only `--config` goes with both.
+    pub fn misuse(&self) -> Option<String> {
+        if self.plan.is_some() && self.job == Some(Job::Writeback) {
+            return Some("--plan writes the contacts job's plan; --job writeback has none".into());
+        }
+        let flags = [
+            (self.once, "--once"),
+            (self.job.is_some(), "--job"),
+            (self.dry_run, "--dry-run"),
+            (self.plan.is_some(), "--plan"),
+            (self.force, "--force"),
+            (self.full, "--full"),
+            (self.retry_parked, "--retry-parked"),
+        ];
+        let given: Vec<&str> = flags
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, f)| *f)
+            .collect();
+        match (&self.command, given.is_empty()) {
+            (Some(command), false) => Some(format!(
+                "{} cannot be used with the command `{}`",
+                given.join(", "),
+                command.name()
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// A job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Job {
@@ -91,6 +137,19 @@ pub enum Command {
     /// Start the built-in sandbox CRM and EDM on loopback, sync into a
     /// temporary SQLite database, and print what happened.
     Demo,
+}
+
+impl Command {
+    /// The command's name on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Status { .. } => "status",
+            Command::Explain { .. } => "explain",
+            Command::Check => "check",
+            Command::Health => "health",
+            Command::Demo => "demo",
+        }
+    }
 }
 
 /// Exit code of a failed or refused run.

@@ -10,7 +10,6 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clap::Parser;
 use crm_edm_sync::app::{self, EXIT_CONFIG};
 use crm_edm_sync::cli::{Cli, Command};
 use crm_edm_sync::config::{LogFormat, Settings};
@@ -26,7 +25,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     quiet_on_closed_stdout();
-    let cli = Cli::parse();
+    let cli = Cli::parse_checked();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

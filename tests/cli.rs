@@ -537,13 +537,41 @@ async fn a_plan_file_for_the_writeback_job_alone_is_refused_in_words() {
         )
         .await;
 
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // A usage error (exit 2), found before any database is opened.
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("--job writeback has none"),
+        String::from_utf8_lossy(&out.stderr).contains("--job writeback has none"),
         "{}",
         text(&out)
     );
     assert!(!plan.exists());
+}
+
+/// `--once` and its flags next to a command would be ignored (`--once
+/// --dry-run check` even migrated the database): a usage error, exit 2,
+/// before any database is opened.
+#[tokio::test]
+async fn run_flags_next_to_a_command_are_a_usage_error_before_any_database_is_opened() {
+    let cli = setup("info").await;
+    let untouched = cli.dir.path().join("never-opened.db");
+    let url = format!("sqlite://{}?mode=rwc", untouched.display());
+    for args in [
+        vec!["--once", "--dry-run", "check"],
+        vec!["--once", "status"],
+        vec!["--full", "--once", "health"],
+        vec!["--job", "contacts", "--once", "explain", "a@b.cn"],
+    ] {
+        let out = cli
+            .run(&args, &[("CRM_EDM_SYNC__DATABASE__URL", url.as_str())])
+            .await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("cannot be used with the command"),
+            "{args:?}: {}",
+            text(&out)
+        );
+        assert!(!untouched.exists(), "{args:?} opened the database");
+    }
 }
 
 #[tokio::test]
