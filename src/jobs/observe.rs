@@ -160,6 +160,36 @@ pub struct ListReadFindings {
     pub drifted: usize,
 }
 
+/// The member row for an address EDM holds (`addr`), from what the state
+/// DB knew of it (`known`): present, with EDM's id and fields. An unknown
+/// address is foreign; one the daemon had removed is back because someone
+/// else put it there, so it is foreign too — not the daemon's to remove
+/// again.
+pub fn held_by_edm(key: MemberKey, addr: &EdmAddress, known: Option<&MemberState>) -> MemberState {
+    match known {
+        None => MemberState {
+            key,
+            origin: Origin::Foreign,
+            present: true,
+            link_man_id: None,
+            customer_id: None,
+            edm_id: Some(addr.id),
+            fields: addr.fields.clone(),
+        },
+        Some(m) => MemberState {
+            origin: if !m.present && m.origin == Origin::Owned {
+                Origin::Foreign
+            } else {
+                m.origin
+            },
+            present: true,
+            edm_id: Some(addr.id),
+            fields: addr.fields.clone(),
+            ..m.clone()
+        },
+    }
+}
+
 /// Folds a whole read of `list_id` into the members: every address EDM
 /// holds is recorded (desired ones are adopted by the planner; the others
 /// stay foreign and are left alone), ids and EDM-side field changes are
@@ -188,40 +218,17 @@ pub fn reconcile_list(
     }
     for (email, addr) in &held {
         let key = MemberKey::new(list_id, email.clone());
-        let row = match members.get(&key) {
-            None => MemberState {
-                key,
-                origin: Origin::Foreign,
-                present: true,
-                link_man_id: None,
-                customer_id: None,
-                edm_id: Some(addr.id),
-                fields: addr.fields.clone(),
-            },
-            Some(m) => {
-                // An address the daemon had removed is back: someone else
-                // put it there, so it is not the daemon's to remove again.
-                let origin = if !m.present && m.origin == Origin::Owned {
-                    Origin::Foreign
-                } else {
-                    m.origin
-                };
-                if m.present && m.fields != addr.fields {
-                    out.drifted += 1;
-                }
-                let updated = MemberState {
-                    origin,
-                    present: true,
-                    edm_id: Some(addr.id),
-                    fields: addr.fields.clone(),
-                    ..m.clone()
-                };
-                if &updated == m {
-                    continue;
-                }
-                updated
-            }
-        };
+        let known = members.get(&key);
+        if let Some(m) = known
+            && m.present
+            && m.fields != addr.fields
+        {
+            out.drifted += 1;
+        }
+        let row = held_by_edm(key, addr, known);
+        if known == Some(&row) {
+            continue;
+        }
         out.members.push(row);
     }
     for m in members.values() {

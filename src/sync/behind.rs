@@ -33,8 +33,9 @@ use anyhow::Context as _;
 
 use super::lookup::lookup;
 use super::plan::Plan;
-use crate::domain::{Email, ListId, MemberKey, MemberState, Origin};
+use crate::domain::{Email, ListId, MemberKey, MemberState};
 use crate::jobs::Context;
+use crate::jobs::observe::held_by_edm;
 use crate::state::Observations;
 use crate::states::{SuppressionReason, SuppressionSource};
 
@@ -129,29 +130,7 @@ pub async fn relearn(
     };
     for (email, addr) in &found {
         let key = MemberKey::new(list_id, email.clone());
-        let learnt = match members.get(&key) {
-            Some(m) => MemberState {
-                // Back after the daemon removed it: not the daemon's now.
-                origin: if m.origin == Origin::Owned && !m.present {
-                    Origin::Foreign
-                } else {
-                    m.origin
-                },
-                present: true,
-                edm_id: Some(addr.id),
-                fields: addr.fields.clone(),
-                ..m.clone()
-            },
-            None => MemberState {
-                key: key.clone(),
-                origin: Origin::Foreign,
-                present: true,
-                link_man_id: None,
-                customer_id: None,
-                edm_id: Some(addr.id),
-                fields: addr.fields.clone(),
-            },
-        };
+        let learnt = held_by_edm(key.clone(), addr, members.get(&key));
         members.insert(key, learnt.clone());
         obs.members.push(learnt);
     }
