@@ -229,18 +229,24 @@ pub struct MemberFields {
 const SEP: char = '\0';
 
 impl MemberFields {
-    /// Builds fields from raw CRM texts, sanitising each one (behaviour 3)
-    /// and trimming it: EDM's answers pad values with white space, so a
-    /// value is read back trimmed (see `edm::xml`), and a value sent
-    /// trimmed reads back as it was sent — a CRM name with a leading or
-    /// trailing space never looks drifted.
+    /// Builds fields from raw CRM texts, sanitising each one (behaviour 3:
+    /// separators become spaces, nothing else changes).
     pub fn new<S: AsRef<str>>(fullname: &str, vars: &[S; VAR_COUNT]) -> Self {
         Self::join(
-            std::iter::once(fullname)
-                .chain(vars.iter().map(AsRef::as_ref))
-                .map(|v| v.trim_matches(|c: char| c.is_whitespace() || breaks_a_line(c))),
+            std::iter::once(fullname).chain(vars.iter().map(AsRef::as_ref)),
             breaks_a_line,
         )
+    }
+
+    /// Whether every value equals `other`'s once white space at either end
+    /// is set aside. EDM's answers pad values (and are read trimmed, see
+    /// `edm::xml`), while the daemon sends CRM values as they are: compared
+    /// this way a CRM name with a leading or trailing space never looks
+    /// drifted, and a `--full` rerun over padded answers edits nothing.
+    pub fn same_values(&self, other: &MemberFields) -> bool {
+        self.values()
+            .map(str::trim)
+            .eq(other.values().map(str::trim))
     }
 
     /// A fullname and empty variables.
@@ -551,7 +557,7 @@ mod tests {
         let mut vars: [String; VAR_COUNT] = Default::default();
         vars[0] = "v;1".into();
         let fields = MemberFields::new("张 三;", &vars);
-        assert_eq!(fields.ml_addr_line(&email), "a@b.cn;张 三;v 1;;;;;;;;;;");
+        assert_eq!(fields.ml_addr_line(&email), "a@b.cn;张 三 ;v 1;;;;;;;;;;");
         assert_eq!(fields.ml_addr_line(&email).matches(';').count(), 12);
     }
 
@@ -588,27 +594,25 @@ mod tests {
         );
     }
 
-    /// Sent trimmed, as EDM's padded answers are read: a CRM value with
-    /// leading or trailing white space reads back equal.
+    /// EDM's padded answers are read trimmed; the CRM's values are sent as
+    /// they are: the two are the same values when only white space at
+    /// either end differs.
     #[test]
-    fn values_are_trimmed_after_separators_become_spaces() {
-        let vars: [&str; VAR_COUNT] = [" 北京 ", "\ta;", "", "", "", "", "", "", "", "x  y"];
-        let fields = MemberFields::new("  王小明\r\n", &vars);
-        assert_eq!(fields.fullname(), "王小明");
-        assert_eq!(fields.var(0), "北京");
-        assert_eq!(fields.var(1), "a");
-        assert_eq!(fields.var(9), "x  y", "inner spaces stay");
-        assert_eq!(
-            fields,
-            MemberFields::raw("王小明", &["北京", "a", "", "", "", "", "", "", "", "x  y"])
-        );
+    fn fields_that_differ_only_in_outer_white_space_are_the_same_values() {
+        let vars: [&str; VAR_COUNT] = [" 北京 ", "\ta", "", "", "", "", "", "", "", "x  y"];
+        let sent = MemberFields::new("  王小明\r\n", &vars);
+        let read = MemberFields::raw("王小明", &["北京", "a", "", "", "", "", "", "", "", "x  y"]);
+        assert_eq!(sent.fullname(), "  王小明  ", "sent as the CRM has it");
+        assert!(sent.same_values(&read) && read.same_values(&sent));
+        let inner = MemberFields::raw("王小明", &["北京", "a", "", "", "", "", "", "", "", "x y"]);
+        assert!(!sent.same_values(&inner), "inner spaces count");
     }
 
     #[test]
     fn with_var_replaces_one_variable() {
         let fields = MemberFields::named("a").with_var(VAR_COUNT - 1, "z;");
         assert_eq!(fields.fullname(), "a");
-        assert_eq!(fields.var(VAR_COUNT - 1), "z", "sanitised, then trimmed");
+        assert_eq!(fields.var(VAR_COUNT - 1), "z ");
         assert_eq!(fields.var(0), "");
     }
 

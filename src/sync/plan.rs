@@ -115,7 +115,7 @@ pub fn plan(
                         adopt,
                     });
                 }
-                if have.fields != want.fields {
+                if !have.fields.same_values(&want.fields) {
                     plan.edits.push(PlannedEdit {
                         key: key.clone(),
                         edm_id: have.edm_id,
