@@ -43,6 +43,27 @@ pub fn schedule_findings(settings: &Settings, now: chrono::DateTime<chrono::Utc>
     .collect()
 }
 
+/// The state database's line, read only: a typo in `database.url` must
+/// not get a new, empty database; what the daemon will create or migrate
+/// is said, not done. `Err` is a failure.
+async fn database_finding(settings: &Settings) -> Result<String, String> {
+    use crate::state::Schema;
+    match crate::state::Store::inspect(&settings.database.url).await {
+        Ok(Some(Schema::Current)) => Ok("database: ok".into()),
+        Ok(None) | Ok(Some(Schema::Absent)) => Ok(
+            "database: ok: no state database there yet (the daemon will create it; check database.url if one should exist)".into(),
+        ),
+        Ok(Some(Schema::Behind(n))) => Ok(format!(
+            "database: ok: {n} migration(s) behind this binary (the daemon will migrate it)"
+        )),
+        Ok(Some(Schema::Ahead(unknown))) => Err(format!(
+            "database: FAILED: migrated by a newer crm-edm-sync (unknown migrations: {}); run that version",
+            unknown.join(", ")
+        )),
+        Err(e) => Err(format!("database: FAILED: {e:#}")),
+    }
+}
+
 /// The documented `ContactHistory/Add` dictionaries (API.md).
 const TYPE_IDS: std::ops::RangeInclusive<i64> = 1..=7;
 const ROUTE_IDS: std::ops::RangeInclusive<i64> = 1..=4;
@@ -78,29 +99,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     for line in schedule_findings(&settings, chrono::Utc::now()) {
         println!("{line}");
     }
-    // Read only: a typo in database.url must not get a new, empty
-    // database; what the daemon will create or migrate is said, not done.
-    use crate::state::Schema;
-    match crate::state::Store::inspect(&settings.database.url).await {
-        Ok(Some(Schema::Current)) => println!("database: ok"),
-        Ok(None) | Ok(Some(Schema::Absent)) => println!(
-            "database: ok: no state database there yet (the daemon will create it; check database.url if one should exist)"
-        ),
-        Ok(Some(Schema::Behind(n))) => {
-            println!(
-                "database: ok: {n} migration(s) behind this binary (the daemon will migrate it)"
-            )
-        }
-        Ok(Some(Schema::Ahead(unknown))) => {
+    match database_finding(&settings).await {
+        Ok(line) => println!("{line}"),
+        Err(line) => {
             ok = false;
-            println!(
-                "database: FAILED: migrated by a newer crm-edm-sync (unknown migrations: {}); run that version",
-                unknown.join(", ")
-            );
-        }
-        Err(e) => {
-            ok = false;
-            println!("database: FAILED: {}", redactor.redact(&format!("{e:#}")));
+            println!("{}", redactor.redact(&line));
         }
     }
     match edm.customer_info().await {

@@ -127,27 +127,29 @@ async fn open_pool(raw: &str, access: Access) -> anyhow::Result<DatabaseConnecti
     });
     match Database::connect(options).await {
         Ok(db) => Ok(db),
-        Err(e) => {
-            // The pool says only "pool timed out" when every connection
-            // attempt failed: one direct attempt says why (refused, no such
-            // host, bad password, no such database).
-            let mut reason = e.to_string();
-            if reason.contains("timed out") && !is_sqlite(raw) {
-                use sea_orm::sqlx::Connection as _;
-                let direct = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    sea_orm::sqlx::PgConnection::connect(raw),
-                )
-                .await;
-                if let Ok(Err(cause)) = direct {
-                    reason = format!("{cause} (after the pool timed out)");
-                }
-            }
-            Err(anyhow::anyhow!(
-                "cannot open the state database: {}",
-                redact_db_error(&reason, raw)
-            ))
-        }
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot open the state database: {}",
+            redact_db_error(&why_not_connected(e.to_string(), raw).await, raw)
+        )),
+    }
+}
+
+/// The pool says only "pool timed out" when every connection attempt
+/// failed: one direct attempt says why (refused, no such host, bad
+/// password, no such database).
+async fn why_not_connected(reason: String, raw: &str) -> String {
+    if !reason.contains("timed out") || is_sqlite(raw) {
+        return reason;
+    }
+    use sea_orm::sqlx::Connection as _;
+    let direct = tokio::time::timeout(
+        Duration::from_secs(10),
+        sea_orm::sqlx::PgConnection::connect(raw),
+    )
+    .await;
+    match direct {
+        Ok(Err(cause)) => format!("{cause} (after the pool timed out)"),
+        _ => reason,
     }
 }
 
