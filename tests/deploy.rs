@@ -68,3 +68,36 @@ fn every_podman_build_command_keeps_the_health_check() {
         }
     }
 }
+
+#[test]
+fn every_shipped_alert_has_a_firing_and_a_quiet_promtool_case() {
+    // Arrange: the alert names in the rules, the cases in their unit tests
+    // (run by `promtool test rules` in CI).
+    let rules = read("deploy/prometheus/alerts.yml");
+    let cases = read("deploy/prometheus/alerts.test.yml");
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 10, "{alerts:?}");
+
+    // Act: for each alert, the cases that expect it to fire and to stay quiet.
+    let mut untested = Vec::new();
+    for alert in &alerts {
+        let blocks: Vec<&str> = cases
+            .split("- eval_time:")
+            .filter(|b| b.contains(&format!("alertname: {alert}\n")))
+            .collect();
+        let fires = blocks.iter().any(|b| b.contains("exp_labels:"));
+        let quiet = blocks.iter().any(|b| b.contains("exp_alerts: []"));
+        if !(fires && quiet) {
+            untested.push(format!("{alert} (fires: {fires}, quiet: {quiet})"));
+        }
+    }
+
+    // Assert
+    assert!(
+        untested.is_empty(),
+        "alerts without both cases: {untested:?}"
+    );
+}
