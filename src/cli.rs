@@ -65,6 +65,18 @@ impl Cli {
         cli
     }
 
+    /// What the command reaches: `status`, `health` and `explain` without
+    /// `--live` read the state database (or ask the daemon) and need no API
+    /// credentials; everything else calls the APIs.
+    pub fn access(&self) -> crate::config::Access {
+        use crate::config::Access;
+        match &self.command {
+            Some(Command::Status { .. } | Command::Health) => Access::StateOnly,
+            Some(Command::Explain { live: false, .. }) => Access::StateOnly,
+            _ => Access::Remote,
+        }
+    }
+
     /// Flags that make no sense together, in words: `--once` and its
     /// flags next to a command (`status`, `check`, …) would be silently
     /// ignored; only `--config` goes with both.

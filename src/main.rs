@@ -49,7 +49,7 @@ fn main() -> ExitCode {
             }
         });
     }
-    let settings = match Settings::load(cli.config.as_deref()) {
+    let settings = match Settings::load(cli.config.as_deref(), cli.access()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("crm-edm-sync: {e}");

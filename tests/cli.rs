@@ -701,6 +701,92 @@ async fn unknown_config_key_exits_2_naming_it() {
 }
 
 #[tokio::test]
+async fn with_no_config_file_at_all_the_error_says_which_paths_were_tried() {
+    // Arrange: a working directory without config/default.toml, and no
+    // system-wide file on this machine.
+    assert!(
+        !std::path::Path::new("/etc/crm-edm-sync/config.toml").exists(),
+        "this test needs a machine without /etc/crm-edm-sync/config.toml"
+    );
+    let empty = tempfile::tempdir().unwrap();
+
+    // Act
+    let out = tokio::process::Command::new(BIN)
+        .arg("check")
+        .current_dir(empty.path())
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "no config file found (tried /etc/crm-edm-sync/config.toml, config/default.toml"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("crm.base_url"), "{err}");
+}
+
+#[tokio::test]
+async fn status_explain_and_health_need_no_api_credentials() {
+    // Arrange: a config with the state database and the ops address only,
+    // after a run made with full settings.
+    let cli = setup("info").await;
+    cli.run(&["--once", "--job", "contacts"], &[]).await;
+    let db_url = std::fs::read_to_string(cli.config())
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("url = "))
+        .expect("the database url line")
+        .to_string();
+    let bare = cli.dir.path().join("bare.toml");
+    std::fs::write(
+        &bare,
+        format!("[database]\n{db_url}\n[http]\nlisten = \"127.0.0.1:9\"\n"),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.arg("--config")
+            .arg(&bare)
+            .args(args)
+            .env_remove("RUST_LOG");
+        cmd.output().unwrap()
+    };
+
+    // Act
+    let status = run(&["status"]);
+    let explain = run(&["explain", "lm1@example.com"]);
+    let health = run(&["health"]);
+    let live = run(&["explain", "--live", "lm1@example.com"]);
+    let once = run(&["--once"]);
+
+    // Assert: the state-only commands answer; those that call the APIs
+    // name the first missing key.
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status));
+    assert!(
+        text(&status).contains("contacts succeeded"),
+        "{}",
+        text(&status)
+    );
+    assert_eq!(explain.status.code(), Some(0), "{}", text(&explain));
+    assert_eq!(
+        health.status.code(),
+        Some(1),
+        "no daemon: {}",
+        text(&health)
+    );
+    for out in [live, once] {
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert!(text(&out).contains("crm.base_url"), "{}", text(&out));
+    }
+}
+
+#[tokio::test]
 async fn status_and_check_exit_zero_and_report() {
     let cli = setup("info").await;
     cli.run(&["--once", "--job", "contacts"], &[]).await;

@@ -101,3 +101,38 @@ fn every_shipped_alert_has_a_firing_and_a_quiet_promtool_case() {
         "alerts without both cases: {untested:?}"
     );
 }
+
+#[test]
+fn the_systemd_unit_passes_secrets_as_credentials_and_reloads_with_sighup() {
+    // Arrange
+    let unit = read("systemd/crm-edm-sync.service");
+    let lines: Vec<&str> = unit.lines().map(str::trim).collect();
+
+    // Assert: each secret is a credential the daemon reads through its
+    // `*_file` key, from the credentials directory (`%d`).
+    for (credential, variable) in [
+        ("crm-token", "CRM_EDM_SYNC__CRM__TOKEN_FILE"),
+        ("edm-password", "CRM_EDM_SYNC__EDM__PASSWORD_FILE"),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("LoadCredential={credential}:/etc/crm-edm-sync/"))),
+            "no LoadCredential for {credential}"
+        );
+        assert!(
+            lines.contains(&format!("Environment={variable}=%d/{credential}").as_str()),
+            "{variable} does not point at the credential"
+        );
+    }
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("__TOKEN=") || l.contains("__PASSWORD=")),
+        "a secret value in the unit"
+    );
+    assert!(
+        lines.contains(&"ExecReload=/bin/kill -HUP $MAINPID"),
+        "no ExecReload"
+    );
+}

@@ -44,6 +44,77 @@ pub struct Settings {
     pub http: HttpSettings,
     /// Daemon behaviour: shutdown drain, instance lock.
     pub daemon: DaemonSettings,
+    /// Every key as the layers gave it, for telling what a reload changed.
+    #[serde(skip)]
+    pub layers: Layers,
+}
+
+/// The defaults, file and environment stacked into one TOML table (secrets
+/// included, so it never prints).
+#[derive(Clone, Default)]
+pub struct Layers(toml::Table);
+
+impl std::fmt::Debug for Layers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Layers(..)")
+    }
+}
+
+impl Layers {
+    /// Sets the dotted `key` to its value in `from` (or removes it when
+    /// `from` has none).
+    pub fn copy_key(&mut self, from: &Layers, key: &str) {
+        let path: Vec<&str> = key.split('.').collect();
+        let Some((last, parents)) = path.split_last() else {
+            return;
+        };
+        let mut source = Some(&from.0);
+        for part in parents {
+            source = source.and_then(|t| t.get(*part)).and_then(|v| v.as_table());
+        }
+        let value = source.and_then(|t| t.get(*last)).cloned();
+        let mut target = &mut self.0;
+        for part in parents {
+            let entry = target
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(inner) = entry.as_table_mut() else {
+                return;
+            };
+            target = inner;
+        }
+        match value {
+            Some(v) => target.insert(last.to_string(), v),
+            None => target.remove(*last),
+        };
+    }
+
+    /// Every key (`edm.batch_size`, `sync.routes`) with its value as TOML
+    /// text; a list is one key.
+    pub fn flat(&self) -> std::collections::BTreeMap<String, String> {
+        fn walk(
+            prefix: &str,
+            table: &toml::Table,
+            out: &mut std::collections::BTreeMap<String, String>,
+        ) {
+            for (key, value) in table {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                match value {
+                    toml::Value::Table(inner) => walk(&path, inner, out),
+                    other => {
+                        out.insert(path, other.to_string());
+                    }
+                }
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        walk("", &self.0, &mut out);
+        out
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,6 +141,10 @@ pub struct CrmSettings {
     pub base_url: String,
     /// The logged-in user's access token.
     pub token: SecretString,
+    /// A file holding the token instead (a systemd credential, a mounted
+    /// secret); never together with `token`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// Customers per `GetAllList` page, 1..=100.
     pub page_size: u32,
     /// `GetLinkManList` requests in flight, ≥ 1.
@@ -108,6 +183,9 @@ pub struct EdmSettings {
     pub username: String,
     /// Plain password; sent as its lowercase hex MD5.
     pub password: SecretString,
+    /// A file holding the password instead; never together with `password`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// Addresses per `ml-addr-add` / `ml-unsub` call.
     pub batch_size: usize,
     /// Addresses per `ml-addr-list` page when a list is read (not in the
@@ -375,40 +453,54 @@ pub enum ConfigError {
     Load(String),
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+    /// No `--config` and none of the usual files: what the settings lack
+    /// is most likely the file itself.
+    #[error(
+        "no config file found (tried {tried}; give one with --config FILE); without one, {inner}"
+    )]
+    NoFile {
+        tried: String,
+        inner: Box<ConfigError>,
+    },
+}
+
+/// What the command will reach, and so which settings it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The CRM and EDM APIs: their URLs and credentials must be set.
+    Remote,
+    /// The state database (and the local ops endpoint) only: `status`,
+    /// `health`, `explain` without `--live`. Credentials may be absent.
+    StateOnly,
 }
 
 impl Settings {
     /// Loads the layers for `explicit` (the `--config` flag), reading the
-    /// process environment.
-    pub fn load(explicit: Option<&Path>) -> Result<Settings, ConfigError> {
+    /// process environment; `access` says whether the API credentials are
+    /// needed.
+    pub fn load(explicit: Option<&Path>, access: Access) -> Result<Settings, ConfigError> {
         let env: Vec<(String, String)> = std::env::vars().collect();
-        Self::load_with_env(explicit, env)
+        Self::load_with_env(explicit, env, access)
     }
 
     /// As [`Settings::load`], with the environment given (for tests).
     pub fn load_with_env(
         explicit: Option<&Path>,
         env: Vec<(String, String)>,
+        access: Access,
     ) -> Result<Settings, ConfigError> {
-        let file = match explicit {
-            Some(path)
-                if !path.exists()
-                    && std::fs::metadata(path)
-                        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
-            {
-                return Err(ConfigError::Missing {
-                    path: path.to_path_buf(),
-                });
-            }
-            Some(path) => Some(path.to_path_buf()),
-            None => [SYSTEM_CONFIG, LOCAL_CONFIG]
-                .iter()
-                .map(PathBuf::from)
-                .find(|p| p.exists()),
+        let file = config_file(explicit)?;
+        let parsed = match &file {
+            Some(path) => Some(check_syntax(path)?),
+            None => None,
         };
-        if let Some(path) = &file {
-            check_syntax(path)?;
-        }
+        let shown = file.as_ref().map(|p| p.display().to_string());
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .collect();
+        let layers = parsed.as_ref().zip(shown.as_deref());
+        let (origins, table) = strict::check_layers(DEFAULTS, layers, &env)?;
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(path) = &file {
@@ -418,118 +510,165 @@ impl Settings {
                     .required(true),
             );
         }
-        let env_map: config::Map<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
-            .collect();
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
                 .separator("__")
                 // No `try_parsing`: it would turn a token such as "0123"
-                // into the number 123. Numeric keys parse from text anyway.
-                .source(Some(env_map)),
+                // into the number 123. Numeric keys parse from text anyway
+                // (the strict pass has checked they are numbers).
+                .source(Some(env.into_iter().collect())),
         );
-        let where_ = file
+        let where_ = shown
             .as_ref()
-            .map(|p| format!(" (file {})", p.display()))
+            .map(|p| format!(" (file {p})"))
             .unwrap_or_default();
         let raw = builder
             .build()
             .map_err(|e| ConfigError::Load(format!("cannot read settings{where_}: {e}")))?;
-        let settings: Settings = raw
+        let mut settings: Settings = raw
             .try_deserialize()
             .map_err(|e| ConfigError::Load(format!("bad settings{where_}: {e}")))?;
-        settings.validate()?;
-        Ok(settings)
+        settings.layers = Layers(table);
+        let checked = settings
+            .read_secret_files()
+            .and_then(|()| settings.validate_for(access))
+            .map_err(|e| e.with_origin(&origins, shown.as_deref()));
+        match (checked, &file) {
+            (Ok(()), _) => Ok(settings),
+            (Err(e), Some(_)) => Err(e),
+            (Err(e), None) => Err(ConfigError::NoFile {
+                tried: format!("{SYSTEM_CONFIG}, {LOCAL_CONFIG}"),
+                inner: Box::new(e),
+            }),
+        }
     }
 
     /// Parses settings from TOML text alone (defaults below it, no
-    /// environment). Used by tests and the demo.
+    /// environment), all keys needed. Used by tests and the demo.
     pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| ConfigError::Load(format!("settings are not TOML: {e}")))?;
+        let (_, layers) = strict::check_layers(DEFAULTS, Some((&table, "(given text)")), &[])?;
         let raw = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
             .map_err(|e| ConfigError::Load(format!("cannot read settings: {e}")))?;
-        let settings: Settings = raw
+        let mut settings: Settings = raw
             .try_deserialize()
             .map_err(|e| ConfigError::Load(format!("bad settings: {e}")))?;
+        settings.layers = Layers(layers);
+        settings.read_secret_files()?;
         settings.validate()?;
         Ok(settings)
     }
 
-    /// Checks the values serde cannot: ranges, URLs, cron expressions,
-    /// route fields and non-empty credentials.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Replaces a `*_file` secret by the file's content; both a value and
+    /// a file for one secret is an error.
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
         use secrecy::ExposeSecret;
-        let bad = |key: &str, reason: &str| {
-            Err(ConfigError::Invalid {
-                key: key.to_string(),
-                reason: reason.to_string(),
-            })
-        };
-        check_url("crm.base_url", &self.crm.base_url)?;
-        check_url("edm.base_url", &self.edm.base_url)?;
-        if self.crm.token.expose_secret().trim().is_empty() {
-            return bad("crm.token", "must be set");
-        }
-        if !(1..=100).contains(&self.crm.page_size) {
-            return bad("crm.page_size", "must be between 1 and 100");
-        }
-        if self.crm.concurrency == 0 || self.crm.concurrency > 256 {
-            return bad("crm.concurrency", "must be between 1 and 256");
-        }
-        if self.crm.timeout_secs == 0 {
-            return bad("crm.timeout_secs", "must be at least 1");
-        }
-        if self.database.retention_days == 0 {
-            return bad("database.retention_days", "must be at least 1");
-        }
-        if self.crm.max_attempts == 0 {
-            return bad("crm.max_attempts", "must be at least 1");
-        }
-        if self.edm.max_attempts == 0 {
-            return bad("edm.max_attempts", "must be at least 1");
-        }
-        for (key, value) in [
-            ("crm.fields.customer_id", &self.crm.fields.customer_id),
-            ("crm.fields.customer_name", &self.crm.fields.customer_name),
-            ("crm.fields.linkman_id", &self.crm.fields.linkman_id),
-            ("crm.fields.linkman_name", &self.crm.fields.linkman_name),
-            ("crm.fields.linkman_email", &self.crm.fields.linkman_email),
-        ] {
-            if value.trim().is_empty() {
-                return bad(key, "must not be empty");
+        let pairs = [
+            ("crm.token", &self.crm.token_file, &mut self.crm.token),
+            (
+                "edm.password",
+                &self.edm.password_file,
+                &mut self.edm.password,
+            ),
+        ];
+        for (key, file, secret) in pairs {
+            let Some(path) = file else { continue };
+            if !secret.expose_secret().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: format!("{key}_file"),
+                    reason: format!("set either `{key}` or `{key}_file`, not both"),
+                });
             }
+            *secret = secret_files::read(&format!("{key}_file"), path)?;
+        }
+        Ok(())
+    }
+
+    /// Every check, the API credentials included.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_for(Access::Remote)
+    }
+
+    /// The checks a command with `access` needs.
+    pub fn validate_for(&self, access: Access) -> Result<(), ConfigError> {
+        if access == Access::Remote {
+            self.validate_remote_access()?;
+        }
+        self.validate_crm()?;
+        self.validate_edm()?;
+        self.validate_state_and_daemon()?;
+        self.validate_sync()?;
+        self.validate_writeback()
+    }
+
+    /// The APIs' addresses and credentials (not needed by `status`,
+    /// `health`, `explain` without `--live`).
+    fn validate_remote_access(&self) -> Result<(), ConfigError> {
+        use secrecy::ExposeSecret;
+        check_url("crm.base_url", &self.crm.base_url)?;
+        if self.crm.token.expose_secret().trim().is_empty() {
+            return bad("crm.token", "must be set (or crm.token_file)");
         }
         if self.edm.username.trim().is_empty() {
             return bad("edm.username", "must be set");
         }
         if self.edm.password.expose_secret().is_empty() {
-            return bad("edm.password", "must be set");
+            return bad("edm.password", "must be set (or edm.password_file)");
         }
-        if self.edm.batch_size == 0 || self.edm.batch_size > 10_000 {
-            return bad("edm.batch_size", "must be between 1 and 10000");
+        Ok(())
+    }
+
+    fn validate_crm(&self) -> Result<(), ConfigError> {
+        let crm = &self.crm;
+        if !crm.base_url.is_empty() {
+            check_url("crm.base_url", &crm.base_url)?;
         }
-        if self.edm.list_page_size == 0 || self.edm.list_page_size > 10_000 {
-            return bad("edm.list_page_size", "must be between 1 and 10000");
-        }
-        if self.edm.concurrency == 0 || self.edm.concurrency > 64 {
-            return bad("edm.concurrency", "must be between 1 and 64");
-        }
-        if self.crm.max_requests_per_sec == Some(0) {
+        in_range("crm.page_size", crm.page_size, 1, 100)?;
+        in_range("crm.concurrency", crm.concurrency, 1, 256)?;
+        at_least_one("crm.timeout_secs", crm.timeout_secs)?;
+        at_least_one("crm.max_attempts", crm.max_attempts)?;
+        at_least_one("crm.max_pages", crm.max_pages)?;
+        if crm.max_requests_per_sec == Some(0) {
             return bad("crm.max_requests_per_sec", "must be at least 1 (or unset)");
         }
-        if self.edm.max_requests_per_sec == Some(0) {
+        let fields = &crm.fields;
+        for (key, value) in [
+            ("crm.fields.customer_id", &fields.customer_id),
+            ("crm.fields.customer_name", &fields.customer_name),
+            ("crm.fields.linkman_id", &fields.linkman_id),
+            ("crm.fields.linkman_name", &fields.linkman_name),
+            ("crm.fields.linkman_email", &fields.linkman_email),
+        ] {
+            if value.trim().is_empty() {
+                return bad(key, "must not be empty");
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_edm(&self) -> Result<(), ConfigError> {
+        let edm = &self.edm;
+        check_url("edm.base_url", &edm.base_url)?;
+        at_least_one("edm.max_attempts", edm.max_attempts)?;
+        in_range("edm.batch_size", edm.batch_size, 1, 10_000)?;
+        in_range("edm.list_page_size", edm.list_page_size, 1, 10_000)?;
+        in_range("edm.concurrency", edm.concurrency, 1, 64)?;
+        at_least_one("edm.timeout_secs", edm.timeout_secs)?;
+        if edm.max_requests_per_sec == Some(0) {
             return bad("edm.max_requests_per_sec", "must be at least 1 (or unset)");
         }
-        if self.crm.max_pages == 0 {
-            return bad("crm.max_pages", "must be at least 1");
-        }
-        if self.edm.timeout_secs == 0 {
-            return bad("edm.timeout_secs", "must be at least 1");
-        }
+        check_zone("edm.timezone", &edm.timezone)
+    }
+
+    fn validate_state_and_daemon(&self) -> Result<(), ConfigError> {
+        use secrecy::ExposeSecret;
+        at_least_one("database.retention_days", self.database.retention_days)?;
         let db = self.database.url.expose_secret();
         if !(db.starts_with("sqlite:")
             || db.starts_with("postgres://")
@@ -551,17 +690,30 @@ impl Settings {
                 "must be at most 64 letters, digits and - _ . : @ (it travels in every request's User-Agent header)",
             );
         }
-        check_cron("sync.schedule", &self.sync.schedule)?;
-        check_cron("writeback.schedule", &self.writeback.schedule)?;
-        check_zone("sync.timezone", &self.sync.timezone)?;
-        check_zone("edm.timezone", &self.edm.timezone)?;
-        if self.sync.list_id.0 < 1 {
+        in_range("daemon.lock_poll_secs", self.daemon.lock_poll_secs, 1, 3600)?;
+        in_range(
+            "daemon.shutdown_timeout_secs",
+            self.daemon.shutdown_timeout_secs,
+            0,
+            3600,
+        )?;
+        if !valid_log_filter(&self.log.level) {
+            return bad("log.level", "is not a valid level or filter directive");
+        }
+        Ok(())
+    }
+
+    fn validate_sync(&self) -> Result<(), ConfigError> {
+        let sync = &self.sync;
+        check_cron("sync.schedule", &sync.schedule)?;
+        check_zone("sync.timezone", &sync.timezone)?;
+        if sync.list_id.0 < 1 {
             return bad("sync.list_id", "must be a list id ≥ 1");
         }
-        if !(0.0..=1.0).contains(&self.sync.max_unsubscribe_ratio) {
+        if !(0.0..=1.0).contains(&sync.max_unsubscribe_ratio) {
             return bad("sync.max_unsubscribe_ratio", "must be between 0 and 1");
         }
-        for (i, route) in self.sync.routes.iter().enumerate() {
+        for (i, route) in sync.routes.iter().enumerate() {
             if route.list_id.0 < 1 {
                 return bad(
                     &format!("sync.routes[{i}].list_id"),
@@ -570,15 +722,19 @@ impl Settings {
             }
             check_field_ref(&format!("sync.routes[{i}].field"), &route.field)?;
         }
-        for (i, slot) in self.sync.vars.slots().iter().enumerate() {
+        for (i, slot) in sync.vars.slots().iter().enumerate() {
             if let Some(field) = slot {
                 check_field_ref(&format!("sync.vars.var{}", i + 1), field)?;
             }
         }
-        if self.writeback.lookback_days == 0 || self.writeback.lookback_days > 366 {
-            return bad("writeback.lookback_days", "must be between 1 and 366");
-        }
-        for (key, template) in self.writeback.templates.all() {
+        Ok(())
+    }
+
+    fn validate_writeback(&self) -> Result<(), ConfigError> {
+        let writeback = &self.writeback;
+        check_cron("writeback.schedule", &writeback.schedule)?;
+        in_range("writeback.lookback_days", writeback.lookback_days, 1, 366)?;
+        for (key, template) in writeback.templates.all() {
             if template.trim().is_empty() {
                 return bad(&format!("writeback.templates.{key}"), "must not be empty");
             }
@@ -591,15 +747,6 @@ impl Settings {
                     ),
                 });
             }
-        }
-        if self.daemon.lock_poll_secs == 0 || self.daemon.lock_poll_secs > 3600 {
-            return bad("daemon.lock_poll_secs", "must be between 1 and 3600");
-        }
-        if self.daemon.shutdown_timeout_secs > 3600 {
-            return bad("daemon.shutdown_timeout_secs", "must be at most 3600");
-        }
-        if !valid_log_filter(&self.log.level) {
-            return bad("log.level", "is not a valid level or filter directive");
         }
         Ok(())
     }
@@ -654,6 +801,61 @@ impl Settings {
 
 /// `info`, or directives such as `warn,crm_edm_sync=debug`: every level
 /// named must be one tracing knows.
+fn bad(key: &str, reason: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.to_string(),
+    })
+}
+
+fn at_least_one<N: Into<u64>>(key: &str, value: N) -> Result<(), ConfigError> {
+    if value.into() == 0 {
+        return bad(key, "must be at least 1");
+    }
+    Ok(())
+}
+
+fn in_range<N: TryInto<u64>>(key: &str, value: N, low: u64, high: u64) -> Result<(), ConfigError> {
+    match value.try_into() {
+        Ok(v) if (low..=high).contains(&v) => Ok(()),
+        _ if low == 0 => bad(key, &format!("must be at most {high}")),
+        _ => bad(key, &format!("must be between {low} and {high}")),
+    }
+}
+
+/// Where the file was, if `--config` named one: none of the usual places
+/// is an error only for an explicit path that does not exist.
+fn config_file(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
+    match explicit {
+        Some(path)
+            if std::fs::metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+        {
+            Err(ConfigError::Missing {
+                path: path.to_path_buf(),
+            })
+        }
+        Some(path) => Ok(Some(path.to_path_buf())),
+        None => Ok([SYSTEM_CONFIG, LOCAL_CONFIG]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())),
+    }
+}
+
+impl ConfigError {
+    /// Adds where the offending value came from (an environment variable
+    /// by name, or the file) to an error about one key.
+    fn with_origin(self, origins: &strict::EnvOrigins, file: Option<&str>) -> ConfigError {
+        match self {
+            ConfigError::Invalid { key, reason } => ConfigError::Invalid {
+                reason: format!("{reason}{}", strict::origin_of(&key, origins, file)),
+                key,
+            },
+            other => other,
+        }
+    }
+}
+
 fn valid_log_filter(filter: &str) -> bool {
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     !filter.trim().is_empty()
@@ -735,7 +937,7 @@ impl Settings {
 /// by file, line, column and key, never by its text: the parser's own
 /// errors quote the offending line, which may hold a secret (a
 /// `password = "…` missing its closing quote, a duplicated `token`).
-fn check_syntax(path: &Path) -> Result<(), ConfigError> {
+fn check_syntax(path: &Path) -> Result<toml::Table, ConfigError> {
     let shown = path.display();
     let bytes = std::fs::read(path).map_err(|e| {
         ConfigError::Load(match e.kind() {
@@ -752,8 +954,9 @@ fn check_syntax(path: &Path) -> Result<(), ConfigError> {
             e.valid_up_to()
         ))
     })?;
-    let Err(e) = toml::from_str::<toml::Table>(text) else {
-        return Ok(());
+    let e = match toml::from_str::<toml::Table>(text) {
+        Ok(table) => return Ok(table),
+        Err(e) => e,
     };
     let at = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
     let line = text[..at].matches('\n').count() + 1;
@@ -831,6 +1034,9 @@ fn check_cron(key: &str, value: &str) -> Result<(), ConfigError> {
         }),
     }
 }
+
+mod secret_files;
+mod strict;
 
 #[cfg(test)]
 mod tests;

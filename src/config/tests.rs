@@ -44,7 +44,7 @@ fn environment_overrides_the_file() {
         ("CRM_EDM_SYNC__CRM__PAGE_SIZE".to_string(), "50".to_string()),
         ("UNRELATED".to_string(), "x".to_string()),
     ];
-    let s = Settings::load_with_env(Some(file.path()), env).unwrap();
+    let s = Settings::load_with_env(Some(file.path()), env, Access::Remote).unwrap();
     assert_eq!(s.edm.password.expose_secret(), "from-env");
     assert_eq!(s.crm.page_size, 50);
 }
@@ -53,7 +53,7 @@ fn environment_overrides_the_file() {
 fn a_numeric_looking_secret_from_the_environment_stays_text() {
     let file = write_config(MINIMAL);
     let env = vec![("CRM_EDM_SYNC__CRM__TOKEN".to_string(), "0123".to_string())];
-    let s = Settings::load_with_env(Some(file.path()), env).unwrap();
+    let s = Settings::load_with_env(Some(file.path()), env, Access::Remote).unwrap();
     assert_eq!(s.crm.token.expose_secret(), "0123");
 }
 
@@ -69,7 +69,7 @@ fn unknown_key_is_an_error_naming_it() {
 fn unknown_environment_key_is_an_error_naming_it() {
     let file = write_config(MINIMAL);
     let env = vec![("CRM_EDM_SYNC__EDM__PASSWROD".to_string(), "x".to_string())];
-    let err = Settings::load_with_env(Some(file.path()), env).unwrap_err();
+    let err = Settings::load_with_env(Some(file.path()), env, Access::Remote).unwrap_err();
     assert!(err.to_string().contains("passwrod"), "{err}");
 }
 
@@ -122,7 +122,12 @@ fn missing_credentials_are_reported_by_key() {
 
 #[test]
 fn missing_explicit_file_is_an_error_naming_it() {
-    let err = Settings::load_with_env(Some(Path::new("/nonexistent/c.toml")), vec![]).unwrap_err();
+    let err = Settings::load_with_env(
+        Some(Path::new("/nonexistent/c.toml")),
+        vec![],
+        Access::Remote,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("/nonexistent/c.toml"), "{err}");
 }
 
@@ -169,19 +174,37 @@ fn unknown_template_placeholder_is_an_error_naming_the_key() {
     assert!(text.contains("{nmae}"), "{text}");
 }
 
+/// The shipped example with its secrets given as files, as the systemd
+/// unit gives them.
+fn example_with_secret_files() -> Result<Settings, ConfigError> {
+    let token = secret_file("t0ken\n", 0o600);
+    let password = secret_file("set-me\n", 0o600);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+    let env = [
+        ("CRM_EDM_SYNC__CRM__TOKEN_FILE", token.path()),
+        ("CRM_EDM_SYNC__EDM__PASSWORD_FILE", password.path()),
+    ]
+    .map(|(k, v)| (k.to_string(), v.display().to_string()))
+    .to_vec();
+    Settings::load_with_env(Some(&path), env, Access::Remote)
+}
+
 #[test]
 fn shipped_example_config_is_valid() {
-    let s = Settings::from_toml(include_str!("../../config/example.toml")).unwrap();
+    let s = example_with_secret_files().unwrap();
     assert_eq!(s.synced_lists(), vec![ListId(1), ListId(2)]);
     assert_eq!(s.sync.vars.slots()[0], Some("customer.name"));
+    // Without its secrets it names the first one missing.
+    let err = Settings::from_toml(include_str!("../../config/example.toml")).unwrap_err();
+    assert!(err.to_string().contains("crm.token"), "{err}");
 }
 
 #[test]
 fn the_shipped_example_placeholders_are_named_by_key_and_real_values_are_not() {
-    let example = Settings::from_toml(include_str!("../../config/example.toml")).unwrap();
+    let example = example_with_secret_files().unwrap();
     assert_eq!(
         example.placeholders(),
-        vec!["crm.base_url", "crm.token", "edm.username", "edm.password"]
+        vec!["crm.base_url", "edm.username", "edm.password"]
     );
     let real = Settings::from_toml(
         "[crm]\nbase_url = \"https://crm.acme.cn\"\ntoken = \"t\"\n[edm]\nusername = \"u\"\npassword = \"p\"\n",
@@ -201,10 +224,10 @@ fn shipped_default_config_loads_with_credentials_from_the_environment() {
     ]
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .to_vec();
-    let s = Settings::load_with_env(Some(&path), env).unwrap();
+    let s = Settings::load_with_env(Some(&path), env, Access::Remote).unwrap();
     assert_eq!(s.crm.base_url, "https://crm.example.com");
     // Without them it names the first missing one.
-    let err = Settings::load_with_env(Some(&path), vec![]).unwrap_err();
+    let err = Settings::load_with_env(Some(&path), vec![], Access::Remote).unwrap_err();
     assert!(err.to_string().contains("crm.base_url"), "{err}");
 }
 
@@ -247,7 +270,7 @@ fn a_toml_syntax_error_names_file_line_and_key_but_never_the_value() {
         let file = write_config(text);
 
         // Act
-        let err = Settings::load_with_env(Some(file.path()), vec![])
+        let err = Settings::load_with_env(Some(file.path()), vec![], Access::Remote)
             .unwrap_err()
             .to_string();
 
@@ -267,7 +290,7 @@ fn bytes_that_are_not_text_are_not_echoed() {
     std::fs::write(file.path(), &bytes).unwrap();
 
     // Act
-    let err = Settings::load_with_env(Some(file.path()), vec![])
+    let err = Settings::load_with_env(Some(file.path()), vec![], Access::Remote)
         .unwrap_err()
         .to_string();
 
@@ -279,7 +302,7 @@ fn bytes_that_are_not_text_are_not_echoed() {
 #[test]
 fn a_directory_given_as_config_is_named_as_one() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Settings::load_with_env(Some(dir.path()), vec![])
+    let err = Settings::load_with_env(Some(dir.path()), vec![], Access::Remote)
         .unwrap_err()
         .to_string();
     assert!(err.contains("is a directory"), "{err}");
@@ -304,5 +327,213 @@ fn an_instance_id_that_cannot_travel_in_a_header_is_refused_naming_the_key() {
             &format!("[daemon]\ninstance_id = {good:?}\n"),
         ))
         .unwrap_or_else(|e| panic!("{good:?}: {e}"));
+    }
+}
+
+fn load_error(text: &str, env: &[(&str, &str)]) -> String {
+    let file = write_config(text);
+    let env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Settings::load_with_env(Some(file.path()), env, Access::Remote)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_refused_naming_the_key_and_the_type_wanted() {
+    // Arrange: values the config crate would have coerced (4.7 → 4,
+    // true → 1, "50" → 50).
+    let cases = [
+        (
+            "[crm]\nconcurrency = 4.7",
+            "crm.concurrency",
+            "whole number",
+        ),
+        ("[sync]\nlist_id = true", "sync.list_id", "whole number"),
+        ("[crm]\npage_size = \"50\"", "crm.page_size", "whole number"),
+        ("[edm]\nbatch_size = 10.0", "edm.batch_size", "whole number"),
+        ("[log]\nlevel = 3", "log.level", "string"),
+        (
+            "[[sync.routes]]\nfield = \"dept\"\nequals = \"x\"\nlist_id = \"2\"",
+            "sync.routes[0].list_id",
+            "whole number",
+        ),
+    ];
+    for (extra, key, wanted) in cases {
+        // Act
+        let err = load_error(&merge(MINIMAL, extra), &[]);
+
+        // Assert
+        assert!(err.contains(&format!("`{key}`")), "{extra}: {err}");
+        assert!(err.contains(wanted), "{extra}: {err}");
+        assert!(err.contains("(in file "), "{extra}: {err}");
+    }
+}
+
+#[test]
+fn a_number_where_a_secret_belongs_is_refused_without_showing_it() {
+    // Arrange: a token written without quotes.
+    let text = MINIMAL.replace("token = \"tok\"", "token = 918273645");
+
+    // Act
+    let err = load_error(&text, &[]);
+
+    // Assert
+    assert!(err.contains("`crm.token`"), "{err}");
+    assert!(err.contains("expected a string"), "{err}");
+    assert!(!err.contains("918273645"), "{err}");
+}
+
+#[test]
+fn whole_numbers_are_still_accepted_where_a_fraction_is_wanted() {
+    let s = Settings::from_toml(&merge(MINIMAL, "[sync]\nmax_unsubscribe_ratio = 1")).unwrap();
+    assert_eq!(s.sync.max_unsubscribe_ratio, 1.0);
+}
+
+#[test]
+fn errors_from_the_environment_name_the_variable() {
+    // Arrange / Act / Assert: a misspelt key, a value of the wrong type,
+    // a value out of range.
+    let err = load_error(MINIMAL, &[("CRM_EDM_SYNC__EDM__BACH_SIZE", "10")]);
+    assert!(err.contains("CRM_EDM_SYNC__EDM__BACH_SIZE"), "{err}");
+    assert!(err.contains("`edm.bach_size`"), "{err}");
+
+    let err = load_error(MINIMAL, &[("CRM_EDM_SYNC__EDM__BATCH_SIZE", "lots")]);
+    assert!(err.contains("CRM_EDM_SYNC__EDM__BATCH_SIZE"), "{err}");
+    assert!(err.contains("whole number"), "{err}");
+    assert!(!err.contains("lots"), "{err}");
+
+    let err = load_error(MINIMAL, &[("CRM_EDM_SYNC__EDM__BATCH_SIZE", "0")]);
+    assert!(
+        err.contains("`edm.batch_size`") && err.contains("CRM_EDM_SYNC__EDM__BATCH_SIZE"),
+        "{err}"
+    );
+
+    let err = load_error(MINIMAL, &[("CRM_EDM_SYNC__LOG__FORMAT", "xml")]);
+    assert!(err.contains("CRM_EDM_SYNC__LOG__FORMAT"), "{err}");
+    assert!(err.contains("`json`") && err.contains("`pretty`"), "{err}");
+}
+
+#[test]
+fn the_environment_can_still_set_optional_keys_and_var_slots() {
+    let file = write_config(MINIMAL);
+    let env = [
+        ("CRM_EDM_SYNC__EDM__MAX_REQUESTS_PER_SEC", "7"),
+        ("CRM_EDM_SYNC__SYNC__VARS__VAR2", "customer.name"),
+        ("CRM_EDM_SYNC__SYNC__MAX_UNSUBSCRIBE_RATIO", "0.5"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let s = Settings::load_with_env(Some(file.path()), env, Access::Remote).unwrap();
+    assert_eq!(s.edm.max_requests_per_sec, Some(7));
+    assert_eq!(s.sync.vars.slots()[1], Some("customer.name"));
+    assert_eq!(s.sync.max_unsubscribe_ratio, 0.5);
+}
+
+#[test]
+fn enum_and_address_errors_say_the_accepted_forms() {
+    let err = load_error(&merge(MINIMAL, "[log]\nformat = \"jsn\""), &[]);
+    assert!(err.contains("`log.format`"), "{err}");
+    assert!(err.contains("`json` or `pretty`"), "{err}");
+
+    let err = load_error(&merge(MINIMAL, "[http]\nlisten = \"localhost\""), &[]);
+    assert!(err.contains("`http.listen`"), "{err}");
+    assert!(err.contains("IP:PORT"), "{err}");
+
+    let err = load_error(&merge(MINIMAL, "[edm]\nauth = \"digest\""), &[]);
+    assert!(err.contains("`query` or `basic`"), "{err}");
+}
+
+#[test]
+fn commands_on_the_state_database_alone_load_without_api_credentials() {
+    // Arrange: a file with the database and nothing of the APIs.
+    let file = write_config("[database]\nurl = \"sqlite://x.db\"\n");
+
+    // Act
+    let state_only = Settings::load_with_env(Some(file.path()), vec![], Access::StateOnly);
+    let remote = Settings::load_with_env(Some(file.path()), vec![], Access::Remote);
+
+    // Assert
+    assert!(state_only.is_ok(), "{:?}", state_only.err());
+    let err = remote.unwrap_err().to_string();
+    assert!(err.contains("crm.base_url"), "{err}");
+}
+
+fn secret_file(content: &str, mode: u32) -> tempfile::NamedTempFile {
+    use std::os::unix::fs::PermissionsExt;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), content).unwrap();
+    std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+    file
+}
+
+#[test]
+fn secrets_are_read_from_files_named_by_key_or_by_environment() {
+    // Arrange: the token from a file named in the config, the password
+    // from one named by an environment variable (as the systemd unit does
+    // with its credentials directory).
+    let token = secret_file("token-from-file\n", 0o600);
+    let password = secret_file("pass word\r\n", 0o400);
+    let text = format!(
+        "[crm]\nbase_url = \"http://crm.test\"\ntoken_file = \"{}\"\n[edm]\nusername = \"u\"\n",
+        token.path().display()
+    );
+    let file = write_config(&text);
+    let env = vec![(
+        "CRM_EDM_SYNC__EDM__PASSWORD_FILE".to_string(),
+        password.path().display().to_string(),
+    )];
+
+    // Act
+    let s = Settings::load_with_env(Some(file.path()), env, Access::Remote).unwrap();
+
+    // Assert: one line ending dropped, the rest as written.
+    assert_eq!(s.crm.token.expose_secret(), "token-from-file");
+    assert_eq!(s.edm.password.expose_secret(), "pass word");
+}
+
+#[test]
+fn a_secret_file_that_is_missing_shared_or_doubled_is_refused_naming_the_key_not_the_content() {
+    // Arrange
+    let shared = secret_file("hunter2-secret\n", 0o644);
+    let group = secret_file("hunter2-secret\n", 0o640);
+    let private = secret_file("hunter2-secret\n", 0o600);
+    let with = |line: String| {
+        format!(
+            "[crm]\nbase_url = \"http://crm.test\"\n{line}\n[edm]\nusername = \"u\"\npassword = \"p\"\n"
+        )
+    };
+    let cases = [
+        (
+            with(format!("token_file = \"{}\"", shared.path().display())),
+            "mode 0644",
+        ),
+        (
+            with(format!("token_file = \"{}\"", group.path().display())),
+            "mode 0640",
+        ),
+        (
+            with("token_file = \"/nonexistent/crm-token\"".to_string()),
+            "does not exist",
+        ),
+        (
+            with(format!(
+                "token = \"x\"\ntoken_file = \"{}\"",
+                private.path().display()
+            )),
+            "not both",
+        ),
+    ];
+    for (text, why) in cases {
+        // Act
+        let err = load_error(&text, &[]);
+
+        // Assert
+        assert!(err.contains("`crm.token_file`"), "{err}");
+        assert!(err.contains(why), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
     }
 }
