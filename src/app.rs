@@ -46,7 +46,7 @@ pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
         }
         Some(Command::Demo) => crate::demo::run().await,
         None if cli.once => once(&cli, settings).await,
-        None => crate::daemon::run(settings).await,
+        None => crate::daemon::run(settings, cli.config.clone()).await,
     };
     match result {
         Ok(code) => code,

@@ -17,7 +17,10 @@
 //!   stands; then exit 0 (or stand by). A second signal exits at once
 //!   (status 1). What was not sent stays to be planned again at the next
 //!   start.
+//! - SIGHUP (`systemctl reload`) reads the config and its secret files
+//!   again: the next run of each job uses them (see `reload`).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Settings;
 use crate::jobs::{Context, RunOptions};
 use crate::lock::{InstanceLock, LockTarget};
+use crate::reload::Live;
 use crate::schedule::{Gate, JobFn, schedule};
 use crate::states::Job;
 use crate::sync::contacts;
@@ -41,8 +45,9 @@ enum Period {
     LockLost,
 }
 
-/// Runs the daemon until a signal stops it.
-pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
+/// Runs the daemon until a signal stops it. `config` is the `--config`
+/// file, read again on SIGHUP.
+pub async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let poll = Duration::from_secs(settings.daemon.lock_poll_secs);
     let drain = Duration::from_secs(settings.daemon.shutdown_timeout_secs);
     let listen = settings.http.listen;
@@ -76,10 +81,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     .await?;
     tracing::info!(listen = %addr, "ops endpoint listening: /healthz, /metrics");
     let stop = CancellationToken::new();
-    spawn_signal_handler(stop.clone())?;
+    let live = Live::new(base.clone(), config);
+    spawn_signal_handler(stop.clone(), live.clone())?;
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     let watchdog = spawn_watchdog(ops_store.clone());
-    let service_info = spawn_service_info(base.edm.clone());
+    let service_info = spawn_service_info(live.clone());
     tracing::info!(
         contacts = %base.settings.sync.schedule,
         writeback = %base.settings.writeback.schedule,
@@ -94,7 +100,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
                 active.store(true, Ordering::SeqCst);
                 crate::metrics::set_role(true);
                 tracing::info!("holding the instance lock: this instance runs the jobs");
-                let period = active_period(&base, &ops_store, lock, &stop, poll, drain).await;
+                let period = active_period(&live, &ops_store, lock, &stop, poll, drain).await;
                 active.store(false, Ordering::SeqCst);
                 crate::metrics::set_role(false);
                 match period? {
@@ -141,65 +147,51 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What every generation of the schedules shares: one gate per job (a
+/// job never overlaps itself, across a reload too), the turn both jobs
+/// take, the tracker that stopping awaits, and the two stop tokens.
+struct Runs {
+    gates: [Arc<Gate>; 2],
+    turn: Arc<tokio::sync::Mutex<()>>,
+    tracker: TaskTracker,
+    /// Cancelled to stop: the running job finishes its current batch.
+    period: CancellationToken,
+    /// Fired when the drain bound passes: the running job is dropped where
+    /// it stands (what it did not record stays to be planned again).
+    hard_stop: CancellationToken,
+}
+
 /// Runs the schedules while the lock is held; returns when a signal
-/// arrives (after draining) or the lock is lost.
+/// arrives (after draining) or the lock is lost. A reload that changes a
+/// schedule re-arms them without stopping a running job.
 async fn active_period(
-    base: &Context,
+    live: &Arc<Live>,
     reader: &crate::state::Store,
     mut lock: InstanceLock,
     stop: &CancellationToken,
     poll: Duration,
     drain: Duration,
 ) -> anyhow::Result<Period> {
-    let period = stop.child_token();
-    // Fired when the drain bound passes: the running job is dropped where
-    // it stands (what it did not record stays to be planned again).
-    let hard_stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let ctx = Arc::new(base.clone().with_shutdown(period.clone()));
-    let scheduler = JobScheduler::new().await?;
-    let turn = Arc::new(tokio::sync::Mutex::new(()));
-    for job in Job::ALL {
-        let gate = Arc::new(Gate::default());
-        let cron = match job {
-            Job::Contacts => ctx.settings.sync.schedule.clone(),
-            Job::Writeback => ctx.settings.writeback.schedule.clone(),
-        };
-        let job_ctx = ctx.clone();
-        let (tracker, hard_stop) = (tracker.clone(), hard_stop.clone());
-        let f: JobFn = Arc::new(move || {
-            let ctx = job_ctx.clone();
-            let hard_stop = hard_stop.clone();
-            if ctx.shutdown.is_cancelled() {
-                // A tick that waited for its turn while the instance was
-                // stopping: no new run.
-                return Box::pin(async {});
-            }
-            // Tracked, so that stopping awaits it instead of polling.
-            let running = tracker.spawn(async move {
-                tokio::select! {
-                    _ = run_job(&ctx, job) => {}
-                    _ = hard_stop.cancelled() => {
-                        tracing::warn!(job = %job, "job stopped where it stood: the drain bound passed");
-                    }
-                }
-            });
-            Box::pin(async move {
-                if let Err(e) = running.await {
-                    tracing::error!(job = %job, error = %e, "job task ended abnormally");
-                }
-            })
-        });
-        let zone = ctx.settings.schedule_zone();
-        schedule(&scheduler, job.as_str(), &cron, zone, gate, turn.clone(), f).await?;
-    }
+    let runs = Runs {
+        gates: [Arc::new(Gate::default()), Arc::new(Gate::default())],
+        turn: Arc::new(tokio::sync::Mutex::new(())),
+        tracker: TaskTracker::new(),
+        period: stop.child_token(),
+        hard_stop: CancellationToken::new(),
+    };
+    let ctx = live.current().with_shutdown(runs.period.clone());
     crate::jobs::take_lease(&ctx).await?;
-    let mut scheduler = scheduler;
-    scheduler.start().await?;
+    let mut schedule_changes = live.schedule_changes();
+    let mut scheduler = arm_schedules(live, &runs).await?;
     let check_every = poll.min(Duration::from_secs(1));
     let lost = loop {
         tokio::select! {
             _ = stop.cancelled() => break false,
+            Ok(()) = schedule_changes.changed() => {
+                scheduler.shutdown().await?;
+                scheduler = arm_schedules(live, &runs).await?;
+                tracing::info!("schedules re-armed after a reload");
+            }
             _ = tokio::time::sleep(check_every) => {
                 if !still_ours(&mut lock, reader, ctx.store.fence_epoch()).await {
                     break true;
@@ -212,22 +204,22 @@ async fn active_period(
         // dropped where it stands, not drained (what it did not record
         // stays to be planned again, by the new holder).
         tracing::error!("lost the instance lock or lease: the running job is stopped at once");
-        hard_stop.cancel();
+        runs.hard_stop.cancel();
     }
     // Cancel the running job (it finishes its current batch and records
     // its state), start no other, and await it — bounded by the drain —
     // before standing by or exiting.
-    period.cancel();
+    runs.period.cancel();
     scheduler.shutdown().await?;
-    tracker.close();
-    if !tracker.is_empty() {
+    runs.tracker.close();
+    if !runs.tracker.is_empty() {
         tracing::info!(
             drain_secs = drain.as_secs(),
             "waiting for the running job to finish its current batch"
         );
         notify_systemd(&[sd_notify::NotifyState::Stopping]);
     }
-    drain_jobs(&tracker, &hard_stop, drain).await;
+    drain_jobs(&runs.tracker, &runs.hard_stop, drain).await;
     if !lost && let Err(e) = ctx.store.release_lease().await {
         tracing::warn!(error = %format!("{e:#}"), "cannot mark the lease released");
     }
@@ -236,6 +228,67 @@ async fn active_period(
         Period::LockLost
     } else {
         Period::Stopped
+    })
+}
+
+/// A started scheduler with both jobs on their schedules as the current
+/// settings give them. Each tick runs its job with the settings current
+/// when it fires.
+async fn arm_schedules(live: &Arc<Live>, runs: &Runs) -> anyhow::Result<JobScheduler> {
+    let settings = live.current().settings;
+    let scheduler = JobScheduler::new().await?;
+    for (job, gate) in Job::ALL.into_iter().zip(&runs.gates) {
+        let cron = match job {
+            Job::Contacts => settings.sync.schedule.clone(),
+            Job::Writeback => settings.writeback.schedule.clone(),
+        };
+        let f = job_fn(live.clone(), job, runs);
+        let zone = settings.schedule_zone();
+        schedule(
+            &scheduler,
+            job.as_str(),
+            &cron,
+            zone,
+            gate.clone(),
+            runs.turn.clone(),
+            f,
+        )
+        .await?;
+    }
+    scheduler.start().await?;
+    Ok(scheduler)
+}
+
+/// What a tick of `job` does: unless the instance is stopping, run the job
+/// as a tracked task (so stopping awaits it instead of polling) with the
+/// context current at the tick.
+fn job_fn(live: Arc<Live>, job: Job, runs: &Runs) -> JobFn {
+    let (tracker, period, hard_stop) = (
+        runs.tracker.clone(),
+        runs.period.clone(),
+        runs.hard_stop.clone(),
+    );
+    Arc::new(move || {
+        if period.is_cancelled() {
+            // A tick that waited for its turn while the instance was
+            // stopping: no new run.
+            return Box::pin(async {});
+        }
+        let ctx = live.current().with_shutdown(period.clone());
+        let hard_stop = hard_stop.clone();
+        let running = tracker.spawn(async move {
+            tokio::select! {
+                _ = run_job(&ctx, job) => {}
+                _ = hard_stop.cancelled() => {
+                    tracing::warn!(job = %job, "job stopped where it stood: the drain bound passed");
+                }
+            }
+        });
+        Box::pin(async move {
+            if let Err(e) = running.await {
+                tracing::error!(job = %job, error = %e, "job task ended abnormally");
+            }
+        })
     })
 }
 
@@ -282,10 +335,23 @@ async fn run_job(ctx: &Context, job: Job) {
     }
 }
 
-fn spawn_signal_handler(stop: CancellationToken) -> anyhow::Result<()> {
+/// SIGTERM or SIGINT stops (a second one exits at once); SIGHUP reloads
+/// the config (`systemctl reload`), as often as it comes.
+fn spawn_signal_handler(stop: CancellationToken, live: Arc<Live>) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reading the config again");
+            let live = live.clone();
+            // Reading files: off the runtime's threads.
+            if let Err(e) = tokio::task::spawn_blocking(move || live.reload()).await {
+                tracing::error!(error = %e, "config reload ended abnormally");
+            }
+        }
+    });
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
@@ -323,9 +389,12 @@ const SERVICE_INFO_EVERY: Duration = Duration::from_secs(3600);
 /// the `crm_edm_sync_edm_service_*` and quota gauges (active and standby
 /// alike: it is one read). A failure is a warning; the gauges keep their
 /// last values.
-fn spawn_service_info(edm: crate::edm::EdmClient) -> tokio::task::JoinHandle<()> {
+fn spawn_service_info(live: Arc<Live>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
+            // The client of the current settings (a reload may change the
+            // credentials).
+            let edm = live.current().edm;
             match edm.service_info().await {
                 Ok(s) => crate::metrics::edm_service(
                     s.enabled,

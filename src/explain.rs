@@ -19,7 +19,8 @@ use serde::Serialize;
 use crate::config::Settings;
 use crate::domain::{CustomerId, Email, LinkManId, ListId, json_text, mask_address};
 use crate::state::{
-    AddressFacts, MemberFact, OperationFact, RecordFact, RefusalFact, Store, SuppressionFact,
+    AddressFacts, Finding, FindingKind, MemberFact, OperationFact, RecordFact, RefusalFact, Store,
+    SuppressionFact,
 };
 use crate::status::when;
 
@@ -46,6 +47,9 @@ pub struct Explanation {
     /// Refusals by EDM; `parked: true` ones are no longer sent.
     pub refusals: Vec<RefusalFact>,
     pub contact_history: Vec<RecordFact>,
+    /// What the logs said once about the address: invalid, or shared by
+    /// link-men.
+    pub findings: Vec<Finding>,
     pub live: Option<Live>,
 }
 
@@ -165,12 +169,14 @@ pub async fn answer(
                     operations: Vec::new(),
                     refusals: Vec::new(),
                     contact_history: Vec::new(),
+                    findings: store.findings_of(raw.trim()).await?,
                     live: None,
                 });
                 continue;
             }
         };
         let facts = store.facts_of(email.as_str(), MAX_OPERATIONS).await?;
+        let findings = store.findings_of(email.as_str()).await?;
         let lists = per_list(settings, &facts);
         let live = match &clients {
             Some(c) => Some(live(settings, c, &email, &facts).await),
@@ -183,15 +189,17 @@ pub async fn answer(
             operations: facts.operations,
             refusals: facts.refusals,
             contact_history: facts.records,
+            findings,
             live,
         });
     }
     Ok(out)
 }
 
-/// Whether `raw` is an address as the logs mask it (`l***@example.com`).
+/// Whether `raw` is an address as the logs mask it (`l***@example.com`,
+/// or `x*** (no @)` for an invalid one).
 pub fn is_masked(raw: &str) -> bool {
-    raw.contains("***@")
+    raw.contains("***")
 }
 
 /// The synced lists and any other list the address has a row in.
@@ -200,7 +208,7 @@ fn lists_of(settings: &Settings, facts: &AddressFacts) -> BTreeSet<ListId> {
         .synced_lists()
         .into_iter()
         .chain(facts.members.iter().map(|m| m.list_id))
-        .chain(facts.suppressions.iter().map(|s| s.list_id))
+        .chain(facts.suppressions.iter().filter_map(|s| s.list_id))
         .collect()
 }
 
@@ -219,10 +227,13 @@ fn per_list(settings: &Settings, facts: &AddressFacts) -> Vec<ListAnswer> {
                 reached_by: reached_by(settings, list_id),
                 state,
                 member,
+                // The list's own suppression, else a hard bounce (every
+                // list).
                 suppression: facts
                     .suppressions
                     .iter()
-                    .find(|s| s.list_id == list_id)
+                    .find(|s| s.list_id == Some(list_id))
+                    .or_else(|| facts.suppressions.iter().find(|s| s.list_id.is_none()))
                     .cloned(),
             }
         })
@@ -352,8 +363,10 @@ pub fn to_text(a: &Explanation) -> String {
             out,
             "  not a valid mailbox: rule 2, {reason}; the daemon skips this link-man (logged masked, as `invalid email skipped`) and never sends it to EDM"
         );
+        write_findings(&mut out, &a.findings);
         return out;
     }
+    write_findings(&mut out, &a.findings);
     for l in &a.lists {
         let _ = writeln!(out, "  list {}: {}", l.list_id, l.state);
         if let Some(m) = &l.member {
@@ -374,7 +387,12 @@ pub fn to_text(a: &Explanation) -> String {
         if let Some(s) = &l.suppression {
             let _ = writeln!(
                 out,
-                "    suppressed: {} since {} (source {:?}): no operation of any kind",
+                "    suppressed{}: {} since {} ({}): no operation of any kind",
+                if s.list_id.is_none() {
+                    " in every list"
+                } else {
+                    ""
+                },
                 s.reason,
                 when(s.since_ms),
                 s.source
@@ -482,4 +500,28 @@ pub fn to_text(a: &Explanation) -> String {
         }
     }
     out
+}
+
+/// The findings logged once about the address, one line each.
+fn write_findings(out: &mut String, findings: &[Finding]) {
+    use std::fmt::Write;
+    for f in findings {
+        let _ = match (f.kind, f.list_id) {
+            (FindingKind::Invalid, _) => writeln!(
+                out,
+                "  logged as invalid: the email of link-man {}{} ({})",
+                f.link_man_id,
+                f.customer_id
+                    .map(|c| format!(" of customer {c}"))
+                    .unwrap_or_default(),
+                f.detail
+            ),
+            (FindingKind::Shared, list) => writeln!(
+                out,
+                "  logged as shared{}: {}",
+                list.map(|l| format!(" in list {l}")).unwrap_or_default(),
+                f.detail
+            ),
+        };
+    }
 }

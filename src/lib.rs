@@ -20,6 +20,7 @@ pub mod lock;
 pub mod metrics;
 pub mod ops;
 pub mod redact;
+pub mod reload;
 pub mod remote;
 pub mod sandbox;
 pub mod schedule;

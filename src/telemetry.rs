@@ -51,39 +51,76 @@ pub fn unusable_rust_log(value: &str) -> Option<String> {
     silenced.then(|| "it lets none of this program's lines through, not even ERRORs".to_string())
 }
 
+/// Changes the level filter of the installed subscriber (SIGHUP reload).
+static RELOAD: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+/// Whether a usable `RUST_LOG` decided the filter at start: then it keeps
+/// deciding, and `log.level` changes nothing until it is unset.
+static RUST_LOG_RULES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Installs the global subscriber. Safe to call once per process.
 /// `RUST_LOG` overrides `level`, unless it is unusable
 /// ([`unusable_rust_log`]): then `level` is used and a WARN line says so.
 pub fn init(format: LogFormat, level: &str) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let rust_log = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.trim().is_empty());
     let refused = rust_log.as_deref().and_then(unusable_rust_log);
-    let filter = match (&rust_log, &refused) {
+    let from_env = match (&rust_log, &refused) {
         (Some(v), None) => EnvFilter::try_new(v).ok(),
         _ => None,
-    }
-    .or_else(|| EnvFilter::try_new(directives(level)).ok())
-    .unwrap_or_else(|| EnvFilter::new(directives("info")));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = match format {
-        LogFormat::Json => builder
+    };
+    let env_rules = from_env.is_some();
+    let filter = from_env
+        .or_else(|| EnvFilter::try_new(directives(level)).ok())
+        .unwrap_or_else(|| EnvFilter::new(directives("info")));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let lines = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .fmt_fields(JsonFields::new())
             .event_format(FlatJson)
-            .try_init(),
-        LogFormat::Pretty => builder
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_target(false)
             .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
+    let result = tracing_subscriber::registry()
+        .with(filter)
+        .with(lines)
+        .try_init();
     // A second call (tests) keeps the first subscriber.
-    if result.is_ok()
-        && let Some(why) = refused
-    {
-        tracing::warn!(reason = %why, log_level = level, "RUST_LOG is not used: log.level applies");
+    if result.is_ok() {
+        let _ = RELOAD.set(handle);
+        RUST_LOG_RULES.store(env_rules, std::sync::atomic::Ordering::SeqCst);
+        if let Some(why) = refused {
+            tracing::warn!(reason = %why, log_level = level, "RUST_LOG is not used: log.level applies");
+        }
     }
+}
+
+/// Applies a new `log.level` (a reload): from the next line on. `Err`
+/// says why not (`RUST_LOG` decides, or no subscriber of ours is
+/// installed).
+pub fn set_level(level: &str) -> Result<(), String> {
+    if RUST_LOG_RULES.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(
+            "RUST_LOG is set and decides the level; log.level applies once it is unset".into(),
+        );
+    }
+    let filter = EnvFilter::try_new(directives(level)).map_err(|e| e.to_string())?;
+    RELOAD
+        .get()
+        .ok_or_else(|| "no log subscriber installed by this program".to_string())?
+        .reload(filter)
+        .map_err(|e| e.to_string())
 }
 
 /// One JSON object a line: `timestamp`, `level`, the event's fields

@@ -977,3 +977,186 @@ async fn a_fresh_daemon_serves_every_series_with_help_from_start_up() {
         );
     }
 }
+
+#[tokio::test]
+async fn sigterm_while_write_back_reads_campaigns_stops_the_reads_at_once() {
+    // Arrange: 30 campaigns whose detail reads take 400 ms each; write-back
+    // every second, contacts never.
+    let sb = sandbox().await;
+    seed_basic(&sb);
+    let today = common::edm_today().format("%Y-%m-%d").to_string();
+    for id in 1..=30 {
+        sb.edm.put_campaign(crm_edm_sync::sandbox::SandboxCampaign {
+            id,
+            sn: format!("sn-{id}"),
+            name: format!("c{id}"),
+            list_id: 1,
+            date: today.clone(),
+            send_status: 3,
+            track_status: 1,
+            ..Default::default()
+        });
+    }
+    for op in ["open-detail", "failexport"] {
+        sb.inject(op, Fault::Delay(Duration::from_millis(400)), 1000);
+    }
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(
+        &sb,
+        &db.url,
+        "schedule = \"0 0 0 1 1 *\"",
+        "[writeback]\nschedule = \"* * * * * *\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n[http]\nlisten = \"127.0.0.1:0\"\n[daemon]\nlock_poll_secs = 1\nshutdown_timeout_secs = 30\n",
+    );
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = Daemon::start(&config, &[]);
+    let reads =
+        |sb: &crm_edm_sync::sandbox::Sandbox| sb.count("open-detail") + sb.count("failexport");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while reads(&sb) < 3 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(reads(&sb) >= 3, "the reads never began:\n{}", daemon.log());
+
+    // Act
+    let at_signal = reads(&sb);
+    let signalled = tokio::time::Instant::now();
+    daemon.signal("-TERM");
+    let code = daemon.exit_code(Duration::from_secs(30)).await;
+
+    // Assert: no read begins after the signal (the one in flight is
+    // dropped), the drain is far shorter than the 90 reads left, and the
+    // run is on record as interrupted.
+    assert_eq!(code, Some(0), "{}", daemon.log());
+    assert!(
+        reads(&sb) <= at_signal + 1,
+        "{} reads after the signal",
+        reads(&sb) - at_signal
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "drained in {:?}",
+        signalled.elapsed()
+    );
+    let finished = daemon.find("run finished").expect("a run finished line");
+    assert_eq!(finished["status"], "interrupted", "{finished}");
+    assert_eq!(finished["job"], "writeback", "{finished}");
+}
+
+/// A daemon config: contacts and write-back on the schedules given.
+fn config_with(
+    sb: &crm_edm_sync::sandbox::Sandbox,
+    db: &TestDb,
+    contacts: &str,
+    writeback: &str,
+    extra: &str,
+) -> String {
+    config_text(
+        sb,
+        &db.url,
+        &format!("schedule = \"{contacts}\""),
+        &format!(
+            "[writeback]\nschedule = \"{writeback}\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n[http]\nlisten = \"127.0.0.1:0\"\n[daemon]\nlock_poll_secs = 1\nshutdown_timeout_secs = 30\n{extra}"
+        ),
+    )
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_refuses_a_bad_one_and_never_stops_the_daemon() {
+    // Arrange: contacts every second, write-back never (this year).
+    let sb = sandbox().await;
+    seed_basic(&sb);
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        config_with(&sb, &db, "* * * * * *", "0 0 0 1 1 *", ""),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(&config, &[]);
+    daemon
+        .expect("run finished", 1, Duration::from_secs(30))
+        .await;
+
+    // Act 1: a config with a bad value.
+    std::fs::write(
+        &config,
+        config_with(&sb, &db, "* * * * * *", "0 0 0 1 1 *", "")
+            .replace("[crm]\n", "[crm]\npage_size = 500\n"),
+    )
+    .unwrap();
+    daemon.signal("-HUP");
+
+    // Assert 1: refused by key, the old config runs on.
+    daemon
+        .expect("config reload refused", 1, Duration::from_secs(10))
+        .await;
+    let refused = daemon.find("config reload refused").unwrap();
+    assert_eq!(refused["level"], "ERROR", "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("crm.page_size"),
+        "{refused}"
+    );
+    let contacts_before = daemon.count("run finished");
+    daemon
+        .expect("run finished", contacts_before + 1, Duration::from_secs(10))
+        .await;
+
+    // Act 2: a valid config that swaps the schedules and moves the ops
+    // endpoint (a restart-only key).
+    std::fs::write(
+        &config,
+        config_with(&sb, &db, "0 0 0 1 1 *", "* * * * * *", "")
+            .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\""),
+    )
+    .unwrap();
+    daemon.signal("-HUP");
+
+    // Assert 2: the change is named, the restart-only key deferred, and
+    // from then on write-back runs every second and contacts does not.
+    daemon
+        .expect("config reloaded", 1, Duration::from_secs(10))
+        .await;
+    let reloaded = daemon.find("config reloaded").unwrap();
+    let changed = reloaded["changed"].as_str().unwrap().to_string();
+    assert!(
+        changed.contains("sync.schedule") && changed.contains("writeback.schedule"),
+        "{reloaded}"
+    );
+    let deferred = daemon
+        .find("only at the next restart")
+        .expect("a restart-only warning");
+    assert!(
+        deferred["keys"].as_str().unwrap().contains("http.listen"),
+        "{deferred}"
+    );
+    daemon
+        .expect("schedules re-armed", 1, Duration::from_secs(10))
+        .await;
+    let jobs = |d: &Daemon, job: &str| {
+        d.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["message"] == "run finished" && v["job"] == job)
+            .count()
+    };
+    let contacts_at_reload = jobs(&daemon, "contacts");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while jobs(&daemon, "writeback") < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(jobs(&daemon, "writeback") >= 2, "{}", daemon.log());
+    // At most the run already going when the schedules changed.
+    assert!(
+        jobs(&daemon, "contacts") <= contacts_at_reload + 1,
+        "{}",
+        daemon.log()
+    );
+
+    // The daemon was never stopped by SIGHUP.
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+}

@@ -275,3 +275,123 @@ async fn a_masked_address_from_a_log_line_is_explained_for_every_address_it_may_
     );
     assert!(none.contains("0 recorded addresses match it"), "{none}");
 }
+
+#[tokio::test]
+async fn a_hard_bounce_shows_in_every_synced_list_with_its_campaign_and_never_as_list_0() {
+    // Arrange: campaign 300 to list 1 hard-bounces on lm1; write-back
+    // suppresses it in every list.
+    let cli = synced().await;
+    let today = common::edm_today().format("%Y-%m-%d").to_string();
+    cli.sb.edm.put_campaign(SandboxCampaign {
+        id: 300,
+        sn: "20261120-300".into(),
+        name: "退信".into(),
+        list_id: 1,
+        date: today,
+        send_status: 3,
+        track_status: 1,
+        bounces: vec![("not_exist".into(), "lm1@example.com".into())],
+        ..Default::default()
+    });
+    let wb = cli.run(&["--once", "--job", "writeback"]).await;
+    assert!(wb.status.success(), "{}", text_of(&wb));
+
+    // Act
+    let text = cli.explain(&["lm1@example.com"]).await;
+    let json: serde_json::Value =
+        serde_json::from_str(&cli.explain(&["lm1@example.com", "--json"]).await).unwrap();
+
+    // Assert: lists 1 and 2 (both synced) carry the bounce; no list 0.
+    assert!(!text.contains("list 0"), "{text}");
+    assert_eq!(
+        text.matches("suppressed in every list: bounce since ")
+            .count(),
+        2,
+        "{text}"
+    );
+    assert!(text.contains("(campaign 300 not_exist)"), "{text}");
+    let lists = json[0]["lists"].as_array().unwrap();
+    let ids: Vec<i64> = lists
+        .iter()
+        .map(|l| l["list_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 2]);
+    for l in lists {
+        assert_eq!(l["suppression"]["reason"], "bounce", "{l}");
+        assert!(l["suppression"]["list_id"].is_null(), "{l}");
+    }
+}
+
+#[tokio::test]
+async fn every_masked_address_the_logs_print_is_answered_with_its_candidates() {
+    // Arrange: an invalid email (customer 11), an address two link-men
+    // share (customer 12), and an address EDM refuses to add (lm4).
+    let sb = Sandbox::start().await.unwrap();
+    sb.edm.create_list(1, "客户");
+    sb.edm.create_list(2, "VIP");
+    seed_basic(&sb);
+    sb.crm
+        .put_customer(11, serde_json::json!({"name": "公司11", "type_id": 1}));
+    sb.crm.put_linkman(
+        11,
+        110,
+        serde_json::json!({"name": "无效", "email": "Not-An-Address"}),
+    );
+    sb.crm
+        .put_customer(12, serde_json::json!({"name": "公司12", "type_id": 1}));
+    for id in [120, 121] {
+        sb.crm.put_linkman(
+            12,
+            id,
+            serde_json::json!({"name": "共用", "email": "shared@example.com"}),
+        );
+    }
+    sb.edm
+        .refuse_address("lm4@example.com", "add_address_error", "address refused");
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        config_text(&sb, &db.url, "", "[log]\nformat = \"json\"\n"),
+    )
+    .unwrap();
+    let cli = Cli { sb, _db: db, dir };
+    let run = cli.run(&["--once", "--job", "contacts"]).await;
+    let logs = text_of(&run);
+    // The masked forms are those the log lines print.
+    for masked in ["N*** (no @)", "s***@example.com", "l***@example.com"] {
+        assert!(logs.contains(masked), "{masked} not in the logs: {logs}");
+    }
+
+    // Act
+    let invalid = cli.explain(&["N*** (no @)"]).await;
+    let shared = cli.explain(&["s***@example.com"]).await;
+    let refused = cli.explain(&["l***@example.com"]).await;
+
+    // Assert
+    assert!(invalid.starts_with("Not-An-Address\n"), "{invalid}");
+    assert!(
+        invalid.contains("logged as invalid: the email of link-man 110 of customer 11"),
+        "{invalid}"
+    );
+    assert!(
+        invalid.contains("1 recorded addresses match it"),
+        "{invalid}"
+    );
+    assert!(shared.starts_with("shared@example.com\n"), "{shared}");
+    assert!(
+        shared
+            .contains("logged as shared in list 1: link-man 120 owns it; link-men 121 have it too"),
+        "{shared}"
+    );
+    // Several candidates: lm1…lm10 are members; lm4 only a refusal.
+    assert!(refused.contains("lm4@example.com\n"), "{refused}");
+    assert!(
+        refused.contains("refused by EDM: add list 1 refused in 1 runs"),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("10 recorded addresses match it"),
+        "{refused}"
+    );
+}

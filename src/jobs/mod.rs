@@ -135,6 +135,38 @@ impl Context {
         (self.clock)()
     }
 
+    /// The same store, instance, clock and shutdown, with `settings` and
+    /// clients built from them (a reload).
+    pub fn with_settings(&self, settings: Settings) -> anyhow::Result<Context> {
+        let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
+        let agent = self.instance.user_agent();
+        Ok(Context {
+            crm: CrmClient::new(&settings.crm, redactor.clone())?.with_user_agent(&agent),
+            edm: EdmClient::new(&settings.edm, redactor.clone())?.with_user_agent(&agent),
+            settings: Arc::new(settings),
+            redactor,
+            store: self.store.clone(),
+            instance: self.instance.clone(),
+            shutdown: self.shutdown.clone(),
+            clock: self.clock,
+        })
+    }
+
+    /// Runs `read` unless a shutdown comes first: then `None`, and the
+    /// read is dropped where it is, with its request in flight, so a drain
+    /// never waits for more reads. Only for reads: a write cut short may
+    /// leave nothing on record.
+    pub async fn unless_shutdown<T>(
+        &self,
+        read: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => None,
+            out = read => Some(out),
+        }
+    }
+
     /// The same context stopping on `token`.
     pub fn with_shutdown(mut self, token: tokio_util::sync::CancellationToken) -> Self {
         self.shutdown = token;

@@ -287,6 +287,15 @@ pub mod log_note {
         #[sea_orm(primary_key, auto_increment = false)]
         pub digest: String,
         pub noted_at: i64,
+        /// `invalid` or `shared` (empty on rows older than migration 10).
+        pub kind: Option<String>,
+        /// The address as the CRM gave it (trimmed).
+        pub address: Option<String>,
+        pub link_man_id: Option<i64>,
+        pub customer_id: Option<i64>,
+        pub list_id: Option<i64>,
+        /// Why invalid, or which link-men share it.
+        pub detail: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -390,7 +390,15 @@ mod tests {
                 ops: &["INSERT"],
                 prepare: nothing(),
                 write: step(|s| async move {
-                    let now = ["digest".to_string()].into_iter().collect();
+                    let finding = crate::state::Finding {
+                        kind: crate::state::FindingKind::Invalid,
+                        address: "not-an-address".to_string(),
+                        link_man_id: crate::domain::LinkManId(1),
+                        customer_id: None,
+                        list_id: None,
+                        detail: "no @".to_string(),
+                    };
+                    let now = [("digest".to_string(), finding)].into_iter().collect();
                     s.set_log_notes(&Default::default(), &now).await
                 }),
                 written: check(|s| async move { s.log_notes().await.unwrap().contains("digest") }),

@@ -33,7 +33,9 @@ pub struct MemberFact {
 /// A suppression: no operation of any kind for (list, address).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SuppressionFact {
-    pub list_id: ListId,
+    /// The list; `None` for a hard bounce, which holds in every list (its
+    /// row's list 0 never shows as a list).
+    pub list_id: Option<ListId>,
     pub email: String,
     pub reason: SuppressionReason,
     pub source: String,
@@ -117,21 +119,29 @@ impl Store {
         Ok(emails)
     }
 
-    /// The recorded addresses (members and suppressions) a masked address
-    /// from a log line (`l***@example.com`) may stand for: those with its
-    /// first letter and domain whose masked form is the same.
+    /// The recorded addresses a masked address from a log line
+    /// (`l***@example.com`, `x*** (no @)`) may stand for — members,
+    /// suppressions, refused or parked operations, and the findings logged
+    /// once (invalid emails, shared addresses) — those whose masked form is
+    /// the same.
     pub async fn emails_matching_mask(&self, masked: &str) -> anyhow::Result<Vec<String>> {
         let masked = masked.trim().to_ascii_lowercase();
-        let Some((local, domain)) = masked.rsplit_once('@') else {
-            return Ok(Vec::new());
+        let first = masked.split("***").next().unwrap_or_default().to_string();
+        // Invalid addresses are recorded only with their findings; the
+        // `x*** (no @)` form is only theirs.
+        let mut emails = self.finding_addresses_matching(&masked).await?;
+        let Some((_, domain)) = masked.rsplit_once('@') else {
+            emails.sort();
+            emails.dedup();
+            return Ok(emails);
         };
-        let first = local.trim_end_matches('*');
         let suffix = format!("@{domain}");
-        let mut emails: Vec<String> = member::Entity::find()
+        let (prefix, suffix) = (first.as_str(), suffix.as_str());
+        let members: Vec<String> = member::Entity::find()
             .select_only()
             .column(member::Column::Email)
-            .filter(member::Column::Email.starts_with(first))
-            .filter(member::Column::Email.ends_with(suffix.as_str()))
+            .filter(member::Column::Email.starts_with(prefix))
+            .filter(member::Column::Email.ends_with(suffix))
             .into_tuple()
             .all(&self.db)
             .await
@@ -139,14 +149,41 @@ impl Store {
         let suppressed: Vec<String> = suppression::Entity::find()
             .select_only()
             .column(suppression::Column::Email)
-            .filter(suppression::Column::Email.starts_with(first))
-            .filter(suppression::Column::Email.ends_with(suffix.as_str()))
+            .filter(suppression::Column::Email.starts_with(prefix))
+            .filter(suppression::Column::Email.ends_with(suffix))
             .into_tuple()
             .all(&self.db)
             .await
             .context("cannot read the suppressions of a domain")?;
-        emails.extend(suppressed);
-        emails.retain(|e| crate::domain::mask_address(e) == masked);
+        // An address EDM refused (or parked) may never have become a member.
+        let refused: Vec<String> = refusal::Entity::find()
+            .select_only()
+            .column(refusal::Column::Email)
+            .filter(refusal::Column::Email.starts_with(prefix))
+            .filter(refusal::Column::Email.ends_with(suffix))
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .context("cannot read the refusals of a domain")?;
+        // A pending add (`status` lists it masked) is not a member yet.
+        let operated: Vec<String> = operation::Entity::find()
+            .select_only()
+            .column(operation::Column::Email)
+            .filter(operation::Column::Email.starts_with(prefix))
+            .filter(operation::Column::Email.ends_with(suffix))
+            .distinct()
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .context("cannot read the operations of a domain")?;
+        emails.extend(
+            members
+                .into_iter()
+                .chain(suppressed)
+                .chain(refused)
+                .chain(operated),
+        );
+        emails.retain(|e| crate::domain::mask_address(e).to_ascii_lowercase() == masked);
         emails.sort();
         emails.dedup();
         Ok(emails)
@@ -183,7 +220,7 @@ impl Store {
             .context("cannot read the suppressions of an address")?
             .into_iter()
             .map(|s| SuppressionFact {
-                list_id: s.list_id,
+                list_id: (s.list_id != super::ALL_LISTS).then_some(s.list_id),
                 email: s.email,
                 reason: s.reason,
                 unsubscribed_while_behind: SuppressionSource::parse(&s.source).while_behind(),

@@ -32,6 +32,7 @@ pub use lease::{Fenced, Lease};
 pub use lookups::{
     AddressFacts, MemberFact, OperationFact, RecordFact, RefusalFact, SuppressionFact,
 };
+pub use notes::{Finding, FindingKind};
 pub use observations::{ListBook, NewSuppression, Observations, SeenLine};
 pub use operations::{NewOperation, PendingOperation, PendingRow};
 pub use records::{LedgerRow, NewRecord};

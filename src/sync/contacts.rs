@@ -31,7 +31,7 @@ use crate::jobs::exports::View;
 use crate::jobs::lifecycle::Run;
 use crate::jobs::observe::{reconcile_list, resolve_pending};
 use crate::jobs::{Context, RunOptions};
-use crate::state::now_ms;
+use crate::state::{Finding, FindingKind, now_ms};
 use crate::states::{Job, OpKind, OpStatus, RunStatus};
 
 /// The job name in logs, runs and metrics.
@@ -125,32 +125,53 @@ async fn run_inner(
     run_id: &str,
     counts: &mut ContactsCounts,
 ) -> anyhow::Result<Outcome> {
-    let settings = &ctx.settings;
-    // 1. Pull.
-    let mut builder = DesiredBuilder::new(MappingRules::from_settings(settings));
-    let pulled = tokio::select! {
-        pulled = ctx.crm.pull_each(|c| builder.add(&c.customer.data, c.customer.id, &c.linkmen)) => pulled,
-        _ = ctx.shutdown.cancelled() => {
-            tracing::info!("shutdown during the CRM pull; nothing was applied");
-            return Ok(Outcome::Interrupted);
-        }
+    // 1–4: reads only (the pull, the exports, the pending checks, the
+    // list reads). A shutdown drops them where they are: nothing was
+    // written, and no read outlives the drain by more than the request in
+    // flight, which is dropped with them.
+    let Some(observed) = ctx.unless_shutdown(observe(ctx, opts, counts)).await else {
+        tracing::info!("shutdown while reading the CRM and EDM; nothing was applied");
+        return Ok(Outcome::Interrupted);
     };
-    pulled.context("CRM pull did not complete; nothing was applied")?;
+    let observed = observed?;
+    log_mapping(ctx, &observed.desired, !opts.dry_run).await;
+    decide_and_apply(ctx, opts, run_id, counts, observed).await
+}
+
+/// What the read phase learnt, for the plan.
+struct Observed {
+    desired: Desired,
+    members: HashMap<crate::domain::MemberKey, crate::domain::MemberState>,
+    suppressions: crate::domain::Suppressions,
+    obs: crate::state::Observations,
+    /// The safety ratio's denominator: what the state DB recorded before
+    /// this run changed anything.
+    members_before: BTreeMap<ListId, usize>,
+}
+
+/// Steps 1–4b: everything the plan is made of, read and not yet written.
+async fn observe(
+    ctx: &Context,
+    opts: RunOptions,
+    counts: &mut ContactsCounts,
+) -> anyhow::Result<Observed> {
+    // 1. Pull.
+    let mut builder = DesiredBuilder::new(MappingRules::from_settings(&ctx.settings));
+    ctx.crm
+        .pull_each(|c| builder.add(&c.customer.data, c.customer.id, &c.linkmen))
+        .await
+        .context("CRM pull did not complete; nothing was applied")?;
     let mut view = View::load(ctx).await?;
     // 1b. Nobody is unsubscribed for having vanished from one pull only.
     counts.second_look = second_look(ctx, &mut builder, &view.members).await;
     counts.customers = builder.customers;
     counts.linkmen = builder.linkmen;
     let desired = builder.finish();
-    log_mapping(ctx, &desired, !opts.dry_run).await;
     counts.desired = desired.members.len();
     counts.skipped_invalid = desired.invalid.len();
     counts.without_email = desired.without_email;
     counts.duplicates = desired.collisions.len();
-
-    let lists = settings.synced_lists();
-    // The safety ratio's denominator: what the state DB recorded before
-    // this run changed anything.
+    let lists = ctx.settings.synced_lists();
     let members_before = members_per_list(&view.members);
 
     // 2. Exports.
@@ -163,6 +184,45 @@ async fn run_inner(
     } = view;
 
     // 3. Operations left pending by earlier runs.
+    counts.recovered = check_pending(ctx, &mut members, &mut obs).await?;
+
+    // 4. Whole-list reads (behaviour 5), then 4b: a state database behind
+    // EDM re-learns before it writes.
+    let first = plan(&desired.members, &members, &suppressions);
+    let adds_into = first.lists_with_adds();
+    for &list_id in &lists {
+        let first_add = adds_into.contains(&list_id)
+            && books
+                .get(&list_id)
+                .and_then(|b| b.initial_read_at)
+                .is_none();
+        if opts.full || first_add {
+            read_whole_list(ctx, list_id, &mut members, &mut obs).await?;
+            counts.lists_read += 1;
+        }
+    }
+    let candidates = behind::candidates(&first, &obs);
+    for list in behind::lists_behind(ctx, &candidates, &members).await? {
+        counts.lists_behind += 1;
+        counts.relearnt += behind::relearn(ctx, list, &first, &mut members, &mut obs).await?;
+    }
+    Ok(Observed {
+        desired,
+        members,
+        suppressions,
+        obs,
+        members_before,
+    })
+}
+
+/// Step 3: looks up in EDM the operations earlier runs left pending, and
+/// settles them. Returns how many had in fact been done.
+async fn check_pending(
+    ctx: &Context,
+    members: &mut HashMap<crate::domain::MemberKey, crate::domain::MemberState>,
+    obs: &mut crate::state::Observations,
+) -> anyhow::Result<usize> {
+    let mut recovered = 0;
     let pending = ctx.store.pending_operations().await?;
     let mut pending_by_list: BTreeMap<ListId, Vec<_>> = BTreeMap::new();
     for op in pending {
@@ -177,15 +237,15 @@ async fn run_inner(
         let found = if to_check.is_empty() {
             HashMap::new()
         } else {
-            lookup(ctx, list_id, &to_check, &members)
+            lookup(ctx, list_id, &to_check, members)
                 .await
                 .with_context(|| {
                     format!("cannot check list {list_id} for operations left pending")
                 })?
         };
-        for r in resolve_pending(&ops, &found, &members) {
+        for r in resolve_pending(&ops, &found, members) {
             if r.status == OpStatus::Done {
-                counts.recovered += 1;
+                recovered += 1;
             }
             if let Some(m) = r.member {
                 members.insert(m.key.clone(), m.clone());
@@ -199,91 +259,76 @@ async fn run_inner(
             "operations left pending by an earlier run resolved"
         );
     }
+    Ok(recovered)
+}
 
-    // 4. Whole-list reads (behaviour 5).
-    let first = plan(&desired.members, &members, &suppressions);
-    let adds_into = first.lists_with_adds();
-    for &list_id in &lists {
-        let first_add = adds_into.contains(&list_id)
-            && books
-                .get(&list_id)
-                .and_then(|b| b.initial_read_at)
-                .is_none();
-        if !(opts.full || first_add) {
-            continue;
-        }
-        let read_at = now_ms();
-        let addresses = ctx
-            .edm
-            .addr_all(list_id)
-            .await
-            .with_context(|| format!("cannot read list {list_id}; nothing was applied"))?;
-        let found = reconcile_list(list_id, &addresses, &members);
-        counts.lists_read += 1;
-        tracing::info!(
+/// Step 4 for one list: reads it whole and takes what EDM holds as the
+/// record (a first add into it, or `--full`).
+async fn read_whole_list(
+    ctx: &Context,
+    list_id: ListId,
+    members: &mut HashMap<crate::domain::MemberKey, crate::domain::MemberState>,
+    obs: &mut crate::state::Observations,
+) -> anyhow::Result<()> {
+    let read_at = now_ms();
+    let addresses = ctx
+        .edm
+        .addr_all(list_id)
+        .await
+        .with_context(|| format!("cannot read list {list_id}; nothing was applied"))?;
+    let found = reconcile_list(list_id, &addresses, members);
+    tracing::info!(
+        list_id = list_id.0,
+        addresses = addresses.len(),
+        duplicates = found.duplicates,
+        missing = found.missing,
+        drifted = found.drifted,
+        "list read"
+    );
+    if found.missing > 0 || found.drifted > 0 {
+        tracing::warn!(
             list_id = list_id.0,
-            addresses = addresses.len(),
-            duplicates = found.duplicates,
             missing = found.missing,
             drifted = found.drifted,
-            "list read"
+            "EDM list drifted from the state DB; repairing"
         );
-        if found.missing > 0 || found.drifted > 0 {
-            tracing::warn!(
-                list_id = list_id.0,
-                missing = found.missing,
-                drifted = found.drifted,
-                "EDM list drifted from the state DB; repairing"
-            );
-        }
-        for m in found.members {
-            members.insert(m.key.clone(), m.clone());
-            obs.members.push(m);
-        }
-        obs.list_reads.push((list_id, read_at));
     }
-
-    // 4b. A state database behind EDM re-learns before it writes.
-    let candidates = behind::candidates(&first, &obs);
-    for list in behind::lists_behind(ctx, &candidates, &members).await? {
-        counts.lists_behind += 1;
-        counts.relearnt += behind::relearn(ctx, list, &first, &mut members, &mut obs).await?;
+    for m in found.members {
+        members.insert(m.key.clone(), m.clone());
+        obs.members.push(m);
     }
-    drop(first);
+    obs.list_reads.push((list_id, read_at));
+    Ok(())
+}
 
-    // 5. Plan and safety.
+/// Steps 5–6: the plan, its safety check, and (unless a dry run or
+/// refused) its application.
+async fn decide_and_apply(
+    ctx: &Context,
+    opts: RunOptions,
+    run_id: &str,
+    counts: &mut ContactsCounts,
+    observed: Observed,
+) -> anyhow::Result<Outcome> {
+    let Observed {
+        desired,
+        mut members,
+        suppressions,
+        obs,
+        members_before,
+    } = observed;
     let the_plan = plan(&desired.members, &members, &suppressions);
     counts.suppressed = the_plan.suppressed.len();
     let safety = check_safety(
         &the_plan,
         desired.members.len(),
         &members_before,
-        settings.sync.max_unsubscribe_ratio,
+        ctx.settings.sync.max_unsubscribe_ratio,
     );
     // The plan carries what it needs; the desired map can go.
     drop(desired);
     if opts.dry_run {
-        counts.added = the_plan.adds.len();
-        counts.updated = the_plan.edits.len();
-        counts.unsubscribed = the_plan.unsubs.len();
-        counts.adopted = the_plan.adoptions();
-        if let Err(refusal) = &safety {
-            tracing::warn!(reason = %refusal, "dry run: this plan would be refused");
-        }
-        let user_unsubscribes = obs
-            .suppressions
-            .iter()
-            .filter_map(|s| {
-                Email::parse(&s.email)
-                    .ok()
-                    .map(|e| crate::domain::MemberKey::new(s.list_id, e))
-            })
-            .collect();
-        return Ok(Outcome::DryRun(Box::new(super::report::Preview {
-            plan: the_plan,
-            user_unsubscribes,
-            refusal: safety.err(),
-        })));
+        return Ok(preview(counts, the_plan, &obs, safety));
     }
     ctx.store.persist_observations(&obs).await?;
     if let Err(refusal) = safety {
@@ -308,6 +353,37 @@ async fn run_inner(
     })
 }
 
+/// A dry run's answer: the plan, the user unsubscribes it would record,
+/// and the refusal a real run would meet.
+fn preview(
+    counts: &mut ContactsCounts,
+    the_plan: super::plan::Plan,
+    obs: &crate::state::Observations,
+    safety: Result<(), super::plan::Refusal>,
+) -> Outcome {
+    counts.added = the_plan.adds.len();
+    counts.updated = the_plan.edits.len();
+    counts.unsubscribed = the_plan.unsubs.len();
+    counts.adopted = the_plan.adoptions();
+    if let Err(refusal) = &safety {
+        tracing::warn!(reason = %refusal, "dry run: this plan would be refused");
+    }
+    let user_unsubscribes = obs
+        .suppressions
+        .iter()
+        .filter_map(|s| {
+            Email::parse(&s.email)
+                .ok()
+                .map(|e| crate::domain::MemberKey::new(s.list_id, e))
+        })
+        .collect();
+    Outcome::DryRun(Box::new(super::report::Preview {
+        plan: the_plan,
+        user_unsubscribes,
+        refusal: safety.err(),
+    }))
+}
+
 /// Logs each invalid email and each address link-men share once: a
 /// finding an earlier run logged, still true, is not logged again (a
 /// finding that went away and came back is). Every run's summary counts
@@ -322,7 +398,7 @@ async fn log_mapping(ctx: &Context, desired: &Desired, record: bool) {
             HashSet::new()
         }
     };
-    let mut current = HashSet::new();
+    let mut current = HashMap::new();
     for invalid in &desired.invalid {
         let digest = note_digest(&format!(
             "invalid\0{}\0{}\0{}",
@@ -337,7 +413,17 @@ async fn log_mapping(ctx: &Context, desired: &Desired, record: bool) {
                 "invalid email skipped"
             );
         }
-        current.insert(digest);
+        current.insert(
+            digest,
+            Finding {
+                kind: FindingKind::Invalid,
+                address: invalid.address.clone(),
+                link_man_id: invalid.link_man_id,
+                customer_id: Some(invalid.customer_id),
+                list_id: None,
+                detail: invalid.reason.to_string(),
+            },
+        );
     }
     for c in &desired.collisions {
         let digest = note_digest(&format!(
@@ -353,10 +439,26 @@ async fn log_mapping(ctx: &Context, desired: &Desired, record: bool) {
                 "link-men share an email in one list; the lowest id owns it"
             );
         }
-        current.insert(digest);
+        let others: Vec<String> = c.others.iter().map(|o| o.to_string()).collect();
+        current.insert(
+            digest,
+            Finding {
+                kind: FindingKind::Shared,
+                address: c.key.email.as_str().to_string(),
+                link_man_id: c.owner,
+                customer_id: None,
+                list_id: Some(c.key.list_id),
+                detail: format!(
+                    "link-man {} owns it; link-men {} have it too",
+                    c.owner,
+                    others.join(", ")
+                ),
+            },
+        );
     }
+    let changed = current.len() != before.len() || current.keys().any(|d| !before.contains(d));
     if record
-        && current != before
+        && changed
         && let Err(e) = ctx.store.set_log_notes(&before, &current).await
     {
         tracing::warn!(error = %format!("{e:#}"), "cannot record which findings were logged");

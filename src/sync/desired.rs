@@ -47,6 +47,9 @@ pub struct DesiredMember {
 pub struct InvalidEmail {
     pub link_man_id: LinkManId,
     pub customer_id: CustomerId,
+    /// The address as the CRM gave it, trimmed: kept in the state
+    /// database so that `explain` can answer its masked form; never logged.
+    pub address: String,
     pub masked: String,
     pub reason: EmailError,
 }
@@ -289,6 +292,7 @@ fn member_of(
     let email = Email::parse(&raw).map_err(|reason| InvalidEmail {
         link_man_id: lm.id,
         customer_id: lm.customer_id,
+        address: raw.trim().to_string(),
         masked: mask_address(&raw),
         reason,
     })?;

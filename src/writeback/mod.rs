@@ -174,7 +174,13 @@ async fn run_inner(
 
     // 1. Unsubscribes, as the contacts job classifies them.
     let mut view = View::load(ctx).await?;
-    counts.new_user_unsubscribes = view.read_exports(ctx, &lists).await?;
+    let Some(read) = ctx.unless_shutdown(view.read_exports(ctx, &lists)).await else {
+        tracing::info!(
+            "shutdown while reading the unsubscribe exports; nothing more is read or written"
+        );
+        return Ok(());
+    };
+    counts.new_user_unsubscribes = read?;
     ctx.store.persist_observations(&view.obs).await?;
     let View {
         members,
@@ -183,37 +189,12 @@ async fn run_inner(
     } = view;
 
     // 2. Campaigns and their events.
-    let today = edm_today(ctx.now(), settings.edm_zone());
-    let mut campaigns: BTreeMap<i64, Campaign> = BTreeMap::new();
-    for date in lookback_dates(today, settings.writeback.lookback_days) {
-        for c in ctx.edm.tasks_on(&date).await? {
-            if c.send_status == 2 || c.send_status == 3 {
-                campaigns.entry(c.id).or_insert(c);
-            }
-        }
-    }
-    counts.campaigns = campaigns.len();
-    let mut all_events = Vec::with_capacity(campaigns.len());
-    for c in campaigns.into_values() {
-        let mut ev = CampaignEvents::default();
-        if c.track_status >= 1 {
-            ev.opens = ctx.edm.open_detail(c.id).await?;
-        }
-        if c.track_status == 2 {
-            ev.clicks = ctx.edm.click_detail(c.id).await?;
-        }
-        for bounce_type in HARD_BOUNCE_TYPES {
-            for address in ctx
-                .edm
-                .failed_addresses(&c.send_date, bounce_type, c.id)
-                .await?
-            {
-                ev.bounces.push((bounce_type.to_string(), address));
-            }
-        }
-        ev.campaign = c;
-        all_events.push(ev);
-    }
+    let Some(read) = ctx.unless_shutdown(read_campaign_events(ctx)).await else {
+        tracing::info!("shutdown while reading campaigns; nothing more is read or written");
+        return Ok(());
+    };
+    let all_events = read?;
+    counts.campaigns = all_events.len();
 
     // 3. Hard bounces suppress, known or not.
     let mut new_bounces: Vec<NewSuppression> = Vec::new();
@@ -341,6 +322,43 @@ async fn run_inner(
     let mut to_send = earlier;
     to_send.extend(inserted);
     send_all(ctx, run_id, to_send, counts).await
+}
+
+/// The campaigns sent (or sending) in the lookback window, with their
+/// opens, clicks and hard bounces: reads only.
+async fn read_campaign_events(ctx: &Context) -> anyhow::Result<Vec<CampaignEvents>> {
+    let settings = &ctx.settings;
+    let today = edm_today(ctx.now(), settings.edm_zone());
+    let mut campaigns: BTreeMap<i64, Campaign> = BTreeMap::new();
+    for date in lookback_dates(today, settings.writeback.lookback_days) {
+        for c in ctx.edm.tasks_on(&date).await? {
+            if c.send_status == 2 || c.send_status == 3 {
+                campaigns.entry(c.id).or_insert(c);
+            }
+        }
+    }
+    let mut all_events = Vec::with_capacity(campaigns.len());
+    for c in campaigns.into_values() {
+        let mut ev = CampaignEvents::default();
+        if c.track_status >= 1 {
+            ev.opens = ctx.edm.open_detail(c.id).await?;
+        }
+        if c.track_status == 2 {
+            ev.clicks = ctx.edm.click_detail(c.id).await?;
+        }
+        for bounce_type in HARD_BOUNCE_TYPES {
+            for address in ctx
+                .edm
+                .failed_addresses(&c.send_date, bounce_type, c.id)
+                .await?
+            {
+                ev.bounces.push((bounce_type.to_string(), address));
+            }
+        }
+        ev.campaign = c;
+        all_events.push(ev);
+    }
+    Ok(all_events)
 }
 
 /// Sends the records with `crm.concurrency` calls in flight, refilled as

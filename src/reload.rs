@@ -1,0 +1,249 @@
+//! SIGHUP: the daemon reads its config (and its secret files) again.
+//!
+//! A valid new config takes effect at the next run of each job: limits,
+//! routes, vars, templates, credentials, schedules and the log level. A
+//! run already going finishes with the config it started with. An invalid
+//! config is refused with an ERROR naming the key, and the running one
+//! stays. One INFO line lists the keys that changed (secrets by name only).
+//!
+//! Some keys are read once, at start: the state database, the ops address,
+//! the log format, the instance's name and the lock and drain timings. A
+//! change to one of them is logged as a WARN and waits for a restart; the
+//! running values stay.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use secrecy::ExposeSecret;
+use tokio::sync::watch;
+
+use crate::config::{Access, Settings};
+use crate::jobs::Context;
+
+/// Keys only a restart applies.
+pub const RESTART_ONLY: &[&str] = &[
+    "database.url",
+    "http.listen",
+    "log.format",
+    "daemon.instance_id",
+    "daemon.lock_poll_secs",
+    "daemon.lock_wait_secs",
+    "daemon.shutdown_timeout_secs",
+];
+
+/// Keys whose change re-arms the schedules.
+const SCHEDULE_KEYS: &[&str] = &["sync.schedule", "writeback.schedule", "sync.timezone"];
+
+/// Keys whose values are secrets: named in the change line, never shown.
+const SECRET_KEYS: &[&str] = &["crm.token", "edm.password", "database.url"];
+
+/// The context the next run of each job uses, replaced by a reload.
+pub struct Live {
+    current: RwLock<Context>,
+    /// Bumped when the schedules change: the active period re-arms them.
+    schedules: watch::Sender<u64>,
+    /// The `--config` file, read again on reload (`None`: the default
+    /// places, as at start).
+    config: Option<PathBuf>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Keys that take effect at the next run.
+    pub applied: Vec<String>,
+    /// Keys that wait for a restart (their running values stay).
+    pub restart_only: Vec<String>,
+    /// Whether a schedule or its zone changed.
+    pub schedules: bool,
+}
+
+impl Live {
+    pub fn new(base: Context, config: Option<PathBuf>) -> Arc<Live> {
+        Arc::new(Live {
+            current: RwLock::new(base),
+            schedules: watch::channel(0).0,
+            config,
+        })
+    }
+
+    /// The context for a run starting now.
+    pub fn current(&self) -> Context {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Told when the schedules change.
+    pub fn schedule_changes(&self) -> watch::Receiver<u64> {
+        self.schedules.subscribe()
+    }
+
+    /// Reads the config again and, if it is valid, makes it the one the
+    /// next runs use. Logs what happened either way.
+    pub fn reload(&self) {
+        let new = match Settings::load(self.config.as_deref(), Access::Remote) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!(error = %e, "config reload refused: the running config stays");
+                return;
+            }
+        };
+        if let Err(e) = self.apply(new) {
+            tracing::error!(error = %format!("{e:#}"), "config reload refused: the running config stays");
+        }
+    }
+
+    /// Makes `new` the settings of the next runs (keeping the running
+    /// values of [`RESTART_ONLY`] keys); returns what changed.
+    pub fn apply(&self, new: Settings) -> anyhow::Result<Changes> {
+        let old = self.current();
+        let changes = changes(&old.settings, &new);
+        if changes.applied.is_empty() && changes.restart_only.is_empty() {
+            tracing::info!("config reloaded: nothing changed");
+            return Ok(changes);
+        }
+        if !changes.restart_only.is_empty() {
+            tracing::warn!(
+                keys = ?changes.restart_only,
+                "config reload: these keys change only at the next restart; their running values stay"
+            );
+        }
+        let effective = keep_restart_only(&old.settings, new);
+        if changes.applied.iter().any(|k| k == "log.level")
+            && let Err(why) = crate::telemetry::set_level(&effective.log.level)
+        {
+            tracing::warn!(reason = %why, "config reload: log.level not applied");
+        }
+        let next = old.with_settings(effective)?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = next;
+        if changes.schedules {
+            self.schedules.send_modify(|generation| *generation += 1);
+        }
+        if !changes.applied.is_empty() {
+            tracing::info!(
+                changed = ?changes.applied,
+                "config reloaded: the next run of each job uses it"
+            );
+        }
+        Ok(changes)
+    }
+}
+
+/// The keys whose values differ between `old` and `new`.
+pub fn changes(old: &Settings, new: &Settings) -> Changes {
+    let (before, after) = (old.layers.flat(), new.layers.flat());
+    let mut keys: Vec<String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k))
+        .cloned()
+        .collect();
+    // A secret read from a file changes without its key changing.
+    for (key, was, is) in secrets(old, new) {
+        if was != is {
+            keys.push(key.to_string());
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    let (restart_only, applied): (Vec<String>, Vec<String>) = keys
+        .into_iter()
+        .map(|k| {
+            if SECRET_KEYS.contains(&k.as_str()) {
+                format!("{k} (secret)")
+            } else {
+                k
+            }
+        })
+        .partition(|k| RESTART_ONLY.iter().any(|r| k.starts_with(r)));
+    let schedules = applied.iter().any(|k| SCHEDULE_KEYS.contains(&k.as_str()));
+    Changes {
+        applied,
+        restart_only,
+        schedules,
+    }
+}
+
+fn secrets<'a>(old: &'a Settings, new: &'a Settings) -> [(&'static str, &'a str, &'a str); 2] {
+    [
+        (
+            "crm.token",
+            old.crm.token.expose_secret(),
+            new.crm.token.expose_secret(),
+        ),
+        (
+            "edm.password",
+            old.edm.password.expose_secret(),
+            new.edm.password.expose_secret(),
+        ),
+    ]
+}
+
+/// `new` with the running values of the keys only a restart applies.
+fn keep_restart_only(old: &Settings, mut new: Settings) -> Settings {
+    new.database.url = old.database.url.clone();
+    new.http.listen = old.http.listen;
+    new.log.format = old.log.format;
+    new.daemon = old.daemon.clone();
+    for key in RESTART_ONLY {
+        new.layers.copy_key(&old.layers, key);
+    }
+    new
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[crm]
+base_url = "http://crm.test"
+token = "tok-one"
+[edm]
+username = "u"
+password = "p"
+"#;
+
+    #[test]
+    fn a_reload_names_changed_keys_hides_secrets_and_defers_restart_only_ones() {
+        // Arrange
+        let old = Settings::from_toml(BASE).unwrap();
+        let new = Settings::from_toml(&format!(
+            "{}\n[sync]\nschedule = \"0 0 * * * *\"\nlist_id = 3\n[http]\nlisten = \"127.0.0.1:9999\"\n",
+            BASE.replace("tok-one", "tok-two")
+        ))
+        .unwrap();
+
+        // Act
+        let changes = changes(&old, &new);
+
+        // Assert
+        assert_eq!(
+            changes.applied,
+            vec!["crm.token (secret)", "sync.list_id", "sync.schedule"]
+        );
+        assert_eq!(changes.restart_only, vec!["http.listen"]);
+        assert!(changes.schedules);
+        assert!(!format!("{changes:?}").contains("tok-"));
+    }
+
+    #[test]
+    fn the_running_values_of_restart_only_keys_stay() {
+        let old = Settings::from_toml(BASE).unwrap();
+        let new = Settings::from_toml(&format!(
+            "{BASE}\n[http]\nlisten = \"127.0.0.1:9999\"\n[daemon]\ninstance_id = \"other\"\n"
+        ))
+        .unwrap();
+
+        let kept = keep_restart_only(&old, new);
+
+        assert_eq!(kept.http.listen, old.http.listen);
+        assert_eq!(kept.daemon.instance_id, old.daemon.instance_id);
+        assert!(changes(&old, &kept).restart_only.is_empty());
+    }
+}
