@@ -17,7 +17,8 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Run contacts then writeback once, and exit (0 on success).
+    /// Run contacts then writeback once, and exit (0 on success). Next to
+    /// an active daemon, the daemon runs it and this prints its outcome.
     #[arg(long)]
     pub once: bool,
 

@@ -149,7 +149,9 @@ pub async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<
 
 /// What every generation of the schedules shares: one gate per job (a
 /// job never overlaps itself, across a reload too), the turn both jobs
-/// take, the tracker that stopping awaits, and the two stop tokens.
+/// take, the tracker that stopping awaits, and the two stop tokens. The
+/// runs `--once` asks for share them too.
+#[derive(Clone)]
 struct Runs {
     gates: [Arc<Gate>; 2],
     turn: Arc<tokio::sync::Mutex<()>>,
@@ -181,6 +183,15 @@ async fn active_period(
     };
     let ctx = live.current().with_shutdown(runs.period.clone());
     crate::jobs::take_lease(&ctx).await?;
+    // Requests an earlier holder took and never finished: their
+    // requesters stop waiting.
+    if let Err(e) = ctx
+        .store
+        .fail_unfinished_run_requests("the daemon that took this request stopped before it finished; what it did is recorded, and --once again completes it")
+        .await
+    {
+        tracing::warn!(error = %format!("{e:#}"), "cannot close unfinished run requests");
+    }
     let mut schedule_changes = live.schedule_changes();
     let mut scheduler = arm_schedules(live, &runs).await?;
     let check_every = poll.min(Duration::from_secs(1));
@@ -196,6 +207,7 @@ async fn active_period(
                 if !still_ours(&mut lock, reader, ctx.store.fence_epoch()).await {
                     break true;
                 }
+                take_run_request(live, &runs).await;
             }
         }
     };
@@ -290,6 +302,103 @@ fn job_fn(live: Arc<Live>, job: Job, runs: &Runs) -> JobFn {
             }
         })
     })
+}
+
+/// Takes the oldest `--once` request, if any, and runs it as a tracked
+/// task: next, between the scheduled runs.
+async fn take_run_request(live: &Arc<Live>, runs: &Runs) {
+    let ctx = live.current();
+    let request = match ctx.store.claim_run_request(&ctx.instance.id).await {
+        Ok(Some(request)) => request,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot read the run requests");
+            return;
+        }
+    };
+    let (live, runs_now) = (live.clone(), runs.clone());
+    runs.tracker.spawn(async move {
+        let id = request.id;
+        let store = live.current().store;
+        let printed = tokio::select! {
+            printed = serve_run_request(&live, &runs_now, request) => printed,
+            _ = runs_now.hard_stop.cancelled() => crate::once::Printed {
+                ok: false,
+                text: "crm-edm-sync: the daemon stopped this run where it stood (daemon.shutdown_timeout_secs passed); what was not sent is planned again at the next run\n".to_string(),
+            },
+        };
+        if let Err(e) = store.finish_run_request(id, printed.ok, &printed.text).await {
+            tracing::error!(request = id, error = %format!("{e:#}"), "cannot record the outcome of a --once request");
+        }
+    });
+}
+
+/// Runs a request's jobs in order, each when its scheduled run (if one is
+/// going) has ended and the other job is not running; returns what the
+/// asking `--once` prints.
+async fn serve_run_request(
+    live: &Arc<Live>,
+    runs: &Runs,
+    request: crate::state::RunRequest,
+) -> crate::once::Printed {
+    let what = crate::once::OnceJobs::from_ask(request.ask);
+    tracing::info!(
+        request = request.id,
+        requested_by = %request.requested_by,
+        jobs = ?what.jobs(),
+        "running a --once request next"
+    );
+    let mut printed = crate::once::Printed {
+        ok: true,
+        text: String::new(),
+    };
+    for job in what.jobs() {
+        let gate = &runs.gates[if job == Job::Contacts { 0 } else { 1 }];
+        let _running = loop {
+            if let Some(entered) = gate.try_enter() {
+                break entered;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = runs.period.cancelled() => break_request(&mut printed, job),
+            }
+            if runs.period.is_cancelled() {
+                return printed;
+            }
+        };
+        let _turn = runs.turn.lock().await;
+        if runs.period.is_cancelled() {
+            break_request(&mut printed, job);
+            return printed;
+        }
+        let ctx = live.current().with_shutdown(runs.period.clone());
+        match crate::once::run_job(&ctx, &what, job).await {
+            Ok((ok, text)) => {
+                printed.ok &= ok;
+                printed.text.push_str(&text);
+            }
+            Err(e) => {
+                printed.ok = false;
+                let e = ctx.redactor.redact(&format!("{e:#}"));
+                printed
+                    .text
+                    .push_str(&format!("crm-edm-sync: {job}: {e}\n"));
+            }
+        }
+        if runs.period.is_cancelled() {
+            break_request(&mut printed, job);
+            return printed;
+        }
+    }
+    printed
+}
+
+/// The daemon is stopping: the request's run ends here, failed.
+fn break_request(printed: &mut crate::once::Printed, job: Job) {
+    printed.text.push_str(&format!(
+        "crm-edm-sync: {job}: the daemon is stopping: this run was cut short; what was not sent is planned again at the next run\n"
+    ));
+    printed.ok = false;
 }
 
 /// Whether this instance still holds both its lock and the lease it took

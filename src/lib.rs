@@ -18,6 +18,7 @@ pub mod instance;
 pub mod jobs;
 pub mod lock;
 pub mod metrics;
+pub mod once;
 pub mod ops;
 pub mod redact;
 pub mod reload;

@@ -307,6 +307,36 @@ impl Job {
     }
 }
 
+/// Where a `--once` request to the active daemon stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum RequestState {
+    /// Written by `--once`; no daemon has taken it yet.
+    #[sea_orm(string_value = "queued")]
+    Queued,
+    /// An active daemon took it and runs it.
+    #[sea_orm(string_value = "running")]
+    Running,
+    /// Run; the outcome and the output are in the row.
+    #[sea_orm(string_value = "done")]
+    Done,
+    /// The requester gave up before a daemon took it.
+    #[sea_orm(string_value = "cancelled")]
+    Cancelled,
+}
+
+impl RequestState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestState::Queued => "queued",
+            RequestState::Running => "running",
+            RequestState::Done => "done",
+            RequestState::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// How a run ended (or that it has not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -360,7 +390,8 @@ display_as_str!(
     RecordKind,
     SuppressionReason,
     Job,
-    RunStatus
+    RunStatus,
+    RequestState
 );
 
 #[cfg(test)]

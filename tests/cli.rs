@@ -1228,3 +1228,52 @@ async fn routine_commands_log_no_database_notices_or_migrator_lines() {
         assert_eq!(migrated(&second), 0, "{}", text(&second));
     }
 }
+
+#[tokio::test]
+async fn a_config_in_an_unreadable_directory_is_named_permission_denied_not_missing() {
+    // Arrange: a config in a directory only its owner (root, or this
+    // user) may enter; the binary run as someone else (nobody, when the
+    // tests run as root) or with the directory closed to everyone.
+    let dir = tempfile::tempdir().unwrap();
+    let closed = dir.path().join("closed");
+    std::fs::create_dir(&closed).unwrap();
+    let config = closed.join("config.toml");
+    std::fs::write(&config, "[crm]\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let as_root = nix_is_root();
+    let mode = if as_root { 0o700 } else { 0o000 };
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = if as_root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+        c
+    } else {
+        std::process::Command::new(BIN)
+    };
+
+    // Act
+    let out = cmd
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .output()
+        .unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    // Assert
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(!err.contains("not found"), "{err}");
+}
+
+/// Whether this process runs as root (it may read any directory).
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        .unwrap_or(false)
+}

@@ -587,7 +587,7 @@ async fn dry_run_reports_the_plan_and_changes_nothing() {
     assert!(e.ctx.store.load_members().await.unwrap().is_empty());
     assert!(e.ctx.store.suppression_counts().await.unwrap().is_empty());
     assert_eq!(e.ctx.store.pending_summary(10).await.unwrap().0, 0);
-    let text = crm_edm_sync::app::render_plan(&report, preview);
+    let text = crm_edm_sync::once::render_plan(&report, preview);
     assert!(text.contains("9 adds"), "{text}");
     assert!(text.contains("nothing was changed"), "{text}");
     // The real run after it sees the same unsubscribe.

@@ -203,51 +203,231 @@ async fn two_daemons_started_at_once_on_a_fresh_sqlite_file_both_come_up() {
     two_daemons_started_at_once_on_a_fresh_database_both_come_up(false).await;
 }
 
+/// Runs the binary with `config` and `args`, within a minute.
+async fn once(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("RUST_LOG");
+    tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("--once finished in time")
+        .unwrap()
+}
+
+fn all_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A daemon whose schedules fire only on 1 January, holding the lock.
+async fn idle_daemon(
+    sb: &crm_edm_sync::sandbox::Sandbox,
+    db: &TestDb,
+    dir: &std::path::Path,
+) -> (Daemon, std::path::PathBuf) {
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        config_with(sb, db, "0 0 0 1 1 *", "0 0 0 1 1 *", ""),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&config, &[]);
+    daemon
+        .expect("holding the instance lock", 1, Duration::from_secs(20))
+        .await;
+    (daemon, config)
+}
+
 #[tokio::test]
-async fn once_against_a_locked_database_waits_then_exits_non_zero() {
+async fn once_beside_an_active_daemon_is_run_by_the_daemon_and_answered_here() {
+    // Arrange: an idle active daemon; ten link-men not yet in EDM.
+    let sb = sandbox().await;
+    seed_basic(&sb);
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut daemon, config) = idle_daemon(&sb, &db, dir.path()).await;
+
+    // Act
+    let out = once(&config, &["--once", "--job", "contacts"]).await;
+
+    // Assert: the daemon ran it (its log has the run), EDM holds the
+    // link-men, and --once exits 0 as if it had run itself.
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        all_text(&out),
+        daemon.log()
+    );
+    assert!(
+        all_text(&out).contains("asked it to run this next"),
+        "{}",
+        all_text(&out)
+    );
+    daemon
+        .expect("running a --once request next", 1, Duration::from_secs(5))
+        .await;
+    let finished = daemon.find("run finished").expect("the daemon's run");
+    assert_eq!(finished["job"], "contacts", "{finished}");
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    assert_eq!(sb.edm.addresses(1).len() + sb.edm.addresses(2).len(), 10);
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+}
+
+#[tokio::test]
+async fn a_refused_plan_run_by_the_daemon_is_printed_here_and_force_applies_it() {
+    // Arrange: ten members synced, then the CRM loses five of them: a
+    // plan over the 20 % unsubscribe limit.
+    let sb = sandbox().await;
+    seed_basic(&sb);
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut daemon, config) = idle_daemon(&sb, &db, dir.path()).await;
+    let first = once(&config, &["--once", "--job", "contacts"]).await;
+    assert_eq!(first.status.code(), Some(0), "{}", all_text(&first));
+    for c in 1..=5 {
+        sb.crm.remove_customer(c);
+    }
+
+    let held =
+        |sb: &crm_edm_sync::sandbox::Sandbox| sb.edm.addresses(1).len() + sb.edm.addresses(2).len();
+
+    // Act
+    let refused = once(&config, &["--once", "--job", "contacts"]).await;
+    let held_after_refusal = held(&sb);
+    let forced = once(&config, &["--once", "--job", "contacts", "--force"]).await;
+
+    // Assert: the refusal in words here, nothing applied; then applied.
+    assert_eq!(refused.status.code(), Some(1), "{}", all_text(&refused));
+    let stdout = String::from_utf8_lossy(&refused.stdout);
+    assert!(
+        stdout.contains("crm-edm-sync: contacts: refused"),
+        "{stdout}"
+    );
+    assert_eq!(held_after_refusal, 10);
+    assert_eq!(forced.status.code(), Some(0), "{}", all_text(&forced));
+    assert_eq!(held(&sb), 5);
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+}
+
+#[tokio::test]
+async fn ctrl_c_while_following_the_daemon_leaves_its_run_going_and_says_so() {
+    // Arrange: 60 link-men, adds of 5 that take 300 ms each.
+    let sb = sandbox().await;
+    for c in 1..=60i64 {
+        sb.crm
+            .put_customer(c, json!({"name": format!("c{c}"), "type_id": 1}));
+        sb.crm.put_linkman(
+            c,
+            c * 10,
+            json!({"name": format!("n{c}"), "email": format!("p{c}@example.com")}),
+        );
+    }
+    sb.inject(
+        "ml-addr-add",
+        Fault::Delay(Duration::from_millis(300)),
+        1000,
+    );
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut daemon, config) = idle_daemon(&sb, &db, dir.path()).await;
+    let follower = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["--once", "--job", "contacts"])
+        .env("CRM_EDM_SYNC__EDM__BATCH_SIZE", "5")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    daemon
+        .expect("running a --once request next", 1, Duration::from_secs(20))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while sb.count("ml-addr-add") < 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Act: Ctrl-C reaches the follower only.
+    let pid = follower.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), follower.wait_with_output())
+        .await
+        .expect("the follower stops at once")
+        .unwrap();
+
+    // Assert: it says the run goes on, and the daemon finishes it.
+    assert_eq!(out.status.code(), Some(130), "{}", all_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("the daemon's run goes on"),
+        "{}",
+        all_text(&out)
+    );
+    daemon
+        .expect("run finished", 1, Duration::from_secs(60))
+        .await;
+    assert_eq!(daemon.find("run finished").unwrap()["status"], "succeeded");
+    assert_eq!(sb.edm.addresses(1).len(), 60);
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+}
+
+#[tokio::test]
+async fn once_beside_another_once_waits_for_the_lock_and_runs_itself() {
+    // Arrange: the lock held by this test, as another --once would hold it
+    // (it takes no request).
     let sb = sandbox().await;
     seed_basic(&sb);
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &sb, &db);
-    let mut daemon = Daemon::start(&config, &[]);
-    daemon
-        .expect("holding the instance lock", 1, Duration::from_secs(20))
-        .await;
-
-    let started = std::time::Instant::now();
-    let out = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .args(["--once", "--job", "contacts"])
-        .output()
+    let url = secrecy::SecretString::from(db.url.clone());
+    crm_edm_sync::state::Store::connect(&url)
         .await
-        .unwrap();
+        .unwrap()
+        .close()
+        .await;
+    let target = crm_edm_sync::lock::LockTarget::of(&url);
+    let held = target.try_acquire().await.unwrap().expect("the lock");
 
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Act 1: held longer than daemon.lock_wait_secs (2 s).
+    let started = std::time::Instant::now();
+    let gave_up = once(&config, &["--once", "--job", "contacts"]).await;
+
+    // Assert 1
+    assert_eq!(gave_up.status.code(), Some(1), "{}", all_text(&gave_up));
     assert!(
-        stderr.contains("another crm-edm-sync instance holds the state database"),
-        "{stderr}"
+        all_text(&gave_up).contains("took no request"),
+        "{}",
+        all_text(&gave_up)
     );
     assert!(
         started.elapsed() >= Duration::from_millis(1500),
-        "it waited for the lock"
+        "it waited"
     );
-    daemon.signal("-TERM");
-    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
-    let out = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .args(["--once", "--job", "contacts"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+
+    // Act 2: released after one second.
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(held);
+    });
+    let ran = once(&config, &["--once", "--job", "contacts"]).await;
+    release.await.unwrap();
+
+    // Assert 2: it ran here once the lock came free.
+    assert_eq!(ran.status.code(), Some(0), "{}", all_text(&ran));
+    assert_eq!(sb.edm.addresses(1).len() + sb.edm.addresses(2).len(), 10);
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ mod m20261130_000007_index_by_address;
 mod m20261130_000008_index_export_lines_by_list;
 mod m20261130_000009_create_log_notes;
 mod m20261204_000010_describe_log_notes;
+mod m20261204_000011_create_run_requests;
 
 /// The migrator: every migration in order.
 pub struct Migrator;
@@ -32,6 +33,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261130_000008_index_export_lines_by_list::Migration),
             Box::new(m20261130_000009_create_log_notes::Migration),
             Box::new(m20261204_000010_describe_log_notes::Migration),
+            Box::new(m20261204_000011_create_run_requests::Migration),
         ]
     }
 }

@@ -123,8 +123,8 @@ pub struct DaemonSettings {
     /// After SIGTERM/SIGINT, how long a running job may take to finish its
     /// current batch and record its state before the process exits anyway.
     pub shutdown_timeout_secs: u64,
-    /// How long `--once` waits for another instance to release the state
-    /// database before it gives up.
+    /// How long `--once` waits, when another instance holds the state
+    /// database, for the lock or for a daemon to take its request.
     pub lock_wait_secs: u64,
     /// How often a standby daemon tries to take over, and an active one
     /// checks that it still holds the lock.

@@ -129,6 +129,7 @@ async fn prune(ctx: &Context) {
             operations = p.operations,
             runs = p.runs,
             export_lines = p.export_lines,
+            run_requests = p.run_requests,
             retention_days = days,
             "state older than the retention window pruned"
         ),

@@ -277,6 +277,39 @@ pub mod lease {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+/// `--once` requests to the active daemon (`run_requests`).
+pub mod run_request {
+    use sea_orm::entity::prelude::*;
+
+    use crate::states::{Job, RequestState};
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "run_requests")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        /// `None`: both jobs, contacts first.
+        pub job: Option<Job>,
+        pub full: bool,
+        pub force: bool,
+        pub retry_parked: bool,
+        pub state: RequestState,
+        pub requested_by: String,
+        pub requested_at: i64,
+        pub claimed_by: Option<String>,
+        pub claimed_at: Option<i64>,
+        pub finished_at: Option<i64>,
+        pub succeeded: Option<bool>,
+        /// What `--once` prints, as it would have printed it.
+        pub output: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 /// Findings already logged once (`log_notes`).
 pub mod log_note {
     use sea_orm::entity::prelude::*;

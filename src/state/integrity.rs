@@ -404,6 +404,33 @@ mod tests {
                 written: check(|s| async move { s.log_notes().await.unwrap().contains("digest") }),
             },
             WritePath {
+                name: "request_run (--once asks the daemon)",
+                table: "run_requests",
+                ops: &["INSERT"],
+                prepare: nothing(),
+                write: step(|s| async move {
+                    s.request_run(Default::default(), "once").await.map(|_| ())
+                }),
+                // PostgreSQL's sequence moved on with the refused insert.
+                written: check(|s| async move {
+                    s.run_request(1).await.unwrap().is_some()
+                        || s.run_request(2).await.unwrap().is_some()
+                }),
+            },
+            WritePath {
+                name: "finish_run_request (the daemon's answer)",
+                table: "run_requests",
+                ops: &["UPDATE"],
+                prepare: step(|s| async move {
+                    s.request_run(Default::default(), "once").await?;
+                    s.claim_run_request("daemon").await.map(|_| ())
+                }),
+                write: step(|s| async move { s.finish_run_request(1, true, "ok").await }),
+                written: check(|s| async move {
+                    s.run_request(1).await.unwrap().unwrap().output.as_deref() == Some("ok")
+                }),
+            },
+            WritePath {
                 name: "prune (retention)",
                 table: "operations",
                 ops: &["DELETE"],

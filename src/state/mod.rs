@@ -23,6 +23,7 @@ mod observations;
 mod operations;
 mod records;
 mod refusals;
+mod requests;
 mod retention;
 mod runs;
 mod writable;
@@ -37,6 +38,7 @@ pub use observations::{ListBook, NewSuppression, Observations, SeenLine};
 pub use operations::{NewOperation, PendingOperation, PendingRow};
 pub use records::{LedgerRow, NewRecord};
 pub use refusals::{NewRefusal, ParkedRecord, Refusal, RefusalKey};
+pub use requests::{RunAsk, RunRequest};
 pub use retention::Pruned;
 pub use runs::RunRow;
 pub use writable::{UnrecordedEnd, Writable};
@@ -526,7 +528,8 @@ mod tests {
                 Pruned {
                     operations: 2,
                     runs: 2,
-                    export_lines: 2
+                    export_lines: 2,
+                    run_requests: 0,
                 },
                 "{url}"
             );

@@ -6,7 +6,7 @@
 //! export line (not yet matched, and not older than its list's last export
 //! read); the newest finished run of each job; the write-back ledger and
 //! the suppressions (the exactly-once and never-resubscribe memory); the
-//! refusals; the members. Pruned export lines stay counted as seen through
+//! refusals; the members; `--once` requests not finished. Pruned export lines stay counted as seen through
 //! a per-list watermark (`lines_seen_through`).
 
 use anyhow::Context;
@@ -22,11 +22,13 @@ pub struct Pruned {
     pub operations: u64,
     pub runs: u64,
     pub export_lines: u64,
+    /// Finished or cancelled `--once` requests (`state::requests`).
+    pub run_requests: u64,
 }
 
 impl Pruned {
     pub fn total(&self) -> u64 {
-        self.operations + self.runs + self.export_lines
+        self.operations + self.runs + self.export_lines + self.run_requests
     }
 }
 
@@ -186,6 +188,7 @@ impl Store {
                 }
             }
         }
+        pruned.run_requests = self.prune_run_requests(cutoff_ms).await?;
         Ok(pruned)
     }
 }
