@@ -64,7 +64,7 @@ async fn database_finding(settings: &Settings) -> Result<String, String> {
     }
 }
 
-/// The documented `ContactHistory/Add` dictionaries (API.md).
+/// The documented `ContactHistory/Add` dictionaries (docs/remote-apis.md).
 const TYPE_IDS: std::ops::RangeInclusive<i64> = 1..=7;
 const ROUTE_IDS: std::ops::RangeInclusive<i64> = 1..=4;
 

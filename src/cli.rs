@@ -1,4 +1,4 @@
-//! The command line (DESIGN.md "Command line — contract").
+//! The command line (the README, "Command line").
 
 use std::path::PathBuf;
 

@@ -2,8 +2,8 @@
 //!
 //! Everything here was validated once, at the edge ("parse, don't
 //! validate"): an [`Email`] is always a normalised, valid mailbox in the sense
-//! of DESIGN.md behaviour 2, and [`MemberFields`] never contain a character
-//! that would corrupt the EDM `ml_addr` line format (behaviour 3).
+//! of rule 2, and [`MemberFields`] never contain a character
+//! that would corrupt the EDM `ml_addr` line format (rule 3).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -53,9 +53,9 @@ id_type!(
     CustomerId
 );
 
-/// Maximum length of a whole address (behaviour 2).
+/// Maximum length of a whole address (rule 2).
 pub const MAX_EMAIL_LEN: usize = 254;
-/// Maximum length of the local part (behaviour 2).
+/// Maximum length of the local part (rule 2).
 pub const MAX_LOCAL_LEN: usize = 64;
 /// Number of EDM custom variables (`var1`…`var10`).
 pub const VAR_COUNT: usize = 10;
@@ -85,7 +85,7 @@ pub struct Email(String);
 impl Email {
     /// Normalises a CRM value (trim, ASCII lowercase) and validates it.
     ///
-    /// Lowercasing is ASCII-only, so behaviour 2 holds on the CRM text as
+    /// Lowercasing is ASCII-only, so rule 2 holds on the CRM text as
     /// given: a non-ASCII letter whose Unicode lowercase is ASCII (the
     /// Kelvin sign `K`, say) stays non-ASCII and makes the address
     /// invalid instead of turning it into another, all-ASCII address.
@@ -145,7 +145,7 @@ fn is_atext(c: u8) -> bool {
     c.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~-".contains(&c)
 }
 
-/// Behaviour 2: `local@domain`, at most 254 characters; `local` a dot-atom
+/// Rule 2: `local@domain`, at most 254 characters; `local` a dot-atom
 /// (at most 64 characters); `domain` two or more labels of ASCII letters,
 /// digits and inner hyphens.
 fn validate_mailbox(addr: &str) -> Result<(), EmailError> {
@@ -185,7 +185,7 @@ fn validate_mailbox(addr: &str) -> Result<(), EmailError> {
     Ok(())
 }
 
-/// Replaces each `;`, tab, CR or LF by one space (behaviour 3), and each
+/// Replaces each `;`, tab, CR or LF by one space (rule 3), and each
 /// NUL too: PostgreSQL cannot store NUL in text and EDM's PHP would cut the
 /// value there. Nothing else changes. Applied to fullname and every var
 /// before anything is compared or sent, so the `ml_addr` line format stays
@@ -202,7 +202,7 @@ fn breaks_a_line(c: char) -> bool {
     matches!(c, ';' | '\t' | '\r' | '\n' | '\0')
 }
 
-/// The text form of a CRM scalar (behaviour 3): strings as they are, numbers
+/// The text form of a CRM scalar (rule 3): strings as they are, numbers
 /// in decimal as JSON writes them, `true`/`false`, and `""` for null or
 /// absent. Arrays and objects become their JSON text.
 pub fn json_text(value: Option<&serde_json::Value>) -> String {
@@ -229,7 +229,7 @@ pub struct MemberFields {
 const SEP: char = '\0';
 
 impl MemberFields {
-    /// Builds fields from raw CRM texts, sanitising each one (behaviour 3:
+    /// Builds fields from raw CRM texts, sanitising each one (rule 3:
     /// separators become spaces, nothing else changes).
     pub fn new<S: AsRef<str>>(fullname: &str, vars: &[S; VAR_COUNT]) -> Self {
         Self::join(
@@ -330,7 +330,7 @@ impl fmt::Debug for MemberFields {
     }
 }
 
-/// The key of an EDM member (behaviour 1).
+/// The key of an EDM member (rule 1).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MemberKey {
     pub list_id: ListId,
@@ -451,7 +451,7 @@ mod tests {
     }
 
     #[test]
-    fn valid_and_invalid_mailboxes_follow_behaviour_2() {
+    fn valid_and_invalid_mailboxes_follow_rule_2() {
         let cases: &[(&str, bool)] = &[
             ("a@b.cn", true),
             ("first.last@example.com", true),

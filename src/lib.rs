@@ -3,6 +3,10 @@
 //!
 //! `main.rs` parses the command line, sets up logging and calls [`app::run`];
 //! everything else is library code that tests drive directly.
+//!
+//! "Rule N" in a comment or a test name is a rule of `docs/sync-rules.md`;
+//! the modules' layers are in `docs/architecture.md` (held by
+//! `tests/architecture.rs`), the remote calls in `docs/remote-apis.md`.
 
 pub mod app;
 pub mod check;

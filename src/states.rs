@@ -168,7 +168,7 @@ impl RecordKind {
 #[serde(rename_all = "snake_case")]
 #[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
 pub enum SuppressionReason {
-    /// A user unsubscribe seen in `unsubscribe-export` (behaviour 6).
+    /// A user unsubscribe seen in `unsubscribe-export` (rule 6).
     #[sea_orm(string_value = "user_unsubscribe")]
     UserUnsubscribe,
     /// A hard bounce: suppressed in every list.

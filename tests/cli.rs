@@ -993,7 +993,7 @@ async fn check_fails_naming_example_placeholders_and_unknown_contact_history_ids
     );
 }
 
-/// Behaviour 11: the token, the password and its MD5 never appear in any
+/// Rule 11: the token, the password and its MD5 never appear in any
 /// output, at any log level, whether commands succeed or fail.
 #[tokio::test]
 async fn no_command_prints_the_token_the_password_or_its_md5() {

@@ -35,7 +35,7 @@ async fn first_sync_puts_every_valid_linkman_into_its_routed_list() {
     assert_eq!(lm7.vars[1], "13800000007");
     // One batched add per list, sent as a POST form, never in the URL.
     assert_eq!(e.sb.count("ml-addr-add"), 2);
-    // Behaviour 5: each list was read once before its first add.
+    // Rule 5: each list was read once before its first add.
     assert_eq!(e.sb.count("ml-addr-list"), 2);
 }
 

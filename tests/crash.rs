@@ -1,4 +1,4 @@
-//! Crash safety (behaviour 9): the real binary is killed with SIGKILL in
+//! Crash safety (rule 9): the real binary is killed with SIGKILL in
 //! the middle of applying a large plan, several times at different points;
 //! a rerun always ends with the EDM lists exactly as desired, no address
 //! added twice, and nothing left pending. The same for the write-back

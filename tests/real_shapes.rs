@@ -72,7 +72,7 @@ async fn a_full_rerun_over_padded_answers_makes_no_write() {
     assert_eq!(second.counts.edm_writes, 0, "{:?}", second.counts);
     let held = e.sb.edm.addresses(1);
     let w = held.iter().find(|a| a.address == "w@example.com").unwrap();
-    // Sent as the CRM has them (behaviour 3: only separators change).
+    // Sent as the CRM has them (rule 3: only separators change).
     assert_eq!(
         (w.fullname.as_str(), w.vars[0].as_str(), w.vars[1].as_str()),
         ("  王小明 ", " 北京公司 ", " 138 ")

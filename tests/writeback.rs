@@ -264,7 +264,7 @@ async fn crm_failures_leave_exactly_those_records_pending_and_a_later_run_comple
     assert_eq!(e.sb.crm.history().len(), 5);
 }
 
-/// Behaviour 10: an HTTP 5xx is transient, so a record answered 500 is
+/// Rule 10: an HTTP 5xx is transient, so a record answered 500 is
 /// sent again in the same run (not left for the next), with the warning
 /// and count of a record that may already be in the CRM.
 #[tokio::test]

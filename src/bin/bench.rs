@@ -402,7 +402,7 @@ async fn main() -> anyhow::Result<()> {
     };
 
     // First sync: the pull, one export read per list, the list reads
-    // behaviour 5 requires (one page each: the lists are empty), and the
+    // rule 5 requires (one page each: the lists are empty), and the
     // add batches.
     let lists = 2;
     let adds: i64 = per_list.iter().map(|&k| ceil(k, BATCH)).sum();

@@ -1,4 +1,4 @@
-//! Typed, layered settings (DESIGN.md "Configuration — contract").
+//! Typed, layered settings (the README, "Configuration").
 //!
 //! Why one file over 600 lines: every key's struct field, its built-in
 //! default (the `DEFAULTS` text) and its validation are read side by side

@@ -2,7 +2,7 @@
 //!
 //! The fields inside Customer and CustomerLinkMan objects are not
 //! documented, so objects are kept as JSON maps and read through the
-//! configured `crm.fields` keys (API.md decision). Ids may arrive as numbers
+//! configured `crm.fields` keys (docs/decisions.md). Ids may arrive as numbers
 //! or numeric strings.
 
 use std::collections::HashSet;
@@ -285,7 +285,7 @@ impl CrmClient {
     /// Pages through every customer and fetches each one's link-men, at
     /// most `crm.concurrency` link-man requests in flight, while the next
     /// customer pages are read. Any failed call (after retries) fails the
-    /// whole pull: an incomplete pull must apply nothing (behaviour 7).
+    /// whole pull: an incomplete pull must apply nothing (rule 7).
     #[tracing::instrument(skip_all)]
     pub async fn pull(&self) -> Result<CrmSnapshot, RemoteError> {
         let mut customers = Vec::new();

@@ -7,7 +7,7 @@
 //!
 //! `username`, the MD5 of the password and `do` travel in the query string,
 //! as the API requires; every other parameter is sent as a form field in a
-//! POST body (API.md decision), so list data never appears in a URL. No URL
+//! POST body (docs/decisions.md), so list data never appears in a URL. No URL
 //! of this client is ever logged or put into an error.
 
 use std::sync::Arc;
@@ -542,7 +542,7 @@ impl EdmClient {
         Ok(())
     }
 
-    /// `ml-addr-edit`: sends fullname and all ten vars (behaviour 3).
+    /// `ml-addr-edit`: sends fullname and all ten vars (rule 3).
     #[tracing::instrument(skip_all, fields(id))]
     pub async fn edit(
         &self,

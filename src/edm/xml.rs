@@ -4,7 +4,7 @@
 //! and the tests of every documented quirk belong together; a third of it
 //! is those tests.
 //!
-//! The API documents (API.md) show quirks that a strict parser rejects:
+//! The API documents (docs/remote-apis.md) show quirks that a strict parser rejects:
 //! `< fullname >` written with spaces, `</aillist>` closing `<maillist>`,
 //! a document ending in `<data>` instead of `</data>`, CDATA, GBK bodies.
 //! [`normalize`] turns such a body into well-formed UTF-8 XML without a

@@ -1,6 +1,6 @@
 //! Reading the synced lists' `unsubscribe-export`, shared by both jobs: the
 //! new lines are the daemon's own unsubscribes or user unsubscribes
-//! (behaviour 6), folded into a [`View`] of what the state DB knows.
+//! (rule 6), folded into a [`View`] of what the state DB knows.
 
 use std::collections::HashMap;
 
@@ -32,7 +32,7 @@ impl View {
     }
 
     /// Reads `unsubscribe-export` of every list in `lists` and folds what
-    /// the new lines mean (behaviour 6) into the view: the daemon's own
+    /// the new lines mean (rule 6) into the view: the daemon's own
     /// unsubscribes are matched to their operations, every other new line
     /// is a user unsubscribe. Returns how many user unsubscribes were new.
     /// Shared by both jobs; an unreadable export is an error, because

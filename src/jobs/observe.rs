@@ -1,6 +1,6 @@
 //! Folding what EDM showed into the daemon's view of its members: export
-//! lines (behaviour 6), the fate of operations whose answer was lost
-//! (behaviour 9), and whole-list reads (behaviour 5). Pure functions over
+//! lines (rule 6), the fate of operations whose answer was lost
+//! (rule 9), and whole-list reads (rule 5). Pure functions over
 //! plain data; `contacts` does the reading and the writing.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};

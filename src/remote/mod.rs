@@ -5,7 +5,7 @@
 //! and the request limits decide together whether a call is repeated;
 //! a third is their tests. The pager is in `remote/pager.rs`.
 //!
-//! Retries follow DESIGN.md behaviour 10: connect errors, timeouts, HTTP
+//! Retries follow rule 10: connect errors, timeouts, HTTP
 //! 408/429/5xx and a 2xx body that cannot be parsed are transient and retried
 //! with exponential backoff and jitter, bounded by `max_retries`; everything
 //! else is permanent. Calls that are not idempotent (`ml-addr-add`,
@@ -126,7 +126,7 @@ impl RemoteError {
         }
     }
 
-    /// Transient: worth another attempt (behaviour 10).
+    /// Transient: worth another attempt (rule 10).
     pub fn is_retriable(&self) -> bool {
         match &self.kind {
             ErrorKind::Connect(_)
@@ -545,7 +545,7 @@ mod tests {
     }
 
     #[test]
-    fn transient_and_permanent_failures_follow_behaviour_10() {
+    fn transient_and_permanent_failures_follow_rule_10() {
         for code in [408, 429, 500, 502, 503, 504] {
             assert!(status(code).is_retriable(), "{code}");
         }

@@ -147,7 +147,7 @@ impl EdmHandle {
     }
 
     /// From now on, answers carry text escaped with entity references, as
-    /// the seed document's examples do, rather than in CDATA sections (API.md
+    /// the seed document's examples do, rather than in CDATA sections (docs/remote-apis.md
     /// allows both).
     pub fn escape_text(&self, on: bool) {
         self.escaped_text

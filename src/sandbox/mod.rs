@@ -1,5 +1,5 @@
 //! The project's own fake CRM and EDM: stateful HTTP servers on loopback
-//! that follow API.md — auth checks, paging, the `ml_addr` line format, XML
+//! that follow docs/remote-apis.md — auth checks, paging, the `ml_addr` line format, XML
 //! that looks like the documents (declaration, indentation, CDATA, and the
 //! documented quirks `</ fullname >` and `</aillist>`). They power `demo`,
 //! the integration tests and the benchmark.

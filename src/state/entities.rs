@@ -13,7 +13,7 @@ pub mod member {
         #[sea_orm(primary_key)]
         pub id: i64,
         pub list_id: crate::domain::ListId,
-        /// Normalised address (behaviour 1).
+        /// Normalised address (rule 1).
         pub email: String,
         /// `owned` (the daemon added it), `adopted` (it was there and is a
         /// desired member), `foreign` (it was there and is not ours).
@@ -38,7 +38,7 @@ pub mod member {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-/// The outbox (behaviour 9): every planned EDM write, recorded before it
+/// The outbox (rule 9): every planned EDM write, recorded before it
 /// is sent.
 pub mod operation {
     use sea_orm::entity::prelude::*;
@@ -105,7 +105,7 @@ pub mod suppression {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-/// `unsubscribe-export` lines already seen (behaviour 6).
+/// `unsubscribe-export` lines already seen (rule 6).
 pub mod unsub_line {
     use sea_orm::entity::prelude::*;
 
@@ -135,9 +135,9 @@ pub mod list_state {
     pub struct Model {
         #[sea_orm(primary_key, auto_increment = false)]
         pub list_id: crate::domain::ListId,
-        /// When the list was first read whole (behaviour 5).
+        /// When the list was first read whole (rule 5).
         pub initial_read_at: Option<i64>,
-        /// When its `unsubscribe-export` was last read (behaviour 6).
+        /// When its `unsubscribe-export` was last read (rule 6).
         pub export_read_at: Option<i64>,
         /// The newest export-line time pruned: lines up to it count as
         /// seen although their rows are gone.

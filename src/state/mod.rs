@@ -248,7 +248,7 @@ mod tests {
         }
     }
 
-    /// Behaviour 9 after a kill: an export line and a pending operation can
+    /// Rule 9 after a kill: an export line and a pending operation can
     /// both report one member; PostgreSQL refuses an upsert that meets a
     /// key twice. Every batched write takes the same key twice on both
     /// databases, and an upsert keeps the last row.
@@ -401,7 +401,7 @@ mod tests {
     }
 
     /// Bounded state: what is older than the window and no longer needed
-    /// goes; what behaviour 6, recovery, the ledger and the suppressions
+    /// goes; what rule 6, recovery, the ledger and the suppressions
     /// need stays, and pruned export lines still count as seen.
     #[tokio::test]
     async fn pruning_removes_old_finished_state_and_keeps_what_is_still_needed_on_sqlite_and_postgres()

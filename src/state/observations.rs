@@ -53,7 +53,7 @@ pub struct Observations {
     pub members: Vec<MemberState>,
     /// Lists whose export was read, and when.
     pub export_reads: Vec<(ListId, i64)>,
-    /// Lists read whole (behaviour 5), and when.
+    /// Lists read whole (rule 5), and when.
     pub list_reads: Vec<(ListId, i64)>,
 }
 

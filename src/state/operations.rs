@@ -1,5 +1,5 @@
 //! The `operations` table: every EDM write, recorded pending before it is
-//! sent and marked done after EDM confirms it (behaviour 9).
+//! sent and marked done after EDM confirms it (rule 9).
 
 use anyhow::Context;
 use sea_orm::sea_query::{Expr, ExprTrait};
@@ -24,7 +24,7 @@ pub struct NewOperation {
     pub fields: MemberFields,
 }
 
-/// An operation still pending, as recovery needs it (behaviour 9).
+/// An operation still pending, as recovery needs it (rule 9).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingOperation {
     pub id: i64,
@@ -108,7 +108,7 @@ impl Store {
             .collect())
     }
 
-    /// Records operations as pending before they are sent (behaviour 9).
+    /// Records operations as pending before they are sent (rule 9).
     pub async fn record_operations(
         &self,
         run_id: &str,

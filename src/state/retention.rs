@@ -2,7 +2,7 @@
 //! and superseded operations, finished runs and export lines older than
 //! the window are deleted, `CHUNK`-sized deletes at a time so no statement
 //! holds the database for long. Never pruned: pending operations; an
-//! own `ml-unsub` that behaviour 6's matching may still pair with an
+//! own `ml-unsub` that rule 6's matching may still pair with an
 //! export line (not yet matched, and not older than its list's last export
 //! read); the newest finished run of each job; the write-back ledger and
 //! the suppressions (the exactly-once and never-resubscribe memory); the

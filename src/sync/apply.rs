@@ -1,5 +1,5 @@
 //! Applying a plan to EDM: every operation recorded pending before it is
-//! sent and marked done after EDM confirms it (behaviour 9); adds and
+//! sent and marked done after EDM confirms it (rule 9); adds and
 //! unsubscribes in batches, the next batch recorded while the current one
 //! is out; an answer lost is checked against the list before anything is
 //! sent again.
@@ -161,7 +161,7 @@ impl<'a> Applier<'a> {
     }
 
     /// Sends add or unsubscribe batches in order. Each batch's operations
-    /// are recorded pending before it is sent (behaviour 9); the next
+    /// are recorded pending before it is sent (rule 9); the next
     /// batch's are recorded while the current one is out, so the state DB
     /// write is not between two EDM calls. A batch recorded but not sent,
     /// because the run stops, has its operations taken back. Returns false
@@ -245,7 +245,7 @@ impl<'a> Applier<'a> {
 
     /// Sends one recorded batch. When the answer is lost, the list is
     /// checked and only what did not take effect is sent again
-    /// (behaviour 9), at most `edm.max_retries` times.
+    /// (rule 9), at most `edm.max_retries` times.
     async fn deliver(&mut self, kind: &BatchKind, batch: &Batch) -> anyhow::Result<()> {
         self.deliver_lines(kind, batch.list_id, batch.emails.to_vec(), &batch.adds)
             .await

@@ -1,16 +1,16 @@
 //! One contacts run, in this order:
 //!
 //! 1. Pull the whole CRM. A pull that did not complete applies nothing
-//!    (behaviour 7). Owned members whose link-man the pull did not return
+//!    (rule 7). Owned members whose link-man the pull did not return
 //!    are looked at again by id before anything is planned (`vanished`).
 //! 2. Read `unsubscribe-export` of every synced list; new lines are the
-//!    daemon's own unsubscribes or user unsubscribes (behaviour 6).
+//!    daemon's own unsubscribes or user unsubscribes (rule 6).
 //! 3. Resolve operations left pending by earlier runs by checking the list
-//!    (behaviour 9).
-//! 4. Read whole lists where behaviour 5 asks for it (before the first add
+//!    (rule 9).
+//! 4. Read whole lists where rule 5 asks for it (before the first add
 //!    into a list, and on `--full`); where the state DB is behind EDM
 //!    (`behind`), look up the planned adds before sending them.
-//! 5. Plan (pure), check the safety limits (behaviour 7); `--dry-run` stops
+//! 5. Plan (pure), check the safety limits (rule 7); `--dry-run` stops
 //!    here and changes nothing.
 //! 6. Apply: state-only changes, then unsubscribes, adds (batched) and
 //!    edits, each recorded as pending before it is sent and marked done
@@ -186,7 +186,7 @@ async fn observe(
     // 3. Operations left pending by earlier runs.
     counts.recovered = check_pending(ctx, &mut members, &mut obs).await?;
 
-    // 4. Whole-list reads (behaviour 5), then 4b: a state database behind
+    // 4. Whole-list reads (rule 5), then 4b: a state database behind
     // EDM re-learns before it writes.
     let first = plan(&desired.members, &members, &suppressions);
     let adds_into = first.lists_with_adds();

@@ -1,4 +1,4 @@
-//! CRM snapshot → desired EDM members (DESIGN.md behaviours 1–4). Pure: no
+//! CRM snapshot → desired EDM members (rules 1–4 of docs/sync-rules.md). Pure: no
 //! I/O, no clock; what deserves a log line comes back in the result.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -75,7 +75,7 @@ pub struct Desired {
     pub repeated_linkmen: Vec<LinkManId>,
 }
 
-/// Reads `field` (`customer.X` or `X`) as text (behaviour 3).
+/// Reads `field` (`customer.X` or `X`) as text (rule 3).
 fn field_text(field: &str, customer: &CrmMap, linkman: &CrmMap) -> String {
     match field.strip_prefix("customer.") {
         Some(name) => json_text(customer.get(name)),

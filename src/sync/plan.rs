@@ -1,11 +1,11 @@
 //! The diff: desired members × what the state DB knows → a plan of EDM
 //! writes (adds, edits, unsubscribes) and state-only changes (adoptions,
-//! owner changes). Pure: no I/O, no clock (STYLE.md rule 2).
+//! owner changes). Pure: no I/O, no clock (so it is tested without a server or a clock).
 //!
-//! Rules (DESIGN.md): a suppressed key gets no operation (behaviour 6, and
+//! Rules (docs/sync-rules.md): a suppressed key gets no operation (rule 6, and
 //! bounces: never added or edited, unsubscribed where the daemon owns it);
 //! only members the daemon added are unsubscribed, adopted ones never
-//! (behaviour 5); an address EDM already holds that is a desired member is
+//! (rule 5); an address EDM already holds that is a desired member is
 //! adopted, never added twice.
 //!
 //! Why one file over 600 lines: the diff and the safety check are 240
@@ -151,7 +151,7 @@ pub fn plan(
     plan
 }
 
-/// Why a plan was refused (behaviour 7).
+/// Why a plan was refused (rule 7).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Refusal {
     #[error(
@@ -214,7 +214,7 @@ pub fn members_per_list(state: &HashMap<MemberKey, MemberState>) -> BTreeMap<Lis
     counts
 }
 
-/// Checks the plan against the safety limits of behaviour 7.
+/// Checks the plan against the safety limits of rule 7.
 pub fn check_safety(
     plan: &Plan,
     desired_count: usize,

@@ -1,6 +1,6 @@
 //! The write-back job: what recipients did with recent campaigns becomes
 //! ContactHistory records on the right CRM customer and link-man, each
-//! written once over the daemon's life (DESIGN.md "Write-back — contract").
+//! written once over the daemon's life (docs/sync-rules.md, "Write-back").
 //!
 //! 1. The synced lists' `unsubscribe-export` is read as the contacts job
 //!    reads it, so user unsubscribes are current.
@@ -422,7 +422,7 @@ async fn send_all(
             in_flight.push(async move {
                 // A lost answer (5xx, timeout, cut-short body) is retried
                 // here, in the run, up to `crm.max_retries` times
-                // (behaviour 10); the record may already be in the CRM, so
+                // (rule 10); the record may already be in the CRM, so
                 // each repeat is a warning and counts as possibly
                 // duplicated. The row stays marked uncertain meanwhile.
                 let mut resent = 0u32;
