@@ -233,6 +233,35 @@ password = "p"
     }
 
     #[test]
+    fn a_secret_file_whose_content_changed_is_read_again_and_named_as_changed() {
+        // Arrange: the token in a file, loaded once.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("crm-token");
+        std::fs::write(&token, "first-token\n").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[crm]\nbase_url = \"http://crm.test\"\ntoken_file = \"{}\"\n[edm]\nusername = \"u\"\npassword = \"p\"\n",
+                token.display()
+            ),
+        )
+        .unwrap();
+        let load = || Settings::load_with_env(Some(&config), vec![], Access::Remote).unwrap();
+        let old = load();
+
+        // Act: the file rotated, the config untouched.
+        std::fs::write(&token, "second-token\n").unwrap();
+        let new = load();
+
+        // Assert
+        assert_eq!(new.crm.token.expose_secret(), "second-token");
+        assert_eq!(changes(&old, &new).applied, vec!["crm.token (secret)"]);
+    }
+
+    #[test]
     fn the_running_values_of_restart_only_keys_stay() {
         let old = Settings::from_toml(BASE).unwrap();
         let new = Settings::from_toml(&format!(

@@ -1336,6 +1336,35 @@ async fn sighup_reloads_the_config_refuses_a_bad_one_and_never_stops_the_daemon(
         daemon.log()
     );
 
+    // Act 3: log.level to warn (and the ops address moved again, so that a
+    // WARN line shows the reload happened).
+    std::fs::write(
+        &config,
+        config_with(&sb, &db, "0 0 0 1 1 *", "* * * * * *", "")
+            .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:2\"")
+            .replace("level = \"info\"", "level = \"warn\""),
+    )
+    .unwrap();
+    daemon.signal("-HUP");
+    daemon
+        .expect("only at the next restart", 2, Duration::from_secs(10))
+        .await;
+    let infos_after_warn = daemon.count("run finished");
+    let reads_after_warn = sb.count("task-list");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    // Assert 3: write-back still runs every second, its INFO lines gone.
+    assert!(
+        sb.count("task-list") > reads_after_warn,
+        "write-back stopped"
+    );
+    assert_eq!(
+        daemon.count("run finished"),
+        infos_after_warn,
+        "{}",
+        daemon.log()
+    );
+
     // The daemon was never stopped by SIGHUP.
     daemon.signal("-TERM");
     assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
