@@ -265,92 +265,108 @@ async fn live(
     email: &Email,
     facts: &AddressFacts,
 ) -> Live {
-    let crate::jobs::Clients {
-        crm, edm, redactor, ..
-    } = clients;
     let mut live = Live::default();
     for list_id in lists_of(settings, facts) {
-        let member = facts.members.iter().find(|m| m.list_id == list_id);
-        match edm.find(list_id, email).await {
-            Ok(found) => {
-                let held = found.first();
-                live.edm.push(LiveList {
-                    list_id,
-                    edm_id: held.map(|a| a.id),
-                    fullname: held.map(|a| a.fields.fullname().to_string()),
-                });
-                let recorded = member.is_some_and(|m| m.present);
-                match (recorded, held) {
-                    (true, None) => live.disagreements.push(format!(
-                        "list {list_id}: the state database says EDM holds it; EDM does not (a later run's pending check or `--once --full` repairs the record)"
-                    )),
-                    (false, Some(_)) => live.disagreements.push(format!(
-                        "list {list_id}: EDM holds it; the state database does not record it there (`--once --full` reads the list)"
-                    )),
-                    (true, Some(a)) => {
-                        if let Some(m) = member {
-                            let vars: Vec<&str> = a.fields.vars().collect();
-                            if a.fields.fullname() != m.fullname || vars != m.vars {
-                                live.disagreements.push(format!(
-                                    "list {list_id}: EDM's fullname or variables differ from the state database's (`--once --full` repairs them)"
-                                ));
-                            }
-                        }
-                    }
-                    (false, None) => {}
-                }
-            }
-            Err(e) => live.errors.push(format!(
-                "edm list {list_id}: {}",
-                redactor.redact(&e.to_string())
-            )),
-        }
+        ask_edm(clients, list_id, email, facts, &mut live).await;
     }
     let owners: BTreeSet<(CustomerId, LinkManId)> = facts
         .members
         .iter()
         .filter_map(|m| Some((m.customer_id?, m.link_man_id?)))
         .collect();
-    for (customer_id, link_man_id) in owners {
-        match crm.linkmen(customer_id).await {
-            Ok(linkmen) => {
-                let lm = linkmen.iter().find(|l| l.id == link_man_id);
-                let now = lm.map(|l| json_text(l.data.get(&settings.crm.fields.linkman_email)));
-                let same = now
-                    .as_deref()
-                    .and_then(|raw| Email::parse(raw).ok())
-                    .is_some_and(|e| &e == email);
-                let shown = now.as_deref().map(|raw| {
-                    if same {
-                        email.as_str().to_string()
-                    } else {
-                        mask_address(raw.trim())
-                    }
-                });
-                match (&lm, same) {
-                    (None, _) => live.disagreements.push(format!(
-                        "crm: link-man {link_man_id} is no longer a link-man of customer {customer_id} (the next run unsubscribes the address where the daemon owns it)"
-                    )),
-                    (Some(_), false) => live.disagreements.push(format!(
-                        "crm: link-man {link_man_id}'s email is now {} (the next run moves the membership)",
-                        shown.clone().unwrap_or_default()
-                    )),
-                    (Some(_), true) => {}
-                }
-                live.crm.push(LiveLinkMan {
-                    link_man_id,
-                    customer_id,
-                    found: lm.is_some(),
-                    email: shown,
-                });
-            }
-            Err(e) => live.errors.push(format!(
-                "crm customer {customer_id}: {}",
-                redactor.redact(&e.to_string())
-            )),
-        }
+    for owner in owners {
+        ask_crm(settings, clients, owner, email, &mut live).await;
     }
     live
+}
+
+/// Whether EDM holds `email` in `list_id`, against the state database.
+async fn ask_edm(
+    clients: &crate::jobs::Clients,
+    list_id: ListId,
+    email: &Email,
+    facts: &AddressFacts,
+    live: &mut Live,
+) {
+    let member = facts.members.iter().find(|m| m.list_id == list_id);
+    let found = match clients.edm.find(list_id, email).await {
+        Ok(found) => found,
+        Err(e) => {
+            let e = clients.redactor.redact(&e.to_string());
+            live.errors.push(format!("edm list {list_id}: {e}"));
+            return;
+        }
+    };
+    let held = found.first();
+    live.edm.push(LiveList {
+        list_id,
+        edm_id: held.map(|a| a.id),
+        fullname: held.map(|a| a.fields.fullname().to_string()),
+    });
+    let recorded = member.is_some_and(|m| m.present);
+    let disagreement = match (recorded, held, member) {
+        (true, None, _) => Some(format!(
+            "list {list_id}: the state database says EDM holds it; EDM does not (a later run's pending check or `--once --full` repairs the record)"
+        )),
+        (false, Some(_), _) => Some(format!(
+            "list {list_id}: EDM holds it; the state database does not record it there (`--once --full` reads the list)"
+        )),
+        (true, Some(a), Some(m)) => {
+            let vars: Vec<&str> = a.fields.vars().collect();
+            (a.fields.fullname() != m.fullname || vars != m.vars).then(|| format!(
+                "list {list_id}: EDM's fullname or variables differ from the state database's (`--once --full` repairs them)"
+            ))
+        }
+        _ => None,
+    };
+    live.disagreements.extend(disagreement);
+}
+
+/// Whether the CRM still has the owning link-man, with this email.
+async fn ask_crm(
+    settings: &Settings,
+    clients: &crate::jobs::Clients,
+    (customer_id, link_man_id): (CustomerId, LinkManId),
+    email: &Email,
+    live: &mut Live,
+) {
+    let linkmen = match clients.crm.linkmen(customer_id).await {
+        Ok(linkmen) => linkmen,
+        Err(e) => {
+            let e = clients.redactor.redact(&e.to_string());
+            live.errors.push(format!("crm customer {customer_id}: {e}"));
+            return;
+        }
+    };
+    let lm = linkmen.iter().find(|l| l.id == link_man_id);
+    let now = lm.map(|l| json_text(l.data.get(&settings.crm.fields.linkman_email)));
+    let same = now
+        .as_deref()
+        .and_then(|raw| Email::parse(raw).ok())
+        .is_some_and(|e| &e == email);
+    let shown = now.as_deref().map(|raw| {
+        if same {
+            email.as_str().to_string()
+        } else {
+            mask_address(raw.trim())
+        }
+    });
+    match (&lm, same) {
+        (None, _) => live.disagreements.push(format!(
+            "crm: link-man {link_man_id} is no longer a link-man of customer {customer_id} (the next run unsubscribes the address where the daemon owns it)"
+        )),
+        (Some(_), false) => live.disagreements.push(format!(
+            "crm: link-man {link_man_id}'s email is now {} (the next run moves the membership)",
+            shown.clone().unwrap_or_default()
+        )),
+        (Some(_), true) => {}
+    }
+    live.crm.push(LiveLinkMan {
+        link_man_id,
+        customer_id,
+        found: lm.is_some(),
+        email: shown,
+    });
 }
 
 /// The answer in words.
@@ -368,65 +384,88 @@ pub fn to_text(a: &Explanation) -> String {
     }
     write_findings(&mut out, &a.findings);
     for l in &a.lists {
-        let _ = writeln!(out, "  list {}: {}", l.list_id, l.state);
-        if let Some(m) = &l.member {
-            let owner = match (m.link_man_id, m.customer_id) {
-                (Some(lm), Some(c)) => format!("link-man {lm} of customer {c}"),
-                (Some(lm), None) => format!("link-man {lm}"),
-                _ => "no link-man (not ours)".to_string(),
-            };
-            let _ = writeln!(
-                out,
-                "    since {}; {owner}; EDM id {}; fullname {:?}",
-                when(m.since_ms),
-                m.edm_id.map_or("unknown".to_string(), |id| id.to_string()),
-                m.fullname
-            );
-        }
-        let _ = writeln!(out, "    reached by {}", l.reached_by.join("; "));
-        if let Some(s) = &l.suppression {
-            let _ = writeln!(
-                out,
-                "    suppressed{}: {} since {} ({}): no operation of any kind",
-                if s.list_id.is_none() {
-                    " in every list"
-                } else {
-                    ""
-                },
-                s.reason,
-                when(s.since_ms),
-                s.source
-            );
-            if s.unsubscribed_while_behind {
-                let _ = writeln!(out, "    {}", crate::states::SuppressionSource::BEHIND_NOTE);
-            }
+        write_list(&mut out, l);
+    }
+    write_operations(&mut out, &a.operations);
+    write_refusals(&mut out, &a.refusals);
+    write_contact_history(&mut out, &a.contact_history);
+    if let Some(live) = &a.live {
+        write_live(&mut out, live);
+    }
+    out
+}
+
+/// The address in one list: its state, member row, route and suppression.
+fn write_list(out: &mut String, l: &ListAnswer) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "  list {}: {}", l.list_id, l.state);
+    if let Some(m) = &l.member {
+        let owner = match (m.link_man_id, m.customer_id) {
+            (Some(lm), Some(c)) => format!("link-man {lm} of customer {c}"),
+            (Some(lm), None) => format!("link-man {lm}"),
+            _ => "no link-man (not ours)".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "    since {}; {owner}; EDM id {}; fullname {:?}",
+            when(m.since_ms),
+            m.edm_id.map_or("unknown".to_string(), |id| id.to_string()),
+            m.fullname
+        );
+    }
+    let _ = writeln!(out, "    reached by {}", l.reached_by.join("; "));
+    if let Some(s) = &l.suppression {
+        let _ = writeln!(
+            out,
+            "    suppressed{}: {} since {} ({}): no operation of any kind",
+            if s.list_id.is_none() {
+                " in every list"
+            } else {
+                ""
+            },
+            s.reason,
+            when(s.since_ms),
+            s.source
+        );
+        if s.unsubscribed_while_behind {
+            let _ = writeln!(out, "    {}", crate::states::SuppressionSource::BEHIND_NOTE);
         }
     }
-    if a.operations.is_empty() {
+}
+
+/// The operations on the address, newest first.
+fn write_operations(out: &mut String, operations: &[OperationFact]) {
+    use std::fmt::Write;
+    if operations.is_empty() {
         let _ = writeln!(
             out,
             "  operations: none recorded (or pruned after database.retention_days)"
         );
-    } else {
-        let _ = writeln!(out, "  operations (newest first):");
-        for o in &a.operations {
-            let _ = writeln!(
-                out,
-                "    {} {} list {} {}, {} attempts, run {}{}",
-                when(o.created_ms),
-                o.kind,
-                o.list_id,
-                o.status,
-                o.attempts,
-                o.run_id,
-                o.last_error
-                    .as_deref()
-                    .map(|e| format!(", last error: {e}"))
-                    .unwrap_or_default()
-            );
-        }
+        return;
     }
-    for r in &a.refusals {
+    let _ = writeln!(out, "  operations (newest first):");
+    for o in operations {
+        let _ = writeln!(
+            out,
+            "    {} {} list {} {}, {} attempts, run {}{}",
+            when(o.created_ms),
+            o.kind,
+            o.list_id,
+            o.status,
+            o.attempts,
+            o.run_id,
+            o.last_error
+                .as_deref()
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// EDM's refusals of the address (parked ones are no longer sent).
+fn write_refusals(out: &mut String, refusals: &[RefusalFact]) {
+    use std::fmt::Write;
+    for r in refusals {
         let _ = writeln!(
             out,
             "  {} by EDM: {} list {} refused in {} runs ({} {}), last run {}",
@@ -439,67 +478,74 @@ pub fn to_text(a: &Explanation) -> String {
             r.last_run_id
         );
     }
-    if a.contact_history.is_empty() {
+}
+
+/// The contact-history records written (or to write) for the address.
+fn write_contact_history(out: &mut String, records: &[RecordFact]) {
+    use std::fmt::Write;
+    if records.is_empty() {
         let _ = writeln!(out, "  contact history: none");
-    } else {
-        let _ = writeln!(out, "  contact history:");
-        for r in &a.contact_history {
-            let _ = writeln!(
-                out,
-                "    {} {} {} link-man {} customer {}: {}{}{}",
-                when(r.created_ms),
-                r.kind,
-                r.scope,
-                r.link_man_id,
-                r.customer_id,
-                r.status,
-                if r.uncertain {
-                    " (may have been written twice)"
-                } else {
-                    ""
-                },
-                r.last_error
-                    .as_deref()
-                    .map(|e| format!(", last error: {e}"))
-                    .unwrap_or_default()
-            );
-        }
+        return;
     }
-    if let Some(live) = &a.live {
-        let _ = writeln!(out, "  live:");
-        for l in &live.edm {
-            let _ = writeln!(
-                out,
-                "    edm list {}: {}",
-                l.list_id,
-                l.edm_id
-                    .map_or("not held".to_string(), |id| format!("held (id {id})"))
-            );
-        }
-        for c in &live.crm {
-            let _ = writeln!(
-                out,
-                "    crm customer {} link-man {}: {}",
-                c.customer_id,
-                c.link_man_id,
-                match (c.found, &c.email) {
-                    (false, _) => "gone".to_string(),
-                    (true, Some(e)) => format!("email {e}"),
-                    (true, None) => "no email".to_string(),
-                }
-            );
-        }
-        for e in &live.errors {
-            let _ = writeln!(out, "    could not ask: {e}");
-        }
-        if live.disagreements.is_empty() && live.errors.is_empty() {
-            let _ = writeln!(out, "    the CRM and EDM agree with the state database");
-        }
-        for d in &live.disagreements {
-            let _ = writeln!(out, "    disagrees: {d}");
-        }
+    let _ = writeln!(out, "  contact history:");
+    for r in records {
+        let _ = writeln!(
+            out,
+            "    {} {} {} link-man {} customer {}: {}{}{}",
+            when(r.created_ms),
+            r.kind,
+            r.scope,
+            r.link_man_id,
+            r.customer_id,
+            r.status,
+            if r.uncertain {
+                " (may have been written twice)"
+            } else {
+                ""
+            },
+            r.last_error
+                .as_deref()
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default()
+        );
     }
-    out
+}
+
+/// What `--live` found, and where it disagrees with the state database.
+fn write_live(out: &mut String, live: &Live) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "  live:");
+    for l in &live.edm {
+        let _ = writeln!(
+            out,
+            "    edm list {}: {}",
+            l.list_id,
+            l.edm_id
+                .map_or("not held".to_string(), |id| format!("held (id {id})"))
+        );
+    }
+    for c in &live.crm {
+        let _ = writeln!(
+            out,
+            "    crm customer {} link-man {}: {}",
+            c.customer_id,
+            c.link_man_id,
+            match (c.found, &c.email) {
+                (false, _) => "gone".to_string(),
+                (true, Some(e)) => format!("email {e}"),
+                (true, None) => "no email".to_string(),
+            }
+        );
+    }
+    for e in &live.errors {
+        let _ = writeln!(out, "    could not ask: {e}");
+    }
+    if live.disagreements.is_empty() && live.errors.is_empty() {
+        let _ = writeln!(out, "    the CRM and EDM agree with the state database");
+    }
+    for d in &live.disagreements {
+        let _ = writeln!(out, "    disagrees: {d}");
+    }
 }
 
 /// The findings logged once about the address, one line each.

@@ -191,6 +191,15 @@ impl StatusReport {
     /// The report as text, for people.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
+        self.write_runs(&mut out);
+        self.write_operations(&mut out);
+        self.write_suppressions(&mut out);
+        self.write_records_and_members(&mut out);
+        out
+    }
+
+    /// The last runs, with their counts and errors.
+    fn write_runs(&self, out: &mut String) {
         let _ = writeln!(out, "last runs:");
         if self.runs.is_empty() {
             let _ = writeln!(out, "  none yet");
@@ -225,6 +234,10 @@ impl StatusReport {
                 let _ = writeln!(out, "    error: {e}");
             }
         }
+    }
+
+    /// Pending and parked operations, parked contact-history records.
+    fn write_operations(&self, out: &mut String) {
         let _ = writeln!(out, "pending operations: {}", self.pending_total);
         for p in &self.pending {
             let _ = writeln!(
@@ -277,6 +290,11 @@ impl StatusReport {
                 r.last_error.as_deref().unwrap_or("")
             );
         }
+    }
+
+    /// Suppressions by reason, and those learnt while the database was
+    /// behind EDM.
+    fn write_suppressions(&self, out: &mut String) {
         let _ = writeln!(out, "suppressions:");
         if self.suppressions.is_empty() {
             let _ = writeln!(out, "  none");
@@ -299,6 +317,10 @@ impl StatusReport {
                 );
             }
         }
+    }
+
+    /// Contact-history records by kind and status; members by list.
+    fn write_records_and_members(&self, out: &mut String) {
         let _ = writeln!(out, "contact-history records:");
         if self.records.is_empty() {
             let _ = writeln!(out, "  none");
@@ -314,7 +336,6 @@ impl StatusReport {
             let state = if *present { "in list" } else { "removed" };
             let _ = writeln!(out, "  list {list}: {origin} {state}: {n}");
         }
-        out
     }
 }
 

@@ -27,7 +27,7 @@ use crate::edm::{Campaign, HARD_BOUNCE_TYPES};
 use crate::jobs::Context;
 use crate::jobs::exports::View;
 use crate::jobs::lifecycle::Run;
-use crate::state::{ALL_LISTS, LedgerRow, NewSuppression};
+use crate::state::{ALL_LISTS, LedgerRow, NewRecord, NewSuppression};
 use crate::states::{Job, RecordKind, RunStatus, SuppressionReason, SuppressionSource};
 use events::{CampaignEvents, MemberIndex, Unsubscribe};
 
@@ -168,8 +168,7 @@ async fn run_inner(
     retry_parked: bool,
     counts: &mut WritebackCounts,
 ) -> anyhow::Result<()> {
-    let settings = &ctx.settings;
-    let lists = settings.synced_lists();
+    let lists = ctx.settings.synced_lists();
     settle_owed_records(ctx).await?;
 
     // 1. Unsubscribes, as the contacts job classifies them.
@@ -197,9 +196,27 @@ async fn run_inner(
     counts.campaigns = all_events.len();
 
     // 3. Hard bounces suppress, known or not.
+    counts.new_bounce_suppressions = suppress_hard_bounces(ctx, &all_events, &suppressions).await?;
+
+    // 4. Records. They own what they need: the members and the events are
+    // not held through the sending.
+    let records = build_records(ctx, &all_events, &members, counts).await?;
+    drop(members);
+    drop(all_events);
+    let to_send = ledger_records(ctx, records, retry_parked, counts).await?;
+    send_all(ctx, run_id, to_send, counts).await
+}
+
+/// Step 3: suppresses in every list each hard-bounced address not
+/// suppressed yet; returns how many.
+async fn suppress_hard_bounces(
+    ctx: &Context,
+    all_events: &[CampaignEvents],
+    suppressions: &crate::domain::Suppressions,
+) -> anyhow::Result<usize> {
     let mut new_bounces: Vec<NewSuppression> = Vec::new();
     let mut seen: HashSet<&str> = HashSet::new();
-    for ev in &all_events {
+    for ev in all_events {
         for (bounce_type, address) in &ev.bounces {
             let already = crate::domain::Email::parse(address)
                 .map(|e| suppressions.bounced.contains(&e))
@@ -217,7 +234,6 @@ async fn run_inner(
             }
         }
     }
-    counts.new_bounce_suppressions = new_bounces.len();
     if !new_bounces.is_empty() {
         ctx.store.add_suppressions(&new_bounces).await?;
         tracing::info!(
@@ -225,8 +241,17 @@ async fn run_inner(
             "hard-bounced addresses suppressed in every list"
         );
     }
+    Ok(new_bounces.len())
+}
 
-    // 4. Records.
+/// Step 4: the records the events and the recipients' unsubscribes call
+/// for, by the members who own their addresses.
+async fn build_records(
+    ctx: &Context,
+    all_events: &[CampaignEvents],
+    members: &HashMap<crate::domain::MemberKey, crate::domain::MemberState>,
+    counts: &mut WritebackCounts,
+) -> anyhow::Result<Vec<NewRecord>> {
     let list_names: HashMap<ListId, String> = match ctx.edm.maillist_list().await {
         Ok(ls) => ls.into_iter().map(|l| (l.id, l.subject)).collect(),
         Err(e) => {
@@ -234,8 +259,33 @@ async fn run_inner(
             HashMap::new()
         }
     };
-    let synced: HashSet<ListId> = lists.iter().copied().collect();
-    let unsubscribes: Vec<Unsubscribe> = ctx
+    let unsubscribes = recipient_unsubscribes(ctx).await?;
+    let index = MemberIndex::new(members);
+    let (records, unmatched) = events::records(
+        all_events,
+        &unsubscribes,
+        &index,
+        &ctx.settings.writeback.templates,
+        &list_names,
+    );
+    counts.unmatched = unmatched.total();
+    if unmatched.total() > 0 {
+        tracing::info!(
+            open = unmatched.open,
+            click = unmatched.click,
+            bounce = unmatched.bounce,
+            unsubscribe = unmatched.unsubscribe,
+            "events of addresses no synced member has were skipped"
+        );
+    }
+    Ok(records)
+}
+
+/// The recipients' own unsubscribes from the synced lists, as the export
+/// classification recorded them.
+async fn recipient_unsubscribes(ctx: &Context) -> anyhow::Result<Vec<Unsubscribe>> {
+    let synced: HashSet<ListId> = ctx.settings.synced_lists().into_iter().collect();
+    Ok(ctx
         .store
         .user_unsubscribes()
         .await?
@@ -257,33 +307,18 @@ async fn run_inner(
                 | SuppressionSource::Other(_)) => other.to_text(),
             },
         })
-        .collect();
-    let index = MemberIndex::new(&members);
-    let (records, unmatched) = events::records(
-        &all_events,
-        &unsubscribes,
-        &index,
-        &settings.writeback.templates,
-        &list_names,
-    );
-    counts.unmatched = unmatched.total();
-    if unmatched.total() > 0 {
-        tracing::info!(
-            open = unmatched.open,
-            click = unmatched.click,
-            bounce = unmatched.bounce,
-            unsubscribe = unmatched.unsubscribe,
-            "events of addresses no synced member has were skipped"
-        );
-    }
-    // The records own what they need: the members, the index over them and
-    // the events are not held through the sending.
-    drop(index);
-    drop(members);
-    drop(all_events);
+        .collect())
+}
 
-    // Pending rows from earlier runs go first, with what they were
-    // recorded with.
+/// The ledger rows to send: those earlier runs left pending first (with
+/// what they were recorded with), then `records` not in the ledger yet,
+/// recorded pending now.
+async fn ledger_records(
+    ctx: &Context,
+    records: Vec<NewRecord>,
+    retry_parked: bool,
+    counts: &mut WritebackCounts,
+) -> anyhow::Result<Vec<LedgerRow>> {
     if retry_parked {
         let n = ctx.store.unpark_records().await?;
         tracing::info!(
@@ -303,7 +338,6 @@ async fn run_inner(
         );
     }
     counts.retried = earlier.len();
-
     let scopes: Vec<String> = records
         .iter()
         .map(|r| r.scope.clone())
@@ -318,10 +352,9 @@ async fn run_inner(
         .collect();
     counts.already_recorded = total - fresh.len();
     let inserted = ctx.store.insert_records(&fresh).await?;
-    drop(fresh);
     let mut to_send = earlier;
     to_send.extend(inserted);
-    send_all(ctx, run_id, to_send, counts).await
+    Ok(to_send)
 }
 
 /// The campaigns sent (or sending) in the lookback window, with their
