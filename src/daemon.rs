@@ -48,25 +48,10 @@ enum Period {
 /// Runs the daemon until a signal stops it. `config` is the `--config`
 /// file, read again on SIGHUP.
 pub async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let poll = Duration::from_secs(settings.daemon.lock_poll_secs);
-    let drain = Duration::from_secs(settings.daemon.shutdown_timeout_secs);
     let listen = settings.http.listen;
-    let target = LockTarget::of(&settings.database.url);
     let base = Context::new(settings).await?;
     let metrics = crate::metrics::install_recorder()?;
-    // Every series from start-up, standby or not; the last success as the
-    // state database remembers it, so a restart does not blank it.
-    crate::metrics::zero_series(&Job::ALL.map(|j| j.as_str()));
-    crate::metrics::build_info(&base.instance.id);
-    for job in Job::ALL {
-        match base.store.last_success(job).await {
-            Ok(Some(ms)) => crate::metrics::last_success_at(job.as_str(), ms),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(job = %job, error = %format!("{e:#}"), "cannot read the last successful run")
-            }
-        }
-    }
+    start_metrics(&base).await;
     let active = Arc::new(AtomicBool::new(false));
     // `/healthz` reads through a pool of its own, so that it answers
     // whatever the jobs are doing with theirs.
@@ -91,7 +76,47 @@ pub async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<
         writeback = %base.settings.writeback.schedule,
         "daemon started"
     );
+    let turns = take_turns(&live, &ops_store, &stop, &active).await;
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    service_info.abort();
+    ops_task.abort();
+    ops_store.close().await;
+    base.store.close().await;
+    turns?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
 
+/// Every series from start-up, standby or not; the last success as the
+/// state database remembers it, so a restart does not blank it.
+async fn start_metrics(base: &Context) {
+    crate::metrics::zero_series(&Job::ALL.map(|j| j.as_str()));
+    crate::metrics::build_info(&base.instance.id);
+    for job in Job::ALL {
+        match base.store.last_success(job).await {
+            Ok(Some(ms)) => crate::metrics::last_success_at(job.as_str(), ms),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(job = %job, error = %format!("{e:#}"), "cannot read the last successful run")
+            }
+        }
+    }
+}
+
+/// Stands by until this instance gets the lock, runs the jobs while it
+/// holds it, and stands by again should it lose it — until a signal.
+async fn take_turns(
+    live: &Arc<Live>,
+    ops_store: &crate::state::Store,
+    stop: &CancellationToken,
+    active: &AtomicBool,
+) -> anyhow::Result<()> {
+    let settings = live.current().settings;
+    let poll = Duration::from_secs(settings.daemon.lock_poll_secs);
+    let drain = Duration::from_secs(settings.daemon.shutdown_timeout_secs);
+    let target = LockTarget::of(&settings.database.url);
     let mut said_standby = false;
     while !stop.is_cancelled() {
         match target.try_acquire().await {
@@ -100,33 +125,30 @@ pub async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<
                 active.store(true, Ordering::SeqCst);
                 crate::metrics::set_role(true);
                 tracing::info!("holding the instance lock: this instance runs the jobs");
-                let period = active_period(&live, &ops_store, lock, &stop, poll, drain).await;
+                let period = active_period(live, ops_store, lock, stop, poll, drain).await;
                 active.store(false, Ordering::SeqCst);
                 crate::metrics::set_role(false);
-                match period? {
-                    Period::Stopped => break,
-                    Period::LockLost => {
-                        tracing::error!(
-                            "lost the instance lock (lock connection gone, lock file replaced or lease taken by another instance); jobs stopped, standing by"
-                        );
-                        // Give a waiting standby two polls' head start
-                        // rather than grabbing the lock straight back.
-                        tokio::select! {
-                            _ = tokio::time::sleep(poll) => {}
-                            _ = stop.cancelled() => {}
-                        }
-                    }
+                if let Period::Stopped = period? {
+                    return Ok(());
+                }
+                tracing::error!(
+                    "lost the instance lock (lock connection gone, lock file replaced or lease taken by another instance); jobs stopped, standing by"
+                );
+                // Give a waiting standby two polls' head start rather than
+                // grabbing the lock straight back.
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = stop.cancelled() => {}
                 }
             }
-            Ok(None) => {
-                if !said_standby {
-                    tracing::info!(
-                        poll_secs = poll.as_secs(),
-                        "another instance holds the state database: standing by"
-                    );
-                    said_standby = true;
-                }
+            Ok(None) if !said_standby => {
+                tracing::info!(
+                    poll_secs = poll.as_secs(),
+                    "another instance holds the state database: standing by"
+                );
+                said_standby = true;
             }
+            Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot try the instance lock; will try again")
             }
@@ -136,15 +158,7 @@ pub async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<
             _ = stop.cancelled() => {}
         }
     }
-    if let Some(w) = watchdog {
-        w.abort();
-    }
-    service_info.abort();
-    ops_task.abort();
-    ops_store.close().await;
-    base.store.close().await;
-    tracing::info!("stopped");
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// What every generation of the schedules shares: one gate per job (a

@@ -218,22 +218,46 @@ pub async fn run() -> anyhow::Result<ExitCode> {
         dir.path().join("demo-state.db").display()
     );
 
-    let mut ok = true;
-    let step = |title: &str, report: ContactsReport, writes: usize| {
-        println!("{}", describe(title, &report, writes));
-        report.is_success()
-    };
-
-    sb.clear_requests();
-    let first = contacts::run(&ctx, RunOptions::default()).await?;
-    ok &= step("run 1 — first sync", first, sb.edm_writes());
-
-    sb.clear_requests();
-    let second = contacts::run(&ctx, RunOptions::default()).await?;
+    let mut ok = contacts_step(&ctx, &sb, "run 1 — first sync").await?;
+    ok &= contacts_step(&ctx, &sb, "run 2 — CRM unchanged").await?;
     let second_writes = sb.edm_writes();
-    ok &= step("run 2 — CRM unchanged", second, second_writes);
+    change_both_sides(&sb);
+    ok &= contacts_step(&ctx, &sb, "run 3 — after the changes").await?;
+    ok &= writeback_step(&ctx, &sb).await?;
+    ok &= contacts_step(
+        &ctx,
+        &sb,
+        "run 5 — contacts after write-back (the bounced address leaves its list)",
+    )
+    .await?;
 
-    // Changes in the CRM and in EDM between runs.
+    println!(
+        "EDM now holds {} addresses in list 1 and {} in list 2.",
+        sb.edm.addresses(1).len(),
+        sb.edm.addresses(2).len()
+    );
+    println!("\n{}", crate::status::render(&ctx.store).await?);
+    if second_writes != 0 {
+        println!("unexpected: the unchanged rerun wrote to EDM");
+        ok = false;
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// One contacts run, described with the EDM writes it made.
+async fn contacts_step(ctx: &Context, sb: &Sandbox, title: &str) -> anyhow::Result<bool> {
+    sb.clear_requests();
+    let report = contacts::run(ctx, RunOptions::default()).await?;
+    println!("{}", describe(title, &report, sb.edm_writes()));
+    Ok(report.is_success())
+}
+
+/// Changes in the CRM and in EDM between runs 2 and 3.
+fn change_both_sides(sb: &Sandbox) {
     sb.crm
         .set_linkman_field(1002, "name", json!("李芳（已升职）"));
     sb.crm.remove_linkman(1004);
@@ -252,15 +276,13 @@ pub async fn run() -> anyhow::Result<ExitCode> {
     println!(
         "between runs: a name changed, a link-man deleted, an email changed, customer 4 became a VIP,\n  a link-man was added, and a recipient unsubscribed through EDM (then was renamed in the CRM)\n"
     );
+}
 
+/// Run 4: write-back of two campaigns, with a few of its records.
+async fn writeback_step(ctx: &Context, sb: &Sandbox) -> anyhow::Result<bool> {
+    seed_campaigns(sb);
     sb.clear_requests();
-    let third = contacts::run(&ctx, RunOptions::default()).await?;
-    ok &= step("run 3 — after the changes", third, sb.edm_writes());
-
-    seed_campaigns(&sb);
-    sb.clear_requests();
-    let wb = crate::writeback::run(&ctx).await?;
-    ok &= wb.is_success();
+    let wb = crate::writeback::run(ctx).await?;
     let c = &wb.counts;
     println!(
         "run 4 — write-back of yesterday's two campaigns\n  {} campaigns → ContactHistory records: open {}, click {}, bounce {}, unsubscribe {}; unmatched {}, failed {}\n  hard bounces newly suppressed: {}   EDM write requests: {}   ({} ms)\n",
@@ -282,28 +304,5 @@ pub async fn run() -> anyhow::Result<ExitCode> {
         );
     }
     println!();
-
-    sb.clear_requests();
-    let fifth = contacts::run(&ctx, RunOptions::default()).await?;
-    ok &= step(
-        "run 5 — contacts after write-back (the bounced address leaves its list)",
-        fifth,
-        sb.edm_writes(),
-    );
-
-    println!(
-        "EDM now holds {} addresses in list 1 and {} in list 2.",
-        sb.edm.addresses(1).len(),
-        sb.edm.addresses(2).len()
-    );
-    println!("\n{}", crate::status::render(&ctx.store).await?);
-    if second_writes != 0 {
-        println!("unexpected: the unchanged rerun wrote to EDM");
-        ok = false;
-    }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(wb.is_success())
 }

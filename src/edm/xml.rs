@@ -171,154 +171,208 @@ pub fn normalize(body: &[u8]) -> Result<(String, String), XmlError> {
     reader.config_mut().check_end_names = false;
     // Not `trim_text`: it would also eat the spaces around entity
     // references inside a value. Whitespace-only text between elements is
-    // dropped below instead.
-    let mut writer = Writer::new(Vec::with_capacity(text.len()));
-    let mut stack: Vec<String> = Vec::new();
-    let mut root: Option<String> = None;
-    // A start tag is written only when the next event shows it was one:
-    // the documents end with `<data>` where `</data>` was meant.
-    let mut held: Option<quick_xml::events::BytesStart<'static>> = None;
-    // A value's text arrives in pieces (`x &amp; y` is text "x ", `&amp;`,
-    // text " y"), collected in `run` and written when the value ends,
-    // trimmed at both ends: real servers pad values with spaces, tabs and
-    // CR/LF (`<fullname>\r\n  王小明 \r\n</fullname>`), and the daemon
-    // sends values trimmed, so a value reads back as it was sent.
-    // Whitespace inside a value stays; whitespace-only text between
-    // elements is layout and goes. `in_run`: `run` holds a value's start.
-    let mut in_run = false;
-    let mut run: Vec<Event<'static>> = Vec::new();
-    let write_err = |e: std::io::Error| XmlError::Syntax(e.to_string());
+    // dropped by the normaliser instead.
+    let mut n = Normalizer::new(text.len());
     loop {
         let event = reader
             .read_event()
             .map_err(|e| XmlError::Syntax(format!("at byte {}: {e}", reader.error_position())))?;
+        if n.on_event(event)?.is_break() {
+            break;
+        }
+    }
+    n.finish()
+}
+
+/// The state of [`normalize`] between two events.
+struct Normalizer {
+    writer: Writer<Vec<u8>>,
+    /// The elements open, outermost first.
+    stack: Vec<String>,
+    root: Option<String>,
+    /// A start tag is written only when the next event shows it was one:
+    /// the documents end with `<data>` where `</data>` was meant.
+    held: Option<quick_xml::events::BytesStart<'static>>,
+    /// A value's text arrives in pieces (`x &amp; y` is text "x ",
+    /// `&amp;`, text " y"), collected here and written when the value
+    /// ends, trimmed at both ends: real servers pad values with spaces,
+    /// tabs and CR/LF (`<fullname>\r\n  王小明 \r\n</fullname>`).
+    /// Whitespace inside a value stays; whitespace-only text between
+    /// elements is layout and goes.
+    run: Vec<Event<'static>>,
+    /// Whether `run` holds a value's start.
+    in_run: bool,
+}
+
+type Flow = std::ops::ControlFlow<()>;
+
+fn write_err(e: std::io::Error) -> XmlError {
+    XmlError::Syntax(e.to_string())
+}
+
+impl Normalizer {
+    fn new(capacity: usize) -> Normalizer {
+        Normalizer {
+            writer: Writer::new(Vec::with_capacity(capacity)),
+            stack: Vec::new(),
+            root: None,
+            held: None,
+            run: Vec::new(),
+            in_run: false,
+        }
+    }
+
+    fn on_event(&mut self, event: Event<'_>) -> Result<Flow, XmlError> {
         let insignificant = match &event {
             Event::Eof | Event::Comment(_) | Event::PI(_) => true,
             Event::Text(t) => t.trim().is_empty(),
             _ => false,
         };
-        if !insignificant && let Some(start) = held.take() {
-            writer.write_event(Event::Start(start)).map_err(write_err)?;
+        if !insignificant && let Some(start) = self.held.take() {
+            self.writer
+                .write_event(Event::Start(start))
+                .map_err(write_err)?;
         }
         if !matches!(
             &event,
             Event::Text(_) | Event::GeneralRef(_) | Event::CData(_)
         ) {
-            in_run = false;
-            write_trimmed(&mut writer, &mut run).map_err(write_err)?;
+            self.in_run = false;
+            write_trimmed(&mut self.writer, &mut self.run).map_err(write_err)?;
         }
         match event {
-            Event::Eof => break,
-            Event::Decl(_) | Event::PI(_) | Event::DocType(_) | Event::Comment(_) => {}
-            Event::Start(start) => {
-                let name = start.name().as_ref().to_string();
-                if stack.is_empty() {
-                    if root.is_some() {
-                        // Junk after the root element.
-                        break;
-                    }
-                    root = Some(name.clone());
-                }
-                stack.push(name);
-                held = Some(start.into_owned());
+            Event::Eof => Ok(Flow::Break(())),
+            Event::Decl(_) | Event::PI(_) | Event::DocType(_) | Event::Comment(_) => {
+                Ok(Flow::Continue(()))
             }
+            Event::Start(start) => Ok(self.on_start(start.into_owned())),
             Event::Empty(empty) => {
-                if stack.is_empty() {
-                    if root.is_some() {
-                        break;
+                if self.stack.is_empty() {
+                    if self.root.is_some() {
+                        return Ok(Flow::Break(())); // junk after the root
                     }
-                    root = Some(empty.name().as_ref().to_string());
+                    self.root = Some(empty.name().as_ref().to_string());
                 }
-                writer.write_event(Event::Empty(empty)).map_err(write_err)?;
+                self.writer
+                    .write_event(Event::Empty(empty))
+                    .map_err(write_err)?;
+                Ok(Flow::Continue(()))
             }
-            Event::End(end) => {
-                let name = end.name().as_ref().to_string();
-                match stack.iter().rposition(|open| *open == name) {
-                    // Close everything opened inside it, then it.
-                    Some(pos) => {
-                        while stack.len() > pos {
-                            let open = stack.pop().unwrap_or_default();
-                            writer
-                                .write_event(Event::End(BytesEnd::new(open)))
-                                .map_err(write_err)?;
-                        }
-                    }
-                    // `</aillist>`: a misspelt end closes the element that
-                    // is open.
-                    None => {
-                        if let Some(open) = stack.pop() {
-                            writer
-                                .write_event(Event::End(BytesEnd::new(open)))
-                                .map_err(write_err)?;
-                        }
-                    }
-                }
-                if stack.is_empty() && root.is_some() {
-                    // Anything after the root is ignored.
-                    break;
-                }
-            }
+            Event::End(end) => self.on_end(end.name().as_ref().to_string()),
             Event::Text(t) => {
                 // Leading whitespace of a value, or layout: dropped.
-                if !stack.is_empty() && (in_run || !t.trim().is_empty()) {
-                    run.push(Event::Text(t.into_owned()));
-                    in_run = true;
+                if !self.stack.is_empty() && (self.in_run || !t.trim().is_empty()) {
+                    self.run.push(Event::Text(t.into_owned()));
+                    self.in_run = true;
                 }
+                Ok(Flow::Continue(()))
             }
             Event::CData(c) => {
-                if !stack.is_empty() {
+                if !self.stack.is_empty() {
                     // Re-emit as escaped text: the reader below then sees
                     // one kind of text only.
                     let content = (*c).to_string();
-                    run.push(Event::Text(BytesText::new(&content).into_owned()));
-                    in_run = true;
+                    self.run
+                        .push(Event::Text(BytesText::new(&content).into_owned()));
+                    self.in_run = true;
                 }
+                Ok(Flow::Continue(()))
             }
             Event::GeneralRef(r) => {
-                if !stack.is_empty() {
-                    let name = (*r).to_string();
-                    let replacement = match name.as_str() {
-                        "amp" | "lt" | "gt" | "quot" | "apos" => None,
-                        _ if name.starts_with('#') => None,
-                        // HTML entities an ill-made server may use.
-                        "nbsp" => Some("\u{a0}".to_string()),
-                        other => Some(format!("&{other};")),
-                    };
-                    run.push(match replacement {
-                        None => Event::GeneralRef(r.into_owned()),
-                        Some(text) => Event::Text(BytesText::new(&text).into_owned()),
-                    });
-                    in_run = true;
+                if !self.stack.is_empty() {
+                    self.run.push(entity(r.into_owned()));
+                    self.in_run = true;
+                }
+                Ok(Flow::Continue(()))
+            }
+        }
+    }
+
+    fn on_start(&mut self, start: quick_xml::events::BytesStart<'static>) -> Flow {
+        let name = start.name().as_ref().to_string();
+        if self.stack.is_empty() {
+            if self.root.is_some() {
+                return Flow::Break(()); // junk after the root element
+            }
+            self.root = Some(name.clone());
+        }
+        self.stack.push(name);
+        self.held = Some(start);
+        Flow::Continue(())
+    }
+
+    fn on_end(&mut self, name: String) -> Result<Flow, XmlError> {
+        match self.stack.iter().rposition(|open| *open == name) {
+            // Close everything opened inside it, then it.
+            Some(pos) => self.close_down_to(pos)?,
+            // `</aillist>`: a misspelt end closes the element that is open.
+            None => {
+                if let Some(open) = self.stack.pop() {
+                    self.writer
+                        .write_event(Event::End(BytesEnd::new(open)))
+                        .map_err(write_err)?;
                 }
             }
         }
-    }
-    // The documented quirk: a last start tag, with nothing after it, that
-    // repeats an open ancestor's name was meant as that ancestor's end.
-    if let Some(start) = held.take() {
-        let name = stack.pop().unwrap_or_default();
-        if let Some(pos) = stack.iter().rposition(|open| *open == name) {
-            while stack.len() > pos {
-                let open = stack.pop().unwrap_or_default();
-                writer
-                    .write_event(Event::End(BytesEnd::new(open)))
-                    .map_err(write_err)?;
-            }
+        // Anything after the root is ignored.
+        Ok(if self.stack.is_empty() && self.root.is_some() {
+            Flow::Break(())
         } else {
-            drop(start);
-            stack.push(name);
+            Flow::Continue(())
+        })
+    }
+
+    /// Writes the end of every open element from the innermost down to
+    /// the one at `pos`, included.
+    fn close_down_to(&mut self, pos: usize) -> Result<(), XmlError> {
+        while self.stack.len() > pos {
+            let open = self.stack.pop().unwrap_or_default();
+            self.writer
+                .write_event(Event::End(BytesEnd::new(open)))
+                .map_err(write_err)?;
         }
+        Ok(())
     }
-    // Anything else still open means the body was cut short.
-    if let Some(open) = stack.last() {
-        return Err(XmlError::Syntax(format!(
-            "the body ends inside <{open}>: cut short"
-        )));
+
+    fn finish(mut self) -> Result<(String, String), XmlError> {
+        // The documented quirk: a last start tag, with nothing after it,
+        // that repeats an open ancestor's name was meant as that
+        // ancestor's end.
+        if self.held.take().is_some() {
+            let name = self.stack.pop().unwrap_or_default();
+            match self.stack.iter().rposition(|open| *open == name) {
+                Some(pos) => self.close_down_to(pos)?,
+                None => self.stack.push(name),
+            }
+        }
+        // Anything else still open means the body was cut short.
+        if let Some(open) = self.stack.last() {
+            return Err(XmlError::Syntax(format!(
+                "the body ends inside <{open}>: cut short"
+            )));
+        }
+        let root = self.root.ok_or(XmlError::NoRoot)?;
+        let out = String::from_utf8(self.writer.into_inner())
+            .map_err(|e| XmlError::Syntax(e.to_string()))?;
+        Ok((out, root))
     }
-    let root = root.ok_or(XmlError::NoRoot)?;
-    let out =
-        String::from_utf8(writer.into_inner()).map_err(|e| XmlError::Syntax(e.to_string()))?;
-    Ok((out, root))
+}
+
+/// An entity reference inside a value: XML's own and numeric ones stay;
+/// `&nbsp;` (an ill-made server's HTML) becomes the character; any other
+/// becomes its own text.
+fn entity(r: quick_xml::events::BytesRef<'static>) -> Event<'static> {
+    let name = (*r).to_string();
+    let replacement = match name.as_str() {
+        "amp" | "lt" | "gt" | "quot" | "apos" => None,
+        _ if name.starts_with('#') => None,
+        "nbsp" => Some("\u{a0}".to_string()),
+        other => Some(format!("&{other};")),
+    };
+    match replacement {
+        None => Event::GeneralRef(r),
+        Some(text) => Event::Text(BytesText::new(&text).into_owned()),
+    }
 }
 
 /// Writes the pieces of one value, its whitespace trimmed at both ends

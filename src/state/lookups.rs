@@ -197,106 +197,124 @@ impl Store {
             .order_by_asc(member::Column::ListId)
             .all(&self.db)
             .await
-            .context("cannot read the members of an address")?
-            .into_iter()
-            .map(|m| MemberFact {
-                list_id: m.list_id,
-                email: m.email,
-                origin: m.origin,
-                present: m.present,
-                link_man_id: m.link_man_id,
-                customer_id: m.customer_id,
-                edm_id: m.edm_id,
-                fullname: m.fullname,
-                vars: vars_from_json(&m.vars).to_vec(),
-                since_ms: m.updated_at,
-            })
-            .collect();
+            .context("cannot read the members of an address")?;
         let suppressions = suppression::Entity::find()
             .filter(suppression::Column::Email.eq(email))
             .order_by_asc(suppression::Column::ListId)
             .all(&self.db)
             .await
-            .context("cannot read the suppressions of an address")?
-            .into_iter()
-            .map(|s| SuppressionFact {
-                list_id: (s.list_id != super::ALL_LISTS).then_some(s.list_id),
-                email: s.email,
-                reason: s.reason,
-                unsubscribed_while_behind: SuppressionSource::parse(&s.source).while_behind(),
-                source: s.source,
-                since_ms: s.created_at,
-            })
-            .collect();
+            .context("cannot read the suppressions of an address")?;
         let operations = operation::Entity::find()
             .filter(operation::Column::Email.eq(email))
             .order_by_desc(operation::Column::Id)
             .limit(max_operations)
             .all(&self.db)
             .await
-            .context("cannot read the operations of an address")?
-            .into_iter()
-            .map(|o| OperationFact {
-                id: o.id,
-                run_id: o.run_id,
-                kind: o.kind,
-                list_id: o.list_id,
-                email: o.email,
-                status: o.status,
-                attempts: o.attempts,
-                last_error: o.last_error,
-                created_ms: o.created_at,
-                updated_ms: o.updated_at,
-            })
-            .collect();
+            .context("cannot read the operations of an address")?;
         let refusals = refusal::Entity::find()
             .filter(refusal::Column::Email.eq(email))
             .order_by_asc(refusal::Column::ListId)
             .all(&self.db)
             .await
-            .context("cannot read the refusals of an address")?
-            .into_iter()
-            .map(|r| RefusalFact {
-                kind: r.kind,
-                list_id: r.list_id,
-                email: r.email,
-                code: r.code,
-                message: r.message,
-                failed_runs: r.failed_runs,
-                parked: r.parked,
-                last_run_id: r.last_run_id,
-                updated_ms: r.updated_at,
-            })
-            .collect();
+            .context("cannot read the refusals of an address")?;
         let records = ledger::Entity::find()
             .filter(ledger::Column::Email.eq(email))
             .order_by_asc(ledger::Column::Id)
             .all(&self.db)
             .await
-            .context("cannot read the contact-history records of an address")?
-            .into_iter()
-            .map(|r| RecordFact {
-                kind: r.kind,
-                scope: r.scope,
-                link_man_id: r.link_man_id,
-                customer_id: r.customer_id,
-                email: r.email,
-                title: r.title,
-                status: r.status,
-                uncertain: r.uncertain,
-                attempts: r.attempts,
-                last_error: r.last_error,
-                failed_runs: r.failed_runs,
-                created_ms: r.created_at,
-                updated_ms: r.updated_at,
-            })
-            .collect();
+            .context("cannot read the contact-history records of an address")?;
         Ok(AddressFacts {
-            members,
-            suppressions,
-            operations,
-            refusals,
-            records,
+            members: members.into_iter().map(MemberFact::from).collect(),
+            suppressions: suppressions
+                .into_iter()
+                .map(SuppressionFact::from)
+                .collect(),
+            operations: operations.into_iter().map(OperationFact::from).collect(),
+            refusals: refusals.into_iter().map(RefusalFact::from).collect(),
+            records: records.into_iter().map(RecordFact::from).collect(),
         })
+    }
+}
+
+impl From<member::Model> for MemberFact {
+    fn from(m: member::Model) -> MemberFact {
+        MemberFact {
+            list_id: m.list_id,
+            email: m.email,
+            origin: m.origin,
+            present: m.present,
+            link_man_id: m.link_man_id,
+            customer_id: m.customer_id,
+            edm_id: m.edm_id,
+            fullname: m.fullname,
+            vars: vars_from_json(&m.vars).to_vec(),
+            since_ms: m.updated_at,
+        }
+    }
+}
+
+impl From<suppression::Model> for SuppressionFact {
+    fn from(s: suppression::Model) -> SuppressionFact {
+        SuppressionFact {
+            list_id: (s.list_id != super::ALL_LISTS).then_some(s.list_id),
+            email: s.email,
+            reason: s.reason,
+            unsubscribed_while_behind: SuppressionSource::parse(&s.source).while_behind(),
+            source: s.source,
+            since_ms: s.created_at,
+        }
+    }
+}
+
+impl From<operation::Model> for OperationFact {
+    fn from(o: operation::Model) -> OperationFact {
+        OperationFact {
+            id: o.id,
+            run_id: o.run_id,
+            kind: o.kind,
+            list_id: o.list_id,
+            email: o.email,
+            status: o.status,
+            attempts: o.attempts,
+            last_error: o.last_error,
+            created_ms: o.created_at,
+            updated_ms: o.updated_at,
+        }
+    }
+}
+
+impl From<refusal::Model> for RefusalFact {
+    fn from(r: refusal::Model) -> RefusalFact {
+        RefusalFact {
+            kind: r.kind,
+            list_id: r.list_id,
+            email: r.email,
+            code: r.code,
+            message: r.message,
+            failed_runs: r.failed_runs,
+            parked: r.parked,
+            last_run_id: r.last_run_id,
+            updated_ms: r.updated_at,
+        }
+    }
+}
+
+impl From<ledger::Model> for RecordFact {
+    fn from(r: ledger::Model) -> RecordFact {
+        RecordFact {
+            kind: r.kind,
+            scope: r.scope,
+            link_man_id: r.link_man_id,
+            customer_id: r.customer_id,
+            email: r.email,
+            title: r.title,
+            status: r.status,
+            uncertain: r.uncertain,
+            attempts: r.attempts,
+            last_error: r.last_error,
+            failed_runs: r.failed_runs,
+            created_ms: r.created_at,
+            updated_ms: r.updated_at,
+        }
     }
 }

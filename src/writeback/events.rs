@@ -179,60 +179,7 @@ pub fn records(
     let mut unmatched = Unmatched::default();
     let mut acc: BTreeMap<RecordKey, Gathered> = BTreeMap::new();
     for ce in campaigns {
-        let c = &ce.campaign;
-        let scope = format!("campaign:{}", c.id);
-        for o in &ce.opens {
-            match index.owner(&o.address, c.list_id) {
-                Some(owner) => gather(
-                    &mut acc,
-                    RecordKind::Open,
-                    &scope,
-                    owner,
-                    Some(c),
-                    c.list_id,
-                )
-                .add(o.total, &o.first, &o.last),
-                None => unmatched.open += 1,
-            }
-        }
-        for k in &ce.clicks {
-            match index.owner(&k.address, c.list_id) {
-                Some(owner) => {
-                    let facts = gather(
-                        &mut acc,
-                        RecordKind::Click,
-                        &scope,
-                        owner,
-                        Some(c),
-                        c.list_id,
-                    );
-                    facts.add(k.total, &k.first, &k.last);
-                    if !k.link.is_empty() {
-                        facts.links.insert(k.link.clone());
-                    }
-                }
-                None => unmatched.click += 1,
-            }
-        }
-        for (bounce_kind, address) in &ce.bounces {
-            match index.owner(address, c.list_id) {
-                Some(owner) => {
-                    let facts = gather(
-                        &mut acc,
-                        RecordKind::Bounce,
-                        &scope,
-                        owner,
-                        Some(c),
-                        c.list_id,
-                    );
-                    facts.count += 1;
-                    if facts.reason.is_empty() {
-                        facts.reason = bounce_reason(bounce_kind).to_string();
-                    }
-                }
-                None => unmatched.bounce += 1,
-            }
-        }
+        gather_campaign(&mut acc, ce, index, &mut unmatched);
     }
     for u in unsubscribes {
         match index.owner(&u.address, Some(u.list_id)) {
@@ -256,71 +203,115 @@ pub fn records(
     }
     let out = acc
         .into_iter()
-        .map(
-            |(
-                (k, scope, link_man_id),
-                Gathered {
-                    owner,
-                    facts,
-                    campaign,
-                    list_id,
-                },
-            )| {
-                let list = list_id
-                    .map(|l| {
-                        list_names
-                            .get(&l)
-                            .cloned()
-                            .unwrap_or_else(|| format!("#{l}"))
-                    })
-                    .unwrap_or_default();
-                let mut links: Vec<String> = facts.links.iter().take(MAX_LINKS).cloned().collect();
-                if facts.links.len() > MAX_LINKS {
-                    links.push(format!("…（共 {} 个）", facts.links.len()));
-                }
-                let values: BTreeMap<&str, String> = [
-                    ("name", owner.name.clone()),
-                    ("email", owner.email.clone()),
-                    (
-                        "campaign",
-                        campaign.map(|c| c.name.clone()).unwrap_or_default(),
-                    ),
-                    ("sn", campaign.map(|c| c.sn.clone()).unwrap_or_default()),
-                    (
-                        "campaign_id",
-                        campaign.map(|c| c.id.to_string()).unwrap_or_default(),
-                    ),
-                    ("list", list),
-                    ("count", facts.count.to_string()),
-                    ("first", facts.first.clone()),
-                    ("last", facts.last.clone()),
-                    ("links", links.join("、")),
-                    ("reason", facts.reason.clone()),
-                    ("time", facts.time.clone()),
-                ]
-                .into_iter()
-                .collect();
-                let (title, content) = match k {
-                    RecordKind::Open => (&templates.open_title, &templates.open_content),
-                    RecordKind::Click => (&templates.click_title, &templates.click_content),
-                    RecordKind::Bounce => (&templates.bounce_title, &templates.bounce_content),
-                    RecordKind::Unsubscribe => {
-                        (&templates.unsubscribe_title, &templates.unsubscribe_content)
-                    }
-                };
-                NewRecord {
-                    kind: k,
-                    scope,
-                    link_man_id,
-                    customer_id: owner.customer_id,
-                    email: owner.email.clone(),
-                    title: render(title, &values),
-                    content: render(content, &values),
-                }
-            },
-        )
+        .map(|(key, gathered)| render_record(key, gathered, templates, list_names))
         .collect();
     (out, unmatched)
+}
+
+/// One campaign's opens, clicks and hard bounces, gathered by owner.
+fn gather_campaign<'a>(
+    acc: &mut BTreeMap<RecordKey, Gathered<'a>>,
+    ce: &'a CampaignEvents,
+    index: &MemberIndex,
+    unmatched: &mut Unmatched,
+) {
+    let c = &ce.campaign;
+    let scope = format!("campaign:{}", c.id);
+    for o in &ce.opens {
+        match index.owner(&o.address, c.list_id) {
+            Some(owner) => gather(acc, RecordKind::Open, &scope, owner, Some(c), c.list_id)
+                .add(o.total, &o.first, &o.last),
+            None => unmatched.open += 1,
+        }
+    }
+    for k in &ce.clicks {
+        match index.owner(&k.address, c.list_id) {
+            Some(owner) => {
+                let facts = gather(acc, RecordKind::Click, &scope, owner, Some(c), c.list_id);
+                facts.add(k.total, &k.first, &k.last);
+                if !k.link.is_empty() {
+                    facts.links.insert(k.link.clone());
+                }
+            }
+            None => unmatched.click += 1,
+        }
+    }
+    for (bounce_kind, address) in &ce.bounces {
+        match index.owner(address, c.list_id) {
+            Some(owner) => {
+                let facts = gather(acc, RecordKind::Bounce, &scope, owner, Some(c), c.list_id);
+                facts.count += 1;
+                if facts.reason.is_empty() {
+                    facts.reason = bounce_reason(bounce_kind).to_string();
+                }
+            }
+            None => unmatched.bounce += 1,
+        }
+    }
+}
+
+/// The record of one key: its template filled with what was gathered.
+fn render_record(
+    (kind, scope, link_man_id): RecordKey,
+    gathered: Gathered,
+    templates: &Templates,
+    list_names: &HashMap<ListId, String>,
+) -> NewRecord {
+    let Gathered {
+        owner,
+        facts,
+        campaign,
+        list_id,
+    } = gathered;
+    let list = list_id
+        .map(|l| {
+            list_names
+                .get(&l)
+                .cloned()
+                .unwrap_or_else(|| format!("#{l}"))
+        })
+        .unwrap_or_default();
+    let mut links: Vec<String> = facts.links.iter().take(MAX_LINKS).cloned().collect();
+    if facts.links.len() > MAX_LINKS {
+        links.push(format!("…（共 {} 个）", facts.links.len()));
+    }
+    let values: BTreeMap<&str, String> = [
+        ("name", owner.name.clone()),
+        ("email", owner.email.clone()),
+        (
+            "campaign",
+            campaign.map(|c| c.name.clone()).unwrap_or_default(),
+        ),
+        ("sn", campaign.map(|c| c.sn.clone()).unwrap_or_default()),
+        (
+            "campaign_id",
+            campaign.map(|c| c.id.to_string()).unwrap_or_default(),
+        ),
+        ("list", list),
+        ("count", facts.count.to_string()),
+        ("first", facts.first.clone()),
+        ("last", facts.last.clone()),
+        ("links", links.join("、")),
+        ("reason", facts.reason.clone()),
+        ("time", facts.time.clone()),
+    ]
+    .into_iter()
+    .collect();
+    let (title, content) = match kind {
+        RecordKind::Open => (&templates.open_title, &templates.open_content),
+        RecordKind::Click => (&templates.click_title, &templates.click_content),
+        RecordKind::Bounce => (&templates.bounce_title, &templates.bounce_content),
+        RecordKind::Unsubscribe => (&templates.unsubscribe_title, &templates.unsubscribe_content),
+    };
+    NewRecord {
+        kind,
+        scope,
+        link_man_id,
+        customer_id: owner.customer_id,
+        email: owner.email.clone(),
+        title: render(title, &values),
+        content: render(content, &values),
+    }
 }
 
 #[cfg(test)]
