@@ -476,342 +476,395 @@ fn vars_from(p: &BTreeMap<String, String>) -> [String; 10] {
 fn answer(h: &EdmHandle, script: &str, operation: &str, p: &BTreeMap<String, String>) -> String {
     let mut d = lock(&h.data);
     let list_id = int(p, "list_id");
-    let no_list = || result("list_not_exist", "联系人分类不存在", None);
     match (script, operation) {
-        ("account.php", "customer-info") => {
-            let mut x = Xml::new();
-            x.open(0, "customer");
-            x.leaf(1, "id", "1001");
-            x.leaf(1, "username", super::EDM_USER);
-            x.leaf(1, "company", "演示公司");
-            x.close(0, "customer");
-            x.0
-        }
-        ("account.php", "service-info") => {
-            let (status, expires, qty) = d
-                .service
-                .clone()
-                .unwrap_or_else(|| ("enabled".to_string(), "2099-12-31".to_string(), 1_000_000));
-            let mut x = Xml::new();
-            x.open(0, "service");
-            x.leaf(1, "id", "1001");
-            x.leaf(1, "service_status", &status);
-            x.leaf(1, "service_type", "包月");
-            x.leaf(1, "send_type", "1");
-            x.leaf(1, "beginning_date", "2026-01-01");
-            x.leaf(1, "expiration_date", &expires);
-            x.leaf(1, "qty_available", &qty.to_string());
-            x.close(0, "service");
-            x.0
-        }
-        ("mloperate.php", "maillist-list") => {
-            let mut x = Xml::new();
-            x.open(0, "maillist");
-            for (id, list) in &d.lists {
-                x.open(1, "item");
-                x.leaf(2, "id", &id.to_string());
-                x.leaf(2, "subject", &list.subject);
-                x.leaf(2, "descrīption", "");
-                x.leaf(2, "count", &list.addrs.len().to_string());
-                x.leaf(2, "status", "enabled");
-                x.close(1, "item");
-            }
-            x.close(0, "maillist");
-            x.0
-        }
-        ("mloperate.php", "maillist-detail") => {
-            match int(p, "id").and_then(|id| d.lists.get(&id).map(|l| (id, l))) {
-                Some((id, list)) => {
-                    let mut x = Xml::new();
-                    x.open(0, "maillist");
-                    x.leaf(1, "id", &id.to_string());
-                    x.leaf(1, "subject", &list.subject);
-                    x.leaf(1, "descrīption", "");
-                    x.leaf(1, "count", &list.addrs.len().to_string());
-                    x.leaf(1, "status", "enabled");
-                    // As documented: closed by `</aillist>`.
-                    x.close(0, "aillist");
-                    x.0
-                }
-                None => no_list(),
-            }
-        }
-        ("mloperate.php", "ml-addr-list") => {
-            let Some(list) = list_id.and_then(|id| d.lists.get(&id)) else {
-                return no_list();
-            };
-            let keyword = p.get("keyword").map(|k| k.to_lowercase());
-            let matching: Vec<&SandboxAddress> = list
-                .addrs
-                .iter()
-                .filter(|a| match &keyword {
-                    Some(k) => {
-                        a.address.to_lowercase().contains(k)
-                            || a.fullname.to_lowercase().contains(k)
-                    }
-                    None => true,
-                })
-                .collect();
-            let page: Vec<&SandboxAddress> = match int(p, "page") {
-                Some(page) => {
-                    let limit = int(p, "limit").unwrap_or(50).max(1) as usize;
-                    let page = page.max(1) as usize;
-                    matching
-                        .into_iter()
-                        .skip((page - 1) * limit)
-                        .take(limit)
-                        .collect()
-                }
-                None => matching,
-            };
-            let mut x = Xml::new();
-            x.open(0, "data");
-            for a in page {
-                x.open(1, "addr");
-                x.leaf(2, "id", &a.id.to_string());
-                x.leaf(2, "list_id", &list_id.unwrap_or_default().to_string());
-                x.leaf(2, "address", &a.address);
-                // As documented: `</ fullname >`.
-                x.leaf_closed_by(2, "fullname", &a.fullname, " fullname ");
-                x.leaf(2, "time", &a.time);
-                for (i, v) in a.vars.iter().enumerate() {
-                    x.leaf(2, &format!("var{}", i + 1), v);
-                }
-                x.close(1, "addr");
-            }
-            x.close(0, "data");
-            x.0
-        }
-        ("mloperate.php", "ml-addr-add") => {
-            let Some(list_id) = list_id.filter(|id| d.lists.contains_key(id)) else {
-                return no_list();
-            };
-            if let Some(lines) = p.get("ml_addr") {
-                let separator = p
-                    .get("separate")
-                    .map(String::as_str)
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or("\n");
-                let poison = lines.split(separator).find_map(|line| {
-                    let address = line.split(';').next().unwrap_or_default().trim();
-                    d.refused.get(&address.to_lowercase())
-                });
-                if let Some((code, message)) = poison {
-                    return result(code, message, None);
-                }
-                let mut added = 0;
-                for line in lines.split(separator) {
-                    let parts: Vec<&str> = line.split(';').collect();
-                    let address = parts.first().map(|s| s.trim()).unwrap_or_default();
-                    if !address.contains('@') {
-                        continue;
-                    }
-                    let fullname = parts.get(1).copied().unwrap_or_default();
-                    let vars: [String; 10] = std::array::from_fn(|i| {
-                        parts.get(i + 2).map(|s| s.to_string()).unwrap_or_default()
-                    });
-                    d.push(list_id, address, fullname, vars);
-                    added += 1;
-                }
-                result("success", &format!("成功添加 {added} 个地址"), None)
-            } else if let Some(address) = p.get("address").filter(|a| a.contains('@')) {
-                let fullname = p.get("fullname").cloned().unwrap_or_default();
-                let id = d.push(list_id, address, &fullname, vars_from(p));
-                let with_id = p.get("return_id").map(String::as_str) == Some("1");
-                result("success", "添加成功", with_id.then_some(id))
-            } else {
-                result("add_address_error", "地址为空", None)
-            }
-        }
-        ("mloperate.php", "ml-addr-edit") => {
-            let Some(id) = int(p, "id") else {
-                return result("update_address_error", "缺少地址id", None);
-            };
-            if let Some((code, message)) = p
-                .get("address")
-                .and_then(|a| d.refused.get(&a.to_lowercase()))
-            {
-                return result(code, message, None);
-            }
-            let vars = vars_from(p);
-            for list in d.lists.values_mut() {
-                if let Some(a) = list.addrs.iter_mut().find(|a| a.id == id) {
-                    if let Some(address) = p.get("address") {
-                        a.address = address.clone();
-                    }
-                    if let Some(fullname) = p.get("fullname") {
-                        a.fullname = fullname.clone();
-                    }
-                    a.vars = vars;
-                    return result("success", "修改成功", None);
-                }
-            }
-            result("address_not_exist", "地址不存在", None)
-        }
-        ("mloperate.php", "ml-addr-del") => {
-            let id = int(p, "id");
-            for list in d.lists.values_mut() {
-                list.addrs.retain(|a| Some(a.id) != id);
-            }
-            result("success", "删除成功", None)
-        }
-        ("mloperate.php", "ml-unsub") => {
-            let Some(list_id) = list_id.filter(|id| d.lists.contains_key(id)) else {
-                return no_list();
-            };
-            let raw = p.get("address").cloned().unwrap_or_default();
-            let addresses: Vec<&str> = raw
-                .split([',', '\n'])
-                .map(str::trim)
-                .filter(|a| !a.is_empty())
-                .collect();
-            if let Some((code, message)) = addresses
-                .iter()
-                .find_map(|a| d.refused.get(&a.to_lowercase()))
-            {
-                return result(code, message, None);
-            }
-            // One pass over the list for the whole batch.
-            let gone: std::collections::HashSet<String> =
-                addresses.iter().map(|a| a.to_lowercase()).collect();
-            let time = d.tick();
-            if let Some(list) = d.lists.get_mut(&list_id) {
-                list.addrs
-                    .retain(|a| !gone.contains(&a.address.to_lowercase()));
-                for address in &addresses {
-                    list.unsubs.push((time.clone(), address.to_lowercase()));
-                }
-            }
-            result("success", &format!("退订 {} 个地址", addresses.len()), None)
-        }
-        ("mloperate.php", "unsubscribe-export") => {
-            let Some(list) = int(p, "id").and_then(|id| d.lists.get(&id)) else {
-                return no_list();
-            };
-            list.unsubs
-                .iter()
-                .map(|(t, e)| format!("{t}\t{e}\n"))
-                .collect()
-        }
-        ("task.php", "task-list") => {
-            let date = p.get("date").cloned();
-            let status = p
-                .get("send_status")
-                .cloned()
-                .unwrap_or_else(|| "all".into());
-            let matching: Vec<&SandboxCampaign> = d
-                .campaigns
-                .values()
-                .filter(|c| date.as_ref().is_none_or(|dt| &c.date == dt))
-                .filter(|c| status == "all" || status == c.send_status.to_string())
-                .filter(|c| int(p, "id").is_none_or(|id| id == c.id))
-                .collect();
-            let page: Vec<&SandboxCampaign> = match (int(p, "page"), int(p, "limit")) {
-                (None, None) => matching,
-                (page, limit) => {
-                    let limit = limit.unwrap_or(30).max(1) as usize;
-                    let page = page.unwrap_or(1).max(1) as usize;
-                    matching
-                        .into_iter()
-                        .skip((page - 1) * limit)
-                        .take(limit)
-                        .collect()
-                }
-            };
-            let mut x = Xml::new();
-            x.open(0, "task_list");
-            for c in page {
-                x.open(1, "task");
-                x.leaf(2, "id", &c.id.to_string());
-                x.leaf(2, "sn", &c.sn);
-                x.leaf(2, "acct_type", "domain");
-                x.leaf(2, "tpl_id", "1");
-                x.leaf(2, "tpl_name", &c.name);
-                x.leaf(2, "list_id", &c.list_id.to_string());
-                x.leaf(
-                    2,
-                    "list_name",
-                    d.lists
-                        .get(&c.list_id)
-                        .map(|l| l.subject.as_str())
-                        .unwrap_or(""),
-                );
-                x.leaf(2, "send_time", &format!("{} 09:00", c.date));
-                x.leaf(2, "time_start", &format!("{} 09:00:05", c.date));
-                x.leaf(2, "send_status", &c.send_status.to_string());
-                x.leaf(2, "track_status", &c.track_status.to_string());
-                x.close(1, "task");
-            }
-            x.close(0, "task_list");
-            x.0
-        }
-        ("track.php", "open-detail") => {
-            let Some(c) = int(p, "id").and_then(|id| d.campaigns.get(&id)) else {
-                return result("task_not_exist", "任务不存在", None);
-            };
-            let mut x = Xml::new();
-            x.open(0, "data");
-            for (i, (email, total, first, last)) in c.opens.iter().enumerate() {
-                x.open(1, "user");
-                x.leaf(2, "email_id", &(i + 1).to_string());
-                x.leaf(2, "email", email);
-                x.leaf(2, "browser", "Chrome");
-                x.leaf(2, "os", "Windows");
-                x.leaf(2, "ip_first", "203.0.113.7");
-                x.leaf(2, "ip_last", "203.0.113.7");
-                x.leaf(2, "open_total", &total.to_string());
-                x.leaf(2, "click_total", "0");
-                x.leaf(2, "open_first", first);
-                x.leaf(2, "open_last", last);
-                x.leaf(2, "click_first", "");
-                x.leaf(2, "click_last", "");
-                x.close(1, "user");
-            }
-            // As documented: the document ends with `<data>`.
-            x.open(0, "data");
-            x.0
-        }
-        ("track.php", "click-detail") => {
-            let Some(c) = int(p, "id").and_then(|id| d.campaigns.get(&id)) else {
-                return result("task_not_exist", "任务不存在", None);
-            };
-            let mut x = Xml::new();
-            x.open(0, "data");
-            for (i, (email, link, total, first, last)) in c.clicks.iter().enumerate() {
-                x.open(1, "click");
-                x.leaf(2, "click_id", &(i + 1).to_string());
-                x.leaf(2, "email", email);
-                x.leaf(2, "link", link);
-                x.leaf(2, "click_unique", "1");
-                x.leaf(2, "click_total", &total.to_string());
-                x.leaf(2, "click_first", first);
-                x.leaf(2, "click_last", last);
-                x.close(1, "click");
-            }
-            x.open(0, "data");
-            x.0
-        }
-        ("failexport.php", _) => {
-            let kind = p.get("type").cloned().unwrap_or_default();
-            let kind = match kind.as_str() {
-                "1" => "not_exist",
-                "2" => "over_quota",
-                "3" => "user_reject",
-                "8" => "invalid_addr",
-                "9" => "format_error",
-                other => other,
-            }
-            .to_string();
-            let date = p.get("date").cloned().unwrap_or_default();
-            let task = int(p, "task_id");
-            d.campaigns
-                .values()
-                .filter(|c| c.date == date && task.is_none_or(|t| t == c.id))
-                .flat_map(|c| c.bounces.iter())
-                .filter(|(t, _)| *t == kind)
-                .map(|(_, e)| format!("{e}\n"))
-                .collect()
-        }
+        ("account.php", "customer-info") => answer_customer_info(),
+        ("account.php", "service-info") => answer_service_info(&mut d),
+        ("mloperate.php", "maillist-list") => answer_maillist_list(&mut d),
+        ("mloperate.php", "maillist-detail") => answer_maillist_detail(&mut d, p),
+        ("mloperate.php", "ml-addr-list") => answer_ml_addr_list(&mut d, p, list_id),
+        ("mloperate.php", "ml-addr-add") => answer_ml_addr_add(&mut d, p, list_id),
+        ("mloperate.php", "ml-addr-edit") => answer_ml_addr_edit(&mut d, p),
+        ("mloperate.php", "ml-addr-del") => answer_ml_addr_del(&mut d, p),
+        ("mloperate.php", "ml-unsub") => answer_ml_unsub(&mut d, p, list_id),
+        ("mloperate.php", "unsubscribe-export") => answer_unsubscribe_export(&mut d, p),
+        ("task.php", "task-list") => answer_task_list(&mut d, p),
+        ("track.php", "open-detail") => answer_open_detail(&mut d, p),
+        ("track.php", "click-detail") => answer_click_detail(&mut d, p),
+        ("failexport.php", _) => answer_failexport(&mut d, p),
         _ => result("unknown_operation", &format!("未知操作 {operation}"), None),
     }
+}
+
+/// The answer for a list id EDM does not have.
+fn no_list() -> String {
+    result("list_not_exist", "联系人分类不存在", None)
+}
+
+/// `account.php?do=customer-info`.
+fn answer_customer_info() -> String {
+    let mut x = Xml::new();
+    x.open(0, "customer");
+    x.leaf(1, "id", "1001");
+    x.leaf(1, "username", super::EDM_USER);
+    x.leaf(1, "company", "演示公司");
+    x.close(0, "customer");
+    x.0
+}
+
+/// `account.php?do=service-info`.
+fn answer_service_info(d: &mut EdmData) -> String {
+    let (status, expires, qty) = d
+        .service
+        .clone()
+        .unwrap_or_else(|| ("enabled".to_string(), "2099-12-31".to_string(), 1_000_000));
+    let mut x = Xml::new();
+    x.open(0, "service");
+    x.leaf(1, "id", "1001");
+    x.leaf(1, "service_status", &status);
+    x.leaf(1, "service_type", "包月");
+    x.leaf(1, "send_type", "1");
+    x.leaf(1, "beginning_date", "2026-01-01");
+    x.leaf(1, "expiration_date", &expires);
+    x.leaf(1, "qty_available", &qty.to_string());
+    x.close(0, "service");
+    x.0
+}
+
+/// `mloperate.php?do=maillist-list`.
+fn answer_maillist_list(d: &mut EdmData) -> String {
+    let mut x = Xml::new();
+    x.open(0, "maillist");
+    for (id, list) in &d.lists {
+        x.open(1, "item");
+        x.leaf(2, "id", &id.to_string());
+        x.leaf(2, "subject", &list.subject);
+        x.leaf(2, "descrīption", "");
+        x.leaf(2, "count", &list.addrs.len().to_string());
+        x.leaf(2, "status", "enabled");
+        x.close(1, "item");
+    }
+    x.close(0, "maillist");
+    x.0
+}
+
+/// `mloperate.php?do=maillist-detail`.
+fn answer_maillist_detail(d: &mut EdmData, p: &BTreeMap<String, String>) -> String {
+    match int(p, "id").and_then(|id| d.lists.get(&id).map(|l| (id, l))) {
+        Some((id, list)) => {
+            let mut x = Xml::new();
+            x.open(0, "maillist");
+            x.leaf(1, "id", &id.to_string());
+            x.leaf(1, "subject", &list.subject);
+            x.leaf(1, "descrīption", "");
+            x.leaf(1, "count", &list.addrs.len().to_string());
+            x.leaf(1, "status", "enabled");
+            // As documented: closed by `</aillist>`.
+            x.close(0, "aillist");
+            x.0
+        }
+        None => no_list(),
+    }
+}
+
+/// `mloperate.php?do=ml-addr-list`.
+fn answer_ml_addr_list(
+    d: &mut EdmData,
+    p: &BTreeMap<String, String>,
+    list_id: Option<i64>,
+) -> String {
+    let Some(list) = list_id.and_then(|id| d.lists.get(&id)) else {
+        return no_list();
+    };
+    let keyword = p.get("keyword").map(|k| k.to_lowercase());
+    let matching: Vec<&SandboxAddress> = list
+        .addrs
+        .iter()
+        .filter(|a| match &keyword {
+            Some(k) => {
+                a.address.to_lowercase().contains(k) || a.fullname.to_lowercase().contains(k)
+            }
+            None => true,
+        })
+        .collect();
+    let page: Vec<&SandboxAddress> = match int(p, "page") {
+        Some(page) => {
+            let limit = int(p, "limit").unwrap_or(50).max(1) as usize;
+            let page = page.max(1) as usize;
+            matching
+                .into_iter()
+                .skip((page - 1) * limit)
+                .take(limit)
+                .collect()
+        }
+        None => matching,
+    };
+    let mut x = Xml::new();
+    x.open(0, "data");
+    for a in page {
+        x.open(1, "addr");
+        x.leaf(2, "id", &a.id.to_string());
+        x.leaf(2, "list_id", &list_id.unwrap_or_default().to_string());
+        x.leaf(2, "address", &a.address);
+        // As documented: `</ fullname >`.
+        x.leaf_closed_by(2, "fullname", &a.fullname, " fullname ");
+        x.leaf(2, "time", &a.time);
+        for (i, v) in a.vars.iter().enumerate() {
+            x.leaf(2, &format!("var{}", i + 1), v);
+        }
+        x.close(1, "addr");
+    }
+    x.close(0, "data");
+    x.0
+}
+
+/// `mloperate.php?do=ml-addr-add`.
+fn answer_ml_addr_add(
+    d: &mut EdmData,
+    p: &BTreeMap<String, String>,
+    list_id: Option<i64>,
+) -> String {
+    let Some(list_id) = list_id.filter(|id| d.lists.contains_key(id)) else {
+        return no_list();
+    };
+    if let Some(lines) = p.get("ml_addr") {
+        let separator = p
+            .get("separate")
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+            .unwrap_or("\n");
+        let poison = lines.split(separator).find_map(|line| {
+            let address = line.split(';').next().unwrap_or_default().trim();
+            d.refused.get(&address.to_lowercase())
+        });
+        if let Some((code, message)) = poison {
+            return result(code, message, None);
+        }
+        let mut added = 0;
+        for line in lines.split(separator) {
+            let parts: Vec<&str> = line.split(';').collect();
+            let address = parts.first().map(|s| s.trim()).unwrap_or_default();
+            if !address.contains('@') {
+                continue;
+            }
+            let fullname = parts.get(1).copied().unwrap_or_default();
+            let vars: [String; 10] = std::array::from_fn(|i| {
+                parts.get(i + 2).map(|s| s.to_string()).unwrap_or_default()
+            });
+            d.push(list_id, address, fullname, vars);
+            added += 1;
+        }
+        result("success", &format!("成功添加 {added} 个地址"), None)
+    } else if let Some(address) = p.get("address").filter(|a| a.contains('@')) {
+        let fullname = p.get("fullname").cloned().unwrap_or_default();
+        let id = d.push(list_id, address, &fullname, vars_from(p));
+        let with_id = p.get("return_id").map(String::as_str) == Some("1");
+        result("success", "添加成功", with_id.then_some(id))
+    } else {
+        result("add_address_error", "地址为空", None)
+    }
+}
+
+/// `mloperate.php?do=ml-addr-edit`.
+fn answer_ml_addr_edit(d: &mut EdmData, p: &BTreeMap<String, String>) -> String {
+    let Some(id) = int(p, "id") else {
+        return result("update_address_error", "缺少地址id", None);
+    };
+    if let Some((code, message)) = p
+        .get("address")
+        .and_then(|a| d.refused.get(&a.to_lowercase()))
+    {
+        return result(code, message, None);
+    }
+    let vars = vars_from(p);
+    for list in d.lists.values_mut() {
+        if let Some(a) = list.addrs.iter_mut().find(|a| a.id == id) {
+            if let Some(address) = p.get("address") {
+                a.address = address.clone();
+            }
+            if let Some(fullname) = p.get("fullname") {
+                a.fullname = fullname.clone();
+            }
+            a.vars = vars;
+            return result("success", "修改成功", None);
+        }
+    }
+    result("address_not_exist", "地址不存在", None)
+}
+
+/// `mloperate.php?do=ml-addr-del`.
+fn answer_ml_addr_del(d: &mut EdmData, p: &BTreeMap<String, String>) -> String {
+    let id = int(p, "id");
+    for list in d.lists.values_mut() {
+        list.addrs.retain(|a| Some(a.id) != id);
+    }
+    result("success", "删除成功", None)
+}
+
+/// `mloperate.php?do=ml-unsub`.
+fn answer_ml_unsub(d: &mut EdmData, p: &BTreeMap<String, String>, list_id: Option<i64>) -> String {
+    let Some(list_id) = list_id.filter(|id| d.lists.contains_key(id)) else {
+        return no_list();
+    };
+    let raw = p.get("address").cloned().unwrap_or_default();
+    let addresses: Vec<&str> = raw
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if let Some((code, message)) = addresses
+        .iter()
+        .find_map(|a| d.refused.get(&a.to_lowercase()))
+    {
+        return result(code, message, None);
+    }
+    // One pass over the list for the whole batch.
+    let gone: std::collections::HashSet<String> =
+        addresses.iter().map(|a| a.to_lowercase()).collect();
+    let time = d.tick();
+    if let Some(list) = d.lists.get_mut(&list_id) {
+        list.addrs
+            .retain(|a| !gone.contains(&a.address.to_lowercase()));
+        for address in &addresses {
+            list.unsubs.push((time.clone(), address.to_lowercase()));
+        }
+    }
+    result("success", &format!("退订 {} 个地址", addresses.len()), None)
+}
+
+/// `mloperate.php?do=unsubscribe-export`.
+fn answer_unsubscribe_export(d: &mut EdmData, p: &BTreeMap<String, String>) -> String {
+    let Some(list) = int(p, "id").and_then(|id| d.lists.get(&id)) else {
+        return no_list();
+    };
+    list.unsubs
+        .iter()
+        .map(|(t, e)| format!("{t}\t{e}\n"))
+        .collect()
+}
+
+/// `task.php?do=task-list`.
+fn answer_task_list(d: &mut EdmData, p: &BTreeMap<String, String>) -> String {
+    let date = p.get("date").cloned();
+    let status = p
+        .get("send_status")
+        .cloned()
+        .unwrap_or_else(|| "all".into());
+    let matching: Vec<&SandboxCampaign> = d
+        .campaigns
+        .values()
+        .filter(|c| date.as_ref().is_none_or(|dt| &c.date == dt))
+        .filter(|c| status == "all" || status == c.send_status.to_string())
+        .filter(|c| int(p, "id").is_none_or(|id| id == c.id))
+        .collect();
+    let page: Vec<&SandboxCampaign> = match (int(p, "page"), int(p, "limit")) {
+        (None, None) => matching,
+        (page, limit) => {
+            let limit = limit.unwrap_or(30).max(1) as usize;
+            let page = page.unwrap_or(1).max(1) as usize;
+            matching
+                .into_iter()
+                .skip((page - 1) * limit)
+                .take(limit)
+                .collect()
+        }
+    };
+    let mut x = Xml::new();
+    x.open(0, "task_list");
+    for c in page {
+        x.open(1, "task");
+        x.leaf(2, "id", &c.id.to_string());
+        x.leaf(2, "sn", &c.sn);
+        x.leaf(2, "acct_type", "domain");
+        x.leaf(2, "tpl_id", "1");
+        x.leaf(2, "tpl_name", &c.name);
+        x.leaf(2, "list_id", &c.list_id.to_string());
+        x.leaf(
+            2,
+            "list_name",
+            d.lists
+                .get(&c.list_id)
+                .map(|l| l.subject.as_str())
+                .unwrap_or(""),
+        );
+        x.leaf(2, "send_time", &format!("{} 09:00", c.date));
+        x.leaf(2, "time_start", &format!("{} 09:00:05", c.date));
+        x.leaf(2, "send_status", &c.send_status.to_string());
+        x.leaf(2, "track_status", &c.track_status.to_string());
+        x.close(1, "task");
+    }
+    x.close(0, "task_list");
+    x.0
+}
+
+/// `track.php?do=open-detail`.
+fn answer_open_detail(d: &mut EdmData, p: &BTreeMap<String, String>) -> String {
+    let Some(c) = int(p, "id").and_then(|id| d.campaigns.get(&id)) else {
+        return result("task_not_exist", "任务不存在", None);
+    };
+    let mut x = Xml::new();
+    x.open(0, "data");
+    for (i, (email, total, first, last)) in c.opens.iter().enumerate() {
+        x.open(1, "user");
+        x.leaf(2, "email_id", &(i + 1).to_string());
+        x.leaf(2, "email", email);
+        x.leaf(2, "browser", "Chrome");
+        x.leaf(2, "os", "Windows");
+        x.leaf(2, "ip_first", "203.0.113.7");
+        x.leaf(2, "ip_last", "203.0.113.7");
+        x.leaf(2, "open_total", &total.to_string());
+        x.leaf(2, "click_total", "0");
+        x.leaf(2, "open_first", first);
+        x.leaf(2, "open_last", last);
+        x.leaf(2, "click_first", "");
+        x.leaf(2, "click_last", "");
+        x.close(1, "user");
+    }
+    // As documented: the document ends with `<data>`.
+    x.open(0, "data");
+    x.0
+}
+
+/// `track.php?do=click-detail`.
+fn answer_click_detail(d: &mut EdmData, p: &BTreeMap<String, String>) -> String {
+    let Some(c) = int(p, "id").and_then(|id| d.campaigns.get(&id)) else {
+        return result("task_not_exist", "任务不存在", None);
+    };
+    let mut x = Xml::new();
+    x.open(0, "data");
+    for (i, (email, link, total, first, last)) in c.clicks.iter().enumerate() {
+        x.open(1, "click");
+        x.leaf(2, "click_id", &(i + 1).to_string());
+        x.leaf(2, "email", email);
+        x.leaf(2, "link", link);
+        x.leaf(2, "click_unique", "1");
+        x.leaf(2, "click_total", &total.to_string());
+        x.leaf(2, "click_first", first);
+        x.leaf(2, "click_last", last);
+        x.close(1, "click");
+    }
+    x.open(0, "data");
+    x.0
+}
+
+/// `failexport.php`.
+fn answer_failexport(d: &mut EdmData, p: &BTreeMap<String, String>) -> String {
+    let kind = p.get("type").cloned().unwrap_or_default();
+    let kind = match kind.as_str() {
+        "1" => "not_exist",
+        "2" => "over_quota",
+        "3" => "user_reject",
+        "8" => "invalid_addr",
+        "9" => "format_error",
+        other => other,
+    }
+    .to_string();
+    let date = p.get("date").cloned().unwrap_or_default();
+    let task = int(p, "task_id");
+    d.campaigns
+        .values()
+        .filter(|c| c.date == date && task.is_none_or(|t| t == c.id))
+        .flat_map(|c| c.bounces.iter())
+        .filter(|(t, _)| *t == kind)
+        .map(|(_, e)| format!("{e}\n"))
+        .collect()
 }
