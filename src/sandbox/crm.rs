@@ -266,31 +266,7 @@ fn int(p: &BTreeMap<String, String>, key: &str) -> Option<i64> {
 fn answer(h: &CrmHandle, operation: &str, p: &BTreeMap<String, String>) -> (StatusCode, Value) {
     let mut d = lock(&h.data);
     match operation {
-        "Customer/GetAllList" => {
-            let mut page = int(p, "pageIndex").unwrap_or(1).max(1) as usize;
-            let size = int(p, "pageSize").unwrap_or(10).clamp(1, 100) as usize;
-            match d.page_fault {
-                Some(PageFault::EmptyFirst) if page == 1 => {
-                    return (StatusCode::OK, json!({ "value": [] }));
-                }
-                Some(PageFault::FailOn(k)) if page == k as usize => {
-                    return (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        json!({ "message": "internal error" }),
-                    );
-                }
-                Some(PageFault::Repeat(k)) if page == k as usize && page > 1 => page -= 1,
-                _ => {}
-            }
-            let items: Vec<Value> = d
-                .customers
-                .values()
-                .skip((page - 1) * size)
-                .take(size)
-                .map(|c| Value::Object(c.clone()))
-                .collect();
-            (StatusCode::OK, json!({ "value": items }))
-        }
+        "Customer/GetAllList" => customers_page(&d, p),
         "Customer/Get" => match int(p, "id").and_then(|id| d.customers.get(&id)) {
             Some(c) => (StatusCode::OK, json!({ "value": c })),
             None => (StatusCode::OK, json!({ "value": null })),
@@ -311,37 +287,7 @@ fn answer(h: &CrmHandle, operation: &str, p: &BTreeMap<String, String>) -> (Stat
             Some((_, l)) => (StatusCode::OK, json!({ "value": l })),
             None => (StatusCode::OK, json!({ "value": null })),
         },
-        "ContactHistory/Add" => {
-            let fields = (
-                int(p, "customer_id"),
-                int(p, "link_man_id"),
-                int(p, "type_id"),
-                int(p, "route_id"),
-                p.get("title"),
-                p.get("content"),
-            );
-            match fields {
-                (
-                    Some(customer_id),
-                    Some(link_man_id),
-                    Some(type_id),
-                    Some(route_id),
-                    Some(title),
-                    Some(content),
-                ) if d.customers.contains_key(&customer_id) => {
-                    d.history.push(ContactRecord {
-                        customer_id,
-                        link_man_id,
-                        type_id,
-                        route_id,
-                        title: title.clone(),
-                        content: content.clone(),
-                    });
-                    (StatusCode::OK, json!({ "value": true }))
-                }
-                _ => (StatusCode::OK, json!({ "value": false })),
-            }
-        }
+        "ContactHistory/Add" => add_contact_history(&mut d, p),
         "BaseType/GetBaseType" => (
             StatusCode::OK,
             json!({ "value": [
@@ -352,5 +298,66 @@ fn answer(h: &CrmHandle, operation: &str, p: &BTreeMap<String, String>) -> (Stat
             StatusCode::NOT_FOUND,
             json!({ "message": format!("no such handler {operation}") }),
         ),
+    }
+}
+
+/// `Customer/GetAllList`: a page of customers, or the page fault armed.
+fn customers_page(d: &CrmData, p: &BTreeMap<String, String>) -> (StatusCode, Value) {
+    let mut page = int(p, "pageIndex").unwrap_or(1).max(1) as usize;
+    let size = int(p, "pageSize").unwrap_or(10).clamp(1, 100) as usize;
+    match d.page_fault {
+        Some(PageFault::EmptyFirst) if page == 1 => {
+            return (StatusCode::OK, json!({ "value": [] }));
+        }
+        Some(PageFault::FailOn(k)) if page == k as usize => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({ "message": "internal error" }),
+            );
+        }
+        Some(PageFault::Repeat(k)) if page == k as usize && page > 1 => page -= 1,
+        _ => {}
+    }
+    let items: Vec<Value> = d
+        .customers
+        .values()
+        .skip((page - 1) * size)
+        .take(size)
+        .map(|c| Value::Object(c.clone()))
+        .collect();
+    (StatusCode::OK, json!({ "value": items }))
+}
+
+/// `ContactHistory/Add`: recorded when every field is there and the
+/// customer exists; `value:false` otherwise.
+fn add_contact_history(d: &mut CrmData, p: &BTreeMap<String, String>) -> (StatusCode, Value) {
+    let fields = (
+        int(p, "customer_id"),
+        int(p, "link_man_id"),
+        int(p, "type_id"),
+        int(p, "route_id"),
+        p.get("title"),
+        p.get("content"),
+    );
+    match fields {
+        (
+            Some(customer_id),
+            Some(link_man_id),
+            Some(type_id),
+            Some(route_id),
+            Some(title),
+            Some(content),
+        ) if d.customers.contains_key(&customer_id) => {
+            d.history.push(ContactRecord {
+                customer_id,
+                link_man_id,
+                type_id,
+                route_id,
+                title: title.clone(),
+                content: content.clone(),
+            });
+            (StatusCode::OK, json!({ "value": true }))
+        }
+        _ => (StatusCode::OK, json!({ "value": false })),
     }
 }
