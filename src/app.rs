@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command, Job};
+use crate::cli::{Cli, Command};
 use crate::config::Settings;
 use crate::jobs::{Context, RunOptions};
 
@@ -36,7 +36,7 @@ pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
         }
         Some(Command::Check) => crate::check::run(settings).await,
         Some(Command::Health) => {
-            let (healthy, line) = crate::ops::probe(settings.http.listen).await;
+            let (healthy, line) = crate::ops_endpoint::probe(settings.http.listen).await;
             println!("{line}");
             Ok(if healthy {
                 ExitCode::SUCCESS
@@ -133,10 +133,7 @@ async fn ask_the_daemon(
 /// `--once`'s jobs, as the flags give them.
 fn once_jobs(cli: &Cli) -> crate::once::OnceJobs {
     crate::once::OnceJobs {
-        job: cli.job.map(|j| match j {
-            Job::Contacts => crate::states::Job::Contacts,
-            Job::Writeback => crate::states::Job::Writeback,
-        }),
+        job: cli.job,
         opts: RunOptions {
             dry_run: cli.dry_run,
             force: cli.force,

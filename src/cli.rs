@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 /// Keeps bestedm (EDM) mailing lists in step with the contact persons of a
 /// 全程云 CRM, and writes campaign activity back to the CRM.
@@ -110,12 +110,8 @@ impl Cli {
     }
 }
 
-/// A job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Job {
-    Contacts,
-    Writeback,
-}
+/// A job (`--job`): the one the state database records runs of.
+pub use crate::stored_enums::Job;
 
 #[derive(Debug, Clone, Subcommand, PartialEq)]
 pub enum Command {

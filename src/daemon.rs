@@ -35,7 +35,7 @@ use crate::jobs::{Context, RunOptions};
 use crate::lock::{InstanceLock, LockTarget};
 use crate::reload::Live;
 use crate::schedule::{Gate, JobFn, schedule};
-use crate::states::Job;
+use crate::stored_enums::Job;
 use crate::sync::contacts;
 use crate::writeback;
 
@@ -56,7 +56,7 @@ pub async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<
     // `/healthz` reads through a pool of its own, so that it answers
     // whatever the jobs are doing with theirs.
     let ops_store = crate::state::Store::reader_beside(&base.settings.database.url).await?;
-    let (addr, ops_task) = crate::ops::serve(
+    let (addr, ops_task) = crate::ops_endpoint::serve(
         listen,
         ops_store.clone(),
         metrics,

@@ -428,7 +428,11 @@ fn write_list(out: &mut String, l: &ListAnswer) {
             s.source
         );
         if s.unsubscribed_while_behind {
-            let _ = writeln!(out, "    {}", crate::states::SuppressionSource::BEHIND_NOTE);
+            let _ = writeln!(
+                out,
+                "    {}",
+                crate::stored_enums::SuppressionSource::BEHIND_NOTE
+            );
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::config::Settings;
 use crate::domain::MemberFields;
 use crate::jobs::{Context, RunOptions};
 use crate::state::{RunAsk, Store};
-use crate::states::{Job, RequestState};
+use crate::stored_enums::{Job, RequestState};
 use crate::sync::contacts::{self, ContactsReport, Outcome, Preview};
 use crate::writeback;
 

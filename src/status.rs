@@ -8,8 +8,8 @@ use std::process::ExitCode;
 
 use crate::config::Settings;
 use crate::domain::{ListId, Origin};
-use crate::state::{ParkedRecord, PendingRow, Refusal, RunRow, Store};
-use crate::states::{LedgerStatus, RecordKind, SuppressionReason, SuppressionSource};
+use crate::state::{EdmRefusal, ParkedRecord, PendingRow, RunRow, Store};
+use crate::stored_enums::{LedgerStatus, RecordKind, SuppressionReason, SuppressionSource};
 
 /// Runs shown per job.
 const RUNS_PER_JOB: usize = 5;
@@ -50,7 +50,8 @@ pub async fn print(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> 
 
 /// The last runs of each job, newest first.
 async fn runs_per_job(store: &Store) -> anyhow::Result<Vec<RunRow>> {
-    let mut per_job: std::collections::HashMap<crate::states::Job, usize> = Default::default();
+    let mut per_job: std::collections::HashMap<crate::stored_enums::Job, usize> =
+        Default::default();
     Ok(store
         .recent_runs(200)
         .await?
@@ -75,7 +76,7 @@ pub struct StatusReport {
     pub members: Vec<(ListId, Origin, bool, u64)>,
     /// EDM operations parked (refused in `edm.max_attempts` runs).
     pub parked_total: u64,
-    pub parked: Vec<Refusal>,
+    pub parked: Vec<EdmRefusal>,
     /// Contact-history records parked (refused in `crm.max_attempts` runs).
     pub parked_records_total: u64,
     pub parked_records: Vec<ParkedRecord>,
@@ -369,7 +370,7 @@ mod tests {
             pending_total: 3,
             pending: vec![PendingRow {
                 id: 7,
-                kind: crate::states::OpKind::Unsub,
+                kind: crate::stored_enums::OpKind::Unsub,
                 list_id: ListId(2),
                 email: "zhang@example.com".into(),
                 attempts: 4,
@@ -380,8 +381,8 @@ mod tests {
             records: vec![(RecordKind::Open, LedgerStatus::Done, 9)],
             members: vec![(ListId(1), Origin::Adopted, true, 11)],
             parked_total: 1,
-            parked: vec![Refusal {
-                kind: crate::states::OpKind::Add,
+            parked: vec![EdmRefusal {
+                kind: crate::stored_enums::OpKind::Add,
                 list_id: ListId(1),
                 email: "li@example.com".into(),
                 content: "li@example.com;Li;;;;;;;;;;;".into(),

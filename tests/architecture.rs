@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, u8)] = &[
     // 1: leaves — plain types and helpers.
     ("domain", 1),
-    ("states", 1),
+    ("stored_enums", 1),
     ("instance", 1),
     ("metrics", 1),
     ("redact", 1),
@@ -29,7 +29,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("crm", 4),
     ("edm", 4),
     ("status", 4),
-    ("ops", 4),
+    ("ops_endpoint", 4),
     // 5: what both jobs share; the sandbox servers.
     ("jobs", 5),
     ("sandbox", 5),

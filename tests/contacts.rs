@@ -9,7 +9,7 @@ use crm_edm_sync::domain::ListId;
 use crm_edm_sync::jobs::RunOptions;
 use crm_edm_sync::sandbox::Fault;
 use crm_edm_sync::sync::contacts::{self, Outcome};
-use crm_edm_sync::sync::plan::Refusal;
+use crm_edm_sync::sync::plan::PlanRefusal;
 use serde_json::json;
 
 #[tokio::test]
@@ -450,7 +450,7 @@ async fn unsubscribe_ratio_above_the_limit_refuses_the_whole_plan_unless_forced(
     assert!(
         matches!(
             refused.outcome,
-            Outcome::Refused(Refusal::Ratio {
+            Outcome::Refused(PlanRefusal::Ratio {
                 list_id: ListId(1),
                 unsubs: 2,
                 members: 5,
@@ -510,7 +510,7 @@ async fn empty_crm_after_a_good_sync_is_refused() {
     assert!(
         matches!(
             report.outcome,
-            Outcome::Refused(Refusal::EmptyPull { members: 10, .. })
+            Outcome::Refused(PlanRefusal::EmptyPull { members: 10, .. })
         ),
         "{:?}",
         report.outcome
@@ -542,7 +542,10 @@ async fn incomplete_crm_pull_applies_nothing() {
     assert_eq!(e.sb.edm_writes(), 0);
     assert_eq!(e.sb.count("unsubscribe-export"), 0);
     let runs = e.ctx.store.recent_runs(1).await.unwrap();
-    assert_eq!(runs[0].status, crm_edm_sync::states::RunStatus::Failed);
+    assert_eq!(
+        runs[0].status,
+        crm_edm_sync::stored_enums::RunStatus::Failed
+    );
     // The next run, with the CRM healthy, applies the change.
     e.sb.clear_faults();
     let report = e.sync().await;

@@ -9,7 +9,7 @@ use common::{Env, applied_adds, env, seed_basic};
 use crm_edm_sync::jobs::{Context, RunOptions};
 use crm_edm_sync::sandbox::{Chaos, Fault, PageFault, Sandbox};
 use crm_edm_sync::sync::contacts::{self, Outcome};
-use crm_edm_sync::sync::plan::Refusal;
+use crm_edm_sync::sync::plan::PlanRefusal;
 use serde_json::json;
 
 /// Forty customers, one or two link-men each, over both lists.
@@ -166,7 +166,10 @@ async fn an_empty_first_crm_page_after_a_good_sync_is_refused() {
     let report = e.sync().await;
 
     assert!(
-        matches!(report.outcome, Outcome::Refused(Refusal::EmptyPull { .. })),
+        matches!(
+            report.outcome,
+            Outcome::Refused(PlanRefusal::EmptyPull { .. })
+        ),
         "{:?}",
         report.outcome
     );

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use anyhow::Context as _;
 
 use super::Context;
-use super::observe::classify_export;
+use super::interpret::classify_export;
 use crate::domain::{Email, ListId, MemberKey, MemberState, Suppressions};
 use crate::state::{ListBook, Observations, now_ms};
 

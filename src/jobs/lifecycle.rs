@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::{Context, abandon_unfinished_runs, refresh_pending};
 use crate::state::UnrecordedEnd;
-use crate::states::{Job, RunStatus};
+use crate::stored_enums::{Job, RunStatus};
 
 /// A run under way.
 #[derive(Debug)]

@@ -5,8 +5,8 @@
 //! write-back job (`writeback`) sit on top of it.
 
 pub mod exports;
+pub mod interpret;
 pub mod lifecycle;
-pub mod observe;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -255,7 +255,7 @@ pub async fn refresh_pending(store: &Store) {
     if let Ok(counts) = store.ledger_counts().await {
         let pending: u64 = counts
             .iter()
-            .filter(|(_, s, _)| *s == crate::states::LedgerStatus::Pending)
+            .filter(|(_, s, _)| *s == crate::stored_enums::LedgerStatus::Pending)
             .map(|(_, _, n)| n)
             .sum();
         metrics::gauge!(crate::metrics::metric::PENDING, "kind" => "contact_history")

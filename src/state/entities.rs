@@ -43,7 +43,7 @@ pub mod member {
 pub mod operation {
     use sea_orm::entity::prelude::*;
 
-    use crate::states::{OpKind, OpStatus};
+    use crate::stored_enums::{OpKind, OpStatus};
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "operations")]
@@ -83,7 +83,7 @@ pub mod operation {
 pub mod suppression {
     use sea_orm::entity::prelude::*;
 
-    use crate::states::SuppressionReason;
+    use crate::stored_enums::SuppressionReason;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "suppressions")]
@@ -154,7 +154,7 @@ pub mod list_state {
 pub mod run {
     use sea_orm::entity::prelude::*;
 
-    use crate::states::{Job, RunStatus};
+    use crate::stored_enums::{Job, RunStatus};
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "runs")]
@@ -183,7 +183,7 @@ pub mod run {
 pub mod ledger {
     use sea_orm::entity::prelude::*;
 
-    use crate::states::{LedgerStatus, RecordKind};
+    use crate::stored_enums::{LedgerStatus, RecordKind};
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "writeback_ledger")]
@@ -224,7 +224,7 @@ pub mod ledger {
 pub mod refusal {
     use sea_orm::entity::prelude::*;
 
-    use crate::states::OpKind;
+    use crate::stored_enums::OpKind;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "refusals")]
@@ -281,7 +281,7 @@ pub mod lease {
 pub mod run_request {
     use sea_orm::entity::prelude::*;
 
-    use crate::states::{Job, RequestState};
+    use crate::stored_enums::{Job, RequestState};
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "run_requests")]

@@ -11,7 +11,7 @@ use super::entities::{ledger, member, operation, refusal, suppression};
 use super::members::vars_from_json;
 use super::*;
 use crate::domain::{CustomerId, LinkManId, Origin};
-use crate::states::{LedgerStatus, RecordKind, SuppressionReason};
+use crate::stored_enums::{LedgerStatus, RecordKind, SuppressionReason};
 
 /// A member row: the state database's view of one (list, address).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

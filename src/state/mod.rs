@@ -37,7 +37,7 @@ pub use notes::{Finding, FindingKind};
 pub use observations::{ListBook, NewSuppression, Observations, SeenLine};
 pub use operations::{NewOperation, PendingOperation, PendingRow};
 pub use records::{LedgerRow, NewRecord};
-pub use refusals::{NewRefusal, ParkedRecord, Refusal, RefusalKey};
+pub use refusals::{EdmRefusal, NewRefusal, ParkedRecord, RefusalKey};
 pub use requests::{RunAsk, RunRequest};
 pub use retention::Pruned;
 pub use runs::RunRow;
@@ -48,7 +48,7 @@ use std::collections::HashMap;
 use sea_orm::DatabaseConnection;
 
 use crate::domain::ListId;
-pub use crate::states::{
+pub use crate::stored_enums::{
     Job, LedgerStatus, OpKind, OpStatus, RecordKind, RunStatus, SuppressionReason,
     SuppressionSource,
 };

@@ -23,7 +23,7 @@ use crate::domain::Email;
 
 /// An operation EDM refused, as remembered.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Refusal {
+pub struct EdmRefusal {
     pub kind: OpKind,
     pub list_id: ListId,
     pub email: String,
@@ -37,9 +37,9 @@ pub struct Refusal {
     pub updated_at: i64,
 }
 
-impl From<refusal::Model> for Refusal {
-    fn from(m: refusal::Model) -> Refusal {
-        Refusal {
+impl From<refusal::Model> for EdmRefusal {
+    fn from(m: refusal::Model) -> EdmRefusal {
+        EdmRefusal {
             kind: m.kind,
             list_id: m.list_id,
             email: m.email,
@@ -80,14 +80,14 @@ pub type RefusalKey = (OpKind, ListId, String);
 
 impl Store {
     /// Every remembered refusal, by key.
-    pub async fn load_refusals(&self) -> anyhow::Result<HashMap<RefusalKey, Refusal>> {
+    pub async fn load_refusals(&self) -> anyhow::Result<HashMap<RefusalKey, EdmRefusal>> {
         let rows = refusal::Entity::find()
             .all(&self.db)
             .await
             .context("cannot read the refusals")?;
         Ok(rows
             .into_iter()
-            .map(|m| ((m.kind, m.list_id, m.email.clone()), Refusal::from(m)))
+            .map(|m| ((m.kind, m.list_id, m.email.clone()), EdmRefusal::from(m)))
             .collect())
     }
 
@@ -100,7 +100,7 @@ impl Store {
         run_id: &str,
         items: &[NewRefusal],
         max_attempts: u32,
-    ) -> anyhow::Result<Vec<Refusal>> {
+    ) -> anyhow::Result<Vec<EdmRefusal>> {
         let known: HashMap<RefusalKey, refusal::Model> = refusal::Entity::find()
             .all(&self.db)
             .await
@@ -154,7 +154,7 @@ impl Store {
             .exec_without_returning(&txn)
             .await
             .context("cannot record a refusal")?;
-            out.push(Refusal {
+            out.push(EdmRefusal {
                 kind: item.kind,
                 list_id: item.list_id,
                 email: item.email.to_string(),
@@ -191,7 +191,7 @@ impl Store {
 
     /// Parked EDM operations, oldest first, at most `limit`, and how many
     /// there are.
-    pub async fn parked_operations(&self, limit: u64) -> anyhow::Result<(u64, Vec<Refusal>)> {
+    pub async fn parked_operations(&self, limit: u64) -> anyhow::Result<(u64, Vec<EdmRefusal>)> {
         let total = refusal::Entity::find()
             .filter(refusal::Column::Parked.eq(true))
             .count(&self.db)
@@ -202,7 +202,7 @@ impl Store {
             .limit(limit)
             .all(&self.db)
             .await?;
-        Ok((total, rows.into_iter().map(Refusal::from).collect()))
+        Ok((total, rows.into_iter().map(EdmRefusal::from).collect()))
     }
 
     /// Notes that the CRM refused a record in this run (a run counts

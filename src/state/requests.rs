@@ -10,7 +10,7 @@ use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrde
 
 use super::entities::run_request;
 use super::*;
-use crate::states::RequestState;
+use crate::stored_enums::RequestState;
 
 /// What `--once` asks the daemon to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

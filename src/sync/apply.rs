@@ -12,8 +12,8 @@ use super::report::ContactsCounts;
 use crate::domain::{Email, ListId, MemberKey, MemberState, Origin};
 use crate::jobs::Context;
 use crate::remote::RemoteError;
-use crate::state::{NewOperation, NewRefusal, Refusal, RefusalKey};
-use crate::states::OpKind;
+use crate::state::{EdmRefusal, NewOperation, NewRefusal, RefusalKey};
+use crate::stored_enums::OpKind;
 
 /// Applies a plan: every operation recorded before it is sent, marked done
 /// after EDM confirms it.
@@ -25,7 +25,7 @@ pub struct Applier<'a> {
     /// `--retry-parked`: send parked operations too.
     pub retry_parked: bool,
     /// The refusal memory, loaded when applying starts.
-    pub refusals: HashMap<RefusalKey, Refusal>,
+    pub refusals: HashMap<RefusalKey, EdmRefusal>,
 }
 
 /// An add or unsubscribe batch, and what is left of it to send.

@@ -35,9 +35,9 @@ use super::lookup::lookup;
 use super::plan::Plan;
 use crate::domain::{Email, ListId, MemberKey, MemberState};
 use crate::jobs::Context;
-use crate::jobs::observe::held_by_edm;
+use crate::jobs::interpret::held_by_edm;
 use crate::state::Observations;
-use crate::states::{SuppressionReason, SuppressionSource};
+use crate::stored_enums::{SuppressionReason, SuppressionSource};
 
 /// One list where the state database is behind EDM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -28,11 +28,11 @@ use super::plan::{check_safety, members_per_list, plan};
 use super::vanished::second_look;
 use crate::domain::{Email, ListId};
 use crate::jobs::exports::View;
+use crate::jobs::interpret::{reconcile_list, resolve_pending};
 use crate::jobs::lifecycle::Run;
-use crate::jobs::observe::{reconcile_list, resolve_pending};
 use crate::jobs::{Context, RunOptions};
 use crate::state::{Finding, FindingKind, now_ms};
-use crate::states::{Job, OpKind, OpStatus, RunStatus};
+use crate::stored_enums::{Job, OpKind, OpStatus, RunStatus};
 
 /// The job name in logs, runs and metrics.
 pub const JOB: Job = Job::Contacts;
@@ -359,7 +359,7 @@ fn preview(
     counts: &mut ContactsCounts,
     the_plan: super::plan::Plan,
     obs: &crate::state::Observations,
-    safety: Result<(), super::plan::Refusal>,
+    safety: Result<(), super::plan::PlanRefusal>,
 ) -> Outcome {
     counts.added = the_plan.adds.len();
     counts.updated = the_plan.edits.len();

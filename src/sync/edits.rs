@@ -13,7 +13,7 @@ use super::lookup::lookup;
 use super::plan::PlannedEdit;
 use crate::domain::{Email, ListId, MemberState, Origin};
 use crate::state::NewOperation;
-use crate::states::OpKind;
+use crate::stored_enums::OpKind;
 
 impl Applier<'_> {
     /// Sends the edits of one list, finding EDM ids that are not known yet.

@@ -153,7 +153,7 @@ pub fn plan(
 
 /// Why a plan was refused (rule 7).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum Refusal {
+pub enum PlanRefusal {
     #[error(
         "list {list_id}: {unsubs} planned unsubscribes of {members} members exceeds sync.max_unsubscribe_ratio {ratio} (use --force to apply)"
     )]
@@ -174,13 +174,13 @@ pub enum Refusal {
     },
 }
 
-impl Refusal {
+impl PlanRefusal {
     /// The refusal in an operator's words, for a dry run's stdout:
     /// `refused: 72 of 72 members of list 1 would be unsubscribed (ratio
     /// 1.00 > 0.20); --force would apply it`.
     pub fn in_words(&self) -> String {
         match self {
-            Refusal::Ratio {
+            PlanRefusal::Ratio {
                 list_id,
                 unsubs,
                 members,
@@ -195,7 +195,7 @@ impl Refusal {
                     "refused: {unsubs} of {members} members of list {list_id} would be unsubscribed ({why}); --force would apply it"
                 )
             }
-            Refusal::EmptyPull { members, .. } => format!(
+            PlanRefusal::EmptyPull { members, .. } => format!(
                 "refused: the CRM pull produced no valid member while {members} members are recorded; --force would apply it"
             ),
         }
@@ -220,7 +220,7 @@ pub fn check_safety(
     desired_count: usize,
     members: &BTreeMap<ListId, usize>,
     max_ratio: f64,
-) -> Result<(), Refusal> {
+) -> Result<(), PlanRefusal> {
     let total: usize = members.values().sum();
     let mut unsubs_per_list: BTreeMap<ListId, usize> = BTreeMap::new();
     for u in &plan.unsubs {
@@ -231,7 +231,7 @@ pub fn check_safety(
             .iter()
             .map(|(&list, &n)| (list, unsubs_per_list.get(&list).copied().unwrap_or(0), n))
             .collect();
-        return Err(Refusal::EmptyPull {
+        return Err(PlanRefusal::EmptyPull {
             members: total,
             lists,
             ratio: max_ratio,
@@ -245,7 +245,7 @@ pub fn check_safety(
             unsubs as f64 / members as f64
         };
         if ratio > max_ratio {
-            return Err(Refusal::Ratio {
+            return Err(PlanRefusal::Ratio {
                 list_id,
                 unsubs,
                 members,
@@ -574,7 +574,7 @@ mod tests {
         let p = plan(&d, &s, &Suppressions::default());
         assert_eq!(
             check_safety(&p, d.len(), &members, 0.2),
-            Err(Refusal::Ratio {
+            Err(PlanRefusal::Ratio {
                 list_id: ListId(1),
                 unsubs: 3,
                 members: 10,
@@ -585,7 +585,7 @@ mod tests {
 
     #[test]
     fn a_refusal_in_words_names_the_counts_the_ratio_and_force() {
-        let r = Refusal::Ratio {
+        let r = PlanRefusal::Ratio {
             list_id: ListId(1),
             unsubs: 72,
             members: 72,
@@ -596,7 +596,7 @@ mod tests {
             "refused: 72 of 72 members of list 1 would be unsubscribed (ratio 1.00 > 0.20); --force would apply it"
         );
         assert_eq!(
-            Refusal::EmptyPull {
+            PlanRefusal::EmptyPull {
                 members: 9,
                 lists: vec![(ListId(1), 9, 9)],
                 ratio: 0.2
@@ -618,7 +618,7 @@ mod tests {
         let p = plan(&BTreeMap::new(), &s, &Suppressions::default());
         assert_eq!(
             check_safety(&p, 0, &members_per_list(&s), 1.0),
-            Err(Refusal::EmptyPull {
+            Err(PlanRefusal::EmptyPull {
                 members: 1,
                 lists: vec![(ListId(1), 1, 1)],
                 ratio: 1.0

@@ -2,9 +2,9 @@
 
 use serde::Serialize;
 
-use super::plan::{Plan, Refusal};
+use super::plan::{Plan, PlanRefusal};
 use crate::domain::{ListId, MemberKey};
-use crate::states::RunStatus;
+use crate::stored_enums::RunStatus;
 
 /// What a contacts run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -49,7 +49,7 @@ pub enum Outcome {
     /// Some operations failed; they stay pending for the next run.
     Partial,
     /// The plan broke a safety limit and was not applied.
-    Refused(Refusal),
+    Refused(PlanRefusal),
     /// `--dry-run`: the plan, not applied.
     DryRun(Box<Preview>),
     /// Stopped by a shutdown between batches; what was not sent is
@@ -64,7 +64,7 @@ pub enum Outcome {
 pub struct Preview {
     pub plan: Plan,
     pub user_unsubscribes: Vec<MemberKey>,
-    pub refusal: Option<Refusal>,
+    pub refusal: Option<PlanRefusal>,
 }
 
 /// The result of a contacts run.
@@ -161,13 +161,13 @@ impl Preview {
         let refusal =
             self.refusal.iter().flat_map(|r| {
                 let lists: Vec<(ListId, usize, usize, f64)> = match r {
-                    Refusal::Ratio {
+                    PlanRefusal::Ratio {
                         list_id,
                         unsubs,
                         members,
                         ratio,
                     } => vec![(*list_id, *unsubs, *members, *ratio)],
-                    Refusal::EmptyPull { lists, ratio, .. } => {
+                    PlanRefusal::EmptyPull { lists, ratio, .. } => {
                         lists.iter().map(|&(l, u, m)| (l, u, m, *ratio)).collect()
                     }
                 };

@@ -9,7 +9,7 @@ use crate::domain::MemberState;
 use crate::domain::{CustomerId, Email, LinkManId, ListId, MemberKey};
 use crate::edm::{Campaign, ClickEvent, OpenEvent};
 use crate::state::NewRecord;
-use crate::states::RecordKind;
+use crate::stored_enums::RecordKind;
 use crate::template::render;
 
 /// A campaign and what its recipients did.

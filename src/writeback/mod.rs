@@ -28,7 +28,7 @@ use crate::jobs::Context;
 use crate::jobs::exports::View;
 use crate::jobs::lifecycle::Run;
 use crate::state::{ALL_LISTS, LedgerRow, NewRecord, NewSuppression};
-use crate::states::{Job, RecordKind, RunStatus, SuppressionReason, SuppressionSource};
+use crate::stored_enums::{Job, RecordKind, RunStatus, SuppressionReason, SuppressionSource};
 use events::{CampaignEvents, MemberIndex, Unsubscribe};
 
 /// The job name in logs, runs and metrics.

@@ -284,6 +284,7 @@ impl fmt::Display for SuppressionSource {
     EnumIter,
     DeriveActiveEnum,
     serde::Serialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "snake_case")]
 #[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]

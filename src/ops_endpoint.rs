@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::state::{Store, Writable};
-use crate::states::Job;
+use crate::stored_enums::Job;
 
 #[derive(Clone)]
 struct OpsState {

@@ -9,7 +9,7 @@ use crate::domain::{Email, ListId, MemberKey};
 use crate::domain::{MemberState, Origin};
 use crate::edm::{EdmAddress, ExportLine};
 use crate::state::{NewSuppression, PendingOperation, SeenLine};
-use crate::states::{OpKind, OpStatus, SuppressionReason, SuppressionSource};
+use crate::stored_enums::{OpKind, OpStatus, SuppressionReason, SuppressionSource};
 
 /// What one export read means.
 #[derive(Debug, Clone, Default, PartialEq)]
