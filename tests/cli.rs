@@ -1164,7 +1164,7 @@ async fn the_final_error_line_of_a_failing_command_is_scrubbed_of_secrets() {
 /// run that migrates says so once, in the daemon's own words.
 #[tokio::test]
 async fn routine_commands_log_no_database_notices_or_migrator_lines() {
-    for db in [TestDb::sqlite(), TestDb::postgres().await] {
+    for db in TestDb::all().await {
         // Arrange
         let sb = Sandbox::start().await.unwrap();
         sb.edm.create_list(1, "客户");

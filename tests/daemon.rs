@@ -125,7 +125,10 @@ async fn only_one_of_two_daemons_runs_jobs_and_the_other_takes_over(db: TestDb) 
 
 #[tokio::test]
 async fn two_daemons_on_one_postgresql_database_only_one_runs_jobs_the_other_takes_over() {
-    only_one_of_two_daemons_runs_jobs_and_the_other_takes_over(TestDb::postgres().await).await;
+    let Some(db) = TestDb::postgres().await else {
+        return common::skipped_without_postgres("two daemons on PostgreSQL");
+    };
+    only_one_of_two_daemons_runs_jobs_and_the_other_takes_over(db).await;
 }
 
 #[tokio::test]
@@ -141,7 +144,10 @@ async fn two_daemons_started_at_once_on_a_fresh_database_both_come_up(postgres: 
     for _ in 0..3 {
         // Arrange
         let db = if postgres {
-            TestDb::postgres().await
+            let Some(db) = TestDb::postgres().await else {
+                return common::skipped_without_postgres("two daemons booting on PostgreSQL");
+            };
+            db
         } else {
             TestDb::sqlite()
         };
@@ -779,7 +785,9 @@ async fn terminate_lock_connection(url: &str) -> u64 {
     use sea_orm::{ConnectionTrait, Database, Statement};
     let name = url.rsplit('/').next().unwrap();
     let key = crm_edm_sync::lock::ADVISORY_KEY;
-    let admin = Database::connect(common::PG_ADMIN_URL).await.unwrap();
+    let admin = Database::connect(common::pg_admin_url().expect("a PostgreSQL server"))
+        .await
+        .unwrap();
     let sql = format!(
         "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
          WHERE l.locktype = 'advisory' AND l.granted AND d.datname = '{name}' \
@@ -885,8 +893,11 @@ async fn a_holder_that_loses_its_lock_mid_run_never_writes_after_its_successor(
 #[tokio::test]
 async fn a_postgresql_holder_whose_lock_connection_is_terminated_never_writes_after_its_successor()
 {
+    let Some(db) = TestDb::postgres().await else {
+        return common::skipped_without_postgres("a PostgreSQL holder losing its lock");
+    };
     a_holder_that_loses_its_lock_mid_run_never_writes_after_its_successor(
-        TestDb::postgres().await,
+        db,
         Usurp::TerminateLockConnection,
     )
     .await;

@@ -123,8 +123,9 @@ fn text(o: &Output) -> String {
     )
 }
 
-async fn both_databases() -> [TestDb; 2] {
-    [TestDb::sqlite(), TestDb::postgres().await]
+/// SQLite, and PostgreSQL when a server is named.
+async fn both_databases() -> Vec<TestDb> {
+    TestDb::all().await
 }
 
 #[tokio::test]

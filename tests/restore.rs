@@ -77,7 +77,9 @@ fn sqlite_file(url: &str) -> Option<String> {
 }
 
 async fn admin(sql: &str) {
-    let conn = Database::connect(common::PG_ADMIN_URL).await.unwrap();
+    let conn = Database::connect(common::pg_admin_url().expect("a PostgreSQL server"))
+        .await
+        .unwrap();
     conn.execute_unprepared(sql).await.unwrap();
     conn.close().await.unwrap();
 }

@@ -545,7 +545,9 @@ mod tests {
                     (format!("sqlite://{}?mode=rwc", file.display()), None)
                 }
                 Fault::PostgresCommit | Fault::PostgresTerminated => {
-                    let (url, guard) = fresh_postgres().await;
+                    let Some((url, guard)) = fresh_postgres().await else {
+                        return;
+                    };
                     (url, Some(guard))
                 }
             };

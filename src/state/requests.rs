@@ -188,7 +188,7 @@ impl Store {
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
-    use super::super::tests::{FOREIGN_PG_SOCKETS, fresh_postgres};
+    use super::super::tests::{FOREIGN_PG_SOCKETS, both_urls};
     use super::*;
     use secrecy::SecretString;
 
@@ -197,9 +197,8 @@ mod tests {
      {
         let _sockets = FOREIGN_PG_SOCKETS.read().await;
         let dir = tempfile::tempdir().unwrap();
-        let (pg_url, _guard) = fresh_postgres().await;
-        let sqlite_url = format!("sqlite://{}?mode=rwc", dir.path().join("r.db").display());
-        for url in [sqlite_url, pg_url] {
+        let (urls, _guard) = both_urls(dir.path()).await;
+        for url in urls {
             // Arrange: two daemons' stores on one database; two requests.
             let secret = SecretString::from(url.clone());
             let (a, b) = (

@@ -1,7 +1,14 @@
 //! Test helpers: a sandbox, a fresh state database and a [`Context`] wired
-//! to both. `CRM_EDM_SYNC_TEST_DB=postgres` runs the same tests against a
-//! fresh PostgreSQL database per test (created on `127.0.0.1:5432`, dropped
-//! afterwards); SQLite in a temporary directory otherwise.
+//! to both.
+//!
+//! PostgreSQL tests need a server: `CRM_EDM_SYNC_TEST_PG` names it
+//! (`postgres://postgres@127.0.0.1:5432`; `.ci/run` sets it). Without it,
+//! the tests that are about PostgreSQL alone skip with a line on stderr,
+//! and those run on both databases run on SQLite only — so `cargo test`
+//! runs on a machine without a PostgreSQL server.
+//! `CRM_EDM_SYNC_TEST_DB=postgres` runs every test that uses
+//! [`TestDb::new`] against a fresh PostgreSQL database (created on that
+//! server, dropped afterwards); SQLite in a temporary directory otherwise.
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -15,8 +22,24 @@ use crm_edm_sync::sync::contacts::{self, ContactsReport};
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::json;
 
-/// Where the PostgreSQL test databases live.
-pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// The PostgreSQL server the tests may use (`CRM_EDM_SYNC_TEST_PG`), with
+/// no database in it: `postgres://postgres@127.0.0.1:5432`.
+pub fn pg_server() -> Option<String> {
+    std::env::var("CRM_EDM_SYNC_TEST_PG")
+        .ok()
+        .map(|s| s.trim().trim_end_matches('/').to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// The server's administrative database, where test databases are made.
+pub fn pg_admin_url() -> Option<String> {
+    pg_server().map(|server| format!("{server}/postgres"))
+}
+
+/// Says on stderr that a PostgreSQL test was skipped.
+pub fn skipped_without_postgres(test: &str) {
+    eprintln!("{test}: skipped: no PostgreSQL server (set CRM_EDM_SYNC_TEST_PG)");
+}
 
 /// A fresh state database, removed when dropped.
 pub struct TestDb {
@@ -29,27 +52,37 @@ impl TestDb {
     /// SQLite, or PostgreSQL when `CRM_EDM_SYNC_TEST_DB=postgres`.
     pub async fn new() -> TestDb {
         if std::env::var("CRM_EDM_SYNC_TEST_DB").as_deref() == Ok("postgres") {
-            Self::postgres().await
+            Self::postgres()
+                .await
+                .expect("CRM_EDM_SYNC_TEST_DB=postgres needs CRM_EDM_SYNC_TEST_PG naming a server")
         } else {
             Self::sqlite()
         }
     }
 
-    /// A fresh PostgreSQL database on the local server.
-    pub async fn postgres() -> TestDb {
+    /// SQLite, and PostgreSQL when a server is named.
+    pub async fn all() -> Vec<TestDb> {
+        let mut dbs = vec![Self::sqlite()];
+        dbs.extend(Self::postgres().await);
+        dbs
+    }
+
+    /// A fresh PostgreSQL database on the named server; `None` without one.
+    pub async fn postgres() -> Option<TestDb> {
+        let server = pg_server()?;
         let name = format!("ces_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = Database::connect(PG_ADMIN_URL)
+        let admin = Database::connect(format!("{server}/postgres"))
             .await
-            .expect("PostgreSQL reachable");
+            .expect("the PostgreSQL server CRM_EDM_SYNC_TEST_PG names answers");
         admin
             .execute_unprepared(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create test database");
-        TestDb {
-            url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+        Some(TestDb {
+            url: format!("{server}/{name}"),
             pg_name: Some(name),
             _dir: None,
-        }
+        })
     }
 
     /// A fresh SQLite file in a temporary directory.
@@ -68,7 +101,7 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        if let Some(name) = self.pg_name.take() {
+        if let (Some(name), Some(admin_url)) = (self.pg_name.take(), pg_admin_url()) {
             // Drop runs outside any async context we can rely on: use a
             // runtime of its own on a plain thread.
             let _ = std::thread::spawn(move || {
@@ -77,7 +110,7 @@ impl Drop for TestDb {
                     .build()
                     .ok()?;
                 rt.block_on(async {
-                    let admin = Database::connect(PG_ADMIN_URL).await.ok()?;
+                    let admin = Database::connect(admin_url).await.ok()?;
                     admin
                         .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                         .await
