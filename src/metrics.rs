@@ -112,6 +112,16 @@ pub fn last_success_at(job: &'static str, unix_ms: i64) {
 
 /// Whether the state database takes writes (1) or the last run record
 /// could not be written (0).
+/// Work left pending after a run, by `kind` (`edm`, `contact_history`).
+pub fn pending(kind: &'static str, n: u64) {
+    metrics::gauge!(metric::PENDING, "kind" => kind).set(n as f64);
+}
+
+/// Work parked after a run (no longer sent), by `kind`.
+pub fn parked(kind: &'static str, n: u64) {
+    metrics::gauge!(metric::PARKED, "kind" => kind).set(n as f64);
+}
+
 pub fn state_db_writable(writable: bool) {
     metrics::gauge!(metric::STATE_DB_WRITABLE).set(if writable { 1.0 } else { 0.0 });
 }

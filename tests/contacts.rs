@@ -968,7 +968,12 @@ async fn the_next_batch_is_recorded_while_the_current_one_is_out() {
     // Act: run, and read the state DB while the first batch is out.
     let job = tokio::spawn(async move { contacts::run(&small, RunOptions::default()).await });
     let mut two_batches_pending_meanwhile = false;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     while !job.is_finished() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run never ended"
+        );
         if e.sb.in_flight("ml-addr-add") == 1 {
             let pending = e.ctx.store.pending_operations().await.unwrap().len();
             two_batches_pending_meanwhile |= pending == 20;
@@ -999,10 +1004,15 @@ async fn a_shutdown_takes_back_the_batch_recorded_ahead() {
 
     // Act: shut down while the first batch is out and the second recorded.
     let job = tokio::spawn(async move { contacts::run(&small, RunOptions::default()).await });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     while !(e.sb.in_flight("ml-addr-add") == 1
         && e.ctx.store.pending_operations().await.unwrap().len() == 20)
     {
         assert!(!job.is_finished(), "the run ended before the check");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the state never came"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     shutdown.cancel();

@@ -250,7 +250,7 @@ fn may_still_run(before: &Lease, me: &Instance) -> bool {
 /// Pending work after a run: EDM operations and contact-history records.
 pub async fn refresh_pending(store: &Store) {
     if let Ok((edm, _)) = store.pending_summary(0).await {
-        metrics::gauge!(crate::metrics::metric::PENDING, "kind" => "edm").set(edm as f64);
+        crate::metrics::pending("edm", edm);
     }
     if let Ok(counts) = store.ledger_counts().await {
         let pending: u64 = counts
@@ -258,14 +258,13 @@ pub async fn refresh_pending(store: &Store) {
             .filter(|(_, s, _)| *s == crate::stored_enums::LedgerStatus::Pending)
             .map(|(_, _, n)| n)
             .sum();
-        metrics::gauge!(crate::metrics::metric::PENDING, "kind" => "contact_history")
-            .set(pending as f64);
+        crate::metrics::pending("contact_history", pending);
     }
     if let Ok((n, _)) = store.parked_operations(0).await {
-        metrics::gauge!(crate::metrics::metric::PARKED, "kind" => "edm").set(n as f64);
+        crate::metrics::parked("edm", n);
     }
     if let Ok((n, _)) = store.parked_records(0).await {
-        metrics::gauge!(crate::metrics::metric::PARKED, "kind" => "contact_history").set(n as f64);
+        crate::metrics::parked("contact_history", n);
     }
 }
 

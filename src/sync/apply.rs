@@ -289,9 +289,16 @@ impl<'a> Applier<'a> {
             self.counts.edm_writes += 1;
             let result = match kind {
                 BatchKind::Add => {
+                    // Every address of an add batch has its member; one
+                    // without (none) would be sent as the bare address.
                     lines = remaining
                         .iter()
-                        .map(|e| adds[e].fields.ml_addr_line(e))
+                        .map(|e| {
+                            adds.get(e).map_or_else(
+                                || e.as_str().to_string(),
+                                |m| m.fields.ml_addr_line(e),
+                            )
+                        })
                         .collect();
                     self.ctx.edm.add_batch(list_id, &lines).await
                 }
@@ -371,8 +378,13 @@ impl<'a> Applier<'a> {
                     return self.deliver_lines(kind, list_id, second, adds).await;
                 }
                 Err(e) if e.refusal().is_some() => {
+                    // What was sent, so that a parked add is sent again
+                    // when it changes (every add line has its member).
                     let content = match kind {
-                        BatchKind::Add => adds[&remaining[0]].fields.ml_addr_line(&remaining[0]),
+                        BatchKind::Add => adds
+                            .get(&remaining[0])
+                            .map(|m| m.fields.ml_addr_line(&remaining[0]))
+                            .unwrap_or_default(),
                         BatchKind::Unsub => String::new(),
                     };
                     return self.refuse(op, list_id, &remaining[0], content, &e).await;
