@@ -83,10 +83,6 @@ impl Gate {
             Some(GateGuard(self))
         }
     }
-
-    pub fn is_running(&self) -> bool {
-        self.running.load(Ordering::SeqCst)
-    }
 }
 
 /// What a scheduled job runs.

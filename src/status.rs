@@ -340,11 +340,6 @@ impl StatusReport {
     }
 }
 
-/// The status report as JSON, for scripts.
-pub async fn render_json(store: &Store) -> anyhow::Result<serde_json::Value> {
-    Ok(StatusReport::read(store).await?.to_json())
-}
-
 /// The status report as text.
 pub async fn render(store: &Store) -> anyhow::Result<String> {
     Ok(StatusReport::read(store).await?.to_text())

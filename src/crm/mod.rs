@@ -43,18 +43,13 @@ pub struct CustomerWithLinkMen {
     pub linkmen: Vec<LinkMan>,
 }
 
-/// Everything a complete pull read.
+/// Everything a complete pull read (the mapping's tests build one).
+#[cfg(test)]
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CrmSnapshot {
     pub customers: Vec<CustomerWithLinkMen>,
     /// `Customer/GetAllList` pages read.
     pub pages: u32,
-}
-
-impl CrmSnapshot {
-    pub fn linkman_count(&self) -> usize {
-        self.customers.iter().map(|c| c.linkmen.len()).sum()
-    }
 }
 
 /// Reads an id that may be a JSON number or a numeric string.
@@ -284,20 +279,12 @@ impl CrmClient {
 
     /// Pages through every customer and fetches each one's link-men, at
     /// most `crm.concurrency` link-man requests in flight, while the next
-    /// customer pages are read. Any failed call (after retries) fails the
-    /// whole pull: an incomplete pull must apply nothing (rule 7).
-    #[tracing::instrument(skip_all)]
-    pub async fn pull(&self) -> Result<CrmSnapshot, RemoteError> {
-        let mut customers = Vec::new();
-        let pages = self.pull_each(|c| customers.push(c)).await?;
-        customers.sort_by_key(|c| c.customer.id);
-        Ok(CrmSnapshot { customers, pages })
-    }
-
-    /// As [`CrmClient::pull`], handing each customer with its link-men to
-    /// `sink` as it arrives (in no particular order) instead of keeping
-    /// them all: the CRM's JSON for 100 000 link-men need never be in
-    /// memory at once. Returns the number of pages read.
+    /// customer pages are read; any failed call (after retries) fails the
+    /// whole pull: an incomplete pull must apply nothing (rule 7). Hands
+    /// each customer with its link-men to `sink` as it arrives (in no
+    /// particular order) instead of keeping them all: the CRM's JSON for
+    /// 100 000 link-men need never be in memory at once. Returns the
+    /// number of pages read.
     pub async fn pull_each(
         &self,
         mut sink: impl FnMut(CustomerWithLinkMen),

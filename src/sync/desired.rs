@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::config::{Route, Settings, VarMapping};
-use crate::crm::{CrmMap, CrmSnapshot, LinkMan};
+#[cfg(test)]
+use crate::crm::CrmSnapshot;
+use crate::crm::{CrmMap, LinkMan};
 use crate::domain::{
     CustomerId, Email, EmailError, LinkManId, ListId, MemberFields, MemberKey, VAR_COUNT,
     json_text, mask_address,
@@ -104,8 +106,10 @@ fn fields_of(rules: &MappingRules, customer: &CrmMap, linkman: &CrmMap) -> Membe
     MemberFields::new(&fullname, &vars)
 }
 
-/// Maps every link-man with a valid email to a desired member.
-pub fn desired_members(snapshot: &CrmSnapshot, rules: &MappingRules) -> Desired {
+/// Maps every link-man of a whole pull with a valid email to a desired
+/// member (the tests' way in; a run feeds [`DesiredBuilder`] as it pulls).
+#[cfg(test)]
+fn desired_members(snapshot: &CrmSnapshot, rules: &MappingRules) -> Desired {
     let mut builder = DesiredBuilder::new(rules.clone());
     for entry in &snapshot.customers {
         builder.add(&entry.customer.data, entry.customer.id, &entry.linkmen);
