@@ -98,10 +98,77 @@ pub struct Campaign {
     /// `YYYY-MM-DD` of the send (time_start, else send_time, else the date
     /// it was listed under).
     pub send_date: String,
-    /// 1 waiting, 2 sending, 3 done, -1/-2/-3 held, paused, cancelled.
-    pub send_status: i32,
-    /// 0 off, 1 opens, 2 opens and clicks.
-    pub track_status: i32,
+    pub send_status: SendStatus,
+    pub tracking: Tracking,
+}
+
+/// Where a campaign's sending stands (`send_status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SendStatus {
+    /// 1: not begun.
+    #[default]
+    Waiting,
+    /// 2: going out now.
+    Sending,
+    /// 3: sent.
+    Done,
+    /// -1, -2, -3: held, paused or cancelled (the code kept).
+    Stopped(i32),
+    /// Any other code, or none.
+    Unknown(i32),
+}
+
+impl SendStatus {
+    /// Reads `send_status`; an empty or unreadable one is unknown.
+    pub fn parse(raw: &str) -> SendStatus {
+        match raw.trim().parse::<i32>().unwrap_or(0) {
+            1 => SendStatus::Waiting,
+            2 => SendStatus::Sending,
+            3 => SendStatus::Done,
+            code @ -3..=-1 => SendStatus::Stopped(code),
+            code => SendStatus::Unknown(code),
+        }
+    }
+
+    /// Whether mail of the campaign has gone out (sending or done): the
+    /// campaigns write-back reads.
+    pub fn has_gone_out(self) -> bool {
+        match self {
+            SendStatus::Sending | SendStatus::Done => true,
+            SendStatus::Waiting | SendStatus::Stopped(_) | SendStatus::Unknown(_) => false,
+        }
+    }
+}
+
+/// What a campaign tracked (`track_status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tracking {
+    /// 0 (or unreadable): nothing.
+    #[default]
+    Off,
+    /// 1: opens.
+    Opens,
+    /// 2: opens and clicks.
+    OpensAndClicks,
+}
+
+impl Tracking {
+    /// Reads `track_status`; anything but 1 or 2 tracked nothing.
+    pub fn parse(raw: &str) -> Tracking {
+        match raw.trim() {
+            "1" => Tracking::Opens,
+            "2" => Tracking::OpensAndClicks,
+            _ => Tracking::Off,
+        }
+    }
+
+    pub fn opens(self) -> bool {
+        matches!(self, Tracking::Opens | Tracking::OpensAndClicks)
+    }
+
+    pub fn clicks(self) -> bool {
+        matches!(self, Tracking::OpensAndClicks)
+    }
 }
 
 /// One recipient's opens of a campaign.
@@ -635,8 +702,8 @@ impl EdmClient {
                 send_date: date_part(&t.time_start)
                     .or_else(|| date_part(&t.send_time))
                     .unwrap_or_else(|| date.to_string()),
-                send_status: t.send_status.trim().parse().unwrap_or(0),
-                track_status: t.track_status.trim().parse().unwrap_or(0),
+                send_status: SendStatus::parse(&t.send_status),
+                tracking: Tracking::parse(&t.track_status),
             });
         }
         Ok(out)
@@ -804,6 +871,29 @@ impl EdmClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_campaigns_sending_or_sent_have_gone_out_and_tracking_says_what_to_read() {
+        let cases = [
+            ("1", false),
+            ("2", true),
+            ("3", true),
+            ("-1", false),
+            ("-3", false),
+            ("", false),
+            ("x", false),
+        ];
+        for (raw, out) in cases {
+            assert_eq!(SendStatus::parse(raw).has_gone_out(), out, "{raw:?}");
+        }
+        assert_eq!(SendStatus::parse(" -2 "), SendStatus::Stopped(-2));
+        assert_eq!(SendStatus::parse("7"), SendStatus::Unknown(7));
+        let read = |raw: &str| (Tracking::parse(raw).opens(), Tracking::parse(raw).clicks());
+        assert_eq!(read("0"), (false, false));
+        assert_eq!(read("1"), (true, false));
+        assert_eq!(read(" 2 "), (true, true));
+        assert_eq!(read(""), (false, false));
+    }
     use crate::domain::ListId;
 
     #[test]

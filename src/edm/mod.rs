@@ -5,5 +5,5 @@ pub mod xml;
 
 pub use client::{
     Campaign, ClickEvent, EdmAccount, EdmAddress, EdmClient, ExportLine, HARD_BOUNCE_TYPES,
-    MailList, OpenEvent, ServiceInfo, basic_credentials, password_md5,
+    MailList, OpenEvent, SendStatus, ServiceInfo, Tracking, basic_credentials, password_md5,
 };

@@ -358,8 +358,8 @@ mod tests {
             name: format!("活动{id}"),
             list_id: Some(list),
             send_date: "2026-11-20".into(),
-            send_status: 3,
-            track_status: 2,
+            send_status: crate::edm::SendStatus::Done,
+            tracking: crate::edm::Tracking::OpensAndClicks,
         }
     }
 

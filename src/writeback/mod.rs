@@ -365,7 +365,7 @@ async fn read_campaign_events(ctx: &Context) -> anyhow::Result<Vec<CampaignEvent
     let mut campaigns: BTreeMap<i64, Campaign> = BTreeMap::new();
     for date in lookback_dates(today, settings.writeback.lookback_days) {
         for c in ctx.edm.tasks_on(&date).await? {
-            if c.send_status == 2 || c.send_status == 3 {
+            if c.send_status.has_gone_out() {
                 campaigns.entry(c.id).or_insert(c);
             }
         }
@@ -373,10 +373,10 @@ async fn read_campaign_events(ctx: &Context) -> anyhow::Result<Vec<CampaignEvent
     let mut all_events = Vec::with_capacity(campaigns.len());
     for c in campaigns.into_values() {
         let mut ev = CampaignEvents::default();
-        if c.track_status >= 1 {
+        if c.tracking.opens() {
             ev.opens = ctx.edm.open_detail(c.id).await?;
         }
-        if c.track_status == 2 {
+        if c.tracking.clicks() {
             ev.clicks = ctx.edm.click_detail(c.id).await?;
         }
         for bounce_type in HARD_BOUNCE_TYPES {
