@@ -190,8 +190,36 @@ pub struct ClickEvent {
     pub last: String,
 }
 
-/// Hard-bounce types of `failexport.php` the daemon reads.
-pub const HARD_BOUNCE_TYPES: [&str; 2] = ["not_exist", "user_reject"];
+/// The hard-bounce types of `failexport.php` the daemon reads: an address
+/// that bounced so is suppressed in every list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HardBounce {
+    /// `not_exist` (type 1): the mailbox does not exist.
+    NotExist,
+    /// `user_reject` (type 3): the recipient's server refused it.
+    UserReject,
+}
+
+impl HardBounce {
+    /// Every type, in the order they are read.
+    pub const ALL: [HardBounce; 2] = [HardBounce::NotExist, HardBounce::UserReject];
+
+    /// The `type` parameter of `failexport.php`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HardBounce::NotExist => "not_exist",
+            HardBounce::UserReject => "user_reject",
+        }
+    }
+
+    /// Why the mail came back, in the contact-history record's words.
+    pub fn reason(self) -> &'static str {
+        match self {
+            HardBounce::NotExist => "邮箱不存在",
+            HardBounce::UserReject => "用户拒收",
+        }
+    }
+}
 
 fn count(raw: &str) -> u64 {
     raw.trim().parse().unwrap_or(0)
@@ -779,13 +807,13 @@ impl EdmClient {
     pub async fn failed_addresses(
         &self,
         date: &str,
-        kind: &str,
+        kind: HardBounce,
         campaign_id: i64,
     ) -> Result<Vec<String>, RemoteError> {
         let operation = "failexport";
         let form = [
             ("date", date.to_string()),
-            ("type", kind.to_string()),
+            ("type", kind.as_str().to_string()),
             ("task_id", campaign_id.to_string()),
         ];
         self.call(

@@ -4,6 +4,6 @@ mod client;
 pub mod xml;
 
 pub use client::{
-    Campaign, ClickEvent, EdmAccount, EdmAddress, EdmClient, ExportLine, HARD_BOUNCE_TYPES,
-    MailList, OpenEvent, SendStatus, ServiceInfo, Tracking, basic_credentials, password_md5,
+    Campaign, ClickEvent, EdmAccount, EdmAddress, EdmClient, ExportLine, HardBounce, MailList,
+    OpenEvent, SendStatus, ServiceInfo, Tracking, basic_credentials, password_md5,
 };

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use crate::config::Templates;
 use crate::domain::MemberState;
 use crate::domain::{CustomerId, Email, LinkManId, ListId, MemberKey};
-use crate::edm::{Campaign, ClickEvent, OpenEvent};
+use crate::edm::{Campaign, ClickEvent, HardBounce, OpenEvent};
 use crate::state::NewRecord;
 use crate::stored_enums::RecordKind;
 use crate::template::render;
@@ -19,7 +19,7 @@ pub struct CampaignEvents {
     pub opens: Vec<OpenEvent>,
     pub clicks: Vec<ClickEvent>,
     /// `(failexport type, address)`.
-    pub bounces: Vec<(String, String)>,
+    pub bounces: Vec<(HardBounce, String)>,
 }
 
 /// A user unsubscribe: `(list, address, export line time)`.
@@ -157,14 +157,6 @@ fn gather<'m, 'a>(
 /// Links listed in a click record at the most.
 const MAX_LINKS: usize = 10;
 
-fn bounce_reason(kind: &str) -> &'static str {
-    match kind {
-        "not_exist" | "1" => "邮箱不存在",
-        "user_reject" | "3" => "用户拒收",
-        _ => "投递失败",
-    }
-}
-
 /// Turns the events into one record per once-only key: (campaign,
 /// link-man) for opens, clicks and bounces; (list, link-man) for
 /// unsubscribes. Events of addresses no synced member has are counted as
@@ -242,7 +234,7 @@ fn gather_campaign<'a>(
                 let facts = gather(acc, RecordKind::Bounce, &scope, owner, Some(c), c.list_id);
                 facts.count += 1;
                 if facts.reason.is_empty() {
-                    facts.reason = bounce_reason(bounce_kind).to_string();
+                    facts.reason = bounce_kind.reason().to_string();
                 }
             }
             None => unmatched.bounce += 1,
@@ -494,8 +486,8 @@ mod tests {
         let events = vec![CampaignEvents {
             campaign: campaign(5, ListId(1)),
             bounces: vec![
-                ("not_exist".into(), "a@x.cn".into()),
-                ("user_reject".into(), "ghost@x.cn".into()),
+                (HardBounce::NotExist, "a@x.cn".into()),
+                (HardBounce::UserReject, "ghost@x.cn".into()),
             ],
             ..Default::default()
         }];

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::Serialize;
 
 use crate::domain::ListId;
-use crate::edm::{Campaign, HARD_BOUNCE_TYPES};
+use crate::edm::{Campaign, HardBounce};
 use crate::jobs::Context;
 use crate::jobs::exports::View;
 use crate::jobs::lifecycle::Run;
@@ -228,7 +228,7 @@ async fn suppress_hard_bounces(
                     reason: SuppressionReason::Bounce,
                     source: SuppressionSource::Bounce {
                         campaign_id: ev.campaign.id,
-                        bounce_type: bounce_type.clone(),
+                        bounce_type: bounce_type.as_str().to_string(),
                     },
                 });
             }
@@ -379,13 +379,13 @@ async fn read_campaign_events(ctx: &Context) -> anyhow::Result<Vec<CampaignEvent
         if c.tracking.clicks() {
             ev.clicks = ctx.edm.click_detail(c.id).await?;
         }
-        for bounce_type in HARD_BOUNCE_TYPES {
+        for bounce_type in HardBounce::ALL {
             for address in ctx
                 .edm
                 .failed_addresses(&c.send_date, bounce_type, c.id)
                 .await?
             {
-                ev.bounces.push((bounce_type.to_string(), address));
+                ev.bounces.push((bounce_type, address));
             }
         }
         ev.campaign = c;
