@@ -11,9 +11,8 @@ use common::{TestDb, config_text, seed_basic};
 use crm_edm_sync::sandbox::Fault;
 use serde_json::json;
 
-#[tokio::test]
-async fn sigterm_during_a_run_exits_zero_and_the_next_run_completes_the_pending_work() {
-    // Arrange: 60 link-men in list 1, adds in batches of 5, each batch slow.
+/// A sandbox with 60 link-men for list 1, whose adds take 300 ms each.
+async fn sixty_linkmen_with_slow_adds() -> crm_edm_sync::sandbox::Sandbox {
     let sb = sandbox().await;
     for c in 1..=60i64 {
         sb.crm
@@ -29,6 +28,13 @@ async fn sigterm_during_a_run_exits_zero_and_the_next_run_completes_the_pending_
         Fault::Delay(Duration::from_millis(300)),
         1000,
     );
+    sb
+}
+
+#[tokio::test]
+async fn sigterm_during_a_run_exits_zero_and_the_next_run_completes_the_pending_work() {
+    // Arrange: 60 link-men in list 1, adds in batches of 5, each batch slow.
+    let sb = sixty_linkmen_with_slow_adds().await;
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &sb, &db);
@@ -326,21 +332,7 @@ async fn a_refused_plan_run_by_the_daemon_is_printed_here_and_force_applies_it()
 #[tokio::test]
 async fn ctrl_c_while_following_the_daemon_leaves_its_run_going_and_says_so() {
     // Arrange: 60 link-men, adds of 5 that take 300 ms each.
-    let sb = sandbox().await;
-    for c in 1..=60i64 {
-        sb.crm
-            .put_customer(c, json!({"name": format!("c{c}"), "type_id": 1}));
-        sb.crm.put_linkman(
-            c,
-            c * 10,
-            json!({"name": format!("n{c}"), "email": format!("p{c}@example.com")}),
-        );
-    }
-    sb.inject(
-        "ml-addr-add",
-        Fault::Delay(Duration::from_millis(300)),
-        1000,
-    );
+    let sb = sixty_linkmen_with_slow_adds().await;
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let (mut daemon, config) = idle_daemon(&sb, &db, dir.path()).await;
