@@ -267,72 +267,15 @@ async fn main() -> anyhow::Result<()> {
     // Data: customers 1..=n/2, link-men 1–3 each (2 on average), every
     // third customer a VIP routed to list 2.
     let sb = Sandbox::start().await?;
-    sb.edm.create_list(1, "客户");
-    sb.edm.create_list(2, "VIP");
-    let customers = n / 2;
-    let mut lm = 0i64;
-    let mut per_list = [0i64; 2];
-    let mut seeded: Vec<(i64, i64, bool)> = Vec::with_capacity(n as usize);
-    for cust in 1..=customers {
-        let vip = cust % 3 == 0;
-        sb.crm.put_customer(
-            cust,
-            json!({"name": format!("客户公司{cust}"), "type_id": if vip { 2 } else { 1 }}),
-        );
-        let k = match cust % 3 {
-            0 => 2,
-            1 => 1,
-            _ => 3,
-        };
-        for _ in 0..k {
-            if lm >= n {
-                break;
-            }
-            lm += 1;
-            sb.crm.put_linkman(cust, lm, json!({"name": format!("联系人{lm}"), "email": format!("lm{lm}@customer{cust}.example.cn"), "mobile": format!("138{lm:08}")}));
-            per_list[usize::from(vip)] += 1;
-            seeded.push((lm, cust, vip));
-        }
-    }
-    let linkmen = lm;
-    // Poison records: spread over the first half (not on the renamed
-    // link-men the churn scenario picks, which start at index 0).
-    let mut refused = 0i64;
-    let mut poisoned = std::collections::HashSet::new();
-    for &(id, cust, _) in seeded.iter().skip(1).step_by(3).take(args.refuse as usize) {
-        sb.edm.refuse_address(
-            &format!("lm{id}@customer{cust}.example.cn"),
-            "add_address_error",
-            "address refused",
-        );
-        poisoned.insert(id);
-        refused += 1;
-    }
+    let Seeded {
+        customers,
+        linkmen,
+        per_list,
+        seeded,
+    } = seed(&sb, n);
+    let (refused, poisoned) = poison(&sb, &seeded, args.refuse);
 
-    let db = match args.db.as_str() {
-        "sqlite" => {
-            let dir = std::env::temp_dir().join(format!("ces-bench-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            format!("sqlite://{}?mode=rwc", dir.join("state.db").display())
-        }
-        "postgres" => {
-            use sea_orm::ConnectionTrait;
-            let name = format!("ces_bench_{}", std::process::id());
-            let admin =
-                sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
-            admin
-                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
-                .await?;
-            admin
-                .execute_unprepared(&format!("CREATE DATABASE {name}"))
-                .await?;
-            // Loopback: no TLS. A TLS handshake is a per-connection cost
-            // (and under sqlx 0.9.0 a Nagle-delayed one, ~90 ms here, see
-            // state::nodelay) outside the sync's own work.
-            format!("postgres://postgres@127.0.0.1:5432/{name}?sslmode=disable")
-        }
-        other => anyhow::bail!("--db must be sqlite or postgres, not {other}"),
-    };
+    let db = bench_database(&args.db).await?;
     let config = std::env::temp_dir().join(format!("ces-bench-{}.toml", std::process::id()));
     std::fs::write(
         &config,
@@ -437,43 +380,12 @@ async fn main() -> anyhow::Result<()> {
 
     // 1 % churn: renames (edits), deletions (unsubscribes) and new
     // link-men (adds), a third each.
-    let churn = (linkmen / 100).max(3);
-    let each = churn / 3;
-    let half = seeded.len() / 2;
-    let mut removed = std::collections::HashSet::new();
-    let mut unsub_lists = [false; 2];
-    let mut add_lists = [false; 2];
-    for &(id, _, _) in seeded[..half]
-        .iter()
-        .step_by((half / each as usize).max(1))
-        .take(each as usize)
-    {
-        sb.crm
-            .set_linkman_field(id, "name", json!(format!("改名{id}")));
-    }
-    for &(id, _, vip) in seeded[half..]
-        .iter()
-        .step_by((half / each as usize).max(1))
-        .take(each as usize)
-    {
-        sb.crm.remove_linkman(id);
-        removed.insert(id);
-        unsub_lists[usize::from(vip)] = true;
-    }
-    for i in 0..each {
-        let cust = 1 + (i * 7) % customers;
-        sb.crm.put_linkman(
-            cust,
-            linkmen + 1 + i,
-            json!({"name": "新人", "email": format!("new{i}@customer{cust}.example.cn")}),
-        );
-        add_lists[usize::from(cust % 3 == 0)] = true;
-    }
-    // Minimal writes: one edit per rename, one unsubscribe batch and one
-    // add batch per list touched (each well under the batch size). Before
-    // that, each deleted link-man is confirmed gone by id (`LinkMan/
-    // GetLinkMan`, `crm.concurrency` at a time) and, as the run adds to
-    // lists it has read before, one `maillist-list` compares their counts.
+    let Churn {
+        each,
+        removed,
+        unsub_lists,
+        add_lists,
+    } = churn(&sb, &seeded, linkmen, customers);
     let touched = |l: [bool; 2]| l.iter().filter(|&&b| b).count() as i64;
     let min_writes = each + touched(unsub_lists) + touched(add_lists);
     let second_look = each;
@@ -515,6 +427,179 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Write-back: 20 campaigns over the lookback, 10 % of link-men open.
+    let per_campaign = seed_campaigns(&sb, &seeded, linkmen);
+    let records = 20 * per_campaign;
+    // task-list per day, open-detail and two failexport reads per
+    // campaign, the exports, then one record each.
+    let wb_reads = LOOKBACK_DAYS + 20 * 3 + lists;
+    scenario(
+        "write-back",
+        "writeback",
+        wb_reads + records,
+        l * (wb_reads as u32) + l * (ceil(records, c) as u32),
+    );
+
+    cleanup(&args, &config).await?;
+    verdict(rows.into_iter().flatten().collect(), !wrap.is_empty())
+}
+
+/// The seeded CRM: customers, link-men, link-men per list, and each
+/// link-man as `(id, customer, vip)`.
+struct Seeded {
+    customers: i64,
+    linkmen: i64,
+    per_list: [i64; 2],
+    seeded: Vec<(i64, i64, bool)>,
+}
+
+/// Customers 1..=n/2 with 1–3 link-men each (2 on average), every third
+/// customer a VIP routed to list 2; lists 1 and 2 created in EDM.
+fn seed(sb: &Sandbox, n: i64) -> Seeded {
+    sb.edm.create_list(1, "客户");
+    sb.edm.create_list(2, "VIP");
+    let customers = n / 2;
+    let mut lm = 0i64;
+    let mut per_list = [0i64; 2];
+    let mut seeded: Vec<(i64, i64, bool)> = Vec::with_capacity(n as usize);
+    for cust in 1..=customers {
+        let vip = cust % 3 == 0;
+        sb.crm.put_customer(
+            cust,
+            json!({"name": format!("客户公司{cust}"), "type_id": if vip { 2 } else { 1 }}),
+        );
+        let k = match cust % 3 {
+            0 => 2,
+            1 => 1,
+            _ => 3,
+        };
+        for _ in 0..k {
+            if lm >= n {
+                break;
+            }
+            lm += 1;
+            sb.crm.put_linkman(cust, lm, json!({"name": format!("联系人{lm}"), "email": format!("lm{lm}@customer{cust}.example.cn"), "mobile": format!("138{lm:08}")}));
+            per_list[usize::from(vip)] += 1;
+            seeded.push((lm, cust, vip));
+        }
+    }
+    Seeded {
+        customers,
+        linkmen: lm,
+        per_list,
+        seeded,
+    }
+}
+
+/// Poison records: addresses EDM refuses, spread over the first half (not
+/// on the renamed link-men the churn scenario picks, which start at index
+/// 0). Returns how many, and their link-man ids.
+fn poison(
+    sb: &Sandbox,
+    seeded: &[(i64, i64, bool)],
+    refuse: i64,
+) -> (i64, std::collections::HashSet<i64>) {
+    let mut refused = 0i64;
+    let mut poisoned = std::collections::HashSet::new();
+    for &(id, cust, _) in seeded.iter().skip(1).step_by(3).take(refuse as usize) {
+        sb.edm.refuse_address(
+            &format!("lm{id}@customer{cust}.example.cn"),
+            "add_address_error",
+            "address refused",
+        );
+        poisoned.insert(id);
+        refused += 1;
+    }
+    (refused, poisoned)
+}
+
+/// A fresh state database of the kind `--db` names: its URL.
+async fn bench_database(kind: &str) -> anyhow::Result<String> {
+    Ok(match kind {
+        "sqlite" => {
+            let dir = std::env::temp_dir().join(format!("ces-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            format!("sqlite://{}?mode=rwc", dir.join("state.db").display())
+        }
+        "postgres" => {
+            use sea_orm::ConnectionTrait;
+            let name = format!("ces_bench_{}", std::process::id());
+            let admin =
+                sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
+            admin
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
+                .await?;
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await?;
+            // Loopback: no TLS. A TLS handshake is a per-connection cost
+            // (and under sqlx 0.9.0 a Nagle-delayed one, ~90 ms here, see
+            // state::nodelay) outside the sync's own work.
+            format!("postgres://postgres@127.0.0.1:5432/{name}?sslmode=disable")
+        }
+        other => anyhow::bail!("--db must be sqlite or postgres, not {other}"),
+    })
+}
+
+/// What the churn changed: how many of each change, which link-men were
+/// removed, and which lists get unsubscribes and adds.
+struct Churn {
+    each: i64,
+    removed: std::collections::HashSet<i64>,
+    unsub_lists: [bool; 2],
+    add_lists: [bool; 2],
+}
+
+/// 1 % churn in the CRM: renames, deletions and new link-men, a third
+/// each.
+fn churn(sb: &Sandbox, seeded: &[(i64, i64, bool)], linkmen: i64, customers: i64) -> Churn {
+    let churn = (linkmen / 100).max(3);
+    let each = churn / 3;
+    let half = seeded.len() / 2;
+    let mut removed = std::collections::HashSet::new();
+    let mut unsub_lists = [false; 2];
+    let mut add_lists = [false; 2];
+    for &(id, _, _) in seeded[..half]
+        .iter()
+        .step_by((half / each as usize).max(1))
+        .take(each as usize)
+    {
+        sb.crm
+            .set_linkman_field(id, "name", json!(format!("改名{id}")));
+    }
+    for &(id, _, vip) in seeded[half..]
+        .iter()
+        .step_by((half / each as usize).max(1))
+        .take(each as usize)
+    {
+        sb.crm.remove_linkman(id);
+        removed.insert(id);
+        unsub_lists[usize::from(vip)] = true;
+    }
+    for i in 0..each {
+        let cust = 1 + (i * 7) % customers;
+        sb.crm.put_linkman(
+            cust,
+            linkmen + 1 + i,
+            json!({"name": "新人", "email": format!("new{i}@customer{cust}.example.cn")}),
+        );
+        add_lists[usize::from(cust % 3 == 0)] = true;
+    }
+    // Minimal writes: one edit per rename, one unsubscribe batch and one
+    // add batch per list touched (each well under the batch size). Before
+    // that, each deleted link-man is confirmed gone by id (`LinkMan/
+    // GetLinkMan`, `crm.concurrency` at a time) and, as the run adds to
+    // lists it has read before, one `maillist-list` compares their counts.
+    Churn {
+        each,
+        removed,
+        unsub_lists,
+        add_lists,
+    }
+}
+
+/// 20 campaigns over the lookback, 10 % of the link-men opening; returns
+/// the opens per campaign.
+fn seed_campaigns(sb: &Sandbox, seeded: &[(i64, i64, bool)], linkmen: i64) -> i64 {
     let today = crm_edm_sync::writeback::edm_today(chrono::Utc::now(), chrono_tz::Asia::Shanghai);
     let per_campaign = (linkmen / 10 / 20).max(1);
     for k in 0..20i64 {
@@ -543,20 +628,12 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         });
     }
-    let records = 20 * per_campaign;
-    // task-list per day, open-detail and two failexport reads per
-    // campaign, the exports, then one record each.
-    let wb_reads = LOOKBACK_DAYS + 20 * 3 + lists;
-    scenario(
-        "write-back",
-        "writeback",
-        wb_reads + records,
-        l * (wb_reads as u32) + l * (ceil(records, c) as u32),
-    );
+    per_campaign
+}
 
-    cleanup(&args, &config).await?;
-    let misses: Vec<String> = rows.into_iter().flatten().collect();
-    if !wrap.is_empty() {
+/// Prints whether every target was met; an error names how many were not.
+fn verdict(misses: Vec<String>, wrapped: bool) -> anyhow::Result<()> {
+    if wrapped {
         println!("\ntargets: not checked (the figures are the wrapper's)");
         Ok(())
     } else if misses.is_empty() {
