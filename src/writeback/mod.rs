@@ -416,212 +416,291 @@ async fn send_all(
     rows: Vec<LedgerRow>,
     counts: &mut WritebackCounts,
 ) -> anyhow::Result<()> {
-    use futures::future::BoxFuture;
     use futures::{FutureExt, StreamExt};
 
-    let wb = &ctx.settings.writeback;
     let window = ctx.settings.crm.concurrency.max(1);
     let mut unsent = rows.into_iter();
-    let mut marked: std::collections::VecDeque<LedgerRow> = Default::default();
+    let mut ledger = Ledgering::new(window);
     let mut in_flight = futures::stream::FuturesUnordered::new();
-    let mut done: Vec<i64> = Vec::with_capacity(window);
-    let mut marking: Option<BoxFuture<'_, anyhow::Result<Vec<LedgerRow>>>> = None;
-    let mut recording: Option<BoxFuture<'_, (Vec<i64>, anyhow::Result<()>)>> = None;
-    let mut auth_error = None;
-    // A ledger write that failed (a full disk): no new call is made, the
-    // calls in flight are awaited, and what the CRM confirmed is owed to
-    // the ledger (recorded done by the next run, not sent again).
-    let mut db_error: Option<anyhow::Error> = None;
-    let mut owed: Vec<i64> = Vec::new();
     let mut stopped = false;
     loop {
         // Answers not yet recorded hold back new calls past two windows, so
         // a slow database bounds what a crash can leave uncertain.
-        while !stopped && in_flight.len() < window && done.len() < 2 * window {
-            if auth_error.is_some() || db_error.is_some() {
-                stopped = true;
-            } else if ctx.shutdown.is_cancelled() {
-                tracing::info!(
-                    "shutdown: no further contact-history records; the rest stay pending"
-                );
-                stopped = true;
-            }
+        while !stopped && in_flight.len() < window && ledger.done.len() < 2 * window {
+            stopped = ledger.must_stop(ctx);
             if stopped {
                 break;
             }
-            let Some(row) = marked.pop_front() else {
+            let Some(row) = ledger.marked.pop_front() else {
                 break;
             };
-            in_flight.push(async move {
-                // A lost answer (5xx, timeout, cut-short body) is retried
-                // here, in the run, up to `crm.max_retries` times
-                // (rule 10); the record may already be in the CRM, so
-                // each repeat is a warning and counts as possibly
-                // duplicated. The row stays marked uncertain meanwhile.
-                let mut resent = 0u32;
-                loop {
-                    let answer = ctx
-                        .crm
-                        .add_contact_history(
-                            row.customer_id,
-                            row.link_man_id,
-                            wb.type_id,
-                            wb.route_id,
-                            &row.title,
-                            &row.content,
-                        )
-                        .await;
-                    match answer {
-                        Err(e)
-                            if e.is_retriable()
-                                && e.maybe_applied()
-                                && resent < ctx.crm.max_retries()
-                                && !ctx.shutdown.is_cancelled() =>
-                        {
-                            resent += 1;
-                            tracing::warn!(
-                                kind = %row.kind,
-                                scope = %row.scope,
-                                link_man_id = row.link_man_id.0,
-                                attempt = resent,
-                                error = %e,
-                                "contact-history record may already be in the CRM (the call's answer was lost); sending it again in this run can write it twice"
-                            );
-                            tokio::select! {
-                                _ = tokio::time::sleep(ctx.crm.retry_delay(resent, &e)) => {}
-                                _ = ctx.shutdown.cancelled() => return (row, Err(e), resent),
-                            }
-                        }
-                        answer => return (row, answer, resent),
-                    }
-                }
-            });
+            in_flight.push(send_record(ctx, row).boxed());
         }
-        if !stopped && marking.is_none() && marked.is_empty() && unsent.len() > 0 {
-            let next: Vec<LedgerRow> = unsent.by_ref().take(window).collect();
-            marking = Some(
-                async move {
-                    let ids: Vec<i64> = next.iter().map(|r| r.id).collect();
-                    ctx.store.mark_records_uncertain(&ids).await?;
-                    Ok(next)
-                }
-                .boxed(),
-            );
+        if !stopped {
+            ledger.mark_ahead(ctx, &mut unsent, window);
         }
-        if recording.is_none() && done.len() >= window && db_error.is_none() {
-            let ids = std::mem::take(&mut done);
-            recording = Some(
-                async move {
-                    let written = ctx.store.records_done(&ids).await;
-                    (ids, written)
-                }
-                .boxed(),
-            );
-        }
-        if in_flight.is_empty() && marking.is_none() && recording.is_none() {
+        ledger.record_answers(ctx, window);
+        if in_flight.is_empty() && ledger.marking.is_none() && ledger.recording.is_none() {
             // Nothing out and nothing being written: everything was sent,
             // or the run stopped.
             break;
         }
         tokio::select! {
-            Some((row, answer, resent)) = in_flight.next(), if !in_flight.is_empty() => {
-                counts.possibly_duplicated += resent as usize;
-                match answer {
-                Ok(()) => {
-                    done.push(row.id);
-                    match row.kind {
-                        RecordKind::Open => counts.open += 1,
-                        RecordKind::Click => counts.click += 1,
-                        RecordKind::Bounce => counts.bounce += 1,
-                        RecordKind::Unsubscribe => counts.unsubscribe += 1,
-                    }
-                }
-                Err(e) => {
-                    counts.failed += 1;
-                    crate::metrics::operations("contact_history", "failed", 1);
-                    // Finish the writes under way first, both at once:
-                    // either may hold the only connection (SQLite) while
-                    // the other waits for it, so awaiting one alone stalled
-                    // every database user until the pool timed out.
-                    let (marked_now, recorded_now) = tokio::join!(
-                        async {
-                            match marking.take() {
-                                Some(f) => Some(f.await),
-                                None => None,
-                            }
-                        },
-                        async {
-                            match recording.take() {
-                                Some(f) => Some(f.await),
-                                None => None,
-                            }
-                        },
-                    );
-                    match marked_now {
-                        Some(Ok(rows)) => marked.extend(rows),
-                        Some(Err(db)) => {
-                            db_error.get_or_insert(db);
-                        }
-                        None => {}
-                    }
-                    if let Some((ids, written)) = recorded_now {
-                        ledger_written(ids, written, &mut owed, &mut db_error);
-                    }
-                    let noted = note_refused(ctx, run_id, &row, &e, counts).await;
-                    if let Err(db) = noted {
-                        db_error.get_or_insert(db);
-                    }
-                    if e.is_auth() {
-                        auth_error.get_or_insert(e);
-                    }
-                }
-            }},
-            next = when_some(&mut marking) => {
-                marking = None;
-                match next {
-                    Ok(rows) => marked.extend(rows),
-                    Err(db) => {
-                        db_error.get_or_insert(db);
-                    }
-                }
+            Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
+                ledger.on_answer(ctx, run_id, answer, counts).await;
             }
-            (ids, written) = when_some(&mut recording) => {
-                recording = None;
-                ledger_written(ids, written, &mut owed, &mut db_error);
+            next = when_some(&mut ledger.marking) => {
+                ledger.marking = None;
+                ledger.marked_ahead(next);
+            }
+            (ids, written) = when_some(&mut ledger.recording) => {
+                ledger.recording = None;
+                ledger_written(ids, written, &mut ledger.owed, &mut ledger.db_error);
             }
         }
     }
-    if db_error.is_none()
-        && let Err(db) = record_done(ctx, &mut done).await
-    {
-        db_error = Some(db);
+    ledger.finish(ctx).await
+}
+
+/// A record's call and what came of it: the row, the answer, and how many
+/// times it was sent again after a lost answer.
+type Sent = (LedgerRow, Result<(), crate::remote::RemoteError>, u32);
+
+/// Sends one record. A lost answer (5xx, timeout, cut-short body) is
+/// retried here, in the run, up to `crm.max_retries` times (rule 10); the
+/// record may already be in the CRM, so each repeat is a warning and counts
+/// as possibly duplicated. The row stays marked uncertain meanwhile.
+async fn send_record(ctx: &Context, row: LedgerRow) -> Sent {
+    let wb = &ctx.settings.writeback;
+    let mut resent = 0u32;
+    loop {
+        let answer = ctx
+            .crm
+            .add_contact_history(
+                row.customer_id,
+                row.link_man_id,
+                wb.type_id,
+                wb.route_id,
+                &row.title,
+                &row.content,
+            )
+            .await;
+        match answer {
+            Err(e)
+                if e.is_retriable()
+                    && e.maybe_applied()
+                    && resent < ctx.crm.max_retries()
+                    && !ctx.shutdown.is_cancelled() =>
+            {
+                resent += 1;
+                tracing::warn!(
+                    kind = %row.kind,
+                    scope = %row.scope,
+                    link_man_id = row.link_man_id.0,
+                    attempt = resent,
+                    error = %e,
+                    "contact-history record may already be in the CRM (the call's answer was lost); sending it again in this run can write it twice"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(ctx.crm.retry_delay(resent, &e)) => {}
+                    _ = ctx.shutdown.cancelled() => return (row, Err(e), resent),
+                }
+            }
+            answer => return (row, answer, resent),
+        }
     }
-    owed.append(&mut done);
-    // Marked but never sent: not suspected of being in the CRM (unless an
-    // earlier run's lost answer made them so). Tried after a ledger failure
-    // too; if it fails as well, the next run sends them with a needless
-    // "may already be in the CRM" warning, never twice.
-    let unsent: Vec<i64> = marked
-        .iter()
-        .filter(|r| !r.uncertain)
-        .map(|r| r.id)
-        .collect();
-    if !unsent.is_empty()
-        && let Err(db) = ctx.store.unmark_records(&unsent).await
-    {
-        db_error.get_or_insert(db);
+}
+
+/// The ledger's side of sending: the rows marked uncertain ahead of their
+/// calls, the writes under way (one mark, one "done" at a time), the
+/// answers not yet recorded, and what stops new calls.
+struct Ledgering<'a> {
+    marked: std::collections::VecDeque<LedgerRow>,
+    marking: Option<futures::future::BoxFuture<'a, anyhow::Result<Vec<LedgerRow>>>>,
+    recording: Option<futures::future::BoxFuture<'a, (Vec<i64>, anyhow::Result<()>)>>,
+    /// Confirmed by the CRM, not yet recorded done.
+    done: Vec<i64>,
+    /// Confirmed by the CRM, and the ledger did not take their "done": the
+    /// next run records them (not sent again).
+    owed: Vec<i64>,
+    /// A ledger write that failed (a full disk): no new call is made, the
+    /// calls in flight are awaited, and what the CRM confirmed is owed.
+    db_error: Option<anyhow::Error>,
+    auth_error: Option<crate::remote::RemoteError>,
+}
+
+impl<'a> Ledgering<'a> {
+    fn new(window: usize) -> Ledgering<'a> {
+        Ledgering {
+            marked: Default::default(),
+            marking: None,
+            recording: None,
+            done: Vec::with_capacity(window),
+            owed: Vec::new(),
+            db_error: None,
+            auth_error: None,
+        }
     }
-    if let Some(db) = db_error {
-        ctx.store.writable().owe_records_done(&owed);
-        return Err(db.context(format!(
-            "the state database did not take the ledger's writes: no further record was sent, the calls in flight were awaited, and the {} records the CRM confirmed are recorded done by the next run",
-            owed.len()
-        )));
+
+    /// Whether no further call may start: a rejected token, a ledger that
+    /// takes no writes, or a shutdown.
+    fn must_stop(&self, ctx: &Context) -> bool {
+        if self.auth_error.is_some() || self.db_error.is_some() {
+            return true;
+        }
+        if ctx.shutdown.is_cancelled() {
+            tracing::info!("shutdown: no further contact-history records; the rest stay pending");
+            return true;
+        }
+        false
     }
-    if let Some(e) = auth_error {
-        return Err(anyhow::Error::new(e).context("CRM refused the token; write-back stopped"));
+
+    /// Marks the next window uncertain (one write) while the current one
+    /// is out, when nothing is marked ahead yet.
+    fn mark_ahead(
+        &mut self,
+        ctx: &'a Context,
+        unsent: &mut std::vec::IntoIter<LedgerRow>,
+        window: usize,
+    ) {
+        use futures::FutureExt;
+        if self.marking.is_some() || !self.marked.is_empty() || unsent.len() == 0 {
+            return;
+        }
+        let next: Vec<LedgerRow> = unsent.by_ref().take(window).collect();
+        self.marking = Some(
+            async move {
+                let ids: Vec<i64> = next.iter().map(|r| r.id).collect();
+                ctx.store.mark_records_uncertain(&ids).await?;
+                Ok(next)
+            }
+            .boxed(),
+        );
     }
-    Ok(())
+
+    /// What a mark write came to: rows ready to send, or a ledger error.
+    fn marked_ahead(&mut self, next: anyhow::Result<Vec<LedgerRow>>) {
+        match next {
+            Ok(rows) => self.marked.extend(rows),
+            Err(db) => {
+                self.db_error.get_or_insert(db);
+            }
+        }
+    }
+
+    /// Records a window of answers done (one write), when one is full.
+    fn record_answers(&mut self, ctx: &'a Context, window: usize) {
+        use futures::FutureExt;
+        if self.recording.is_some() || self.done.len() < window || self.db_error.is_some() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.done);
+        self.recording = Some(
+            async move {
+                let written = ctx.store.records_done(&ids).await;
+                (ids, written)
+            }
+            .boxed(),
+        );
+    }
+
+    /// One record's answer: counted done, or refused (noted; a rejected
+    /// token stops the sending).
+    async fn on_answer(
+        &mut self,
+        ctx: &Context,
+        run_id: &str,
+        (row, answer, resent): Sent,
+        counts: &mut WritebackCounts,
+    ) {
+        counts.possibly_duplicated += resent as usize;
+        let e = match answer {
+            Ok(()) => {
+                self.done.push(row.id);
+                match row.kind {
+                    RecordKind::Open => counts.open += 1,
+                    RecordKind::Click => counts.click += 1,
+                    RecordKind::Bounce => counts.bounce += 1,
+                    RecordKind::Unsubscribe => counts.unsubscribe += 1,
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        counts.failed += 1;
+        crate::metrics::operations("contact_history", "failed", 1);
+        self.settle_writes().await;
+        if let Err(db) = note_refused(ctx, run_id, &row, &e, counts).await {
+            self.db_error.get_or_insert(db);
+        }
+        if e.is_auth() {
+            self.auth_error.get_or_insert(e);
+        }
+    }
+
+    /// Finishes the writes under way, both at once: either may hold the
+    /// only connection (SQLite) while the other waits for it, so awaiting
+    /// one alone stalled every database user until the pool timed out.
+    async fn settle_writes(&mut self) {
+        let (marking, recording) = (self.marking.take(), self.recording.take());
+        let (marked_now, recorded_now) = tokio::join!(
+            async {
+                match marking {
+                    Some(f) => Some(f.await),
+                    None => None,
+                }
+            },
+            async {
+                match recording {
+                    Some(f) => Some(f.await),
+                    None => None,
+                }
+            },
+        );
+        if let Some(next) = marked_now {
+            self.marked_ahead(next);
+        }
+        if let Some((ids, written)) = recorded_now {
+            ledger_written(ids, written, &mut self.owed, &mut self.db_error);
+        }
+    }
+
+    /// After the last call: the answers recorded, the marks taken back
+    /// from rows never sent, and the error that stopped the sending.
+    async fn finish(mut self, ctx: &Context) -> anyhow::Result<()> {
+        if self.db_error.is_none()
+            && let Err(db) = record_done(ctx, &mut self.done).await
+        {
+            self.db_error = Some(db);
+        }
+        self.owed.append(&mut self.done);
+        // Marked but never sent: not suspected of being in the CRM (unless
+        // an earlier run's lost answer made them so). Tried after a ledger
+        // failure too; if it fails as well, the next run sends them with a
+        // needless "may already be in the CRM" warning, never twice.
+        let unsent: Vec<i64> = self
+            .marked
+            .iter()
+            .filter(|r| !r.uncertain)
+            .map(|r| r.id)
+            .collect();
+        if !unsent.is_empty()
+            && let Err(db) = ctx.store.unmark_records(&unsent).await
+        {
+            self.db_error.get_or_insert(db);
+        }
+        if let Some(db) = self.db_error {
+            ctx.store.writable().owe_records_done(&self.owed);
+            return Err(db.context(format!(
+                "the state database did not take the ledger's writes: no further record was sent, the calls in flight were awaited, and the {} records the CRM confirmed are recorded done by the next run",
+                self.owed.len()
+            )));
+        }
+        if let Some(e) = self.auth_error {
+            return Err(anyhow::Error::new(e).context("CRM refused the token; write-back stopped"));
+        }
+        Ok(())
+    }
 }
 
 /// The output of `slot`'s future, or never when the slot is empty (a
