@@ -285,38 +285,17 @@ impl<'a> Applier<'a> {
                     remaining.len()
                 ));
             }
-            let lines: Vec<String>;
-            self.counts.edm_writes += 1;
-            let result = match kind {
-                BatchKind::Add => {
-                    // Every address of an add batch has its member; one
-                    // without (none) would be sent as the bare address.
-                    lines = remaining
-                        .iter()
-                        .map(|e| {
-                            adds.get(e).map_or_else(
-                                || e.as_str().to_string(),
-                                |m| m.fields.ml_addr_line(e),
-                            )
-                        })
-                        .collect();
-                    self.ctx.edm.add_batch(list_id, &lines).await
-                }
-                BatchKind::Unsub => self.ctx.edm.unsub(list_id, &remaining).await,
-            };
-            match result {
+            match self.send_lines(kind, list_id, &remaining, adds).await {
                 Ok(()) => {
                     let done: Vec<(Email, Option<i64>)> =
                         remaining.drain(..).map(|e| (e, None)).collect();
-                    self.complete(kind, list_id, done, adds).await?;
-                    return Ok(());
+                    return self.complete(kind, list_id, done, adds).await;
                 }
                 Err(e) if e.is_auth() => {
                     let refs: Vec<&Email> = remaining.iter().collect();
-                    let text = e.to_string();
                     self.ctx
                         .store
-                        .note_failure(self.run_id, op, list_id, &refs, &text)
+                        .note_failure(self.run_id, op, list_id, &refs, &e.to_string())
                         .await?;
                     return Err(
                         anyhow::Error::new(e).context("EDM refused the credentials; run stopped")
@@ -331,38 +310,9 @@ impl<'a> Applier<'a> {
                         error = %e,
                         "answer lost; checking the list before sending again"
                     );
-                    let found = match lookup(self.ctx, list_id, &remaining, self.members).await {
-                        Ok(found) => found,
-                        Err(check) => {
-                            let refs: Vec<&Email> = remaining.iter().collect();
-                            let text = format!("{e}; then checking the list failed: {check}");
-                            self.ctx
-                                .store
-                                .note_failure(self.run_id, op, list_id, &refs, &text)
-                                .await?;
-                            tracing::error!(list_id = list_id.0, operation = %op, count = refs.len(), error = %text, "operations stay pending for the next run");
-                            self.counts.failed += refs.len();
-                            crate::metrics::operations(op.as_str(), "failed", refs.len());
-                            return Ok(());
-                        }
-                    };
-                    let (took_effect, again): (Vec<Email>, Vec<Email>) = match kind {
-                        BatchKind::Add => remaining.drain(..).partition(|e| found.contains_key(e)),
-                        BatchKind::Unsub => {
-                            remaining.drain(..).partition(|e| !found.contains_key(e))
-                        }
-                    };
-                    let done = took_effect
-                        .into_iter()
-                        .map(|e| {
-                            let id = found.get(&e).map(|a| a.id);
-                            (e, id)
-                        })
-                        .collect();
-                    self.complete(kind, list_id, done, adds).await?;
-                    remaining = again;
-                    if remaining.is_empty() {
-                        return Ok(());
+                    match self.settle_lost(kind, list_id, remaining, adds, &e).await? {
+                        Some(again) if !again.is_empty() => remaining = again,
+                        _ => return Ok(()),
                     }
                 }
                 Err(e) if e.refusal().is_some() && remaining.len() > 1 => {
@@ -390,19 +340,108 @@ impl<'a> Applier<'a> {
                     return self.refuse(op, list_id, &remaining[0], content, &e).await;
                 }
                 Err(e) => {
-                    let refs: Vec<&Email> = remaining.iter().collect();
                     let text = e.to_string();
-                    self.ctx
-                        .store
-                        .note_failure(self.run_id, op, list_id, &refs, &text)
-                        .await?;
-                    tracing::error!(list_id = list_id.0, operation = %op, count = refs.len(), error = %text, "operations failed; they stay pending for the next run");
-                    self.counts.failed += refs.len();
-                    crate::metrics::operations(op.as_str(), "failed", refs.len());
-                    return Ok(());
+                    return self
+                        .leave_pending(
+                            op,
+                            list_id,
+                            &remaining,
+                            &text,
+                            "operations failed; they stay pending for the next run",
+                        )
+                        .await;
                 }
             }
         }
+        Ok(())
+    }
+
+    /// One request for the batch: the add lines, or the addresses to
+    /// unsubscribe.
+    async fn send_lines(
+        &mut self,
+        kind: &BatchKind,
+        list_id: ListId,
+        remaining: &[Email],
+        adds: &HashMap<Email, PlannedAdd>,
+    ) -> Result<(), RemoteError> {
+        self.counts.edm_writes += 1;
+        match kind {
+            BatchKind::Add => {
+                // Every address of an add batch has its member; one without
+                // (none) would be sent as the bare address.
+                let lines: Vec<String> = remaining
+                    .iter()
+                    .map(|e| {
+                        adds.get(e)
+                            .map_or_else(|| e.as_str().to_string(), |m| m.fields.ml_addr_line(e))
+                    })
+                    .collect();
+                self.ctx.edm.add_batch(list_id, &lines).await
+            }
+            BatchKind::Unsub => self.ctx.edm.unsub(list_id, remaining).await,
+        }
+    }
+
+    /// After a lost answer (rule 9): looks the batch up in the list,
+    /// completes what took effect, and returns what is to be sent again;
+    /// `None` when the list could not be checked (the batch stays pending).
+    async fn settle_lost(
+        &mut self,
+        kind: &BatchKind,
+        list_id: ListId,
+        mut remaining: Vec<Email>,
+        adds: &HashMap<Email, PlannedAdd>,
+        lost: &RemoteError,
+    ) -> anyhow::Result<Option<Vec<Email>>> {
+        let found = match lookup(self.ctx, list_id, &remaining, self.members).await {
+            Ok(found) => found,
+            Err(check) => {
+                let text = format!("{lost}; then checking the list failed: {check}");
+                self.leave_pending(
+                    kind.op(),
+                    list_id,
+                    &remaining,
+                    &text,
+                    "operations stay pending for the next run",
+                )
+                .await?;
+                return Ok(None);
+            }
+        };
+        let (took_effect, again): (Vec<Email>, Vec<Email>) = match kind {
+            BatchKind::Add => remaining.drain(..).partition(|e| found.contains_key(e)),
+            BatchKind::Unsub => remaining.drain(..).partition(|e| !found.contains_key(e)),
+        };
+        let done = took_effect
+            .into_iter()
+            .map(|e| {
+                let id = found.get(&e).map(|a| a.id);
+                (e, id)
+            })
+            .collect();
+        self.complete(kind, list_id, done, adds).await?;
+        Ok(Some(again))
+    }
+
+    /// Notes why a batch failed on its operations, which stay pending for
+    /// the next run, and counts them failed.
+    async fn leave_pending(
+        &mut self,
+        op: OpKind,
+        list_id: ListId,
+        remaining: &[Email],
+        text: &str,
+        message: &'static str,
+    ) -> anyhow::Result<()> {
+        let refs: Vec<&Email> = remaining.iter().collect();
+        self.ctx
+            .store
+            .note_failure(self.run_id, op, list_id, &refs, text)
+            .await?;
+        tracing::error!(list_id = list_id.0, operation = %op, count = refs.len(), error = %text, "{message}");
+        self.counts.failed += refs.len();
+        crate::metrics::operations(op.as_str(), "failed", refs.len());
         Ok(())
     }
 
