@@ -22,6 +22,87 @@ impl Applier<'_> {
         list_id: ListId,
         edits: Vec<PlannedEdit>,
     ) -> anyhow::Result<()> {
+        let ready = self.edm_ids(list_id, edits).await?;
+        // A chunk at a time: recorded pending (one fenced transaction),
+        // then sent with `edm.concurrency` edits in flight; answers are
+        // handled as they come, and completed edits written a chunk at a
+        // time.
+        let ctx = self.ctx;
+        let in_flight = ctx.settings.edm.concurrency.max(1);
+        let mut done: Vec<MemberState> = Vec::new();
+        for chunk in ready.chunks(crate::state::CHUNK) {
+            if ctx.shutdown.is_cancelled() {
+                break;
+            }
+            self.record_edits(list_id, chunk).await?;
+            // Owned items: a stream of futures borrowing the chunk is not
+            // `Send` for every lifetime, which the daemon's spawn needs.
+            let mut answers = futures::stream::iter(chunk.to_vec())
+                .map(move |(edit, id)| async move {
+                    if ctx.shutdown.is_cancelled() {
+                        // Not sent: it stays pending and is resolved by the
+                        // next run.
+                        return (edit, id, None);
+                    }
+                    let answer = ctx.edm.edit(id, &edit.key.email, &edit.fields).await;
+                    (edit, id, Some(answer))
+                })
+                .buffer_unordered(in_flight);
+            while let Some((edit, id, answer)) = answers.next().await {
+                let Some(answer) = answer else {
+                    continue;
+                };
+                self.counts.edm_writes += 1;
+                match answer {
+                    Ok(()) => {
+                        done.push(self.edited(&edit, id));
+                        if done.len() >= crate::state::CHUNK {
+                            self.complete_edits(list_id, std::mem::take(&mut done))
+                                .await?;
+                        }
+                    }
+                    Err(e) if e.refusal().is_some() => {
+                        let content = edit.fields.ml_addr_line(&edit.key.email);
+                        self.refuse(OpKind::Edit, list_id, &edit.key.email, content, &e)
+                            .await?;
+                    }
+                    Err(e) => {
+                        let text = e.to_string();
+                        ctx.store
+                            .note_failure(
+                                self.run_id,
+                                OpKind::Edit,
+                                list_id,
+                                &[&edit.key.email],
+                                &text,
+                            )
+                            .await?;
+                        if e.is_auth() {
+                            // The edits still out are dropped with the
+                            // stream: they stay pending for the next run.
+                            drop(answers);
+                            self.complete_edits(list_id, done).await?;
+                            return Err(anyhow::Error::new(e)
+                                .context("EDM refused the credentials; run stopped"));
+                        }
+                        tracing::error!(list_id = list_id.0, address = %edit.key.email.masked(), error = %text, "edit failed; it stays pending for the next run");
+                        self.counts.failed += 1;
+                        crate::metrics::operations(OpKind::Edit.as_str(), "failed", 1);
+                    }
+                }
+            }
+        }
+        self.complete_edits(list_id, done).await
+    }
+
+    /// The EDM id of each edit: known, or found in the list; an edit whose
+    /// member EDM no longer holds is dropped and the member marked absent
+    /// (the next run adds it again).
+    async fn edm_ids(
+        &mut self,
+        list_id: ListId,
+        edits: Vec<PlannedEdit>,
+    ) -> anyhow::Result<Vec<(PlannedEdit, i64)>> {
         let unknown: Vec<Email> = edits
             .iter()
             .filter(|e| e.edm_id.is_none())
@@ -62,97 +143,46 @@ impl Applier<'_> {
                 self.members.insert(m.key.clone(), m);
             }
         }
-        // A chunk at a time: recorded pending (one fenced transaction),
-        // then sent with `edm.concurrency` edits in flight; answers are
-        // handled as they come, and completed edits written a chunk at a
-        // time.
-        let ctx = self.ctx;
-        let in_flight = ctx.settings.edm.concurrency.max(1);
-        let mut done: Vec<MemberState> = Vec::new();
-        for chunk in ready.chunks(crate::state::CHUNK) {
-            if ctx.shutdown.is_cancelled() {
-                break;
-            }
-            let records: Vec<NewOperation> = chunk
-                .iter()
-                .map(|(e, id)| NewOperation {
-                    kind: OpKind::Edit,
-                    list_id,
-                    email: e.key.email.clone(),
-                    edm_id: Some(*id),
-                    link_man_id: Some(e.link_man_id),
-                    customer_id: Some(e.customer_id),
-                    fields: e.fields.clone(),
-                })
-                .collect();
-            ctx.store.record_operations(self.run_id, &records).await?;
-            // Owned items: a stream of futures borrowing the chunk is not
-            // `Send` for every lifetime, which the daemon's spawn needs.
-            let mut answers = futures::stream::iter(chunk.to_vec())
-                .map(move |(edit, id)| async move {
-                    if ctx.shutdown.is_cancelled() {
-                        // Not sent: it stays pending and is resolved by the
-                        // next run.
-                        return (edit, id, None);
-                    }
-                    let answer = ctx.edm.edit(id, &edit.key.email, &edit.fields).await;
-                    (edit, id, Some(answer))
-                })
-                .buffer_unordered(in_flight);
-            while let Some((edit, id, answer)) = answers.next().await {
-                let Some(answer) = answer else {
-                    continue;
-                };
-                self.counts.edm_writes += 1;
-                match answer {
-                    Ok(()) => {
-                        let base = self.members.get(&edit.key).cloned();
-                        done.push(MemberState {
-                            key: edit.key.clone(),
-                            origin: base.as_ref().map(|m| m.origin).unwrap_or(Origin::Owned),
-                            present: true,
-                            link_man_id: Some(edit.link_man_id),
-                            customer_id: Some(edit.customer_id),
-                            edm_id: Some(id),
-                            fields: edit.fields.clone(),
-                        });
-                        if done.len() >= crate::state::CHUNK {
-                            self.complete_edits(list_id, std::mem::take(&mut done))
-                                .await?;
-                        }
-                    }
-                    Err(e) if e.refusal().is_some() => {
-                        let content = edit.fields.ml_addr_line(&edit.key.email);
-                        self.refuse(OpKind::Edit, list_id, &edit.key.email, content, &e)
-                            .await?;
-                    }
-                    Err(e) => {
-                        let text = e.to_string();
-                        ctx.store
-                            .note_failure(
-                                self.run_id,
-                                OpKind::Edit,
-                                list_id,
-                                &[&edit.key.email],
-                                &text,
-                            )
-                            .await?;
-                        if e.is_auth() {
-                            // The edits still out are dropped with the
-                            // stream: they stay pending for the next run.
-                            drop(answers);
-                            self.complete_edits(list_id, done).await?;
-                            return Err(anyhow::Error::new(e)
-                                .context("EDM refused the credentials; run stopped"));
-                        }
-                        tracing::error!(list_id = list_id.0, address = %edit.key.email.masked(), error = %text, "edit failed; it stays pending for the next run");
-                        self.counts.failed += 1;
-                        crate::metrics::operations(OpKind::Edit.as_str(), "failed", 1);
-                    }
-                }
-            }
+        Ok(ready)
+    }
+
+    /// Records a chunk of edits pending (one fenced transaction).
+    async fn record_edits(
+        &mut self,
+        list_id: ListId,
+        chunk: &[(PlannedEdit, i64)],
+    ) -> anyhow::Result<()> {
+        let records: Vec<NewOperation> = chunk
+            .iter()
+            .map(|(e, id)| NewOperation {
+                kind: OpKind::Edit,
+                list_id,
+                email: e.key.email.clone(),
+                edm_id: Some(*id),
+                link_man_id: Some(e.link_man_id),
+                customer_id: Some(e.customer_id),
+                fields: e.fields.clone(),
+            })
+            .collect();
+        self.ctx
+            .store
+            .record_operations(self.run_id, &records)
+            .await?;
+        Ok(())
+    }
+
+    /// The member as EDM holds it after `edit` took effect (id `id`).
+    fn edited(&self, edit: &PlannedEdit, id: i64) -> MemberState {
+        let base = self.members.get(&edit.key);
+        MemberState {
+            key: edit.key.clone(),
+            origin: base.map(|m| m.origin).unwrap_or(Origin::Owned),
+            present: true,
+            link_man_id: Some(edit.link_man_id),
+            customer_id: Some(edit.customer_id),
+            edm_id: Some(id),
+            fields: edit.fields.clone(),
         }
-        self.complete_edits(list_id, done).await
     }
 
     async fn complete_edits(
