@@ -277,14 +277,7 @@ impl<'a> Applier<'a> {
         let mut remaining: Vec<Email> = emails;
         let max_tries = self.ctx.settings.edm.max_retries + 1;
         for attempt in 1..=max_tries {
-            // The batch was recorded (fenced) while the one before it was
-            // out; prove the lease once more before it leaves.
-            if !self.ctx.store.holds_lease().await {
-                return Err(anyhow::anyhow!(
-                    "this instance no longer holds the state database's lease: batch of {} {op} in list {list_id} not sent",
-                    remaining.len()
-                ));
-            }
+            self.prove_lease(op, list_id, remaining.len()).await?;
             match self.send_lines(kind, list_id, &remaining, adds).await {
                 Ok(()) => {
                     let done: Vec<(Email, Option<i64>)> =
@@ -328,16 +321,9 @@ impl<'a> Applier<'a> {
                     return self.deliver_lines(kind, list_id, second, adds).await;
                 }
                 Err(e) if e.refusal().is_some() => {
-                    // What was sent, so that a parked add is sent again
-                    // when it changes (every add line has its member).
-                    let content = match kind {
-                        BatchKind::Add => adds
-                            .get(&remaining[0])
-                            .map(|m| m.fields.ml_addr_line(&remaining[0]))
-                            .unwrap_or_default(),
-                        BatchKind::Unsub => String::new(),
-                    };
-                    return self.refuse(op, list_id, &remaining[0], content, &e).await;
+                    return self
+                        .refuse_line(kind, list_id, &remaining[0], adds, &e)
+                        .await;
                 }
                 Err(e) => {
                     let text = e.to_string();
@@ -354,6 +340,38 @@ impl<'a> Applier<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The batch was recorded (fenced) while the one before it was out;
+    /// the lease is proved once more before it leaves.
+    async fn prove_lease(&self, op: OpKind, list_id: ListId, n: usize) -> anyhow::Result<()> {
+        if self.ctx.store.holds_lease().await {
+            return Ok(());
+        }
+        Err(anyhow::anyhow!(
+            "this instance no longer holds the state database's lease: batch of {n} {op} in list {list_id} not sent"
+        ))
+    }
+
+    /// A line EDM refused on its own (its batch split down to it).
+    async fn refuse_line(
+        &mut self,
+        kind: &BatchKind,
+        list_id: ListId,
+        email: &Email,
+        adds: &HashMap<Email, PlannedAdd>,
+        e: &RemoteError,
+    ) -> anyhow::Result<()> {
+        // What was sent, so that a parked add is sent again when it changes
+        // (every add line has its member).
+        let content = match kind {
+            BatchKind::Add => adds
+                .get(email)
+                .map(|m| m.fields.ml_addr_line(email))
+                .unwrap_or_default(),
+            BatchKind::Unsub => String::new(),
+        };
+        self.refuse(kind.op(), list_id, email, content, e).await
     }
 
     /// One request for the batch: the add lines, or the addresses to
