@@ -801,6 +801,80 @@ async fn db_size(store: &crm_edm_sync::state::Store, url: &str) -> anyhow::Resul
 /// (a third each add, edit and unsubscribe, the unsubscribes matched by
 /// their export line), runs and export lines — then pruned as the runs of
 /// that month would have (`database.retention_days` 90).
+/// What one month of history writes: the database kind, the operations a
+/// run, and the rows a month.
+struct Month {
+    postgres: bool,
+    churn: i64,
+    ops: i64,
+    runs: i64,
+    lines: i64,
+}
+
+impl Month {
+    /// The month `m`'s operations, runs and export lines, starting at
+    /// `start` (ms), one statement each.
+    fn inserts(&self, m: i64, start: i64) -> [String; 3] {
+        let quarter_hour: i64 = 900_000;
+        let churn = self.churn;
+        // Addresses in index order (zero-padded), so that writing a month
+        // in one statement appends to the address indexes instead of
+        // scattering millions of inserts over them (the daemon writes a
+        // run's 1 000).
+        let pad = if self.postgres {
+            "lpad(n::text, 9, '0')"
+        } else {
+            "printf('%09d', n)"
+        };
+        let ops = format!(
+            "INSERT INTO operations (run_id, kind, list_id, email, edm_id, link_man_id, customer_id, fullname, vars, status, attempts, last_error, export_matched, created_at, updated_at) \
+             SELECT 'hist-{m}-' || (n / {churn}), CASE n % 3 WHEN 0 THEN 'add' WHEN 1 THEN 'unsub' ELSE 'edit' END, 1, \
+             'h{m:03}-' || {pad} || '@history.example.cn', NULL, n, n, 'H', '[\"\",\"\",\"\",\"\",\"\",\"\",\"\",\"\",\"\",\"\"]', 'done', 1, NULL, (n % 3 = 1), \
+             {start} + (n / {churn}) * {quarter_hour}, {start} + (n / {churn}) * {quarter_hour} FROM ({}) AS s",
+            self.seq(self.ops)
+        );
+        let runs = format!(
+            "INSERT INTO runs (id, job, started_at, finished_at, status, dry_run, counts, error) \
+             SELECT 'hist-{m}-' || n, 'contacts', {start} + n * {quarter_hour}, {start} + n * {quarter_hour} + 5000, 'succeeded', FALSE, '{{}}', NULL FROM ({}) AS s",
+            self.seq(self.runs)
+        );
+        let month_start = chrono::DateTime::from_timestamp_millis(start).unwrap_or_default();
+        let lines = format!(
+            "INSERT INTO unsub_lines (list_id, email, time, seen_at) \
+             SELECT 1, 'h{m:03}-' || {pad} || '@history.example.cn', '{}', {start} + (n / {}) * {quarter_hour} FROM ({}) AS s",
+            month_start.format("%Y-%m-%d %H:%M:%S"),
+            (churn / 3).max(1),
+            self.seq(self.lines)
+        );
+        [ops, runs, lines]
+    }
+
+    /// The numbers 0..n as a query, on either database.
+    fn seq(&self, n: i64) -> String {
+        if self.postgres {
+            format!("SELECT g AS n FROM generate_series(0, {}) AS g", n - 1)
+        } else {
+            format!(
+                "WITH RECURSIVE seq(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM seq WHERE n < {}) SELECT n FROM seq",
+                n - 1
+            )
+        }
+    }
+}
+
+/// The rows of `table`.
+async fn count_rows(db: &sea_orm::DatabaseConnection, table: &str) -> anyhow::Result<i64> {
+    use sea_orm::ConnectionTrait;
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT COUNT(*) AS n FROM {table}"),
+        ))
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no count"))?;
+    Ok(row.try_get::<i64>("", "n")?)
+}
+
 async fn history(
     months: i64,
     bin: &std::path::Path,
@@ -825,7 +899,6 @@ async fn history(
     let ops_per_month = churn * runs_per_month;
     let lines_per_month = churn / 3 * runs_per_month;
     let day: i64 = 86_400_000;
-    let quarter_hour: i64 = 900_000;
     let now = chrono::Utc::now().timestamp_millis();
     let fresh_size = db_size(&store, url).await?;
     println!(
@@ -837,58 +910,17 @@ async fn history(
         "| month | operations kept | runs kept | export lines kept | pruned this month | state DB size |"
     );
     println!("| --- | --- | --- | --- | --- | --- |");
-    let seq = |n: i64| {
-        if postgres {
-            format!("SELECT g AS n FROM generate_series(0, {}) AS g", n - 1)
-        } else {
-            format!(
-                "WITH RECURSIVE seq(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM seq WHERE n < {}) SELECT n FROM seq",
-                n - 1
-            )
-        }
-    };
-    let count = |table: &'static str| async move {
-        let row = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                db.get_database_backend(),
-                format!("SELECT COUNT(*) AS n FROM {table}"),
-            ))
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("no count"))?;
-        anyhow::Ok(row.try_get::<i64>("", "n")?)
-    };
-    // Addresses in index order (zero-padded), so that writing a month in
-    // one statement appends to the address indexes instead of scattering
-    // millions of inserts over them (the daemon writes a run's 1 000).
-    let pad = if postgres {
-        "lpad(n::text, 9, '0')"
-    } else {
-        "printf('%09d', n)"
-    };
     let mut sizes = Vec::new();
     for m in 0..months {
         let start = now - (months - m) * 30 * day;
-        let ops = format!(
-            "INSERT INTO operations (run_id, kind, list_id, email, edm_id, link_man_id, customer_id, fullname, vars, status, attempts, last_error, export_matched, created_at, updated_at) \
-             SELECT 'hist-{m}-' || (n / {churn}), CASE n % 3 WHEN 0 THEN 'add' WHEN 1 THEN 'unsub' ELSE 'edit' END, 1, \
-             'h{m:03}-' || {pad} || '@history.example.cn', NULL, n, n, 'H', '[\"\",\"\",\"\",\"\",\"\",\"\",\"\",\"\",\"\",\"\"]', 'done', 1, NULL, (n % 3 = 1), \
-             {start} + (n / {churn}) * {quarter_hour}, {start} + (n / {churn}) * {quarter_hour} FROM ({}) AS s",
-            seq(ops_per_month)
-        );
-        let runs = format!(
-            "INSERT INTO runs (id, job, started_at, finished_at, status, dry_run, counts, error) \
-             SELECT 'hist-{m}-' || n, 'contacts', {start} + n * {quarter_hour}, {start} + n * {quarter_hour} + 5000, 'succeeded', FALSE, '{{}}', NULL FROM ({}) AS s",
-            seq(runs_per_month)
-        );
-        let month_start = chrono::DateTime::from_timestamp_millis(start).unwrap_or_default();
-        let lines = format!(
-            "INSERT INTO unsub_lines (list_id, email, time, seen_at) \
-             SELECT 1, 'h{m:03}-' || {pad} || '@history.example.cn', '{}', {start} + (n / {}) * {quarter_hour} FROM ({}) AS s",
-            month_start.format("%Y-%m-%d %H:%M:%S"),
-            (churn / 3).max(1),
-            seq(lines_per_month)
-        );
-        for sql in [ops, runs, lines] {
+        let shape = Month {
+            postgres,
+            churn,
+            ops: ops_per_month,
+            runs: runs_per_month,
+            lines: lines_per_month,
+        };
+        for sql in shape.inserts(m, start) {
             db.execute_unprepared(&sql).await?;
         }
         // The runs of that month pruned with retention_days = 90; at a
@@ -899,9 +931,9 @@ async fn history(
         println!(
             "| {} | {} | {} | {} | {} | {:.1} MB |",
             m + 1,
-            count("operations").await?,
-            count("runs").await?,
-            count("unsub_lines").await?,
+            count_rows(db, "operations").await?,
+            count_rows(db, "runs").await?,
+            count_rows(db, "unsub_lines").await?,
             pruned.total(),
             size as f64 / 1e6
         );
