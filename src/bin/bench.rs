@@ -260,53 +260,20 @@ async fn main() -> anyhow::Result<()> {
         .as_deref()
         .map(|w| w.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default();
-    let n = args.linkmen;
     let latency = Duration::from_millis(args.latency_ms);
     let c = args.concurrency as i64;
 
     // Data: customers 1..=n/2, link-men 1–3 each (2 on average), every
     // third customer a VIP routed to list 2.
     let sb = Sandbox::start().await?;
-    let Seeded {
-        customers,
-        linkmen,
-        per_list,
-        seeded,
-    } = seed(&sb, n);
-    let (refused, poisoned) = poison(&sb, &seeded, args.refuse);
-
+    let data = seed(&sb, args.linkmen);
+    let (refused, poisoned) = poison(&sb, &data.seeded, args.refuse);
     let db = bench_database(&args.db).await?;
-    let config = std::env::temp_dir().join(format!("ces-bench-{}.toml", std::process::id()));
-    std::fs::write(
-        &config,
-        format!(
-            "{}\n[crm]\n[sync]\nlist_id = 1\n[[sync.routes]]\nfield = \"customer.type_id\"\nequals = \"2\"\nlist_id = 2\n[sync.vars]\nvar1 = \"customer.name\"\nvar2 = \"mobile\"\n[writeback]\nlookback_days = {LOOKBACK_DAYS}\n[log]\nformat = \"json\"\n",
-            sb.config_toml(&db)
-                .replace("timeout_secs = 5", "timeout_secs = 60")
-                .replacen("[edm]\n", "[edm]\nmax_attempts = 1\n", 1)
-                .replacen("[crm]\n", &format!("[crm]\npage_size = {PAGE_SIZE}\nconcurrency = {c}\n"), 1)
-        )
-        .replacen("\n[crm]\n[sync]", "\n[sync]", 1),
-    )?;
-    if !latency.is_zero() {
-        sb.chaos(
-            "*",
-            Chaos {
-                p_delay: 1.0,
-                delay: latency,
-                ..Default::default()
-            },
-            1,
-        );
-    }
-    let l = latency;
-    let pages = customers / PAGE_SIZE + 1;
-    let pull = pages + customers;
-    let pull_wall = |extra: i64| l * (pages.max(ceil(customers, c)) as u32) + l * (extra as u32);
-
+    let config = write_bench_config(&sb, &db, c)?;
+    slow_down(&sb, latency);
     println!(
-        "\nbench: {linkmen} link-men, {customers} customers, latency {} ms, crm.concurrency {c}, db {}\n",
-        args.latency_ms, args.db
+        "\nbench: {} link-men, {} customers, latency {} ms, crm.concurrency {c}, db {}\n",
+        data.linkmen, data.customers, args.latency_ms, args.db
     );
     println!(
         "| scenario | wall | requests | request bound | req ratio | wall bound | wall ratio | CPU / link-man | peak RSS | EDM writes | |"
@@ -315,93 +282,203 @@ async fn main() -> anyhow::Result<()> {
 
     if args.history_years > 0 {
         let months = args.history_months.unwrap_or(args.history_years * 12);
-        let result = history(months, &bin, &config, &db, linkmen).await;
+        let result = history(months, &bin, &config, &db, data.linkmen).await;
         cleanup(&args, &config).await?;
         return result;
     }
+    let mut bench = Bench {
+        sb: &sb,
+        wrap: &wrap,
+        bin: &bin,
+        config: &config,
+        refused,
+        linkmen: data.linkmen,
+        latency,
+        concurrency: c,
+        pull_pages: data.customers / PAGE_SIZE + 1,
+        customers: data.customers,
+        rows: Vec::new(),
+    };
+    bench.scenarios(&data, &poisoned).await;
+    cleanup(&args, &config).await?;
+    let wrapped = !wrap.is_empty();
+    verdict(bench.rows.into_iter().flatten().collect(), wrapped)
+}
 
-    let mut rows = Vec::new();
-    // A run that refused addresses ends partial (exit 1) by design: only
-    // the first sync meets the refused addresses (they are parked there).
-    let mut scenario = |name: &str, job: &str, req_bound: i64, wall_bound: Duration| {
-        sb.clear_requests();
-        let mut m = run_child(&wrap, &bin, &config, job);
-        if name == "first sync" && refused > 0 && !m.ok {
+/// The benchmark's scenarios, run one after the other on one sandbox and
+/// one state database, each a child process measured as a whole.
+struct Bench<'a> {
+    sb: &'a Sandbox,
+    wrap: &'a [String],
+    bin: &'a std::path::Path,
+    config: &'a std::path::Path,
+    refused: i64,
+    linkmen: i64,
+    latency: Duration,
+    concurrency: i64,
+    pull_pages: i64,
+    customers: i64,
+    /// Each scenario's missed targets.
+    rows: Vec<Vec<String>>,
+}
+
+impl Bench<'_> {
+    /// Requests of a whole CRM pull.
+    fn pull(&self) -> i64 {
+        self.pull_pages + self.customers
+    }
+
+    /// The wall time bound of a pull and `extra` requests one after the
+    /// other.
+    fn pull_wall(&self, extra: i64) -> Duration {
+        let l = self.latency;
+        l * (self.pull_pages.max(ceil(self.customers, self.concurrency)) as u32)
+            + l * (extra as u32)
+    }
+
+    /// Runs `job` once in a child process and prints its row. A run that
+    /// refused addresses ends partial (exit 1) by design: only the first
+    /// sync meets the refused addresses (they are parked there).
+    fn scenario(&mut self, name: &str, job: &str, req_bound: i64, wall_bound: Duration) {
+        self.sb.clear_requests();
+        let mut m = run_child(self.wrap, self.bin, self.config, job);
+        if name == "first sync" && self.refused > 0 && !m.ok {
             m.ok = m.exit_code == Some(1);
         }
-        let detail = requests(&sb);
+        let detail = requests(self.sb);
         let row = Row {
             scenario: name.to_string(),
             reqs: detail.values().sum(),
             req_bound,
             wall_bound,
-            linkmen,
-            edm_writes: sb.requests().iter().filter(|r| r.is_edm_write()).count(),
+            linkmen: self.linkmen,
+            edm_writes: self
+                .sb
+                .requests()
+                .iter()
+                .filter(|r| r.is_edm_write())
+                .count(),
             detail,
             m,
         };
         row.print();
-        rows.push(row.misses(latency));
-    };
+        self.rows.push(row.misses(self.latency));
+    }
 
-    // First sync: the pull, one export read per list, the list reads
-    // rule 5 requires (one page each: the lists are empty), and the
-    // add batches.
-    let lists = 2;
-    let adds: i64 = per_list.iter().map(|&k| ceil(k, BATCH)).sum();
-    // Each refused address: two requests per halving of its batch.
-    let bisection = refused * 2 * (BATCH as f64).log2().ceil() as i64;
-    let first_extra = lists + lists + adds + bisection;
-    scenario(
-        "first sync",
-        "contacts",
-        pull + first_extra,
-        pull_wall(first_extra),
+    async fn scenarios(&mut self, data: &Seeded, poisoned: &std::collections::HashSet<i64>) {
+        let (sb, c, l) = (self.sb, self.concurrency, self.latency);
+        // First sync: the pull, one export read per list, the list reads
+        // rule 5 requires (one page each: the lists are empty), and the
+        // add batches.
+        let lists = 2;
+        let adds: i64 = data.per_list.iter().map(|&k| ceil(k, BATCH)).sum();
+        // Each refused address: two requests per halving of its batch.
+        let bisection = self.refused * 2 * (BATCH as f64).log2().ceil() as i64;
+        let first_extra = lists + lists + adds + bisection;
+        let (pull, wall) = (self.pull(), self.pull_wall(first_extra));
+        self.scenario("first sync", "contacts", pull + first_extra, wall);
+        print_list_read_bytes(sb, data.per_list[0]).await;
+
+        // No change: the pull and the export reads, zero writes.
+        self.scenario(
+            "no-change rerun",
+            "contacts",
+            pull + lists,
+            self.pull_wall(lists),
+        );
+
+        // 1 % churn: renames (edits), deletions (unsubscribes) and new
+        // link-men (adds), a third each.
+        let churned = churn(sb, &data.seeded, data.linkmen, data.customers);
+        let touched = |l: [bool; 2]| l.iter().filter(|&&b| b).count() as i64;
+        let min_writes = churned.each + touched(churned.unsub_lists) + touched(churned.add_lists);
+        let (second_look, count_check) = (churned.each, 1);
+        let wall = self.pull_wall(lists + min_writes + ceil(second_look, c) + count_check);
+        self.scenario(
+            "1 % churn rerun",
+            "contacts",
+            pull + lists + min_writes + second_look + count_check,
+            wall,
+        );
+
+        let (list_reads, edits) = mass_rename(sb, data, &churned.removed, poisoned);
+        let wall = self.pull_wall(lists + list_reads) + l * (ceil(edits, EDM_CONCURRENCY) as u32);
+        self.scenario(
+            "mass rename",
+            "contacts",
+            pull + lists + list_reads + edits,
+            wall,
+        );
+
+        // Write-back: 20 campaigns over the lookback, 10 % of link-men open.
+        let per_campaign = seed_campaigns(sb, &data.seeded, data.linkmen);
+        let records = 20 * per_campaign;
+        // task-list per day, open-detail and two failexport reads per
+        // campaign, the exports, then one record each.
+        let wb_reads = LOOKBACK_DAYS + 20 * 3 + lists;
+        let wall = l * (wb_reads as u32) + l * (ceil(records, c) as u32);
+        self.scenario("write-back", "writeback", wb_reads + records, wall);
+    }
+}
+
+/// The daemon's config for the bench: the sandbox's, with the routes and
+/// vars of a real deployment and limits that fit a long run.
+fn write_bench_config(sb: &Sandbox, db: &str, c: i64) -> anyhow::Result<std::path::PathBuf> {
+    let config = std::env::temp_dir().join(format!("ces-bench-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[crm]\n[sync]\nlist_id = 1\n[[sync.routes]]\nfield = \"customer.type_id\"\nequals = \"2\"\nlist_id = 2\n[sync.vars]\nvar1 = \"customer.name\"\nvar2 = \"mobile\"\n[writeback]\nlookback_days = {LOOKBACK_DAYS}\n[log]\nformat = \"json\"\n",
+            sb.config_toml(db)
+                .replace("timeout_secs = 5", "timeout_secs = 60")
+                .replacen("[edm]\n", "[edm]\nmax_attempts = 1\n", 1)
+                .replacen("[crm]\n", &format!("[crm]\npage_size = {PAGE_SIZE}\nconcurrency = {c}\n"), 1)
+        )
+        .replacen("\n[crm]\n[sync]", "\n[sync]", 1),
+    )?;
+    Ok(config)
+}
+
+/// Every sandbox answer delayed by `latency` (none at zero).
+fn slow_down(sb: &Sandbox, latency: Duration) {
+    if latency.is_zero() {
+        return;
+    }
+    sb.chaos(
+        "*",
+        Chaos {
+            p_delay: 1.0,
+            delay: latency,
+            ..Default::default()
+        },
+        1,
     );
+}
 
-    // What a whole read of the larger list costs on the wire, plain and
-    // gzipped (the daemon offers gzip; the sandbox compresses when asked).
-    match list_read_bytes(&sb, 1, per_list[0]).await {
+/// What a whole read of the larger list costs on the wire, plain and
+/// gzipped (the daemon offers gzip; the sandbox compresses when asked).
+async fn print_list_read_bytes(sb: &Sandbox, members: i64) {
+    match list_read_bytes(sb, 1, members).await {
         Ok((pages, plain, gzip)) => println!(
-            "    list 1 read whole ({} members, {pages} pages of 1000): {plain} bytes plain, {gzip} bytes gzip ({:.1} %)",
-            per_list[0],
+            "    list 1 read whole ({members} members, {pages} pages of 1000): {plain} bytes plain, {gzip} bytes gzip ({:.1} %)",
             100.0 * gzip as f64 / plain.max(1) as f64
         ),
         Err(e) => println!("    list 1 read whole: cannot measure: {e:#}"),
     }
+}
 
-    // No change: the pull and the export reads, zero writes.
-    scenario(
-        "no-change rerun",
-        "contacts",
-        pull + lists,
-        pull_wall(lists),
-    );
-
-    // 1 % churn: renames (edits), deletions (unsubscribes) and new
-    // link-men (adds), a third each.
-    let Churn {
-        each,
-        removed,
-        unsub_lists,
-        add_lists,
-    } = churn(&sb, &seeded, linkmen, customers);
-    let touched = |l: [bool; 2]| l.iter().filter(|&&b| b).count() as i64;
-    let min_writes = each + touched(unsub_lists) + touched(add_lists);
-    let second_look = each;
-    let count_check = 1;
-    scenario(
-        "1 % churn rerun",
-        "contacts",
-        pull + lists + min_writes + second_look + count_check,
-        pull_wall(lists + min_writes + ceil(second_look, c) + count_check),
-    );
-
-    // Mass rename: up to 10 000 members renamed at once (one edit each),
-    // sent with `edm.concurrency` in flight. Their EDM ids are unknown
-    // (batch adds return none), so each list is read once first
-    // (`known / list_page_size + 1` pages).
-    let renamed: Vec<(i64, bool)> = seeded
+/// Mass rename: up to 10 000 members renamed at once (one edit each), sent
+/// with `edm.concurrency` in flight. Their EDM ids are unknown (batch adds
+/// return none), so each list is read once first (`known /
+/// list_page_size + 1` pages). Returns those list pages and the edits.
+fn mass_rename(
+    sb: &Sandbox,
+    data: &Seeded,
+    removed: &std::collections::HashSet<i64>,
+    poisoned: &std::collections::HashSet<i64>,
+) -> (i64, i64) {
+    let renamed: Vec<(i64, bool)> = data
+        .seeded
         .iter()
         // A parked address renamed would be sent (and refused) again.
         .filter(|(id, _, _)| !removed.contains(id) && !poisoned.contains(id))
@@ -416,31 +493,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let list_reads: i64 = (0..2)
         .filter(|&k| renamed_per_list[k] > 0)
-        .map(|k| per_list[k] / LIST_PAGE + 1)
+        .map(|k| data.per_list[k] / LIST_PAGE + 1)
         .sum();
-    let edits = renamed.len() as i64;
-    scenario(
-        "mass rename",
-        "contacts",
-        pull + lists + list_reads + edits,
-        pull_wall(lists + list_reads) + l * (ceil(edits, EDM_CONCURRENCY) as u32),
-    );
-
-    // Write-back: 20 campaigns over the lookback, 10 % of link-men open.
-    let per_campaign = seed_campaigns(&sb, &seeded, linkmen);
-    let records = 20 * per_campaign;
-    // task-list per day, open-detail and two failexport reads per
-    // campaign, the exports, then one record each.
-    let wb_reads = LOOKBACK_DAYS + 20 * 3 + lists;
-    scenario(
-        "write-back",
-        "writeback",
-        wb_reads + records,
-        l * (wb_reads as u32) + l * (ceil(records, c) as u32),
-    );
-
-    cleanup(&args, &config).await?;
-    verdict(rows.into_iter().flatten().collect(), !wrap.is_empty())
+    (list_reads, renamed.len() as i64)
 }
 
 /// The seeded CRM: customers, link-men, link-men per list, and each
