@@ -996,6 +996,18 @@ async fn history(
     store.close().await;
     let (fresh, after) = paired_reruns(bin, &fresh_config, config)?;
     std::fs::remove_file(&fresh_config).ok();
+    history_verdict(months, fresh, after, &sizes)
+}
+
+/// The history's targets: the rerun on the full history within 10 % of
+/// the fresh one, and the database no longer growing once the retention
+/// window is full.
+fn history_verdict(
+    months: i64,
+    fresh: Duration,
+    after: Duration,
+    sizes: &[u64],
+) -> anyhow::Result<()> {
     let ratio = after.as_secs_f64() / fresh.as_secs_f64();
     // Full once the window (3 months) and one month of pruning are in.
     let full = sizes.get(4).copied().unwrap_or(0);
