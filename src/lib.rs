@@ -6,7 +6,7 @@
 //!
 //! "Rule N" in a comment or a test name is a rule of `docs/sync-rules.md`;
 //! the modules' layers are in `docs/architecture.md` (held by
-//! `tests/architecture.rs`), the remote calls in `docs/remote-apis.md`.
+//! `tests/it/architecture.rs`), the remote calls in `docs/remote-apis.md`.
 
 pub mod app;
 pub mod check;

@@ -3,13 +3,11 @@
 //! a missing database is reported by `status` and read as empty by a dry
 //! run — on SQLite and on PostgreSQL.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{TestDb, config_text, seed_basic};
+use crate::common::{TestDb, config_text, seed_basic};
 use crm_edm_sync::sandbox::Sandbox;
 use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
 use serde_json::json;

@@ -1,13 +1,11 @@
 //! The real binary in daemon mode: graceful shutdown, one active instance
 //! per database, the ops endpoints.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::daemon::{BIN, Daemon, metrics_text, sandbox, write_config};
-use common::{TestDb, config_text, seed_basic};
+use crate::common::daemon::{BIN, Daemon, metrics_text, sandbox, write_config};
+use crate::common::{TestDb, config_text, seed_basic};
 use crm_edm_sync::sandbox::Fault;
 use serde_json::json;
 
@@ -132,7 +130,7 @@ async fn only_one_of_two_daemons_runs_jobs_and_the_other_takes_over(db: TestDb) 
 #[tokio::test]
 async fn two_daemons_on_one_postgresql_database_only_one_runs_jobs_the_other_takes_over() {
     let Some(db) = TestDb::postgres().await else {
-        return common::skipped_without_postgres("two daemons on PostgreSQL");
+        return crate::common::skipped_without_postgres("two daemons on PostgreSQL");
     };
     only_one_of_two_daemons_runs_jobs_and_the_other_takes_over(db).await;
 }
@@ -151,7 +149,9 @@ async fn two_daemons_started_at_once_on_a_fresh_database_both_come_up(postgres: 
         // Arrange
         let db = if postgres {
             let Some(db) = TestDb::postgres().await else {
-                return common::skipped_without_postgres("two daemons booting on PostgreSQL");
+                return crate::common::skipped_without_postgres(
+                    "two daemons booting on PostgreSQL",
+                );
             };
             db
         } else {
@@ -622,7 +622,8 @@ async fn under_hanging_and_failing_requests_healthz_answers_within_a_second_and_
             json!({"name": format!("n{c}"), "email": format!("p{c}@example.com")}),
         );
     }
-    sb.edm.put_campaign(common::opened_today_by_p1_to(300));
+    sb.edm
+        .put_campaign(crate::common::opened_today_by_p1_to(300));
     let hang = crm_edm_sync::sandbox::Chaos {
         p_hang: 0.05,
         hang_for: Duration::from_secs(3),
@@ -759,7 +760,7 @@ async fn a_job_past_the_drain_bound_is_stopped_where_it_stands_and_the_next_run_
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(sb.edm.emails(1).len(), 5);
-    assert!(common::applied_adds(&sb).values().all(|&n| n == 1));
+    assert!(crate::common::applied_adds(&sb).values().all(|&n| n == 1));
 }
 
 /// How an active instance loses its lock while it keeps running.
@@ -777,7 +778,7 @@ async fn terminate_lock_connection(url: &str) -> u64 {
     use sea_orm::{ConnectionTrait, Database, Statement};
     let name = url.rsplit('/').next().unwrap();
     let key = crm_edm_sync::lock::ADVISORY_KEY;
-    let admin = Database::connect(common::pg_admin_url().expect("a PostgreSQL server"))
+    let admin = Database::connect(crate::common::pg_admin_url().expect("a PostgreSQL server"))
         .await
         .unwrap();
     let sql = format!(
@@ -853,7 +854,7 @@ async fn a_holder_that_loses_its_lock_mid_run_never_writes_after_its_successor(
     let mut expected: Vec<String> = (1..=1100).map(|c| format!("m{c}@example.com")).collect();
     expected.sort();
     assert_eq!(sb.edm.emails(1), expected, "EDM ends exact");
-    let adds = common::applied_adds(&sb);
+    let adds = crate::common::applied_adds(&sb);
     let twice: Vec<_> = adds.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "added more than once: {twice:?}");
     let writes: Vec<_> = sb
@@ -886,7 +887,7 @@ async fn a_holder_that_loses_its_lock_mid_run_never_writes_after_its_successor(
 async fn a_postgresql_holder_whose_lock_connection_is_terminated_never_writes_after_its_successor()
 {
     let Some(db) = TestDb::postgres().await else {
-        return common::skipped_without_postgres("a PostgreSQL holder losing its lock");
+        return crate::common::skipped_without_postgres("a PostgreSQL holder losing its lock");
     };
     a_holder_that_loses_its_lock_mid_run_never_writes_after_its_successor(
         db,
@@ -1167,7 +1168,7 @@ async fn sigterm_while_write_back_reads_campaigns_stops_the_reads_at_once() {
     // every second, contacts never.
     let sb = sandbox().await;
     seed_basic(&sb);
-    let today = common::edm_today().format("%Y-%m-%d").to_string();
+    let today = crate::common::edm_today().format("%Y-%m-%d").to_string();
     for id in 1..=30 {
         sb.edm.put_campaign(crm_edm_sync::sandbox::SandboxCampaign {
             id,

@@ -1,12 +1,10 @@
 //! The real binary against the sandbox: exit codes, the JSON summary event,
 //! and no secret in any output.
 
-mod common;
-
 use std::process::Output;
 use std::time::Duration;
 
-use common::{TestDb, config_text, seed_basic};
+use crate::common::{TestDb, config_text, seed_basic};
 use crm_edm_sync::edm::{basic_credentials, password_md5};
 use crm_edm_sync::sandbox::{EDM_PASSWORD, EDM_USER, Fault, Sandbox, TOKEN};
 
@@ -117,7 +115,7 @@ async fn writeback_logs_one_summary_event_with_counts_per_kind() {
             .status
             .success()
     );
-    let day = common::edm_today().format("%Y-%m-%d").to_string();
+    let day = crate::common::edm_today().format("%Y-%m-%d").to_string();
     cli.sb
         .edm
         .put_campaign(crm_edm_sync::sandbox::SandboxCampaign {
@@ -171,7 +169,7 @@ async fn a_record_whose_answer_was_lost_is_sent_again_with_a_warning() {
             .status
             .success()
     );
-    let day = common::edm_today().format("%Y-%m-%d").to_string();
+    let day = crate::common::edm_today().format("%Y-%m-%d").to_string();
     cli.sb
         .edm
         .put_campaign(crm_edm_sync::sandbox::SandboxCampaign {
@@ -918,7 +916,7 @@ async fn check_fails_naming_a_list_id_the_edm_account_does_not_have() {
 #[tokio::test]
 async fn check_warns_when_the_edm_service_is_disabled_ends_soon_or_is_short_of_quota() {
     let cli = setup("info").await;
-    let soon = (common::edm_today() + chrono::Duration::days(5))
+    let soon = (crate::common::edm_today() + chrono::Duration::days(5))
         .format("%Y-%m-%d")
         .to_string();
     cli.sb.edm.set_service("disabled", &soon, 3);

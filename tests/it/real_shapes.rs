@@ -4,9 +4,7 @@
 //! contacts and write-back tests that way too) and what the daemon makes of
 //! them.
 
-mod common;
-
-use common::{env, opened_today_by_p1_to};
+use crate::common::{env, opened_today_by_p1_to};
 use crm_edm_sync::jobs::RunOptions;
 use crm_edm_sync::writeback;
 use serde_json::json;

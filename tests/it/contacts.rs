@@ -2,9 +2,7 @@
 //! sandbox, a real state database (SQLite, or PostgreSQL with
 //! `CRM_EDM_SYNC_TEST_DB=postgres`).
 
-mod common;
-
-use common::{emails, env, env_with, seed_basic};
+use crate::common::{emails, env, env_with, seed_basic};
 use crm_edm_sync::domain::ListId;
 use crm_edm_sync::jobs::RunOptions;
 use crm_edm_sync::sandbox::Fault;
@@ -756,7 +754,7 @@ async fn wrong_crm_token_stops_the_run_naming_the_credential() {
 }
 
 /// One customer (list 1) with `n` link-men, `p{i}@example.com`.
-async fn one_customer_with(n: i64) -> common::Env {
+async fn one_customer_with(n: i64) -> crate::common::Env {
     let e = env().await;
     e.sb.crm.put_customer(1, json!({"name": "c", "type_id": 1}));
     for i in 0..n {
@@ -949,7 +947,7 @@ async fn a_linkman_without_a_usable_id_fails_the_pull_naming_the_field() {
 
 /// One customer with 25 link-men (three add batches of ten), the first
 /// `ml-addr-add` held for a second.
-async fn three_batches_first_one_slow() -> common::Env {
+async fn three_batches_first_one_slow() -> crate::common::Env {
     let e = one_customer_with(25).await;
     e.sb.inject(
         "ml-addr-add",

@@ -2,9 +2,7 @@
 //! gzipped answer reads the same as a plain one. (The bytes a 100 000-member
 //! list read takes either way are in BENCHMARKS.md.)
 
-mod common;
-
-use common::env;
+use crate::common::env;
 use crm_edm_sync::domain::ListId;
 use serde_json::json;
 

@@ -5,12 +5,10 @@
 //! ledger: no ContactHistory record written twice outside the logged
 //! window.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{TestDb, applied_adds, config_text};
+use crate::common::{TestDb, applied_adds, config_text};
 use crm_edm_sync::sandbox::{Fault, Sandbox};
 use serde_json::json;
 
@@ -231,7 +229,8 @@ async fn sigkill_anywhere_in_a_large_sync_is_repaired_by_the_next_run() {
 async fn sigkill_during_write_back_duplicates_no_record_outside_the_logged_window() {
     let s = setup().await;
     s.run_to_end("contacts").await;
-    s.sb.edm.put_campaign(common::opened_today_by_p1_to(300));
+    s.sb.edm
+        .put_campaign(crate::common::opened_today_by_p1_to(300));
     s.sb.inject(
         "ContactHistory/Add",
         Fault::Delay(Duration::from_millis(25)),

@@ -4,9 +4,7 @@
 //! changes or `--retry-parked`. Contact-history records the CRM refuses are
 //! parked after `crm.max_attempts` runs the same way.
 
-mod common;
-
-use common::{env, env_with};
+use crate::common::{env, env_with};
 use crm_edm_sync::jobs::{Context, RunOptions};
 use crm_edm_sync::sandbox::{Fault, Sandbox};
 use crm_edm_sync::sync::contacts::{self, Outcome};
@@ -28,7 +26,7 @@ fn seed_sixteen(sb: &Sandbox) {
 
 /// A context whose batches hold 8 addresses and which parks after two
 /// refusing runs.
-async fn small_batches(e: &common::Env) -> Context {
+async fn small_batches(e: &crate::common::Env) -> Context {
     e.ctx_from(|s| {
         s.edm.batch_size = 8;
         s.edm.max_attempts = 2;
@@ -155,7 +153,8 @@ async fn a_contact_history_record_refused_in_max_attempts_runs_is_parked_until_r
         );
     }
     e.sync().await;
-    e.sb.edm.put_campaign(common::opened_today_by_p1_to(3));
+    e.sb.edm
+        .put_campaign(crate::common::opened_today_by_p1_to(3));
     let ctx = e
         .ctx_from(|s| {
             s.crm.max_attempts = 2;

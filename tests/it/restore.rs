@@ -2,9 +2,7 @@
 //! before it writes, adds nobody twice, and names the unsubscribes it
 //! cannot tell apart.
 
-mod common;
-
-use common::{TestDb, applied_adds, env};
+use crate::common::{TestDb, applied_adds, env};
 use crm_edm_sync::jobs::{Context, RunOptions};
 use crm_edm_sync::sandbox::Sandbox;
 use crm_edm_sync::sync::contacts;
@@ -77,7 +75,7 @@ fn sqlite_file(url: &str) -> Option<String> {
 }
 
 async fn admin(sql: &str) {
-    let conn = Database::connect(common::pg_admin_url().expect("a PostgreSQL server"))
+    let conn = Database::connect(crate::common::pg_admin_url().expect("a PostgreSQL server"))
         .await
         .unwrap();
     conn.execute_unprepared(sql).await.unwrap();

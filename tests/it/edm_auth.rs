@@ -2,9 +2,7 @@
 //! an HTTP Basic `Authorization` header (as the public clients call the
 //! scripts under `/mm-ms/apinew/`).
 
-mod common;
-
-use common::{config_text, env, seed_basic};
+use crate::common::{config_text, env, seed_basic};
 use crm_edm_sync::config::EdmAuth;
 use crm_edm_sync::sync::contacts;
 

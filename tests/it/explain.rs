@@ -2,12 +2,10 @@
 //! list, from the state database and, with `--live`, from the CRM and EDM
 //! — changing nothing, and never printing a secret.
 
-mod common;
-
 use std::process::Output;
 use std::time::Duration;
 
-use common::{TestDb, config_text, seed_basic};
+use crate::common::{TestDb, config_text, seed_basic};
 use crm_edm_sync::edm::password_md5;
 use crm_edm_sync::sandbox::{EDM_PASSWORD, Sandbox, SandboxCampaign, TOKEN};
 
@@ -136,7 +134,7 @@ async fn explain_lists_refusals_and_contact_history_records() {
     seed_basic(&sb);
     sb.edm
         .refuse_address("lm4@example.com", "add_address_error", "address refused");
-    let today = common::edm_today().format("%Y-%m-%d").to_string();
+    let today = crate::common::edm_today().format("%Y-%m-%d").to_string();
     sb.edm.put_campaign(SandboxCampaign {
         id: 100,
         sn: "20261120-100".into(),
@@ -281,7 +279,7 @@ async fn a_hard_bounce_shows_in_every_synced_list_with_its_campaign_and_never_as
     // Arrange: campaign 300 to list 1 hard-bounces on lm1; write-back
     // suppresses it in every list.
     let cli = synced().await;
-    let today = common::edm_today().format("%Y-%m-%d").to_string();
+    let today = crate::common::edm_today().format("%Y-%m-%d").to_string();
     cli.sb.edm.put_campaign(SandboxCampaign {
         id: 300,
         sn: "20261120-300".into(),

@@ -1,11 +1,9 @@
 //! Faults real APIs produce, and bad input: the sync converges, applies
 //! nothing it should not, and says what was wrong.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Env, applied_adds, env, seed_basic};
+use crate::common::{Env, applied_adds, env, seed_basic};
 use crm_edm_sync::jobs::{Context, RunOptions};
 use crm_edm_sync::sandbox::{Chaos, Fault, PageFault, Sandbox};
 use crm_edm_sync::sync::contacts::{self, Outcome};

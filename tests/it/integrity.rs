@@ -9,12 +9,10 @@
 //! PostgreSQL (`CRM_EDM_SYNC_TEST_DB=postgres`) a deferred constraint
 //! trigger makes every `COMMIT` that touches `runs` or `operations` fail.
 
-mod common;
-
 use std::time::Duration;
 
-use common::daemon::{BIN, Daemon, metrics_text, sandbox};
-use common::{TestDb, applied_adds};
+use crate::common::daemon::{BIN, Daemon, metrics_text, sandbox};
+use crate::common::{TestDb, applied_adds};
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::json;
 
@@ -77,7 +75,7 @@ fn write_config(
     sb: &crm_edm_sync::sandbox::Sandbox,
     db: &TestDb,
 ) -> std::path::PathBuf {
-    let text = common::config_text(
+    let text = crate::common::config_text(
         sb,
         &db.url,
         "schedule = \"* * * * * *\"",
@@ -131,7 +129,8 @@ async fn a_state_database_that_stops_taking_writes_fails_runs_loudly_and_the_dae
     for c in 1..=30i64 {
         person(&sb, c);
     }
-    sb.edm.put_campaign(common::opened_today_by_p1_to(10));
+    sb.edm
+        .put_campaign(crate::common::opened_today_by_p1_to(10));
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &sb, &db);
@@ -154,7 +153,7 @@ async fn a_state_database_that_stops_taking_writes_fails_runs_loudly_and_the_dae
     for c in 1..=5i64 {
         sb.crm.remove_customer(c);
     }
-    let mut second = common::opened_today_by_p1_to(20);
+    let mut second = crate::common::opened_today_by_p1_to(20);
     second.id = 2;
     second.name = "第二次".into();
     second.opens.drain(..10);
@@ -277,7 +276,7 @@ async fn fail_ledger_done(db: &TestDb, on: bool) {
 async fn records_the_crm_confirmed_while_the_ledger_took_no_writes_are_not_sent_again() {
     // Arrange: 30 people who opened today's campaign; the ledger refuses
     // to record any of them done.
-    let e = common::env().await;
+    let e = crate::common::env().await;
     for c in 1..=30i64 {
         e.sb.crm
             .put_customer(c, json!({"name": format!("公司{c}"), "type_id": 1}));
@@ -288,7 +287,8 @@ async fn records_the_crm_confirmed_while_the_ledger_took_no_writes_are_not_sent_
         );
     }
     e.sync().await;
-    e.sb.edm.put_campaign(common::opened_today_by_p1_to(30));
+    e.sb.edm
+        .put_campaign(crate::common::opened_today_by_p1_to(30));
     fail_ledger_done(&e.db, true).await;
 
     // Act

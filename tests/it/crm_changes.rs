@@ -4,11 +4,9 @@
 //! unsubscribed for having vanished from one pull: what vanished is
 //! looked at again by id first.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::{Env, applied_adds, env};
+use crate::common::{Env, applied_adds, env};
 use crm_edm_sync::sandbox::Sandbox;
 use serde_json::json;
 

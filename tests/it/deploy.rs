@@ -34,7 +34,7 @@ fn the_readme_podman_run_line_stops_after_the_drain_time() {
     let readme = read("README.md");
     let default_drain: u64 = read("config/default.toml")
         .lines()
-        .chain(include_str!("../src/config/mod.rs").lines())
+        .chain(include_str!("../../src/config/mod.rs").lines())
         .find_map(|l| l.trim().strip_prefix("shutdown_timeout_secs = "))
         .and_then(|v| v.trim().parse().ok())
         .expect("the drain default");

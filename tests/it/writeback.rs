@@ -1,9 +1,7 @@
 //! The write-back job end to end against the sandbox: campaigns, opens,
 //! clicks, bounces and unsubscribes become ContactHistory records, once.
 
-mod common;
-
-use common::{Env, env_with, seed_basic};
+use crate::common::{Env, env_with, seed_basic};
 use crm_edm_sync::jobs::RunOptions;
 use crm_edm_sync::sandbox::{ContactRecord, Fault, SandboxCampaign};
 use crm_edm_sync::writeback;
@@ -12,7 +10,7 @@ use serde_json::json;
 /// A date `offset_days` before today in EDM's zone (`edm.timezone`,
 /// Asia/Shanghai by default), as `task-list` files campaigns.
 fn today(offset_days: i64) -> String {
-    (common::edm_today() - chrono::Duration::days(offset_days))
+    (crate::common::edm_today() - chrono::Duration::days(offset_days))
         .format("%Y-%m-%d")
         .to_string()
 }
@@ -595,7 +593,8 @@ async fn crm_failures_amid_ledger_writes_never_stall_the_database() {
         );
     }
     e.sync().await;
-    e.sb.edm.put_campaign(common::opened_today_by_p1_to(300));
+    e.sb.edm
+        .put_campaign(crate::common::opened_today_by_p1_to(300));
     e.sb.chaos(
         "ContactHistory/Add",
         crm_edm_sync::sandbox::Chaos {
