@@ -74,7 +74,6 @@ async fn once(cli: &Cli, settings: Settings) -> anyhow::Result<ExitCode> {
         let ctx = Context::new_read_only(settings).await?;
         let printed = crate::once::run_jobs(&ctx, &what).await;
         ctx.store.close().await;
-        let printed = printed?;
         print!("{}", printed.text);
         return Ok(printed.exit_code());
     }
@@ -96,7 +95,6 @@ async fn once(cli: &Cli, settings: Settings) -> anyhow::Result<ExitCode> {
     }
     ctx.store.close().await;
     drop(lock);
-    let printed = printed?;
     print!("{}", printed.text);
     Ok(printed.exit_code())
 }

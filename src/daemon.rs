@@ -177,6 +177,16 @@ struct Runs {
     hard_stop: CancellationToken,
 }
 
+impl Runs {
+    /// The gate of `job`'s runs.
+    fn gate(&self, job: Job) -> &Arc<Gate> {
+        match job {
+            Job::Contacts => &self.gates[0],
+            Job::Writeback => &self.gates[1],
+        }
+    }
+}
+
 /// Runs the schedules while the lock is held; returns when a signal
 /// arrives (after draining) or the lock is lost. A reload that changes a
 /// schedule re-arms them without stopping a running job.
@@ -263,7 +273,8 @@ async fn active_period(
 async fn arm_schedules(live: &Arc<Live>, runs: &Runs) -> anyhow::Result<JobScheduler> {
     let settings = live.current().settings;
     let scheduler = JobScheduler::new().await?;
-    for (job, gate) in Job::ALL.into_iter().zip(&runs.gates) {
+    for job in Job::ALL {
+        let gate = runs.gate(job);
         let cron = match job {
             Job::Contacts => settings.sync.schedule.clone(),
             Job::Writeback => settings.writeback.schedule.clone(),
@@ -367,7 +378,7 @@ async fn serve_run_request(
         text: String::new(),
     };
     for job in what.jobs() {
-        let gate = &runs.gates[if job == Job::Contacts { 0 } else { 1 }];
+        let gate = runs.gate(job);
         let _running = loop {
             if let Some(entered) = gate.try_enter() {
                 break entered;
@@ -386,19 +397,9 @@ async fn serve_run_request(
             return printed;
         }
         let ctx = live.current().with_shutdown(runs.period.clone());
-        match crate::once::run_job(&ctx, &what, job).await {
-            Ok((ok, text)) => {
-                printed.ok &= ok;
-                printed.text.push_str(&text);
-            }
-            Err(e) => {
-                printed.ok = false;
-                let e = ctx.redactor.redact(&format!("{e:#}"));
-                printed
-                    .text
-                    .push_str(&format!("crm-edm-sync: {job}: {e}\n"));
-            }
-        }
+        let (ok, text) = crate::once::run_job(&ctx, &what, job).await;
+        printed.ok &= ok;
+        printed.text.push_str(&text);
         if runs.period.is_cancelled() {
             break_request(&mut printed, job);
             return printed;

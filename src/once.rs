@@ -78,21 +78,21 @@ impl Printed {
 }
 
 /// Runs `what`'s jobs in order with `ctx`; returns what `--once` prints.
-pub async fn run_jobs(ctx: &Context, what: &OnceJobs) -> anyhow::Result<Printed> {
+pub async fn run_jobs(ctx: &Context, what: &OnceJobs) -> Printed {
     let mut printed = Printed {
         ok: true,
         text: String::new(),
     };
     for job in what.jobs() {
-        let (ok, text) = run_job(ctx, what, job).await?;
+        let (ok, text) = run_job(ctx, what, job).await;
         printed.ok &= ok;
         printed.text.push_str(&text);
     }
-    Ok(printed)
+    printed
 }
 
 /// One job of `what`: whether it succeeded, and its lines.
-pub async fn run_job(ctx: &Context, what: &OnceJobs, job: Job) -> anyhow::Result<(bool, String)> {
+pub async fn run_job(ctx: &Context, what: &OnceJobs, job: Job) -> (bool, String) {
     let mut text = String::new();
     let ok = match job {
         Job::Contacts => match contacts::run(ctx, what.opts).await {
@@ -100,7 +100,9 @@ pub async fn run_job(ctx: &Context, what: &OnceJobs, job: Job) -> anyhow::Result
                 if let Outcome::DryRun(preview) = &report.outcome {
                     text.push_str(&render_plan(&report, preview));
                     if let Some(path) = &what.plan {
-                        write_plan(path, preview)?;
+                        if let Err(e) = write_plan(path, preview) {
+                            return (failed(ctx, job, e, &mut text), text);
+                        }
                         text.push_str(&format!("plan written to {}\n", path.display()));
                     }
                 }
@@ -123,7 +125,7 @@ pub async fn run_job(ctx: &Context, what: &OnceJobs, job: Job) -> anyhow::Result
             Err(e) => failed(ctx, job, e, &mut text),
         },
     };
-    Ok((ok, text))
+    (ok, text)
 }
 
 /// Logs a job's error and adds its line to `text`; `false`.
@@ -173,14 +175,16 @@ pub async fn ask_the_daemon(
     let mut announced = false;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
-    for tick in 1u64.. {
+    let mut tick = 0u64;
+    loop {
+        tick += 1;
         tokio::select! {
             _ = &mut ctrl_c => return Ok(Asked::Interrupted(interrupted(store, id).await?)),
             _ = tokio::time::sleep(FOLLOW_EVERY) => {}
         }
         // The lock is tried every fourth look (a PostgreSQL lock try is a
         // connection of its own).
-        let try_lock = tick % 4 == 0;
+        let try_lock = tick.is_multiple_of(4);
         let request = store
             .run_request(id)
             .await?
@@ -220,7 +224,6 @@ pub async fn ask_the_daemon(
             }
         }
     }
-    unreachable!("the loop above returns")
 }
 
 /// Ctrl-C while following request `id`: cancelled if no daemon took it;

@@ -499,37 +499,11 @@ impl Settings {
             .into_iter()
             .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
             .collect();
-        let layers = parsed.as_ref().zip(shown.as_deref());
-        let (origins, table) = strict::check_layers(DEFAULTS, layers, &env)?;
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
-        if let Some(path) = &file {
-            builder = builder.add_source(
-                config::File::from(path.as_path())
-                    .format(config::FileFormat::Toml)
-                    .required(true),
-            );
-        }
-        builder = builder.add_source(
-            config::Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("__")
-                .separator("__")
-                // No `try_parsing`: it would turn a token such as "0123"
-                // into the number 123. Numeric keys parse from text anyway
-                // (the strict pass has checked they are numbers).
-                .source(Some(env.into_iter().collect())),
-        );
-        let where_ = shown
+        let layers = parsed
             .as_ref()
-            .map(|p| format!(" (file {p})"))
-            .unwrap_or_default();
-        let raw = builder
-            .build()
-            .map_err(|e| ConfigError::Load(format!("cannot read settings{where_}: {e}")))?;
-        let mut settings: Settings = raw
-            .try_deserialize()
-            .map_err(|e| ConfigError::Load(format!("bad settings{where_}: {e}")))?;
-        settings.layers = Layers(table);
+            .zip(shown.as_deref())
+            .map(|((table, text), shown)| (table, text.as_str(), shown));
+        let (mut settings, origins) = assemble(layers, env)?;
         let checked = settings
             .read_secret_files()
             .and_then(|()| settings.validate_for(access))
@@ -550,16 +524,7 @@ impl Settings {
         let table: toml::Table = text
             .parse()
             .map_err(|e| ConfigError::Load(format!("settings are not TOML: {e}")))?;
-        let (_, layers) = strict::check_layers(DEFAULTS, Some((&table, "(given text)")), &[])?;
-        let raw = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .build()
-            .map_err(|e| ConfigError::Load(format!("cannot read settings: {e}")))?;
-        let mut settings: Settings = raw
-            .try_deserialize()
-            .map_err(|e| ConfigError::Load(format!("bad settings: {e}")))?;
-        settings.layers = Layers(layers);
+        let (mut settings, _) = assemble(Some((&table, text, "(given text)")), Vec::new())?;
         settings.read_secret_files()?;
         settings.validate()?;
         Ok(settings)
@@ -801,6 +766,43 @@ impl Settings {
 
 /// `info`, or directives such as `warn,crm_edm_sync=debug`: every level
 /// named must be one tracing knows.
+/// The layers — built-in defaults, the file (its parsed table, its text
+/// as read once, its name as shown), the `CRM_EDM_SYNC__…` variables —
+/// checked strictly, then built by the `config` crate into settings (not
+/// yet validated). Returns which variable set which key too.
+fn assemble(
+    file: Option<(&toml::Table, &str, &str)>,
+    env: Vec<(String, String)>,
+) -> Result<(Settings, strict::EnvOrigins), ConfigError> {
+    let (origins, table) =
+        strict::check_layers(DEFAULTS, file.map(|(table, _, shown)| (table, shown)), &env)?;
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+    if let Some((_, text, _)) = file {
+        builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
+    }
+    builder = builder.add_source(
+        config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            // No `try_parsing`: it would turn a token such as "0123" into
+            // the number 123. Numeric keys parse from text anyway (the
+            // strict pass has checked they are numbers).
+            .source(Some(env.into_iter().collect())),
+    );
+    let where_ = file
+        .map(|(_, _, shown)| format!(" (file {shown})"))
+        .unwrap_or_default();
+    let raw = builder
+        .build()
+        .map_err(|e| ConfigError::Load(format!("cannot read settings{where_}: {e}")))?;
+    let mut settings: Settings = raw
+        .try_deserialize()
+        .map_err(|e| ConfigError::Load(format!("bad settings{where_}: {e}")))?;
+    settings.layers = Layers(table);
+    Ok((settings, origins))
+}
+
 fn bad(key: &str, reason: &str) -> Result<(), ConfigError> {
     Err(ConfigError::Invalid {
         key: key.to_string(),
@@ -937,7 +939,7 @@ impl Settings {
 /// by file, line, column and key, never by its text: the parser's own
 /// errors quote the offending line, which may hold a secret (a
 /// `password = "…` missing its closing quote, a duplicated `token`).
-fn check_syntax(path: &Path) -> Result<toml::Table, ConfigError> {
+fn check_syntax(path: &Path) -> Result<(toml::Table, String), ConfigError> {
     let shown = path.display();
     let bytes = std::fs::read(path).map_err(|e| {
         ConfigError::Load(match e.kind() {
@@ -955,7 +957,7 @@ fn check_syntax(path: &Path) -> Result<toml::Table, ConfigError> {
         ))
     })?;
     let e = match toml::from_str::<toml::Table>(text) {
-        Ok(table) => return Ok(table),
+        Ok(table) => return Ok((table, text.to_string())),
         Err(e) => e,
     };
     let at = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
