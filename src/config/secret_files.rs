@@ -15,9 +15,10 @@ use secrecy::SecretString;
 
 use super::ConfigError;
 
-/// Reads the secret that `key` (e.g. `crm.token_file`) points at. One
-/// line ending at the end is dropped (`echo secret > file` writes one);
-/// anything else is the secret as written.
+/// Reads the secret that `key` (e.g. `crm.token_file`) points at: the
+/// file's first line, white space at either end trimmed (`echo secret >
+/// file` adds a line ending; a credential file may end in a newline or
+/// CR/LF).
 pub(super) fn read(key: &str, path: &Path) -> Result<SecretString, ConfigError> {
     let shown = path.display();
     let invalid = |reason: String| ConfigError::Invalid {
@@ -45,11 +46,8 @@ pub(super) fn read(key: &str, path: &Path) -> Result<SecretString, ConfigError> 
     let bytes = std::fs::read(path).map_err(io)?;
     let text =
         String::from_utf8(bytes).map_err(|_| invalid(format!("file {shown} is not UTF-8 text")))?;
-    let secret = text
-        .strip_suffix("\r\n")
-        .or_else(|| text.strip_suffix('\n'))
-        .unwrap_or(&text);
-    if secret.trim().is_empty() {
+    let secret = text.lines().next().unwrap_or_default().trim();
+    if secret.is_empty() {
         return Err(invalid(format!("file {shown} is empty")));
     }
     Ok(SecretString::from(secret.to_string()))

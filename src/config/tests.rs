@@ -476,7 +476,7 @@ fn secrets_are_read_from_files_named_by_key_or_by_environment() {
     // from one named by an environment variable (as the systemd unit does
     // with its credentials directory).
     let token = secret_file("token-from-file\n", 0o600);
-    let password = secret_file("pass word\r\n", 0o400);
+    let password = secret_file("  pass word \r\nsecond line ignored\n", 0o400);
     let text = format!(
         "[crm]\nbase_url = \"http://crm.test\"\ntoken_file = \"{}\"\n[edm]\nusername = \"u\"\n",
         token.path().display()
@@ -490,7 +490,7 @@ fn secrets_are_read_from_files_named_by_key_or_by_environment() {
     // Act
     let s = Settings::load_with_env(Some(file.path()), env, Access::Remote).unwrap();
 
-    // Assert: one line ending dropped, the rest as written.
+    // Assert: the first line, trimmed at both ends.
     assert_eq!(s.crm.token.expose_secret(), "token-from-file");
     assert_eq!(s.edm.password.expose_secret(), "pass word");
 }
