@@ -18,7 +18,7 @@ macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(
-            Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+            Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
             sea_orm::DeriveValueType,
         )]
         #[serde(transparent)]
@@ -52,6 +52,58 @@ id_type!(
     /// A CRM customer id.
     CustomerId
 );
+
+id_type!(
+    /// An EDM campaign (mass-mailing task) id.
+    CampaignId
+);
+
+/// What a write-back record is about, the middle of its once-only key
+/// (kind, scope, link-man): a campaign (opens, clicks, bounces) or a list
+/// (a recipient's unsubscribe). Stored as the text `campaign:N` or
+/// `list:N`, and read back from it at the state database's edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, sea_orm::DeriveValueType)]
+#[sea_orm(value_type = "String")]
+pub enum RecordScope {
+    Campaign(CampaignId),
+    List(ListId),
+}
+
+impl fmt::Display for RecordScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecordScope::Campaign(id) => write!(f, "campaign:{id}"),
+            RecordScope::List(id) => write!(f, "list:{id}"),
+        }
+    }
+}
+
+/// As its stored text (`"campaign:5"`), in JSON output too.
+impl Serialize for RecordScope {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// A stored scope that is neither `campaign:N` nor `list:N`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a record scope (campaign:N or list:N): {0:?}")]
+pub struct BadScope(String);
+
+impl std::str::FromStr for RecordScope {
+    type Err = BadScope;
+
+    fn from_str(text: &str) -> Result<Self, BadScope> {
+        let bad = || BadScope(text.to_string());
+        let (kind, id) = text.split_once(':').ok_or_else(bad)?;
+        let id: i64 = id.parse().map_err(|_| bad())?;
+        match kind {
+            "campaign" => Ok(RecordScope::Campaign(CampaignId(id))),
+            "list" => Ok(RecordScope::List(ListId(id))),
+            _ => Err(bad()),
+        }
+    }
+}
 
 /// Maximum length of a whole address (rule 2).
 pub const MAX_EMAIL_LEN: usize = 254;
@@ -422,6 +474,23 @@ impl Suppressions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_scope_is_stored_as_campaign_or_list_and_read_back() {
+        for scope in [
+            RecordScope::Campaign(CampaignId(5)),
+            RecordScope::List(ListId(12)),
+        ] {
+            assert_eq!(scope.to_string().parse::<RecordScope>(), Ok(scope));
+        }
+        assert_eq!(
+            RecordScope::Campaign(CampaignId(5)).to_string(),
+            "campaign:5"
+        );
+        for bad in ["campaign", "campaign:x", "task:5", "", "list:"] {
+            assert!(bad.parse::<RecordScope>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn email_is_trimmed_and_lowercased() {

@@ -148,7 +148,10 @@ pub fn probe_addr(listen: SocketAddr) -> SocketAddr {
 /// nothing else and writes nothing (no state database, no file).
 pub async fn probe(listen: SocketAddr) -> (bool, String) {
     let url = format!("http://{}/healthz", probe_addr(listen));
-    let client = match reqwest::Client::builder().timeout(PROBE_TIMEOUT).build() {
+    let client = match crate::remote::client_builder()
+        .timeout(PROBE_TIMEOUT)
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             return (

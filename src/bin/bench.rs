@@ -712,7 +712,7 @@ async fn list_read_bytes(
     list_id: i64,
     members: i64,
 ) -> anyhow::Result<(i64, u64, u64)> {
-    let raw = reqwest::Client::builder().no_gzip().build()?;
+    let raw = crm_edm_sync::remote::client_builder().no_gzip().build()?;
     let pages = members / 1000 + 1;
     let md5 = crm_edm_sync::edm::password_md5(crm_edm_sync::sandbox::EDM_PASSWORD);
     let mut sizes = [0u64; 2];

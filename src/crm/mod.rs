@@ -107,15 +107,16 @@ impl CrmClient {
         self
     }
 
-    /// How often a caller may repeat a call itself (`crm.max_retries`).
-    pub fn max_retries(&self) -> u32 {
-        self.http.max_retries()
+    /// Gives up the waits between attempts when `shutdown` is cancelled.
+    pub fn with_shutdown(mut self, shutdown: tokio_util::sync::CancellationToken) -> Self {
+        self.http = self.http.with_shutdown(shutdown);
+        self
     }
 
-    /// The backoff before the `attempt`-th repeat of a call whose answer
-    /// was lost.
-    pub fn retry_delay(&self, attempt: u32, error: &RemoteError) -> std::time::Duration {
-        self.http.backoff_delay(attempt, error)
+    /// How CRM calls are repeated (`crm.max_retries`); the write-back
+    /// drives it around each contact-history record.
+    pub fn resend_policy(&self) -> &crate::remote::ResendPolicy {
+        self.http.policy()
     }
 
     fn err(&self, operation: &str, kind: ErrorKind) -> RemoteError {

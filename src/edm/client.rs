@@ -20,7 +20,7 @@ use super::xml::{
     TaskListXml, XmlError,
 };
 use crate::config::{EdmAuth, EdmSettings};
-use crate::domain::{Email, ListId, MemberFields, VAR_COUNT};
+use crate::domain::{CampaignId, Email, ListId, MemberFields, VAR_COUNT};
 use crate::redact::Redactor;
 use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Pager, RemoteError};
 
@@ -90,7 +90,7 @@ pub struct ExportLine {
 /// A campaign ("群发任务") of `task-list`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Campaign {
-    pub id: i64,
+    pub id: CampaignId,
     pub sn: String,
     /// The template's name: the closest thing to a campaign title.
     pub name: String,
@@ -298,6 +298,18 @@ impl EdmClient {
     pub fn with_user_agent(mut self, user_agent: &str) -> Self {
         self.http = self.http.with_user_agent(user_agent);
         self
+    }
+
+    /// Gives up the waits between attempts when `shutdown` is cancelled.
+    pub fn with_shutdown(mut self, shutdown: tokio_util::sync::CancellationToken) -> Self {
+        self.http = self.http.with_shutdown(shutdown);
+        self
+    }
+
+    /// How EDM calls are repeated (`edm.max_retries`); the contacts job
+    /// drives it around each add and unsubscribe batch.
+    pub fn resend_policy(&self) -> &crate::remote::ResendPolicy {
+        self.http.policy()
     }
 
     pub fn list_page_size(&self) -> u32 {
@@ -719,7 +731,7 @@ impl EdmClient {
                 continue;
             };
             out.push(Campaign {
-                id,
+                id: CampaignId(id),
                 name: if t.tpl_name.trim().is_empty() {
                     t.sn.trim().to_string()
                 } else {
@@ -753,7 +765,10 @@ impl EdmClient {
 
     /// `open-detail` of a campaign.
     #[tracing::instrument(skip_all, fields(campaign_id))]
-    pub async fn open_detail(&self, campaign_id: i64) -> Result<Vec<OpenEvent>, RemoteError> {
+    pub async fn open_detail(
+        &self,
+        campaign_id: CampaignId,
+    ) -> Result<Vec<OpenEvent>, RemoteError> {
         let detail: OpenDetailXml = self
             .call_xml(
                 "track.php",
@@ -777,7 +792,10 @@ impl EdmClient {
 
     /// `click-detail` of a campaign.
     #[tracing::instrument(skip_all, fields(campaign_id))]
-    pub async fn click_detail(&self, campaign_id: i64) -> Result<Vec<ClickEvent>, RemoteError> {
+    pub async fn click_detail(
+        &self,
+        campaign_id: CampaignId,
+    ) -> Result<Vec<ClickEvent>, RemoteError> {
         let detail: ClickDetailXml = self
             .call_xml(
                 "track.php",
@@ -808,7 +826,7 @@ impl EdmClient {
         &self,
         date: &str,
         kind: HardBounce,
-        campaign_id: i64,
+        campaign_id: CampaignId,
     ) -> Result<Vec<String>, RemoteError> {
         let operation = "failexport";
         let form = [

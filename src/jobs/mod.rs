@@ -112,14 +112,15 @@ impl Context {
             redactor,
             instance,
         } = Clients::new(&settings)?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
         Ok(Context {
             settings: Arc::new(settings),
-            crm,
-            edm,
+            crm: crm.with_shutdown(shutdown.clone()),
+            edm: edm.with_shutdown(shutdown.clone()),
             store,
             redactor,
             instance,
-            shutdown: tokio_util::sync::CancellationToken::new(),
+            shutdown,
             clock: chrono::Utc::now,
         })
     }
@@ -141,8 +142,12 @@ impl Context {
         let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
         let agent = self.instance.user_agent();
         Ok(Context {
-            crm: CrmClient::new(&settings.crm, redactor.clone())?.with_user_agent(&agent),
-            edm: EdmClient::new(&settings.edm, redactor.clone())?.with_user_agent(&agent),
+            crm: CrmClient::new(&settings.crm, redactor.clone())?
+                .with_user_agent(&agent)
+                .with_shutdown(self.shutdown.clone()),
+            edm: EdmClient::new(&settings.edm, redactor.clone())?
+                .with_user_agent(&agent)
+                .with_shutdown(self.shutdown.clone()),
             settings: Arc::new(settings),
             redactor,
             store: self.store.clone(),
@@ -169,6 +174,8 @@ impl Context {
 
     /// The same context stopping on `token`.
     pub fn with_shutdown(mut self, token: tokio_util::sync::CancellationToken) -> Self {
+        self.crm = self.crm.with_shutdown(token.clone());
+        self.edm = self.edm.with_shutdown(token.clone());
         self.shutdown = token;
         self
     }

@@ -5,26 +5,25 @@
 //! and the request limits decide together whether a call is repeated;
 //! a third is their tests. The pager is in `remote/pager.rs`.
 //!
-//! Retries follow rule 10: connect errors, timeouts, HTTP
-//! 408/429/5xx and a 2xx body that cannot be parsed are transient and retried
-//! with exponential backoff and jitter, bounded by `max_retries`; everything
-//! else is permanent. Calls that are not idempotent (`ml-addr-add`,
-//! `ml-unsub`) are only retried blindly when the request certainly did not
-//! take effect (see [`RemoteError::maybe_applied`]); the engine checks the
-//! list before sending them again.
+//! Which failures are transient follows rule 10: connect errors, timeouts,
+//! HTTP 408/429/5xx and a 2xx body that cannot be parsed; everything else
+//! is permanent. How they are repeated is the one policy in
+//! `remote/resend.rs`.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
-
 use bytes::Bytes;
 
 pub use crate::redact::{REDACTED, Redactor};
 pub use pager::Pager;
+pub use resend::{Attempts, Idempotence, Next, ResendPolicy, full_jitter};
+pub use tls::client_builder;
 
 mod pager;
+mod resend;
+mod tls;
 
 /// Which remote system a call went to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -183,16 +182,6 @@ impl RemoteError {
     }
 }
 
-/// Whether a call may be repeated blindly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Idempotence {
-    /// Reads and edits: any transient failure is retried.
-    Idempotent,
-    /// Adds and unsubscribes: retried only when the request certainly did
-    /// not take effect.
-    NotIdempotent,
-}
-
 /// The largest body a client reads (issue: "a body over a size limit").
 pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
@@ -232,16 +221,15 @@ impl Limits {
     }
 }
 
-/// One API's HTTP caller: a shared `reqwest::Client`, the retry bound, the
-/// rate and in-flight limits, and the redactor.
+/// One API's HTTP caller: a shared `reqwest::Client`, the resend policy,
+/// the rate and in-flight limits, and the redactor.
 #[derive(Clone)]
 pub struct HttpCaller {
     pub(crate) client: reqwest::Client,
     pub(crate) api: Api,
-    pub(crate) max_retries: u32,
-    pub(crate) min_delay: Duration,
     pub(crate) max_body: usize,
     pub(crate) redactor: Arc<Redactor>,
+    policy: ResendPolicy,
     in_flight: Arc<tokio::sync::Semaphore>,
     limiter: Option<Arc<Limiter>>,
     /// Sent with every request: `crm-edm-sync/VERSION (instance ID)`.
@@ -252,7 +240,7 @@ impl fmt::Debug for HttpCaller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpCaller")
             .field("api", &self.api)
-            .field("max_retries", &self.max_retries)
+            .field("max_retries", &self.policy.max_retries())
             .field("rate_limited", &self.limiter.is_some())
             .finish()
     }
@@ -270,19 +258,12 @@ pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Dura
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// Full jitter: a delay drawn evenly from `[0, planned]`, but never below
-/// what the server asked for in `Retry-After` (capped at five minutes).
-pub fn full_jitter(planned: Duration, retry_after: Option<Duration>, draw: f64) -> Duration {
-    let jittered = planned.mul_f64(draw.clamp(0.0, 1.0));
-    match retry_after {
-        Some(after) => jittered.max(after.min(Duration::from_secs(300))),
-        None => jittered,
-    }
-}
+/// The first delay between two attempts of a call, outside tests.
+pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
 
 impl HttpCaller {
     pub fn new(api: Api, limits: Limits, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
+        let client = client_builder()
             .timeout(limits.timeout)
             .connect_timeout(limits.timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(64)
@@ -299,8 +280,7 @@ impl HttpCaller {
         Ok(HttpCaller {
             client,
             api,
-            max_retries: limits.max_retries,
-            min_delay: Duration::from_millis(200),
+            policy: ResendPolicy::new(api, limits.max_retries, FIRST_RETRY_DELAY),
             max_body: MAX_BODY_BYTES,
             redactor,
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.in_flight.max(1))),
@@ -324,7 +304,13 @@ impl HttpCaller {
     /// Shortens the first backoff delay (tests and the demo use this to keep
     /// fault scenarios fast).
     pub fn with_min_delay(mut self, min_delay: Duration) -> Self {
-        self.min_delay = min_delay;
+        self.policy = self.policy.with_first_delay(min_delay);
+        self
+    }
+
+    /// Gives up the waits between attempts when `shutdown` is cancelled.
+    pub fn with_shutdown(mut self, shutdown: tokio_util::sync::CancellationToken) -> Self {
+        self.policy = self.policy.with_shutdown(shutdown);
         self
     }
 
@@ -332,25 +318,16 @@ impl HttpCaller {
         &self.redactor
     }
 
-    /// The delay before the `attempt`-th (1-based) repeat of a call that
-    /// its caller repeats itself (a non-idempotent call whose answer was
-    /// lost): the same exponential backoff with full jitter as
-    /// [`execute`](Self::execute), never sooner than `Retry-After`.
-    pub fn backoff_delay(&self, attempt: u32, error: &RemoteError) -> Duration {
-        let factor = 1u32 << attempt.saturating_sub(1).min(16);
-        let planned = self
-            .min_delay
-            .saturating_mul(factor)
-            .min(Duration::from_secs(30));
-        full_jitter(planned, error.retry_after(), fastrand::f64())
-    }
-
-    pub fn max_retries(&self) -> u32 {
-        self.max_retries
+    /// How this caller's calls are repeated; callers of calls that are not
+    /// idempotent drive it themselves.
+    pub fn policy(&self) -> &ResendPolicy {
+        &self.policy
     }
 
     /// Sends the request `build` makes, reads the body and hands it to
-    /// `parse`; retries transient failures as `idempotence` allows.
+    /// `parse`. An idempotent call is repeated as the resend policy says;
+    /// one that is not gets this single attempt, its caller driving the
+    /// policy (only it can check what a lost answer did).
     pub async fn execute<T, B, P>(
         &self,
         operation: &str,
@@ -362,57 +339,21 @@ impl HttpCaller {
         B: Fn() -> reqwest::RequestBuilder,
         P: Fn(&[u8]) -> Result<T, RemoteError>,
     {
-        let attempt = || async {
-            let body = self.send_once(operation, build()).await?;
-            parse(&body)
-        };
-        // Exponential delays, full jitter applied in `adjust`.
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(self.min_delay)
-            .with_max_delay(Duration::from_secs(30))
-            .with_max_times(self.max_retries as usize);
-        let api = self.api;
-        let retries = std::sync::atomic::AtomicU32::new(0);
-        let result = attempt
-            .retry(backoff)
-            .when(|e: &RemoteError| match idempotence {
-                Idempotence::Idempotent => e.is_retriable(),
-                Idempotence::NotIdempotent => e.is_retriable() && !e.maybe_applied(),
-            })
-            .adjust(|e: &RemoteError, planned| {
-                let retry_after = match &e.kind {
-                    ErrorKind::Status { retry_after, .. } => *retry_after,
-                    _ => None,
-                };
-                planned.map(|p| full_jitter(p, retry_after, fastrand::f64()))
-            })
-            .notify(|e: &RemoteError, after: Duration| {
-                let attempt = retries.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                crate::metrics::http_retry(api.as_str());
-                tracing::warn!(
-                    api = api.as_str(),
-                    operation = %e.operation,
-                    attempt,
-                    max_retries = self.max_retries,
-                    error = %e,
-                    retry_in_ms = after.as_millis() as u64,
-                    "transient failure, retrying"
-                );
-            })
-            .await;
-        if let Err(e) = &result {
-            let retried = retries.load(std::sync::atomic::Ordering::SeqCst);
-            if e.is_retriable() && retried > 0 {
-                tracing::error!(
-                    api = api.as_str(),
-                    operation = %e.operation,
-                    attempts = retried + 1,
-                    error = %e,
-                    "retries exhausted"
-                );
+        let once = async || parse(&self.send_once(operation, build()).await?);
+        if idempotence == Idempotence::NotIdempotent {
+            return once().await;
+        }
+        let mut attempts = self.policy.attempts(operation, idempotence);
+        loop {
+            let error = match once().await {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
+            match attempts.after(error).await {
+                Next::Again | Next::AgainAfterLoss(_) => {}
+                Next::GiveUp(error) => return Err(error),
             }
         }
-        result
     }
 
     async fn send_once(

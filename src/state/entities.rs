@@ -193,7 +193,7 @@ pub mod ledger {
         /// `open`, `click`, `bounce` or `unsubscribe`.
         pub kind: RecordKind,
         /// `campaign:ID` (open, click, bounce) or `list:ID` (unsubscribe).
-        pub scope: String,
+        pub scope: crate::domain::RecordScope,
         pub link_man_id: crate::domain::LinkManId,
         pub customer_id: crate::domain::CustomerId,
         pub email: String,

@@ -189,7 +189,7 @@ mod tests {
     fn record(email: &str) -> NewRecord {
         NewRecord {
             kind: RecordKind::Open,
-            scope: "campaign:1".into(),
+            scope: crate::domain::RecordScope::Campaign(crate::domain::CampaignId(1)),
             link_man_id: LinkManId(10),
             customer_id: CustomerId(1),
             email: email.into(),

@@ -78,7 +78,7 @@ pub struct RefusalFact {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RecordFact {
     pub kind: RecordKind,
-    pub scope: String,
+    pub scope: crate::domain::RecordScope,
     pub link_man_id: LinkManId,
     pub customer_id: CustomerId,
     pub email: String,

@@ -312,7 +312,7 @@ mod tests {
             };
             let record = NewRecord {
                 kind: RecordKind::Open,
-                scope: "campaign 1".into(),
+                scope: crate::domain::RecordScope::Campaign(crate::domain::CampaignId(1)),
                 link_man_id: LinkManId(10),
                 customer_id: CustomerId(1),
                 email: "a@x.cn".into(),
@@ -371,7 +371,7 @@ mod tests {
             let (second, before) = new.take_lease(&Instance::current("new")).await.unwrap();
             let record = NewRecord {
                 kind: RecordKind::Open,
-                scope: "campaign:1".into(),
+                scope: crate::domain::RecordScope::Campaign(crate::domain::CampaignId(1)),
                 link_man_id: LinkManId(10),
                 customer_id: CustomerId(1),
                 email: "a@x.cn".into(),
@@ -510,7 +510,7 @@ mod tests {
             store
                 .insert_records(&[NewRecord {
                     kind: RecordKind::Open,
-                    scope: "campaign:1".into(),
+                    scope: crate::domain::RecordScope::Campaign(crate::domain::CampaignId(1)),
                     link_man_id: LinkManId(10),
                     customer_id: CustomerId(1),
                     email: "add@x.cn".into(),

@@ -12,13 +12,13 @@ use sea_orm::{
 
 use super::entities::ledger;
 use super::*;
-use crate::domain::{CustomerId, LinkManId};
+use crate::domain::{CustomerId, LinkManId, RecordScope};
 
 /// A ContactHistory record about to be written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRecord {
     pub kind: RecordKind,
-    pub scope: String,
+    pub scope: RecordScope,
     pub link_man_id: LinkManId,
     pub customer_id: CustomerId,
     pub email: String,
@@ -32,7 +32,7 @@ pub struct NewRecord {
 pub struct LedgerRow {
     pub id: i64,
     pub kind: RecordKind,
-    pub scope: String,
+    pub scope: RecordScope,
     pub link_man_id: LinkManId,
     pub customer_id: CustomerId,
     pub title: String,
@@ -63,11 +63,11 @@ impl Store {
     /// `scopes`, done or pending.
     pub async fn ledger_keys(
         &self,
-        scopes: &[String],
-    ) -> anyhow::Result<HashSet<(String, String, LinkManId)>> {
+        scopes: &[RecordScope],
+    ) -> anyhow::Result<HashSet<(RecordKind, RecordScope, LinkManId)>> {
         let mut out = HashSet::new();
         for chunk in scopes.chunks(CHUNK) {
-            let rows: Vec<(String, String, LinkManId)> = ledger::Entity::find()
+            let rows: Vec<(RecordKind, RecordScope, LinkManId)> = ledger::Entity::find()
                 .select_only()
                 .column(ledger::Column::Kind)
                 .column(ledger::Column::Scope)
@@ -98,16 +98,12 @@ impl Store {
     /// now pending for those keys.
     pub async fn insert_records(&self, records: &[NewRecord]) -> anyhow::Result<Vec<LedgerRow>> {
         let now = now_ms();
-        let unique = one_per_key(
-            records,
-            |r| (r.kind, r.scope.as_str(), r.link_man_id),
-            false,
-        );
+        let unique = one_per_key(records, |r| (r.kind, r.scope, r.link_man_id), false);
         let txn = self.db.begin().await?;
         for chunk in unique.chunks(CHUNK) {
             ledger::Entity::insert_many(chunk.iter().map(|r| ledger::ActiveModel {
                 kind: Set(r.kind),
-                scope: Set(r.scope.clone()),
+                scope: Set(r.scope),
                 link_man_id: Set(r.link_man_id),
                 customer_id: Set(r.customer_id),
                 email: Set(r.email.clone()),
@@ -137,15 +133,15 @@ impl Store {
             .context("cannot record write-back records")?;
         }
         txn.commit().await?;
-        let scopes: Vec<String> = records
+        let scopes: Vec<RecordScope> = records
             .iter()
-            .map(|r| r.scope.clone())
+            .map(|r| r.scope)
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let wanted: HashSet<(RecordKind, &str, LinkManId)> = records
+        let wanted: HashSet<(RecordKind, RecordScope, LinkManId)> = records
             .iter()
-            .map(|r| (r.kind, r.scope.as_str(), r.link_man_id))
+            .map(|r| (r.kind, r.scope, r.link_man_id))
             .collect();
         let mut rows = Vec::with_capacity(records.len());
         for chunk in scopes.chunks(CHUNK) {
@@ -157,7 +153,7 @@ impl Store {
             rows.extend(
                 found
                     .into_iter()
-                    .filter(|r| wanted.contains(&(r.kind, r.scope.as_str(), r.link_man_id)))
+                    .filter(|r| wanted.contains(&(r.kind, r.scope, r.link_man_id)))
                     .map(LedgerRow::from),
             );
         }

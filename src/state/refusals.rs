@@ -68,7 +68,7 @@ pub struct NewRefusal {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ParkedRecord {
     pub kind: RecordKind,
-    pub scope: String,
+    pub scope: crate::domain::RecordScope,
     pub link_man_id: crate::domain::LinkManId,
     pub email: String,
     pub failed_runs: u32,

@@ -11,7 +11,7 @@ use super::plan::{Plan, PlannedAdd, PlannedEdit};
 use super::report::ContactsCounts;
 use crate::domain::{Email, ListId, MemberKey, MemberState, Origin};
 use crate::jobs::Context;
-use crate::remote::RemoteError;
+use crate::remote::{Idempotence, Next, RemoteError};
 use crate::state::{EdmRefusal, NewOperation, NewRefusal, RefusalKey};
 use crate::stored_enums::OpKind;
 
@@ -243,9 +243,10 @@ impl<'a> Applier<'a> {
             .collect()
     }
 
-    /// Sends one recorded batch. When the answer is lost, the list is
-    /// checked and only what did not take effect is sent again
-    /// (rule 9), at most `edm.max_retries` times.
+    /// Sends one recorded batch, repeated as EDM's resend policy says:
+    /// at most `edm.max_retries + 1` requests, and after a lost answer the
+    /// list is checked and only what did not take effect is sent again
+    /// (rule 9).
     async fn deliver(&mut self, kind: &BatchKind, batch: &Batch) -> anyhow::Result<()> {
         self.deliver_lines(kind, batch.list_id, batch.emails.to_vec(), &batch.adds)
             .await
@@ -275,58 +276,50 @@ impl<'a> Applier<'a> {
     ) -> anyhow::Result<()> {
         let op = kind.op();
         let mut remaining: Vec<Email> = emails;
-        let max_tries = self.ctx.settings.edm.max_retries + 1;
-        for attempt in 1..=max_tries {
+        let ctx = self.ctx;
+        let mut attempts = ctx
+            .edm
+            .resend_policy()
+            .attempts(op.as_str(), Idempotence::NotIdempotent);
+        loop {
             self.prove_lease(op, list_id, remaining.len()).await?;
-            match self.send_lines(kind, list_id, &remaining, adds).await {
+            let error = match self.send_lines(kind, list_id, &remaining, adds).await {
                 Ok(()) => {
                     let done: Vec<(Email, Option<i64>)> =
                         remaining.drain(..).map(|e| (e, None)).collect();
                     return self.complete(kind, list_id, done, adds).await;
                 }
                 Err(e) if e.is_auth() => {
-                    let refs: Vec<&Email> = remaining.iter().collect();
-                    self.ctx
-                        .store
-                        .note_failure(self.run_id, op, list_id, &refs, &e.to_string())
-                        .await?;
-                    return Err(
-                        anyhow::Error::new(e).context("EDM refused the credentials; run stopped")
-                    );
+                    return self.stop_on_credentials(op, list_id, &remaining, e).await;
                 }
-                Err(e) if e.is_retriable() && e.maybe_applied() && attempt < max_tries => {
+                Err(e) if e.refusal().is_some() => {
+                    return self
+                        .isolate_refused(kind, list_id, remaining, adds, e)
+                        .await;
+                }
+                Err(e) => e,
+            };
+            match attempts.after(error).await {
+                Next::Again => {}
+                Next::AgainAfterLoss(lost) => {
                     tracing::warn!(
                         list_id = list_id.0,
                         operation = %op,
                         count = remaining.len(),
-                        attempt,
-                        error = %e,
+                        attempt = attempts.made(),
+                        error = %lost,
                         "answer lost; checking the list before sending again"
                     );
-                    match self.settle_lost(kind, list_id, remaining, adds, &e).await? {
+                    match self
+                        .settle_lost(kind, list_id, remaining, adds, &lost)
+                        .await?
+                    {
                         Some(again) if !again.is_empty() => remaining = again,
                         _ => return Ok(()),
                     }
                 }
-                Err(e) if e.refusal().is_some() && remaining.len() > 1 => {
-                    tracing::info!(
-                        list_id = list_id.0,
-                        operation = %op,
-                        count = remaining.len(),
-                        error = %e,
-                        "EDM refused the batch; splitting it to isolate the refused lines"
-                    );
-                    let second = remaining.split_off(remaining.len() / 2);
-                    self.deliver_lines(kind, list_id, remaining, adds).await?;
-                    return self.deliver_lines(kind, list_id, second, adds).await;
-                }
-                Err(e) if e.refusal().is_some() => {
-                    return self
-                        .refuse_line(kind, list_id, &remaining[0], adds, &e)
-                        .await;
-                }
-                Err(e) => {
-                    let text = e.to_string();
+                Next::GiveUp(error) => {
+                    let text = error.to_string();
                     return self
                         .leave_pending(
                             op,
@@ -339,7 +332,51 @@ impl<'a> Applier<'a> {
                 }
             }
         }
-        Ok(())
+    }
+
+    /// EDM refused the credentials: the batch stays pending and the run
+    /// stops.
+    async fn stop_on_credentials(
+        &mut self,
+        op: OpKind,
+        list_id: ListId,
+        remaining: &[Email],
+        e: RemoteError,
+    ) -> anyhow::Result<()> {
+        let refs: Vec<&Email> = remaining.iter().collect();
+        self.ctx
+            .store
+            .note_failure(self.run_id, op, list_id, &refs, &e.to_string())
+            .await?;
+        Err(anyhow::Error::new(e).context("EDM refused the credentials; run stopped"))
+    }
+
+    /// EDM refused the batch with an error code: a batch of more than one
+    /// line is split in two and each half delivered on its own; a line
+    /// alone is refused.
+    async fn isolate_refused(
+        &mut self,
+        kind: &BatchKind,
+        list_id: ListId,
+        mut remaining: Vec<Email>,
+        adds: &HashMap<Email, PlannedAdd>,
+        e: RemoteError,
+    ) -> anyhow::Result<()> {
+        if remaining.len() == 1 {
+            return self
+                .refuse_line(kind, list_id, &remaining[0], adds, &e)
+                .await;
+        }
+        tracing::info!(
+            list_id = list_id.0,
+            operation = %kind.op(),
+            count = remaining.len(),
+            error = %e,
+            "EDM refused the batch; splitting it to isolate the refused lines"
+        );
+        let second = remaining.split_off(remaining.len() / 2);
+        self.deliver_lines(kind, list_id, remaining, adds).await?;
+        self.deliver_lines(kind, list_id, second, adds).await
     }
 
     /// The batch was recorded (fenced) while the one before it was out;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::config::Templates;
 use crate::domain::MemberState;
-use crate::domain::{CustomerId, Email, LinkManId, ListId, MemberKey};
+use crate::domain::{CustomerId, Email, LinkManId, ListId, MemberKey, RecordScope};
 use crate::edm::{Campaign, ClickEvent, HardBounce, OpenEvent};
 use crate::state::NewRecord;
 use crate::stored_enums::RecordKind;
@@ -123,7 +123,7 @@ impl Facts {
 }
 
 /// A record's once-only key: (kind, scope, link-man).
-type RecordKey = (RecordKind, String, LinkManId);
+type RecordKey = (RecordKind, RecordScope, LinkManId);
 
 /// What is known so far for one record.
 struct Gathered<'a> {
@@ -138,13 +138,13 @@ struct Gathered<'a> {
 fn gather<'m, 'a>(
     acc: &'m mut BTreeMap<RecordKey, Gathered<'a>>,
     kind: RecordKind,
-    scope: &str,
+    scope: RecordScope,
     owner: Owner,
     campaign: Option<&'a Campaign>,
     list_id: Option<ListId>,
 ) -> &'m mut Facts {
     &mut acc
-        .entry((kind, scope.to_string(), owner.link_man_id))
+        .entry((kind, scope, owner.link_man_id))
         .or_insert_with(|| Gathered {
             owner,
             facts: Facts::default(),
@@ -176,11 +176,10 @@ pub fn records(
     for u in unsubscribes {
         match index.owner(&u.address, Some(u.list_id)) {
             Some(owner) => {
-                let scope = format!("list:{}", u.list_id);
                 let facts = gather(
                     &mut acc,
                     RecordKind::Unsubscribe,
-                    &scope,
+                    RecordScope::List(u.list_id),
                     owner,
                     None,
                     Some(u.list_id),
@@ -208,10 +207,10 @@ fn gather_campaign<'a>(
     unmatched: &mut Unmatched,
 ) {
     let c = &ce.campaign;
-    let scope = format!("campaign:{}", c.id);
+    let scope = RecordScope::Campaign(c.id);
     for o in &ce.opens {
         match index.owner(&o.address, c.list_id) {
-            Some(owner) => gather(acc, RecordKind::Open, &scope, owner, Some(c), c.list_id)
+            Some(owner) => gather(acc, RecordKind::Open, scope, owner, Some(c), c.list_id)
                 .add(o.total, &o.first, &o.last),
             None => unmatched.open += 1,
         }
@@ -219,7 +218,7 @@ fn gather_campaign<'a>(
     for k in &ce.clicks {
         match index.owner(&k.address, c.list_id) {
             Some(owner) => {
-                let facts = gather(acc, RecordKind::Click, &scope, owner, Some(c), c.list_id);
+                let facts = gather(acc, RecordKind::Click, scope, owner, Some(c), c.list_id);
                 facts.add(k.total, &k.first, &k.last);
                 if !k.link.is_empty() {
                     facts.links.insert(k.link.clone());
@@ -231,7 +230,7 @@ fn gather_campaign<'a>(
     for (bounce_kind, address) in &ce.bounces {
         match index.owner(address, c.list_id) {
             Some(owner) => {
-                let facts = gather(acc, RecordKind::Bounce, &scope, owner, Some(c), c.list_id);
+                let facts = gather(acc, RecordKind::Bounce, scope, owner, Some(c), c.list_id);
                 facts.count += 1;
                 if facts.reason.is_empty() {
                     facts.reason = bounce_kind.reason().to_string();
@@ -312,7 +311,7 @@ mod tests {
     use crate::config::Settings;
     use crate::domain::MemberFields;
     use crate::domain::Origin;
-    use crate::domain::{CustomerId, LinkManId, ListId};
+    use crate::domain::{CampaignId, CustomerId, LinkManId, ListId};
 
     fn templates() -> Templates {
         Settings::from_toml("[crm]\nbase_url = \"http://c.test\"\ntoken = \"t\"\n[edm]\nusername = \"u\"\npassword = \"p\"\n")
@@ -345,7 +344,7 @@ mod tests {
 
     fn campaign(id: i64, list: ListId) -> Campaign {
         Campaign {
-            id,
+            id: CampaignId(id),
             sn: format!("SN{id}"),
             name: format!("活动{id}"),
             list_id: Some(list),
@@ -446,8 +445,12 @@ mod tests {
         );
         let o = records.iter().find(|r| r.kind == RecordKind::Open).unwrap();
         assert_eq!(
-            (o.scope.as_str(), o.link_man_id, o.customer_id),
-            ("campaign:5", LinkManId(10), CustomerId(1000))
+            (o.scope, o.link_man_id, o.customer_id),
+            (
+                RecordScope::Campaign(CampaignId(5)),
+                LinkManId(10),
+                CustomerId(1000)
+            )
         );
         assert!(o.title.contains("活动5"), "{}", o.title);
         assert!(o.content.contains("3 次"), "{}", o.content);
@@ -521,7 +524,7 @@ mod tests {
             .iter()
             .find(|r| r.kind == RecordKind::Unsubscribe)
             .unwrap();
-        assert_eq!(u.scope, "list:1");
+        assert_eq!(u.scope, RecordScope::List(ListId(1)));
         assert!(u.title.contains("客户"), "{}", u.title);
         assert!(u.content.contains("2026-11-21 08:00:00"), "{}", u.content);
     }

@@ -22,11 +22,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::domain::ListId;
+use crate::domain::{CampaignId, ListId, RecordScope};
 use crate::edm::{Campaign, HardBounce};
 use crate::jobs::Context;
 use crate::jobs::exports::View;
 use crate::jobs::lifecycle::Run;
+use crate::remote::{Idempotence, Next};
 use crate::state::{ALL_LISTS, LedgerRow, NewRecord, NewSuppression};
 use crate::stored_enums::{Job, RecordKind, RunStatus, SuppressionReason, SuppressionSource};
 use events::{CampaignEvents, MemberIndex, Unsubscribe};
@@ -227,7 +228,7 @@ async fn suppress_hard_bounces(
                     email: address.clone(),
                     reason: SuppressionReason::Bounce,
                     source: SuppressionSource::Bounce {
-                        campaign_id: ev.campaign.id,
+                        campaign_id: ev.campaign.id.0,
                         bounce_type: bounce_type.as_str().to_string(),
                     },
                 });
@@ -338,9 +339,9 @@ async fn ledger_records(
         );
     }
     counts.retried = earlier.len();
-    let scopes: Vec<String> = records
+    let scopes: Vec<RecordScope> = records
         .iter()
-        .map(|r| r.scope.clone())
+        .map(|r| r.scope)
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -348,7 +349,7 @@ async fn ledger_records(
     let total = records.len();
     let fresh: Vec<_> = records
         .into_iter()
-        .filter(|r| !known.contains(&(r.kind.to_string(), r.scope.clone(), r.link_man_id)))
+        .filter(|r| !known.contains(&(r.kind, r.scope, r.link_man_id)))
         .collect();
     counts.already_recorded = total - fresh.len();
     let inserted = ctx.store.insert_records(&fresh).await?;
@@ -362,7 +363,7 @@ async fn ledger_records(
 async fn read_campaign_events(ctx: &Context) -> anyhow::Result<Vec<CampaignEvents>> {
     let settings = &ctx.settings;
     let today = edm_today(ctx.now(), settings.edm_zone());
-    let mut campaigns: BTreeMap<i64, Campaign> = BTreeMap::new();
+    let mut campaigns: BTreeMap<CampaignId, Campaign> = BTreeMap::new();
     for date in lookback_dates(today, settings.writeback.lookback_days) {
         for c in ctx.edm.tasks_on(&date).await? {
             if c.send_status.has_gone_out() {
@@ -466,12 +467,15 @@ async fn send_all(
 /// times it was sent again after a lost answer.
 type Sent = (LedgerRow, Result<(), crate::remote::RemoteError>, u32);
 
-/// Sends one record. A lost answer (5xx, timeout, cut-short body) is
-/// retried here, in the run, up to `crm.max_retries` times (rule 10); the
-/// record may already be in the CRM, so each repeat is a warning and counts
-/// as possibly duplicated. The row stays marked uncertain meanwhile.
+/// Sends one record, repeated as the CRM's resend policy says. A lost
+/// answer (5xx, timeout, cut-short body) is repeated in the run too: the
+/// CRM has nothing to check it against, so each such repeat is a warning
+/// and counts as possibly duplicated (rule 10). The row stays marked
+/// uncertain meanwhile.
 async fn send_record(ctx: &Context, row: LedgerRow) -> Sent {
     let wb = &ctx.settings.writeback;
+    let policy = ctx.crm.resend_policy();
+    let mut attempts = policy.attempts("ContactHistory/Add", Idempotence::NotIdempotent);
     let mut resent = 0u32;
     loop {
         let answer = ctx
@@ -485,28 +489,24 @@ async fn send_record(ctx: &Context, row: LedgerRow) -> Sent {
                 &row.content,
             )
             .await;
-        match answer {
-            Err(e)
-                if e.is_retriable()
-                    && e.maybe_applied()
-                    && resent < ctx.crm.max_retries()
-                    && !ctx.shutdown.is_cancelled() =>
-            {
+        let error = match answer {
+            Ok(()) => return (row, Ok(()), resent),
+            Err(error) => error,
+        };
+        match attempts.after(error).await {
+            Next::Again => {}
+            Next::AgainAfterLoss(lost) => {
                 resent += 1;
                 tracing::warn!(
                     kind = %row.kind,
                     scope = %row.scope,
                     link_man_id = row.link_man_id.0,
                     attempt = resent,
-                    error = %e,
+                    error = %lost,
                     "contact-history record may already be in the CRM (the call's answer was lost); sending it again in this run can write it twice"
                 );
-                tokio::select! {
-                    _ = tokio::time::sleep(ctx.crm.retry_delay(resent, &e)) => {}
-                    _ = ctx.shutdown.cancelled() => return (row, Err(e), resent),
-                }
             }
-            answer => return (row, answer, resent),
+            Next::GiveUp(error) => return (row, Err(error), resent),
         }
     }
 }

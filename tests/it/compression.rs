@@ -26,7 +26,10 @@ async fn the_daemon_asks_for_gzip_and_a_gzipped_list_reads_the_same_as_a_plain_o
         crm_edm_sync::sandbox::EDM_USER,
         crm_edm_sync::edm::password_md5(crm_edm_sync::sandbox::EDM_PASSWORD)
     );
-    let raw = reqwest::Client::builder().no_gzip().build().unwrap();
+    let raw = crm_edm_sync::remote::client_builder()
+        .no_gzip()
+        .build()
+        .unwrap();
 
     // Act
     let asked = e.sb.edm.requests_accepting_gzip();

@@ -289,6 +289,37 @@ async fn lost_add_answer_is_checked_against_the_list_before_being_sent_again() {
     assert_eq!(e.sb.count("ml-addr-add"), 2);
 }
 
+/// One resend policy: a batch gets `edm.max_retries + 1` requests however
+/// its failures mix. Lost answers (checked, then sent again) and 429s
+/// (sent again blindly) once drew on two budgets that multiplied, up to
+/// (max_retries + 1)² requests for one batch.
+#[tokio::test]
+async fn a_batch_whose_answers_are_lost_and_throttled_in_turn_gets_max_retries_plus_one_requests() {
+    // Arrange: two add batches (one per list), two repeats each, and more
+    // failures than both can use: a 502 that did not take effect, then
+    // two 429s, over and over.
+    let e = env().await;
+    seed_basic(&e.sb);
+    let ctx = e.ctx_from(|s| s.edm.max_retries = 2).await;
+    for _ in 0..4 {
+        e.sb.inject("ml-addr-add", Fault::Status(502), 1);
+        e.sb.inject("ml-addr-add", Fault::TooMany(0), 2);
+    }
+
+    // Act
+    let first = contacts::run(&ctx, RunOptions::default()).await.unwrap();
+
+    // Assert: three requests per batch, then the adds stay pending.
+    assert_eq!(e.sb.count("ml-addr-add"), 6);
+    assert_eq!(first.outcome, Outcome::Partial);
+    assert_eq!(first.counts.failed, 10, "{:?}", first.counts);
+    e.sb.clear_faults();
+    let second = contacts::run(&ctx, RunOptions::default()).await.unwrap();
+    assert_eq!(second.outcome, Outcome::Applied);
+    assert_eq!(e.sb.edm.emails(1), emails(1..=5));
+    assert_eq!(e.sb.edm.emails(2), emails(6..=10));
+}
+
 #[tokio::test]
 async fn add_left_pending_by_a_failed_run_is_recovered_next_run_without_a_duplicate() {
     let e = env().await;

@@ -438,7 +438,7 @@ async fn healthz_turns_503_after_a_failed_run_and_200_after_a_good_one() {
     let config = write_config(dir.path(), &sb, &db);
     let mut daemon = Daemon::start(&config, &[("CRM_EDM_SYNC__CRM__MAX_RETRIES", "0")]);
     let url = daemon.ops_url().await;
-    let http = reqwest::Client::new();
+    let http = crm_edm_sync::remote::client_builder().build().unwrap();
 
     daemon
         .expect("run finished", 1, Duration::from_secs(20))
@@ -659,7 +659,7 @@ async fn under_hanging_and_failing_requests_healthz_answers_within_a_second_and_
         ],
     );
     let url = daemon.ops_url().await;
-    let http = reqwest::Client::builder()
+    let http = crm_edm_sync::remote::client_builder()
         .timeout(Duration::from_secs(1))
         .build()
         .unwrap();

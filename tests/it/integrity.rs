@@ -43,7 +43,9 @@ async fn set_full(db: &TestDb, daemon: &Daemon, full: bool) {
 }
 
 async fn healthz(url: &str) -> (u16, serde_json::Value) {
-    let r = reqwest::get(format!("{url}/healthz")).await.unwrap();
+    let r = crate::common::http_get(format!("{url}/healthz"))
+        .await
+        .unwrap();
     let status = r.status().as_u16();
     let body = r.bytes().await.unwrap_or_default();
     (status, serde_json::from_slice(&body).unwrap_or_default())

@@ -30,7 +30,7 @@ async fn the_sandbox_in_real_shapes_answers_as_real_servers_do() {
     );
 
     // Act
-    let answer = reqwest::get(&url).await.unwrap();
+    let answer = crate::common::http_get(&url).await.unwrap();
     let headers = answer.headers().clone();
     let body = answer.text().await.unwrap();
 

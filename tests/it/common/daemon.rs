@@ -142,7 +142,7 @@ pub async fn sandbox() -> Sandbox {
 
 /// The ops endpoint's `/metrics` text.
 pub async fn metrics_text(url: &str) -> String {
-    reqwest::get(format!("{url}/metrics"))
+    crate::common::http_get(format!("{url}/metrics"))
         .await
         .unwrap()
         .text()

@@ -22,6 +22,16 @@ use crm_edm_sync::sync::contacts::{self, ContactsReport};
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::json;
 
+/// A GET with a client built as the crate builds its own (the TLS
+/// provider installed first).
+pub async fn http_get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
+    crm_edm_sync::remote::client_builder()
+        .build()?
+        .get(url)
+        .send()
+        .await
+}
+
 /// The PostgreSQL server the tests may use (`CRM_EDM_SYNC_TEST_PG`), with
 /// no database in it: `postgres://postgres@127.0.0.1:5432`.
 pub fn pg_server() -> Option<String> {
