@@ -1,18 +1,95 @@
-//! What each command does, given parsed flags and loaded settings. Returns
-//! the process exit code: 0 success; 1 a failed or refused run, or an
-//! unreachable API in `check`; 2 bad configuration (reported by `main`).
+//! The process ([`main`]) and what each command does, given parsed flags
+//! and loaded settings. Returns the process exit code: 0 success; 1 a
+//! failed or refused run, or an unreachable API in `check`; 2 bad
+//! configuration.
 
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
-use crate::config::Settings;
+use crate::config::{LogFormat, Settings};
 use crate::jobs::{Context, RunOptions};
+use crate::telemetry;
 
 pub use crate::cli::{EXIT_CONFIG, EXIT_FAILED};
 
 /// `--once` interrupted by Ctrl-C while it followed the daemon's run
 /// (128 + SIGINT, as shells report it).
 pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// The whole process after the allocator: parse the command line, load
+/// settings, set up logging, run the command. In the library rather than
+/// in `main.rs` so that its code is compiled once, here: a binary that
+/// drove the runtime itself compiled a second copy of every generic it
+/// reached (44 s of a first release build).
+pub fn main() -> ExitCode {
+    // A file-size limit (RLIMIT_FSIZE) reached by the state database makes
+    // its write fail (EFBIG), which the store reports like a full disk,
+    // instead of killing the process with SIGXFSZ mid-write.
+    // SAFETY: setting a signal's disposition to "ignore" before any other
+    // thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+    quiet_on_closed_stdout();
+    let cli = Cli::parse_checked();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("crm-edm-sync: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if cli.command == Some(Command::Demo) {
+        // The demo prints its own report; only problems are logged.
+        telemetry::init(LogFormat::Pretty, "warn");
+        return runtime.block_on(async {
+            match crate::demo::run().await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("crm-edm-sync: demo failed: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        });
+    }
+    let settings = match Settings::load(cli.config.as_deref(), cli.access()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("crm-edm-sync: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::init(settings.log.format, &settings.log.level);
+    runtime.block_on(run(cli, settings))
+}
+
+/// Standard output that cannot be written is not a crash: a reader that
+/// went away (`demo | head -1`) ends the process quietly with status 0,
+/// any other failure (a full disk) with one line on stderr and status 1 —
+/// instead of a panic and status 101. (`println!` panics on a write error;
+/// this hook catches exactly that panic, wherever it happens.)
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if let Some(cause) = text.strip_prefix("failed printing to stdout: ") {
+            if cause.contains("Broken pipe") {
+                std::process::exit(0);
+            }
+            eprintln!("crm-edm-sync: cannot write to standard output: {cause}");
+            std::process::exit(1);
+        }
+        default(info);
+    }));
+}
 
 /// Runs the command `cli` names with `settings`. `demo` is handled by
 /// `main` because it needs no settings.

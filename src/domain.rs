@@ -58,6 +58,42 @@ id_type!(
     CampaignId
 );
 
+/// A run's id: a UUID (v4) as text, the key of its row in the state
+/// database and a field of every log line the run writes.
+#[derive(
+    Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, sea_orm::DeriveValueType,
+)]
+#[serde(transparent)]
+pub struct RunId(String);
+
+impl RunId {
+    /// A fresh id for a run about to start.
+    pub fn fresh() -> RunId {
+        RunId(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// An id as stored or given on the command line.
+    pub fn from_stored(text: impl Into<String>) -> RunId {
+        RunId(text.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
 /// What a write-back record is about, the middle of its once-only key
 /// (kind, scope, link-man): a campaign (opens, clicks, bounces) or a list
 /// (a recipient's unsubscribe). Stored as the text `campaign:N` or

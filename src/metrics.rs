@@ -110,18 +110,72 @@ pub fn last_success_at(job: &'static str, unix_ms: i64) {
     metrics::gauge!(metric::LAST_SUCCESS, "job" => job).set(unix_ms as f64 / 1000.0);
 }
 
+/// The `kind` label of the pending and parked gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backlog {
+    /// EDM operations (adds, edits, unsubscribes).
+    Edm,
+    /// Contact-history records for the CRM.
+    ContactHistory,
+}
+
+impl Backlog {
+    fn label(self) -> &'static str {
+        match self {
+            Backlog::Edm => "edm",
+            Backlog::ContactHistory => "contact_history",
+        }
+    }
+}
+
+/// The `kind` label of the operations counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Add,
+    Edit,
+    Unsub,
+    ContactHistory,
+}
+
+impl Operation {
+    fn label(self) -> &'static str {
+        match self {
+            Operation::Add => "add",
+            Operation::Edit => "edit",
+            Operation::Unsub => "unsub",
+            Operation::ContactHistory => "contact_history",
+        }
+    }
+}
+
+/// The `outcome` label of the operations counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Done,
+    Failed,
+}
+
+impl Ended {
+    fn label(self) -> &'static str {
+        match self {
+            Ended::Done => "done",
+            Ended::Failed => "failed",
+        }
+    }
+}
+
+/// Work left pending after a run.
+pub fn pending(kind: Backlog, n: u64) {
+    metrics::gauge!(metric::PENDING, "kind" => kind.label()).set(n as f64);
+}
+
+/// Work parked after a run (no longer sent).
+pub fn parked(kind: Backlog, n: u64) {
+    metrics::gauge!(metric::PARKED, "kind" => kind.label()).set(n as f64);
+}
+
 /// Whether the state database takes writes (1) or the last run record
 /// could not be written (0).
-/// Work left pending after a run, by `kind` (`edm`, `contact_history`).
-pub fn pending(kind: &'static str, n: u64) {
-    metrics::gauge!(metric::PENDING, "kind" => kind).set(n as f64);
-}
-
-/// Work parked after a run (no longer sent), by `kind`.
-pub fn parked(kind: &'static str, n: u64) {
-    metrics::gauge!(metric::PARKED, "kind" => kind).set(n as f64);
-}
-
 pub fn state_db_writable(writable: bool) {
     metrics::gauge!(metric::STATE_DB_WRITABLE).set(if writable { 1.0 } else { 0.0 });
 }
@@ -141,11 +195,10 @@ pub fn run_abandoned() {
     metrics::counter!(metric::RUNS, "job" => "any", "outcome" => "abandoned").increment(1);
 }
 
-/// `n` operations of `kind` (`add`, `edit`, `unsub`, `contact_history`)
-/// ended with `outcome` (`done`, `failed`).
-pub fn operations(kind: &'static str, outcome: &'static str, n: usize) {
+/// `n` operations of `kind` ended with `outcome`.
+pub fn operations(kind: Operation, outcome: Ended, n: usize) {
     if n > 0 {
-        metrics::counter!(metric::OPERATIONS, "kind" => kind, "outcome" => outcome)
+        metrics::counter!(metric::OPERATIONS, "kind" => kind.label(), "outcome" => outcome.label())
             .increment(n as u64);
     }
 }

@@ -59,7 +59,7 @@ pub fn classify_export(
         {
             Some(op_id) => out.matched_ops.push(op_id),
             None => out.suppressions.push(NewSuppression {
-                list_id,
+                list_id: Some(list_id),
                 email: line.address.clone(),
                 reason: SuppressionReason::UserUnsubscribe,
                 source: SuppressionSource::Export {

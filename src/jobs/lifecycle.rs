@@ -3,6 +3,7 @@
 //! the run counted in the metrics, and the pending gauges refreshed. A dry
 //! run goes through it too and records nothing.
 
+use crate::domain::RunId;
 use std::time::Instant;
 
 use super::{Context, abandon_unfinished_runs, refresh_pending};
@@ -12,7 +13,7 @@ use crate::stored_enums::{Job, RunStatus};
 /// A run under way.
 #[derive(Debug)]
 pub struct Run {
-    pub id: String,
+    pub id: RunId,
     job: Job,
     started: Instant,
     /// Whether it has a run row (not for a dry run, which writes nothing).
@@ -23,7 +24,7 @@ impl Run {
     /// Starts a run of `job`; when `record`, marks runs an earlier process
     /// left `running` as abandoned and records this one as running.
     pub async fn start(ctx: &Context, job: Job, record: bool) -> anyhow::Result<Run> {
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = RunId::fresh();
         // Every later line of the run carries it (the job's span).
         tracing::Span::current().record("run_id", id.as_str());
         if record && let Err(e) = record_start(ctx, &id, job).await {
@@ -96,7 +97,7 @@ impl Run {
 /// not be recorded are written (as failed, saying why), then runs an
 /// earlier process left `running` are marked abandoned, then this run is
 /// recorded as running.
-async fn record_start(ctx: &Context, id: &str, job: Job) -> anyhow::Result<()> {
+async fn record_start(ctx: &Context, id: &RunId, job: Job) -> anyhow::Result<()> {
     let ends = ctx.store.writable().take_unrecorded();
     for (i, end) in ends.iter().enumerate() {
         let written = ctx

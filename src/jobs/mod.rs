@@ -17,6 +17,7 @@ use crate::config::Settings;
 use crate::crm::CrmClient;
 use crate::edm::{EdmClient, password_md5};
 use crate::instance::Instance;
+use crate::metrics::Backlog;
 use crate::redact::Redactor;
 use crate::state::{Lease, Store};
 
@@ -257,7 +258,7 @@ fn may_still_run(before: &Lease, me: &Instance) -> bool {
 /// Pending work after a run: EDM operations and contact-history records.
 pub async fn refresh_pending(store: &Store) {
     if let Ok((edm, _)) = store.pending_summary(0).await {
-        crate::metrics::pending("edm", edm);
+        crate::metrics::pending(Backlog::Edm, edm);
     }
     if let Ok(counts) = store.ledger_counts().await {
         let pending: u64 = counts
@@ -265,13 +266,13 @@ pub async fn refresh_pending(store: &Store) {
             .filter(|(_, s, _)| *s == crate::stored_enums::LedgerStatus::Pending)
             .map(|(_, _, n)| n)
             .sum();
-        crate::metrics::pending("contact_history", pending);
+        crate::metrics::pending(Backlog::ContactHistory, pending);
     }
     if let Ok((n, _)) = store.parked_operations(0).await {
-        crate::metrics::parked("edm", n);
+        crate::metrics::parked(Backlog::Edm, n);
     }
     if let Ok((n, _)) = store.parked_records(0).await {
-        crate::metrics::parked("contact_history", n);
+        crate::metrics::parked(Backlog::ContactHistory, n);
     }
 }
 

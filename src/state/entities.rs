@@ -50,7 +50,7 @@ pub mod operation {
     pub struct Model {
         #[sea_orm(primary_key)]
         pub id: i64,
-        pub run_id: String,
+        pub run_id: crate::domain::RunId,
         /// `add`, `edit` or `unsub`.
         pub kind: OpKind,
         pub list_id: crate::domain::ListId,
@@ -241,7 +241,7 @@ pub mod refusal {
         pub message: String,
         /// Runs that refused it (a run counts once).
         pub failed_runs: i32,
-        pub last_run_id: String,
+        pub last_run_id: crate::domain::RunId,
         pub parked: bool,
         pub created_at: i64,
         pub updated_at: i64,

@@ -67,6 +67,7 @@ fn clean_or_warn(counted: bool, open: bool) -> bool {
 mod tests {
     use super::super::tests::fresh_postgres;
     use super::super::*;
+    use crate::domain::RunId;
     use crate::domain::{CustomerId, Email, LinkManId, MemberFields};
     use sea_orm::ConnectionTrait;
     use sea_orm::sqlx::{self, Connection};
@@ -109,7 +110,7 @@ mod tests {
             .await
             .unwrap();
         store
-            .record_operations("r0", &[add("before@x.cn")])
+            .record_operations(&RunId::from_stored("r0"), &[add("before@x.cn")])
             .await
             .unwrap();
         let db = store.connection();
@@ -129,8 +130,12 @@ mod tests {
         let many: Vec<NewOperation> = (0..2000).map(|i| add(&format!("m{i}@x.cn"))).collect();
 
         // Act
-        let full = store.record_operations("r1", &many).await;
-        let after = store.record_operations("r2", &[add("after@x.cn")]).await;
+        let full = store
+            .record_operations(&RunId::from_stored("r1"), &many)
+            .await;
+        let after = store
+            .record_operations(&RunId::from_stored("r2"), &[add("after@x.cn")])
+            .await;
         store.close().await;
 
         // Assert
@@ -230,7 +235,10 @@ mod tests {
                 table: "runs",
                 ops: &["INSERT"],
                 prepare: nothing(),
-                write: step(|s| async move { s.start_run("w", Job::Contacts, false).await }),
+                write: step(|s| async move {
+                    s.start_run(&RunId::from_stored("w"), Job::Contacts, false)
+                        .await
+                }),
                 written: check(|s| async move {
                     s.recent_runs(5).await.unwrap().iter().any(|r| r.id == "w")
                 }),
@@ -239,10 +247,18 @@ mod tests {
                 name: "finish_run",
                 table: "runs",
                 ops: &["UPDATE"],
-                prepare: step(|s| async move { s.start_run("w", Job::Contacts, false).await }),
-                write: step(|s| async move {
-                    s.finish_run("w", RunStatus::Succeeded, &serde_json::json!({}), None)
+                prepare: step(|s| async move {
+                    s.start_run(&RunId::from_stored("w"), Job::Contacts, false)
                         .await
+                }),
+                write: step(|s| async move {
+                    s.finish_run(
+                        &RunId::from_stored("w"),
+                        RunStatus::Succeeded,
+                        &serde_json::json!({}),
+                        None,
+                    )
+                    .await
                 }),
                 written: check(|s| async move {
                     s.last_finished_runs()
@@ -257,7 +273,10 @@ mod tests {
                 table: "operations",
                 ops: &["INSERT"],
                 prepare: nothing(),
-                write: step(|s| async move { s.record_operations("w", &[add("w@x.cn")]).await }),
+                write: step(|s| async move {
+                    s.record_operations(&RunId::from_stored("w"), &[add("w@x.cn")])
+                        .await
+                }),
                 written: check(|s| async move {
                     let pending = s.pending_operations().await.unwrap();
                     pending.iter().any(|p| p.email.as_str() == "w@x.cn")
@@ -267,11 +286,20 @@ mod tests {
                 name: "complete_operations",
                 table: "operations",
                 ops: &["UPDATE"],
-                prepare: step(|s| async move { s.record_operations("w", &[add("w@x.cn")]).await }),
+                prepare: step(|s| async move {
+                    s.record_operations(&RunId::from_stored("w"), &[add("w@x.cn")])
+                        .await
+                }),
                 write: step(|s| async move {
                     let w = Email::parse("w@x.cn").unwrap();
-                    s.complete_operations("w", OpKind::Add, ListId(1), &[&w], &[])
-                        .await
+                    s.complete_operations(
+                        &RunId::from_stored("w"),
+                        OpKind::Add,
+                        ListId(1),
+                        &[&w],
+                        &[],
+                    )
+                    .await
                 }),
                 written: check(|s| async move {
                     let pending = s.pending_operations().await.unwrap();
@@ -293,7 +321,7 @@ mod tests {
                 prepare: nothing(),
                 write: step(|s| async move {
                     s.add_suppressions(&[NewSuppression {
-                        list_id: ALL_LISTS,
+                        list_id: None,
                         email: "b@x.cn".into(),
                         reason: SuppressionReason::Bounce,
                         source: SuppressionSource::Export {
@@ -366,7 +394,9 @@ mod tests {
                         code: "E1".into(),
                         message: "refused".into(),
                     };
-                    s.note_refusals("w", &[refusal], 3).await.map(|_| ())
+                    s.note_refusals(&RunId::from_stored("w"), &[refusal], 3)
+                        .await
+                        .map(|_| ())
                 }),
                 written: check(|s| async move { s.load_refusals().await.unwrap().len() == 1 }),
             },
@@ -435,10 +465,17 @@ mod tests {
                 table: "operations",
                 ops: &["DELETE"],
                 prepare: step(|s| async move {
-                    s.record_operations("old", &[add("old@x.cn")]).await?;
-                    let old = Email::parse("old@x.cn").unwrap();
-                    s.complete_operations("old", OpKind::Add, ListId(1), &[&old], &[])
+                    s.record_operations(&RunId::from_stored("old"), &[add("old@x.cn")])
                         .await?;
+                    let old = Email::parse("old@x.cn").unwrap();
+                    s.complete_operations(
+                        &RunId::from_stored("old"),
+                        OpKind::Add,
+                        ListId(1),
+                        &[&old],
+                        &[],
+                    )
+                    .await?;
                     s.connection()
                         .execute_unprepared("UPDATE operations SET updated_at = 0, created_at = 0")
                         .await?;
@@ -584,7 +621,9 @@ mod tests {
                 outside(lift_sql(fault, path.table, op)).await;
             }
             let retried = (path.write)(store.clone()).await;
-            let later = store.record_operations("later", &[add("later@x.cn")]).await;
+            let later = store
+                .record_operations(&RunId::from_stored("later"), &[add("later@x.cn")])
+                .await;
             store.close().await;
 
             // Assert

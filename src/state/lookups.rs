@@ -3,6 +3,7 @@
 //! records. Each query is an indexed lookup by address (or by link-man
 //! over the members), so a question costs the same after years of runs.
 
+use crate::domain::RunId;
 use anyhow::Context;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::Serialize;
@@ -49,7 +50,7 @@ pub struct SuppressionFact {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct OperationFact {
     pub id: i64,
-    pub run_id: String,
+    pub run_id: RunId,
     pub kind: OpKind,
     pub list_id: ListId,
     pub email: String,
@@ -70,7 +71,7 @@ pub struct RefusalFact {
     pub message: String,
     pub failed_runs: i32,
     pub parked: bool,
-    pub last_run_id: String,
+    pub last_run_id: RunId,
     pub updated_ms: i64,
 }
 

@@ -71,7 +71,8 @@ pub fn now_ms() -> i64 {
 }
 
 /// Suppression `list_id` meaning "every list" (hard bounces).
-pub const ALL_LISTS: ListId = ListId(0);
+/// Stored only: `NewSuppression::list_id` is `None` for it.
+const ALL_LISTS: ListId = ListId(0);
 
 /// The state database.
 #[derive(Clone, Debug)]
@@ -160,7 +161,7 @@ pub(crate) fn redact_db_error(text: &str, url: &str) -> String {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
-    use crate::domain::{CustomerId, LinkManId, ListId};
+    use crate::domain::{CustomerId, LinkManId, ListId, RunId};
     use crate::domain::{Email, MemberFields, MemberKey, MemberState, Origin, VAR_COUNT};
     use migrations::{Migrator, MigratorTrait};
     use sea_orm::{ConnectionTrait, Database};
@@ -293,7 +294,7 @@ mod tests {
                 time: "2026-11-30 10:00:00".into(),
             };
             let sup = NewSuppression {
-                list_id: ListId(1),
+                list_id: Some(ListId(1)),
                 email: "b@x.cn".into(),
                 reason: SuppressionReason::UserUnsubscribe,
                 source: SuppressionSource::Export {
@@ -390,9 +391,13 @@ mod tests {
             };
 
             // Act
-            let refused = old.record_operations("run-old", &[op("a@x.cn")]).await;
+            let refused = old
+                .record_operations(&RunId::from_stored("run-old"), &[op("a@x.cn")])
+                .await;
             let unmarked = old.mark_records_uncertain(&[rows[0].id]).await;
-            let accepted = new.record_operations("run-new", &[op("b@x.cn")]).await;
+            let accepted = new
+                .record_operations(&RunId::from_stored("run-new"), &[op("b@x.cn")])
+                .await;
 
             // Assert
             assert!(none.is_none(), "{url}");
@@ -452,7 +457,7 @@ mod tests {
             };
             store
                 .record_operations(
-                    "r-old",
+                    &RunId::from_stored("r-old"),
                     &[
                         op(OpKind::Add, "add@x.cn"),
                         op(OpKind::Unsub, "matched@x.cn"),
@@ -463,12 +468,18 @@ mod tests {
                 .await
                 .unwrap();
             store
-                .complete_operations("r-old", OpKind::Add, ListId(1), &[&e("add@x.cn")], &[])
+                .complete_operations(
+                    &RunId::from_stored("r-old"),
+                    OpKind::Add,
+                    ListId(1),
+                    &[&e("add@x.cn")],
+                    &[],
+                )
                 .await
                 .unwrap();
             store
                 .complete_operations(
-                    "r-old",
+                    &RunId::from_stored("r-old"),
                     OpKind::Unsub,
                     ListId(1),
                     &[&e("matched@x.cn"), &e("unmatched@x.cn")],
@@ -477,9 +488,10 @@ mod tests {
                 .await
                 .unwrap();
             for id in ["run-1", "run-2", "run-3"] {
-                store.start_run(id, Job::Contacts, false).await.unwrap();
+                let id = RunId::from_stored(id);
+                store.start_run(&id, Job::Contacts, false).await.unwrap();
                 store
-                    .finish_run(id, RunStatus::Succeeded, &serde_json::json!({}), None)
+                    .finish_run(&id, RunStatus::Succeeded, &serde_json::json!({}), None)
                     .await
                     .unwrap();
             }
@@ -495,7 +507,7 @@ mod tests {
                         line("gone@x.cn", "2026-01-02 00:00:00"),
                     ],
                     suppressions: vec![NewSuppression {
-                        list_id: ListId(1),
+                        list_id: Some(ListId(1)),
                         email: "gone@x.cn".into(),
                         reason: SuppressionReason::UserUnsubscribe,
                         source: SuppressionSource::Export {

@@ -18,7 +18,8 @@ use crate::domain::{Email, ListId, MemberKey, MemberState, Suppressions};
 /// A user unsubscribe seen in an export.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewSuppression {
-    pub list_id: ListId,
+    /// The list it holds for; `None`: every list (a hard bounce).
+    pub list_id: Option<ListId>,
     pub email: String,
     pub reason: SuppressionReason,
     pub source: SuppressionSource,
@@ -263,7 +264,7 @@ pub(super) async fn insert_suppressions<C: ConnectionTrait>(
     let items = one_per_key(items, |s| (s.list_id, s.email.as_str()), false);
     for chunk in items.chunks(CHUNK) {
         suppression::Entity::insert_many(chunk.iter().map(|s| suppression::ActiveModel {
-            list_id: Set(s.list_id),
+            list_id: Set(s.list_id.unwrap_or(ALL_LISTS)),
             email: Set(s.email.clone()),
             reason: Set(s.reason),
             source: Set(s.source.to_text()),

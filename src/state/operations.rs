@@ -1,6 +1,7 @@
 //! The `operations` table: every EDM write, recorded pending before it is
 //! sent and marked done after EDM confirms it (rule 9).
 
+use crate::domain::RunId;
 use anyhow::Context;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
@@ -50,13 +51,13 @@ pub struct PendingRow {
 /// This run's pending `kind` operations on `emails` in `list_id`: the
 /// rows a batch was recorded as.
 fn pending_of_run(
-    run_id: &str,
+    run_id: &RunId,
     kind: OpKind,
     list_id: ListId,
     emails: &[&Email],
 ) -> sea_orm::Condition {
     sea_orm::Condition::all()
-        .add(operation::Column::RunId.eq(run_id))
+        .add(operation::Column::RunId.eq(run_id.clone()))
         .add(operation::Column::Kind.eq(kind))
         .add(operation::Column::ListId.eq(list_id))
         .add(operation::Column::Status.eq(OpStatus::Pending))
@@ -111,7 +112,7 @@ impl Store {
     /// Records operations as pending before they are sent (rule 9).
     pub async fn record_operations(
         &self,
-        run_id: &str,
+        run_id: &RunId,
         ops: &[NewOperation],
     ) -> anyhow::Result<()> {
         let now = now_ms();
@@ -119,7 +120,7 @@ impl Store {
         self.check_fence(&txn).await?;
         for chunk in ops.chunks(CHUNK) {
             operation::Entity::insert_many(chunk.iter().map(|op| operation::ActiveModel {
-                run_id: Set(run_id.to_string()),
+                run_id: Set(run_id.clone()),
                 kind: Set(op.kind),
                 list_id: Set(op.list_id),
                 email: Set(op.email.to_string()),
@@ -148,7 +149,7 @@ impl Store {
     /// writes the members they produced, in one transaction.
     pub async fn complete_operations(
         &self,
-        run_id: &str,
+        run_id: &RunId,
         kind: OpKind,
         list_id: ListId,
         emails: &[&Email],
@@ -184,7 +185,7 @@ impl Store {
     /// batch recorded ahead that the run stopped before sending.
     pub async fn forget_operations(
         &self,
-        run_id: &str,
+        run_id: &RunId,
         kind: OpKind,
         list_id: ListId,
         emails: &[&Email],
@@ -205,7 +206,7 @@ impl Store {
     /// Notes a failed attempt on this run's operations; they stay pending.
     pub async fn note_failure(
         &self,
-        run_id: &str,
+        run_id: &RunId,
         kind: OpKind,
         list_id: ListId,
         emails: &[&Email],
@@ -222,7 +223,7 @@ impl Store {
     /// sent again is the next plan's (and the refusal memory's) call.
     pub async fn refuse_operations(
         &self,
-        run_id: &str,
+        run_id: &RunId,
         kind: OpKind,
         list_id: ListId,
         emails: &[&Email],
@@ -244,7 +245,7 @@ impl Store {
     /// `emails`, and their new status if any.
     async fn failed_attempt(
         &self,
-        run_id: &str,
+        run_id: &RunId,
         kind: OpKind,
         list_id: ListId,
         emails: &[&Email],

@@ -8,6 +8,7 @@
 //! their ledger row and turn `parked` past `crm.max_attempts`
 //! ([`Store::record_refused`]). A success forgets the refusal.
 
+use crate::domain::RunId;
 use std::collections::HashMap;
 
 use anyhow::Context;
@@ -97,7 +98,7 @@ impl Store {
     /// stand.
     pub async fn note_refusals(
         &self,
-        run_id: &str,
+        run_id: &RunId,
         items: &[NewRefusal],
         max_attempts: u32,
     ) -> anyhow::Result<Vec<EdmRefusal>> {
@@ -115,7 +116,7 @@ impl Store {
             let key = (item.kind, item.list_id, item.email.to_string());
             let failed_runs = match known.get(&key) {
                 Some(b) if b.content != item.content => 1,
-                Some(b) if b.last_run_id == run_id => u32::try_from(b.failed_runs).unwrap_or(0),
+                Some(b) if b.last_run_id == *run_id => u32::try_from(b.failed_runs).unwrap_or(0),
                 Some(b) => u32::try_from(b.failed_runs).unwrap_or(0) + 1,
                 None => 1,
             };
@@ -128,7 +129,7 @@ impl Store {
                 code: Set(item.code.clone()),
                 message: Set(item.message.clone()),
                 failed_runs: Set(failed_runs as i32),
-                last_run_id: Set(run_id.to_string()),
+                last_run_id: Set(run_id.clone()),
                 parked: Set(parked),
                 created_at: Set(now),
                 updated_at: Set(now),
@@ -211,7 +212,7 @@ impl Store {
     pub async fn record_refused(
         &self,
         id: i64,
-        run_id: &str,
+        run_id: &RunId,
         error: &str,
         max_attempts: u32,
     ) -> anyhow::Result<bool> {
@@ -219,7 +220,7 @@ impl Store {
         let Some(row) = ledger::Entity::find_by_id(id).one(&txn).await? else {
             return Ok(false);
         };
-        let counted = row.last_failed_run.as_deref() == Some(run_id);
+        let counted = row.last_failed_run.as_deref() == Some(run_id.as_str());
         let failed_runs = row.failed_runs + i32::from(!counted);
         let parked = failed_runs as u32 >= max_attempts.max(1);
         let status = if parked {

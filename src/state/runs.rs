@@ -1,6 +1,7 @@
 //! The `runs` table: one row per job run, from start to its end (or to
 //! `abandoned` when its process died).
 
+use crate::domain::RunId;
 use std::collections::HashSet;
 
 use anyhow::Context;
@@ -77,9 +78,9 @@ impl Store {
     }
 
     /// Starts a run record.
-    pub async fn start_run(&self, id: &str, job: Job, dry_run: bool) -> anyhow::Result<()> {
+    pub async fn start_run(&self, id: &RunId, job: Job, dry_run: bool) -> anyhow::Result<()> {
         run::Entity::insert(run::ActiveModel {
-            id: Set(id.to_string()),
+            id: Set(id.as_str().to_string()),
             job: Set(job),
             started_at: Set(now_ms()),
             finished_at: Set(None),
@@ -97,7 +98,7 @@ impl Store {
     /// Finishes a run record.
     pub async fn finish_run(
         &self,
-        id: &str,
+        id: &RunId,
         status: RunStatus,
         counts: &serde_json::Value,
         error: Option<&str>,
@@ -107,7 +108,7 @@ impl Store {
             .col_expr(run::Column::Status, Expr::value(status.to_value()))
             .col_expr(run::Column::Counts, counts.to_string().into())
             .col_expr(run::Column::Error, error.map(str::to_string).into())
-            .filter(run::Column::Id.eq(id))
+            .filter(run::Column::Id.eq(id.as_str()))
             .exec(&self.db)
             .await
             .context("cannot finish the run record")?;

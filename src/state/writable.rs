@@ -11,12 +11,13 @@
 //! written (as failed, saying why) by the next run that can write, so the
 //! `runs` table does not show it `running` for ever nor blame a crash.
 
+use crate::domain::RunId;
 use std::sync::{Arc, Mutex};
 
 /// A run whose end could not be recorded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnrecordedEnd {
-    pub run_id: String,
+    pub run_id: RunId,
     pub counts: serde_json::Value,
     pub error: String,
 }
@@ -137,7 +138,7 @@ mod tests {
         // Arrange
         let w = Writable::default();
         let end = |i: usize| UnrecordedEnd {
-            run_id: format!("r{i}"),
+            run_id: RunId::from_stored(format!("r{i}")),
             counts: serde_json::json!({}),
             error: "full".into(),
         };

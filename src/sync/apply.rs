@@ -4,6 +4,7 @@
 //! is out; an answer lost is checked against the list before anything is
 //! sent again.
 
+use crate::domain::RunId;
 use std::collections::{BTreeMap, HashMap};
 
 use super::lookup::lookup;
@@ -11,6 +12,7 @@ use super::plan::{Plan, PlannedAdd, PlannedEdit};
 use super::report::ContactsCounts;
 use crate::domain::{Email, ListId, MemberKey, MemberState, Origin};
 use crate::jobs::Context;
+use crate::metrics::{Ended, Operation};
 use crate::remote::{Idempotence, Next, RemoteError};
 use crate::state::{EdmRefusal, NewOperation, NewRefusal, RefusalKey};
 use crate::stored_enums::OpKind;
@@ -19,7 +21,7 @@ use crate::stored_enums::OpKind;
 /// after EDM confirms it.
 pub struct Applier<'a> {
     pub ctx: &'a Context,
-    pub run_id: &'a str,
+    pub run_id: &'a RunId,
     pub members: &'a mut HashMap<MemberKey, MemberState>,
     pub counts: &'a mut ContactsCounts,
     /// `--retry-parked`: send parked operations too.
@@ -54,7 +56,7 @@ struct Batch {
 impl<'a> Applier<'a> {
     pub fn new(
         ctx: &'a Context,
-        run_id: &'a str,
+        run_id: &'a RunId,
         members: &'a mut HashMap<MemberKey, MemberState>,
         counts: &'a mut ContactsCounts,
         retry_parked: bool,
@@ -496,7 +498,7 @@ impl<'a> Applier<'a> {
             .await?;
         tracing::error!(list_id = list_id.0, operation = %op, count = refs.len(), error = %text, "{message}");
         self.counts.failed += refs.len();
-        crate::metrics::operations(op.as_str(), "failed", refs.len());
+        crate::metrics::operations(metric_kind(op), Ended::Failed, refs.len());
         Ok(())
     }
 
@@ -545,7 +547,7 @@ impl<'a> Applier<'a> {
         }
         self.counts.failed += 1;
         self.counts.refused += 1;
-        crate::metrics::operations(op.as_str(), "failed", 1);
+        crate::metrics::operations(metric_kind(op), Ended::Failed, 1);
         Ok(())
     }
 
@@ -616,7 +618,7 @@ impl<'a> Applier<'a> {
             BatchKind::Add => self.counts.added += refs.len(),
             BatchKind::Unsub => self.counts.unsubscribed += refs.len(),
         }
-        crate::metrics::operations(op.as_str(), "done", refs.len());
+        crate::metrics::operations(metric_kind(op), Ended::Done, refs.len());
         for row in rows {
             self.members.insert(row.key.clone(), row);
         }
@@ -662,4 +664,12 @@ fn group_by_list<T>(items: Vec<T>, list_of: impl Fn(&T) -> ListId) -> BTreeMap<L
         out.entry(list_of(&item)).or_default().push(item);
     }
     out
+}
+/// The `kind` label an EDM operation is counted under.
+fn metric_kind(op: OpKind) -> Operation {
+    match op {
+        OpKind::Add => Operation::Add,
+        OpKind::Edit => Operation::Edit,
+        OpKind::Unsub => Operation::Unsub,
+    }
 }

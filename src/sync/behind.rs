@@ -61,7 +61,7 @@ pub fn candidates(first: &Plan, obs: &Observations) -> BTreeSet<ListId> {
             obs.suppressions
                 .iter()
                 .filter(|s| s.reason == SuppressionReason::UserUnsubscribe)
-                .map(|s| s.list_id)
+                .filter_map(|s| s.list_id)
                 .filter(|l| !read.contains(l)),
         )
         .collect()
@@ -135,7 +135,11 @@ pub async fn relearn(
         obs.members.push(learnt);
     }
     let mut marked = 0;
-    for s in obs.suppressions.iter_mut().filter(|s| s.list_id == list_id) {
+    for s in obs
+        .suppressions
+        .iter_mut()
+        .filter(|s| s.list_id == Some(list_id))
+    {
         if let SuppressionSource::Export { time } = &s.source {
             s.source = SuppressionSource::ExportWhileBehind { time: time.clone() };
             marked += 1;

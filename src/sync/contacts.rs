@@ -16,6 +16,7 @@
 //!    edits, each recorded as pending before it is sent and marked done
 //!    after EDM confirms it.
 
+use crate::domain::RunId;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::Context as _;
@@ -88,10 +89,10 @@ pub async fn run(ctx: &Context, opts: RunOptions) -> anyhow::Result<ContactsRepo
     Ok(report)
 }
 
-fn summary_event(run_id: &str, c: &ContactsCounts, duration_ms: u64, status: RunStatus) {
+fn summary_event(run_id: &RunId, c: &ContactsCounts, duration_ms: u64, status: RunStatus) {
     tracing::info!(
         job = %JOB,
-        run_id,
+        run_id = %run_id,
         status = %status,
         added = c.added,
         updated = c.updated,
@@ -122,7 +123,7 @@ fn summary_event(run_id: &str, c: &ContactsCounts, duration_ms: u64, status: Run
 async fn run_inner(
     ctx: &Context,
     opts: RunOptions,
-    run_id: &str,
+    run_id: &RunId,
     counts: &mut ContactsCounts,
 ) -> anyhow::Result<Outcome> {
     // 1–4: reads only (the pull, the exports, the pending checks, the
@@ -306,7 +307,7 @@ async fn read_whole_list(
 async fn decide_and_apply(
     ctx: &Context,
     opts: RunOptions,
-    run_id: &str,
+    run_id: &RunId,
     counts: &mut ContactsCounts,
     observed: Observed,
 ) -> anyhow::Result<Outcome> {
@@ -372,9 +373,10 @@ fn preview(
         .suppressions
         .iter()
         .filter_map(|s| {
+            let list_id = s.list_id?;
             Email::parse(&s.email)
                 .ok()
-                .map(|e| crate::domain::MemberKey::new(s.list_id, e))
+                .map(|e| crate::domain::MemberKey::new(list_id, e))
         })
         .collect();
     Outcome::DryRun(Box::new(super::report::Preview {

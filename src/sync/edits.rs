@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use crate::metrics::{Ended, Operation};
+
 use anyhow::Context as _;
 use futures::StreamExt;
 
@@ -87,7 +89,7 @@ impl Applier<'_> {
                         }
                         tracing::error!(list_id = list_id.0, address = %edit.key.email.masked(), error = %text, "edit failed; it stays pending for the next run");
                         self.counts.failed += 1;
-                        crate::metrics::operations(OpKind::Edit.as_str(), "failed", 1);
+                        crate::metrics::operations(Operation::Edit, Ended::Failed, 1);
                     }
                 }
             }
@@ -200,7 +202,7 @@ impl Applier<'_> {
             .complete_operations(self.run_id, OpKind::Edit, list_id, &refs, &done)
             .await?;
         self.counts.updated += done.len();
-        crate::metrics::operations(OpKind::Edit.as_str(), "done", done.len());
+        crate::metrics::operations(Operation::Edit, Ended::Done, done.len());
         for m in done {
             self.members.insert(m.key.clone(), m);
         }

@@ -1,5 +1,6 @@
 //! What a contacts run did and how it ended.
 
+use crate::domain::RunId;
 use serde::Serialize;
 
 use super::plan::{Plan, PlanRefusal};
@@ -70,7 +71,7 @@ pub struct Preview {
 /// The result of a contacts run.
 #[derive(Debug, Clone)]
 pub struct ContactsReport {
-    pub run_id: String,
+    pub run_id: RunId,
     pub counts: ContactsCounts,
     pub outcome: Outcome,
     pub duration_ms: u64,

@@ -18,6 +18,7 @@
 
 pub mod events;
 
+use crate::domain::RunId;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
@@ -27,8 +28,9 @@ use crate::edm::{Campaign, HardBounce};
 use crate::jobs::Context;
 use crate::jobs::exports::View;
 use crate::jobs::lifecycle::Run;
+use crate::metrics::{Ended, Operation};
 use crate::remote::{Idempotence, Next};
-use crate::state::{ALL_LISTS, LedgerRow, NewRecord, NewSuppression};
+use crate::state::{LedgerRow, NewRecord, NewSuppression};
 use crate::stored_enums::{Job, RecordKind, RunStatus, SuppressionReason, SuppressionSource};
 use events::{CampaignEvents, MemberIndex, Unsubscribe};
 
@@ -66,7 +68,7 @@ pub struct WritebackCounts {
 /// The result of a write-back run.
 #[derive(Debug, Clone)]
 pub struct WritebackReport {
-    pub run_id: String,
+    pub run_id: RunId,
     pub counts: WritebackCounts,
     pub duration_ms: u64,
 }
@@ -165,7 +167,7 @@ pub fn lookback_dates(today: chrono::NaiveDate, days: u32) -> Vec<String> {
 
 async fn run_inner(
     ctx: &Context,
-    run_id: &str,
+    run_id: &RunId,
     retry_parked: bool,
     counts: &mut WritebackCounts,
 ) -> anyhow::Result<()> {
@@ -224,7 +226,7 @@ async fn suppress_hard_bounces(
                 .unwrap_or(false);
             if !already && seen.insert(address.as_str()) {
                 new_bounces.push(NewSuppression {
-                    list_id: ALL_LISTS,
+                    list_id: None,
                     email: address.clone(),
                     reason: SuppressionReason::Bounce,
                     source: SuppressionSource::Bounce {
@@ -413,7 +415,7 @@ async fn read_campaign_events(ctx: &Context) -> anyhow::Result<Vec<CampaignEvent
 /// awaited and recorded either way.
 async fn send_all(
     ctx: &Context,
-    run_id: &str,
+    run_id: &RunId,
     rows: Vec<LedgerRow>,
     counts: &mut WritebackCounts,
 ) -> anyhow::Result<()> {
@@ -609,7 +611,7 @@ impl<'a> Ledgering<'a> {
     async fn on_answer(
         &mut self,
         ctx: &Context,
-        run_id: &str,
+        run_id: &RunId,
         (row, answer, resent): Sent,
         counts: &mut WritebackCounts,
     ) {
@@ -628,7 +630,7 @@ impl<'a> Ledgering<'a> {
             Err(e) => e,
         };
         counts.failed += 1;
-        crate::metrics::operations("contact_history", "failed", 1);
+        crate::metrics::operations(Operation::ContactHistory, Ended::Failed, 1);
         self.settle_writes().await;
         if let Err(db) = note_refused(ctx, run_id, &row, &e, counts).await {
             self.db_error.get_or_insert(db);
@@ -736,7 +738,7 @@ async fn settle_owed_records(ctx: &Context) -> anyhow::Result<()> {
 /// parking. An error is the ledger's write failing.
 async fn note_refused(
     ctx: &Context,
-    run_id: &str,
+    run_id: &RunId,
     row: &LedgerRow,
     e: &crate::remote::RemoteError,
     counts: &mut WritebackCounts,
@@ -772,7 +774,7 @@ fn ledger_written(
     db_error: &mut Option<anyhow::Error>,
 ) {
     match written {
-        Ok(()) => crate::metrics::operations("contact_history", "done", ids.len()),
+        Ok(()) => crate::metrics::operations(Operation::ContactHistory, Ended::Done, ids.len()),
         Err(db) => {
             owed.extend(ids);
             db_error.get_or_insert(db);
@@ -786,7 +788,7 @@ async fn record_done(ctx: &Context, done: &mut Vec<i64>) -> anyhow::Result<()> {
         return Ok(());
     }
     ctx.store.records_done(done).await?;
-    crate::metrics::operations("contact_history", "done", done.len());
+    crate::metrics::operations(Operation::ContactHistory, Ended::Done, done.len());
     done.clear();
     Ok(())
 }
