@@ -196,7 +196,7 @@ async fn ask_the_daemon(
         Asked::RunHere(lock) => Ok(lock),
         Asked::NobodyTook => anyhow::bail!(
             "another crm-edm-sync instance holds the state database and took no request (waited {} s, daemon.lock_wait_secs): it is another --once, or a daemon standing by; try again later",
-            settings.daemon.lock_wait_secs
+            settings.daemon.lock_wait.as_secs()
         ),
         Asked::Interrupted(message) => {
             println!("{message}");

@@ -23,18 +23,21 @@ use crate::domain::ListId;
 use crate::edm::{MailList, ServiceInfo};
 
 /// Days before the service's last day from which `check` warns.
-pub const EXPIRY_WARNING_DAYS: i64 = 14;
+pub(crate) const EXPIRY_WARNING_DAYS: i64 = 14;
 
 /// A warning for each schedule that never fires from `now` on (a valid
 /// cron such as `0 0 0 30 2 *`: 30 February), naming its key.
-pub fn schedule_findings(settings: &Settings, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
+pub(crate) fn schedule_findings(
+    settings: &Settings,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<String> {
     [
         ("sync.schedule", &settings.sync.schedule),
         ("writeback.schedule", &settings.writeback.schedule),
     ]
     .into_iter()
     .filter(|(_, cron)| {
-        crate::schedule::ZonedCron::parse(cron, settings.schedule_zone())
+        crate::schedule::ZonedCron::parse(cron.as_str(), settings.schedule_zone())
             .is_ok_and(|z| z.next_after(now).is_none())
     })
     .map(|(key, cron)| {
@@ -68,7 +71,7 @@ async fn database_finding(settings: &Settings) -> Result<String, String> {
 const TYPE_IDS: std::ops::RangeInclusive<i64> = 1..=7;
 const ROUTE_IDS: std::ops::RangeInclusive<i64> = 1..=4;
 
-pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     let clients = crate::jobs::Clients::new(&settings)?;
     let mut ok = check_config(&settings);
     for line in schedule_findings(&settings, chrono::Utc::now()) {
@@ -176,7 +179,7 @@ async fn check_edm(settings: &Settings, clients: &crate::jobs::Clients) -> bool 
 
 /// Each configured list id (`sync.list_id`, `sync.routes[i].list_id`)
 /// against the account's lists.
-pub fn list_findings(settings: &Settings, lists: &[MailList]) -> Vec<String> {
+pub(crate) fn list_findings(settings: &Settings, lists: &[MailList]) -> Vec<String> {
     let keyed = std::iter::once(("sync.list_id".to_string(), settings.sync.list_id)).chain(
         settings
             .sync
@@ -218,7 +221,7 @@ fn synced_addresses(settings: &Settings, lists: &[MailList]) -> u64 {
 /// The service's state in words, with a warning for each of: disabled,
 /// ending within [`EXPIRY_WARNING_DAYS`] (or ended), fewer sends left
 /// than `addresses`.
-pub fn service_findings(
+pub(crate) fn service_findings(
     service: &ServiceInfo,
     today: chrono::NaiveDate,
     addresses: u64,

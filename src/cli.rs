@@ -111,7 +111,7 @@ impl Cli {
 }
 
 /// A job (`--job`): the one the state database records runs of.
-pub use crate::stored_enums::Job;
+pub(crate) use crate::stored_enums::Job;
 
 #[derive(Debug, Clone, Subcommand, PartialEq)]
 pub enum Command {

@@ -47,7 +47,7 @@ enum Period {
 
 /// Runs the daemon until a signal stops it. `config` is the `--config`
 /// file, read again on SIGHUP.
-pub async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let listen = settings.http.listen;
     let base = Context::new(settings).await?;
     let metrics = crate::metrics::install_recorder()?;
@@ -114,8 +114,8 @@ async fn take_turns(
     active: &AtomicBool,
 ) -> anyhow::Result<()> {
     let settings = live.current().settings;
-    let poll = Duration::from_secs(settings.daemon.lock_poll_secs);
-    let drain = Duration::from_secs(settings.daemon.shutdown_timeout_secs);
+    let poll = settings.daemon.lock_poll;
+    let drain = settings.daemon.shutdown_timeout;
     let target = LockTarget::of(&settings.database.url);
     let mut said_standby = false;
     while !stop.is_cancelled() {
@@ -276,8 +276,8 @@ async fn arm_schedules(live: &Arc<Live>, runs: &Runs) -> anyhow::Result<JobSched
     for job in Job::ALL {
         let gate = runs.gate(job);
         let cron = match job {
-            Job::Contacts => settings.sync.schedule.clone(),
-            Job::Writeback => settings.writeback.schedule.clone(),
+            Job::Contacts => settings.sync.schedule.to_string(),
+            Job::Writeback => settings.writeback.schedule.to_string(),
         };
         let f = job_fn(live.clone(), job, runs);
         let zone = settings.schedule_zone();

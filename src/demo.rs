@@ -35,7 +35,7 @@ const GIVEN: [&str; 10] = ["伟", "芳", "娜", "敏", "静", "磊", "洋", "艳
 /// list 2), 1–3 link-men each, with Chinese names, a few invalid emails,
 /// two link-men sharing an address, a name with `;` and a newline, and one
 /// address already in EDM list 1 before the first sync (it is adopted).
-pub fn seed(sb: &Sandbox) {
+pub(crate) fn seed(sb: &Sandbox) {
     sb.edm.create_list(1, "客户联系人");
     sb.edm.create_list(2, "VIP 客户");
     let mut lm_id = 1000;
@@ -108,7 +108,7 @@ pub fn seed(sb: &Sandbox) {
 /// address the CRM does not know), clicks, a hard bounce (customer 4's
 /// link-man, who has since moved to the VIP list) and an over-quota
 /// address; one to the VIP list with opens only.
-pub fn seed_campaigns(sb: &Sandbox) {
+pub(crate) fn seed_campaigns(sb: &Sandbox) {
     let day = (crate::writeback::edm_today(chrono::Utc::now(), chrono_tz::Asia::Shanghai)
         - chrono::Duration::days(1))
     .format("%Y-%m-%d")
@@ -169,7 +169,7 @@ pub fn seed_campaigns(sb: &Sandbox) {
 }
 
 /// The config the demo uses for `sb`.
-pub fn settings(sb: &Sandbox, database_url: &str) -> anyhow::Result<Settings> {
+pub(crate) fn settings(sb: &Sandbox, database_url: &str) -> anyhow::Result<Settings> {
     let text = format!(
         "{}\n[sync]\nlist_id = 1\n[[sync.routes]]\nfield = \"customer.type_id\"\nequals = \"2\"\nlist_id = 2\n[sync.vars]\nvar1 = \"customer.name\"\nvar2 = \"mobile\"\nvar3 = \"customer.city\"\n[log]\nformat = \"pretty\"\n",
         sb.config_toml(database_url)
@@ -198,7 +198,7 @@ fn describe(title: &str, report: &ContactsReport, writes: usize) -> String {
 }
 
 /// Runs the demo and prints its report.
-pub async fn run() -> anyhow::Result<ExitCode> {
+pub(crate) async fn run() -> anyhow::Result<ExitCode> {
     let sb = Sandbox::start().await?;
     seed(&sb);
     let dir = tempfile::tempdir()?;

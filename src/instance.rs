@@ -33,12 +33,12 @@ impl Instance {
 }
 
 /// The `User-Agent` of a client built without an instance.
-pub fn default_user_agent() -> &'static str {
+pub(crate) fn default_user_agent() -> &'static str {
     concat!("crm-edm-sync/", env!("CARGO_PKG_VERSION"))
 }
 
 /// The machine's host name (`localhost` when it cannot be read).
-pub fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname writes at
     // most that many bytes.
@@ -55,7 +55,7 @@ pub fn host_name() -> String {
 
 /// Whether a process with `pid` runs on this machine (signal 0: existence
 /// check; a process of another user still counts as alive).
-pub fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };

@@ -8,38 +8,39 @@
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Metric names.
-pub mod metric {
-    pub const RUNS: &str = "crm_edm_sync_runs_total";
-    pub const OPERATIONS: &str = "crm_edm_sync_operations_total";
-    pub const HTTP_REQUESTS: &str = "crm_edm_sync_http_requests_total";
-    pub const HTTP_RETRIES: &str = "crm_edm_sync_http_retries_total";
-    pub const LAST_SUCCESS: &str = "crm_edm_sync_last_success_timestamp_seconds";
-    pub const PENDING: &str = "crm_edm_sync_pending_operations";
-    pub const PARKED: &str = "crm_edm_sync_parked_operations";
-    pub const ACTIVE: &str = "crm_edm_sync_active";
-    pub const ROLE: &str = "crm_edm_sync_role";
-    pub const BUILD_INFO: &str = "crm_edm_sync_build_info";
-    pub const EDM_SERVICE_ENABLED: &str = "crm_edm_sync_edm_service_enabled";
-    pub const EDM_SERVICE_EXPIRES: &str = "crm_edm_sync_edm_service_expiration_timestamp_seconds";
-    pub const EDM_QUOTA_LEFT: &str = "crm_edm_sync_edm_quota_available";
-    pub const STATE_DB_WRITABLE: &str = "crm_edm_sync_state_db_writable";
+pub(crate) mod metric {
+    pub(crate) const RUNS: &str = "crm_edm_sync_runs_total";
+    pub(crate) const OPERATIONS: &str = "crm_edm_sync_operations_total";
+    pub(crate) const HTTP_REQUESTS: &str = "crm_edm_sync_http_requests_total";
+    pub(crate) const HTTP_RETRIES: &str = "crm_edm_sync_http_retries_total";
+    pub(crate) const LAST_SUCCESS: &str = "crm_edm_sync_last_success_timestamp_seconds";
+    pub(crate) const PENDING: &str = "crm_edm_sync_pending_operations";
+    pub(crate) const PARKED: &str = "crm_edm_sync_parked_operations";
+    pub(crate) const ACTIVE: &str = "crm_edm_sync_active";
+    pub(crate) const ROLE: &str = "crm_edm_sync_role";
+    pub(crate) const BUILD_INFO: &str = "crm_edm_sync_build_info";
+    pub(crate) const EDM_SERVICE_ENABLED: &str = "crm_edm_sync_edm_service_enabled";
+    pub(crate) const EDM_SERVICE_EXPIRES: &str =
+        "crm_edm_sync_edm_service_expiration_timestamp_seconds";
+    pub(crate) const EDM_QUOTA_LEFT: &str = "crm_edm_sync_edm_quota_available";
+    pub(crate) const STATE_DB_WRITABLE: &str = "crm_edm_sync_state_db_writable";
 }
 
 /// Run outcomes a job's run ends with.
-pub const OUTCOMES: [&str; 4] = ["succeeded", "failed", "refused", "interrupted"];
+pub(crate) const OUTCOMES: [&str; 4] = ["succeeded", "failed", "refused", "interrupted"];
 /// Operation kinds and their outcomes.
-pub const OPERATION_KINDS: [&str; 4] = ["add", "edit", "unsub", "contact_history"];
-pub const OPERATION_OUTCOMES: [&str; 2] = ["done", "failed"];
+pub(crate) const OPERATION_KINDS: [&str; 4] = ["add", "edit", "unsub", "contact_history"];
+pub(crate) const OPERATION_OUTCOMES: [&str; 2] = ["done", "failed"];
 /// The remote APIs.
-pub const APIS: [&str; 2] = ["crm", "edm"];
+pub(crate) const APIS: [&str; 2] = ["crm", "edm"];
 /// The kinds of the pending and parked gauges.
-pub const QUEUE_KINDS: [&str; 2] = ["edm", "contact_history"];
+pub(crate) const QUEUE_KINDS: [&str; 2] = ["edm", "contact_history"];
 
 /// Creates every series from start-up — standby included — so that an
 /// alert on `increase(…[1h])` or a gauge's value sees a series, not
 /// nothing: counters and gauges at 0 (the last success at 0: none yet),
 /// the EDM service gauges at NaN until the first `service-info` read.
-pub fn zero_series(jobs: &[&'static str]) {
+pub(crate) fn zero_series(jobs: &[&'static str]) {
     for &job in jobs {
         for outcome in OUTCOMES {
             metrics::counter!(metric::RUNS, "job" => job, "outcome" => outcome).absolute(0);
@@ -73,7 +74,7 @@ pub fn zero_series(jobs: &[&'static str]) {
 }
 
 /// This process's version and instance id, as a constant 1.
-pub fn build_info(instance: &str) {
+pub(crate) fn build_info(instance: &str) {
     metrics::gauge!(
         metric::BUILD_INFO,
         "version" => env!("CARGO_PKG_VERSION"),
@@ -85,7 +86,7 @@ pub fn build_info(instance: &str) {
 /// Whether this instance is the active one (holds the lock and runs the
 /// jobs) or a standby: `crm_edm_sync_active` 1/0 and
 /// `crm_edm_sync_role{role}` 1 for the role it has, 0 for the other.
-pub fn set_role(active: bool) {
+pub(crate) fn set_role(active: bool) {
     let (a, s) = if active { (1.0, 0.0) } else { (0.0, 1.0) };
     metrics::gauge!(metric::ACTIVE).set(a);
     metrics::gauge!(metric::ROLE, "role" => "active").set(a);
@@ -94,7 +95,7 @@ pub fn set_role(active: bool) {
 
 /// EDM's sending service (`service-info`): 1/0, its last day (midnight
 /// UTC, Unix seconds), and the sends left. Unknown values are not set.
-pub fn edm_service(enabled: bool, expires_unix: Option<i64>, quota_left: Option<i64>) {
+pub(crate) fn edm_service(enabled: bool, expires_unix: Option<i64>, quota_left: Option<i64>) {
     metrics::gauge!(metric::EDM_SERVICE_ENABLED).set(if enabled { 1.0 } else { 0.0 });
     if let Some(t) = expires_unix {
         metrics::gauge!(metric::EDM_SERVICE_EXPIRES).set(t as f64);
@@ -106,13 +107,13 @@ pub fn edm_service(enabled: bool, expires_unix: Option<i64>, quota_left: Option<
 
 /// The last success of `job`, read from the state database at start-up,
 /// so that a restart does not blank the gauge.
-pub fn last_success_at(job: &'static str, unix_ms: i64) {
+pub(crate) fn last_success_at(job: &'static str, unix_ms: i64) {
     metrics::gauge!(metric::LAST_SUCCESS, "job" => job).set(unix_ms as f64 / 1000.0);
 }
 
 /// The `kind` label of the pending and parked gauges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backlog {
+pub(crate) enum Backlog {
     /// EDM operations (adds, edits, unsubscribes).
     Edm,
     /// Contact-history records for the CRM.
@@ -130,7 +131,7 @@ impl Backlog {
 
 /// The `kind` label of the operations counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
+pub(crate) enum Operation {
     Add,
     Edit,
     Unsub,
@@ -150,7 +151,7 @@ impl Operation {
 
 /// The `outcome` label of the operations counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
+pub(crate) enum Ended {
     Done,
     Failed,
 }
@@ -165,24 +166,24 @@ impl Ended {
 }
 
 /// Work left pending after a run.
-pub fn pending(kind: Backlog, n: u64) {
+pub(crate) fn pending(kind: Backlog, n: u64) {
     metrics::gauge!(metric::PENDING, "kind" => kind.label()).set(n as f64);
 }
 
 /// Work parked after a run (no longer sent).
-pub fn parked(kind: Backlog, n: u64) {
+pub(crate) fn parked(kind: Backlog, n: u64) {
     metrics::gauge!(metric::PARKED, "kind" => kind.label()).set(n as f64);
 }
 
 /// Whether the state database takes writes (1) or the last run record
 /// could not be written (0).
-pub fn state_db_writable(writable: bool) {
+pub(crate) fn state_db_writable(writable: bool) {
     metrics::gauge!(metric::STATE_DB_WRITABLE).set(if writable { 1.0 } else { 0.0 });
 }
 
 /// A run ended with `outcome` (`succeeded`, `failed`, `refused`,
 /// `interrupted`).
-pub fn run_finished(job: &'static str, outcome: &'static str) {
+pub(crate) fn run_finished(job: &'static str, outcome: &'static str) {
     metrics::counter!(metric::RUNS, "job" => job, "outcome" => outcome).increment(1);
     if outcome == "succeeded" {
         metrics::gauge!(metric::LAST_SUCCESS, "job" => job)
@@ -191,12 +192,12 @@ pub fn run_finished(job: &'static str, outcome: &'static str) {
 }
 
 /// A run an earlier process left unfinished was marked abandoned.
-pub fn run_abandoned() {
+pub(crate) fn run_abandoned() {
     metrics::counter!(metric::RUNS, "job" => "any", "outcome" => "abandoned").increment(1);
 }
 
 /// `n` operations of `kind` ended with `outcome`.
-pub fn operations(kind: Operation, outcome: Ended, n: usize) {
+pub(crate) fn operations(kind: Operation, outcome: Ended, n: usize) {
     if n > 0 {
         metrics::counter!(metric::OPERATIONS, "kind" => kind.label(), "outcome" => outcome.label())
             .increment(n as u64);
@@ -204,17 +205,17 @@ pub fn operations(kind: Operation, outcome: Ended, n: usize) {
 }
 
 /// One HTTP request to `api` (`crm`, `edm`).
-pub fn http_request(api: &'static str) {
+pub(crate) fn http_request(api: &'static str) {
     metrics::counter!(metric::HTTP_REQUESTS, "api" => api).increment(1);
 }
 
 /// One retry of a request to `api`.
-pub fn http_retry(api: &'static str) {
+pub(crate) fn http_retry(api: &'static str) {
     metrics::counter!(metric::HTTP_RETRIES, "api" => api).increment(1);
 }
 
 /// Installs the Prometheus recorder for this process.
-pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
+pub(crate) fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)

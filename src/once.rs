@@ -170,8 +170,7 @@ pub async fn ask_the_daemon(
         request = id,
         "another instance holds the state database: asked it to run this next"
     );
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(settings.daemon.lock_wait_secs);
+    let deadline = tokio::time::Instant::now() + settings.daemon.lock_wait;
     let mut announced = false;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);

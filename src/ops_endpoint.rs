@@ -35,7 +35,7 @@ struct OpsState {
 const HEALTH_DB_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(800);
 
 /// Serves `/healthz` and `/metrics` until the task is aborted.
-pub async fn serve(
+pub(crate) async fn serve(
     listen: SocketAddr,
     store: Store,
     metrics: PrometheusHandle,
@@ -130,7 +130,7 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The address to ask for a daemon listening on `listen`: an unspecified
 /// address (`0.0.0.0`, `::`, as in a container) is asked on loopback.
-pub fn probe_addr(listen: SocketAddr) -> SocketAddr {
+pub(crate) fn probe_addr(listen: SocketAddr) -> SocketAddr {
     let ip = match listen.ip() {
         std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
             std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
@@ -146,7 +146,7 @@ pub fn probe_addr(listen: SocketAddr) -> SocketAddr {
 /// `health`: asks the running daemon's `/healthz` on `listen` and returns
 /// whether it answered 200, with a line saying what it answered. Reads
 /// nothing else and writes nothing (no state database, no file).
-pub async fn probe(listen: SocketAddr) -> (bool, String) {
+pub(crate) async fn probe(listen: SocketAddr) -> (bool, String) {
     let url = format!("http://{}/healthz", probe_addr(listen));
     let client = match crate::remote::client_builder()
         .timeout(PROBE_TIMEOUT)

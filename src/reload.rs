@@ -21,7 +21,7 @@ use crate::config::{Access, Settings};
 use crate::jobs::Context;
 
 /// Keys only a restart applies.
-pub const RESTART_ONLY: &[&str] = &[
+pub(crate) const RESTART_ONLY: &[&str] = &[
     "database.url",
     "http.listen",
     "log.format",
@@ -38,7 +38,7 @@ const SCHEDULE_KEYS: &[&str] = &["sync.schedule", "writeback.schedule", "sync.ti
 const SECRET_KEYS: &[&str] = &["crm.token", "edm.password", "database.url"];
 
 /// The context the next run of each job uses, replaced by a reload.
-pub struct Live {
+pub(crate) struct Live {
     current: RwLock<Context>,
     /// Bumped when the schedules change: the active period re-arms them.
     schedules: watch::Sender<u64>,
@@ -49,7 +49,7 @@ pub struct Live {
 
 /// What a reload changed.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Changes {
+pub(crate) struct Changes {
     /// Keys that take effect at the next run.
     pub applied: Vec<String>,
     /// Keys that wait for a restart (their running values stay).
@@ -59,7 +59,7 @@ pub struct Changes {
 }
 
 impl Live {
-    pub fn new(base: Context, config: Option<PathBuf>) -> Arc<Live> {
+    pub(crate) fn new(base: Context, config: Option<PathBuf>) -> Arc<Live> {
         Arc::new(Live {
             current: RwLock::new(base),
             schedules: watch::channel(0).0,
@@ -68,7 +68,7 @@ impl Live {
     }
 
     /// The context for a run starting now.
-    pub fn current(&self) -> Context {
+    pub(crate) fn current(&self) -> Context {
         self.current
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -76,13 +76,13 @@ impl Live {
     }
 
     /// Told when the schedules change.
-    pub fn schedule_changes(&self) -> watch::Receiver<u64> {
+    pub(crate) fn schedule_changes(&self) -> watch::Receiver<u64> {
         self.schedules.subscribe()
     }
 
     /// Reads the config again and, if it is valid, makes it the one the
     /// next runs use. Logs what happened either way.
-    pub fn reload(&self) {
+    pub(crate) fn reload(&self) {
         let new = match Settings::load(self.config.as_deref(), Access::Remote) {
             Ok(new) => new,
             Err(e) => {
@@ -97,7 +97,7 @@ impl Live {
 
     /// Makes `new` the settings of the next runs (keeping the running
     /// values of [`RESTART_ONLY`] keys); returns what changed.
-    pub fn apply(&self, new: Settings) -> anyhow::Result<Changes> {
+    pub(crate) fn apply(&self, new: Settings) -> anyhow::Result<Changes> {
         let old = self.current();
         let changes = changes(&old.settings, &new);
         if changes.applied.is_empty() && changes.restart_only.is_empty() {
@@ -135,7 +135,7 @@ impl Live {
 }
 
 /// The keys whose values differ between `old` and `new`.
-pub fn changes(old: &Settings, new: &Settings) -> Changes {
+pub(crate) fn changes(old: &Settings, new: &Settings) -> Changes {
     let (before, after) = (old.layers.flat(), new.layers.flat());
     let mut keys: Vec<String> = before
         .keys()

@@ -21,7 +21,7 @@ use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 
 /// A cron schedule read in a time zone.
 #[derive(Debug, Clone)]
-pub struct ZonedCron {
+pub(crate) struct ZonedCron {
     cron: croner::Cron,
     zone: chrono_tz::Tz,
 }
@@ -29,7 +29,7 @@ pub struct ZonedCron {
 impl ZonedCron {
     /// Parses a six-field (seconds first) schedule the way the scheduler
     /// and the config check do.
-    pub fn parse(schedule: &str, zone: chrono_tz::Tz) -> anyhow::Result<ZonedCron> {
+    pub(crate) fn parse(schedule: &str, zone: chrono_tz::Tz) -> anyhow::Result<ZonedCron> {
         let cron = croner::parser::CronParser::builder()
             .seconds(croner::parser::Seconds::Required)
             .dom_and_dow(true)
@@ -41,7 +41,7 @@ impl ZonedCron {
 
     /// The first time after `after` the schedule fires, read in the zone
     /// with the offset in force at that time.
-    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         use chrono::Timelike;
         // croner carries the start's fraction of a second into the result.
         let after = after.with_nanosecond(0)?;
@@ -55,7 +55,7 @@ impl ZonedCron {
 /// Lets one run of a job in at a time, counting what it let in and what it
 /// turned away.
 #[derive(Debug, Default)]
-pub struct Gate {
+pub(crate) struct Gate {
     running: AtomicBool,
     /// Ticks that started a run.
     pub started: AtomicU64,
@@ -65,7 +65,7 @@ pub struct Gate {
 
 /// Held while a run is going; lets the next one in when dropped (also if
 /// the run panicked).
-pub struct GateGuard<'a>(&'a Gate);
+pub(crate) struct GateGuard<'a>(&'a Gate);
 
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
@@ -74,7 +74,7 @@ impl Drop for GateGuard<'_> {
 }
 
 impl Gate {
-    pub fn try_enter(&self) -> Option<GateGuard<'_>> {
+    pub(crate) fn try_enter(&self) -> Option<GateGuard<'_>> {
         if self.running.swap(true, Ordering::SeqCst) {
             self.skipped.fetch_add(1, Ordering::SeqCst);
             None
@@ -86,12 +86,12 @@ impl Gate {
 }
 
 /// What a scheduled job runs.
-pub type JobFn = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+pub(crate) type JobFn = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// Adds `job` to `scheduler` on `schedule`, read in `zone`: each tick runs
 /// it unless its gate says it is still running; runs of all jobs sharing
 /// `turn` take turns. Returns the id of the first tick's one-shot job.
-pub async fn schedule(
+pub(crate) async fn schedule(
     scheduler: &JobScheduler,
     name: &'static str,
     schedule: &str,

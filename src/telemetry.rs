@@ -21,18 +21,18 @@ use crate::config::LogFormat;
 /// … already exists, skipping"), sea-orm's migrator ("Applying all pending
 /// migrations"; the daemon logs one line of its own when it migrates) and
 /// the scheduler's internals.
-pub const QUIET: &str =
+pub(crate) const QUIET: &str =
     "sqlx::postgres::notice=warn,sea_orm_migration=warn,tokio_cron_scheduler=warn";
 
 /// The filter for `log.level`: that level, with [`QUIET`] appended.
-pub fn directives(level: &str) -> String {
+pub(crate) fn directives(level: &str) -> String {
     format!("{level},{QUIET}")
 }
 
 /// Why `RUST_LOG` cannot be used, if it cannot: it does not parse, or it
 /// would silence this program's own lines — even its ERRORs — (no global
 /// level, or `off`, and no `crm_edm_sync` directive).
-pub fn unusable_rust_log(value: &str) -> Option<String> {
+pub(crate) fn unusable_rust_log(value: &str) -> Option<String> {
     if let Err(e) = EnvFilter::try_new(value) {
         return Some(format!("not a filter: {e}"));
     }
@@ -63,7 +63,7 @@ static RUST_LOG_RULES: std::sync::atomic::AtomicBool = std::sync::atomic::Atomic
 /// Installs the global subscriber. Safe to call once per process.
 /// `RUST_LOG` overrides `level`, unless it is unusable
 /// ([`unusable_rust_log`]): then `level` is used and a WARN line says so.
-pub fn init(format: LogFormat, level: &str) {
+pub(crate) fn init(format: LogFormat, level: &str) {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
@@ -109,7 +109,7 @@ pub fn init(format: LogFormat, level: &str) {
 /// Applies a new `log.level` (a reload): from the next line on. `Err`
 /// says why not (`RUST_LOG` decides, or no subscriber of ours is
 /// installed).
-pub fn set_level(level: &str) -> Result<(), String> {
+pub(crate) fn set_level(level: &str) -> Result<(), String> {
     if RUST_LOG_RULES.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(
             "RUST_LOG is set and decides the level; log.level applies once it is unset".into(),

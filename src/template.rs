@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 /// The placeholders a write-back template may use.
-pub const PLACEHOLDERS: [&str; 12] = [
+pub(crate) const PLACEHOLDERS: [&str; 12] = [
     "name",
     "email",
     "campaign",
@@ -22,7 +22,7 @@ pub const PLACEHOLDERS: [&str; 12] = [
 ];
 
 /// The `{placeholder}` names a template uses.
-pub fn placeholders(template: &str) -> Vec<&str> {
+pub(crate) fn placeholders(template: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = template;
     while let Some(start) = rest.find('{') {
@@ -40,7 +40,7 @@ pub fn placeholders(template: &str) -> Vec<&str> {
 
 /// The first placeholder a template uses that is not one of
 /// [`PLACEHOLDERS`].
-pub fn unknown_placeholder(template: &str) -> Option<&str> {
+pub(crate) fn unknown_placeholder(template: &str) -> Option<&str> {
     placeholders(template)
         .into_iter()
         .find(|p| !PLACEHOLDERS.contains(p))
@@ -50,7 +50,7 @@ pub fn unknown_placeholder(template: &str) -> Option<&str> {
 /// read again, so a campaign name, link or CRM name that itself contains
 /// `{name}` is written as it is. Unknown placeholders are left as they
 /// are (config validation rejects them).
-pub fn render(template: &str, values: &BTreeMap<&str, String>) -> String {
+pub(crate) fn render(template: &str, values: &BTreeMap<&str, String>) -> String {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(open) = rest.find('{') {

@@ -1,8 +1,8 @@
 //! Typed, layered settings (the README, "Configuration").
 //!
-//! Why one file over 600 lines: every key's struct field, its built-in
-//! default (the `DEFAULTS` text) and its validation are read side by side
-//! when a key is added; the tests are in `config/tests.rs`.
+//! Why one file over 600 lines: every key's struct field and its
+//! validation are read side by side when a key is added; the defaults are
+//! `config/default.toml`, the tests are in `config/tests.rs`.
 //!
 //! Layers, later wins: built-in defaults → TOML file → environment variables
 //! `CRM_EDM_SYNC__SECTION__KEY`. Unknown keys and bad values are errors that
@@ -11,11 +11,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::domain::{ListId, VAR_COUNT};
+pub use values::{BaseUrl, CronSchedule, Zone};
 
 /// The environment-variable prefix (`CRM_EDM_SYNC__EDM__PASSWORD`).
 pub const ENV_PREFIX: &str = "CRM_EDM_SYNC";
@@ -121,14 +123,19 @@ impl Layers {
 #[serde(deny_unknown_fields)]
 pub struct DaemonSettings {
     /// After SIGTERM/SIGINT, how long a running job may take to finish its
-    /// current batch and record its state before the process exits anyway.
-    pub shutdown_timeout_secs: u64,
+    /// current batch and record its state before the process exits anyway
+    /// (`shutdown_timeout_secs`).
+    #[serde(rename = "shutdown_timeout_secs", deserialize_with = "values::seconds")]
+    pub shutdown_timeout: Duration,
     /// How long `--once` waits, when another instance holds the state
-    /// database, for the lock or for a daemon to take its request.
-    pub lock_wait_secs: u64,
+    /// database, for the lock or for a daemon to take its request
+    /// (`lock_wait_secs`).
+    #[serde(rename = "lock_wait_secs", deserialize_with = "values::seconds")]
+    pub lock_wait: Duration,
     /// How often a standby daemon tries to take over, and an active one
-    /// checks that it still holds the lock.
-    pub lock_poll_secs: u64,
+    /// checks that it still holds the lock (`lock_poll_secs`).
+    #[serde(rename = "lock_poll_secs", deserialize_with = "values::seconds")]
+    pub lock_poll: Duration,
     /// This instance's name in the lease row, logs and `User-Agent`
     /// (`crm-edm-sync/VERSION (ID)`); empty: `HOST-PID`.
     pub instance_id: String,
@@ -138,7 +145,7 @@ pub struct DaemonSettings {
 #[serde(deny_unknown_fields)]
 pub struct CrmSettings {
     /// Site root; `/WebApi/Handler/1.0/CRM/...` is appended.
-    pub base_url: String,
+    pub base_url: BaseUrl,
     /// The logged-in user's access token.
     pub token: SecretString,
     /// A file holding the token instead (a systemd credential, a mounted
@@ -149,8 +156,9 @@ pub struct CrmSettings {
     pub page_size: u32,
     /// `GetLinkManList` requests in flight, ≥ 1.
     pub concurrency: usize,
-    /// Per-request timeout.
-    pub timeout_secs: u64,
+    /// Per-request timeout (`timeout_secs`).
+    #[serde(rename = "timeout_secs", deserialize_with = "values::seconds")]
+    pub timeout: Duration,
     /// Retries of a transient failure before giving up.
     pub max_retries: u32,
     /// Runs in which the CRM may refuse a contact-history record before it
@@ -179,7 +187,7 @@ pub struct CrmFields {
 #[serde(deny_unknown_fields)]
 pub struct EdmSettings {
     /// e.g. `http://www.bestedm.org/mm-ms/api`.
-    pub base_url: String,
+    pub base_url: BaseUrl,
     pub username: String,
     /// Plain password; sent as its lowercase hex MD5.
     pub password: SecretString,
@@ -191,7 +199,9 @@ pub struct EdmSettings {
     /// Addresses per `ml-addr-list` page when a list is read (not in the
     /// contract; the API's default of 50 would make large reads slow).
     pub list_page_size: u32,
-    pub timeout_secs: u64,
+    /// Per-request timeout (`timeout_secs`).
+    #[serde(rename = "timeout_secs", deserialize_with = "values::seconds")]
+    pub timeout: Duration,
     pub max_retries: u32,
     /// Runs in which EDM may refuse an operation (its line isolated from
     /// its batch) before it is parked (no longer sent until its content
@@ -201,7 +211,7 @@ pub struct EdmSettings {
     pub concurrency: usize,
     /// The service's IANA zone: the dates sent to EDM (`task-list` `date`)
     /// are days in it. `Asia/Shanghai` by default, EDM's own zone.
-    pub timezone: String,
+    pub timezone: Zone,
     /// Requests started per second at most; none if unset.
     #[serde(default)]
     pub max_requests_per_sec: Option<u32>,
@@ -246,11 +256,11 @@ pub struct DatabaseSettings {
 #[serde(deny_unknown_fields)]
 pub struct SyncSettings {
     /// Six-field cron (seconds first), in `sync.timezone`.
-    pub schedule: String,
+    pub schedule: CronSchedule,
     /// The IANA zone both schedules (`sync.schedule`,
     /// `writeback.schedule`) are read in; `UTC` by default, so existing
     /// configurations keep their meaning.
-    pub timezone: String,
+    pub timezone: Zone,
     /// The default EDM list.
     pub list_id: ListId,
     /// Planned unsubscribes ÷ members per list above which a plan is refused.
@@ -310,7 +320,7 @@ impl VarMapping {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WritebackSettings {
-    pub schedule: String,
+    pub schedule: CronSchedule,
     pub lookback_days: u32,
     /// ContactHistory contact category.
     pub type_id: i64,
@@ -372,77 +382,10 @@ pub struct HttpSettings {
     pub listen: SocketAddr,
 }
 
-/// The built-in defaults, the lowest layer. The credentials have no
+/// The built-in defaults, the lowest layer: `config/default.toml`, the one
+/// place every key's default is written. The credentials have no
 /// meaningful default; they are empty and `validate` rejects them.
-const DEFAULTS: &str = r#"
-[crm]
-base_url = ""
-token = ""
-page_size = 100
-concurrency = 4
-timeout_secs = 30
-max_retries = 5
-max_attempts = 5
-max_pages = 100000
-[crm.fields]
-customer_id = "id"
-customer_name = "name"
-linkman_id = "id"
-linkman_name = "name"
-linkman_email = "email"
-
-[edm]
-base_url = "http://www.bestedm.org/mm-ms/api"
-username = ""
-password = ""
-batch_size = 500
-list_page_size = 1000
-timeout_secs = 30
-max_retries = 5
-max_attempts = 5
-concurrency = 4
-timezone = "Asia/Shanghai"
-auth = "query"
-
-[database]
-url = "sqlite://state.db?mode=rwc"
-retention_days = 90
-
-[sync]
-schedule = "0 */15 * * * *"
-timezone = "UTC"
-list_id = 1
-max_unsubscribe_ratio = 0.2
-
-[writeback]
-schedule = "0 5 * * * *"
-lookback_days = 14
-type_id = 1
-route_id = 3
-
-[writeback.templates]
-open_title = "邮件打开：{campaign}"
-open_content = "{name}（{email}）打开了群发邮件《{campaign}》（任务号 {sn}）{count} 次，首次 {first}，最近 {last}。"
-click_title = "邮件点击：{campaign}"
-click_content = "{name}（{email}）点击了群发邮件《{campaign}》（任务号 {sn}）中的链接 {count} 次，首次 {first}，最近 {last}。点击的链接：{links}"
-bounce_title = "邮件退信：{campaign}"
-bounce_content = "发往 {name}（{email}）的群发邮件《{campaign}》（任务号 {sn}）被退回：{reason}。今后不再向该地址发送。"
-unsubscribe_title = "邮件退订：{list}"
-unsubscribe_content = "{name}（{email}）于 {time} 退订了邮件列表 {list}，今后不再向其发送该列表的邮件。"
-
-[log]
-format = "json"
-level = "info"
-
-[http]
-listen = "127.0.0.1:9187"
-
-[daemon]
-shutdown_timeout_secs = 60
-lock_wait_secs = 60
-lock_poll_secs = 5
-instance_id = ""
-"#;
+const DEFAULTS: &str = include_str!("../../config/default.toml");
 
 /// A settings error; its text always names the offending key or file.
 #[derive(Debug, thiserror::Error)]
@@ -576,7 +519,9 @@ impl Settings {
     /// `health`, `explain` without `--live`).
     fn validate_remote_access(&self) -> Result<(), ConfigError> {
         use secrecy::ExposeSecret;
-        check_url("crm.base_url", &self.crm.base_url)?;
+        if !self.crm.base_url.is_set() {
+            return bad("crm.base_url", "must be set");
+        }
         if self.crm.token.expose_secret().trim().is_empty() {
             return bad("crm.token", "must be set (or crm.token_file)");
         }
@@ -591,12 +536,9 @@ impl Settings {
 
     fn validate_crm(&self) -> Result<(), ConfigError> {
         let crm = &self.crm;
-        if !crm.base_url.is_empty() {
-            check_url("crm.base_url", &crm.base_url)?;
-        }
         in_range("crm.page_size", crm.page_size, 1, 100)?;
         in_range("crm.concurrency", crm.concurrency, 1, 256)?;
-        at_least_one("crm.timeout_secs", crm.timeout_secs)?;
+        at_least_one("crm.timeout_secs", crm.timeout.as_secs())?;
         at_least_one("crm.max_attempts", crm.max_attempts)?;
         at_least_one("crm.max_pages", crm.max_pages)?;
         if crm.max_requests_per_sec == Some(0) {
@@ -619,16 +561,18 @@ impl Settings {
 
     fn validate_edm(&self) -> Result<(), ConfigError> {
         let edm = &self.edm;
-        check_url("edm.base_url", &edm.base_url)?;
+        if !edm.base_url.is_set() {
+            return bad("edm.base_url", "must be set");
+        }
         at_least_one("edm.max_attempts", edm.max_attempts)?;
         in_range("edm.batch_size", edm.batch_size, 1, 10_000)?;
         in_range("edm.list_page_size", edm.list_page_size, 1, 10_000)?;
         in_range("edm.concurrency", edm.concurrency, 1, 64)?;
-        at_least_one("edm.timeout_secs", edm.timeout_secs)?;
+        at_least_one("edm.timeout_secs", edm.timeout.as_secs())?;
         if edm.max_requests_per_sec == Some(0) {
             return bad("edm.max_requests_per_sec", "must be at least 1 (or unset)");
         }
-        check_zone("edm.timezone", &edm.timezone)
+        Ok(())
     }
 
     fn validate_state_and_daemon(&self) -> Result<(), ConfigError> {
@@ -655,10 +599,15 @@ impl Settings {
                 "must be at most 64 letters, digits and - _ . : @ (it travels in every request's User-Agent header)",
             );
         }
-        in_range("daemon.lock_poll_secs", self.daemon.lock_poll_secs, 1, 3600)?;
+        in_range(
+            "daemon.lock_poll_secs",
+            self.daemon.lock_poll.as_secs(),
+            1,
+            3600,
+        )?;
         in_range(
             "daemon.shutdown_timeout_secs",
-            self.daemon.shutdown_timeout_secs,
+            self.daemon.shutdown_timeout.as_secs(),
             0,
             3600,
         )?;
@@ -670,8 +619,6 @@ impl Settings {
 
     fn validate_sync(&self) -> Result<(), ConfigError> {
         let sync = &self.sync;
-        check_cron("sync.schedule", &sync.schedule)?;
-        check_zone("sync.timezone", &sync.timezone)?;
         if sync.list_id.0 < 1 {
             return bad("sync.list_id", "must be a list id ≥ 1");
         }
@@ -697,7 +644,6 @@ impl Settings {
 
     fn validate_writeback(&self) -> Result<(), ConfigError> {
         let writeback = &self.writeback;
-        check_cron("writeback.schedule", &writeback.schedule)?;
         in_range("writeback.lookback_days", writeback.lookback_days, 1, 366)?;
         for (key, template) in writeback.templates.all() {
             if template.trim().is_empty() {
@@ -734,13 +680,13 @@ impl Settings {
             host == "example.com" || host.ends_with(".example.com")
         };
         let mut keys = Vec::new();
-        if example_host(&self.crm.base_url) {
+        if example_host(self.crm.base_url.as_str()) {
             keys.push("crm.base_url");
         }
         if set_me(self.crm.token.expose_secret()) {
             keys.push("crm.token");
         }
-        if example_host(&self.edm.base_url) {
+        if example_host(self.edm.base_url.as_str()) {
             keys.push("edm.base_url");
         }
         if set_me(&self.edm.username) {
@@ -878,24 +824,6 @@ fn valid_log_filter(filter: &str) -> bool {
         && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
 }
 
-fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
-    match url::Url::parse(value) {
-        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(()),
-        Ok(_) => Err(ConfigError::Invalid {
-            key: key.into(),
-            reason: "must be an http:// or https:// URL".into(),
-        }),
-        Err(e) => Err(ConfigError::Invalid {
-            key: key.into(),
-            reason: if value.is_empty() {
-                "must be set".into()
-            } else {
-                format!("not a URL: {e}")
-            },
-        }),
-    }
-}
-
 fn check_field_ref(key: &str, value: &str) -> Result<(), ConfigError> {
     let name = value.strip_prefix("customer.").unwrap_or(value);
     if name.trim().is_empty() || name.contains(char::is_whitespace) {
@@ -907,31 +835,15 @@ fn check_field_ref(key: &str, value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A six-field (seconds first) or seven-field (with year) cron expression,
-/// parsed with the same `croner` settings tokio-cron-scheduler uses, so a
-/// schedule that passes here is one the scheduler accepts.
-fn check_zone(key: &str, zone: &str) -> Result<(), ConfigError> {
-    match zone.parse::<chrono_tz::Tz>() {
-        Ok(_) => Ok(()),
-        Err(_) => Err(ConfigError::Invalid {
-            key: key.into(),
-            reason: format!("{zone:?} is not an IANA time zone name (e.g. UTC, Asia/Shanghai)"),
-        }),
-    }
-}
-
 impl Settings {
     /// The zone the schedules are read in (`sync.timezone`).
     pub fn schedule_zone(&self) -> chrono_tz::Tz {
-        self.sync.timezone.parse().unwrap_or(chrono_tz::UTC)
+        self.sync.timezone.0
     }
 
     /// EDM's zone (`edm.timezone`): the days of its dates.
     pub fn edm_zone(&self) -> chrono_tz::Tz {
-        self.edm
-            .timezone
-            .parse()
-            .unwrap_or(chrono_tz::Asia::Shanghai)
+        self.edm.timezone.0
     }
 }
 
@@ -1013,32 +925,9 @@ fn scrub(message: &str, line: &str) -> String {
     out.lines().next().unwrap_or("").trim().to_string()
 }
 
-fn check_cron(key: &str, value: &str) -> Result<(), ConfigError> {
-    let fields = value.split_whitespace().count();
-    let reason = if !(6..=7).contains(&fields) {
-        Some(format!(
-            "{value:?} has {fields} fields; six (seconds first) or seven are needed"
-        ))
-    } else {
-        croner::parser::CronParser::builder()
-            .seconds(croner::parser::Seconds::Required)
-            .dom_and_dow(true)
-            .build()
-            .parse(value)
-            .err()
-            .map(|e| format!("{value:?} is not a valid cron expression: {e}"))
-    };
-    match reason {
-        None => Ok(()),
-        Some(reason) => Err(ConfigError::Invalid {
-            key: key.into(),
-            reason,
-        }),
-    }
-}
-
 mod secret_files;
 mod strict;
+mod values;
 
 #[cfg(test)]
 mod tests;

@@ -34,6 +34,48 @@ fn defaults_fill_everything_not_given() {
 }
 
 #[test]
+fn zones_schedules_urls_and_durations_are_parsed_once_into_types() {
+    // Arrange / Act
+    let s = Settings::from_toml(&format!(
+        "{MINIMAL}\n[daemon]\nlock_poll_secs = 7\n[sync]\ntimezone = \"Europe/Berlin\"\nschedule = \"0 0 3 * * *\"\n"
+    ))
+    .unwrap();
+
+    // Assert: the values as their users need them; nothing is parsed again.
+    assert_eq!(s.schedule_zone(), chrono_tz::Europe::Berlin);
+    assert_eq!(s.edm_zone(), chrono_tz::Asia::Shanghai);
+    assert_eq!(s.sync.schedule.as_str(), "0 0 3 * * *");
+    assert_eq!(s.daemon.lock_poll, std::time::Duration::from_secs(7));
+    assert_eq!(s.crm.timeout, std::time::Duration::from_secs(30));
+    assert_eq!(s.crm.base_url.as_str(), "http://crm.test");
+}
+
+#[test]
+fn the_built_in_defaults_are_the_shipped_default_file() {
+    // The one place defaults are written: the file compiled in.
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"))
+            .unwrap();
+    assert_eq!(DEFAULTS, shipped);
+    let table: toml::Table = shipped.parse().unwrap();
+    for section in [
+        "crm",
+        "edm",
+        "database",
+        "sync",
+        "writeback",
+        "log",
+        "http",
+        "daemon",
+    ] {
+        assert!(
+            table.contains_key(section),
+            "[{section}] in config/default.toml"
+        );
+    }
+}
+
+#[test]
 fn environment_overrides_the_file() {
     let file = write_config(MINIMAL);
     let env = vec![
@@ -225,7 +267,7 @@ fn shipped_default_config_loads_with_credentials_from_the_environment() {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .to_vec();
     let s = Settings::load_with_env(Some(&path), env, Access::Remote).unwrap();
-    assert_eq!(s.crm.base_url, "https://crm.example.com");
+    assert_eq!(s.crm.base_url.as_str(), "https://crm.example.com");
     // Without them it names the first missing one.
     let err = Settings::load_with_env(Some(&path), vec![], Access::Remote).unwrap_err();
     assert!(err.to_string().contains("crm.base_url"), "{err}");

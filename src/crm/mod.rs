@@ -80,7 +80,7 @@ impl CrmClient {
         let http = HttpCaller::new(Api::Crm, crate::remote::Limits::of_crm(settings), redactor)?;
         Ok(CrmClient {
             http,
-            base_url: settings.base_url.trim_end_matches('/').to_string(),
+            base_url: settings.base_url.as_str().to_string(),
             token: settings.token.clone(),
             fields: settings.fields.clone(),
             page_size: settings.page_size,

@@ -269,7 +269,7 @@ impl EdmClient {
         let http = HttpCaller::new(Api::Edm, crate::remote::Limits::of_edm(settings), redactor)?;
         Ok(EdmClient {
             http,
-            base_url: settings.base_url.trim_end_matches('/').to_string(),
+            base_url: settings.base_url.as_str().to_string(),
             username: settings.username.clone(),
             password: match settings.auth {
                 EdmAuth::Query => {

@@ -226,12 +226,7 @@ pub async fn take_lease(ctx: &Context) -> anyhow::Result<()> {
     if !may_still_run(&before, &ctx.instance) {
         return Ok(());
     }
-    let wait = Duration::from_secs(
-        ctx.settings
-            .edm
-            .timeout_secs
-            .max(ctx.settings.crm.timeout_secs),
-    ) + Duration::from_secs(2);
+    let wait = ctx.settings.edm.timeout.max(ctx.settings.crm.timeout) + Duration::from_secs(2);
     tracing::warn!(
         predecessor = %before.holder,
         predecessor_host = %before.host,

@@ -203,7 +203,7 @@ impl Limits {
     /// The CRM client's limits: every CRM call shares `crm.concurrency`.
     pub fn of_crm(crm: &crate::config::CrmSettings) -> Limits {
         Limits {
-            timeout: Duration::from_secs(crm.timeout_secs),
+            timeout: crm.timeout,
             max_retries: crm.max_retries,
             in_flight: crm.concurrency,
             per_second: crm.max_requests_per_sec,
@@ -213,7 +213,7 @@ impl Limits {
     /// The EDM client's limits.
     pub fn of_edm(edm: &crate::config::EdmSettings) -> Limits {
         Limits {
-            timeout: Duration::from_secs(edm.timeout_secs),
+            timeout: edm.timeout,
             max_retries: edm.max_retries,
             in_flight: edm.concurrency,
             per_second: edm.max_requests_per_sec,

@@ -48,7 +48,7 @@ pub enum Idempotence {
 }
 
 /// A draw in `[0, 1]` that scales the planned delay (full jitter).
-pub type Jitter = fn() -> f64;
+pub(super) type Jitter = fn() -> f64;
 
 /// How one API's calls are repeated.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 //! are milliseconds since the Unix epoch.
 
 /// What the daemon knows of one `(list_id, email)` in EDM.
-pub mod member {
+pub(super) mod member {
     use sea_orm::entity::prelude::*;
 
     use crate::domain::Origin;
@@ -40,7 +40,7 @@ pub mod member {
 
 /// The outbox (rule 9): every planned EDM write, recorded before it
 /// is sent.
-pub mod operation {
+pub(super) mod operation {
     use sea_orm::entity::prelude::*;
 
     use crate::stored_enums::{OpKind, OpStatus};
@@ -80,7 +80,7 @@ pub mod operation {
 
 /// Addresses that get no operation: user unsubscribes (per list) and
 /// hard bounces (`list_id` 0: every list).
-pub mod suppression {
+pub(super) mod suppression {
     use sea_orm::entity::prelude::*;
 
     use crate::stored_enums::SuppressionReason;
@@ -106,12 +106,12 @@ pub mod suppression {
 }
 
 /// `unsubscribe-export` lines already seen (rule 6).
-pub mod unsub_line {
+pub(super) mod unsub_line {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "unsub_lines")]
-    pub struct Model {
+    pub(crate) struct Model {
         #[sea_orm(primary_key)]
         pub id: i64,
         pub list_id: crate::domain::ListId,
@@ -121,18 +121,18 @@ pub mod unsub_line {
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-    pub enum Relation {}
+    pub(crate) enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
 }
 
 /// Per-list bookkeeping.
-pub mod list_state {
+pub(super) mod list_state {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "list_state")]
-    pub struct Model {
+    pub(crate) struct Model {
         #[sea_orm(primary_key, auto_increment = false)]
         pub list_id: crate::domain::ListId,
         /// When the list was first read whole (rule 5).
@@ -145,13 +145,13 @@ pub mod list_state {
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-    pub enum Relation {}
+    pub(crate) enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
 }
 
 /// One run of a job.
-pub mod run {
+pub(super) mod run {
     use sea_orm::entity::prelude::*;
 
     use crate::stored_enums::{Job, RunStatus};
@@ -180,7 +180,7 @@ pub mod run {
 
 /// The write-back ledger: one ContactHistory record per key, written once
 /// over the daemon's life.
-pub mod ledger {
+pub(super) mod ledger {
     use sea_orm::entity::prelude::*;
 
     use crate::stored_enums::{LedgerStatus, RecordKind};
@@ -221,7 +221,7 @@ pub mod ledger {
 
 /// EDM operations refused with an error code once isolated from their
 /// batch: the poison-record memory.
-pub mod refusal {
+pub(super) mod refusal {
     use sea_orm::entity::prelude::*;
 
     use crate::stored_enums::OpKind;
@@ -255,7 +255,7 @@ pub mod refusal {
 
 /// The lease: one row (`id` 1) whose `epoch` each new lock holder
 /// increments — the fencing token of the instance lock.
-pub mod lease {
+pub(super) mod lease {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
@@ -278,7 +278,7 @@ pub mod lease {
 }
 
 /// `--once` requests to the active daemon (`run_requests`).
-pub mod run_request {
+pub(super) mod run_request {
     use sea_orm::entity::prelude::*;
 
     use crate::stored_enums::{Job, RequestState};
@@ -311,12 +311,12 @@ pub mod run_request {
 }
 
 /// Findings already logged once (`log_notes`).
-pub mod log_note {
+pub(super) mod log_note {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "log_notes")]
-    pub struct Model {
+    pub(crate) struct Model {
         #[sea_orm(primary_key, auto_increment = false)]
         pub digest: String,
         pub noted_at: i64,
@@ -332,7 +332,7 @@ pub mod log_note {
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-    pub enum Relation {}
+    pub(crate) enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
 }

@@ -181,3 +181,163 @@ fn the_layer_table_is_the_one_the_architecture_document_shows() {
         );
     }
 }
+
+/// The longest a function outside tests may be: a reader holds it whole.
+/// A dispatch whose every arm is one call is the only reason to exceed it,
+/// and none does today.
+const MAX_FUNCTION_LINES: usize = 80;
+
+/// `code` with comments and string and char literals blanked (newlines
+/// kept), so that braces inside them do not count.
+fn blank_literals(code: &str) -> String {
+    let chars: Vec<char> = code.chars().collect();
+    let mut out = String::with_capacity(code.len());
+    let blank = |out: &mut String, run: &[char]| {
+        out.extend(run.iter().map(|c| if *c == '\n' { '\n' } else { ' ' }))
+    };
+    let mut i = 0;
+    while i < chars.len() {
+        let rest = &chars[i..];
+        let starts = |s: &str| rest.iter().take(s.len()).copied().eq(s.chars());
+        let end = if starts("//") {
+            rest.iter().position(|c| *c == '\n').unwrap_or(rest.len())
+        } else if starts("/*") {
+            find(rest, 2, "*/").map_or(rest.len(), |e| e + 2)
+        } else if starts("r#\"") || starts("r\"") {
+            let hashes = rest[1..].iter().take_while(|c| **c == '#').count();
+            let close: String = std::iter::once('"')
+                .chain("#".repeat(hashes).chars())
+                .collect();
+            find(rest, 2 + hashes, &close).map_or(rest.len(), |e| e + close.len())
+        } else if rest[0] == '"' {
+            let mut j = 1;
+            while j < rest.len() && rest[j] != '"' {
+                j += if rest[j] == '\\' { 2 } else { 1 };
+            }
+            (j + 1).min(rest.len())
+        } else if rest[0] == '\'' && rest.get(2) == Some(&'\'') {
+            3
+        } else if rest[0] == '\'' && rest.get(1) == Some(&'\\') {
+            find(rest, 2, "'").map_or(1, |e| e + 1)
+        } else {
+            out.push(rest[0]);
+            i += 1;
+            continue;
+        };
+        let prefixed = i > 0 && (chars[i - 1].is_alphanumeric() || chars[i - 1] == '_');
+        if rest[0] == 'r' && prefixed {
+            out.push('r');
+            i += 1;
+            continue;
+        }
+        blank(&mut out, &rest[..end]);
+        i += end;
+    }
+    out
+}
+
+fn find(hay: &[char], from: usize, needle: &str) -> Option<usize> {
+    let needle: Vec<char> = needle.chars().collect();
+    (from..hay.len().saturating_sub(needle.len() - 1)).find(|&k| hay[k..].starts_with(&needle))
+}
+
+/// The byte index of the `}` closing the `{` at `open`.
+fn closing_brace(code: &[u8], open: usize) -> usize {
+    let mut depth = 0usize;
+    for (k, b) in code.iter().enumerate().skip(open) {
+        match b {
+            b'{' => depth += 1,
+            b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return k;
+                }
+            }
+            _ => {}
+        }
+    }
+    code.len()
+}
+
+/// Every function with a body in `code` (literals blanked, test module cut
+/// off) that is longer than the limit: `(name, first line, lines)`.
+fn long_functions(code: &str) -> Vec<(String, usize, usize)> {
+    let bytes = code.as_bytes();
+    let line_of = |pos: usize| code[..pos].matches('\n').count() + 1;
+    let mut found = Vec::new();
+    let mut at = 0;
+    while let Some(hit) = code[at..].find("fn ") {
+        let start = at + hit;
+        at = start + 3;
+        let word_start =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        if !word_start {
+            continue;
+        }
+        let name: String = code[at..]
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        // The body: the first `{` outside (), <> and [] before any `;`.
+        let mut depth = 0i32;
+        let mut body = None;
+        for (k, b) in bytes.iter().enumerate().skip(at) {
+            match b {
+                b'(' | b'<' | b'[' => depth += 1,
+                b')' | b'>' | b']' => depth -= 1,
+                b';' if depth <= 0 => break,
+                b'{' if depth <= 0 => {
+                    body = Some(k);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let Some(open) = body else { continue };
+        let lines = line_of(closing_brace(bytes, open)) - line_of(start) + 1;
+        if lines > MAX_FUNCTION_LINES {
+            found.push((name, line_of(start), lines));
+        }
+    }
+    found
+}
+
+#[test]
+fn no_function_outside_tests_is_longer_than_80_lines() {
+    // Arrange
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+
+    // Act
+    let mut long = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let code = blank_literals(production_part(&text));
+        for (name, line, lines) in long_functions(&code) {
+            let shown = file.strip_prefix(&src).unwrap().display();
+            long.push(format!("{shown}:{line}: {name} has {lines} lines"));
+        }
+    }
+
+    // Assert
+    assert!(
+        long.is_empty(),
+        "functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n{}",
+        long.join("\n")
+    );
+}
+
+#[test]
+fn the_length_check_sees_a_long_function_and_not_braces_in_strings() {
+    let body = "    let x = 1;\n".repeat(MAX_FUNCTION_LINES);
+    let long = format!("fn long() {{\n{body}}}\nfn short() {{ let s = \"}}}}\"; }}\n");
+    let code = blank_literals(&long);
+
+    let found = long_functions(&code);
+
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].0, "long");
+    assert_eq!(found[0].2, MAX_FUNCTION_LINES + 2);
+}

@@ -15,7 +15,7 @@ async fn with_basic_auth_the_sync_works_and_no_request_carries_a_password() {
     let ctx = e
         .ctx_from(|s| {
             s.edm.auth = EdmAuth::Basic;
-            s.edm.base_url = basic_url.clone();
+            s.edm.base_url = crm_edm_sync::config::BaseUrl::parse(&basic_url).unwrap();
         })
         .await;
 
@@ -97,7 +97,9 @@ async fn the_documented_query_auth_is_refused_where_only_basic_is_taken() {
     let e = env().await;
     seed_basic(&e.sb);
     let basic_url = e.sb.edm_basic_url();
-    let ctx = e.ctx_from(|s| s.edm.base_url = basic_url.clone()).await;
+    let ctx = e
+        .ctx_from(|s| s.edm.base_url = crm_edm_sync::config::BaseUrl::parse(&basic_url).unwrap())
+        .await;
 
     // Act
     let err = contacts::run(&ctx, Default::default()).await.unwrap_err();

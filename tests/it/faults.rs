@@ -60,8 +60,8 @@ async fn converge(
 
 async fn fault_ctx(e: &Env) -> Context {
     e.ctx_from(|s| {
-        s.crm.timeout_secs = 1;
-        s.edm.timeout_secs = 1;
+        s.crm.timeout = Duration::from_secs(1);
+        s.edm.timeout = Duration::from_secs(1);
         s.crm.max_retries = 2;
         s.edm.max_retries = 2;
         s.edm.batch_size = 10;

@@ -11,12 +11,14 @@
 //!   (the daemon never unsubscribes what it did not add);
 //! - an address a recipient unsubscribed never comes back to that list;
 //! - no list holds an address twice, and a rerun with no change writes
-//!   nothing to EDM.
+//!   nothing to EDM;
+//! - a CRM with nobody in it is refused whole (rule 7) and writes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crm_edm_sync::sandbox::Sandbox;
 use crm_edm_sync::sync::contacts;
+use crm_edm_sync::sync::plan::PlanRefusal;
 use crm_edm_sync::sync::report::Outcome;
 use proptest::prelude::*;
 use serde_json::json;
@@ -103,6 +105,11 @@ impl World {
             })
             .filter(|key| !self.unsubscribed.contains(key))
             .collect()
+    }
+
+    /// Whether the CRM holds a link-man with a valid address at all.
+    fn pulls_anyone(&self) -> bool {
+        self.linkmen.values().any(|(_, email)| *email < POOL)
     }
 }
 
@@ -221,7 +228,15 @@ fn check(sb: &Sandbox, world: &World) -> Result<(), String> {
 }
 
 async fn sync_and_check(e: &Env, world: &World, when: &str) -> Result<(), TestCaseError> {
+    e.sb.clear_requests();
     let report = contacts::run(&e.ctx, Default::default()).await.unwrap();
+    if let Outcome::Refused(PlanRefusal::EmptyPull { .. }) = report.outcome {
+        // Rule 7: a pull with nobody in it while members are recorded is
+        // refused whole, whatever the ratio.
+        prop_assert!(!world.pulls_anyone(), "{}: {:?}", when, report);
+        prop_assert_eq!(e.sb.edm_writes(), 0, "{}: a refused plan wrote", when);
+        return Ok(());
+    }
     prop_assert!(report.outcome == Outcome::Applied, "{}: {:?}", when, report);
     check(&e.sb, world).map_err(|m| TestCaseError::fail(format!("{when}: {m}")))?;
     e.sb.clear_requests();
