@@ -137,18 +137,20 @@ impl Context {
         (self.clock)()
     }
 
-    /// The same store, instance, clock and shutdown, with `settings` and
-    /// clients built from them (a reload).
+    /// The same store, instance, clock, shutdown and retry delays, with
+    /// `settings` and clients built from them (a reload).
     pub fn with_settings(&self, settings: Settings) -> anyhow::Result<Context> {
         let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
         let agent = self.instance.user_agent();
         Ok(Context {
             crm: CrmClient::new(&settings.crm, redactor.clone())?
                 .with_user_agent(&agent)
-                .with_shutdown(self.shutdown.clone()),
+                .with_shutdown(self.shutdown.clone())
+                .with_min_retry_delay(self.crm.resend_policy().first_delay()),
             edm: EdmClient::new(&settings.edm, redactor.clone())?
                 .with_user_agent(&agent)
-                .with_shutdown(self.shutdown.clone()),
+                .with_shutdown(self.shutdown.clone())
+                .with_min_retry_delay(self.edm.resend_policy().first_delay()),
             settings: Arc::new(settings),
             redactor,
             store: self.store.clone(),
@@ -287,6 +289,29 @@ pub struct RunOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SETTINGS: &str = "[crm]\nbase_url = \"http://crm.test\"\ntoken = \"t\"\n[edm]\nusername = \"u\"\npassword = \"p\"\n";
+
+    #[tokio::test]
+    async fn a_reloaded_context_keeps_the_retry_delays_and_the_shutdown() {
+        // Arrange: a context whose clients retry fast (as tests and the
+        // demo make them).
+        let settings = Settings::from_toml(SETTINGS).unwrap();
+        let store = Store::empty_in_memory().await.unwrap();
+        let ctx = Context::with_store(settings.clone(), store)
+            .unwrap()
+            .with_min_retry_delay(Duration::from_millis(5));
+
+        // Act
+        let reloaded = ctx.with_settings(settings).unwrap();
+        ctx.shutdown.cancel();
+
+        // Assert
+        for policy in [reloaded.crm.resend_policy(), reloaded.edm.resend_policy()] {
+            assert_eq!(policy.first_delay(), Duration::from_millis(5));
+        }
+        assert!(reloaded.shutdown.is_cancelled());
+    }
 
     fn lease(host: &str, pid: u32) -> Lease {
         Lease {

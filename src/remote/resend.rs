@@ -108,6 +108,11 @@ impl ResendPolicy {
         self
     }
 
+    /// The delay planned before the first repeat.
+    pub fn first_delay(&self) -> Duration {
+        self.first_delay
+    }
+
     /// The repeats allowed after the first attempt (`max_retries`).
     pub fn max_retries(&self) -> u32 {
         self.attempts - 1
