@@ -200,7 +200,7 @@ pub enum SuppressionSource {
     /// A `failexport` line of a campaign.
     Bounce {
         campaign_id: i64,
-        bounce_type: String,
+        bounce_type: HardBounce,
     },
     /// Text this version does not recognise (kept as it is).
     Other(String),
@@ -235,7 +235,7 @@ impl SuppressionSource {
             SuppressionSource::Bounce {
                 campaign_id,
                 bounce_type,
-            } => format!("{}{campaign_id} {bounce_type}", Self::CAMPAIGN),
+            } => format!("{}{campaign_id} {}", Self::CAMPAIGN, bounce_type.as_str()),
             SuppressionSource::Other(text) => text.clone(),
         }
     }
@@ -255,10 +255,11 @@ impl SuppressionSource {
         if let Some(rest) = text.strip_prefix(Self::CAMPAIGN)
             && let Some((id, bounce_type)) = rest.split_once(' ')
             && let Ok(campaign_id) = id.parse()
+            && let Some(bounce_type) = HardBounce::parse(bounce_type)
         {
             return SuppressionSource::Bounce {
                 campaign_id,
-                bounce_type: bounce_type.to_string(),
+                bounce_type,
             };
         }
         SuppressionSource::Other(text.to_string())
@@ -268,6 +269,43 @@ impl SuppressionSource {
 impl fmt::Display for SuppressionSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_text())
+    }
+}
+
+/// The hard-bounce types of `failexport.php` the daemon reads: an address
+/// that bounced so is suppressed in every list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HardBounce {
+    /// `not_exist` (type 1): the mailbox does not exist.
+    NotExist,
+    /// `user_reject` (type 3): the recipient's server refused it.
+    UserReject,
+}
+
+impl HardBounce {
+    /// Every type, in the order they are read.
+    pub const ALL: [HardBounce; 2] = [HardBounce::NotExist, HardBounce::UserReject];
+
+    /// The `type` parameter of `failexport.php`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HardBounce::NotExist => "not_exist",
+            HardBounce::UserReject => "user_reject",
+        }
+    }
+
+    /// A stored or sent type name back; `None` for one this version does
+    /// not know.
+    pub fn parse(text: &str) -> Option<HardBounce> {
+        HardBounce::ALL.into_iter().find(|b| b.as_str() == text)
+    }
+
+    /// Why the mail came back, in the contact-history record's words.
+    pub fn reason(self) -> &'static str {
+        match self {
+            HardBounce::NotExist => "邮箱不存在",
+            HardBounce::UserReject => "用户拒收",
+        }
     }
 }
 
@@ -432,7 +470,7 @@ mod tests {
             },
             SuppressionSource::Bounce {
                 campaign_id: 42,
-                bounce_type: "not_exist".into(),
+                bounce_type: HardBounce::NotExist,
             },
             SuppressionSource::ExportWhileBehind {
                 time: "2026-11-30 10:00:00".into(),
@@ -445,6 +483,18 @@ mod tests {
         assert_eq!(
             SuppressionSource::parse("unsubscribe-export 2026-11-30 10:00:00").to_text(),
             "unsubscribe-export 2026-11-30 10:00:00"
+        );
+        assert_eq!(
+            SuppressionSource::parse("campaign 42 user_reject"),
+            SuppressionSource::Bounce {
+                campaign_id: 42,
+                bounce_type: HardBounce::UserReject,
+            }
+        );
+        // A bounce type this version does not know is kept as it is.
+        assert_eq!(
+            SuppressionSource::parse("campaign 42 soft_bounce"),
+            SuppressionSource::Other("campaign 42 soft_bounce".into())
         );
     }
 }

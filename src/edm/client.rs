@@ -23,6 +23,7 @@ use crate::config::{EdmAuth, EdmSettings};
 use crate::domain::{CampaignId, Email, ListId, MemberFields, VAR_COUNT};
 use crate::redact::Redactor;
 use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Pager, RemoteError};
+pub use crate::stored_enums::HardBounce;
 
 /// Lowercase hex MD5 of the plain password, as the API expects it.
 pub fn password_md5(plain: &str) -> String {
@@ -188,37 +189,6 @@ pub struct ClickEvent {
     pub total: u64,
     pub first: String,
     pub last: String,
-}
-
-/// The hard-bounce types of `failexport.php` the daemon reads: an address
-/// that bounced so is suppressed in every list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum HardBounce {
-    /// `not_exist` (type 1): the mailbox does not exist.
-    NotExist,
-    /// `user_reject` (type 3): the recipient's server refused it.
-    UserReject,
-}
-
-impl HardBounce {
-    /// Every type, in the order they are read.
-    pub const ALL: [HardBounce; 2] = [HardBounce::NotExist, HardBounce::UserReject];
-
-    /// The `type` parameter of `failexport.php`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HardBounce::NotExist => "not_exist",
-            HardBounce::UserReject => "user_reject",
-        }
-    }
-
-    /// Why the mail came back, in the contact-history record's words.
-    pub fn reason(self) -> &'static str {
-        match self {
-            HardBounce::NotExist => "邮箱不存在",
-            HardBounce::UserReject => "用户拒收",
-        }
-    }
 }
 
 fn count(raw: &str) -> u64 {

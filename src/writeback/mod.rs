@@ -231,7 +231,7 @@ async fn suppress_hard_bounces(
                     reason: SuppressionReason::Bounce,
                     source: SuppressionSource::Bounce {
                         campaign_id: ev.campaign.id.0,
-                        bounce_type: bounce_type.as_str().to_string(),
+                        bounce_type: *bounce_type,
                     },
                 });
             }
