@@ -57,6 +57,10 @@ id_type!(
     /// An EDM campaign (mass-mailing task) id.
     CampaignId
 );
+id_type!(
+    /// An EDM address id: one member of one list (`ml-addr-list`'s `id`).
+    AddressId
+);
 
 /// A run's id: a UUID (v4) as text, the key of its row in the state
 /// database and a field of every log line the run writes.
@@ -484,7 +488,7 @@ pub struct MemberState {
     pub present: bool,
     pub link_man_id: Option<LinkManId>,
     pub customer_id: Option<CustomerId>,
-    pub edm_id: Option<i64>,
+    pub edm_id: Option<crate::domain::AddressId>,
     /// What EDM holds.
     pub fields: MemberFields,
 }

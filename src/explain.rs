@@ -81,7 +81,7 @@ pub struct Live {
 #[derive(Debug, Clone, Serialize)]
 pub struct LiveList {
     pub list_id: ListId,
-    pub edm_id: Option<i64>,
+    pub edm_id: Option<crate::domain::AddressId>,
     pub fullname: Option<String>,
 }
 

@@ -20,7 +20,7 @@ use super::xml::{
     TaskListXml, XmlError,
 };
 use crate::config::{EdmAuth, EdmSettings};
-use crate::domain::{CampaignId, Email, ListId, MemberFields, VAR_COUNT};
+use crate::domain::{AddressId, CampaignId, Email, ListId, MemberFields, VAR_COUNT};
 use crate::redact::Redactor;
 use crate::remote::{Api, ErrorKind, HttpCaller, Idempotence, Pager, RemoteError};
 pub use crate::stored_enums::HardBounce;
@@ -73,7 +73,7 @@ pub struct MailList {
 /// something that is not a valid mailbox (it can never match a member).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EdmAddress {
-    pub id: i64,
+    pub id: AddressId,
     pub list_id: ListId,
     pub raw_address: String,
     pub email: Option<Email>,
@@ -525,7 +525,7 @@ impl EdmClient {
                 let raw = a.address.trim().to_string();
                 let vars = a.vars();
                 Ok(EdmAddress {
-                    id,
+                    id: AddressId(id),
                     list_id: xml::parse_id(&a.list_id).map(ListId).unwrap_or(list_id),
                     email: Email::parse(&raw).ok(),
                     raw_address: raw,
@@ -623,7 +623,7 @@ impl EdmClient {
     #[tracing::instrument(skip_all, fields(id))]
     pub async fn edit(
         &self,
-        id: i64,
+        id: AddressId,
         email: &Email,
         fields: &MemberFields,
     ) -> Result<(), RemoteError> {

@@ -248,7 +248,7 @@ pub fn reconcile_list(
 mod tests {
     use super::*;
     use crate::domain::MemberFields;
-    use crate::domain::{CustomerId, LinkManId, ListId};
+    use crate::domain::{AddressId, CustomerId, LinkManId, ListId};
 
     fn email(s: &str) -> Email {
         Email::parse(s).unwrap()
@@ -279,7 +279,7 @@ mod tests {
 
     fn addr(id: i64, list: ListId, a: &str, name: &str) -> EdmAddress {
         EdmAddress {
-            id,
+            id: AddressId(id),
             list_id: list,
             raw_address: a.into(),
             email: Email::parse(a).ok(),
@@ -398,7 +398,7 @@ mod tests {
         let m = r[0].member.as_ref().unwrap();
         assert_eq!(
             (m.origin, m.present, m.edm_id, m.link_man_id),
-            (Origin::Owned, true, Some(44), Some(LinkManId(5)))
+            (Origin::Owned, true, Some(AddressId(44)), Some(LinkManId(5)))
         );
         assert_eq!(r[1].status, OpStatus::Superseded);
         assert!(r[1].member.is_none());
@@ -456,10 +456,10 @@ mod tests {
             .iter()
             .map(|m| (m.key.email.to_string(), m))
             .collect();
-        assert_eq!(by_email["mine@x.cn"].edm_id, Some(10));
+        assert_eq!(by_email["mine@x.cn"].edm_id, Some(AddressId(10)));
         assert_eq!(by_email["mine@x.cn"].fields.fullname(), "Changed in EDM");
         assert_eq!(by_email["other@x.cn"].origin, Origin::Foreign);
-        assert_eq!(by_email["other@x.cn"].edm_id, Some(9));
+        assert_eq!(by_email["other@x.cn"].edm_id, Some(AddressId(9)));
         assert_eq!(by_email["back@x.cn"].origin, Origin::Foreign);
         assert!(by_email["back@x.cn"].present);
         assert!(!by_email["gone@x.cn"].present);

@@ -24,7 +24,7 @@ pub(super) mod member {
         pub link_man_id: Option<crate::domain::LinkManId>,
         pub customer_id: Option<crate::domain::CustomerId>,
         /// EDM's address id, once known.
-        pub edm_id: Option<i64>,
+        pub edm_id: Option<crate::domain::AddressId>,
         /// The fullname EDM holds.
         pub fullname: String,
         /// `var1`…`var10` as a JSON array of ten strings.
@@ -55,7 +55,7 @@ pub(super) mod operation {
         pub kind: OpKind,
         pub list_id: crate::domain::ListId,
         pub email: String,
-        pub edm_id: Option<i64>,
+        pub edm_id: Option<crate::domain::AddressId>,
         pub link_man_id: Option<crate::domain::LinkManId>,
         pub customer_id: Option<crate::domain::CustomerId>,
         pub fullname: String,

@@ -24,7 +24,7 @@ pub struct MemberFact {
     pub present: bool,
     pub link_man_id: Option<LinkManId>,
     pub customer_id: Option<CustomerId>,
-    pub edm_id: Option<i64>,
+    pub edm_id: Option<crate::domain::AddressId>,
     pub fullname: String,
     pub vars: Vec<String>,
     /// When the row last changed (ms since the epoch).

@@ -19,7 +19,7 @@ pub struct NewOperation {
     pub kind: OpKind,
     pub list_id: ListId,
     pub email: Email,
-    pub edm_id: Option<i64>,
+    pub edm_id: Option<crate::domain::AddressId>,
     pub link_man_id: Option<LinkManId>,
     pub customer_id: Option<CustomerId>,
     pub fields: MemberFields,

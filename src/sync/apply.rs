@@ -4,13 +4,12 @@
 //! is out; an answer lost is checked against the list before anything is
 //! sent again.
 
-use crate::domain::RunId;
 use std::collections::{BTreeMap, HashMap};
 
 use super::lookup::lookup;
 use super::plan::{Plan, PlannedAdd, PlannedEdit};
 use super::report::ContactsCounts;
-use crate::domain::{Email, ListId, MemberKey, MemberState, Origin};
+use crate::domain::{AddressId, Email, ListId, MemberKey, MemberState, Origin, RunId};
 use crate::jobs::Context;
 use crate::metrics::{Ended, Operation};
 use crate::remote::{Idempotence, Next, RemoteError};
@@ -287,7 +286,7 @@ impl<'a> Applier<'a> {
             self.prove_lease(op, list_id, remaining.len()).await?;
             let error = match self.send_lines(kind, list_id, &remaining, adds).await {
                 Ok(()) => {
-                    let done: Vec<(Email, Option<i64>)> =
+                    let done: Vec<(Email, Option<AddressId>)> =
                         remaining.drain(..).map(|e| (e, None)).collect();
                     return self.complete(kind, list_id, done, adds).await;
                 }
@@ -577,7 +576,7 @@ impl<'a> Applier<'a> {
         &mut self,
         kind: &BatchKind,
         list_id: ListId,
-        done: Vec<(Email, Option<i64>)>,
+        done: Vec<(Email, Option<AddressId>)>,
         adds: &HashMap<Email, PlannedAdd>,
     ) -> anyhow::Result<()> {
         if done.is_empty() {

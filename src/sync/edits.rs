@@ -13,7 +13,7 @@ use futures::StreamExt;
 use super::apply::Applier;
 use super::lookup::lookup;
 use super::plan::PlannedEdit;
-use crate::domain::{Email, ListId, MemberState, Origin};
+use crate::domain::{AddressId, Email, ListId, MemberState, Origin};
 use crate::state::NewOperation;
 use crate::stored_enums::OpKind;
 
@@ -104,7 +104,7 @@ impl Applier<'_> {
         &mut self,
         list_id: ListId,
         edits: Vec<PlannedEdit>,
-    ) -> anyhow::Result<Vec<(PlannedEdit, i64)>> {
+    ) -> anyhow::Result<Vec<(PlannedEdit, AddressId)>> {
         let unknown: Vec<Email> = edits
             .iter()
             .filter(|e| e.edm_id.is_none())
@@ -117,7 +117,7 @@ impl Applier<'_> {
                 .await
                 .with_context(|| format!("cannot find EDM ids for edits in list {list_id}"))?
         };
-        let mut ready: Vec<(PlannedEdit, i64)> = Vec::with_capacity(edits.len());
+        let mut ready: Vec<(PlannedEdit, AddressId)> = Vec::with_capacity(edits.len());
         let mut vanished: Vec<MemberState> = Vec::new();
         for edit in edits {
             match edit
@@ -152,7 +152,7 @@ impl Applier<'_> {
     async fn record_edits(
         &mut self,
         list_id: ListId,
-        chunk: &[(PlannedEdit, i64)],
+        chunk: &[(PlannedEdit, AddressId)],
     ) -> anyhow::Result<()> {
         let records: Vec<NewOperation> = chunk
             .iter()
@@ -174,7 +174,7 @@ impl Applier<'_> {
     }
 
     /// The member as EDM holds it after `edit` took effect (id `id`).
-    fn edited(&self, edit: &PlannedEdit, id: i64) -> MemberState {
+    fn edited(&self, edit: &PlannedEdit, id: AddressId) -> MemberState {
         let base = self.members.get(&edit.key);
         MemberState {
             key: edit.key.clone(),

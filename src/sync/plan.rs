@@ -33,7 +33,7 @@ pub struct PlannedAdd {
 pub struct PlannedEdit {
     pub key: MemberKey,
     /// EDM's id when known; otherwise found before the edit is sent.
-    pub edm_id: Option<i64>,
+    pub edm_id: Option<crate::domain::AddressId>,
     pub link_man_id: LinkManId,
     pub customer_id: CustomerId,
     pub fields: MemberFields,
@@ -259,7 +259,7 @@ pub fn check_safety(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{CustomerId, LinkManId, ListId};
+    use crate::domain::{AddressId, CustomerId, LinkManId, ListId};
     use crate::domain::{Email, VAR_COUNT};
     use std::collections::HashSet;
 
@@ -300,7 +300,7 @@ mod tests {
                 present: true,
                 link_man_id: Some(lm),
                 customer_id: Some(CustomerId(lm.0 * 100)),
-                edm_id: Some(lm.0 + 1000),
+                edm_id: Some(AddressId(lm.0 + 1000)),
                 fields: fields(name),
             },
         )
@@ -351,7 +351,7 @@ mod tests {
         )]);
         let p = plan(&d, &s, &Suppressions::default());
         assert_eq!(p.edits.len(), 1);
-        assert_eq!(p.edits[0].edm_id, Some(1001));
+        assert_eq!(p.edits[0].edm_id, Some(AddressId(1001)));
         assert_eq!(p.edits[0].fields.fullname(), "A2");
         assert!(p.adds.is_empty() && p.unsubs.is_empty());
     }
