@@ -61,8 +61,7 @@ impl CronSchedule {
 
 impl<'de> Deserialize<'de> for CronSchedule {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        CronSchedule::parse(&text).map_err(serde::de::Error::custom)
+        from_text(deserializer, CronSchedule::parse)
     }
 }
 
@@ -106,8 +105,7 @@ impl BaseUrl {
 
 impl<'de> Deserialize<'de> for BaseUrl {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        BaseUrl::parse(&text).map_err(serde::de::Error::custom)
+        from_text(deserializer, BaseUrl::parse)
     }
 }
 
@@ -115,6 +113,15 @@ impl fmt::Display for BaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// A value read from text by `parse`, its error as the key's error.
+fn from_text<'de, D: Deserializer<'de>, T>(
+    deserializer: D,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse(&text).map_err(serde::de::Error::custom)
 }
 
 /// A `*_secs` key: whole seconds, read as a [`Duration`].
