@@ -42,6 +42,14 @@ impl BatchKind {
             BatchKind::Unsub => OpKind::Unsub,
         }
     }
+
+    /// The EDM call that sends it, as logs and errors name it.
+    fn call(&self) -> &'static str {
+        match self {
+            BatchKind::Add => "ml-addr-add",
+            BatchKind::Unsub => "ml-unsub",
+        }
+    }
 }
 
 /// Up to `edm.batch_size` addresses of one list, sent in one request.
@@ -281,7 +289,7 @@ impl<'a> Applier<'a> {
         let mut attempts = ctx
             .edm
             .resend_policy()
-            .attempts(op.as_str(), Idempotence::NotIdempotent);
+            .attempts(kind.call(), Idempotence::NotIdempotent);
         loop {
             self.prove_lease(op, list_id, remaining.len()).await?;
             let error = match self.send_lines(kind, list_id, &remaining, adds).await {
