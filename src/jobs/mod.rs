@@ -114,16 +114,18 @@ impl Context {
             instance,
         } = Clients::new(&settings)?;
         let shutdown = tokio_util::sync::CancellationToken::new();
-        Ok(Context {
+        let ctx = Context {
             settings: Arc::new(settings),
-            crm: crm.with_shutdown(shutdown.clone()),
-            edm: edm.with_shutdown(shutdown.clone()),
+            crm,
+            edm,
             store,
             redactor,
             instance,
-            shutdown,
+            shutdown: shutdown.clone(),
             clock: chrono::Utc::now,
-        })
+        };
+        // `with_shutdown` is the one place the clients get the token.
+        Ok(ctx.with_shutdown(shutdown))
     }
 
     /// The same context reading the time from `clock`.
@@ -142,14 +144,12 @@ impl Context {
     pub fn with_settings(&self, settings: Settings) -> anyhow::Result<Context> {
         let redactor = Arc::new(Redactor::new(secrets_of(&settings)));
         let agent = self.instance.user_agent();
-        Ok(Context {
+        let ctx = Context {
             crm: CrmClient::new(&settings.crm, redactor.clone())?
                 .with_user_agent(&agent)
-                .with_shutdown(self.shutdown.clone())
                 .with_min_retry_delay(self.crm.resend_policy().first_delay()),
             edm: EdmClient::new(&settings.edm, redactor.clone())?
                 .with_user_agent(&agent)
-                .with_shutdown(self.shutdown.clone())
                 .with_min_retry_delay(self.edm.resend_policy().first_delay()),
             settings: Arc::new(settings),
             redactor,
@@ -157,7 +157,9 @@ impl Context {
             instance: self.instance.clone(),
             shutdown: self.shutdown.clone(),
             clock: self.clock,
-        })
+        };
+        // The clients' waits end on this context's shutdown too.
+        Ok(ctx.with_shutdown(self.shutdown.clone()))
     }
 
     /// Runs `read` unless a shutdown comes first: then `None`, and the
@@ -311,6 +313,41 @@ mod tests {
             assert_eq!(policy.first_delay(), Duration::from_millis(5));
         }
         assert!(reloaded.shutdown.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn the_clients_give_up_their_waits_when_the_context_shuts_down() {
+        use crate::remote::{Api, ErrorKind, Idempotence, Next, RemoteError};
+        // Arrange: a reloaded context, shut down; a failure asking for a
+        // minute's wait.
+        let settings = Settings::from_toml(SETTINGS).unwrap();
+        let store = Store::empty_in_memory().await.unwrap();
+        let ctx = Context::with_store(settings.clone(), store).unwrap();
+        let reloaded = ctx.with_settings(settings).unwrap();
+        ctx.shutdown.cancel();
+        let busy = RemoteError::new(
+            Api::Edm,
+            "ml-addr-add",
+            ErrorKind::Status {
+                status: 503,
+                excerpt: String::new(),
+                retry_after: Some(Duration::from_secs(60)),
+            },
+        );
+        // Virtual time from here (the database pool needs real time).
+        tokio::time::pause();
+        let start = tokio::time::Instant::now();
+
+        // Act
+        let mut attempts = reloaded
+            .edm
+            .resend_policy()
+            .attempts("ml-addr-add", Idempotence::NotIdempotent);
+        let next = attempts.after(busy).await;
+
+        // Assert: given up at once, no wait.
+        assert!(matches!(next, Next::GiveUp(_)), "{next:?}");
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
     fn lease(host: &str, pid: u32) -> Lease {
