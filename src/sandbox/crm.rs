@@ -39,6 +39,10 @@ pub enum PageFault {
 struct CrmData {
     page_fault: Option<PageFault>,
     customers: BTreeMap<i64, Map<String, Value>>,
+    /// The customers' ids in ascending order, so that a page is a slice:
+    /// a page costs the same at page 5 000 as at page 1 (skipping through
+    /// the map made a whole pull quadratic in the CRM's size).
+    order: Vec<i64>,
     /// link-man id → (customer id, object)
     linkmen: BTreeMap<i64, (i64, Map<String, Value>)>,
     /// customer id → its link-men's ids (an index for GetLinkManList).
@@ -131,13 +135,27 @@ impl CrmHandle {
     pub fn put_customer(&self, id: i64, fields: Value) {
         let mut obj = object(fields);
         obj.insert("id".into(), json!(id));
-        lock(&self.data).customers.insert(id, obj);
+        let mut d = lock(&self.data);
+        if d.customers.insert(id, obj).is_none() {
+            // Seeds come in ascending order: the common case is a push.
+            match d.order.last() {
+                Some(&last) if last > id => {
+                    let at = d.order.partition_point(|&c| c < id);
+                    d.order.insert(at, id);
+                }
+                _ => d.order.push(id),
+            }
+        }
     }
 
     /// Removes a customer and its link-men.
     pub fn remove_customer(&self, id: i64) {
         let mut d = lock(&self.data);
-        d.customers.remove(&id);
+        if d.customers.remove(&id).is_some()
+            && let Ok(at) = d.order.binary_search(&id)
+        {
+            d.order.remove(at);
+        }
         for lm in d.by_customer.remove(&id).unwrap_or_default() {
             d.linkmen.remove(&lm);
         }
@@ -318,11 +336,11 @@ fn customers_page(d: &CrmData, p: &BTreeMap<String, String>) -> (StatusCode, Val
         Some(PageFault::Repeat(k)) if page == k as usize && page > 1 => page -= 1,
         _ => {}
     }
-    let items: Vec<Value> = d
-        .customers
-        .values()
-        .skip((page - 1) * size)
-        .take(size)
+    let from = ((page - 1) * size).min(d.order.len());
+    let to = (from + size).min(d.order.len());
+    let items: Vec<Value> = d.order[from..to]
+        .iter()
+        .filter_map(|id| d.customers.get(id))
         .map(|c| Value::Object(c.clone()))
         .collect();
     (StatusCode::OK, json!({ "value": items }))
@@ -359,5 +377,44 @@ fn add_contact_history(d: &mut CrmData, p: &BTreeMap<String, String>) -> (Status
             (StatusCode::OK, json!({ "value": true }))
         }
         _ => (StatusCode::OK, json!({ "value": false })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(h: &CrmHandle, index: usize, size: usize) -> Vec<i64> {
+        let p: BTreeMap<String, String> = [
+            ("pageIndex".to_string(), index.to_string()),
+            ("pageSize".to_string(), size.to_string()),
+        ]
+        .into();
+        let (_, body) = answer(h, "Customer/GetAllList", &p);
+        body["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_i64().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn customer_pages_follow_id_order_through_inserts_out_of_order_and_removals() {
+        // Arrange: ids put in a scrambled order, one replaced, two removed.
+        let h = CrmHandle::new(Arc::default());
+        for id in [5, 1, 9, 3, 7, 2, 8] {
+            h.put_customer(id, json!({"name": format!("c{id}")}));
+        }
+        h.put_customer(3, json!({"name": "again"}));
+        h.remove_customer(7);
+        h.remove_customer(4); // not there: nothing changes
+
+        // Act
+        let pages: Vec<Vec<i64>> = (1..=4).map(|k| page(&h, k, 2)).collect();
+
+        // Assert: ascending ids, each once, a short page, then nothing.
+        assert_eq!(pages, vec![vec![1, 2], vec![3, 5], vec![8, 9], vec![]]);
+        assert_eq!(h.customer_count(), 6);
     }
 }

@@ -30,9 +30,19 @@ pub struct SandboxAddress {
 #[derive(Debug, Default)]
 struct FakeList {
     subject: String,
+    /// In the order added, which is ascending id order (ids only grow and
+    /// removals keep the order): an address is found by id with a binary
+    /// search and a page is a slice, so a request costs the same however
+    /// many addresses the list holds.
     addrs: Vec<SandboxAddress>,
     /// `(time, email)` lines of `unsubscribe-export`.
     unsubs: Vec<(String, String)>,
+}
+
+impl FakeList {
+    fn position(&self, id: i64) -> Option<usize> {
+        self.addrs.binary_search_by_key(&id, |a| a.id).ok()
+    }
 }
 
 /// A campaign of the fake EDM, with what its recipients did.
@@ -98,6 +108,22 @@ impl EdmData {
             });
         }
         id
+    }
+
+    /// The address with this id, in whichever list holds it.
+    fn find_mut(&mut self, id: i64) -> Option<&mut SandboxAddress> {
+        self.lists.values_mut().find_map(|list| {
+            let at = list.position(id)?;
+            list.addrs.get_mut(at)
+        })
+    }
+
+    fn delete(&mut self, id: i64) {
+        for list in self.lists.values_mut() {
+            if let Some(at) = list.position(id) {
+                list.addrs.remove(at);
+            }
+        }
     }
 
     fn unsubscribe(&mut self, list_id: i64, address: &str) -> bool {
@@ -204,17 +230,13 @@ impl EdmHandle {
 
     /// Removes an address by id, as someone using EDM's web UI would.
     pub fn delete_address(&self, id: i64) {
-        for list in lock(&self.data).lists.values_mut() {
-            list.addrs.retain(|a| a.id != id);
-        }
+        lock(&self.data).delete(id);
     }
 
     /// Changes an address's fullname behind the daemon's back.
     pub fn rename_address(&self, id: i64, fullname: &str) {
-        for list in lock(&self.data).lists.values_mut() {
-            for a in list.addrs.iter_mut().filter(|a| a.id == id) {
-                a.fullname = fullname.to_string();
-            }
+        if let Some(a) = lock(&self.data).find_mut(id) {
+            a.fullname = fullname.to_string();
         }
     }
 
@@ -575,28 +597,28 @@ fn answer_ml_addr_list(
     let Some(list) = list_id.and_then(|id| d.lists.get(&id)) else {
         return no_list();
     };
-    let keyword = p.get("keyword").map(|k| k.to_lowercase());
-    let matching: Vec<&SandboxAddress> = list
-        .addrs
-        .iter()
-        .filter(|a| match &keyword {
-            Some(k) => {
-                a.address.to_lowercase().contains(k) || a.fullname.to_lowercase().contains(k)
+    let page = int(p, "page").map(|page| {
+        let limit = int(p, "limit").unwrap_or(50).max(1) as usize;
+        ((page.max(1) as usize - 1) * limit, limit)
+    });
+    let page: Vec<&SandboxAddress> = match (p.get("keyword"), page) {
+        // A keyword is a substring search, a scan as in EDM's own database.
+        (Some(keyword), _) => {
+            let k = keyword.to_lowercase();
+            let matching = list.addrs.iter().filter(|a| {
+                a.address.to_lowercase().contains(&k) || a.fullname.to_lowercase().contains(&k)
+            });
+            match page {
+                Some((from, limit)) => matching.skip(from).take(limit).collect(),
+                None => matching.collect(),
             }
-            None => true,
-        })
-        .collect();
-    let page: Vec<&SandboxAddress> = match int(p, "page") {
-        Some(page) => {
-            let limit = int(p, "limit").unwrap_or(50).max(1) as usize;
-            let page = page.max(1) as usize;
-            matching
-                .into_iter()
-                .skip((page - 1) * limit)
-                .take(limit)
-                .collect()
         }
-        None => matching,
+        (None, Some((from, limit))) => {
+            let from = from.min(list.addrs.len());
+            let to = (from + limit).min(list.addrs.len());
+            list.addrs[from..to].iter().collect()
+        }
+        (None, None) => list.addrs.iter().collect(),
     };
     let mut x = Xml::new();
     x.open(0, "data");
@@ -676,26 +698,23 @@ fn answer_ml_addr_edit(d: &mut EdmData, p: &BTreeMap<String, String>) -> String 
         return result(code, message, None);
     }
     let vars = vars_from(p);
-    for list in d.lists.values_mut() {
-        if let Some(a) = list.addrs.iter_mut().find(|a| a.id == id) {
-            if let Some(address) = p.get("address") {
-                a.address = address.clone();
-            }
-            if let Some(fullname) = p.get("fullname") {
-                a.fullname = fullname.clone();
-            }
-            a.vars = vars;
-            return result("success", "修改成功", None);
-        }
+    let Some(a) = d.find_mut(id) else {
+        return result("address_not_exist", "地址不存在", None);
+    };
+    if let Some(address) = p.get("address") {
+        a.address = address.clone();
     }
-    result("address_not_exist", "地址不存在", None)
+    if let Some(fullname) = p.get("fullname") {
+        a.fullname = fullname.clone();
+    }
+    a.vars = vars;
+    result("success", "修改成功", None)
 }
 
 /// `mloperate.php?do=ml-addr-del`.
 fn answer_ml_addr_del(d: &mut EdmData, p: &BTreeMap<String, String>) -> String {
-    let id = int(p, "id");
-    for list in d.lists.values_mut() {
-        list.addrs.retain(|a| Some(a.id) != id);
+    if let Some(id) = int(p, "id") {
+        d.delete(id);
     }
     result("success", "删除成功", None)
 }
@@ -867,4 +886,82 @@ fn answer_failexport(d: &mut EdmData, p: &BTreeMap<String, String>) -> String {
         .filter(|(t, _)| *t == kind)
         .map(|(_, e)| format!("{e}\n"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(h: &EdmHandle, operation: &str, p: &[(&str, &str)]) -> String {
+        let p: BTreeMap<String, String> = p
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        answer(h, "mloperate.php", operation, &p)
+    }
+
+    fn addresses_in(xml: &str) -> Vec<String> {
+        xml.split("<address>")
+            .skip(1)
+            .map(|s| {
+                let s = s.split("</address>").next().unwrap();
+                s.trim_start_matches("<![CDATA[")
+                    .trim_end_matches("]]>")
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn list_pages_edits_and_deletes_find_addresses_by_id_after_removals() {
+        // Arrange: five addresses in list 1, one in list 2; the second of
+        // list 1 deleted, the fourth unsubscribed.
+        let h = EdmHandle::new(Arc::default());
+        h.create_list(1, "one");
+        h.create_list(2, "two");
+        let ids: Vec<i64> = (1..=5)
+            .map(|k| h.add_existing(1, &format!("a{k}@x.cn"), ""))
+            .collect();
+        let other = h.add_existing(2, "b@x.cn", "");
+        h.delete_address(ids[1]);
+        h.user_unsubscribe(1, "a4@x.cn");
+
+        // Act: page through list 1 two at a time; edit the last address of
+        // list 1 and the one of list 2 by id; delete the first by id.
+        let pages: Vec<Vec<String>> = ["1", "2", "3"]
+            .iter()
+            .map(|p| {
+                addresses_in(&ask(
+                    &h,
+                    "ml-addr-list",
+                    &[("list_id", "1"), ("page", p), ("limit", "2")],
+                ))
+            })
+            .collect();
+        let last = ids[4].to_string();
+        let edited = ask(&h, "ml-addr-edit", &[("id", &last), ("fullname", "五")]);
+        let other_id = other.to_string();
+        ask(&h, "ml-addr-edit", &[("id", &other_id), ("fullname", "乙")]);
+        let gone = ask(&h, "ml-addr-edit", &[("id", &ids[1].to_string())]);
+        ask(&h, "ml-addr-del", &[("id", &ids[0].to_string())]);
+
+        // Assert
+        assert_eq!(
+            pages,
+            vec![
+                vec!["a1@x.cn".to_string(), "a3@x.cn".to_string()],
+                vec!["a5@x.cn".to_string()],
+                Vec::<String>::new(),
+            ]
+        );
+        assert!(edited.contains("success"), "{edited}");
+        assert!(gone.contains("address_not_exist"), "{gone}");
+        let list1 = h.addresses(1);
+        assert_eq!(
+            list1.iter().map(|a| a.address.as_str()).collect::<Vec<_>>(),
+            vec!["a3@x.cn", "a5@x.cn"]
+        );
+        assert_eq!(list1[1].fullname, "五");
+        assert_eq!(h.addresses(2)[0].fullname, "乙");
+    }
 }
