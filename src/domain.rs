@@ -493,6 +493,110 @@ pub struct MemberState {
     pub fields: MemberFields,
 }
 
+/// What the state DB knows the lists hold, by key.
+///
+/// Not a `HashMap`: at a million members a hash table's slack (it doubles
+/// past 87.5 % full, to two million slots) and the key stored beside a
+/// value that holds it already cost hundreds of megabytes. The members a
+/// run loads sit in one `Vec` sorted by key (found by binary search);
+/// those a run learns or adds go into a small map beside it, merged into
+/// the `Vec` whenever the map reaches an eighth of it, so neither part
+/// carries a large table.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Members {
+    sorted: Vec<MemberState>,
+    later: std::collections::HashMap<MemberKey, MemberState>,
+}
+
+impl Members {
+    /// Members read from the state DB, in any order. Of two with one key
+    /// the later in `rows` stays.
+    pub fn from_rows(mut rows: Vec<MemberState>) -> Self {
+        rows.sort_by(|a, b| a.key.cmp(&b.key));
+        rows.dedup_by(|later, first| {
+            let same = later.key == first.key;
+            if same {
+                std::mem::swap(later, first);
+            }
+            same
+        });
+        Members {
+            sorted: rows,
+            later: Default::default(),
+        }
+    }
+
+    fn position(&self, key: &MemberKey) -> Result<usize, usize> {
+        self.sorted.binary_search_by(|m| m.key.cmp(key))
+    }
+
+    pub fn get(&self, key: &MemberKey) -> Option<&MemberState> {
+        match self.position(key) {
+            Ok(at) => self.sorted.get(at),
+            Err(_) => self.later.get(key),
+        }
+    }
+
+    pub fn contains_key(&self, key: &MemberKey) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Puts `member` under `key` (its own key); returns what was there.
+    pub fn insert(&mut self, key: MemberKey, member: MemberState) -> Option<MemberState> {
+        if let Ok(at) = self.position(&key)
+            && let Some(slot) = self.sorted.get_mut(at)
+        {
+            return Some(std::mem::replace(slot, member));
+        }
+        let old = self.later.insert(key, member);
+        if self.later.len() > (self.sorted.len() / 8).max(4096) {
+            self.merge();
+        }
+        old
+    }
+
+    /// Moves the map's members into the sorted `Vec`: both parts are
+    /// sorted runs, which a stable sort merges in linear time.
+    fn merge(&mut self) {
+        let mut learnt: Vec<MemberState> = self.later.drain().map(|(_, m)| m).collect();
+        learnt.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        self.sorted.append(&mut learnt);
+        self.sorted.sort_by(|a, b| a.key.cmp(&b.key));
+        self.later.shrink_to_fit();
+    }
+
+    pub fn len(&self) -> usize {
+        self.sorted.len() + self.later.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every member, in no particular order.
+    pub fn values(&self) -> impl Iterator<Item = &MemberState> {
+        self.sorted.iter().chain(self.later.values())
+    }
+
+    /// Every member with its key, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&MemberKey, &MemberState)> {
+        self.values().map(|m| (&m.key, m))
+    }
+}
+
+impl std::ops::Index<&MemberKey> for Members {
+    type Output = MemberState;
+    fn index(&self, key: &MemberKey) -> &MemberState {
+        self.get(key).expect("a member with this key")
+    }
+}
+
+impl FromIterator<(MemberKey, MemberState)> for Members {
+    fn from_iter<I: IntoIterator<Item = (MemberKey, MemberState)>>(iter: I) -> Self {
+        Members::from_rows(iter.into_iter().map(|(_, m)| m).collect())
+    }
+}
+
 /// The suppressions in force.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Suppressions {
@@ -514,6 +618,56 @@ impl Suppressions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn member(list: i64, email: &str, name: &str) -> MemberState {
+        MemberState {
+            key: MemberKey::new(ListId(list), Email::parse(email).unwrap()),
+            origin: Origin::Owned,
+            present: true,
+            link_man_id: None,
+            customer_id: None,
+            edm_id: None,
+            fields: MemberFields::named(name),
+        }
+    }
+
+    #[test]
+    fn members_are_found_and_replaced_by_key_across_the_merge_of_those_learnt_later() {
+        // Arrange: 3 members loaded (one key twice: the later row stays),
+        // then 10 000 learnt one by one, enough to be merged into the
+        // sorted part at least once, and one loaded member replaced.
+        let mut members = Members::from_rows(vec![
+            member(2, "b@x.cn", "B"),
+            member(1, "z@x.cn", "Z"),
+            member(2, "b@x.cn", "B again"),
+            member(1, "a@x.cn", "A"),
+        ]);
+        for k in 0..10_000 {
+            let m = member(1 + k % 2, &format!("n{k}@x.cn"), "N");
+            assert!(members.insert(m.key.clone(), m).is_none());
+        }
+        let renamed = member(1, "z@x.cn", "Z2");
+        let replaced = members.insert(renamed.key.clone(), renamed);
+        let learnt_again = member(2, "n9999@x.cn", "N2");
+        let replaced_learnt = members.insert(learnt_again.key.clone(), learnt_again);
+
+        // Act
+        let key = |list, email| MemberKey::new(ListId(list), Email::parse(email).unwrap());
+        let found = |list, email| members.get(&key(list, email)).map(|m| m.fields.fullname());
+
+        // Assert
+        assert_eq!(members.len(), 3 + 10_000);
+        assert_eq!(members.values().count(), members.len());
+        assert_eq!(found(2, "b@x.cn"), Some("B again"));
+        assert_eq!(found(1, "a@x.cn"), Some("A"));
+        assert_eq!(found(1, "z@x.cn"), Some("Z2"));
+        assert_eq!(replaced.unwrap().fields.fullname(), "Z");
+        assert_eq!(replaced_learnt.unwrap().fields.fullname(), "N");
+        assert_eq!(found(2, "n9999@x.cn"), Some("N2"));
+        assert_eq!(found(1, "n0@x.cn"), Some("N"));
+        assert_eq!(found(2, "n0@x.cn"), None, "n0 was learnt in list 1 only");
+        assert!(members.later.len() < 4097, "the learnt were merged");
+    }
 
     #[test]
     fn a_record_scope_is_stored_as_campaign_or_list_and_read_back() {

@@ -8,14 +8,14 @@ use anyhow::Context as _;
 
 use super::Context;
 use super::interpret::classify_export;
-use crate::domain::{Email, ListId, MemberKey, MemberState, Suppressions};
+use crate::domain::{Email, ListId, MemberKey, Members, Suppressions};
 use crate::state::{ListBook, Observations, now_ms};
 
 /// What a run knows before it acts: the state DB's members, suppressions
 /// and list bookkeeping, and what EDM showed during this run (not yet
 /// written).
 pub struct View {
-    pub members: HashMap<MemberKey, MemberState>,
+    pub members: Members,
     pub suppressions: Suppressions,
     pub books: HashMap<ListId, ListBook>,
     pub obs: Observations,

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
-use crate::domain::{Email, ListId, MemberKey};
+use crate::domain::{Email, ListId, MemberKey, Members};
 use crate::domain::{MemberState, Origin};
 use crate::edm::{EdmAddress, ExportLine};
 use crate::state::{NewSuppression, PendingOperation, SeenLine};
@@ -33,7 +33,7 @@ pub fn classify_export(
     seen: &HashSet<(String, String)>,
     seen_through: Option<&str>,
     own_unsubs: &[(i64, String)],
-    members: &HashMap<MemberKey, MemberState>,
+    members: &Members,
 ) -> ExportFindings {
     let mut out = ExportFindings::default();
     let mut candidates: HashMap<&str, VecDeque<i64>> = HashMap::new();
@@ -97,7 +97,7 @@ pub struct Resolution {
 pub fn resolve_pending(
     ops: &[PendingOperation],
     found: &HashMap<Email, EdmAddress>,
-    members: &HashMap<MemberKey, MemberState>,
+    members: &Members,
 ) -> Vec<Resolution> {
     let mut out = Vec::with_capacity(ops.len());
     for op in ops {
@@ -198,7 +198,7 @@ pub fn held_by_edm(key: MemberKey, addr: &EdmAddress, known: Option<&MemberState
 pub fn reconcile_list(
     list_id: ListId,
     addresses: &[EdmAddress],
-    members: &HashMap<MemberKey, MemberState>,
+    members: &Members,
 ) -> ListReadFindings {
     let mut out = ListReadFindings::default();
     let mut held: BTreeMap<Email, &EdmAddress> = BTreeMap::new();
@@ -289,7 +289,9 @@ mod tests {
 
     #[test]
     fn own_unsubscribe_line_is_matched_and_not_a_suppression() {
-        let members: HashMap<_, _> = [member(ListId(1), "a@x.cn", Origin::Owned, false)].into();
+        let members: Members = [member(ListId(1), "a@x.cn", Origin::Owned, false)]
+            .into_iter()
+            .collect();
         let f = classify_export(
             ListId(1),
             &[line("2026-01-01 10:00:00", "a@x.cn")],
@@ -305,7 +307,9 @@ mod tests {
 
     #[test]
     fn unmatched_new_line_is_a_user_unsubscribe_and_the_member_departs() {
-        let members: HashMap<_, _> = [member(ListId(1), "a@x.cn", Origin::Owned, true)].into();
+        let members: Members = [member(ListId(1), "a@x.cn", Origin::Owned, true)]
+            .into_iter()
+            .collect();
         let f = classify_export(
             ListId(1),
             &[line("t1", "a@x.cn")],
@@ -334,7 +338,7 @@ mod tests {
             &seen,
             None,
             &[(9, "a@x.cn".into())],
-            &HashMap::new(),
+            &Members::default(),
         );
         assert_eq!(f.new_lines.len(), 2);
         assert_eq!(f.matched_ops, vec![9]);
@@ -359,7 +363,9 @@ mod tests {
     #[test]
     fn lines_up_to_the_pruned_watermark_count_as_seen_and_later_ones_are_new() {
         // Arrange: lines through 2026-03-01 were pruned; no row remains.
-        let members: HashMap<_, _> = [member(ListId(1), "a@x.cn", Origin::Owned, true)].into();
+        let members: Members = [member(ListId(1), "a@x.cn", Origin::Owned, true)]
+            .into_iter()
+            .collect();
 
         // Act
         let f = classify_export(
@@ -392,7 +398,7 @@ mod tests {
                 op(2, OpKind::Add, ListId(1), "b@x.cn"),
             ],
             &found,
-            &HashMap::new(),
+            &Members::default(),
         );
         assert_eq!(r[0].status, OpStatus::Done);
         let m = r[0].member.as_ref().unwrap();
@@ -406,11 +412,12 @@ mod tests {
 
     #[test]
     fn lost_unsub_is_done_only_when_the_address_is_gone() {
-        let members: HashMap<_, _> = [
+        let members: Members = [
             member(ListId(1), "a@x.cn", Origin::Owned, true),
             member(ListId(1), "b@x.cn", Origin::Owned, true),
         ]
-        .into();
+        .into_iter()
+        .collect();
         let found: HashMap<_, _> = [(email("b@x.cn"), addr(2, ListId(1), "b@x.cn", "N"))].into();
         let r = resolve_pending(
             &[
@@ -430,19 +437,20 @@ mod tests {
         let r = resolve_pending(
             &[op(1, OpKind::Edit, ListId(1), "a@x.cn")],
             &HashMap::new(),
-            &HashMap::new(),
+            &Members::default(),
         );
         assert_eq!(r[0].status, OpStatus::Superseded);
     }
 
     #[test]
     fn list_read_records_foreign_addresses_learns_ids_and_drift() {
-        let members: HashMap<_, _> = [
+        let members: Members = [
             member(ListId(1), "mine@x.cn", Origin::Owned, true),
             member(ListId(1), "gone@x.cn", Origin::Owned, true),
             member(ListId(1), "back@x.cn", Origin::Owned, false),
         ]
-        .into();
+        .into_iter()
+        .collect();
         let read = [
             addr(10, ListId(1), "mine@x.cn", "Changed in EDM"),
             addr(11, ListId(1), "other@x.cn", "O"),

@@ -1,7 +1,5 @@
 //! The `members` table: what the daemon knows each list holds.
 
-use std::collections::HashMap;
-
 use anyhow::Context;
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
@@ -11,7 +9,9 @@ use sea_orm::{
 
 use super::entities::member;
 use super::*;
-use crate::domain::{Email, ListId, MemberFields, MemberKey, MemberState, Origin, VAR_COUNT};
+use crate::domain::{
+    Email, ListId, MemberFields, MemberKey, MemberState, Members, Origin, VAR_COUNT,
+};
 
 pub(super) fn vars_to_json(fields: &MemberFields) -> String {
     serde_json::to_string(&fields.vars().collect::<Vec<_>>()).unwrap_or_else(|_| "[]".into())
@@ -41,9 +41,16 @@ pub(super) fn member_row(m: &MemberState, now: i64) -> member::ActiveModel {
 impl Store {
     /// Every member row, keyed. Read in pages by id, so the driver never
     /// buffers the whole table next to the map being built.
-    pub async fn load_members(&self) -> anyhow::Result<HashMap<MemberKey, MemberState>> {
+    pub async fn load_members(&self) -> anyhow::Result<Members> {
         const PAGE: u64 = 2000;
-        let mut out = HashMap::new();
+        use sea_orm::PaginatorTrait;
+        // Sized once: a growing `Vec` would hold its old and new buffers
+        // at once when it doubles.
+        let count = member::Entity::find()
+            .count(&self.db)
+            .await
+            .context("cannot count members")?;
+        let mut out = Vec::with_capacity(count as usize);
         let mut after = i64::MIN;
         loop {
             let rows = member::Entity::find()
@@ -65,25 +72,21 @@ impl Store {
                     continue;
                 };
                 let origin = row.origin;
-                let key = MemberKey::new(row.list_id, email);
-                out.insert(
-                    key.clone(),
-                    MemberState {
-                        key,
-                        origin,
-                        present: row.present,
-                        link_man_id: row.link_man_id,
-                        customer_id: row.customer_id,
-                        edm_id: row.edm_id,
-                        fields: MemberFields::raw(&row.fullname, &vars_from_json(&row.vars)),
-                    },
-                );
+                out.push(MemberState {
+                    key: MemberKey::new(row.list_id, email),
+                    origin,
+                    present: row.present,
+                    link_man_id: row.link_man_id,
+                    customer_id: row.customer_id,
+                    edm_id: row.edm_id,
+                    fields: MemberFields::raw(&row.fullname, &vars_from_json(&row.vars)),
+                });
             }
             if n < PAGE {
                 break;
             }
         }
-        Ok(out)
+        Ok(Members::from_rows(out))
     }
 
     /// Writes member rows whole (adoptions, owner changes).

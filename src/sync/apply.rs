@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::lookup::lookup;
 use super::plan::{Plan, PlannedAdd, PlannedEdit};
 use super::report::ContactsCounts;
-use crate::domain::{AddressId, Email, ListId, MemberKey, MemberState, Origin, RunId};
+use crate::domain::{AddressId, Email, ListId, MemberKey, MemberState, Members, Origin, RunId};
 use crate::jobs::Context;
 use crate::metrics::{Ended, Operation};
 use crate::remote::{Idempotence, Next, RemoteError};
@@ -21,7 +21,7 @@ use crate::stored_enums::OpKind;
 pub struct Applier<'a> {
     pub ctx: &'a Context,
     pub run_id: &'a RunId,
-    pub members: &'a mut HashMap<MemberKey, MemberState>,
+    pub members: &'a mut Members,
     pub counts: &'a mut ContactsCounts,
     /// `--retry-parked`: send parked operations too.
     pub retry_parked: bool,
@@ -64,7 +64,7 @@ impl<'a> Applier<'a> {
     pub fn new(
         ctx: &'a Context,
         run_id: &'a RunId,
-        members: &'a mut HashMap<MemberKey, MemberState>,
+        members: &'a mut Members,
         counts: &'a mut ContactsCounts,
         retry_parked: bool,
     ) -> Self {

@@ -33,7 +33,7 @@ use anyhow::Context as _;
 
 use super::lookup::lookup;
 use super::plan::Plan;
-use crate::domain::{Email, ListId, MemberKey, MemberState};
+use crate::domain::{Email, ListId, MemberKey, Members};
 use crate::jobs::Context;
 use crate::jobs::interpret::held_by_edm;
 use crate::state::Observations;
@@ -72,7 +72,7 @@ pub fn candidates(first: &Plan, obs: &Observations) -> BTreeSet<ListId> {
 pub async fn lists_behind(
     ctx: &Context,
     lists: &BTreeSet<ListId>,
-    members: &HashMap<MemberKey, MemberState>,
+    members: &Members,
 ) -> anyhow::Result<Vec<Behind>> {
     if lists.is_empty() {
         return Ok(Vec::new());
@@ -109,7 +109,7 @@ pub async fn relearn(
     ctx: &Context,
     behind: Behind,
     first: &Plan,
-    members: &mut HashMap<MemberKey, MemberState>,
+    members: &mut Members,
     obs: &mut Observations,
 ) -> anyhow::Result<usize> {
     let list_id = behind.list_id;

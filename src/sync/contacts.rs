@@ -27,7 +27,7 @@ use super::desired::{Desired, DesiredBuilder, MappingRules};
 use super::lookup::lookup;
 use super::plan::{check_safety, members_per_list, plan};
 use super::vanished::second_look;
-use crate::domain::{Email, ListId};
+use crate::domain::{Email, ListId, Members};
 use crate::jobs::exports::View;
 use crate::jobs::interpret::{reconcile_list, resolve_pending};
 use crate::jobs::lifecycle::Run;
@@ -142,7 +142,7 @@ async fn run_inner(
 /// What the read phase learnt, for the plan.
 struct Observed {
     desired: Desired,
-    members: HashMap<crate::domain::MemberKey, crate::domain::MemberState>,
+    members: Members,
     suppressions: crate::domain::Suppressions,
     obs: crate::state::Observations,
     /// The safety ratio's denominator: what the state DB recorded before
@@ -220,7 +220,7 @@ async fn observe(
 /// settles them. Returns how many had in fact been done.
 async fn check_pending(
     ctx: &Context,
-    members: &mut HashMap<crate::domain::MemberKey, crate::domain::MemberState>,
+    members: &mut Members,
     obs: &mut crate::state::Observations,
 ) -> anyhow::Result<usize> {
     let mut recovered = 0;
@@ -268,7 +268,7 @@ async fn check_pending(
 async fn read_whole_list(
     ctx: &Context,
     list_id: ListId,
-    members: &mut HashMap<crate::domain::MemberKey, crate::domain::MemberState>,
+    members: &mut Members,
     obs: &mut crate::state::Observations,
 ) -> anyhow::Result<()> {
     let read_at = now_ms();

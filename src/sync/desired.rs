@@ -1,7 +1,7 @@
 //! CRM snapshot → desired EDM members (rules 1–4 of docs/sync-rules.md). Pure: no
 //! I/O, no clock; what deserves a log line comes back in the result.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use crate::config::{Route, Settings, VarMapping};
 #[cfg(test)]
@@ -64,10 +64,61 @@ pub struct Collision {
     pub others: Vec<LinkManId>,
 }
 
+/// The desired members, one per key, sorted by key: a plain `Vec` (64
+/// bytes a member before its texts), not a map, because it is built once,
+/// read in order by the planner and looked up by binary search. At a
+/// million link-men a map's slack and per-entry overhead cost hundreds of
+/// megabytes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DesiredMembers(Vec<DesiredMember>);
+
+impl DesiredMembers {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn get(&self, key: &MemberKey) -> Option<&DesiredMember> {
+        self.0
+            .binary_search_by(|m| m.key.cmp(key))
+            .ok()
+            .and_then(|at| self.0.get(at))
+    }
+
+    pub fn contains_key(&self, key: &MemberKey) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// In key order.
+    pub fn iter(&self) -> std::slice::Iter<'_, DesiredMember> {
+        self.0.iter()
+    }
+}
+
+/// Sorts by key; of members sharing a key the lowest link-man id stays.
+impl FromIterator<DesiredMember> for DesiredMembers {
+    fn from_iter<I: IntoIterator<Item = DesiredMember>>(iter: I) -> Self {
+        let mut all: Vec<DesiredMember> = iter.into_iter().collect();
+        all.sort_unstable_by(|a, b| (&a.key, a.link_man_id).cmp(&(&b.key, b.link_man_id)));
+        all.dedup_by(|later, first| later.key == first.key);
+        DesiredMembers(all)
+    }
+}
+
+impl std::ops::Index<&MemberKey> for DesiredMembers {
+    type Output = DesiredMember;
+    fn index(&self, key: &MemberKey) -> &DesiredMember {
+        self.get(key).expect("a desired member with this key")
+    }
+}
+
 /// The mapping's result.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Desired {
-    pub members: BTreeMap<MemberKey, DesiredMember>,
+    pub members: DesiredMembers,
     pub invalid: Vec<InvalidEmail>,
     /// Link-men without an email.
     pub without_email: usize,
@@ -119,17 +170,17 @@ fn desired_members(snapshot: &CrmSnapshot, rules: &MappingRules) -> Desired {
 
 /// Builds the desired members one customer at a time, in any order, so a
 /// pull need not hold the CRM's objects: only the small member records
-/// are kept.
+/// are kept, in one `Vec` of candidates that `finish` sorts by key (the
+/// lowest link-man id of a key owns it, the others are collisions).
 #[derive(Debug)]
 pub struct DesiredBuilder {
     rules: MappingRules,
-    /// Per key, the candidate with the lowest link-man id so far.
-    by_key: HashMap<MemberKey, DesiredMember>,
-    /// Per key, the other candidates (collisions: rare). Kept apart so the
-    /// common key costs no `Vec` (one holds room for four members).
-    others: HashMap<MemberKey, Vec<DesiredMember>>,
-    /// Which customer a link-man was taken from, and under which key.
-    by_linkman: HashMap<LinkManId, (CustomerId, Option<MemberKey>)>,
+    /// Every member proposed, in the order met, including those a later
+    /// customer took back (`by_linkman` says which are current).
+    candidates: Vec<DesiredMember>,
+    /// Which customer a link-man was taken from, and its candidate's
+    /// index (none: no valid email).
+    by_linkman: HashMap<LinkManId, (CustomerId, Option<usize>)>,
     /// The customers added.
     customer_ids: HashSet<CustomerId>,
     invalid: Vec<InvalidEmail>,
@@ -143,8 +194,7 @@ impl DesiredBuilder {
     pub fn new(rules: MappingRules) -> Self {
         DesiredBuilder {
             rules,
-            by_key: HashMap::new(),
-            others: HashMap::new(),
+            candidates: Vec::new(),
             by_linkman: HashMap::new(),
             customer_ids: HashSet::new(),
             invalid: Vec::new(),
@@ -162,23 +212,17 @@ impl DesiredBuilder {
         self.customer_ids.insert(customer_id);
         for lm in linkmen {
             self.linkmen += 1;
-            if let Some((earlier, key)) = self.by_linkman.get(&lm.id).cloned() {
+            if let Some(&(earlier, _)) = self.by_linkman.get(&lm.id) {
                 self.repeated.push(lm.id);
                 if earlier <= customer_id {
                     continue;
                 }
-                // This customer has the lower id: it wins; undo the other.
-                if let Some(key) = key {
-                    self.withdraw(&key, lm.id);
-                }
+                // This customer has the lower id: it wins; the other's
+                // candidate is no longer current (by_linkman, below).
                 self.invalid.retain(|i| i.link_man_id != lm.id);
             }
-            let key = match member_of(&self.rules, customer, lm) {
-                Ok(Some(member)) => {
-                    let key = member.key.clone();
-                    self.propose(member);
-                    Some(key)
-                }
+            let candidate = match member_of(&self.rules, customer, lm) {
+                Ok(Some(member)) => Some(self.propose(member)),
                 Ok(None) => {
                     self.without_email += 1;
                     None
@@ -188,7 +232,7 @@ impl DesiredBuilder {
                     None
                 }
             };
-            self.by_linkman.insert(lm.id, (customer_id, key));
+            self.by_linkman.insert(lm.id, (customer_id, candidate));
         }
     }
 
@@ -206,49 +250,15 @@ impl DesiredBuilder {
     /// this pull but still in the CRM (the CRM changed while it was read),
     /// so it is neither unsubscribed nor changed this run.
     pub fn hold(&mut self, member: DesiredMember) {
-        let (id, customer, key) = (member.link_man_id, member.customer_id, member.key.clone());
-        self.propose(member);
-        self.by_linkman.insert(id, (customer, Some(key)));
+        let (id, customer) = (member.link_man_id, member.customer_id);
+        let at = self.propose(member);
+        self.by_linkman.insert(id, (customer, Some(at)));
     }
 
-    /// Adds a candidate for its key; the lowest link-man id leads.
-    fn propose(&mut self, member: DesiredMember) {
-        use std::collections::hash_map::Entry;
-        match self.by_key.entry(member.key.clone()) {
-            Entry::Vacant(slot) => {
-                slot.insert(member);
-            }
-            Entry::Occupied(mut slot) => {
-                let loser = if member.link_man_id < slot.get().link_man_id {
-                    slot.insert(member)
-                } else {
-                    member
-                };
-                self.others
-                    .entry(loser.key.clone())
-                    .or_default()
-                    .push(loser);
-            }
-        }
-    }
-
-    /// Takes link-man `id` back from `key`'s candidates; when it led, the
-    /// lowest of the others takes its place.
-    fn withdraw(&mut self, key: &MemberKey, id: LinkManId) {
-        let mut others = self.others.remove(key).unwrap_or_default();
-        others.retain(|m| m.link_man_id != id);
-        if self.by_key.get(key).is_some_and(|m| m.link_man_id == id) {
-            self.by_key.remove(key);
-            if let Some(next) = others.iter().map(|m| m.link_man_id).min() {
-                let at = others.iter().position(|m| m.link_man_id == next);
-                if let Some(at) = at {
-                    self.by_key.insert(key.clone(), others.swap_remove(at));
-                }
-            }
-        }
-        if !others.is_empty() {
-            self.others.insert(key.clone(), others);
-        }
+    /// Adds a candidate; returns its index.
+    fn propose(&mut self, member: DesiredMember) -> usize {
+        self.candidates.push(member);
+        self.candidates.len() - 1
     }
 
     pub fn finish(self) -> Desired {
@@ -261,25 +271,32 @@ impl DesiredBuilder {
         out.invalid.sort_by_key(|i| i.link_man_id);
         out.repeated_linkmen.sort_unstable();
         out.repeated_linkmen.dedup();
-        let mut losers = self.others;
-        for (key, owner) in self.by_key {
-            let mut others: Vec<LinkManId> = losers
-                .remove(&key)
-                .unwrap_or_default()
-                .iter()
-                .map(|m| m.link_man_id)
-                .collect();
-            others.sort_unstable();
-            if !others.is_empty() {
+        // Only each link-man's current candidate stays.
+        let by_linkman = self.by_linkman;
+        let mut at = 0;
+        let mut members = self.candidates;
+        members.retain(|m| {
+            let current = by_linkman
+                .get(&m.link_man_id)
+                .is_some_and(|&(_, c)| c == Some(at));
+            at += 1;
+            current
+        });
+        drop(by_linkman);
+        members.sort_unstable_by(|a, b| (&a.key, a.link_man_id).cmp(&(&b.key, b.link_man_id)));
+        for group in members.chunk_by(|a, b| a.key == b.key) {
+            if let [owner, others @ ..] = group
+                && !others.is_empty()
+            {
                 out.collisions.push(Collision {
-                    key: key.clone(),
+                    key: owner.key.clone(),
                     owner: owner.link_man_id,
-                    others,
+                    others: others.iter().map(|m| m.link_man_id).collect(),
                 });
             }
-            out.members.insert(key, owner);
         }
-        out.collisions.sort_by(|a, b| a.key.cmp(&b.key));
+        members.dedup_by(|later, first| later.key == first.key);
+        out.members = DesiredMembers(members);
         out
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::domain::{Email, ListId, MemberKey, MemberState};
+use crate::domain::{Email, ListId, Members};
 use crate::edm::EdmAddress;
 use crate::jobs::Context;
 use crate::remote::RemoteError;
@@ -14,7 +14,7 @@ pub async fn lookup(
     ctx: &Context,
     list_id: ListId,
     emails: &[Email],
-    members: &HashMap<MemberKey, MemberState>,
+    members: &Members,
 ) -> Result<HashMap<Email, EdmAddress>, RemoteError> {
     let known = members
         .values()

@@ -12,10 +12,10 @@
 //! lines; the rest are their tests, one per behaviour rule, kept beside
 //! the rules they pin down.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::domain::{CustomerId, LinkManId, ListId, MemberFields, MemberKey};
-use crate::sync::desired::DesiredMember;
+use crate::domain::{CustomerId, LinkManId, ListId, MemberFields, MemberKey, Members};
+use crate::sync::desired::DesiredMembers;
 
 pub use crate::domain::{MemberState, Origin, Suppressions};
 
@@ -91,13 +91,10 @@ impl Plan {
 }
 
 /// Computes the plan.
-pub fn plan(
-    desired: &BTreeMap<MemberKey, DesiredMember>,
-    state: &HashMap<MemberKey, MemberState>,
-    suppressions: &Suppressions,
-) -> Plan {
+pub fn plan(desired: &DesiredMembers, state: &Members, suppressions: &Suppressions) -> Plan {
     let mut plan = Plan::default();
-    for (key, want) in desired {
+    for want in desired.iter() {
+        let key = &want.key;
         if suppressions.blocks_writes(key) {
             plan.suppressed.push(key.clone());
             continue;
@@ -204,7 +201,7 @@ impl PlanRefusal {
 
 /// Members (owned and adopted) the state DB records per list before the
 /// run: the safety ratio's denominator.
-pub fn members_per_list(state: &HashMap<MemberKey, MemberState>) -> BTreeMap<ListId, usize> {
+pub fn members_per_list(state: &Members) -> BTreeMap<ListId, usize> {
     let mut counts = BTreeMap::new();
     for m in state.values() {
         if m.present && m.origin != Origin::Foreign {
@@ -261,6 +258,7 @@ mod tests {
     use super::*;
     use crate::domain::{AddressId, CustomerId, LinkManId, ListId};
     use crate::domain::{Email, VAR_COUNT};
+    use crate::sync::desired::DesiredMember;
     use std::collections::HashSet;
 
     fn key(list: ListId, email: &str) -> MemberKey {
@@ -306,11 +304,11 @@ mod tests {
         )
     }
 
-    fn desired(items: Vec<(MemberKey, DesiredMember)>) -> BTreeMap<MemberKey, DesiredMember> {
-        items.into_iter().collect()
+    fn desired(items: Vec<(MemberKey, DesiredMember)>) -> DesiredMembers {
+        items.into_iter().map(|(_, m)| m).collect()
     }
 
-    fn state(items: Vec<(MemberKey, MemberState)>) -> HashMap<MemberKey, MemberState> {
+    fn state(items: Vec<(MemberKey, MemberState)>) -> Members {
         items.into_iter().collect()
     }
 
@@ -320,7 +318,7 @@ mod tests {
             want(ListId(1), "a@x.cn", LinkManId(1), "A"),
             want(ListId(2), "b@x.cn", LinkManId(2), "B"),
         ]);
-        let p = plan(&d, &HashMap::new(), &Suppressions::default());
+        let p = plan(&d, &Members::default(), &Suppressions::default());
         assert_eq!(p.adds.len(), 2);
         assert!(p.edits.is_empty() && p.unsubs.is_empty());
     }
@@ -450,7 +448,7 @@ mod tests {
         assert_eq!(p.write_count(), 0, "{p:?}");
         assert_eq!(p.suppressed.len(), 2);
         // Not desired any more: still no unsubscribe for a user-suppressed key.
-        let p = plan(&BTreeMap::new(), &s, &sup);
+        let p = plan(&DesiredMembers::default(), &s, &sup);
         assert!(p.unsubs.is_empty());
     }
 
@@ -462,7 +460,7 @@ mod tests {
         };
         let p = plan(
             &desired(vec![want(ListId(2), "a@x.cn", LinkManId(1), "A")]),
-            &HashMap::new(),
+            &Members::default(),
             &sup,
         );
         assert_eq!(p.adds.len(), 1);
@@ -509,7 +507,7 @@ mod tests {
             have(ListId(1), "a@x.cn", LinkManId(1), "A", Origin::Adopted),
             have(ListId(1), "f@x.cn", LinkManId(2), "F", Origin::Foreign),
         ]);
-        let p = plan(&BTreeMap::new(), &s, &Suppressions::default());
+        let p = plan(&DesiredMembers::default(), &s, &Suppressions::default());
         assert!(p.unsubs.is_empty());
     }
 
@@ -522,9 +520,9 @@ mod tests {
             "A",
             Origin::Owned,
         )]);
-        let d = desired(vec![want(ListId(1), "a@x.cn", LinkManId(3), "A")]);
-        let mut d = d;
-        d.values_mut().next().unwrap().customer_id = CustomerId(500);
+        let (key, mut moved) = want(ListId(1), "a@x.cn", LinkManId(3), "A");
+        moved.customer_id = CustomerId(500);
+        let d = desired(vec![(key, moved)]);
         let p = plan(&d, &s, &Suppressions::default());
         assert_eq!(p.write_count(), 0);
         assert_eq!(p.owner_changes.len(), 1);
@@ -615,7 +613,7 @@ mod tests {
             "A",
             Origin::Owned,
         )]);
-        let p = plan(&BTreeMap::new(), &s, &Suppressions::default());
+        let p = plan(&DesiredMembers::default(), &s, &Suppressions::default());
         assert_eq!(
             check_safety(&p, 0, &members_per_list(&s), 1.0),
             Err(PlanRefusal::EmptyPull {

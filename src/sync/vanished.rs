@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use futures::StreamExt;
 
 use super::desired::{DesiredBuilder, DesiredMember};
-use crate::domain::{CustomerId, LinkManId, MemberKey, MemberState, Origin};
+use crate::domain::{CustomerId, LinkManId, MemberState, Members, Origin};
 use crate::jobs::Context;
 
 /// What the second look found.
@@ -50,7 +50,7 @@ pub struct SecondLook {
 /// by link-man.
 fn vanished<'a>(
     builder: &DesiredBuilder,
-    members: &'a HashMap<MemberKey, MemberState>,
+    members: &'a Members,
 ) -> BTreeMap<LinkManId, Vec<&'a MemberState>> {
     let mut out: BTreeMap<LinkManId, Vec<&MemberState>> = BTreeMap::new();
     for m in members.values() {
@@ -72,7 +72,7 @@ fn vanished<'a>(
 pub async fn second_look(
     ctx: &Context,
     builder: &mut DesiredBuilder,
-    members: &HashMap<MemberKey, MemberState>,
+    members: &Members,
 ) -> SecondLook {
     let mut look = SecondLook::default();
     // An empty pull is no edit during the pull: the safety check refuses

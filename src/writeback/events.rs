@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::config::Templates;
 use crate::domain::MemberState;
-use crate::domain::{CustomerId, Email, LinkManId, ListId, MemberKey, RecordScope};
+use crate::domain::{CustomerId, Email, LinkManId, ListId, Members, RecordScope};
 use crate::edm::{Campaign, ClickEvent, HardBounce, OpenEvent};
 use crate::state::NewRecord;
 use crate::stored_enums::RecordKind;
@@ -40,38 +40,47 @@ pub struct Owner {
 }
 
 /// Members by address, for matching events. Borrows the members: an index
-/// entry is an address slice and one reference per list, and an [`Owner`]
-/// is only built for an address an event names (a tenth of them, say).
+/// entry is one reference (8 bytes) in a `Vec` sorted by address and list,
+/// found by binary search, and an [`Owner`] is only built for an address
+/// an event names (a tenth of them, say).
 #[derive(Debug, Default)]
 pub struct MemberIndex<'a> {
-    /// Per address, its members that have (or had) an owning link-man,
-    /// sorted by list id (most addresses are in one list).
-    by_email: HashMap<&'a str, Vec<&'a MemberState>>,
+    /// The members that have (or had) an owning link-man, sorted by
+    /// address, then list id.
+    by_email: Vec<&'a MemberState>,
 }
 
 impl<'a> MemberIndex<'a> {
     /// Indexes members that have (or had) an owning link-man.
-    pub fn new(members: &'a HashMap<MemberKey, MemberState>) -> Self {
-        let mut by_email: HashMap<&'a str, Vec<&'a MemberState>> = HashMap::new();
-        for m in members.values() {
-            if m.link_man_id.is_some() && m.customer_id.is_some() {
-                by_email
-                    .entry(m.key.email.as_str())
-                    .or_insert_with(|| Vec::with_capacity(1))
-                    .push(m);
-            }
-        }
-        for owners in by_email.values_mut() {
-            owners.sort_by_key(|m| m.key.list_id);
-        }
+    pub fn new(members: &'a Members) -> Self {
+        let mut by_email: Vec<&'a MemberState> = members
+            .values()
+            .filter(|m| m.link_man_id.is_some() && m.customer_id.is_some())
+            .collect();
+        by_email.sort_unstable_by(|a, b| {
+            (a.key.email.as_str(), a.key.list_id).cmp(&(b.key.email.as_str(), b.key.list_id))
+        });
         MemberIndex { by_email }
+    }
+
+    /// The members of one address, in list order.
+    fn of(&self, email: &str) -> &[&'a MemberState] {
+        let from = self
+            .by_email
+            .partition_point(|m| m.key.email.as_str() < email);
+        let rest = self.by_email.get(from..).unwrap_or_default();
+        let n = rest
+            .iter()
+            .take_while(|m| m.key.email.as_str() == email)
+            .count();
+        rest.get(..n).unwrap_or_default()
     }
 
     /// The owner of `address` in `list`, else in the lowest-numbered list
     /// where one did.
     pub fn owner(&self, address: &str, list: Option<ListId>) -> Option<Owner> {
         let email = Email::parse(address).ok()?;
-        let members = self.by_email.get(email.as_str())?;
+        let members = self.of(email.as_str());
         let m = list
             .and_then(|l| members.iter().find(|m| m.key.list_id == l))
             .or_else(|| members.first())?;
@@ -309,9 +318,9 @@ fn render_record(
 mod tests {
     use super::*;
     use crate::config::Settings;
-    use crate::domain::MemberFields;
     use crate::domain::Origin;
     use crate::domain::{CampaignId, CustomerId, LinkManId, ListId};
+    use crate::domain::{MemberFields, MemberKey};
 
     fn templates() -> Templates {
         Settings::from_toml("[crm]\nbase_url = \"http://c.test\"\ntoken = \"t\"\n[edm]\nusername = \"u\"\npassword = \"p\"\n")
@@ -375,13 +384,14 @@ mod tests {
 
     #[test]
     fn event_maps_to_owner_in_the_campaigns_list_else_the_lowest_list() {
-        let members: HashMap<_, _> = [
+        let members: Members = [
             member(ListId(1), "a@x.cn", LinkManId(10), true, Origin::Owned),
             member(ListId(2), "a@x.cn", LinkManId(20), true, Origin::Owned),
             member(ListId(3), "b@x.cn", LinkManId(30), false, Origin::Owned),
             member(ListId(2), "b@x.cn", LinkManId(40), true, Origin::Adopted),
         ]
-        .into();
+        .into_iter()
+        .collect();
         let index = MemberIndex::new(&members);
         assert_eq!(
             index.owner("A@x.cn", Some(ListId(2))).unwrap().link_man_id,
@@ -406,14 +416,15 @@ mod tests {
 
     #[test]
     fn one_record_per_campaign_linkman_and_kind_with_aggregated_facts() {
-        let members: HashMap<_, _> = [member(
+        let members: Members = [member(
             ListId(1),
             "a@x.cn",
             LinkManId(10),
             true,
             Origin::Owned,
         )]
-        .into();
+        .into_iter()
+        .collect();
         let events = vec![CampaignEvents {
             campaign: campaign(5, ListId(1)),
             opens: vec![
@@ -478,14 +489,15 @@ mod tests {
 
     #[test]
     fn bounces_and_unsubscribes_have_their_own_keys_and_reasons() {
-        let members: HashMap<_, _> = [member(
+        let members: Members = [member(
             ListId(1),
             "a@x.cn",
             LinkManId(10),
             false,
             Origin::Owned,
         )]
-        .into();
+        .into_iter()
+        .collect();
         let events = vec![CampaignEvents {
             campaign: campaign(5, ListId(1)),
             bounces: vec![
@@ -531,14 +543,15 @@ mod tests {
 
     #[test]
     fn many_links_are_cut_to_ten_with_a_total() {
-        let members: HashMap<_, _> = [member(
+        let members: Members = [member(
             ListId(1),
             "a@x.cn",
             LinkManId(10),
             true,
             Origin::Owned,
         )]
-        .into();
+        .into_iter()
+        .collect();
         let events = vec![CampaignEvents {
             campaign: campaign(5, ListId(1)),
             clicks: (0..15)

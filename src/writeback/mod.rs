@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::domain::{CampaignId, ListId, RecordScope};
+use crate::domain::{CampaignId, ListId, Members, RecordScope};
 use crate::edm::{Campaign, HardBounce};
 use crate::jobs::Context;
 use crate::jobs::exports::View;
@@ -252,7 +252,7 @@ async fn suppress_hard_bounces(
 async fn build_records(
     ctx: &Context,
     all_events: &[CampaignEvents],
-    members: &HashMap<crate::domain::MemberKey, crate::domain::MemberState>,
+    members: &Members,
     counts: &mut WritebackCounts,
 ) -> anyhow::Result<Vec<NewRecord>> {
     let list_names: HashMap<ListId, String> = match ctx.edm.maillist_list().await {
