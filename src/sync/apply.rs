@@ -175,34 +175,39 @@ impl<'a> Applier<'a> {
     /// write is not between two EDM calls. A batch recorded but not sent,
     /// because the run stops, has its operations taken back. Returns false
     /// when a shutdown stopped it.
-    async fn send_batches(&mut self, kind: BatchKind, batches: Vec<Batch>) -> anyhow::Result<bool> {
+    async fn send_batches(
+        &mut self,
+        kind: BatchKind,
+        batches: impl Iterator<Item = Batch> + Send,
+    ) -> anyhow::Result<bool> {
         let ctx = self.ctx;
         let run_id = self.run_id;
         let op = kind.op();
         let mut recorded = false;
-        for (i, batch) in batches.iter().enumerate() {
+        let mut batches = batches.peekable();
+        while let Some(batch) = batches.next() {
             if self.stopping() {
                 if recorded {
-                    self.take_back(op, batch).await?;
+                    self.take_back(op, &batch).await?;
                 }
                 return Ok(false);
             }
             if !recorded {
-                let ops = self.operations(op, batch);
+                let ops = self.operations(op, &batch);
                 ctx.store.record_operations(run_id, &ops).await?;
             }
-            let Some(next) = batches.get(i + 1) else {
-                self.deliver(&kind, batch).await?;
+            let Some(next) = batches.peek() else {
+                self.deliver(&kind, &batch).await?;
                 break;
             };
             let next_ops = self.operations(op, next);
             let (delivered, next_recorded) = tokio::join!(
-                self.deliver(&kind, batch),
+                self.deliver(&kind, &batch),
                 ctx.store.record_operations(run_id, &next_ops)
             );
             recorded = next_recorded.is_ok();
             if let Err(e) = delivered {
-                if recorded {
+                if recorded && let Some(next) = batches.peek() {
                     self.take_back(op, next).await?;
                 }
                 return Err(e);
@@ -636,33 +641,36 @@ impl<'a> Applier<'a> {
 }
 
 /// `items` as batches of at most `size` addresses, list by list; `add_of`
-/// says what an item adds (nothing for an unsubscribe).
+/// says what an item adds (nothing for an unsubscribe). Each batch is made
+/// when it is next, so only the batch out and the one after it exist at
+/// once (a million adds made up front held a million-entry index).
 fn batches<T>(
     items: Vec<T>,
     size: usize,
-    key_of: impl Fn(&T) -> &MemberKey,
-    add_of: impl Fn(T) -> Option<PlannedAdd>,
-) -> Vec<Batch> {
-    let mut out = Vec::new();
-    for (list_id, items) in group_by_list(items, |t| key_of(t).list_id) {
-        let mut items = items.into_iter().peekable();
-        while items.peek().is_some() {
-            let mut batch = Batch {
-                list_id,
-                emails: Vec::with_capacity(size),
-                adds: HashMap::new(),
-            };
-            for item in items.by_ref().take(size.max(1)) {
-                let email = key_of(&item).email.clone();
-                if let Some(add) = add_of(item) {
-                    batch.adds.insert(email.clone(), add);
+    key_of: impl Fn(&T) -> &MemberKey + Copy,
+    add_of: impl Fn(T) -> Option<PlannedAdd> + Copy,
+) -> impl Iterator<Item = Batch> {
+    group_by_list(items, move |t| key_of(t).list_id)
+        .into_iter()
+        .flat_map(move |(list_id, items)| {
+            let mut items = items.into_iter().peekable();
+            std::iter::from_fn(move || {
+                items.peek()?;
+                let mut batch = Batch {
+                    list_id,
+                    emails: Vec::with_capacity(size.max(1)),
+                    adds: HashMap::new(),
+                };
+                for item in items.by_ref().take(size.max(1)) {
+                    let email = key_of(&item).email.clone();
+                    if let Some(add) = add_of(item) {
+                        batch.adds.insert(email.clone(), add);
+                    }
+                    batch.emails.push(email);
                 }
-                batch.emails.push(email);
-            }
-            out.push(batch);
-        }
-    }
-    out
+                Some(batch)
+            })
+        })
 }
 
 fn group_by_list<T>(items: Vec<T>, list_of: impl Fn(&T) -> ListId) -> BTreeMap<ListId, Vec<T>> {

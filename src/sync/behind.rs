@@ -32,7 +32,6 @@ use std::collections::{BTreeSet, HashMap};
 use anyhow::Context as _;
 
 use super::lookup::lookup;
-use super::plan::Plan;
 use crate::domain::{Email, ListId, MemberKey, Members};
 use crate::jobs::Context;
 use crate::jobs::interpret::held_by_edm;
@@ -49,13 +48,13 @@ pub struct Behind {
     pub expected: u64,
 }
 
-/// The lists worth comparing: those the plan adds into that were not read
-/// whole in this run, and those with new user unsubscribes.
-pub fn candidates(first: &Plan, obs: &Observations) -> BTreeSet<ListId> {
+/// The lists worth comparing: those the plan adds into (`adds_into`) that
+/// were not read whole in this run, and those with new user unsubscribes.
+pub fn candidates(adds_into: &BTreeSet<ListId>, obs: &Observations) -> BTreeSet<ListId> {
     let read: BTreeSet<ListId> = obs.list_reads.iter().map(|(l, _)| *l).collect();
-    first
-        .lists_with_adds()
-        .into_iter()
+    adds_into
+        .iter()
+        .copied()
         .filter(|l| !read.contains(l))
         .chain(
             obs.suppressions
@@ -104,20 +103,20 @@ pub async fn lists_behind(
 /// Re-learns `behind`'s list before anything is written into it: the
 /// planned adds EDM already holds become present members (adopted by the
 /// planner), and this run's new user unsubscribes there are marked as
-/// read while behind. Returns how many planned adds EDM already held.
+/// read while behind. `planned_adds`: the keys the plan adds, in every
+/// list. Returns how many planned adds EDM already held.
 pub async fn relearn(
     ctx: &Context,
     behind: Behind,
-    first: &Plan,
+    planned_adds: &[&MemberKey],
     members: &mut Members,
     obs: &mut Observations,
 ) -> anyhow::Result<usize> {
     let list_id = behind.list_id;
-    let adds: Vec<Email> = first
-        .adds
+    let adds: Vec<Email> = planned_adds
         .iter()
-        .filter(|a| a.key.list_id == list_id)
-        .map(|a| a.key.email.clone())
+        .filter(|k| k.list_id == list_id)
+        .map(|k| k.email.clone())
         .collect();
     let found = if adds.is_empty() {
         HashMap::new()

@@ -17,7 +17,7 @@
 //!    after EDM confirms it.
 
 use crate::domain::RunId;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use anyhow::Context as _;
 
@@ -25,7 +25,7 @@ use super::apply::Applier;
 use super::behind;
 use super::desired::{Desired, DesiredBuilder, MappingRules};
 use super::lookup::lookup;
-use super::plan::{check_safety, members_per_list, plan};
+use super::plan::{check_safety, members_per_list, plan, planned_adds};
 use super::vanished::second_look;
 use crate::domain::{Email, ListId, Members};
 use crate::jobs::exports::View;
@@ -189,8 +189,8 @@ async fn observe(
 
     // 4. Whole-list reads (rule 5), then 4b: a state database behind
     // EDM re-learns before it writes.
-    let first = plan(&desired.members, &members, &suppressions);
-    let adds_into = first.lists_with_adds();
+    let first_adds = planned_adds(&desired.members, &members, &suppressions);
+    let adds_into: BTreeSet<ListId> = first_adds.iter().map(|k| k.list_id).collect();
     for &list_id in &lists {
         let first_add = adds_into.contains(&list_id)
             && books
@@ -202,11 +202,12 @@ async fn observe(
             counts.lists_read += 1;
         }
     }
-    let candidates = behind::candidates(&first, &obs);
+    let candidates = behind::candidates(&adds_into, &obs);
     for list in behind::lists_behind(ctx, &candidates, &members).await? {
         counts.lists_behind += 1;
-        counts.relearnt += behind::relearn(ctx, list, &first, &mut members, &mut obs).await?;
+        counts.relearnt += behind::relearn(ctx, list, &first_adds, &mut members, &mut obs).await?;
     }
+    drop(first_adds);
     Ok(Observed {
         desired,
         members,
@@ -318,16 +319,16 @@ async fn decide_and_apply(
         obs,
         members_before,
     } = observed;
-    let the_plan = plan(&desired.members, &members, &suppressions);
+    let desired_count = desired.members.len();
+    // The plan takes the desired members' texts over.
+    let the_plan = plan(desired.members, &members, &suppressions);
     counts.suppressed = the_plan.suppressed.len();
     let safety = check_safety(
         &the_plan,
-        desired.members.len(),
+        desired_count,
         &members_before,
         ctx.settings.sync.max_unsubscribe_ratio,
     );
-    // The plan carries what it needs; the desired map can go.
-    drop(desired);
     if opts.dry_run {
         return Ok(preview(counts, the_plan, &obs, safety));
     }

@@ -108,6 +108,14 @@ impl FromIterator<DesiredMember> for DesiredMembers {
     }
 }
 
+impl IntoIterator for DesiredMembers {
+    type Item = DesiredMember;
+    type IntoIter = std::vec::IntoIter<DesiredMember>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
 impl std::ops::Index<&MemberKey> for DesiredMembers {
     type Output = DesiredMember;
     fn index(&self, key: &MemberKey) -> &DesiredMember {

@@ -12,10 +12,10 @@
 //! lines; the rest are their tests, one per behaviour rule, kept beside
 //! the rules they pin down.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::domain::{CustomerId, LinkManId, ListId, MemberFields, MemberKey, Members};
-use crate::sync::desired::DesiredMembers;
+use crate::sync::desired::{DesiredMember, DesiredMembers};
 
 pub use crate::domain::{MemberState, Origin, Suppressions};
 
@@ -83,54 +83,87 @@ impl Plan {
     pub fn is_empty(&self) -> bool {
         self.write_count() == 0 && self.owner_changes.is_empty()
     }
-
-    /// The lists the plan adds into.
-    pub fn lists_with_adds(&self) -> BTreeSet<ListId> {
-        self.adds.iter().map(|a| a.key.list_id).collect()
-    }
 }
 
-/// Computes the plan.
-pub fn plan(desired: &DesiredMembers, state: &Members, suppressions: &Suppressions) -> Plan {
-    let mut plan = Plan::default();
-    for want in desired.iter() {
-        let key = &want.key;
-        if suppressions.blocks_writes(key) {
-            plan.suppressed.push(key.clone());
+/// Whether `want` gets an add: no suppression blocks it, and the state DB
+/// knows of no such member in EDM.
+fn is_add(want: &DesiredMember, state: &Members, suppressions: &Suppressions) -> bool {
+    !suppressions.blocks_writes(&want.key) && !state.get(&want.key).is_some_and(|h| h.present)
+}
+
+/// The keys [`plan`] would add, borrowed from `desired`: what the read
+/// phase needs (which lists get adds and, where the state DB is behind
+/// EDM, which addresses) without copying a million members' texts.
+pub fn planned_adds<'d>(
+    desired: &'d DesiredMembers,
+    state: &Members,
+    suppressions: &Suppressions,
+) -> Vec<&'d MemberKey> {
+    desired
+        .iter()
+        .filter(|want| is_add(want, state, suppressions))
+        .map(|want| &want.key)
+        .collect()
+}
+
+/// Computes the plan. Takes the desired members: their texts move into
+/// the planned adds and edits rather than being copied.
+pub fn plan(desired: DesiredMembers, state: &Members, suppressions: &Suppressions) -> Plan {
+    let mut plan = Plan {
+        unsubs: planned_unsubs(&desired, state, suppressions),
+        ..Plan::default()
+    };
+    for want in desired {
+        if suppressions.blocks_writes(&want.key) {
+            plan.suppressed.push(want.key);
             continue;
         }
-        match state.get(key) {
-            Some(have) if have.present => {
-                let adopt = have.origin == Origin::Foreign;
-                let owner_differs = have.link_man_id != Some(want.link_man_id)
-                    || have.customer_id != Some(want.customer_id);
-                if adopt || owner_differs {
-                    plan.owner_changes.push(OwnerChange {
-                        key: key.clone(),
-                        link_man_id: want.link_man_id,
-                        customer_id: want.customer_id,
-                        adopt,
-                    });
-                }
-                if !have.fields.same_values(&want.fields) {
-                    plan.edits.push(PlannedEdit {
-                        key: key.clone(),
-                        edm_id: have.edm_id,
-                        link_man_id: want.link_man_id,
-                        customer_id: want.customer_id,
-                        fields: want.fields.clone(),
-                        old: have.fields.clone(),
-                    });
-                }
-            }
+        match state.get(&want.key) {
+            Some(have) if have.present => keep_in_step(&mut plan, want, have),
             _ => plan.adds.push(PlannedAdd {
-                key: key.clone(),
+                key: want.key,
                 link_man_id: want.link_man_id,
                 customer_id: want.customer_id,
-                fields: want.fields.clone(),
+                fields: want.fields,
             }),
         }
     }
+    plan
+}
+
+/// A desired member EDM holds: an adoption or owner change, and an edit
+/// where the texts differ.
+fn keep_in_step(plan: &mut Plan, want: DesiredMember, have: &MemberState) {
+    let adopt = have.origin == Origin::Foreign;
+    let owner_differs =
+        have.link_man_id != Some(want.link_man_id) || have.customer_id != Some(want.customer_id);
+    if adopt || owner_differs {
+        plan.owner_changes.push(OwnerChange {
+            key: want.key.clone(),
+            link_man_id: want.link_man_id,
+            customer_id: want.customer_id,
+            adopt,
+        });
+    }
+    if !have.fields.same_values(&want.fields) {
+        plan.edits.push(PlannedEdit {
+            key: want.key,
+            edm_id: have.edm_id,
+            link_man_id: want.link_man_id,
+            customer_id: want.customer_id,
+            fields: want.fields,
+            old: have.fields.clone(),
+        });
+    }
+}
+
+/// Owned members EDM holds that no desired member wants (or that bounced),
+/// sorted by key; a user unsubscribe is never unsubscribed again.
+fn planned_unsubs(
+    desired: &DesiredMembers,
+    state: &Members,
+    suppressions: &Suppressions,
+) -> Vec<PlannedUnsub> {
     let mut unsubs: Vec<PlannedUnsub> = state
         .values()
         .filter(|have| have.present && have.origin == Origin::Owned)
@@ -144,8 +177,7 @@ pub fn plan(desired: &DesiredMembers, state: &Members, suppressions: &Suppressio
         })
         .collect();
     unsubs.sort_by(|a, b| a.key.cmp(&b.key));
-    plan.unsubs = unsubs;
-    plan
+    unsubs
 }
 
 /// Why a plan was refused (rule 7).
@@ -258,7 +290,6 @@ mod tests {
     use super::*;
     use crate::domain::{AddressId, CustomerId, LinkManId, ListId};
     use crate::domain::{Email, VAR_COUNT};
-    use crate::sync::desired::DesiredMember;
     use std::collections::HashSet;
 
     fn key(list: ListId, email: &str) -> MemberKey {
@@ -318,7 +349,7 @@ mod tests {
             want(ListId(1), "a@x.cn", LinkManId(1), "A"),
             want(ListId(2), "b@x.cn", LinkManId(2), "B"),
         ]);
-        let p = plan(&d, &Members::default(), &Suppressions::default());
+        let p = plan(d, &Members::default(), &Suppressions::default());
         assert_eq!(p.adds.len(), 2);
         assert!(p.edits.is_empty() && p.unsubs.is_empty());
     }
@@ -333,7 +364,7 @@ mod tests {
             "A",
             Origin::Owned,
         )]);
-        let p = plan(&d, &s, &Suppressions::default());
+        let p = plan(d, &s, &Suppressions::default());
         assert!(p.is_empty(), "{p:?}");
     }
 
@@ -347,7 +378,7 @@ mod tests {
             "A",
             Origin::Owned,
         )]);
-        let p = plan(&d, &s, &Suppressions::default());
+        let p = plan(d, &s, &Suppressions::default());
         assert_eq!(p.edits.len(), 1);
         assert_eq!(p.edits[0].edm_id, Some(AddressId(1001)));
         assert_eq!(p.edits[0].fields.fullname(), "A2");
@@ -366,7 +397,7 @@ mod tests {
             "A",
             Origin::Owned,
         )]);
-        assert_eq!(plan(&d, &s, &Suppressions::default()).edits.len(), 1);
+        assert_eq!(plan(d, &s, &Suppressions::default()).edits.len(), 1);
     }
 
     #[test]
@@ -376,7 +407,7 @@ mod tests {
             have(ListId(1), "b@x.cn", LinkManId(2), "B", Origin::Owned),
         ]);
         let d = desired(vec![want(ListId(1), "b@x.cn", LinkManId(2), "B")]);
-        let p = plan(&d, &s, &Suppressions::default());
+        let p = plan(d, &s, &Suppressions::default());
         assert_eq!(p.unsubs.len(), 1);
         assert_eq!(p.unsubs[0].key, key(ListId(1), "a@x.cn"));
     }
@@ -391,7 +422,7 @@ mod tests {
             Origin::Owned,
         )]);
         let d = desired(vec![want(ListId(1), "new@x.cn", LinkManId(1), "A")]);
-        let p = plan(&d, &s, &Suppressions::default());
+        let p = plan(d, &s, &Suppressions::default());
         assert_eq!(p.unsubs[0].key, key(ListId(1), "old@x.cn"));
         assert_eq!(p.adds[0].key, key(ListId(1), "new@x.cn"));
     }
@@ -406,7 +437,7 @@ mod tests {
             Origin::Owned,
         )]);
         let d = desired(vec![want(ListId(2), "a@x.cn", LinkManId(1), "A")]);
-        let p = plan(&d, &s, &Suppressions::default());
+        let p = plan(d, &s, &Suppressions::default());
         assert_eq!(p.unsubs[0].key, key(ListId(1), "a@x.cn"));
         assert_eq!(p.adds[0].key, key(ListId(2), "a@x.cn"));
     }
@@ -416,11 +447,49 @@ mod tests {
         let (k, mut m) = have(ListId(1), "a@x.cn", LinkManId(1), "A", Origin::Owned);
         m.present = false;
         let p = plan(
-            &desired(vec![want(ListId(1), "a@x.cn", LinkManId(1), "A")]),
+            desired(vec![want(ListId(1), "a@x.cn", LinkManId(1), "A")]),
             &state(vec![(k, m)]),
             &Suppressions::default(),
         );
         assert_eq!(p.adds.len(), 1);
+    }
+
+    #[test]
+    fn planned_adds_are_the_keys_the_plan_adds_and_no_other() {
+        // Arrange: a new member, a held one with new texts, a foreign one
+        // (adopted), a user-suppressed new one, a bounced new one, and one
+        // recorded but gone from EDM (added again).
+        let sup = Suppressions {
+            user: [key(ListId(1), "s@x.cn")].into_iter().collect(),
+            bounced: [Email::parse("b@x.cn").unwrap()].into_iter().collect(),
+        };
+        let (gone_key, mut gone) = have(ListId(2), "g@x.cn", LinkManId(6), "G", Origin::Owned);
+        gone.present = false;
+        let s = state(vec![
+            have(ListId(1), "h@x.cn", LinkManId(2), "H", Origin::Owned),
+            have(ListId(1), "f@x.cn", LinkManId(3), "F", Origin::Foreign),
+            (gone_key, gone),
+        ]);
+        let d = desired(vec![
+            want(ListId(1), "n@x.cn", LinkManId(1), "N"),
+            want(ListId(1), "h@x.cn", LinkManId(2), "H2"),
+            want(ListId(1), "f@x.cn", LinkManId(3), "F"),
+            want(ListId(1), "s@x.cn", LinkManId(4), "S"),
+            want(ListId(2), "b@x.cn", LinkManId(5), "B"),
+            want(ListId(2), "g@x.cn", LinkManId(6), "G"),
+        ]);
+
+        // Act
+        let early: Vec<MemberKey> = planned_adds(&d, &s, &sup).into_iter().cloned().collect();
+        let p = plan(d, &s, &sup);
+
+        // Assert
+        let added: Vec<MemberKey> = p.adds.iter().map(|a| a.key.clone()).collect();
+        assert_eq!(early, added);
+        assert_eq!(
+            early,
+            vec![key(ListId(1), "n@x.cn"), key(ListId(2), "g@x.cn")]
+        );
     }
 
     #[test]
@@ -444,11 +513,11 @@ mod tests {
             "B",
             Origin::Owned,
         )]);
-        let p = plan(&d, &s, &sup);
+        let p = plan(d, &s, &sup);
         assert_eq!(p.write_count(), 0, "{p:?}");
         assert_eq!(p.suppressed.len(), 2);
         // Not desired any more: still no unsubscribe for a user-suppressed key.
-        let p = plan(&DesiredMembers::default(), &s, &sup);
+        let p = plan(DesiredMembers::default(), &s, &sup);
         assert!(p.unsubs.is_empty());
     }
 
@@ -459,7 +528,7 @@ mod tests {
             bounced: HashSet::new(),
         };
         let p = plan(
-            &desired(vec![want(ListId(2), "a@x.cn", LinkManId(1), "A")]),
+            desired(vec![want(ListId(2), "a@x.cn", LinkManId(1), "A")]),
             &Members::default(),
             &sup,
         );
@@ -481,7 +550,7 @@ mod tests {
             have(ListId(1), "b@x.cn", LinkManId(1), "B", Origin::Owned),
             have(ListId(3), "b@x.cn", LinkManId(1), "B", Origin::Adopted),
         ]);
-        let p = plan(&d, &s, &sup);
+        let p = plan(d, &s, &sup);
         assert_eq!(p.unsubs.len(), 1);
         assert_eq!(p.unsubs[0].key, key(ListId(1), "b@x.cn"));
         assert!(p.adds.is_empty() && p.edits.is_empty());
@@ -493,7 +562,7 @@ mod tests {
         let (k, mut m) = have(ListId(1), "a@x.cn", LinkManId(0), "Old", Origin::Foreign);
         m.link_man_id = None;
         m.customer_id = None;
-        let p = plan(&d, &state(vec![(k, m)]), &Suppressions::default());
+        let p = plan(d, &state(vec![(k, m)]), &Suppressions::default());
         assert!(p.adds.is_empty());
         assert_eq!(p.adoptions(), 1);
         assert_eq!(p.owner_changes[0].link_man_id, LinkManId(7));
@@ -507,7 +576,7 @@ mod tests {
             have(ListId(1), "a@x.cn", LinkManId(1), "A", Origin::Adopted),
             have(ListId(1), "f@x.cn", LinkManId(2), "F", Origin::Foreign),
         ]);
-        let p = plan(&DesiredMembers::default(), &s, &Suppressions::default());
+        let p = plan(DesiredMembers::default(), &s, &Suppressions::default());
         assert!(p.unsubs.is_empty());
     }
 
@@ -523,7 +592,7 @@ mod tests {
         let (key, mut moved) = want(ListId(1), "a@x.cn", LinkManId(3), "A");
         moved.customer_id = CustomerId(500);
         let d = desired(vec![(key, moved)]);
-        let p = plan(&d, &s, &Suppressions::default());
+        let p = plan(d, &s, &Suppressions::default());
         assert_eq!(p.write_count(), 0);
         assert_eq!(p.owner_changes.len(), 1);
         assert!(!p.owner_changes[0].adopt);
@@ -558,10 +627,11 @@ mod tests {
             .chain((0..10).map(|i| want(ListId(2), &format!("v{i}@x.cn"), LinkManId(i), "N")))
             .collect();
         let d = desired(keep);
-        let p = plan(&d, &s, &Suppressions::default());
+        let n = d.len();
+        let p = plan(d, &s, &Suppressions::default());
         let members = members_per_list(&s);
         // 2 of 10 = 0.2: at the limit, allowed.
-        assert_eq!(check_safety(&p, d.len(), &members, 0.2), Ok(()));
+        assert_eq!(check_safety(&p, n, &members, 0.2), Ok(()));
         // 3 of 10 in list 1 = 0.3: refused.
         let d = desired(
             (0..7)
@@ -569,9 +639,10 @@ mod tests {
                 .chain((0..10).map(|i| want(ListId(2), &format!("v{i}@x.cn"), LinkManId(i), "N")))
                 .collect(),
         );
-        let p = plan(&d, &s, &Suppressions::default());
+        let n = d.len();
+        let p = plan(d, &s, &Suppressions::default());
         assert_eq!(
-            check_safety(&p, d.len(), &members, 0.2),
+            check_safety(&p, n, &members, 0.2),
             Err(PlanRefusal::Ratio {
                 list_id: ListId(1),
                 unsubs: 3,
@@ -613,7 +684,7 @@ mod tests {
             "A",
             Origin::Owned,
         )]);
-        let p = plan(&DesiredMembers::default(), &s, &Suppressions::default());
+        let p = plan(DesiredMembers::default(), &s, &Suppressions::default());
         assert_eq!(
             check_safety(&p, 0, &members_per_list(&s), 1.0),
             Err(PlanRefusal::EmptyPull {
