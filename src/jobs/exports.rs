@@ -15,7 +15,10 @@ use crate::state::{ListBook, Observations, now_ms};
 /// and list bookkeeping, and what EDM showed during this run (not yet
 /// written).
 pub struct View {
+    /// Every member ([`View::load`]), or only those the export lines read
+    /// so far name ([`View::load_lean`]).
     pub members: Members,
+    whole: bool,
     pub suppressions: Suppressions,
     pub books: HashMap<ListId, ListBook>,
     pub obs: Observations,
@@ -25,6 +28,21 @@ impl View {
     pub async fn load(ctx: &Context) -> anyhow::Result<View> {
         Ok(View {
             members: ctx.store.load_members().await?,
+            whole: true,
+            suppressions: ctx.store.load_suppressions().await?,
+            books: ctx.store.list_books().await?,
+            obs: Observations::default(),
+        })
+    }
+
+    /// A view without the member table: `read_exports` reads the members
+    /// its new lines name as it needs them. For the write-back, which
+    /// needs no other member, so its memory follows the exports and the
+    /// events, not the number of members.
+    pub async fn load_lean(ctx: &Context) -> anyhow::Result<View> {
+        Ok(View {
+            members: Members::default(),
+            whole: false,
             suppressions: ctx.store.load_suppressions().await?,
             books: ctx.store.list_books().await?,
             obs: Observations::default(),
@@ -54,6 +72,11 @@ impl View {
                 .collect();
             let recent: Vec<&str> = recent.into_iter().collect();
             let seen = ctx.store.seen_lines_of(list_id, &recent).await?;
+            if !self.whole {
+                for m in ctx.store.members_of_list(list_id, &recent).await? {
+                    self.members.insert(m.key.clone(), m);
+                }
+            }
             let since = self.books.get(&list_id).and_then(|b| b.export_read_at);
             let own = ctx.store.unmatched_unsubs(list_id, since).await?;
             let found = classify_export(

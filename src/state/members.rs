@@ -38,6 +38,27 @@ pub(super) fn member_row(m: &MemberState, now: i64) -> member::ActiveModel {
     }
 }
 
+/// A member row as the run knows it; a row whose address is not valid is
+/// logged and left out.
+fn member_state(row: member::Model) -> Option<MemberState> {
+    let Ok(email) = Email::parse(&row.email) else {
+        tracing::warn!(
+            member_id = row.id,
+            "member row with an invalid address ignored"
+        );
+        return None;
+    };
+    Some(MemberState {
+        key: MemberKey::new(row.list_id, email),
+        origin: row.origin,
+        present: row.present,
+        link_man_id: row.link_man_id,
+        customer_id: row.customer_id,
+        edm_id: row.edm_id,
+        fields: MemberFields::raw(&row.fullname, &vars_from_json(&row.vars)),
+    })
+}
+
 impl Store {
     /// Every member row, keyed. Read in pages by id, so the driver never
     /// buffers the whole table next to the map being built.
@@ -63,30 +84,59 @@ impl Store {
             let Some(last) = rows.last() else { break };
             after = last.id;
             let n = rows.len() as u64;
-            for row in rows {
-                let Ok(email) = Email::parse(&row.email) else {
-                    tracing::warn!(
-                        member_id = row.id,
-                        "member row with an invalid address ignored"
-                    );
-                    continue;
-                };
-                let origin = row.origin;
-                out.push(MemberState {
-                    key: MemberKey::new(row.list_id, email),
-                    origin,
-                    present: row.present,
-                    link_man_id: row.link_man_id,
-                    customer_id: row.customer_id,
-                    edm_id: row.edm_id,
-                    fields: MemberFields::raw(&row.fullname, &vars_from_json(&row.vars)),
-                });
-            }
+            out.extend(rows.into_iter().filter_map(member_state));
             if n < PAGE {
                 break;
             }
         }
         Ok(Members::from_rows(out))
+    }
+
+    /// The members, in any list, whose address is one of `addresses`
+    /// (the write-back's owners of the addresses its events name): read
+    /// list by list, [`CHUNK`] addresses a query, through the `(list_id,
+    /// email)` index, so the cost follows the addresses asked for and not
+    /// the size of the table. An address that is not valid has no member.
+    pub async fn members_with_addresses(&self, addresses: &[&str]) -> anyhow::Result<Members> {
+        let lists: Vec<ListId> = member::Entity::find()
+            .select_only()
+            .column(member::Column::ListId)
+            .distinct()
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .context("cannot read the lists members are in")?;
+        let mut out = Vec::new();
+        for list_id in lists {
+            out.extend(self.members_of_list(list_id, addresses).await?);
+        }
+        Ok(Members::from_rows(out))
+    }
+
+    /// The members of `list_id` whose address is one of `addresses`.
+    pub async fn members_of_list(
+        &self,
+        list_id: ListId,
+        addresses: &[&str],
+    ) -> anyhow::Result<Vec<MemberState>> {
+        let mut emails: Vec<String> = addresses
+            .iter()
+            .filter_map(|a| Email::parse(a).ok())
+            .map(String::from)
+            .collect();
+        emails.sort_unstable();
+        emails.dedup();
+        let mut out = Vec::new();
+        for chunk in emails.chunks(CHUNK) {
+            let rows = member::Entity::find()
+                .filter(member::Column::ListId.eq(list_id))
+                .filter(member::Column::Email.is_in(chunk.iter().cloned()))
+                .all(&self.db)
+                .await
+                .with_context(|| format!("cannot read members of list {list_id}"))?;
+            out.extend(rows.into_iter().filter_map(member_state));
+        }
+        Ok(out)
     }
 
     /// Writes member rows whole (adoptions, owner changes).

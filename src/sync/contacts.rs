@@ -182,6 +182,7 @@ async fn observe(
         suppressions,
         books,
         mut obs,
+        ..
     } = view;
 
     // 3. Operations left pending by earlier runs.

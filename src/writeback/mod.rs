@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::domain::{CampaignId, ListId, Members, RecordScope};
+use crate::domain::{CampaignId, ListId, RecordScope};
 use crate::edm::{Campaign, HardBounce};
 use crate::jobs::Context;
 use crate::jobs::exports::View;
@@ -175,7 +175,7 @@ async fn run_inner(
     settle_owed_records(ctx).await?;
 
     // 1. Unsubscribes, as the contacts job classifies them.
-    let mut view = View::load(ctx).await?;
+    let mut view = View::load_lean(ctx).await?;
     let Some(read) = ctx.unless_shutdown(view.read_exports(ctx, &lists)).await else {
         tracing::info!(
             "shutdown while reading the unsubscribe exports; nothing more is read or written"
@@ -184,11 +184,7 @@ async fn run_inner(
     };
     counts.new_user_unsubscribes = read?;
     ctx.store.persist_observations(&view.obs).await?;
-    let View {
-        members,
-        suppressions,
-        ..
-    } = view;
+    let View { suppressions, .. } = view;
 
     // 2. Campaigns and their events.
     let Some(read) = ctx.unless_shutdown(read_campaign_events(ctx)).await else {
@@ -201,10 +197,11 @@ async fn run_inner(
     // 3. Hard bounces suppress, known or not.
     counts.new_bounce_suppressions = suppress_hard_bounces(ctx, &all_events, &suppressions).await?;
 
-    // 4. Records. They own what they need: the members and the events are
-    // not held through the sending.
-    let records = build_records(ctx, &all_events, &members, counts).await?;
-    drop(members);
+    // 4. Records, by the owners of the addresses the events and the
+    // unsubscribes name (read for those addresses only). They own what
+    // they need: the members and the events are not held through the
+    // sending.
+    let records = build_records(ctx, &all_events, counts).await?;
     drop(all_events);
     let to_send = ledger_records(ctx, records, retry_parked, counts).await?;
     send_all(ctx, run_id, to_send, counts).await
@@ -252,7 +249,6 @@ async fn suppress_hard_bounces(
 async fn build_records(
     ctx: &Context,
     all_events: &[CampaignEvents],
-    members: &Members,
     counts: &mut WritebackCounts,
 ) -> anyhow::Result<Vec<NewRecord>> {
     let list_names: HashMap<ListId, String> = match ctx.edm.maillist_list().await {
@@ -263,7 +259,10 @@ async fn build_records(
         }
     };
     let unsubscribes = recipient_unsubscribes(ctx).await?;
-    let index = MemberIndex::new(members);
+    let named = addresses_named(all_events, &unsubscribes);
+    let members = ctx.store.members_with_addresses(&named).await?;
+    drop(named);
+    let index = MemberIndex::new(&members);
     let (records, unmatched) = events::records(
         all_events,
         &unsubscribes,
@@ -282,6 +281,26 @@ async fn build_records(
         );
     }
     Ok(records)
+}
+
+/// Every address an event or an unsubscribe names, once.
+fn addresses_named<'e>(
+    all_events: &'e [CampaignEvents],
+    unsubscribes: &'e [Unsubscribe],
+) -> Vec<&'e str> {
+    let mut out: Vec<&str> = all_events
+        .iter()
+        .flat_map(|ev| {
+            let opens = ev.opens.iter().map(|o| o.address.as_str());
+            let clicks = ev.clicks.iter().map(|c| c.address.as_str());
+            let bounces = ev.bounces.iter().map(|(_, a)| a.as_str());
+            opens.chain(clicks).chain(bounces)
+        })
+        .chain(unsubscribes.iter().map(|u| u.address.as_str()))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// The recipients' own unsubscribes from the synced lists, as the export
