@@ -385,6 +385,46 @@ mod tests {
         }
     }
 
+    /// A write-back's records are read back page by page: more than a
+    /// page of them (2 000), in two campaigns, all come back once, oldest
+    /// first, on both databases.
+    #[tokio::test]
+    async fn more_than_a_page_of_records_is_read_back_whole_on_sqlite_and_postgres() {
+        let _sockets = FOREIGN_PG_SOCKETS.read().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (urls, _guard) = both_urls(dir.path()).await;
+        for url in urls {
+            // Arrange
+            let store = Store::connect(&SecretString::from(url.clone()))
+                .await
+                .unwrap();
+            let records: Vec<NewRecord> = (0..2500i64)
+                .map(|k| NewRecord {
+                    kind: RecordKind::Open,
+                    scope: crate::domain::RecordScope::Campaign(crate::domain::CampaignId(k % 2)),
+                    link_man_id: LinkManId(k),
+                    customer_id: CustomerId(1),
+                    email: format!("m{k}@x.cn"),
+                    title: "t".into(),
+                    content: "c".into(),
+                })
+                .collect();
+
+            // Act
+            let inserted = store.insert_records(&records).await.unwrap();
+            let pending = store.pending_records().await.unwrap();
+            store.close().await;
+
+            // Assert
+            assert_eq!(inserted.len(), 2500, "{url}");
+            assert_eq!(pending.len(), 2500, "{url}");
+            assert!(pending.windows(2).all(|w| w[0].id < w[1].id), "{url}");
+            let mut men: Vec<i64> = inserted.iter().map(|r| r.link_man_id.0).collect();
+            men.sort_unstable();
+            assert_eq!(men, (0..2500).collect::<Vec<_>>(), "{url}");
+        }
+    }
+
     /// Rule 9 after a kill: an export line and a pending operation can
     /// both report one member; PostgreSQL refuses an upsert that meets a
     /// key twice. Every batched write takes the same key twice on both

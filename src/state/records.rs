@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 
 use anyhow::Context;
+use sea_orm::Condition;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveEnum, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
@@ -84,13 +85,40 @@ impl Store {
 
     /// Ledger rows still pending, oldest first.
     pub async fn pending_records(&self) -> anyhow::Result<Vec<LedgerRow>> {
-        let rows = ledger::Entity::find()
-            .filter(ledger::Column::Status.eq(LedgerStatus::Pending))
-            .order_by_asc(ledger::Column::Id)
-            .all(&self.db)
-            .await
-            .context("cannot read pending write-back records")?;
-        Ok(rows.into_iter().map(LedgerRow::from).collect())
+        self.pending_rows(Condition::all(), |_| true).await
+    }
+
+    /// Pending ledger rows that also meet `condition` and `keep`, oldest
+    /// first, read 2 000 at a time by id: the driver never holds a whole
+    /// write-back's rows at once (a hundred thousand records cost 140 MB
+    /// as SQLite values next to the rows being built).
+    async fn pending_rows(
+        &self,
+        condition: Condition,
+        keep: impl Fn(&ledger::Model) -> bool,
+    ) -> anyhow::Result<Vec<LedgerRow>> {
+        const PAGE: u64 = 2000;
+        let mut out = Vec::new();
+        let mut after = i64::MIN;
+        loop {
+            let page = ledger::Entity::find()
+                .filter(ledger::Column::Status.eq(LedgerStatus::Pending))
+                .filter(condition.clone())
+                .filter(ledger::Column::Id.gt(after))
+                .order_by_asc(ledger::Column::Id)
+                .limit(PAGE)
+                .all(&self.db)
+                .await
+                .context("cannot read pending write-back records")?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            let n = page.len() as u64;
+            out.extend(page.into_iter().filter(|r| keep(r)).map(LedgerRow::from));
+            if n < PAGE {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Records new ledger rows as pending (not yet uncertain: nothing was
@@ -145,16 +173,12 @@ impl Store {
             .collect();
         let mut rows = Vec::with_capacity(records.len());
         for chunk in scopes.chunks(CHUNK) {
-            let found = ledger::Entity::find()
-                .filter(ledger::Column::Status.eq(LedgerStatus::Pending))
-                .filter(ledger::Column::Scope.is_in(chunk.iter().cloned()))
-                .all(&self.db)
-                .await?;
+            let in_chunk = Condition::all().add(ledger::Column::Scope.is_in(chunk.iter().cloned()));
             rows.extend(
-                found
-                    .into_iter()
-                    .filter(|r| wanted.contains(&(r.kind, r.scope, r.link_man_id)))
-                    .map(LedgerRow::from),
+                self.pending_rows(in_chunk, |r| {
+                    wanted.contains(&(r.kind, r.scope, r.link_man_id))
+                })
+                .await?,
             );
         }
         Ok(rows)
