@@ -1,7 +1,7 @@
 //! Every state the daemon stores or dispatches on, as an enum: operation
 //! kinds and statuses, write-back ledger statuses and record kinds,
-//! suppression reasons and sources, run statuses and jobs. A leaf of the
-//! crate (it imports nothing from it).
+//! suppression reasons and sources, run statuses and jobs. It stands on
+//! layer 1 and uses only the ids (layer 0).
 //!
 //! Stored with sea-orm active enums under the very strings the columns
 //! already hold (no data migration); matched exhaustively everywhere, so a
@@ -10,6 +10,8 @@
 use std::fmt;
 
 use sea_orm::entity::prelude::*;
+
+use crate::ids::CampaignId;
 
 /// Writes each enum's `as_str` for `Display`.
 macro_rules! display_as_str {
@@ -199,7 +201,7 @@ pub enum SuppressionSource {
     ExportWhileBehind { time: String },
     /// A `failexport` line of a campaign.
     Bounce {
-        campaign_id: i64,
+        campaign_id: CampaignId,
         bounce_type: HardBounce,
     },
     /// Text this version does not recognise (kept as it is).
@@ -254,7 +256,7 @@ impl SuppressionSource {
         }
         if let Some(rest) = text.strip_prefix(Self::CAMPAIGN)
             && let Some((id, bounce_type)) = rest.split_once(' ')
-            && let Ok(campaign_id) = id.parse()
+            && let Ok(campaign_id) = id.parse().map(CampaignId)
             && let Some(bounce_type) = HardBounce::parse(bounce_type)
         {
             return SuppressionSource::Bounce {
@@ -469,7 +471,7 @@ mod tests {
                 time: "2026-11-30 10:00:00".into(),
             },
             SuppressionSource::Bounce {
-                campaign_id: 42,
+                campaign_id: CampaignId(42),
                 bounce_type: HardBounce::NotExist,
             },
             SuppressionSource::ExportWhileBehind {
@@ -487,7 +489,7 @@ mod tests {
         assert_eq!(
             SuppressionSource::parse("campaign 42 user_reject"),
             SuppressionSource::Bounce {
-                campaign_id: 42,
+                campaign_id: CampaignId(42),
                 bounce_type: HardBounce::UserReject,
             }
         );

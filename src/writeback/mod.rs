@@ -227,7 +227,7 @@ async fn suppress_hard_bounces(
                     email: address.clone(),
                     reason: SuppressionReason::Bounce,
                     source: SuppressionSource::Bounce {
-                        campaign_id: ev.campaign.id.0,
+                        campaign_id: ev.campaign.id,
                         bounce_type: *bounce_type,
                     },
                 });

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 /// uses only modules of a lower layer. Changing a module's layer is a
 /// design change: change docs/architecture.md with it.
 const LAYERS: &[(&str, u8)] = &[
+    // 0: the ids every other module may use.
+    ("ids", 0),
     // 1: leaves — plain types and helpers.
     ("domain", 1),
     ("stored_enums", 1),
