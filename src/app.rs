@@ -190,6 +190,11 @@ async fn ask_the_daemon(
     store.close().await;
     Ok(match asked? {
         Asked::Ran(printed) => {
+            // The daemon logged the run's errors in its own log; this
+            // process's log (stderr) gets them too, as a run here would.
+            for failure in printed.failures() {
+                tracing::error!(error = %failure, ran_by = "daemon", "run failed");
+            }
             print!("{}", printed.text);
             Err(printed.exit_code())
         }

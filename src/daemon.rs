@@ -349,7 +349,7 @@ async fn take_run_request(live: &Arc<Live>, runs: &Runs) {
             printed = serve_run_request(&live, &runs_now, request) => printed,
             _ = runs_now.hard_stop.cancelled() => crate::once::Printed {
                 ok: false,
-                text: "crm-edm-sync: the daemon stopped this run where it stood (daemon.shutdown_timeout_secs passed); what was not sent is planned again at the next run\n".to_string(),
+                text: format!("{}the daemon stopped this run where it stood (daemon.shutdown_timeout_secs passed); what was not sent is planned again at the next run\n", crate::once::FAILURE_PREFIX),
             },
         };
         if let Err(e) = store.finish_run_request(id, printed.ok, &printed.text).await {
@@ -411,7 +411,8 @@ async fn serve_run_request(
 /// The daemon is stopping: the request's run ends here, failed.
 fn break_request(printed: &mut crate::once::Printed, job: Job) {
     printed.text.push_str(&format!(
-        "crm-edm-sync: {job}: the daemon is stopping: this run was cut short; what was not sent is planned again at the next run\n"
+        "{}{job}: the daemon is stopping: this run was cut short; what was not sent is planned again at the next run\n",
+        crate::once::FAILURE_PREFIX
     ));
     printed.ok = false;
 }

@@ -67,7 +67,19 @@ pub struct Printed {
     pub text: String,
 }
 
+/// How every failure line of `--once`'s report begins (a job's error, a
+/// refusal, a run the stopping daemon cut short); the rest of the report is
+/// the plan and what was done.
+pub const FAILURE_PREFIX: &str = "crm-edm-sync: ";
+
 impl Printed {
+    /// The report's failure lines, without their prefix.
+    pub fn failures(&self) -> impl Iterator<Item = &str> {
+        self.text
+            .lines()
+            .filter_map(|line| line.strip_prefix(FAILURE_PREFIX))
+    }
+
     pub fn exit_code(&self) -> ExitCode {
         if self.ok {
             ExitCode::SUCCESS
@@ -109,7 +121,10 @@ pub async fn run_job(ctx: &Context, what: &OnceJobs, job: Job) -> (bool, String)
                 // A refused real run says so on stdout, as every other
                 // failure of --once does.
                 if let Outcome::Refused(refusal) = &report.outcome {
-                    text.push_str(&format!("crm-edm-sync: contacts: {}\n", refusal.in_words()));
+                    text.push_str(&format!(
+                        "{FAILURE_PREFIX}contacts: {}\n",
+                        refusal.in_words()
+                    ));
                 }
                 report.is_success()
             }
@@ -132,7 +147,7 @@ pub async fn run_job(ctx: &Context, what: &OnceJobs, job: Job) -> (bool, String)
 fn failed(ctx: &Context, job: Job, e: anyhow::Error, text: &mut String) -> bool {
     let e = ctx.redactor.redact(&format!("{e:#}"));
     tracing::error!(job = %job, error = %e, "run failed");
-    text.push_str(&format!("crm-edm-sync: {job}: {e}\n"));
+    text.push_str(&format!("{FAILURE_PREFIX}{job}: {e}\n"));
     false
 }
 

@@ -341,23 +341,38 @@ async fn an_invalid_or_shared_address_is_logged_once_and_counted_every_run() {
     );
 }
 
+/// A run's error goes to stderr, where the log is, as an ERROR line — so
+/// stderr stays JSON lines only — and the report on stdout ends with it in
+/// words, as it does for a refusal.
 #[tokio::test]
-async fn the_final_error_of_a_failed_once_goes_to_stdout_not_stderr() {
+async fn a_failed_once_logs_its_error_on_stderr_and_reports_it_on_stdout() {
+    // Arrange: a CRM that answers 500 to every page.
     let cli = setup("info").await;
     cli.sb
         .inject("Customer/GetAllList", Fault::Status(500), 100);
 
+    // Act
     let out = cli.run(&["--once", "--job", "contacts"], &[]).await;
 
+    // Assert
     assert_eq!(out.status.code(), Some(1));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("crm-edm-sync: contacts: "), "{stdout}");
     for line in String::from_utf8_lossy(&out.stderr).lines() {
         assert!(
             serde_json::from_str::<serde_json::Value>(line).is_ok(),
             "not JSON on stderr: {line}"
         );
     }
+    let errors = events(&out, "run failed");
+    assert_eq!(errors.len(), 1, "{}", text(&out));
+    assert_eq!(errors[0]["level"], "ERROR");
+    assert_eq!(errors[0]["job"], "contacts");
+    let error = errors[0]["error"].as_str().unwrap();
+    assert!(error.contains("500"), "{error}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.trim_end(),
+        format!("crm-edm-sync: contacts: {error}")
+    );
 }
 
 #[tokio::test]

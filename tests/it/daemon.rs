@@ -315,12 +315,29 @@ async fn a_refused_plan_run_by_the_daemon_is_printed_here_and_force_applies_it()
     let held_after_refusal = held(&sb);
     let forced = once(&config, &["--once", "--job", "contacts", "--force"]).await;
 
-    // Assert: the refusal in words here, nothing applied; then applied.
+    // Assert: the refusal in words here — in the report on stdout, and as
+    // an ERROR line on this process's stderr — nothing applied; then applied.
     assert_eq!(refused.status.code(), Some(1), "{}", all_text(&refused));
     let stdout = String::from_utf8_lossy(&refused.stdout);
     assert!(
         stdout.contains("crm-edm-sync: contacts: refused"),
         "{stdout}"
+    );
+    let errors: Vec<serde_json::Value> = String::from_utf8_lossy(&refused.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &serde_json::Value| e["message"] == "run failed")
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", all_text(&refused));
+    assert_eq!(errors[0]["level"], "ERROR");
+    assert_eq!(errors[0]["ran_by"], "daemon");
+    assert!(
+        errors[0]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("contacts: refused"),
+        "{}",
+        errors[0]
     );
     assert_eq!(held_after_refusal, 10);
     assert_eq!(forced.status.code(), Some(0), "{}", all_text(&forced));
