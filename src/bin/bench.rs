@@ -6,8 +6,8 @@
 //! explains each bound).
 //!
 //! ```sh
-//! cargo run --release --bin bench -- --linkmen 100000 --latency-ms 20 --db sqlite
-//! cargo run --release --bin bench -- --linkmen 10000 --latency-ms 0 --db postgres
+//! cargo run --profile production --bin bench -- --linkmen 100000 --latency-ms 20 --db sqlite
+//! cargo run --profile production --bin bench -- --linkmen 10000 --latency-ms 0 --db postgres
 //! ```
 //!
 //! The sandbox runs in this process; each job runs as the real binary in a

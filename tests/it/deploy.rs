@@ -1,7 +1,8 @@
 //! The shipped deployment files say what the README promises: the image's
 //! build context leaves `target/` out, its health check asks the daemon
 //! (and writes nothing), and the `podman run` line stops within a timeout
-//! longer than the daemon's drain.
+//! longer than the daemon's drain, and what is deployed is the fully
+//! optimised build.
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -48,6 +49,37 @@ fn the_readme_podman_run_line_stops_after_the_drain_time() {
         stop > default_drain,
         "stop timeout {stop} ≤ drain {default_drain}"
     );
+}
+
+/// `--release` is the quick build for trying the daemon; what the image
+/// and the install steps build is the `production` profile, at cargo's
+/// full optimisation.
+#[test]
+fn what_is_deployed_is_built_with_the_production_profile() {
+    // Arrange
+    let manifest = read("Cargo.toml");
+    let production = manifest
+        .split("[profile.production]")
+        .nth(1)
+        .expect("a production profile");
+    let production = production.split("\n[").next().unwrap();
+
+    // Assert: production is fully optimised; every shipped build uses it.
+    assert!(production.contains("opt-level = 3"), "{production}");
+    assert!(production.contains("lto = false"), "{production}");
+    for (file, text) in [
+        ("README.md", read("README.md")),
+        ("Containerfile", read("Containerfile")),
+    ] {
+        let builds: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("cargo build") && !l.contains("--timings"))
+            .collect();
+        assert!(!builds.is_empty(), "{file} shows no build");
+        for line in builds {
+            assert!(line.contains("--profile production"), "{file}: {line}");
+        }
+    }
 }
 
 /// podman's default (OCI) image format drops `HEALTHCHECK`: every podman
