@@ -88,6 +88,9 @@ pub struct Store {
     /// Operations this process recorded, and the count at which the
     /// planner's statistics are refreshed next (PostgreSQL).
     analyzed: std::sync::Arc<std::sync::Mutex<(u64, u64)>>,
+    /// The row ids of the operations this process recorded and has not
+    /// settled yet; shared by every clone.
+    in_flight: operations::InFlight,
 }
 
 /// Recorded operations after which PostgreSQL's statistics are first
@@ -101,6 +104,7 @@ impl Store {
             fence: Default::default(),
             writable: Writable::default(),
             analyzed: std::sync::Arc::new(std::sync::Mutex::new((0, FIRST_ANALYZE))),
+            in_flight: Default::default(),
         }
     }
 
@@ -279,6 +283,77 @@ mod tests {
             customer_id: Some(CustomerId(1)),
             edm_id: None,
             fields: MemberFields::new(fullname, &[""; VAR_COUNT]),
+        }
+    }
+
+    /// Marking a batch done finds the rows this process recorded by their
+    /// ids (on PostgreSQL the search by address could pick an index that
+    /// read every operation of the list); rows another process recorded
+    /// are still found by address.
+    #[tokio::test]
+    async fn a_recorded_batch_is_marked_done_by_row_id_and_another_process_finds_its_own_by_address()
+     {
+        let _sockets = FOREIGN_PG_SOCKETS.read().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (urls, _guard) = both_urls(dir.path()).await;
+        for url in urls {
+            // Arrange: one batch recorded here, one by another store (as
+            // another process would); one row of the first has its address
+            // changed behind the store's back, so only its id finds it.
+            let here = Store::connect(&SecretString::from(url.clone()))
+                .await
+                .unwrap();
+            let other = Store::connect(&SecretString::from(url.clone()))
+                .await
+                .unwrap();
+            let run = RunId::from_stored("r");
+            let ops = |names: &[&str]| -> Vec<NewOperation> {
+                names
+                    .iter()
+                    .map(|n| NewOperation {
+                        kind: OpKind::Add,
+                        list_id: ListId(1),
+                        email: Email::parse(&format!("{n}@x.cn")).unwrap(),
+                        edm_id: None,
+                        link_man_id: Some(LinkManId(1)),
+                        customer_id: Some(CustomerId(1)),
+                        fields: MemberFields::named("A"),
+                    })
+                    .collect()
+            };
+            here.record_operations(&run, &ops(&["a", "b"]))
+                .await
+                .unwrap();
+            other.record_operations(&run, &ops(&["c"])).await.unwrap();
+            here.db
+                .execute_unprepared(
+                    "UPDATE operations SET email = 'moved@x.cn' WHERE email = 'b@x.cn'",
+                )
+                .await
+                .unwrap();
+            let emails = |names: &[&str]| -> Vec<Email> {
+                names
+                    .iter()
+                    .map(|n| Email::parse(&format!("{n}@x.cn")).unwrap())
+                    .collect()
+            };
+            let (ab, c) = (emails(&["a", "b"]), emails(&["c"]));
+
+            // Act: this store completes its batch, and the other's.
+            let refs: Vec<&Email> = ab.iter().collect();
+            here.complete_operations(&run, OpKind::Add, ListId(1), &refs, &[])
+                .await
+                .unwrap();
+            let refs: Vec<&Email> = c.iter().collect();
+            here.complete_operations(&run, OpKind::Add, ListId(1), &refs, &[])
+                .await
+                .unwrap();
+
+            // Assert: nothing is left pending, the moved row included.
+            let pending = here.pending_operations().await.unwrap();
+            assert!(pending.is_empty(), "{url}: {pending:?}");
+            here.close().await;
+            other.close().await;
         }
     }
 

@@ -1,12 +1,15 @@
 //! The `operations` table: every EDM write, recorded pending before it is
 //! sent and marked done after EDM confirms it (rule 9).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use crate::domain::RunId;
 use anyhow::Context;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ActiveEnum, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
+    ActiveEnum, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
 };
 
 use super::entities::operation;
@@ -48,6 +51,50 @@ pub struct PendingRow {
     pub created_at: i64,
 }
 
+/// The row ids of the operations this process recorded and has not
+/// settled (marked done, failed, refused or taken back) yet: at most the
+/// batches in flight. A batch's rows are then found by primary key.
+///
+/// Why: finding them by run, kind, list and address let PostgreSQL choose
+/// the `(kind, list_id, export_matched)` index whenever its statistics
+/// took this run's rows for a few, and filter every operation of the list
+/// for each batch — 185 000 rows a batch, and most of the database time,
+/// at a million link-men. A batch whose ids are not all known (recorded by
+/// another process, or before a restart) is still found the old way.
+#[derive(Debug, Clone, Default)]
+pub(super) struct InFlight(Arc<Mutex<HashMap<InFlightKey, i64>>>);
+
+type InFlightKey = (RunId, OpKind, ListId, Email);
+
+impl InFlight {
+    fn note(&self, run_id: &RunId, rows: impl IntoIterator<Item = (OpKind, ListId, Email, i64)>) {
+        let mut ids = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for (kind, list_id, email, id) in rows {
+            ids.insert((run_id.clone(), kind, list_id, email), id);
+        }
+    }
+
+    /// Takes the ids of `emails` out; `None` unless every one was known.
+    fn take(
+        &self,
+        run_id: &RunId,
+        kind: OpKind,
+        list_id: ListId,
+        emails: &[&Email],
+    ) -> Option<Vec<i64>> {
+        let mut ids = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut found = Vec::with_capacity(emails.len());
+        let mut all = true;
+        for &email in emails {
+            match ids.remove(&(run_id.clone(), kind, list_id, email.clone())) {
+                Some(id) => found.push(id),
+                None => all = false,
+            }
+        }
+        all.then_some(found)
+    }
+}
+
 /// This run's pending `kind` operations on `emails` in `list_id`: the
 /// rows a batch was recorded as.
 fn pending_of_run(
@@ -62,6 +109,30 @@ fn pending_of_run(
         .add(operation::Column::ListId.eq(list_id))
         .add(operation::Column::Status.eq(OpStatus::Pending))
         .add(operation::Column::Email.is_in(emails.iter().map(|e| e.to_string())))
+}
+
+/// Pairs the ids a `RETURNING` gave (in any order) with the operations
+/// recorded.
+fn ids_of(
+    chunk: &[NewOperation],
+    rows: &[sea_orm::QueryResult],
+) -> anyhow::Result<Vec<(OpKind, ListId, Email, i64)>> {
+    let by_key: HashMap<(&str, i64, &str), &NewOperation> = chunk
+        .iter()
+        .map(|op| ((op.kind.as_str(), op.list_id.0, op.email.as_str()), op))
+        .collect();
+    rows.iter()
+        .map(|row| {
+            let id: i64 = row.try_get("", "id")?;
+            let kind: String = row.try_get("", "kind")?;
+            let list_id: i64 = row.try_get("", "list_id")?;
+            let email: String = row.try_get("", "email")?;
+            let op = by_key
+                .get(&(kind.as_str(), list_id, email.as_str()))
+                .context("an operation recorded twice in one statement")?;
+            Ok((op.kind, op.list_id, op.email.clone(), id))
+        })
+        .collect()
 }
 
 impl Store {
@@ -118,32 +189,62 @@ impl Store {
         let now = now_ms();
         let txn = self.db.begin().await?;
         self.check_fence(&txn).await?;
+        let mut recorded = Vec::with_capacity(ops.len());
         for chunk in ops.chunks(CHUNK) {
-            operation::Entity::insert_many(chunk.iter().map(|op| operation::ActiveModel {
-                run_id: Set(run_id.clone()),
-                kind: Set(op.kind),
-                list_id: Set(op.list_id),
-                email: Set(op.email.to_string()),
-                edm_id: Set(op.edm_id),
-                link_man_id: Set(op.link_man_id),
-                customer_id: Set(op.customer_id),
-                fullname: Set(op.fields.fullname().to_string()),
-                vars: Set(vars_to_json(&op.fields)),
-                status: Set(OpStatus::Pending),
-                attempts: Set(0),
-                last_error: Set(None),
-                export_matched: Set(false),
-                created_at: Set(now),
-                updated_at: Set(now),
-                ..Default::default()
-            }))
-            .exec_without_returning(&txn)
-            .await
-            .context("cannot record operations")?;
+            let mut insert =
+                operation::Entity::insert_many(chunk.iter().map(|op| operation::ActiveModel {
+                    run_id: Set(run_id.clone()),
+                    kind: Set(op.kind),
+                    list_id: Set(op.list_id),
+                    email: Set(op.email.to_string()),
+                    edm_id: Set(op.edm_id),
+                    link_man_id: Set(op.link_man_id),
+                    customer_id: Set(op.customer_id),
+                    fullname: Set(op.fields.fullname().to_string()),
+                    vars: Set(vars_to_json(&op.fields)),
+                    status: Set(OpStatus::Pending),
+                    attempts: Set(0),
+                    last_error: Set(None),
+                    export_matched: Set(false),
+                    created_at: Set(now),
+                    updated_at: Set(now),
+                    ..Default::default()
+                }))
+                .into_query();
+            insert.returning(sea_orm::sea_query::Query::returning().columns([
+                operation::Column::Id,
+                operation::Column::Kind,
+                operation::Column::ListId,
+                operation::Column::Email,
+            ]));
+            let rows = txn
+                .query_all(&insert)
+                .await
+                .context("cannot record operations")?;
+            recorded.extend(ids_of(chunk, &rows)?);
         }
         txn.commit().await.context("cannot commit operations")?;
+        self.in_flight.note(run_id, recorded);
         self.analyze_if_grown(ops.len() as u64).await;
         Ok(())
+    }
+
+    /// This run's pending `kind` operations on `emails` in `list_id`, by
+    /// their ids when this process recorded every one of them (which
+    /// settles them in [`InFlight`]), else by run, kind, list and address.
+    fn batch_rows(
+        &self,
+        run_id: &RunId,
+        kind: OpKind,
+        list_id: ListId,
+        emails: &[&Email],
+    ) -> sea_orm::Condition {
+        match self.in_flight.take(run_id, kind, list_id, emails) {
+            Some(ids) => sea_orm::Condition::all()
+                .add(operation::Column::Id.is_in(ids))
+                .add(operation::Column::Status.eq(OpStatus::Pending)),
+            None => pending_of_run(run_id, kind, list_id, emails),
+        }
     }
 
     /// Refreshes PostgreSQL's statistics on `operations` and `members`
@@ -208,7 +309,7 @@ impl Store {
                     operation::Column::Attempts,
                     sea_orm::sea_query::Expr::col(operation::Column::Attempts).add(1),
                 )
-                .filter(pending_of_run(run_id, kind, list_id, chunk))
+                .filter(self.batch_rows(run_id, kind, list_id, chunk))
                 .exec(&txn)
                 .await
                 .context("cannot mark operations done")?;
@@ -233,7 +334,7 @@ impl Store {
         let txn = self.db.begin().await?;
         for chunk in emails.chunks(CHUNK) {
             operation::Entity::delete_many()
-                .filter(pending_of_run(run_id, kind, list_id, chunk))
+                .filter(self.batch_rows(run_id, kind, list_id, chunk))
                 .filter(operation::Column::Attempts.eq(0))
                 .exec(&txn)
                 .await
@@ -306,7 +407,7 @@ impl Store {
                 update = update.col_expr(operation::Column::Status, Expr::value(status.to_value()));
             }
             update
-                .filter(pending_of_run(run_id, kind, list_id, chunk))
+                .filter(self.batch_rows(run_id, kind, list_id, chunk))
                 .exec(&txn)
                 .await?;
         }
