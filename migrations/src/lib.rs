@@ -15,6 +15,7 @@ mod m20261130_000008_index_export_lines_by_list;
 mod m20261130_000009_create_log_notes;
 mod m20261204_000010_describe_log_notes;
 mod m20261204_000011_create_run_requests;
+mod m20261205_000012_index_ledger_by_status_and_id;
 
 /// The migrator: every migration in order.
 pub struct Migrator;
@@ -34,6 +35,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261130_000009_create_log_notes::Migration),
             Box::new(m20261204_000010_describe_log_notes::Migration),
             Box::new(m20261204_000011_create_run_requests::Migration),
+            Box::new(m20261205_000012_index_ledger_by_status_and_id::Migration),
         ]
     }
 }
