@@ -107,29 +107,45 @@ pub fn planned_adds<'d>(
 }
 
 /// Computes the plan. Takes the desired members: their texts move into
-/// the planned adds and edits rather than being copied.
+/// the planned adds and edits rather than being copied, and the planned
+/// adds are collected into the desired members' own buffer (the two types
+/// have one layout, so `collect` reuses the allocation): a first sync of a
+/// million link-men does not hold a second million-entry `Vec` (64 MB).
 pub fn plan(desired: DesiredMembers, state: &Members, suppressions: &Suppressions) -> Plan {
     let mut plan = Plan {
         unsubs: planned_unsubs(&desired, state, suppressions),
         ..Plan::default()
     };
-    for want in desired {
-        if suppressions.blocks_writes(&want.key) {
-            plan.suppressed.push(want.key);
-            continue;
-        }
-        match state.get(&want.key) {
-            Some(have) if have.present => keep_in_step(&mut plan, want, have),
-            _ => plan.adds.push(PlannedAdd {
-                key: want.key,
-                link_man_id: want.link_man_id,
-                customer_id: want.customer_id,
-                fields: want.fields,
-            }),
-        }
-    }
+    let adds = desired
+        .into_iter()
+        .filter_map(|want| {
+            if suppressions.blocks_writes(&want.key) {
+                plan.suppressed.push(want.key);
+                return None;
+            }
+            match state.get(&want.key) {
+                Some(have) if have.present => {
+                    keep_in_step(&mut plan, want, have);
+                    None
+                }
+                _ => Some(PlannedAdd {
+                    key: want.key,
+                    link_man_id: want.link_man_id,
+                    customer_id: want.customer_id,
+                    fields: want.fields,
+                }),
+            }
+        })
+        .collect();
+    plan.adds = adds;
     plan
 }
+
+/// What lets [`plan`] collect the adds in place.
+const _: () = assert!(
+    std::mem::size_of::<PlannedAdd>() == std::mem::size_of::<DesiredMember>()
+        && std::mem::align_of::<PlannedAdd>() == std::mem::align_of::<DesiredMember>()
+);
 
 /// A desired member EDM holds: an adoption or owner change, and an edit
 /// where the texts differ.
