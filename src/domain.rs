@@ -510,6 +510,13 @@ impl Members {
         }
     }
 
+    /// How many members of `list_id` EDM holds, as far as is known.
+    pub fn present_in(&self, list_id: ListId) -> usize {
+        self.values()
+            .filter(|m| m.key.list_id == list_id && m.present)
+            .count()
+    }
+
     pub fn len(&self) -> usize {
         self.sorted.len() + self.later.len()
     }

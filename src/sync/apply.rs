@@ -27,6 +27,11 @@ pub struct Applier<'a> {
     pub retry_parked: bool,
     /// The refusal memory, loaded when applying starts.
     pub refusals: HashMap<RefusalKey, EdmRefusal>,
+    /// Members added by this run, per list. The rows themselves are in
+    /// the state database only: nothing later in the run reads them, and
+    /// keeping a first sync's million rows in `members` as well as its
+    /// plan doubled its peak memory.
+    added: BTreeMap<ListId, usize>,
 }
 
 /// An add or unsubscribe batch, and what is left of it to send.
@@ -75,7 +80,14 @@ impl<'a> Applier<'a> {
             counts,
             retry_parked,
             refusals: HashMap::new(),
+            added: BTreeMap::new(),
         }
+    }
+
+    /// How many addresses list `list_id` is believed to hold: the state
+    /// database's present members and this run's adds.
+    pub(super) fn known_in(&self, list_id: ListId) -> usize {
+        self.members.present_in(list_id) + self.added.get(&list_id).copied().unwrap_or(0)
     }
 
     /// Whether the operation `(op, key)` with `content` is parked: EDM
@@ -463,7 +475,7 @@ impl<'a> Applier<'a> {
         adds: &HashMap<Email, PlannedAdd>,
         lost: &RemoteError,
     ) -> anyhow::Result<Option<Vec<Email>>> {
-        let found = match lookup(self.ctx, list_id, &remaining, self.members).await {
+        let found = match lookup(self.ctx, list_id, &remaining, self.known_in(list_id)).await {
             Ok(found) => found,
             Err(check) => {
                 let text = format!("{lost}; then checking the list failed: {check}");
@@ -631,8 +643,13 @@ impl<'a> Applier<'a> {
             BatchKind::Unsub => self.counts.unsubscribed += refs.len(),
         }
         crate::metrics::operations(metric_kind(op), Ended::Done, refs.len());
-        for row in rows {
-            self.members.insert(row.key.clone(), row);
+        match kind {
+            BatchKind::Add => *self.added.entry(list_id).or_default() += rows.len(),
+            BatchKind::Unsub => {
+                for row in rows {
+                    self.members.insert(row.key.clone(), row);
+                }
+            }
         }
         let emails: Vec<Email> = done.into_iter().map(|(e, _)| e).collect();
         let refs: Vec<&Email> = emails.iter().collect();

@@ -121,7 +121,7 @@ pub async fn relearn(
     let found = if adds.is_empty() {
         HashMap::new()
     } else {
-        lookup(ctx, list_id, &adds, members)
+        lookup(ctx, list_id, &adds, members.present_in(list_id))
             .await
             .with_context(|| {
                 format!("cannot look up list {list_id}'s planned adds; nothing was applied")

@@ -240,7 +240,7 @@ async fn check_pending(
         let found = if to_check.is_empty() {
             HashMap::new()
         } else {
-            lookup(ctx, list_id, &to_check, members)
+            lookup(ctx, list_id, &to_check, members.present_in(list_id))
                 .await
                 .with_context(|| {
                     format!("cannot check list {list_id} for operations left pending")

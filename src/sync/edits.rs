@@ -113,7 +113,7 @@ impl Applier<'_> {
         let found = if unknown.is_empty() {
             HashMap::new()
         } else {
-            lookup(self.ctx, list_id, &unknown, self.members)
+            lookup(self.ctx, list_id, &unknown, self.known_in(list_id))
                 .await
                 .with_context(|| format!("cannot find EDM ids for edits in list {list_id}"))?
         };

@@ -2,24 +2,20 @@
 
 use std::collections::HashMap;
 
-use crate::domain::{Email, ListId, Members};
+use crate::domain::{Email, ListId};
 use crate::edm::EdmAddress;
 use crate::jobs::Context;
 use crate::remote::RemoteError;
 
 /// Finds which of `emails` list `list_id` holds: one keyword search each
-/// when that is fewer requests than reading the whole list, else one
-/// whole read.
+/// when that is fewer requests than reading the whole list (`known`: how
+/// many addresses the list is believed to hold), else one whole read.
 pub async fn lookup(
     ctx: &Context,
     list_id: ListId,
     emails: &[Email],
-    members: &Members,
+    known: usize,
 ) -> Result<HashMap<Email, EdmAddress>, RemoteError> {
-    let known = members
-        .values()
-        .filter(|m| m.key.list_id == list_id && m.present)
-        .count();
     let pages = known / ctx.edm.list_page_size() as usize + 1;
     let mut found: HashMap<Email, EdmAddress> = HashMap::new();
     let mut keep = |addr: EdmAddress| {
