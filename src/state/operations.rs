@@ -61,14 +61,25 @@ pub struct PendingRow {
 /// for each batch — 185 000 rows a batch, and most of the database time,
 /// at a million link-men. A batch whose ids are not all known (recorded by
 /// another process, or before a restart) is still found the old way.
+///
+/// A run that ends on an error between recording a batch and settling it
+/// leaves its ids here; so that a daemon running for years cannot gather
+/// them, the whole memory is dropped once it holds [`MAX_IN_FLIGHT`]
+/// (batches are then found the old way until the next is recorded).
 #[derive(Debug, Clone, Default)]
 pub(super) struct InFlight(Arc<Mutex<HashMap<InFlightKey, i64>>>);
 
 type InFlightKey = (RunId, OpKind, ListId, Email);
 
+/// Far above the batches one run has in flight (two of `edm.batch_size`).
+const MAX_IN_FLIGHT: usize = 100_000;
+
 impl InFlight {
     fn note(&self, run_id: &RunId, rows: impl IntoIterator<Item = (OpKind, ListId, Email, i64)>) {
         let mut ids = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if ids.len() >= MAX_IN_FLIGHT {
+            ids.clear();
+        }
         for (kind, list_id, email, id) in rows {
             ids.insert((run_id.clone(), kind, list_id, email), id);
         }
@@ -443,5 +454,36 @@ impl Store {
                 })
                 .collect(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_in_flight_ids_are_dropped_whole_once_they_reach_their_bound() {
+        // Arrange: the memory full of one run's ids.
+        let in_flight = InFlight::default();
+        let run = RunId::from_stored("r");
+        let email = |k: usize| Email::parse(&format!("m{k}@x.cn")).unwrap();
+        in_flight.note(
+            &run,
+            (0..MAX_IN_FLIGHT).map(|k| (OpKind::Add, ListId(1), email(k), k as i64)),
+        );
+
+        // Act: one more batch is recorded.
+        in_flight.note(&run, [(OpKind::Add, ListId(1), email(MAX_IN_FLIGHT), -1)]);
+
+        // Assert: the old ids are gone (found by address from now on), the
+        // new one is known.
+        assert_eq!(
+            in_flight.take(&run, OpKind::Add, ListId(1), &[&email(0)]),
+            None
+        );
+        assert_eq!(
+            in_flight.take(&run, OpKind::Add, ListId(1), &[&email(MAX_IN_FLIGHT)]),
+            Some(vec![-1])
+        );
     }
 }
