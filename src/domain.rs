@@ -83,10 +83,12 @@ pub enum EmailError {
     BadDomain,
 }
 
-/// A normalised (trimmed, lowercased) and valid mailbox address.
+/// A normalised (trimmed, lowercased) and valid mailbox address. A boxed
+/// `str` (16 bytes, not a `String`'s 24): a run holds two of them per
+/// member of a million-member list.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct Email(String);
+pub struct Email(Box<str>);
 
 impl Email {
     /// Normalises a CRM value (trim, ASCII lowercase) and validates it.
@@ -98,7 +100,7 @@ impl Email {
     pub fn parse(raw: &str) -> Result<Self, EmailError> {
         let normalised = raw.trim().to_ascii_lowercase();
         validate_mailbox(&normalised)?;
-        Ok(Email(normalised))
+        Ok(Email(normalised.into_boxed_str()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -127,7 +129,7 @@ impl TryFrom<String> for Email {
 
 impl From<Email> for String {
     fn from(value: Email) -> Self {
-        value.0
+        value.0.into_string()
     }
 }
 

@@ -64,7 +64,7 @@ pub struct Collision {
     pub others: Vec<LinkManId>,
 }
 
-/// The desired members, one per key, sorted by key: a plain `Vec` (64
+/// The desired members, one per key, sorted by key: a plain `Vec` (56
 /// bytes a member before its texts), not a map, because it is built once,
 /// read in order by the planner and looked up by binary search. At a
 /// million link-men a map's slack and per-entry overhead cost hundreds of
