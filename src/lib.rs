@@ -23,7 +23,7 @@ pub(crate) mod demo;
 pub mod domain;
 pub mod edm;
 pub mod explain;
-pub mod ids;
+pub(crate) mod ids;
 pub(crate) mod instance;
 pub mod jobs;
 pub mod lock;
