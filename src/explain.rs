@@ -17,7 +17,9 @@ use std::process::ExitCode;
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::domain::{CustomerId, Email, LinkManId, ListId, json_text, mask_address};
+use crate::domain::{
+    CustomerId, Email, LinkManId, ListId, MemberFields, VAR_COUNT, json_text, mask_address,
+};
 use crate::state::{
     AddressFacts, Finding, FindingKind, MemberFact, OperationFact, RecordFact, RefusalFact, Store,
     SuppressionFact,
@@ -311,15 +313,20 @@ async fn ask_edm(
         (false, Some(_), _) => Some(format!(
             "list {list_id}: EDM holds it; the state database does not record it there (`--once --full` reads the list)"
         )),
-        (true, Some(a), Some(m)) => {
-            let vars: Vec<&str> = a.fields.vars().collect();
-            (a.fields.fullname() != m.fullname || vars != m.vars).then(|| format!(
-                "list {list_id}: EDM's fullname or variables differ from the state database's (`--once --full` repairs them)"
-            ))
-        }
+        (true, Some(a), Some(m)) => (!a.fields.same_values(&recorded_fields(m))).then(|| format!(
+            "list {list_id}: EDM's fullname or variables differ from the state database's (`--once --full` repairs them)"
+        )),
         _ => None,
     };
     live.disagreements.extend(disagreement);
+}
+
+/// The texts the state database recorded for `m`, compared with EDM's as
+/// the sync compares them (white space at either end set aside: EDM's
+/// answers are read trimmed, the CRM's texts are sent as they are).
+fn recorded_fields(m: &crate::state::MemberFact) -> MemberFields {
+    let vars: [&str; VAR_COUNT] = std::array::from_fn(|i| m.vars.get(i).map_or("", String::as_str));
+    MemberFields::raw(&m.fullname, &vars)
 }
 
 /// Whether the CRM still has the owning link-man, with this email.

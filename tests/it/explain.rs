@@ -393,3 +393,35 @@ async fn every_masked_address_the_logs_print_is_answered_with_its_candidates() {
         "{refused}"
     );
 }
+
+/// EDM's answers are read trimmed while the daemon sends the CRM's texts as
+/// they are: a name with a space at its end is the same value in both, as
+/// the sync itself judges it, and `--live` finds no disagreement.
+#[tokio::test]
+async fn explain_live_sets_white_space_at_either_end_of_a_value_aside() {
+    // Arrange: link-man 10's name ends in a space in the CRM, and is sent
+    // so; EDM answers it trimmed.
+    let sb = Sandbox::start().await.unwrap();
+    sb.edm.create_list(1, "客户");
+    sb.edm.create_list(2, "VIP");
+    seed_basic(&sb);
+    sb.crm
+        .set_linkman_field(10, "name", serde_json::json!(" 联系人1 "));
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&sb, &db.url, "", "[log]\nformat = \"json\"\n");
+    std::fs::write(dir.path().join("config.toml"), text).unwrap();
+    let cli = Cli { sb, _db: db, dir };
+    let first = cli.run(&["--once", "--job", "contacts"]).await;
+    assert!(first.status.success(), "{}", text_of(&first));
+
+    // Act
+    let text = cli.explain(&["lm1@example.com", "--live"]).await;
+
+    // Assert
+    assert!(!text.contains("differ"), "{text}");
+    assert!(
+        text.contains("the CRM and EDM agree with the state database"),
+        "{text}"
+    );
+}
