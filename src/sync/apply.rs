@@ -660,34 +660,39 @@ impl<'a> Applier<'a> {
 /// `items` as batches of at most `size` addresses, list by list; `add_of`
 /// says what an item adds (nothing for an unsubscribe). Each batch is made
 /// when it is next, so only the batch out and the one after it exist at
-/// once (a million adds made up front held a million-entry index).
+/// once (a million adds made up front held a million-entry index). The
+/// items are put in key order in place — they come in it, which the sort
+/// sees in linear time — so each list is one run of them, rather than
+/// copied into a `Vec` per list (88 MB beside the plan's own at a million
+/// adds).
 fn batches<T>(
-    items: Vec<T>,
+    mut items: Vec<T>,
     size: usize,
     key_of: impl Fn(&T) -> &MemberKey + Copy,
     add_of: impl Fn(T) -> Option<PlannedAdd> + Copy,
 ) -> impl Iterator<Item = Batch> {
-    group_by_list(items, move |t| key_of(t).list_id)
-        .into_iter()
-        .flat_map(move |(list_id, items)| {
-            let mut items = items.into_iter().peekable();
-            std::iter::from_fn(move || {
-                items.peek()?;
-                let mut batch = Batch {
-                    list_id,
-                    emails: Vec::with_capacity(size.max(1)),
-                    adds: HashMap::new(),
-                };
-                for item in items.by_ref().take(size.max(1)) {
-                    let email = key_of(&item).email.clone();
-                    if let Some(add) = add_of(item) {
-                        batch.adds.insert(email.clone(), add);
-                    }
-                    batch.emails.push(email);
-                }
-                Some(batch)
-            })
-        })
+    items.sort_unstable_by(|a, b| key_of(a).cmp(key_of(b)));
+    let size = size.max(1);
+    let mut items = items.into_iter().peekable();
+    std::iter::from_fn(move || {
+        let list_id = key_of(items.peek()?).list_id;
+        let mut batch = Batch {
+            list_id,
+            emails: Vec::with_capacity(size),
+            adds: HashMap::new(),
+        };
+        while batch.emails.len() < size {
+            let Some(item) = items.next_if(|i| key_of(i).list_id == list_id) else {
+                break;
+            };
+            let email = key_of(&item).email.clone();
+            if let Some(add) = add_of(item) {
+                batch.adds.insert(email.clone(), add);
+            }
+            batch.emails.push(email);
+        }
+        Some(batch)
+    })
 }
 
 fn group_by_list<T>(items: Vec<T>, list_of: impl Fn(&T) -> ListId) -> BTreeMap<ListId, Vec<T>> {
@@ -703,5 +708,57 @@ fn metric_kind(op: OpKind) -> Operation {
         OpKind::Add => Operation::Add,
         OpKind::Edit => Operation::Edit,
         OpKind::Unsub => Operation::Unsub,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{CustomerId, LinkManId, MemberFields};
+
+    fn add(list: i64, name: &str) -> PlannedAdd {
+        PlannedAdd {
+            key: MemberKey::new(ListId(list), Email::parse(&format!("{name}@x.cn")).unwrap()),
+            link_man_id: LinkManId(1),
+            customer_id: CustomerId(1),
+            fields: MemberFields::named(name),
+        }
+    }
+
+    #[test]
+    fn batches_hold_one_list_each_at_most_size_addresses_in_key_order() {
+        // Arrange: two lists' adds, interleaved and out of order.
+        let items = vec![
+            add(2, "d"),
+            add(1, "c"),
+            add(2, "a"),
+            add(1, "a"),
+            add(1, "b"),
+            add(2, "b"),
+            add(1, "d"),
+        ];
+
+        // Act
+        let made: Vec<Batch> = batches(items, 3, |a| &a.key, Some).collect();
+
+        // Assert: list 1 in two batches (3 + 1), then list 2 in one (3),
+        // each address in key order and with what it adds.
+        let shape: Vec<(i64, Vec<&str>)> = made
+            .iter()
+            .map(|b| (b.list_id.0, b.emails.iter().map(Email::as_str).collect()))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (1, vec!["a@x.cn", "b@x.cn", "c@x.cn"]),
+                (1, vec!["d@x.cn"]),
+                (2, vec!["a@x.cn", "b@x.cn", "d@x.cn"]),
+            ]
+        );
+        for b in &made {
+            for email in &b.emails {
+                assert_eq!(b.adds[email].key.email, *email);
+            }
+        }
     }
 }
