@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use crate::config::Settings;
 use crate::domain::{ListId, Origin};
-use crate::state::{EdmRefusal, ParkedRecord, PendingRow, RunRow, Store};
+use crate::state::{EdmRefusal, ParkedRecord, PendingRow, RunRequest, RunRow, Store};
 use crate::stored_enums::{LedgerStatus, RecordKind, SuppressionReason, SuppressionSource};
 
 /// Runs shown per job.
@@ -69,6 +69,8 @@ async fn runs_per_job(store: &Store) -> anyhow::Result<Vec<RunRow>> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatusReport {
     pub runs: Vec<RunRow>,
+    /// `--once` runs asked of the daemon and not yet answered.
+    pub requests: Vec<RunRequest>,
     pub pending_total: u64,
     pub pending: Vec<PendingRow>,
     pub suppressions: Vec<(SuppressionReason, u64)>,
@@ -100,6 +102,7 @@ impl StatusReport {
             parked_records_total,
             parked_records,
             runs: runs_per_job(store).await?,
+            requests: store.open_run_requests().await?,
             pending_total,
             pending,
             suppressions: store.suppression_counts().await?,
@@ -173,6 +176,7 @@ impl StatusReport {
             .collect();
         json!({
             "runs": runs,
+            "run_requests": self.requests_json(),
             "pending_operations": {"total": self.pending_total, "oldest": pending},
             "parked_operations": {"total": self.parked_total, "oldest": parked},
             "parked_records": {"total": self.parked_records_total, "oldest": parked_records},
@@ -189,14 +193,69 @@ impl StatusReport {
         })
     }
 
+    /// The `--once` runs asked of the daemon, as JSON.
+    fn requests_json(&self) -> Vec<serde_json::Value> {
+        self.requests
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.id, "job": r.ask.job, "full": r.ask.full, "force": r.ask.force,
+                    "retry_parked": r.ask.retry_parked, "state": r.state.as_str(),
+                    "requested_by": r.requested_by, "requested_at": when(r.requested_at),
+                    "claimed_by": r.claimed_by,
+                })
+            })
+            .collect()
+    }
+
     /// The report as text, for people.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         self.write_runs(&mut out);
+        self.write_requests(&mut out);
         self.write_operations(&mut out);
         self.write_suppressions(&mut out);
         self.write_records_and_members(&mut out);
         out
+    }
+
+    /// `--once` runs waiting for the daemon (none: nothing is printed).
+    fn write_requests(&self, out: &mut String) {
+        if self.requests.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "--once runs asked of the daemon: {}",
+            self.requests.len()
+        );
+        for r in &self.requests {
+            let job = r
+                .ask
+                .job
+                .map_or("contacts then writeback".to_string(), |j| j.to_string());
+            let flags: String = [
+                (r.ask.full, " --full"),
+                (r.ask.force, " --force"),
+                (r.ask.retry_parked, " --retry-parked"),
+            ]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, flag)| *flag)
+            .collect();
+            let _ = writeln!(
+                out,
+                "  #{} {job}{flags}: {} since {}, asked by {}{}",
+                r.id,
+                r.state.as_str(),
+                when(r.requested_at),
+                r.requested_by,
+                r.claimed_by
+                    .as_deref()
+                    .map(|d| format!(", run by {d}"))
+                    .unwrap_or_default()
+            );
+        }
     }
 
     /// The last runs, with their counts and errors.
@@ -362,6 +421,20 @@ mod tests {
         // Arrange
         let report = StatusReport {
             runs: vec![],
+            requests: vec![RunRequest {
+                id: 4,
+                ask: crate::state::RunAsk {
+                    job: Some(crate::stored_enums::Job::Contacts),
+                    full: true,
+                    ..Default::default()
+                },
+                state: crate::stored_enums::RequestState::Running,
+                requested_by: "ops-host-811".into(),
+                requested_at: 0,
+                claimed_by: Some("daemon-host-12".into()),
+                succeeded: None,
+                output: None,
+            }],
             pending_total: 3,
             pending: vec![PendingRow {
                 id: 7,
@@ -398,6 +471,16 @@ mod tests {
         let json = report.to_json();
 
         // Assert
+        assert!(
+            text.contains("#4 contacts --full: running since 1970-01-01"),
+            "{text}"
+        );
+        assert!(
+            text.contains("asked by ops-host-811, run by daemon-host-12"),
+            "{text}"
+        );
+        assert_eq!(json["run_requests"][0]["state"], "running");
+        assert_eq!(json["run_requests"][0]["claimed_by"], "daemon-host-12");
         assert!(text.contains("pending operations: 3"), "{text}");
         assert_eq!(json["pending_operations"]["total"], 3);
         assert!(text.contains("#7 unsub list 2 z***@example.com"), "{text}");

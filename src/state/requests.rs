@@ -29,6 +29,8 @@ pub struct RunRequest {
     pub ask: RunAsk,
     pub state: RequestState,
     pub requested_by: String,
+    /// When it was asked (ms since the epoch).
+    pub requested_at: i64,
     pub claimed_by: Option<String>,
     pub succeeded: Option<bool>,
     pub output: Option<String>,
@@ -46,6 +48,7 @@ impl From<run_request::Model> for RunRequest {
             },
             state: m.state,
             requested_by: m.requested_by,
+            requested_at: m.requested_at,
             claimed_by: m.claimed_by,
             succeeded: m.succeeded,
             output: m.output,
@@ -86,6 +89,20 @@ impl Store {
             .await
             .context("cannot read the run request")?
             .map(RunRequest::from))
+    }
+
+    /// Requests not yet answered (queued, or running in a daemon), oldest
+    /// first: `--once` runs waiting for the daemon, for `status`.
+    pub async fn open_run_requests(&self) -> anyhow::Result<Vec<RunRequest>> {
+        Ok(run_request::Entity::find()
+            .filter(run_request::Column::State.is_in([RequestState::Queued, RequestState::Running]))
+            .order_by_asc(run_request::Column::Id)
+            .all(&self.db)
+            .await
+            .context("cannot read the run requests")?
+            .into_iter()
+            .map(RunRequest::from)
+            .collect())
     }
 
     /// Cancels request `id` if no daemon took it; `false` if one did.
@@ -214,6 +231,7 @@ mod tests {
             let second = a.request_run(RunAsk::default(), "once-2").await.unwrap();
 
             // Act
+            let open_before = a.open_run_requests().await.unwrap();
             let claimed_a = a.claim_run_request("daemon-a").await.unwrap().unwrap();
             let claimed_b = b.claim_run_request("daemon-b").await.unwrap().unwrap();
             let none_left = a.claim_run_request("daemon-a").await.unwrap();
@@ -221,12 +239,17 @@ mod tests {
             a.finish_run_request(first, false, "crm-edm-sync: contacts: refused\n")
                 .await
                 .unwrap();
+            let open_while_running = a.open_run_requests().await.unwrap();
             let third = a.request_run(RunAsk::default(), "once-3").await.unwrap();
             let cancel_queued = a.cancel_run_request(third).await.unwrap();
             let failed = b.fail_unfinished_run_requests("gone").await.unwrap();
             let pruned = a.prune_run_requests(now_ms() + 1).await.unwrap();
 
-            // Assert: oldest first, each taken by one daemon only.
+            // Assert: `status` sees the two queued, then the one running.
+            let ids = |r: &[RunRequest]| r.iter().map(|r| r.id).collect::<Vec<_>>();
+            assert_eq!(ids(&open_before), [first, second], "{url}");
+            assert_eq!(ids(&open_while_running), [second], "{url}");
+            // Oldest first, each taken by one daemon only.
             assert_eq!((claimed_a.id, claimed_a.ask), (first, ask), "{url}");
             assert_eq!(claimed_a.claimed_by.as_deref(), Some("daemon-a"));
             assert_eq!(claimed_b.id, second, "{url}");
