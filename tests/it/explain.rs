@@ -17,20 +17,32 @@ struct Cli {
     dir: tempfile::TempDir,
 }
 
-/// Ten customers (6–10 routed to list 2), one link-man each, synced once.
-async fn synced() -> Cli {
+/// Ten customers (6–10 routed to list 2), one link-man each, with
+/// `prepare` applied to the sandbox; nothing run yet.
+async fn seeded(prepare: impl FnOnce(&Sandbox)) -> Cli {
     let sb = Sandbox::start().await.unwrap();
     sb.edm.create_list(1, "客户");
     sb.edm.create_list(2, "VIP");
     seed_basic(&sb);
+    prepare(&sb);
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let text = config_text(&sb, &db.url, "", "[log]\nformat = \"json\"\n");
     std::fs::write(dir.path().join("config.toml"), text).unwrap();
-    let cli = Cli { sb, _db: db, dir };
+    Cli { sb, _db: db, dir }
+}
+
+/// [`seeded`], then synced once.
+async fn synced_after(prepare: impl FnOnce(&Sandbox)) -> Cli {
+    let cli = seeded(prepare).await;
     let first = cli.run(&["--once", "--job", "contacts"]).await;
     assert!(first.status.success(), "{}", text_of(&first));
     cli
+}
+
+/// Ten customers, one link-man each, synced once.
+async fn synced() -> Cli {
+    synced_after(|_| {}).await
 }
 
 impl Cli {
@@ -128,37 +140,28 @@ async fn explain_shows_a_user_unsubscribe_as_a_suppression_with_its_source() {
 #[tokio::test]
 async fn explain_lists_refusals_and_contact_history_records() {
     // Arrange: EDM refuses lm4; lm1 opened campaign 100; both jobs ran.
-    let sb = Sandbox::start().await.unwrap();
-    sb.edm.create_list(1, "客户");
-    sb.edm.create_list(2, "VIP");
-    seed_basic(&sb);
-    sb.edm
-        .refuse_address("lm4@example.com", "add_address_error", "address refused");
-    let today = crate::common::edm_today().format("%Y-%m-%d").to_string();
-    sb.edm.put_campaign(SandboxCampaign {
-        id: 100,
-        sn: "20261120-100".into(),
-        name: "促销".into(),
-        list_id: 1,
-        date: today.clone(),
-        send_status: 3,
-        track_status: 1,
-        opens: vec![(
-            "lm1@example.com".into(),
-            2,
-            format!("{today} 09:00:00"),
-            format!("{today} 10:00:00"),
-        )],
-        ..Default::default()
-    });
-    let db = TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("config.toml"),
-        config_text(&sb, &db.url, "", "[log]\nformat = \"json\"\n"),
-    )
-    .unwrap();
-    let cli = Cli { sb, _db: db, dir };
+    let cli = seeded(|sb| {
+        sb.edm
+            .refuse_address("lm4@example.com", "add_address_error", "address refused");
+        let today = crate::common::edm_today().format("%Y-%m-%d").to_string();
+        sb.edm.put_campaign(SandboxCampaign {
+            id: 100,
+            sn: "20261120-100".into(),
+            name: "促销".into(),
+            list_id: 1,
+            date: today.clone(),
+            send_status: 3,
+            track_status: 1,
+            opens: vec![(
+                "lm1@example.com".into(),
+                2,
+                format!("{today} 09:00:00"),
+                format!("{today} 10:00:00"),
+            )],
+            ..Default::default()
+        });
+    })
+    .await;
     cli.run(&["--once"]).await;
 
     // Act
@@ -324,36 +327,27 @@ async fn a_hard_bounce_shows_in_every_synced_list_with_its_campaign_and_never_as
 async fn every_masked_address_the_logs_print_is_answered_with_its_candidates() {
     // Arrange: an invalid email (customer 11), an address two link-men
     // share (customer 12), and an address EDM refuses to add (lm4).
-    let sb = Sandbox::start().await.unwrap();
-    sb.edm.create_list(1, "客户");
-    sb.edm.create_list(2, "VIP");
-    seed_basic(&sb);
-    sb.crm
-        .put_customer(11, serde_json::json!({"name": "公司11", "type_id": 1}));
-    sb.crm.put_linkman(
-        11,
-        110,
-        serde_json::json!({"name": "无效", "email": "Not-An-Address"}),
-    );
-    sb.crm
-        .put_customer(12, serde_json::json!({"name": "公司12", "type_id": 1}));
-    for id in [120, 121] {
+    let cli = seeded(|sb| {
+        sb.crm
+            .put_customer(11, serde_json::json!({"name": "公司11", "type_id": 1}));
         sb.crm.put_linkman(
-            12,
-            id,
-            serde_json::json!({"name": "共用", "email": "shared@example.com"}),
+            11,
+            110,
+            serde_json::json!({"name": "无效", "email": "Not-An-Address"}),
         );
-    }
-    sb.edm
-        .refuse_address("lm4@example.com", "add_address_error", "address refused");
-    let db = TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("config.toml"),
-        config_text(&sb, &db.url, "", "[log]\nformat = \"json\"\n"),
-    )
-    .unwrap();
-    let cli = Cli { sb, _db: db, dir };
+        sb.crm
+            .put_customer(12, serde_json::json!({"name": "公司12", "type_id": 1}));
+        for id in [120, 121] {
+            sb.crm.put_linkman(
+                12,
+                id,
+                serde_json::json!({"name": "共用", "email": "shared@example.com"}),
+            );
+        }
+        sb.edm
+            .refuse_address("lm4@example.com", "add_address_error", "address refused");
+    })
+    .await;
     let run = cli.run(&["--once", "--job", "contacts"]).await;
     let logs = text_of(&run);
     // The masked forms are those the log lines print.
@@ -401,19 +395,11 @@ async fn every_masked_address_the_logs_print_is_answered_with_its_candidates() {
 async fn explain_live_sets_white_space_at_either_end_of_a_value_aside() {
     // Arrange: link-man 10's name ends in a space in the CRM, and is sent
     // so; EDM answers it trimmed.
-    let sb = Sandbox::start().await.unwrap();
-    sb.edm.create_list(1, "客户");
-    sb.edm.create_list(2, "VIP");
-    seed_basic(&sb);
-    sb.crm
-        .set_linkman_field(10, "name", serde_json::json!(" 联系人1 "));
-    let db = TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let text = config_text(&sb, &db.url, "", "[log]\nformat = \"json\"\n");
-    std::fs::write(dir.path().join("config.toml"), text).unwrap();
-    let cli = Cli { sb, _db: db, dir };
-    let first = cli.run(&["--once", "--job", "contacts"]).await;
-    assert!(first.status.success(), "{}", text_of(&first));
+    let cli = synced_after(|sb| {
+        sb.crm
+            .set_linkman_field(10, "name", serde_json::json!(" 联系人1 "));
+    })
+    .await;
 
     // Act
     let text = cli.explain(&["lm1@example.com", "--live"]).await;
