@@ -67,9 +67,11 @@ pub struct PendingRow {
 /// them, the whole memory is dropped once it holds [`MAX_IN_FLIGHT`]
 /// (batches are then found the old way until the next is recorded).
 #[derive(Debug, Clone, Default)]
-pub(super) struct InFlight(Arc<Mutex<HashMap<InFlightKey, i64>>>);
+pub(super) struct InFlight(Arc<Mutex<InFlightIds>>);
 
-type InFlightKey = (RunId, OpKind, ListId, Email);
+/// Row ids by run, by (kind, list), by address: a batch is one inner map,
+/// found once, and its addresses are looked up without a copy of the key.
+type InFlightIds = HashMap<RunId, HashMap<(OpKind, ListId), HashMap<Email, i64>>>;
 
 /// Far above the batches one run has in flight (two of `edm.batch_size`).
 const MAX_IN_FLIGHT: usize = 100_000;
@@ -77,11 +79,17 @@ const MAX_IN_FLIGHT: usize = 100_000;
 impl InFlight {
     fn note(&self, run_id: &RunId, rows: impl IntoIterator<Item = (OpKind, ListId, Email, i64)>) {
         let mut ids = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if ids.len() >= MAX_IN_FLIGHT {
+        let held: usize = ids
+            .values()
+            .flat_map(HashMap::values)
+            .map(HashMap::len)
+            .sum();
+        if held >= MAX_IN_FLIGHT {
             ids.clear();
         }
+        let run = ids.entry(run_id.clone()).or_default();
         for (kind, list_id, email, id) in rows {
-            ids.insert((run_id.clone(), kind, list_id, email), id);
+            run.entry((kind, list_id)).or_default().insert(email, id);
         }
     }
 
@@ -94,15 +102,16 @@ impl InFlight {
         emails: &[&Email],
     ) -> Option<Vec<i64>> {
         let mut ids = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut found = Vec::with_capacity(emails.len());
-        let mut all = true;
-        for &email in emails {
-            match ids.remove(&(run_id.clone(), kind, list_id, email.clone())) {
-                Some(id) => found.push(id),
-                None => all = false,
-            }
+        let run = ids.get_mut(run_id)?;
+        let batch = run.get_mut(&(kind, list_id))?;
+        let found: Vec<i64> = emails.iter().filter_map(|e| batch.remove(*e)).collect();
+        if batch.is_empty() {
+            run.remove(&(kind, list_id));
         }
-        all.then_some(found)
+        if run.is_empty() {
+            ids.remove(run_id);
+        }
+        (found.len() == emails.len()).then_some(found)
     }
 }
 
