@@ -418,10 +418,69 @@ pub struct MemberState {
 /// those a run learns or adds go into a small map beside it, merged into
 /// the `Vec` whenever the map reaches an eighth of it, so neither part
 /// carries a large table.
+///
+/// A contacts run also marks here which members its pull wants exactly as
+/// recorded ([`Members::want_as_is`]), so that the pull need not keep a
+/// copy of them: see [`WantedAsIs`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Members {
     sorted: Vec<MemberState>,
     later: std::collections::HashMap<MemberKey, MemberState>,
+    /// One bit per member of `sorted`: wanted as recorded. Empty until a
+    /// pull marks some.
+    as_is: Vec<u64>,
+    /// Members that were wanted as recorded and have since been replaced
+    /// (the read phase learnt something about them): the pull's wish for
+    /// them is their record as it was, handed back by
+    /// [`Members::take_reopened`].
+    reopened: Vec<MemberState>,
+    /// Changes whenever a member moves in `sorted`: positions handed out
+    /// by [`Members::position`] are only good while it stays the same.
+    generation: u64,
+}
+
+/// Which recorded members a pull wants exactly as they are recorded (the
+/// same owner and the same texts, EDM holding them): positions in the
+/// members' sorted part, good for the generation they were taken in.
+///
+/// A no-change rerun's pull would otherwise hold a second image of every
+/// member (a candidate with its own copy of the address and the fields):
+/// 150 MB at a million link-men. With this, it holds one bit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WantedAsIs {
+    positions: Vec<u32>,
+    generation: u64,
+}
+
+impl WantedAsIs {
+    pub fn new(mut positions: Vec<u32>, generation: u64) -> Self {
+        positions.sort_unstable();
+        positions.dedup();
+        WantedAsIs {
+            positions,
+            generation,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+}
+
+/// [`Members::want_as_is`] was handed positions taken before the members
+/// changed: a defect of the caller, reported instead of marking the
+/// wrong members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the members changed between the pull and its marking of unchanged members (generation {taken} vs {now})"
+)]
+pub struct StalePositions {
+    pub taken: u64,
+    pub now: u64,
 }
 
 impl Members {
@@ -446,16 +505,91 @@ impl Members {
         });
         Members {
             sorted: rows,
-            later: Default::default(),
+            ..Default::default()
         }
     }
 
-    fn position(&self, key: &MemberKey) -> Result<usize, usize> {
+    fn search(&self, key: &MemberKey) -> Result<usize, usize> {
         self.sorted.binary_search_by(|m| m.key.cmp(key))
     }
 
+    /// Where `key`'s member sits, for a [`WantedAsIs`], and the member.
+    /// `None` when it is not recorded or was learnt during this run.
+    pub fn position(&self, key: &MemberKey) -> Option<(u32, &MemberState)> {
+        let at = self.search(key).ok()?;
+        Some((u32::try_from(at).ok()?, self.sorted.get(at)?))
+    }
+
+    /// The member at a position [`Members::position`] gave.
+    pub fn at(&self, position: u32) -> Option<&MemberState> {
+        self.sorted.get(position as usize)
+    }
+
+    /// What positions handed out now are good for.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Marks the members a pull wants as recorded.
+    pub fn want_as_is(&mut self, wanted: WantedAsIs) -> Result<(), StalePositions> {
+        if wanted.generation != self.generation {
+            return Err(StalePositions {
+                taken: wanted.generation,
+                now: self.generation,
+            });
+        }
+        self.as_is = vec![0; self.sorted.len().div_ceil(64)];
+        for at in wanted.positions {
+            self.set_as_is(at as usize, true);
+        }
+        Ok(())
+    }
+
+    fn is_as_is(&self, at: usize) -> bool {
+        self.as_is
+            .get(at / 64)
+            .is_some_and(|word| word & (1 << (at % 64)) != 0)
+    }
+
+    fn set_as_is(&mut self, at: usize, on: bool) {
+        if let Some(word) = self.as_is.get_mut(at / 64) {
+            if on {
+                *word |= 1 << (at % 64);
+            } else {
+                *word &= !(1 << (at % 64));
+            }
+        }
+    }
+
+    /// Whether this run's pull wants `key`'s member exactly as recorded.
+    pub fn wanted_as_is(&self, key: &MemberKey) -> bool {
+        self.search(key).is_ok_and(|at| self.is_as_is(at))
+    }
+
+    /// How many members the pull wants exactly as recorded.
+    pub fn wanted_as_is_count(&self) -> usize {
+        self.as_is.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Every member with whether the pull wants it as recorded, in no
+    /// particular order.
+    pub fn values_as_is(&self) -> impl Iterator<Item = (&MemberState, bool)> {
+        let sorted = self
+            .sorted
+            .iter()
+            .enumerate()
+            .map(|(at, m)| (m, self.is_as_is(at)));
+        sorted.chain(self.later.values().map(|m| (m, false)))
+    }
+
+    /// The records of members that were wanted as recorded and have been
+    /// replaced since: the pull's wish for each is that record.
+    pub fn take_reopened(&mut self) -> Vec<MemberState> {
+        std::mem::take(&mut self.reopened)
+    }
+
     pub fn get(&self, key: &MemberKey) -> Option<&MemberState> {
-        match self.position(key) {
+        match self.search(key) {
             Ok(at) => self.sorted.get(at),
             Err(_) => self.later.get(key),
         }
@@ -466,11 +600,21 @@ impl Members {
     }
 
     /// Puts `member` under `key` (its own key); returns what was there.
+    ///
+    /// Replacing a member the pull wanted as recorded reopens it: its old
+    /// record goes to [`Members::take_reopened`], so the plan compares
+    /// what the pull wanted with what is now known, as if the pull had
+    /// kept its own copy.
     pub fn insert(&mut self, key: MemberKey, member: MemberState) -> Option<MemberState> {
-        if let Ok(at) = self.position(&key)
+        if let Ok(at) = self.search(&key)
             && let Some(slot) = self.sorted.get_mut(at)
         {
-            return Some(std::mem::replace(slot, member));
+            let old = std::mem::replace(slot, member);
+            if self.is_as_is(at) {
+                self.set_as_is(at, false);
+                self.reopened.push(old.clone());
+            }
+            return Some(old);
         }
         let old = self.later.insert(key, member);
         if self.later.len() > (self.sorted.len() / 8).max(4096) {
@@ -492,8 +636,12 @@ impl Members {
             return;
         };
         let old = self.sorted.len();
+        self.generation += 1;
         self.sorted.reserve_exact(learnt.len());
         self.sorted.resize(old + learnt.len(), filler);
+        if !self.as_is.is_empty() {
+            self.as_is.resize(self.sorted.len().div_ceil(64), 0);
+        }
         // Slots past `i` and up to `k` hold fillers; past `k`, the result.
         let (mut i, mut j) = (old, learnt.len());
         while j > 0 {
@@ -502,11 +650,14 @@ impl Members {
                 i > 0 && self.sorted.get(i - 1).map(|m| &m.key) > learnt.get(j - 1).map(|m| &m.key);
             if take_old {
                 self.sorted.swap(i - 1, k);
+                let as_is = self.is_as_is(i - 1);
+                self.set_as_is(k, as_is);
                 i -= 1;
             } else {
                 if let (Some(slot), Some(m)) = (self.sorted.get_mut(k), learnt.get_mut(j - 1)) {
                     std::mem::swap(slot, m);
                 }
+                self.set_as_is(k, false);
                 j -= 1;
             }
         }
@@ -628,6 +779,98 @@ mod tests {
             "the merged part is sorted, each key once"
         );
         assert!(members.sorted.len() > 4096);
+    }
+
+    /// Members a..e loaded, and the positions of `wanted` among them.
+    fn five_with_wanted(wanted: &[&str]) -> (Members, WantedAsIs) {
+        let members = Members::from_rows(
+            ["e", "a", "c", "b", "d"]
+                .iter()
+                .map(|n| member(1, &format!("{n}@x.cn"), n))
+                .collect(),
+        );
+        let positions = wanted
+            .iter()
+            .map(|n| {
+                let key = MemberKey::new(ListId(1), Email::parse(&format!("{n}@x.cn")).unwrap());
+                members.position(&key).unwrap().0
+            })
+            .collect();
+        let generation = members.generation();
+        (members, WantedAsIs::new(positions, generation))
+    }
+
+    fn key1(n: &str) -> MemberKey {
+        MemberKey::new(ListId(1), Email::parse(&format!("{n}@x.cn")).unwrap())
+    }
+
+    #[test]
+    fn replacing_a_member_wanted_as_recorded_hands_its_record_back() {
+        // Arrange: b and d are wanted as recorded.
+        let (mut members, wanted) = five_with_wanted(&["b", "d"]);
+        members.want_as_is(wanted).unwrap();
+
+        // Act: the read phase learns that b left EDM, and that c (not
+        // wanted as recorded) was renamed.
+        let mut gone = member(1, "b@x.cn", "b");
+        gone.present = false;
+        members.insert(gone.key.clone(), gone);
+        members.insert(key1("c"), member(1, "c@x.cn", "C"));
+
+        // Assert: b's record as the pull saw it comes back, once; d stays
+        // wanted as recorded.
+        let reopened = members.take_reopened();
+        assert_eq!(reopened, vec![member(1, "b@x.cn", "b")]);
+        assert!(members.take_reopened().is_empty());
+        assert!(!members.wanted_as_is(&key1("b")));
+        assert!(members.wanted_as_is(&key1("d")));
+        assert!(!members.wanted_as_is(&key1("c")));
+        assert_eq!(members.wanted_as_is_count(), 1);
+    }
+
+    #[test]
+    fn members_wanted_as_recorded_stay_marked_through_a_merge_of_those_learnt_later() {
+        // Arrange: a and e are wanted as recorded.
+        let (mut members, wanted) = five_with_wanted(&["a", "e"]);
+        members.want_as_is(wanted).unwrap();
+
+        // Act: 5 000 addresses learnt, sorting before, between and after
+        // them, so the merge moves every loaded member.
+        for k in 0..5_000 {
+            let m = member(1, &format!("{}{k}@x.cn", ["0", "b", "f"][k % 3]), "N");
+            members.insert(m.key.clone(), m);
+        }
+
+        // Assert: merged, and the marks moved with their members only.
+        assert!(members.later.len() < 4097, "the learnt were merged");
+        assert!(members.generation() > 0);
+        assert!(members.wanted_as_is(&key1("a")));
+        assert!(members.wanted_as_is(&key1("e")));
+        assert_eq!(members.wanted_as_is_count(), 2);
+        let marked: Vec<&str> = members
+            .values_as_is()
+            .filter(|(_, as_is)| *as_is)
+            .map(|(m, _)| m.fields.fullname())
+            .collect();
+        assert_eq!(marked.len(), 2);
+        assert!(marked.contains(&"a") && marked.contains(&"e"));
+    }
+
+    #[test]
+    fn positions_taken_before_the_members_moved_are_refused() {
+        // Arrange: positions taken, then enough learnt to merge.
+        let (mut members, wanted) = five_with_wanted(&["a"]);
+        for k in 0..5_000 {
+            let m = member(1, &format!("0{k}@x.cn"), "N");
+            members.insert(m.key.clone(), m);
+        }
+
+        // Act
+        let refused = members.want_as_is(wanted);
+
+        // Assert: nothing is marked on the wrong member.
+        assert!(refused.is_err());
+        assert_eq!(members.wanted_as_is_count(), 0);
     }
 
     #[test]

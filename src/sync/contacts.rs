@@ -25,7 +25,7 @@ use super::apply::Applier;
 use super::behind;
 use super::desired::{Desired, DesiredBuilder, MappingRules};
 use super::lookup::lookup;
-use super::plan::{check_safety, members_per_list, plan, planned_adds};
+use super::plan::{check_safety, desired_total, members_per_list, plan, planned_adds};
 use super::vanished::second_look;
 use crate::domain::{Email, ListId, Members};
 use crate::jobs::exports::View;
@@ -156,19 +156,23 @@ async fn observe(
     opts: RunOptions,
     counts: &mut ContactsCounts,
 ) -> anyhow::Result<Observed> {
-    // 1. Pull.
-    let mut builder = DesiredBuilder::new(MappingRules::from_settings(&ctx.settings));
+    // 1. Pull, over what the state DB records: a link-man mapped exactly
+    // as recorded is marked on the recorded member, not copied.
+    let mut view = View::load(ctx).await?;
+    let mut builder =
+        DesiredBuilder::new(MappingRules::from_settings(&ctx.settings), &view.members);
     ctx.crm
         .pull_each(|c| builder.add(&c.customer.data, c.customer.id, &c.linkmen))
         .await
         .context("CRM pull did not complete; nothing was applied")?;
-    let mut view = View::load(ctx).await?;
     // 1b. Nobody is unsubscribed for having vanished from one pull only.
     counts.second_look = second_look(ctx, &mut builder, &view.members).await;
     counts.customers = builder.customers;
     counts.linkmen = builder.linkmen;
-    let desired = builder.finish();
-    counts.desired = desired.members.len();
+    let mut desired = builder.finish();
+    view.members
+        .want_as_is(std::mem::take(&mut desired.as_is))?;
+    counts.desired = desired_total(&desired.members, &view.members);
     counts.skipped_invalid = desired.invalid.len();
     counts.without_email = desired.without_email;
     counts.duplicates = desired.collisions.len();
@@ -187,6 +191,7 @@ async fn observe(
 
     // 3. Operations left pending by earlier runs.
     counts.recovered = check_pending(ctx, &mut members, &mut obs).await?;
+    desired.members.take_reopened(&mut members);
 
     // 4. Whole-list reads (rule 5), then 4b: a state database behind
     // EDM re-learns before it writes.
@@ -314,13 +319,15 @@ async fn decide_and_apply(
     observed: Observed,
 ) -> anyhow::Result<Outcome> {
     let Observed {
-        desired,
+        mut desired,
         mut members,
         suppressions,
         obs,
         members_before,
     } = observed;
-    let desired_count = desired.members.len();
+    // Members the read phase replaced are desired as the pull saw them.
+    desired.members.take_reopened(&mut members);
+    let desired_count = desired_total(&desired.members, &members);
     // The plan takes the desired members' texts over.
     let the_plan = plan(desired.members, &members, &suppressions);
     counts.suppressed = the_plan.suppressed.len();

@@ -8,8 +8,8 @@ use crate::config::{Route, Settings, VarMapping};
 use crate::crm::CrmSnapshot;
 use crate::crm::{CrmMap, LinkMan};
 use crate::domain::{
-    CustomerId, Email, EmailError, LinkManId, ListId, MemberFields, MemberKey, VAR_COUNT,
-    json_text, mask_address,
+    CustomerId, Email, EmailError, LinkManId, ListId, MemberFields, MemberKey, MemberState,
+    Members, Origin, VAR_COUNT, WantedAsIs, json_text, mask_address,
 };
 
 /// What the mapping needs from the settings.
@@ -126,7 +126,11 @@ impl std::ops::Index<&MemberKey> for DesiredMembers {
 /// The mapping's result.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Desired {
+    /// The desired members the state DB does not record exactly so.
     pub members: DesiredMembers,
+    /// The recorded members the pull wants exactly as they are recorded,
+    /// for [`Members::want_as_is`]: desired too, without a copy here.
+    pub as_is: WantedAsIs,
     pub invalid: Vec<InvalidEmail>,
     /// Link-men without an email.
     pub without_email: usize,
@@ -169,30 +173,53 @@ fn fields_of(rules: &MappingRules, customer: &CrmMap, linkman: &CrmMap) -> Membe
 /// member (the tests' way in; a run feeds [`DesiredBuilder`] as it pulls).
 #[cfg(test)]
 fn desired_members(snapshot: &CrmSnapshot, rules: &MappingRules) -> Desired {
-    let mut builder = DesiredBuilder::new(rules.clone());
+    desired_over(snapshot, rules, &Members::default())
+}
+
+/// [`desired_members`] over recorded members.
+#[cfg(test)]
+fn desired_over(snapshot: &CrmSnapshot, rules: &MappingRules, recorded: &Members) -> Desired {
+    let mut builder = DesiredBuilder::new(rules.clone(), recorded);
     for entry in &snapshot.customers {
         builder.add(&entry.customer.data, entry.customer.id, &entry.linkmen);
     }
     builder.finish()
 }
 
-/// `by_linkman`'s mark for a link-man that has no candidate.
-const NO_CANDIDATE: u32 = u32::MAX;
+/// Where a link-man of the pull stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Its member is this index in `candidates`.
+    Candidate(u32),
+    /// Its member is the recorded one at this position, exactly as
+    /// recorded: no candidate was made.
+    AsRecorded(u32),
+    /// No member: no email, or not a valid one.
+    None,
+}
 
 /// Builds the desired members one customer at a time, in any order, so a
 /// pull need not hold the CRM's objects: only the small member records
 /// are kept, in one `Vec` of candidates that `finish` sorts by key (the
 /// lowest link-man id of a key owns it, the others are collisions).
+///
+/// A link-man whose member the state DB records exactly as the pull
+/// maps it (same key, owner and texts, present in EDM) makes no
+/// candidate: `finish` names the recorded member instead
+/// ([`Desired::as_is`]), so a no-change rerun's pull holds a few bytes a
+/// link-man rather than a second image of every member.
 #[derive(Debug)]
-pub struct DesiredBuilder {
+pub struct DesiredBuilder<'m> {
     rules: MappingRules,
+    /// What the state DB records, looked at, never changed.
+    recorded: &'m Members,
     /// Every member proposed, in the order met, including those a later
     /// customer took back (`by_linkman` says which are current).
     candidates: Vec<DesiredMember>,
-    /// Each link-man's current candidate (its index in `candidates`), or
-    /// [`NO_CANDIDATE`]: 16 bytes an entry, a third of the pull's memory
-    /// less than with the customer beside it (a candidate knows its own).
-    by_linkman: HashMap<LinkManId, u32>,
+    /// Where each link-man stands: 16 bytes an entry, a third of the
+    /// pull's memory less than with the customer beside it (a candidate
+    /// and a recorded member know their own).
+    by_linkman: HashMap<LinkManId, Slot>,
     /// The customer of each link-man without a candidate (no valid email):
     /// few.
     without_candidate: HashMap<LinkManId, CustomerId>,
@@ -205,10 +232,11 @@ pub struct DesiredBuilder {
     pub linkmen: usize,
 }
 
-impl DesiredBuilder {
-    pub fn new(rules: MappingRules) -> Self {
+impl<'m> DesiredBuilder<'m> {
+    pub fn new(rules: MappingRules, recorded: &'m Members) -> Self {
         DesiredBuilder {
             rules,
+            recorded,
             candidates: Vec::new(),
             by_linkman: HashMap::new(),
             without_candidate: HashMap::new(),
@@ -237,41 +265,46 @@ impl DesiredBuilder {
                 // candidate is no longer current (by_linkman, below).
                 self.invalid.retain(|i| i.link_man_id != lm.id);
             }
-            let candidate = match member_of(&self.rules, customer, lm) {
-                Ok(Some(member)) => Some(self.propose(member)),
+            let slot = match member_of(&self.rules, customer, lm) {
+                Ok(Some(member)) => self.place(member),
                 Ok(None) => {
                     self.without_email += 1;
-                    None
+                    Slot::None
                 }
                 Err(invalid) => {
                     self.invalid.push(invalid);
-                    None
+                    Slot::None
                 }
             };
-            self.remember(lm.id, customer_id, candidate);
+            self.remember(lm.id, customer_id, slot);
+        }
+    }
+
+    /// The recorded member at `member`'s key when it is exactly `member`
+    /// and EDM holds it, else a new candidate.
+    fn place(&mut self, member: DesiredMember) -> Slot {
+        match self.recorded.position(&member.key) {
+            Some((at, have)) if recorded_as(have, &member) => Slot::AsRecorded(at),
+            _ => Slot::Candidate(self.propose(member)),
         }
     }
 
     /// The customer link-man `id` was taken from, if any.
     fn customer_of(&self, id: LinkManId) -> Option<CustomerId> {
         match *self.by_linkman.get(&id)? {
-            NO_CANDIDATE => self.without_candidate.get(&id).copied(),
-            at => self.candidates.get(at as usize).map(|m| m.customer_id),
+            Slot::None => self.without_candidate.get(&id).copied(),
+            Slot::Candidate(at) => self.candidates.get(at as usize).map(|m| m.customer_id),
+            Slot::AsRecorded(at) => self.recorded.at(at).and_then(|m| m.customer_id),
         }
     }
 
-    /// Records where link-man `id` now stands: taken from `customer`,
-    /// with this candidate or none.
-    fn remember(&mut self, id: LinkManId, customer: CustomerId, candidate: Option<u32>) {
-        match candidate {
-            Some(at) => {
-                self.by_linkman.insert(id, at);
-                self.without_candidate.remove(&id);
-            }
-            None => {
-                self.by_linkman.insert(id, NO_CANDIDATE);
-                self.without_candidate.insert(id, customer);
-            }
+    /// Records where link-man `id` now stands, taken from `customer`.
+    fn remember(&mut self, id: LinkManId, customer: CustomerId, slot: Slot) {
+        self.by_linkman.insert(id, slot);
+        if slot == Slot::None {
+            self.without_candidate.insert(id, customer);
+        } else {
+            self.without_candidate.remove(&id);
         }
     }
 
@@ -291,7 +324,7 @@ impl DesiredBuilder {
     pub fn hold(&mut self, member: DesiredMember) {
         let (id, customer) = (member.link_man_id, member.customer_id);
         let at = self.propose(member);
-        self.remember(id, customer, Some(at));
+        self.remember(id, customer, Slot::Candidate(at));
     }
 
     /// Adds a candidate; returns its index (a `u32`: four billion
@@ -313,14 +346,23 @@ impl DesiredBuilder {
         out.repeated_linkmen.dedup();
         // Only each link-man's current candidate stays.
         let by_linkman = self.by_linkman;
+        let mut as_recorded: Vec<u32> = by_linkman
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::AsRecorded(at) => Some(*at),
+                _ => None,
+            })
+            .collect();
         let mut at: u32 = 0;
         let mut members = self.candidates;
         members.retain(|m| {
-            let current = by_linkman.get(&m.link_man_id) == Some(&at);
+            let current = by_linkman.get(&m.link_man_id) == Some(&Slot::Candidate(at));
             at += 1;
             current
         });
         drop(by_linkman);
+        as_recorded.sort_unstable();
+        take_back_shared(&mut members, &mut as_recorded, self.recorded);
         members.sort_unstable_by(|a, b| (&a.key, a.link_man_id).cmp(&(&b.key, b.link_man_id)));
         for group in members.chunk_by(|a, b| a.key == b.key) {
             if let [owner, others @ ..] = group
@@ -335,7 +377,80 @@ impl DesiredBuilder {
         }
         members.dedup_by(|later, first| later.key == first.key);
         out.members = DesiredMembers(members);
+        out.as_is = WantedAsIs::new(as_recorded, self.recorded.generation());
         out
+    }
+}
+
+/// Whether the state DB records `want` exactly (owner and texts, byte for
+/// byte) and EDM holds it: the plan would then do nothing for it. Texts
+/// equal only once trimmed are not enough: such a member stays a
+/// candidate, so that an edit the read phase makes necessary sends the
+/// CRM's own texts.
+fn recorded_as(have: &MemberState, want: &DesiredMember) -> bool {
+    have.present
+        && have.origin != Origin::Foreign
+        && have.link_man_id == Some(want.link_man_id)
+        && have.customer_id == Some(want.customer_id)
+        && have.fields == want.fields
+}
+
+/// The desired member a recorded member stands for.
+pub(crate) fn desired_as_recorded(have: &MemberState) -> Option<DesiredMember> {
+    Some(DesiredMember {
+        key: have.key.clone(),
+        link_man_id: have.link_man_id?,
+        customer_id: have.customer_id?,
+        fields: have.fields.clone(),
+    })
+}
+
+/// A candidate that shares its key with a member wanted as recorded (a
+/// link-man with a lower id took the address later in the pull, say):
+/// that member becomes a candidate again, so the lowest id owns the key
+/// and the others are collisions, as if no member had been recorded.
+fn take_back_shared(
+    candidates: &mut Vec<DesiredMember>,
+    as_recorded: &mut Vec<u32>,
+    recorded: &Members,
+) {
+    if as_recorded.is_empty() {
+        return;
+    }
+    let mut shared: Vec<u32> = candidates
+        .iter()
+        .filter_map(|m| recorded.position(&m.key))
+        .map(|(at, _)| at)
+        .filter(|at| as_recorded.binary_search(at).is_ok())
+        .collect();
+    if shared.is_empty() {
+        return;
+    }
+    shared.sort_unstable();
+    shared.dedup();
+    as_recorded.retain(|at| shared.binary_search(at).is_err());
+    candidates.extend(
+        shared
+            .iter()
+            .filter_map(|&at| recorded.at(at))
+            .filter_map(desired_as_recorded),
+    );
+}
+
+impl DesiredMembers {
+    /// Takes back into the desired members those `members` reopened (the
+    /// read phase replaced a member the pull wanted as recorded): each is
+    /// wanted as it was recorded when the pull saw it.
+    pub fn take_reopened(&mut self, members: &mut Members) {
+        let reopened = members.take_reopened();
+        if reopened.is_empty() {
+            return;
+        }
+        self.0
+            .extend(reopened.iter().filter_map(desired_as_recorded));
+        self.0
+            .sort_unstable_by(|a, b| (&a.key, a.link_man_id).cmp(&(&b.key, b.link_man_id)));
+        self.0.dedup_by(|later, first| later.key == first.key);
     }
 }
 
@@ -370,6 +485,8 @@ mod tests {
     use crate::crm::{Customer, CustomerWithLinkMen};
     use crate::domain::{CustomerId, LinkManId, ListId};
     use serde_json::{Value, json};
+
+    mod as_is;
 
     fn map(v: Value) -> CrmMap {
         v.as_object().unwrap().clone()
@@ -686,5 +803,175 @@ mod tests {
         assert_eq!(d.collisions.len(), 1);
         assert_eq!(d.collisions[0].owner, LinkManId(20));
         assert_eq!(d.collisions[0].others, vec![LinkManId(30)]);
+    }
+
+    /// What the state DB records after every desired member was added:
+    /// present, owned, the same owner and texts.
+    fn recorded_from(d: &Desired) -> Members {
+        Members::from_rows(
+            d.members
+                .iter()
+                .map(|m| MemberState {
+                    key: m.key.clone(),
+                    origin: Origin::Owned,
+                    present: true,
+                    link_man_id: Some(m.link_man_id),
+                    customer_id: Some(m.customer_id),
+                    edm_id: None,
+                    fields: m.fields.clone(),
+                })
+                .collect(),
+        )
+    }
+
+    /// `recorded` with `change` made to the member at `k`.
+    fn with_record(
+        recorded: &Members,
+        k: &MemberKey,
+        change: impl Fn(&mut MemberState),
+    ) -> Members {
+        let rows = recorded
+            .values()
+            .cloned()
+            .map(|mut m| {
+                if &m.key == k {
+                    change(&mut m);
+                }
+                m
+            })
+            .collect();
+        Members::from_rows(rows)
+    }
+
+    /// `fields` with another full name.
+    fn renamed(fields: &MemberFields, name: &str) -> MemberFields {
+        let vars: Vec<String> = fields.vars().map(String::from).collect();
+        MemberFields::new(name, &vars.try_into().unwrap())
+    }
+
+    fn three_linkmen() -> CrmSnapshot {
+        snapshot(vec![
+            (
+                json!({"id": 1, "type_id": 1, "name": "Acme"}),
+                vec![
+                    json!({"id": 10, "name": "ten", "email": "a@x.cn"}),
+                    json!({"id": 11, "name": "eleven", "email": "b@x.cn"}),
+                ],
+            ),
+            (
+                json!({"id": 2, "type_id": 2, "name": "Beta"}),
+                vec![json!({"id": 20, "name": "twenty", "email": "c@x.cn"})],
+            ),
+        ])
+    }
+
+    #[test]
+    fn a_linkman_mapped_exactly_as_recorded_makes_no_candidate() {
+        // Arrange: the state DB records what the pull maps, as after a sync.
+        let snap = three_linkmen();
+        let recorded = recorded_from(&desired_members(&snap, &rules()));
+
+        // Act
+        let d = desired_over(&snap, &rules(), &recorded);
+
+        // Assert: nothing is copied; all three are named as recorded.
+        assert!(d.members.is_empty());
+        assert_eq!(d.as_is.len(), 3);
+        let mut members = recorded.clone();
+        members.want_as_is(d.as_is).unwrap();
+        assert!(members.wanted_as_is(&key(ListId(1), "a@x.cn")));
+        assert!(members.wanted_as_is(&key(ListId(2), "c@x.cn")));
+        assert_eq!(members.wanted_as_is_count(), 3);
+    }
+
+    #[test]
+    fn a_member_recorded_otherwise_than_the_pull_maps_it_stays_a_candidate() {
+        // Arrange: each of the three recorded members differs from the
+        // pull in one way: a name padded with a space, another customer,
+        // gone from EDM.
+        let snap = three_linkmen();
+        let exact = recorded_from(&desired_members(&snap, &rules()));
+        let padded = with_record(&exact, &key(ListId(1), "a@x.cn"), |m| {
+            m.fields = renamed(&m.fields, "ten ");
+        });
+        let moved = with_record(&padded, &key(ListId(1), "b@x.cn"), |m| {
+            m.customer_id = Some(CustomerId(9));
+        });
+        let recorded = with_record(&moved, &key(ListId(2), "c@x.cn"), |m| m.present = false);
+
+        // Act
+        let d = desired_over(&snap, &rules(), &recorded);
+
+        // Assert
+        assert_eq!(d.members.len(), 3);
+        assert!(d.as_is.is_empty());
+    }
+
+    #[test]
+    fn a_lower_linkman_taking_a_recorded_address_later_in_the_pull_owns_it() {
+        // Arrange: the state DB records same@x.cn as link-man 20's. This
+        // pull returns 20 first (exactly as recorded), then, in another
+        // customer, link-man 10 with the same address.
+        let before = snapshot(vec![(
+            json!({"id": 1, "type_id": 1}),
+            vec![json!({"id": 20, "name": "twenty", "email": "same@x.cn"})],
+        )]);
+        let recorded = recorded_from(&desired_members(&before, &rules()));
+        let snap = snapshot(vec![
+            (
+                json!({"id": 1, "type_id": 1}),
+                vec![json!({"id": 20, "name": "twenty", "email": "same@x.cn"})],
+            ),
+            (
+                json!({"id": 2, "type_id": 1}),
+                vec![json!({"id": 10, "name": "ten", "email": "same@x.cn"})],
+            ),
+        ]);
+
+        // Act
+        let d = desired_over(&snap, &rules(), &recorded);
+
+        // Assert: as without a record, 10 owns the key and 20 collides.
+        assert!(d.as_is.is_empty());
+        let same = &d.members[&key(ListId(1), "same@x.cn")];
+        assert_eq!(same.link_man_id, LinkManId(10));
+        assert_eq!(same.fields.fullname(), "ten");
+        assert_eq!(d.collisions.len(), 1);
+        assert_eq!(d.collisions[0].owner, LinkManId(10));
+        assert_eq!(d.collisions[0].others, vec![LinkManId(20)]);
+        assert_eq!(d, desired_members(&snap, &rules()));
+    }
+
+    #[test]
+    fn a_recorded_linkman_a_lower_customer_returns_later_moves_to_that_customer() {
+        // Arrange: link-man 10 is recorded under customer 2. The pull
+        // reads customer 2 first (10 as recorded), then customer 1, which
+        // returns 10 as well.
+        let before = snapshot(vec![(
+            json!({"id": 2, "type_id": 1}),
+            vec![json!({"id": 10, "name": "ten", "email": "a@x.cn"})],
+        )]);
+        let recorded = recorded_from(&desired_members(&before, &rules()));
+        let snap = snapshot(vec![
+            (
+                json!({"id": 2, "type_id": 1}),
+                vec![json!({"id": 10, "name": "ten", "email": "a@x.cn"})],
+            ),
+            (
+                json!({"id": 1, "type_id": 1}),
+                vec![json!({"id": 10, "name": "ten", "email": "a@x.cn"})],
+            ),
+        ]);
+
+        // Act
+        let d = desired_over(&snap, &rules(), &recorded);
+
+        // Assert: the lower customer has it; nothing is wanted as recorded.
+        assert!(d.as_is.is_empty());
+        assert_eq!(
+            d.members[&key(ListId(1), "a@x.cn")].customer_id,
+            CustomerId(1)
+        );
+        assert_eq!(d.repeated_linkmen, vec![LinkManId(10)]);
     }
 }

@@ -111,11 +111,19 @@ pub fn planned_adds<'d>(
 /// adds are collected into the desired members' own buffer (the two types
 /// have one layout, so `collect` reuses the allocation): a first sync of a
 /// million link-men does not hold a second million-entry `Vec` (64 MB).
+///
+/// A member the pull wants exactly as recorded ([`Members::wanted_as_is`])
+/// is desired as it is: it gets nothing, unless a suppression blocks it.
 pub fn plan(desired: DesiredMembers, state: &Members, suppressions: &Suppressions) -> Plan {
     let mut plan = Plan {
         unsubs: planned_unsubs(&desired, state, suppressions),
         ..Plan::default()
     };
+    plan.suppressed = state
+        .values_as_is()
+        .filter(|(have, as_is)| *as_is && suppressions.blocks_writes(&have.key))
+        .map(|(have, _)| have.key.clone())
+        .collect();
     let adds = desired
         .into_iter()
         .filter_map(|want| {
@@ -138,6 +146,7 @@ pub fn plan(desired: DesiredMembers, state: &Members, suppressions: &Suppression
         })
         .collect();
     plan.adds = adds;
+    plan.suppressed.sort_unstable();
     plan
 }
 
@@ -181,13 +190,14 @@ fn planned_unsubs(
     suppressions: &Suppressions,
 ) -> Vec<PlannedUnsub> {
     let mut unsubs: Vec<PlannedUnsub> = state
-        .values()
-        .filter(|have| have.present && have.origin == Origin::Owned)
-        .filter(|have| !suppressions.user.contains(&have.key))
-        .filter(|have| {
-            !desired.contains_key(&have.key) || suppressions.bounced.contains(&have.key.email)
+        .values_as_is()
+        .filter(|(have, _)| have.present && have.origin == Origin::Owned)
+        .filter(|(have, _)| !suppressions.user.contains(&have.key))
+        .filter(|(have, as_is)| {
+            let wanted = *as_is || desired.contains_key(&have.key);
+            !wanted || suppressions.bounced.contains(&have.key.email)
         })
-        .map(|have| PlannedUnsub {
+        .map(|(have, _)| PlannedUnsub {
             key: have.key.clone(),
             link_man_id: have.link_man_id,
         })
@@ -245,6 +255,13 @@ impl PlanRefusal {
             ),
         }
     }
+}
+
+/// How many members the CRM wants: the desired members the pull holds and
+/// the recorded members it wants as they are. The empty-pull check
+/// (rule 7) is made on this.
+pub fn desired_total(desired: &DesiredMembers, state: &Members) -> usize {
+    desired.len() + state.wanted_as_is_count()
 }
 
 /// Members (owned and adopted) the state DB records per list before the
@@ -689,6 +706,65 @@ mod tests {
             .in_words(),
             "refused: the CRM pull produced no valid member while 9 members are recorded; --force would apply it"
         );
+    }
+
+    #[test]
+    fn members_wanted_as_recorded_are_desired_unchanged_and_still_suppressed() {
+        // Arrange: a, b (bounced) and c (unsubscribed by its recipient)
+        // are wanted as recorded; d, also recorded, is not wanted.
+        let rows: Vec<MemberState> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| {
+                have(
+                    ListId(1),
+                    &format!("{n}@x.cn"),
+                    LinkManId(1),
+                    n,
+                    Origin::Owned,
+                )
+                .1
+            })
+            .collect();
+        let mut state = Members::from_rows(rows);
+        let positions = ["a", "b", "c"]
+            .iter()
+            .map(|n| {
+                state
+                    .position(&key(ListId(1), &format!("{n}@x.cn")))
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        let generation = state.generation();
+        state
+            .want_as_is(crate::domain::WantedAsIs::new(positions, generation))
+            .unwrap();
+        let suppressions = Suppressions {
+            user: [key(ListId(1), "c@x.cn")].into_iter().collect(),
+            bounced: [Email::parse("b@x.cn").unwrap()].into_iter().collect(),
+        };
+        let desired = DesiredMembers::default();
+
+        // Act
+        let p = plan(desired.clone(), &state, &suppressions);
+        let total = desired_total(&desired, &state);
+
+        // Assert: only d and the bounced b are unsubscribed; the empty
+        // pull check sees three wanted members, not none.
+        let unsubs: Vec<&str> = p.unsubs.iter().map(|u| u.key.email.as_str()).collect();
+        assert_eq!(unsubs, vec!["b@x.cn", "d@x.cn"]);
+        assert_eq!(
+            p.suppressed,
+            vec![key(ListId(1), "b@x.cn"), key(ListId(1), "c@x.cn")]
+        );
+        assert!(p.adds.is_empty() && p.edits.is_empty() && p.owner_changes.is_empty());
+        assert_eq!(total, 3);
+        let before = members_per_list(&state);
+        assert!(matches!(check_safety(&p, total, &before, 0.5), Ok(())));
+        assert!(matches!(
+            check_safety(&p, desired.len(), &before, 0.5),
+            Err(PlanRefusal::EmptyPull { .. })
+        ));
     }
 
     #[test]

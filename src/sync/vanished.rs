@@ -49,7 +49,7 @@ pub struct SecondLook {
 /// Owned members present in EDM whose link-man the pull did not return,
 /// by link-man.
 fn vanished<'a>(
-    builder: &DesiredBuilder,
+    builder: &DesiredBuilder<'_>,
     members: &'a Members,
 ) -> BTreeMap<LinkManId, Vec<&'a MemberState>> {
     let mut out: BTreeMap<LinkManId, Vec<&MemberState>> = BTreeMap::new();
@@ -71,7 +71,7 @@ fn vanished<'a>(
 /// `builder`.
 pub async fn second_look(
     ctx: &Context,
-    builder: &mut DesiredBuilder,
+    builder: &mut DesiredBuilder<'_>,
     members: &Members,
 ) -> SecondLook {
     let mut look = SecondLook::default();
@@ -156,7 +156,7 @@ async fn ask_linkmen(
 /// link-men are asked for one by one.
 async fn read_late(
     ctx: &Context,
-    builder: &mut DesiredBuilder,
+    builder: &mut DesiredBuilder<'_>,
     unseen: BTreeSet<CustomerId>,
     look: &mut SecondLook,
 ) -> HashSet<CustomerId> {
