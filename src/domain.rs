@@ -520,6 +520,11 @@ impl Members {
         Some((u32::try_from(at).ok()?, self.sorted.get(at)?))
     }
 
+    /// The members read from the state DB, with their positions.
+    pub fn recorded(&self) -> impl Iterator<Item = (u32, &MemberState)> {
+        (0u32..).zip(self.sorted.iter())
+    }
+
     /// The member at a position [`Members::position`] gave.
     pub fn at(&self, position: u32) -> Option<&MemberState> {
         self.sorted.get(position as usize)

@@ -2,6 +2,10 @@
 //! I/O, no clock; what deserves a log line comes back in the result.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+
+mod recorded;
+use recorded::RecordedLinkMen;
 
 use crate::config::{Route, Settings, VarMapping};
 #[cfg(test)]
@@ -191,9 +195,10 @@ fn desired_over(snapshot: &CrmSnapshot, rules: &MappingRules, recorded: &Members
 enum Slot {
     /// Its member is this index in `candidates`.
     Candidate(u32),
-    /// Its member is the recorded one at this position, exactly as
-    /// recorded: no candidate was made.
-    AsRecorded(u32),
+    /// Its member is a recorded one, exactly as recorded (this entry of
+    /// [`RecordedLinkMen`]): no candidate was made. Kept there, not in
+    /// `by_linkman`.
+    AsRecorded(usize),
     /// No member: no email, or not a valid one.
     None,
 }
@@ -216,10 +221,12 @@ pub struct DesiredBuilder<'m> {
     /// Every member proposed, in the order met, including those a later
     /// customer took back (`by_linkman` says which are current).
     candidates: Vec<DesiredMember>,
-    /// Where each link-man stands: 16 bytes an entry, a third of the
-    /// pull's memory less than with the customer beside it (a candidate
-    /// and a recorded member know their own).
+    /// Where each link-man not wanted as recorded stands: 16 bytes an
+    /// entry, a third of the pull's memory less than with the customer
+    /// beside it (a candidate knows its own).
     by_linkman: HashMap<LinkManId, Slot>,
+    /// The link-men wanted as recorded.
+    as_recorded: RecordedLinkMen,
     /// The customer of each link-man without a candidate (no valid email):
     /// few.
     without_candidate: HashMap<LinkManId, CustomerId>,
@@ -239,6 +246,7 @@ impl<'m> DesiredBuilder<'m> {
             recorded,
             candidates: Vec::new(),
             by_linkman: HashMap::new(),
+            as_recorded: RecordedLinkMen::new(recorded),
             without_candidate: HashMap::new(),
             customer_ids: HashSet::new(),
             invalid: Vec::new(),
@@ -256,7 +264,8 @@ impl<'m> DesiredBuilder<'m> {
         self.customer_ids.insert(customer_id);
         for lm in linkmen {
             self.linkmen += 1;
-            if let Some(earlier) = self.customer_of(lm.id) {
+            let recorded = self.as_recorded.of(lm.id);
+            if let Some(earlier) = self.customer_of(lm.id, recorded.clone()) {
                 self.repeated.push(lm.id);
                 if earlier <= customer_id {
                     continue;
@@ -266,7 +275,7 @@ impl<'m> DesiredBuilder<'m> {
                 self.invalid.retain(|i| i.link_man_id != lm.id);
             }
             let slot = match member_of(&self.rules, customer, lm) {
-                Ok(Some(member)) => self.place(member),
+                Ok(Some(member)) => self.place(member, recorded.clone()),
                 Ok(None) => {
                     self.without_email += 1;
                     Slot::None
@@ -276,35 +285,67 @@ impl<'m> DesiredBuilder<'m> {
                     Slot::None
                 }
             };
-            self.remember(lm.id, customer_id, slot);
+            self.remember(lm.id, customer_id, slot, recorded);
         }
     }
 
-    /// The recorded member at `member`'s key when it is exactly `member`
-    /// and EDM holds it, else a new candidate.
-    fn place(&mut self, member: DesiredMember) -> Slot {
-        match self.recorded.position(&member.key) {
-            Some((at, have)) if recorded_as(have, &member) => Slot::AsRecorded(at),
-            _ => Slot::Candidate(self.propose(member)),
+    /// The recorded member of `member`'s link-man (its `recorded`
+    /// entries) with `member`'s key, when it is exactly `member` and EDM
+    /// holds it; else a new candidate. Found through the link-man, not by
+    /// a search among every member's address.
+    fn place(&mut self, member: DesiredMember, recorded: Range<usize>) -> Slot {
+        let as_recorded = &self.as_recorded;
+        let entry = recorded.into_iter().find(|&e| {
+            as_recorded
+                .position(e)
+                .and_then(|at| self.recorded.at(at))
+                .is_some_and(|have| have.key == member.key && recorded_as(have, &member))
+        });
+        match entry {
+            Some(entry) => Slot::AsRecorded(entry),
+            None => Slot::Candidate(self.propose(member)),
         }
     }
 
-    /// The customer link-man `id` was taken from, if any.
-    fn customer_of(&self, id: LinkManId) -> Option<CustomerId> {
-        match *self.by_linkman.get(&id)? {
-            Slot::None => self.without_candidate.get(&id).copied(),
-            Slot::Candidate(at) => self.candidates.get(at as usize).map(|m| m.customer_id),
-            Slot::AsRecorded(at) => self.recorded.at(at).and_then(|m| m.customer_id),
+    /// The customer link-man `id` (its `recorded` entries) was taken
+    /// from, if any.
+    fn customer_of(&self, id: LinkManId, recorded: Range<usize>) -> Option<CustomerId> {
+        match self.by_linkman.get(&id) {
+            Some(Slot::None) => self.without_candidate.get(&id).copied(),
+            Some(Slot::Candidate(at)) => self.candidates.get(*at as usize).map(|m| m.customer_id),
+            Some(Slot::AsRecorded(_)) | None => self
+                .as_recorded
+                .wanted_in(recorded)
+                .and_then(|at| self.recorded.at(at))
+                .and_then(|m| m.customer_id),
         }
     }
 
-    /// Records where link-man `id` now stands, taken from `customer`.
-    fn remember(&mut self, id: LinkManId, customer: CustomerId, slot: Slot) {
-        self.by_linkman.insert(id, slot);
-        if slot == Slot::None {
-            self.without_candidate.insert(id, customer);
-        } else {
-            self.without_candidate.remove(&id);
+    /// Records where link-man `id` (its `recorded` entries) now stands,
+    /// taken from `customer`.
+    fn remember(
+        &mut self,
+        id: LinkManId,
+        customer: CustomerId,
+        slot: Slot,
+        recorded: Range<usize>,
+    ) {
+        match slot {
+            Slot::AsRecorded(entry) => {
+                self.as_recorded.want(recorded, entry);
+                self.by_linkman.remove(&id);
+                self.without_candidate.remove(&id);
+            }
+            Slot::Candidate(_) => {
+                self.as_recorded.forget(recorded);
+                self.by_linkman.insert(id, slot);
+                self.without_candidate.remove(&id);
+            }
+            Slot::None => {
+                self.as_recorded.forget(recorded);
+                self.by_linkman.insert(id, slot);
+                self.without_candidate.insert(id, customer);
+            }
         }
     }
 
@@ -316,6 +357,10 @@ impl<'m> DesiredBuilder<'m> {
     /// Whether a customer returned this link-man.
     pub fn has_linkman(&self, id: LinkManId) -> bool {
         self.by_linkman.contains_key(&id)
+            || self
+                .as_recorded
+                .wanted_in(self.as_recorded.of(id))
+                .is_some()
     }
 
     /// Keeps `member` as the state DB has it: its link-man is missing from
@@ -324,7 +369,8 @@ impl<'m> DesiredBuilder<'m> {
     pub fn hold(&mut self, member: DesiredMember) {
         let (id, customer) = (member.link_man_id, member.customer_id);
         let at = self.propose(member);
-        self.remember(id, customer, Slot::Candidate(at));
+        let recorded = self.as_recorded.of(id);
+        self.remember(id, customer, Slot::Candidate(at), recorded);
     }
 
     /// Adds a candidate; returns its index (a `u32`: four billion
@@ -346,13 +392,8 @@ impl<'m> DesiredBuilder<'m> {
         out.repeated_linkmen.dedup();
         // Only each link-man's current candidate stays.
         let by_linkman = self.by_linkman;
-        let mut as_recorded: Vec<u32> = by_linkman
-            .values()
-            .filter_map(|slot| match slot {
-                Slot::AsRecorded(at) => Some(*at),
-                _ => None,
-            })
-            .collect();
+        let mut as_recorded = self.as_recorded.positions();
+        drop(self.as_recorded);
         let mut at: u32 = 0;
         let mut members = self.candidates;
         members.retain(|m| {
