@@ -1,8 +1,11 @@
 //! One contacts run, in this order:
 //!
-//! 1. Pull the whole CRM. A pull that did not complete applies nothing
-//!    (rule 7). Owned members whose link-man the pull did not return
-//!    are looked at again by id before anything is planned (`vanished`).
+//! 1. Load what the state DB records, then pull the whole CRM over it: a
+//!    link-man mapped exactly as recorded marks its recorded member
+//!    instead of being copied (`desired`). A pull that did not complete
+//!    applies nothing (rule 7). Owned members whose link-man the pull
+//!    did not return are looked at again by id before anything is
+//!    planned (`vanished`).
 //! 2. Read `unsubscribe-export` of every synced list; new lines are the
 //!    daemon's own unsubscribes or user unsubscribes (rule 6).
 //! 3. Resolve operations left pending by earlier runs by checking the list
