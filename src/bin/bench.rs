@@ -71,7 +71,19 @@ struct Args {
     /// the cost per link-man grew from the smallest to the largest.
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     sweep: Vec<i64>,
+    /// With `--sweep`: run the sizes this many times over, one round
+    /// after the other, and keep each size's and scenario's fastest run.
+    /// A shared machine drifts by 10–30 % within one sweep; the best of
+    /// interleaved rounds is what the curve's targets are checked on.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
 }
+
+/// The curve's targets, from the smallest size of a sweep to the largest:
+/// the wall per link-man may grow by 5 % (a million link-men in at most
+/// 10.5 times the time of 100 000), the CPU per link-man by 20 %.
+const CURVE_WALL: f64 = 1.05;
+const CURVE_CPU: f64 = 1.2;
 
 const PAGE_SIZE: i64 = 100;
 const BATCH: i64 = 500;
@@ -366,38 +378,61 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// `--sweep`: the first sync, the no-change rerun and the write-back at
-/// each size on a fresh sandbox and database, then the curve.
+/// each size on a fresh sandbox and database, `--rounds` times over, then
+/// the curve of each size's and scenario's fastest run.
 async fn sweep(args: &Args, bin: &std::path::Path, wrap: &[String]) -> anyhow::Result<()> {
     let latency = Duration::from_millis(args.latency_ms);
     let c = args.concurrency as i64;
     let mut rows: Vec<Row> = Vec::new();
-    for &size in &args.sweep {
-        let sb = Sandbox::start().await?;
-        let data = seed(&sb, size);
-        let db = bench_database(&args.db).await?;
-        let config = write_bench_config(&sb, &db, c)?;
-        slow_down(&sb, latency);
-        println!(
-            "\nsweep: {} link-men, latency {} ms, db {}\n",
-            data.linkmen, args.latency_ms, args.db
-        );
-        print_header();
-        let mut bench = Bench::new(&sb, wrap, bin, &config, &data, latency, c);
-        bench.first_sync(&data);
-        bench.no_change_rerun();
-        bench.write_back(&data);
-        rows.append(&mut bench.rows);
-        cleanup(args, &config).await?;
+    for round in 1..=args.rounds.max(1) {
+        for &size in &args.sweep {
+            let sb = Sandbox::start().await?;
+            let data = seed(&sb, size);
+            let db = bench_database(&args.db).await?;
+            let config = write_bench_config(&sb, &db, c)?;
+            slow_down(&sb, latency);
+            println!(
+                "\nsweep: {} link-men, latency {} ms, db {}, round {round}\n",
+                data.linkmen, args.latency_ms, args.db
+            );
+            print_header();
+            let mut bench = Bench::new(&sb, wrap, bin, &config, &data, latency, c);
+            bench.first_sync(&data);
+            bench.no_change_rerun();
+            bench.write_back(&data);
+            rows.append(&mut bench.rows);
+            cleanup(args, &config).await?;
+        }
     }
-    print_curve(&rows);
-    let misses = rows.iter().flat_map(|r| r.misses(latency)).collect();
+    let mut misses: Vec<String> = rows.iter().flat_map(|r| r.misses(latency)).collect();
+    let best = fastest(rows);
+    misses.extend(print_curve(&best));
     verdict(misses, !wrap.is_empty())
+}
+
+/// Of the rows of one size and scenario, the one with the least wall, in
+/// the order the sizes and scenarios were first run.
+fn fastest(rows: Vec<Row>) -> Vec<Row> {
+    let mut best: Vec<Row> = Vec::new();
+    for row in rows {
+        match best
+            .iter_mut()
+            .find(|b| b.linkmen == row.linkmen && b.scenario == row.scenario)
+        {
+            Some(b) if row.m.wall < b.m.wall => *b = row,
+            Some(_) => {}
+            None => best.push(row),
+        }
+    }
+    best
 }
 
 /// The sweep's table: per size and scenario, the wall, the daemon's CPU
 /// per link-man and its peak RSS; then, per scenario, how each grew from
-/// the smallest size to the largest.
-fn print_curve(rows: &[Row]) {
+/// the smallest size to the largest. Returns the curve's targets missed
+/// ([`CURVE_WALL`], [`CURVE_CPU`]).
+fn print_curve(rows: &[Row]) -> Vec<String> {
+    let mut misses = Vec::new();
     println!(
         "\n| link-men | scenario | wall | wall / link-man | CPU / link-man | peak RSS | sandbox µs/req |"
     );
@@ -434,7 +469,30 @@ fn print_curve(rows: &[Row]) {
             large.m.max_rss_kb as f64 / 1024.0,
             large.m.max_rss_kb as f64 / small.m.max_rss_kb.max(1) as f64,
         );
+        misses.extend(curve_misses(scenario, small, large));
     }
+    misses
+}
+
+/// How `scenario`'s cost per link-man grew from `small` to `large`,
+/// against the curve's targets.
+fn curve_misses(scenario: &str, small: &Row, large: &Row) -> Vec<String> {
+    let wall = large.wall_per_linkman_us() / small.wall_per_linkman_us();
+    let cpu = large.cpu_per_linkman_us() / small.cpu_per_linkman_us();
+    let mut out = Vec::new();
+    if wall > CURVE_WALL {
+        out.push(format!(
+            "{scenario}: wall per link-man ×{wall:.2} from {} to {} link-men > ×{CURVE_WALL}",
+            small.linkmen, large.linkmen
+        ));
+    }
+    if cpu > CURVE_CPU {
+        out.push(format!(
+            "{scenario}: CPU per link-man ×{cpu:.2} from {} to {} link-men > ×{CURVE_CPU}",
+            small.linkmen, large.linkmen
+        ));
+    }
+    out
 }
 
 /// The benchmark's scenarios, run one after the other on one sandbox and
