@@ -402,6 +402,10 @@ pub struct MemberState {
     pub origin: Origin,
     /// EDM holds it now (as far as the daemon knows).
     pub present: bool,
+    /// The daemon's `ml-unsub` of it took effect and the daemon has not
+    /// added it since: EDM holding it again is a consent risk (the drift
+    /// report's `reactivated`), not a member to take back.
+    pub unsubscribed: bool,
     pub link_man_id: Option<LinkManId>,
     pub customer_id: Option<CustomerId>,
     pub edm_id: Option<crate::domain::AddressId>,
@@ -734,6 +738,7 @@ mod tests {
             key: MemberKey::new(ListId(list), Email::parse(email).unwrap()),
             origin: Origin::Owned,
             present: true,
+            unsubscribed: false,
             link_man_id: None,
             customer_id: None,
             edm_id: None,

@@ -16,6 +16,7 @@ mod m20261130_000009_create_log_notes;
 mod m20261204_000010_describe_log_notes;
 mod m20261204_000011_create_run_requests;
 mod m20261205_000012_index_ledger_by_status_and_id;
+mod m20261205_000013_mark_daemon_unsubscribes;
 
 /// The migrator: every migration in order.
 pub struct Migrator;
@@ -36,6 +37,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000010_describe_log_notes::Migration),
             Box::new(m20261204_000011_create_run_requests::Migration),
             Box::new(m20261205_000012_index_ledger_by_status_and_id::Migration),
+            Box::new(m20261205_000013_mark_daemon_unsubscribes::Migration),
         ]
     }
 }

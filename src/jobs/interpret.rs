@@ -119,6 +119,7 @@ pub fn resolve_pending(
                     key,
                     origin: Origin::Owned,
                     present: true,
+                    unsubscribed: false,
                     link_man_id: op.link_man_id,
                     customer_id: op.customer_id,
                     edm_id: Some(addr.id),
@@ -130,6 +131,7 @@ pub fn resolve_pending(
                 status: OpStatus::Done,
                 member: members.get(&key).map(|m| MemberState {
                     present: false,
+                    unsubscribed: true,
                     ..m.clone()
                 }),
             },
@@ -171,6 +173,7 @@ pub fn held_by_edm(key: MemberKey, addr: &EdmAddress, known: Option<&MemberState
             key,
             origin: Origin::Foreign,
             present: true,
+            unsubscribed: false,
             link_man_id: None,
             customer_id: None,
             edm_id: Some(addr.id),
@@ -262,6 +265,7 @@ mod tests {
                 key,
                 origin,
                 present,
+                unsubscribed: false,
                 link_man_id: Some(LinkManId(1)),
                 customer_id: Some(CustomerId(2)),
                 edm_id: None,

@@ -20,6 +20,8 @@ pub(super) mod member {
         pub origin: Origin,
         /// Whether EDM holds it now, as far as the daemon knows.
         pub present: bool,
+        /// The daemon unsubscribed it and has not added it since.
+        pub unsubscribed: bool,
         /// The link-man that owns (or last owned) it.
         pub link_man_id: Option<crate::domain::LinkManId>,
         pub customer_id: Option<crate::domain::CustomerId>,

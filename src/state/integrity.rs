@@ -219,6 +219,7 @@ mod tests {
             key: MemberKey::new(ListId(1), Email::parse("m@x.cn").unwrap()),
             origin: Origin::Owned,
             present: true,
+            unsubscribed: false,
             link_man_id: Some(LinkManId(10)),
             customer_id: Some(CustomerId(1)),
             edm_id: None,

@@ -28,6 +28,7 @@ pub(super) fn member_row(m: &MemberState, now: i64) -> member::ActiveModel {
         email: Set(m.key.email.to_string()),
         origin: Set(m.origin),
         present: Set(m.present),
+        unsubscribed: Set(m.unsubscribed),
         link_man_id: Set(m.link_man_id),
         customer_id: Set(m.customer_id),
         edm_id: Set(m.edm_id),
@@ -52,6 +53,7 @@ fn member_state(row: member::Model) -> Option<MemberState> {
         key: MemberKey::new(row.list_id, email),
         origin: row.origin,
         present: row.present,
+        unsubscribed: row.unsubscribed,
         link_man_id: row.link_man_id,
         customer_id: row.customer_id,
         edm_id: row.edm_id,
@@ -182,6 +184,7 @@ pub(super) async fn upsert_members<C: ConnectionTrait>(
                     .update_columns([
                         member::Column::Origin,
                         member::Column::Present,
+                        member::Column::Unsubscribed,
                         member::Column::LinkManId,
                         member::Column::CustomerId,
                         member::Column::EdmId,
@@ -196,4 +199,59 @@ pub(super) async fn upsert_members<C: ConnectionTrait>(
             .context("cannot write members")?;
     }
     Ok(())
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::super::tests::both_urls;
+    use super::*;
+    use migrations::{Migrator, MigratorTrait};
+    use secrecy::SecretString;
+
+    /// Rows as a database from before `members.unsubscribed` holds them.
+    const OLD_ROWS: &str = "
+        INSERT INTO members (list_id, email, origin, present, link_man_id, customer_id, edm_id, fullname, vars, updated_at) VALUES
+          (1, 'gone@x.cn', 'owned', FALSE, 7, 3, NULL, 'G', '[]', 1),
+          (1, 'back@x.cn', 'owned', FALSE, 8, 3, NULL, 'B', '[]', 1),
+          (1, 'deleted@x.cn', 'owned', FALSE, 9, 3, NULL, 'D', '[]', 1),
+          (1, 'kept@x.cn', 'owned', TRUE, 10, 3, 5, 'K', '[]', 1);
+        INSERT INTO operations (run_id, kind, list_id, email, fullname, vars, status, attempts, export_matched, created_at, updated_at) VALUES
+          ('r1', 'add', 1, 'gone@x.cn', 'G', '[]', 'done', 0, FALSE, 1, 1),
+          ('r2', 'unsub', 1, 'gone@x.cn', '', '[]', 'done', 0, FALSE, 2, 2),
+          ('r1', 'unsub', 1, 'back@x.cn', '', '[]', 'done', 0, FALSE, 1, 1),
+          ('r2', 'add', 1, 'back@x.cn', 'B', '[]', 'done', 0, FALSE, 2, 2),
+          ('r2', 'unsub', 1, 'deleted@x.cn', '', '[]', 'superseded', 0, FALSE, 2, 2);
+    ";
+
+    #[tokio::test]
+    async fn the_migration_marks_absent_members_whose_last_completed_write_was_an_unsubscribe() {
+        let _sockets = super::super::tests::FOREIGN_PG_SOCKETS.read().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (urls, _guard) = both_urls(dir.path()).await;
+        for url in urls {
+            // Arrange: the schema before the column, holding old rows.
+            let store = Store::connect(&SecretString::from(url.clone()))
+                .await
+                .unwrap();
+            let db = store.connection();
+            Migrator::down(db, Some(1)).await.unwrap();
+            for statement in OLD_ROWS.split(';').filter(|s| !s.trim().is_empty()) {
+                db.execute_unprepared(statement).await.unwrap();
+            }
+
+            // Act
+            Migrator::up(db, None).await.unwrap();
+            let members = store.load_members().await.unwrap();
+
+            // Assert: only the address whose last add-or-unsubscribe
+            // completed as an unsubscribe is marked.
+            let marked: Vec<&str> = members
+                .values()
+                .filter(|m| m.unsubscribed)
+                .map(|m| m.key.email.as_str())
+                .collect();
+            assert_eq!(marked, vec!["gone@x.cn"], "{url}");
+            store.close().await;
+        }
+    }
 }

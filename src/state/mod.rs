@@ -279,6 +279,7 @@ mod tests {
             key: MemberKey::new(ListId(1), Email::parse(email).unwrap()),
             origin: Origin::Owned,
             present,
+            unsubscribed: false,
             link_man_id: Some(LinkManId(10)),
             customer_id: Some(CustomerId(1)),
             edm_id: None,

@@ -142,6 +142,9 @@ impl<'a> Applier<'a> {
                 .filter_map(|c| {
                     self.members.get(&c.key).map(|m| MemberState {
                         origin: if c.adopt { Origin::Adopted } else { m.origin },
+                        // Wanted again: no longer an address the daemon
+                        // took out.
+                        unsubscribed: m.unsubscribed && !c.adopt,
                         link_man_id: Some(c.link_man_id),
                         customer_id: Some(c.customer_id),
                         ..m.clone()
@@ -616,6 +619,7 @@ impl<'a> Applier<'a> {
                         key,
                         origin: Origin::Owned,
                         present: true,
+                        unsubscribed: false,
                         link_man_id: Some(a.link_man_id),
                         customer_id: Some(a.customer_id),
                         edm_id: *edm_id,
@@ -623,6 +627,7 @@ impl<'a> Applier<'a> {
                     }),
                     BatchKind::Unsub => self.members.get(&key).map(|m| MemberState {
                         present: false,
+                        unsubscribed: true,
                         edm_id: None,
                         ..m.clone()
                     }),

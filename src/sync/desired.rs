@@ -856,6 +856,7 @@ mod tests {
                     key: m.key.clone(),
                     origin: Origin::Owned,
                     present: true,
+                    unsubscribed: false,
                     link_man_id: Some(m.link_man_id),
                     customer_id: Some(m.customer_id),
                     edm_id: None,

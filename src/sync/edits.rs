@@ -180,6 +180,7 @@ impl Applier<'_> {
             key: edit.key.clone(),
             origin: base.map(|m| m.origin).unwrap_or(Origin::Owned),
             present: true,
+            unsubscribed: false,
             link_man_id: Some(edit.link_man_id),
             customer_id: Some(edit.customer_id),
             edm_id: Some(id),

@@ -360,6 +360,7 @@ mod tests {
                 key: k,
                 origin,
                 present: true,
+                unsubscribed: false,
                 link_man_id: Some(lm),
                 customer_id: Some(CustomerId(lm.0 * 100)),
                 edm_id: Some(AddressId(lm.0 + 1000)),

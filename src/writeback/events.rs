@@ -343,6 +343,7 @@ mod tests {
                 key,
                 origin,
                 present,
+                unsubscribed: false,
                 link_man_id: Some(lm),
                 customer_id: Some(CustomerId(lm.0 * 100)),
                 edm_id: None,

@@ -99,6 +99,7 @@ mod tests {
             key: MemberKey::new(ListId(1), Email::parse(email).unwrap()),
             origin: Origin::Owned,
             present,
+            unsubscribed: false,
             link_man_id: Some(LinkManId(lm)),
             customer_id: None,
             edm_id: None,

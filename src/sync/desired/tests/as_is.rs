@@ -122,6 +122,7 @@ fn learn(members: &Members, pick: u8, what: u8) -> MemberState {
             key: key(ListId(2), "new@x.cn"),
             origin: Origin::Owned,
             present: true,
+            unsubscribed: false,
             link_man_id: Some(LinkManId(3)),
             customer_id: Some(CustomerId(1)),
             edm_id: None,
