@@ -111,6 +111,9 @@ pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
             };
             crate::explain::print(&settings, question).await
         }
+        Some(Command::Reconcile { json, report }) => {
+            crate::reconcile::print(settings, crate::reconcile::Question { json, report }).await
+        }
         Some(Command::Check) => crate::check::run(settings).await,
         Some(Command::Health) => {
             let (healthy, line) = crate::ops_endpoint::probe(settings.http.listen).await;

@@ -138,6 +138,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare every synced list with the state database and report the
+    /// drift: missing, changed, reactivated and foreign members. Writes
+    /// nothing to EDM; exit 0 when the report is made.
+    Reconcile {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Also write every drifted or foreign member to FILE as JSON
+        /// lines (full addresses; created readable by its owner only).
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+    },
     /// Validate the config, reach both APIs and the database.
     Check,
     /// Ask the running daemon's /healthz (on http.listen): exit 0 healthy,
@@ -154,6 +166,7 @@ impl Command {
         match self {
             Command::Status { .. } => "status",
             Command::Explain { .. } => "explain",
+            Command::Reconcile { .. } => "reconcile",
             Command::Check => "check",
             Command::Health => "health",
             Command::Demo => "demo",

@@ -1,11 +1,12 @@
 //! Daemon mode: migrate, serve `/healthz` and `/metrics`, tell systemd it
 //! is ready, then — while this instance holds the state database's lock —
-//! run the contacts job on `sync.schedule` and the write-back job on
-//! `writeback.schedule` (tokio-cron-scheduler, six-field cron, read in
-//! `sync.timezone`, UTC by default).
+//! run the contacts job on `sync.schedule`, the write-back job on
+//! `writeback.schedule` and the drift report on `reconcile.schedule`
+//! (tokio-cron-scheduler, six-field cron, read in `sync.timezone`, UTC by
+//! default).
 //!
 //! - A job never overlaps itself: a tick that finds it running is skipped
-//!   and logged. The two jobs never run at the same time either.
+//!   and logged. No two jobs run at the same time either.
 //! - Another instance on the same database stands by, trying the lock every
 //!   `daemon.lock_poll_secs`, and takes over when the active one stops or
 //!   dies. An active instance that loses its PostgreSQL lock connection
@@ -92,9 +93,9 @@ pub(crate) async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::
 /// Every series from start-up, standby or not; the last success as the
 /// state database remembers it, so a restart does not blank it.
 async fn start_metrics(base: &Context) {
-    crate::metrics::zero_series(&Job::ALL.map(|j| j.as_str()));
+    crate::metrics::zero_series(&Job::SCHEDULED.map(|j| j.as_str()));
     crate::metrics::build_info(&base.instance.id);
-    for job in Job::ALL {
+    for job in Job::SCHEDULED {
         match base.store.last_success(job).await {
             Ok(Some(ms)) => crate::metrics::last_success_at(job.as_str(), ms),
             Ok(None) => {}
@@ -167,7 +168,7 @@ async fn take_turns(
 /// runs `--once` asks for share them too.
 #[derive(Clone)]
 struct Runs {
-    gates: [Arc<Gate>; 2],
+    gates: [Arc<Gate>; 3],
     turn: Arc<tokio::sync::Mutex<()>>,
     tracker: TaskTracker,
     /// Cancelled to stop: the running job finishes its current batch.
@@ -183,6 +184,7 @@ impl Runs {
         match job {
             Job::Contacts => &self.gates[0],
             Job::Writeback => &self.gates[1],
+            Job::Reconcile => &self.gates[2],
         }
     }
 }
@@ -199,7 +201,7 @@ async fn active_period(
     drain: Duration,
 ) -> anyhow::Result<Period> {
     let runs = Runs {
-        gates: [Arc::new(Gate::default()), Arc::new(Gate::default())],
+        gates: std::array::from_fn(|_| Arc::new(Gate::default())),
         turn: Arc::new(tokio::sync::Mutex::new(())),
         tracker: TaskTracker::new(),
         period: stop.child_token(),
@@ -273,11 +275,18 @@ async fn active_period(
 async fn arm_schedules(live: &Arc<Live>, runs: &Runs) -> anyhow::Result<JobScheduler> {
     let settings = live.current().settings;
     let scheduler = JobScheduler::new().await?;
-    for job in Job::ALL {
+    for job in Job::SCHEDULED {
         let gate = runs.gate(job);
         let cron = match job {
             Job::Contacts => settings.sync.schedule.to_string(),
             Job::Writeback => settings.writeback.schedule.to_string(),
+            Job::Reconcile => match &settings.reconcile.schedule {
+                Some(cron) => cron.to_string(),
+                None => {
+                    tracing::info!(job = %job, "reconcile.schedule is \"\": the drift report runs by hand only");
+                    continue;
+                }
+            },
         };
         let f = job_fn(live.clone(), job, runs);
         let zone = settings.schedule_zone();
@@ -454,6 +463,7 @@ async fn run_job(ctx: &Context, job: Job) {
     let result = match job {
         Job::Contacts => contacts::run(ctx, RunOptions::default()).await.map(|_| ()),
         Job::Writeback => writeback::run(ctx).await.map(|_| ()),
+        Job::Reconcile => crate::reconcile::run(ctx, true).await.map(|_| ()),
     };
     if let Err(e) = result {
         tracing::error!(job = %job, error = %ctx.redactor.redact(&format!("{e:#}")), "run failed");

@@ -30,6 +30,7 @@ pub mod lock;
 pub(crate) mod metrics;
 pub mod once;
 pub(crate) mod ops_endpoint;
+pub mod reconcile;
 pub(crate) mod redact;
 pub(crate) mod reload;
 pub mod remote;

@@ -24,6 +24,7 @@ pub(crate) mod metric {
         "crm_edm_sync_edm_service_expiration_timestamp_seconds";
     pub(crate) const EDM_QUOTA_LEFT: &str = "crm_edm_sync_edm_quota_available";
     pub(crate) const STATE_DB_WRITABLE: &str = "crm_edm_sync_state_db_writable";
+    pub(crate) const DRIFT_MEMBERS: &str = "crm_edm_sync_drift_members";
 }
 
 /// Run outcomes a job's run ends with.
@@ -214,6 +215,14 @@ pub(crate) fn http_retry(api: &'static str) {
     metrics::counter!(metric::HTTP_RETRIES, "api" => api).increment(1);
 }
 
+/// What the last drift report found in a list: `kind` is `missing`,
+/// `changed`, `reactivated` or `foreign`. Set for every kind of every list
+/// the report read, so a kind that went back to 0 reads 0.
+pub(crate) fn drift_members(list_id: i64, kind: &'static str, n: usize) {
+    metrics::gauge!(metric::DRIFT_MEMBERS, "list_id" => list_id.to_string(), "kind" => kind)
+        .set(n as f64);
+}
+
 /// Installs the Prometheus recorder for this process.
 pub(crate) fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     let recorder = PrometheusBuilder::new().build_recorder();
@@ -258,6 +267,10 @@ pub(crate) fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         "Unix time of the last day of EDM's sending service"
     );
     metrics::describe_gauge!(
+        metric::DRIFT_MEMBERS,
+        "Members of a synced list that the last drift report (reconcile) found drifted, by kind"
+    );
+    metrics::describe_gauge!(
         metric::EDM_QUOTA_LEFT,
         "Sends left in EDM's quota (service-info)"
     );
@@ -300,6 +313,7 @@ mod tests {
             EDM_SERVICE_EXPIRES,
             EDM_QUOTA_LEFT,
             STATE_DB_WRITABLE,
+            DRIFT_MEMBERS,
         ];
         for file in [
             "deploy/prometheus/alerts.yml",

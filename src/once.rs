@@ -139,6 +139,15 @@ pub async fn run_job(ctx: &Context, what: &OnceJobs, job: Job) -> (bool, String)
             Ok(report) => report.is_success(),
             Err(e) => failed(ctx, job, e, &mut text),
         },
+        // Not a `--job` (it has its own command), but a request row may
+        // name any job: the report, as `reconcile` prints it.
+        Job::Reconcile => match crate::reconcile::run(ctx, !what.opts.dry_run).await {
+            Ok(report) => {
+                text.push_str(&crate::reconcile::to_text(&report, None));
+                true
+            }
+            Err(e) => failed(ctx, job, e, &mut text),
+        },
     };
     (ok, text)
 }
@@ -343,25 +352,7 @@ fn changes(old: &MemberFields, new: &MemberFields) -> String {
 /// truncated) readable by its owner only, since it holds full addresses.
 fn write_plan(path: &std::path::Path, preview: &Preview) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    use std::io::Write as _;
-    // A new file, readable by its owner only (it holds full addresses),
-    // written beside the target and renamed over it: a file already there
-    // is replaced, never written into with its old, wider mode.
-    let write = || -> std::io::Result<()> {
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => std::path::Path::new("."),
-        };
-        let file = tempfile::NamedTempFile::new_in(dir)?;
-        let mut out = std::io::BufWriter::new(file);
-        for line in preview.json_lines() {
-            serde_json::to_writer(&mut out, &line)?;
-            out.write_all(b"\n")?;
-        }
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.as_file().sync_all()?;
-        file.persist(path).map_err(|e| e.error)?;
-        Ok(())
-    };
-    write().with_context(|| format!("cannot write the plan to {}", path.display()))
+    // Readable by its owner only: it holds full addresses.
+    crate::jobs::private_file::write_json_lines(path, preview.json_lines())
+        .with_context(|| format!("cannot write the plan to {}", path.display()))
 }

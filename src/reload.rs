@@ -32,7 +32,12 @@ pub(crate) const RESTART_ONLY: &[&str] = &[
 ];
 
 /// Keys whose change re-arms the schedules.
-const SCHEDULE_KEYS: &[&str] = &["sync.schedule", "writeback.schedule", "sync.timezone"];
+const SCHEDULE_KEYS: &[&str] = &[
+    "sync.schedule",
+    "writeback.schedule",
+    "reconcile.schedule",
+    "sync.timezone",
+];
 
 /// Keys whose values are secrets: named in the change line, never shown.
 const SECRET_KEYS: &[&str] = &["crm.token", "edm.password", "database.url"];

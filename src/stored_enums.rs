@@ -335,15 +335,25 @@ pub enum Job {
     /// Campaign activity → CRM contact history.
     #[sea_orm(string_value = "writeback")]
     Writeback,
+    /// The drift report: every synced list compared with the state DB;
+    /// writes nothing to EDM. Its own command (`reconcile`), not a
+    /// `--job`.
+    #[sea_orm(string_value = "reconcile")]
+    #[value(skip)]
+    Reconcile,
 }
 
 impl Job {
+    /// The jobs `--once` runs without `--job`, in order.
     pub const ALL: [Job; 2] = [Job::Contacts, Job::Writeback];
+    /// The jobs the daemon schedules.
+    pub const SCHEDULED: [Job; 3] = [Job::Contacts, Job::Writeback, Job::Reconcile];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Job::Contacts => "contacts",
             Job::Writeback => "writeback",
+            Job::Reconcile => "reconcile",
         }
     }
 }

@@ -169,13 +169,22 @@ where
     }
 }
 
+/// Fields whose text is JSON and is written as JSON, not as a string:
+/// the per-list counts of a drift report's `run finished` line.
+const JSON_FIELDS: &[&str] = &["lists"];
+
 /// Records an event's fields into a JSON object.
 struct Fields<'a>(&'a mut Map<String, Value>);
 
 impl Visit for Fields<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().into(), Value::String(format!("{value:?}")));
+        let text = format!("{value:?}");
+        let value = JSON_FIELDS
+            .contains(&field.name())
+            .then(|| serde_json::from_str::<Value>(&text).ok())
+            .flatten()
+            .unwrap_or(Value::String(text));
+        self.0.insert(field.name().into(), value);
     }
     fn record_str(&mut self, field: &Field, value: &str) {
         self.0

@@ -40,6 +40,8 @@ pub struct Settings {
     pub sync: SyncSettings,
     /// The write-back job.
     pub writeback: WritebackSettings,
+    /// The drift report.
+    pub reconcile: ReconcileSettings,
     /// Logging.
     pub log: LogSettings,
     /// The ops HTTP endpoint (daemon mode).
@@ -328,6 +330,15 @@ pub struct WritebackSettings {
     pub route_id: i64,
     /// Title and content of each kind of record.
     pub templates: Templates,
+}
+
+/// `[reconcile]`: the drift report (`crm-edm-sync reconcile`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileSettings {
+    /// When the daemon runs it (`""`: never; by hand only).
+    #[serde(deserialize_with = "values::optional_schedule")]
+    pub schedule: Option<CronSchedule>,
 }
 
 /// `[writeback.templates]`: title and content of the ContactHistory record

@@ -64,6 +64,7 @@ fn the_built_in_defaults_are_the_shipped_default_file() {
         "database",
         "sync",
         "writeback",
+        "reconcile",
         "log",
         "http",
         "daemon",
@@ -136,6 +137,7 @@ fn bad_values_are_errors_naming_the_key() {
             "writeback.schedule",
         ),
         ("[sync]\nlist_id = 0", "sync.list_id"),
+        ("[reconcile]\nschedule = \"weekly\"", "reconcile.schedule"),
         ("[database]\nurl = \"mysql://x\"", "database.url"),
         ("[log]\nlevel = \"loud!!\"", "log.level"),
         (

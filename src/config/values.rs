@@ -124,6 +124,20 @@ fn from_text<'de, D: Deserializer<'de>, T>(
     parse(&text).map_err(serde::de::Error::custom)
 }
 
+/// A schedule that may be turned off (`reconcile.schedule`): `""` is
+/// `None`, anything else must be a [`CronSchedule`].
+pub(super) fn optional_schedule<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<CronSchedule>, D::Error> {
+    from_text(deserializer, |text| {
+        if text.trim().is_empty() {
+            Ok(None)
+        } else {
+            CronSchedule::parse(text).map(Some)
+        }
+    })
+}
+
 /// A `*_secs` key: whole seconds, read as a [`Duration`].
 pub(super) fn seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     u64::deserialize(deserializer).map(Duration::from_secs)

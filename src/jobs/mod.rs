@@ -7,6 +7,7 @@
 pub mod exports;
 pub mod interpret;
 pub mod lifecycle;
+pub mod private_file;
 
 use std::sync::Arc;
 use std::time::Duration;

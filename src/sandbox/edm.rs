@@ -240,6 +240,23 @@ impl EdmHandle {
         }
     }
 
+    /// Changes an address's `var{i}` (1–10) behind the daemon's back, as
+    /// an edit in EDM's web UI would.
+    pub fn set_var(&self, id: i64, i: usize, value: &str) {
+        if let Some(a) = lock(&self.data).find_mut(id)
+            && let Some(slot) = a.vars.get_mut(i.wrapping_sub(1))
+        {
+            *slot = value.to_string();
+        }
+    }
+
+    /// Puts an address back into a list it left (an unsubscribe, a
+    /// deletion), as someone re-adding it in EDM's web UI would: active
+    /// again, with a new id. The export keeps its old line.
+    pub fn reactivate(&self, list_id: i64, address: &str, fullname: &str) -> i64 {
+        lock(&self.data).push(list_id, address, fullname, Default::default())
+    }
+
     /// Adds or replaces a campaign.
     pub fn put_campaign(&self, campaign: SandboxCampaign) {
         lock(&self.data).campaigns.insert(campaign.id, campaign);

@@ -39,6 +39,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("sync", 6),
     ("writeback", 6),
     ("explain", 6),
+    ("reconcile", 6),
     ("reload", 6),
     // 7: commands that run jobs.
     ("once", 7),

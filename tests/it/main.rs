@@ -22,6 +22,7 @@ mod poison;
 mod read_only;
 mod reader_properties;
 mod real_shapes;
+mod reconcile;
 mod restore;
 mod stdout;
 mod writeback;
