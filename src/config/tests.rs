@@ -581,3 +581,15 @@ fn a_secret_file_that_is_missing_shared_or_doubled_is_refused_naming_the_key_not
         assert!(!err.contains("hunter2"), "{err}");
     }
 }
+
+#[test]
+fn the_drift_report_runs_weekly_by_default_and_an_empty_schedule_turns_it_off() {
+    let default = Settings::from_toml(MINIMAL).unwrap();
+    let off = Settings::from_toml(&merge(MINIMAL, "[reconcile]\nschedule = \"\"")).unwrap();
+
+    assert_eq!(
+        default.reconcile.schedule.map(|s| s.to_string()),
+        Some("0 0 4 * * Sun".to_string())
+    );
+    assert!(off.reconcile.schedule.is_none());
+}
