@@ -165,16 +165,12 @@ async fn once(cli: &Cli, settings: Settings) -> anyhow::Result<ExitCode> {
             Err(code) => return Ok(code),
         },
     };
-    let ctx = Context::new(settings).await?;
-    // Fence this run's writes: a daemon that takes over (should this
-    // process lose its lock) makes every later batch of ours fail.
-    crate::jobs::take_lease(&ctx).await?;
-    let printed = crate::once::run_jobs(&ctx, &what).await;
-    if let Err(e) = ctx.store.release_lease().await {
-        tracing::warn!(error = %format!("{e:#}"), "cannot mark the lease released");
-    }
-    ctx.store.close().await;
-    drop(lock);
+    // Fenced: a daemon that takes over (should this process lose its
+    // lock) makes every later batch of ours fail.
+    let printed = crate::jobs::holding(settings, lock, async |ctx: &Context| {
+        crate::once::run_jobs(ctx, &what).await
+    })
+    .await?;
     print!("{}", printed.text);
     Ok(printed.exit_code())
 }

@@ -624,8 +624,14 @@ impl<'a> Bench<'a> {
     /// refused addresses ends partial (exit 1) by design: only the first
     /// sync meets the refused addresses (they are parked there).
     fn scenario(&mut self, name: &str, job: &str, req_bound: i64, wall_bound: Duration) {
+        self.measure(name, &["--once", "--job", job], req_bound, wall_bound);
+    }
+
+    /// Runs the binary with `args` once in a child process, prints its row
+    /// and returns it.
+    fn measure(&mut self, name: &str, args: &[&str], req_bound: i64, wall_bound: Duration) -> &Row {
         self.sb.clear_requests();
-        let mut m = run_child(self.wrap, self.bin, self.config, job);
+        let mut m = run_command(self.wrap, self.bin, self.config, args);
         if name == "first sync" && self.refused > 0 && !m.ok {
             m.ok = m.exit_code == Some(1);
         }
@@ -647,6 +653,7 @@ impl<'a> Bench<'a> {
         };
         row.print();
         self.rows.push(row);
+        &self.rows[self.rows.len() - 1]
     }
 
     /// The pull, one export read per list, the list reads rule 5 requires
@@ -680,29 +687,18 @@ impl<'a> Bench<'a> {
                 return;
             }
         };
-        self.sb.clear_requests();
-        let m = run_command(self.wrap, self.bin, self.config, &["reconcile"]);
-        let ratio = m.wall.as_secs_f64() / read_alone.as_secs_f64().max(1e-9);
-        let detail = requests(self.sb);
-        let row = Row {
-            scenario: "drift report".to_string(),
-            reqs: detail.values().sum(),
-            req_bound: LISTS + pages,
-            wall_bound: self.latency * ((LISTS + pages) as u32),
-            linkmen: self.linkmen,
-            edm_writes: self
-                .sb
-                .requests()
-                .iter()
-                .filter(|r| r.is_edm_write())
-                .count(),
-            detail,
-            m,
-        };
-        row.print();
+        let bound = LISTS + pages;
+        let row = self.measure(
+            "drift report",
+            &["reconcile"],
+            bound,
+            self.latency * (bound as u32),
+        );
+        let (wall, edm_writes) = (row.m.wall, row.edm_writes);
+        let ratio = wall.as_secs_f64() / read_alone.as_secs_f64().max(1e-9);
         println!(
             "    drift report: {:.2} s, the lists read alone {:.2} s: {ratio:.2} × (target ≤ {DRIFT_OVER_READ} from 100 000 link-men)",
-            row.m.wall.as_secs_f64(),
+            wall.as_secs_f64(),
             read_alone.as_secs_f64()
         );
         if self.linkmen >= 100_000 && ratio > DRIFT_OVER_READ {
@@ -710,11 +706,10 @@ impl<'a> Bench<'a> {
                 "drift report: {ratio:.2} × the time of reading the lists > {DRIFT_OVER_READ}"
             ));
         }
-        if row.edm_writes > 0 {
+        if edm_writes > 0 {
             self.extra_misses
-                .push(format!("drift report: {} EDM writes", row.edm_writes));
+                .push(format!("drift report: {edm_writes} EDM writes"));
         }
-        self.rows.push(row);
     }
 
     /// 20 campaigns over the lookback, 10 % of link-men open each.

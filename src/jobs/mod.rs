@@ -218,6 +218,26 @@ pub async fn abandon_unfinished_runs(ctx: &Context) -> anyhow::Result<()> {
 /// timed out: the longer client timeout plus the two seconds the old
 /// holder takes at most to notice and stop. A predecessor that stopped
 /// cleanly (released the lease) or whose process is gone costs no wait.
+/// Runs `work` as the holder of the instance lock `lock` (a `--once`, a
+/// `reconcile` by hand): the state database opened and migrated, the
+/// lease taken so that a daemon taking over fences this process's writes,
+/// then released, the database closed and the lock let go.
+pub async fn holding<T>(
+    settings: Settings,
+    lock: crate::lock::InstanceLock,
+    work: impl AsyncFnOnce(&Context) -> T,
+) -> anyhow::Result<T> {
+    let ctx = Context::new(settings).await?;
+    take_lease(&ctx).await?;
+    let out = work(&ctx).await;
+    if let Err(e) = ctx.store.release_lease().await {
+        tracing::warn!(error = %format!("{e:#}"), "cannot mark the lease released");
+    }
+    ctx.store.close().await;
+    drop(lock);
+    Ok(out)
+}
+
 pub async fn take_lease(ctx: &Context) -> anyhow::Result<()> {
     let (taken, before) = ctx.store.take_lease(&ctx.instance).await?;
     tracing::info!(

@@ -195,15 +195,8 @@ pub async fn print(settings: Settings, q: Question) -> anyhow::Result<ExitCode> 
     let target = crate::lock::LockTarget::of(&settings.database.url);
     let report = match target.try_acquire().await? {
         Some(lock) => {
-            let ctx = Context::new(settings).await?;
-            crate::jobs::take_lease(&ctx).await?;
-            let report = run(&ctx, true).await;
-            if let Err(e) = ctx.store.release_lease().await {
-                tracing::warn!(error = %format!("{e:#}"), "cannot mark the lease released");
-            }
-            ctx.store.close().await;
-            drop(lock);
-            report?
+            crate::jobs::holding(settings, lock, async |ctx: &Context| run(ctx, true).await)
+                .await??
         }
         None => {
             tracing::info!(
