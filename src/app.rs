@@ -114,6 +114,22 @@ pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
         Some(Command::Reconcile { json, report }) => {
             crate::reconcile::print(settings, crate::reconcile::Question { json, report }).await
         }
+        Some(Command::Audit {
+            email,
+            json,
+            since,
+            until,
+            format,
+        }) => {
+            let question = crate::audit::Question {
+                email,
+                json,
+                since,
+                until,
+                format,
+            };
+            crate::audit::print(&settings, question).await
+        }
         Some(Command::Check) => crate::check::run(settings).await,
         Some(Command::Health) => {
             let (healthy, line) = crate::ops_endpoint::probe(settings.http.listen).await;

@@ -72,7 +72,9 @@ impl Cli {
     pub fn access(&self) -> crate::config::Access {
         use crate::config::Access;
         match &self.command {
-            Some(Command::Status { .. } | Command::Health) => Access::StateOnly,
+            Some(Command::Status { .. } | Command::Health | Command::Audit { .. }) => {
+                Access::StateOnly
+            }
             Some(Command::Explain { live: false, .. }) => Access::StateOnly,
             _ => Access::Remote,
         }
@@ -150,6 +152,25 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
     },
+    /// An address's consent trail, oldest first (a masked form from the
+    /// logs is accepted), or with --since every entry of a range of days.
+    Audit {
+        /// The address.
+        #[arg(required_unless_present = "since", conflicts_with = "since")]
+        email: Option<String>,
+        /// With EMAIL: print JSON (an array) for scripts.
+        #[arg(long, conflicts_with = "since")]
+        json: bool,
+        /// Every entry from this day on (YYYY-MM-DD, UTC, inclusive).
+        #[arg(long, value_name = "DATE")]
+        since: Option<String>,
+        /// With --since: up to this day (inclusive).
+        #[arg(long, value_name = "DATE", requires = "since")]
+        until: Option<String>,
+        /// With --since: `jsonl` (the default) or `csv`.
+        #[arg(long, value_enum, requires = "since")]
+        format: Option<AuditFormat>,
+    },
     /// Validate the config, reach both APIs and the database.
     Check,
     /// Ask the running daemon's /healthz (on http.listen): exit 0 healthy,
@@ -167,11 +188,22 @@ impl Command {
             Command::Status { .. } => "status",
             Command::Explain { .. } => "explain",
             Command::Reconcile { .. } => "reconcile",
+            Command::Audit { .. } => "audit",
             Command::Check => "check",
             Command::Health => "health",
             Command::Demo => "demo",
         }
     }
+}
+
+/// How `audit --since` writes the entries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuditFormat {
+    /// One JSON object a line.
+    #[default]
+    Jsonl,
+    /// A header row, then a row an entry.
+    Csv,
 }
 
 /// Exit code of a failed or refused run.

@@ -257,6 +257,20 @@ impl MemberFields {
             .eq(other.values().map(str::trim))
     }
 
+    /// The names of the values that differ from `other`'s (`fullname`,
+    /// `var1`…`var10`), white space at either end set aside.
+    pub fn changed_from(&self, other: &MemberFields) -> Vec<String> {
+        self.values()
+            .zip(other.values())
+            .enumerate()
+            .filter(|(_, (a, b))| a.trim() != b.trim())
+            .map(|(i, _)| match i {
+                0 => "fullname".to_string(),
+                i => format!("var{i}"),
+            })
+            .collect()
+    }
+
     /// A fullname and empty variables.
     pub fn named(fullname: &str) -> Self {
         Self::new::<&str>(fullname, &[""; VAR_COUNT])

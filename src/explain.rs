@@ -16,6 +16,7 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
+use crate::audit::is_masked;
 use crate::config::Settings;
 use crate::domain::{
     CustomerId, Email, LinkManId, ListId, MemberFields, VAR_COUNT, json_text, mask_address,
@@ -28,6 +29,8 @@ use crate::status::when;
 
 /// Operations shown per address, newest first.
 const MAX_OPERATIONS: u64 = 20;
+/// Consent-trail entries shown per address: the last ones.
+const MAX_TRAIL: usize = 10;
 
 /// What the operator asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +52,9 @@ pub struct Explanation {
     /// Refusals by EDM; `parked: true` ones are no longer sent.
     pub refusals: Vec<RefusalFact>,
     pub contact_history: Vec<RecordFact>,
+    /// The last entries of the address's consent trail, oldest first
+    /// (`audit EMAIL` prints them all).
+    pub trail: Vec<crate::state::AuditRecord>,
     /// What the logs said once about the address: invalid, or shared by
     /// link-men.
     pub findings: Vec<Finding>,
@@ -171,6 +177,7 @@ pub async fn answer(
                     operations: Vec::new(),
                     refusals: Vec::new(),
                     contact_history: Vec::new(),
+                    trail: Vec::new(),
                     findings: store.findings_of(raw.trim()).await?,
                     live: None,
                 });
@@ -178,6 +185,8 @@ pub async fn answer(
             }
         };
         let facts = store.facts_of(email.as_str(), MAX_OPERATIONS).await?;
+        let mut trail = store.audit_of(&[email.as_str().to_string()]).await?;
+        trail.drain(..trail.len().saturating_sub(MAX_TRAIL));
         let findings = store.findings_of(email.as_str()).await?;
         let lists = per_list(settings, &facts);
         let live = match &clients {
@@ -191,17 +200,12 @@ pub async fn answer(
             operations: facts.operations,
             refusals: facts.refusals,
             contact_history: facts.records,
+            trail,
             findings,
             live,
         });
     }
     Ok(out)
-}
-
-/// Whether `raw` is an address as the logs mask it (`l***@example.com`,
-/// or `x*** (no @)` for an invalid one).
-pub fn is_masked(raw: &str) -> bool {
-    raw.contains("***")
 }
 
 /// The synced lists and any other list the address has a row in.
@@ -396,6 +400,7 @@ pub fn to_text(a: &Explanation) -> String {
     write_operations(&mut out, &a.operations);
     write_refusals(&mut out, &a.refusals);
     write_contact_history(&mut out, &a.contact_history);
+    write_trail(&mut out, &a.trail);
     if let Some(live) = &a.live {
         write_live(&mut out, live);
     }
@@ -488,6 +493,23 @@ fn write_refusals(out: &mut String, refusals: &[RefusalFact]) {
             r.message,
             r.last_run_id
         );
+    }
+}
+
+/// The last entries of the address's consent trail.
+fn write_trail(out: &mut String, trail: &[crate::state::AuditRecord]) {
+    use std::fmt::Write;
+    if trail.is_empty() {
+        let _ = writeln!(out, "  consent trail: none");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  consent trail (the last {}; `audit EMAIL` has it all):",
+        trail.len()
+    );
+    for r in trail {
+        let _ = writeln!(out, "    {}", crate::audit::to_line(r));
     }
 }
 

@@ -14,6 +14,7 @@
 #![warn(unreachable_pub)]
 
 pub mod app;
+pub mod audit;
 pub(crate) mod check;
 pub(crate) mod cli;
 pub mod config;

@@ -388,6 +388,164 @@ impl RequestState {
     }
 }
 
+/// What a consent-trail entry records about an address in a list.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    EnumIter,
+    DeriveActiveEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum AuditEvent {
+    /// Known when the trail began (the migration that created it).
+    #[sea_orm(string_value = "imported")]
+    Imported,
+    /// The daemon added it (from a link-man).
+    #[sea_orm(string_value = "added")]
+    Added,
+    /// It was in the list and a link-man wants it: kept in step from now.
+    #[sea_orm(string_value = "adopted")]
+    Adopted,
+    /// The daemon changed its fullname or vars (`detail`: which).
+    #[sea_orm(string_value = "edited")]
+    Edited,
+    /// The daemon unsubscribed it (`reason`: why).
+    #[sea_orm(string_value = "unsubscribed")]
+    Unsubscribed,
+    /// Its recipient unsubscribed (the list's `unsubscribe-export`).
+    #[sea_orm(string_value = "recipient_unsubscribed")]
+    RecipientUnsubscribed,
+    /// A campaign to it bounced hard (`reason`: the failexport type).
+    #[sea_orm(string_value = "bounced")]
+    Bounced,
+    /// EDM refused an operation on it in `edm.max_attempts` runs.
+    #[sea_orm(string_value = "parked")]
+    Parked,
+    /// A parked operation on it was sent again (`--retry-parked`).
+    #[sea_orm(string_value = "retried")]
+    Retried,
+    /// It was unsubscribed in a run forced past a safety limit.
+    #[sea_orm(string_value = "forced")]
+    Forced,
+    /// `forget`: the address is kept only as a keyed hash.
+    #[sea_orm(string_value = "forgotten")]
+    Forgotten,
+}
+
+impl AuditEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditEvent::Imported => "imported",
+            AuditEvent::Added => "added",
+            AuditEvent::Adopted => "adopted",
+            AuditEvent::Edited => "edited",
+            AuditEvent::Unsubscribed => "unsubscribed",
+            AuditEvent::RecipientUnsubscribed => "recipient_unsubscribed",
+            AuditEvent::Bounced => "bounced",
+            AuditEvent::Parked => "parked",
+            AuditEvent::Retried => "retried",
+            AuditEvent::Forced => "forced",
+            AuditEvent::Forgotten => "forgotten",
+        }
+    }
+}
+
+/// Who decided what a consent-trail entry records.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    EnumIter,
+    DeriveActiveEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum AuditSource {
+    /// The CRM's data (a link-man added, changed or deleted).
+    #[sea_orm(string_value = "crm")]
+    Crm,
+    /// EDM (a recipient's unsubscribe, a bounce, a refusal).
+    #[sea_orm(string_value = "edm")]
+    Edm,
+    /// An operator's command (`--force`, `--retry-parked`, `forget`).
+    #[sea_orm(string_value = "operator")]
+    Operator,
+}
+
+impl AuditSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditSource::Crm => "crm",
+            AuditSource::Edm => "edm",
+            AuditSource::Operator => "operator",
+        }
+    }
+}
+
+/// Why the daemon unsubscribed an address it had added.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    EnumIter,
+    DeriveActiveEnum,
+    serde::Serialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+pub enum UnsubReason {
+    /// Its link-man is no longer in the CRM.
+    #[sea_orm(string_value = "linkman_deleted")]
+    LinkmanDeleted,
+    /// Its link-man has another email now.
+    #[sea_orm(string_value = "email_changed")]
+    EmailChanged,
+    /// Its link-man has no email now, or one that is not valid.
+    #[sea_orm(string_value = "email_lost")]
+    EmailLost,
+    /// Its link-man's address belongs to another list now (a route).
+    #[sea_orm(string_value = "rerouted")]
+    Rerouted,
+    /// It bounced hard.
+    #[sea_orm(string_value = "bounce")]
+    Bounce,
+    /// `forget`.
+    #[sea_orm(string_value = "forget")]
+    Forget,
+}
+
+impl UnsubReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnsubReason::LinkmanDeleted => "linkman_deleted",
+            UnsubReason::EmailChanged => "email_changed",
+            UnsubReason::EmailLost => "email_lost",
+            UnsubReason::Rerouted => "rerouted",
+            UnsubReason::Bounce => "bounce",
+            UnsubReason::Forget => "forget",
+        }
+    }
+}
+
+display_as_str!(AuditEvent, AuditSource, UnsubReason);
+
 /// How a run ended (or that it has not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -252,6 +252,9 @@ pub struct DatabaseSettings {
     /// Done operations, finished runs and export lines older than this
     /// many days are pruned at the end of each run, ≥ 1.
     pub retention_days: u32,
+    /// Consent-trail entries older than this many days are pruned at the
+    /// end of each run; 0 keeps them for ever.
+    pub audit_retention_days: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

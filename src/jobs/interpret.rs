@@ -355,6 +355,7 @@ mod tests {
 
     fn op(id: i64, kind: OpKind, list: ListId, e: &str) -> PendingOperation {
         PendingOperation {
+            reason: None,
             id,
             kind,
             list_id: list,

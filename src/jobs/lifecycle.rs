@@ -139,4 +139,20 @@ async fn prune(ctx: &Context) {
             tracing::warn!(error = %format!("{e:#}"), "cannot prune old state; the next run tries again")
         }
     }
+    let audit_days = ctx.settings.database.audit_retention_days;
+    if audit_days == 0 {
+        return;
+    }
+    let cutoff = (ctx.now() - chrono::Duration::days(i64::from(audit_days))).timestamp_millis();
+    match ctx.store.prune_audit(cutoff).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            entries = n,
+            audit_retention_days = audit_days,
+            "consent-trail entries older than their retention pruned"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot prune the consent trail; the next run tries again")
+        }
+    }
 }

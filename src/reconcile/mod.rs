@@ -63,7 +63,10 @@ impl DriftReport {
 #[tracing::instrument(name = "run", skip_all, fields(job = %JOB, run_id = tracing::field::Empty))]
 pub async fn run(ctx: &Context, record: bool) -> anyhow::Result<DriftReport> {
     let run = Run::start(ctx, JOB, record).await?;
-    let result = match ctx.unless_shutdown(compare_lists(ctx, record)).await {
+    let result = match ctx
+        .unless_shutdown(compare_lists(ctx, &run.id, record))
+        .await
+    {
         Some(result) => result,
         None => {
             tracing::info!("shutdown while reading the lists; the drift report was not finished");
@@ -131,6 +134,7 @@ fn summary_event(run_id: &RunId, lists: &[ListDrift], duration_ms: u64, status: 
 /// Every synced list: its export, then its addresses, compared.
 async fn compare_lists(
     ctx: &Context,
+    run_id: &RunId,
     record: bool,
 ) -> anyhow::Result<(Vec<ListDrift>, Vec<Drifted>)> {
     let mut view = View::load(ctx).await?;
@@ -176,7 +180,9 @@ async fn compare_lists(
         drifted.extend(rows);
     }
     if record {
-        ctx.store.persist_observations(&view.obs).await?;
+        ctx.store
+            .persist_observations(&view.obs, Some(run_id))
+            .await?;
     }
     Ok((lists, drifted))
 }

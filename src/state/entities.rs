@@ -72,6 +72,8 @@ pub(super) mod operation {
         pub export_matched: bool,
         pub created_at: i64,
         pub updated_at: i64,
+        /// For `unsub`: why it was planned (the consent trail's reason).
+        pub reason: Option<crate::stored_enums::UnsubReason>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -335,6 +337,37 @@ pub(super) mod log_note {
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
     pub(crate) enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The consent trail: one row per change of an address's state in a list,
+/// never updated in place.
+pub(super) mod audit_entry {
+    use sea_orm::entity::prelude::*;
+
+    use crate::stored_enums::{AuditEvent, AuditSource};
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "audit_trail")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub at: i64,
+        /// `None`: every list.
+        pub list_id: Option<crate::domain::ListId>,
+        pub email: String,
+        pub event: AuditEvent,
+        pub reason: Option<String>,
+        pub detail: Option<String>,
+        pub link_man_id: Option<crate::domain::LinkManId>,
+        pub customer_id: Option<crate::domain::CustomerId>,
+        pub source: AuditSource,
+        pub run_id: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
 }

@@ -75,6 +75,7 @@ mod tests {
 
     fn add(email: &str) -> NewOperation {
         NewOperation {
+            reason: None,
             kind: OpKind::Add,
             list_id: ListId(1),
             email: Email::parse(email).unwrap(),
@@ -299,6 +300,7 @@ mod tests {
                         ListId(1),
                         &[&w],
                         &[],
+                        &[],
                     )
                     .await
                 }),
@@ -312,7 +314,7 @@ mod tests {
                 table: "members",
                 ops: &["INSERT", "UPDATE"],
                 prepare: nothing(),
-                write: step(move |s| async move { s.upsert_members(&[member()]).await }),
+                write: step(move |s| async move { s.upsert_members(&[member()], &[]).await }),
                 written: check(|s| async move { s.load_members().await.unwrap().len() == 1 }),
             },
             WritePath {
@@ -321,14 +323,17 @@ mod tests {
                 ops: &["INSERT"],
                 prepare: nothing(),
                 write: step(|s| async move {
-                    s.add_suppressions(&[NewSuppression {
-                        list_id: None,
-                        email: "b@x.cn".into(),
-                        reason: SuppressionReason::Bounce,
-                        source: SuppressionSource::Export {
-                            time: "2026-11-30 10:00:00".into(),
-                        },
-                    }])
+                    s.add_suppressions(
+                        &[NewSuppression {
+                            list_id: None,
+                            email: "b@x.cn".into(),
+                            reason: SuppressionReason::Bounce,
+                            source: SuppressionSource::Export {
+                                time: "2026-11-30 10:00:00".into(),
+                            },
+                        }],
+                        None,
+                    )
                     .await
                 }),
                 written: check(|s| async move {
@@ -341,10 +346,13 @@ mod tests {
                 ops: &["INSERT"],
                 prepare: nothing(),
                 write: step(move |s| async move {
-                    s.persist_observations(&Observations {
-                        new_lines: vec![unsub_line()],
-                        ..Default::default()
-                    })
+                    s.persist_observations(
+                        &Observations {
+                            new_lines: vec![unsub_line()],
+                            ..Default::default()
+                        },
+                        None,
+                    )
                     .await
                 }),
                 written: check(|s| async move {
@@ -474,6 +482,7 @@ mod tests {
                         OpKind::Add,
                         ListId(1),
                         &[&old],
+                        &[],
                         &[],
                     )
                     .await?;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::Serialize;
 
-use super::entities::{ledger, member, operation, refusal, suppression};
+use super::entities::{audit_entry, ledger, member, operation, refusal, suppression};
 use super::members::vars_from_json;
 use super::*;
 use crate::domain::{CustomerId, LinkManId, Origin};
@@ -177,12 +177,24 @@ impl Store {
             .all(&self.db)
             .await
             .context("cannot read the operations of a domain")?;
+        // An address whose rows are gone may still have its trail.
+        let trailed: Vec<String> = audit_entry::Entity::find()
+            .select_only()
+            .column(audit_entry::Column::Email)
+            .filter(audit_entry::Column::Email.starts_with(prefix))
+            .filter(audit_entry::Column::Email.ends_with(suffix))
+            .distinct()
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .context("cannot read the consent trail of a domain")?;
         emails.extend(
             members
                 .into_iter()
                 .chain(suppressed)
                 .chain(refused)
-                .chain(operated),
+                .chain(operated)
+                .chain(trailed),
         );
         emails.retain(|e| crate::domain::mask_address(e).to_ascii_lowercase() == masked);
         emails.sort();

@@ -141,10 +141,16 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes member rows whole (adoptions, owner changes).
-    pub async fn upsert_members(&self, members: &[MemberState]) -> anyhow::Result<()> {
+    /// Writes member rows whole (adoptions, owner changes), with the
+    /// consent-trail entries of the change, in one transaction.
+    pub async fn upsert_members(
+        &self,
+        members: &[MemberState],
+        audit: &[AuditEntry],
+    ) -> anyhow::Result<()> {
         let txn = self.db.begin().await?;
         upsert_members(&txn, members, now_ms()).await?;
+        super::audit::insert_audit(&txn, audit).await?;
         txn.commit().await?;
         Ok(())
     }
@@ -234,7 +240,9 @@ mod tests {
                 .await
                 .unwrap();
             let db = store.connection();
-            Migrator::down(db, Some(1)).await.unwrap();
+            // Every migration from the one adding the column on, undone.
+            let from_13 = Migrator::migrations().len() as u32 - 12;
+            Migrator::down(db, Some(from_13)).await.unwrap();
             for statement in OLD_ROWS.split(';').filter(|s| !s.trim().is_empty()) {
                 db.execute_unprepared(statement).await.unwrap();
             }

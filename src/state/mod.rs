@@ -11,6 +11,7 @@
 //! transactions, so a run makes a handful of round trips per EDM batch, not
 //! one per member.
 
+mod audit;
 mod connect;
 mod entities;
 mod integrity;
@@ -28,6 +29,7 @@ mod retention;
 mod runs;
 mod writable;
 
+pub use audit::{AuditEntry, AuditRecord};
 pub use connect::{MIGRATION_LOCK_KEY, Schema, schema_of, sqlite_file};
 pub use lease::{Fenced, Lease};
 pub use lookups::{
@@ -312,6 +314,7 @@ mod tests {
                 names
                     .iter()
                     .map(|n| NewOperation {
+                        reason: None,
                         kind: OpKind::Add,
                         list_id: ListId(1),
                         email: Email::parse(&format!("{n}@x.cn")).unwrap(),
@@ -342,11 +345,11 @@ mod tests {
 
             // Act: this store completes its batch, and the other's.
             let refs: Vec<&Email> = ab.iter().collect();
-            here.complete_operations(&run, OpKind::Add, ListId(1), &refs, &[])
+            here.complete_operations(&run, OpKind::Add, ListId(1), &refs, &[], &[])
                 .await
                 .unwrap();
             let refs: Vec<&Email> = c.iter().collect();
-            here.complete_operations(&run, OpKind::Add, ListId(1), &refs, &[])
+            here.complete_operations(&run, OpKind::Add, ListId(1), &refs, &[], &[])
                 .await
                 .unwrap();
 
@@ -386,6 +389,7 @@ mod tests {
         let batch = |from: usize| -> Vec<NewOperation> {
             (from..from + 500)
                 .map(|k| NewOperation {
+                    reason: None,
                     kind: OpKind::Add,
                     list_id: ListId(1),
                     email: Email::parse(&format!("m{k}@x.cn")).unwrap(),
@@ -437,7 +441,7 @@ mod tests {
             in_two.key.list_id = ListId(2);
             rows.push(in_two);
             rows.push(member("other@x.cn", true, "O"));
-            store.upsert_members(&rows).await.unwrap();
+            store.upsert_members(&rows, &[]).await.unwrap();
             let mut asked: Vec<String> = (0..650).map(|k| format!("M{k}@X.cn")).collect();
             asked.push("not an address".into());
             let asked: Vec<&str> = asked.iter().map(String::as_str).collect();
@@ -549,9 +553,12 @@ mod tests {
             };
 
             // Act
-            store.persist_observations(&obs).await.unwrap();
+            store.persist_observations(&obs, None).await.unwrap();
             store
-                .upsert_members(&[member("c@x.cn", true, "c1"), member("c@x.cn", true, "c2")])
+                .upsert_members(
+                    &[member("c@x.cn", true, "c1"), member("c@x.cn", true, "c2")],
+                    &[],
+                )
                 .await
                 .unwrap();
             let pending = store
@@ -608,6 +615,7 @@ mod tests {
             };
             let rows = new.insert_records(&[record]).await.unwrap();
             let op = |email: &str| NewOperation {
+                reason: None,
                 kind: OpKind::Add,
                 list_id: ListId(1),
                 email: Email::parse(email).unwrap(),
@@ -674,6 +682,7 @@ mod tests {
             let old = now - 200 * day;
             let e = |a: &str| Email::parse(a).unwrap();
             let op = |kind, email: &str| NewOperation {
+                reason: None,
                 kind,
                 list_id: ListId(1),
                 email: e(email),
@@ -701,6 +710,7 @@ mod tests {
                     ListId(1),
                     &[&e("add@x.cn")],
                     &[],
+                    &[],
                 )
                 .await
                 .unwrap();
@@ -710,6 +720,7 @@ mod tests {
                     OpKind::Unsub,
                     ListId(1),
                     &[&e("matched@x.cn"), &e("unmatched@x.cn")],
+                    &[],
                     &[],
                 )
                 .await
@@ -728,22 +739,25 @@ mod tests {
                 time: time.into(),
             };
             store
-                .persist_observations(&Observations {
-                    new_lines: vec![
-                        line("matched@x.cn", "2026-01-01 00:00:01"),
-                        line("gone@x.cn", "2026-01-02 00:00:00"),
-                    ],
-                    suppressions: vec![NewSuppression {
-                        list_id: Some(ListId(1)),
-                        email: "gone@x.cn".into(),
-                        reason: SuppressionReason::UserUnsubscribe,
-                        source: SuppressionSource::Export {
-                            time: "2026-01-02 00:00:00".into(),
-                        },
-                    }],
-                    export_reads: vec![(ListId(1), old - 100 * day)],
-                    ..Default::default()
-                })
+                .persist_observations(
+                    &Observations {
+                        new_lines: vec![
+                            line("matched@x.cn", "2026-01-01 00:00:01"),
+                            line("gone@x.cn", "2026-01-02 00:00:00"),
+                        ],
+                        suppressions: vec![NewSuppression {
+                            list_id: Some(ListId(1)),
+                            email: "gone@x.cn".into(),
+                            reason: SuppressionReason::UserUnsubscribe,
+                            source: SuppressionSource::Export {
+                                time: "2026-01-02 00:00:00".into(),
+                            },
+                        }],
+                        export_reads: vec![(ListId(1), old - 100 * day)],
+                        ..Default::default()
+                    },
+                    None,
+                )
                 .await
                 .unwrap();
             store
@@ -773,10 +787,13 @@ mod tests {
             }
             // A line first seen today, later than the old ones.
             store
-                .persist_observations(&Observations {
-                    new_lines: vec![line("today@x.cn", "2026-11-30 08:00:00")],
-                    ..Default::default()
-                })
+                .persist_observations(
+                    &Observations {
+                        new_lines: vec![line("today@x.cn", "2026-11-30 08:00:00")],
+                        ..Default::default()
+                    },
+                    None,
+                )
                 .await
                 .unwrap();
 

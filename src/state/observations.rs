@@ -13,7 +13,7 @@ use sea_orm::{
 
 use super::entities::{list_state, operation, suppression, unsub_line};
 use super::*;
-use crate::domain::{Email, ListId, MemberKey, MemberState, Suppressions};
+use crate::domain::{Email, ListId, MemberKey, MemberState, RunId, Suppressions};
 
 /// A user unsubscribe seen in an export.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +56,9 @@ pub struct Observations {
     pub export_reads: Vec<(ListId, i64)>,
     /// Lists read whole (rule 5), and when.
     pub list_reads: Vec<(ListId, i64)>,
+    /// Consent-trail entries of what was learnt (operations of earlier
+    /// runs found done); each new suppression gets its own entry too.
+    pub audit: Vec<AuditEntry>,
 }
 
 impl Store {
@@ -130,7 +133,12 @@ impl Store {
     }
 
     /// Writes what a run observed, in one transaction.
-    pub async fn persist_observations(&self, obs: &Observations) -> anyhow::Result<()> {
+    /// `run_id`: the run that learnt it, for the consent trail.
+    pub async fn persist_observations(
+        &self,
+        obs: &Observations,
+        run_id: Option<&RunId>,
+    ) -> anyhow::Result<()> {
         let now = now_ms();
         let new_lines = one_per_key(&obs.new_lines, |l| l, false);
         let txn = self.db.begin().await?;
@@ -155,7 +163,17 @@ impl Store {
             .await
             .context("cannot record export lines")?;
         }
-        insert_suppressions(&txn, &obs.suppressions).await?;
+        let entries = suppression_entries(obs, run_id);
+        insert_suppressions(&txn, &obs.suppressions, &entries).await?;
+        let learnt: Vec<AuditEntry> = obs
+            .audit
+            .iter()
+            .map(|e| AuditEntry {
+                run_id: e.run_id.clone().or_else(|| run_id.cloned()),
+                ..e.clone()
+            })
+            .collect();
+        super::audit::insert_audit(&txn, &learnt).await?;
         for chunk in obs.matched_ops.chunks(CHUNK) {
             operation::Entity::update_many()
                 .col_expr(operation::Column::ExportMatched, true.into())
@@ -194,9 +212,17 @@ impl Store {
     }
 
     /// Adds suppressions (duplicates are ignored).
-    pub async fn add_suppressions(&self, items: &[NewSuppression]) -> anyhow::Result<()> {
+    pub async fn add_suppressions(
+        &self,
+        items: &[NewSuppression],
+        run_id: Option<&RunId>,
+    ) -> anyhow::Result<()> {
         let txn = self.db.begin().await?;
-        insert_suppressions(&txn, items).await?;
+        let entries: Vec<AuditEntry> = one_per_key(items, |s| (s.list_id, s.email.as_str()), false)
+            .iter()
+            .map(|s| suppression_entry(s, run_id))
+            .collect();
+        insert_suppressions(&txn, items, &entries).await?;
         txn.commit().await?;
         Ok(())
     }
@@ -256,12 +282,16 @@ impl Store {
     }
 }
 
+/// Records suppressions (one already there is kept as it is) and their
+/// consent-trail `entries` ([`suppression_entry`]).
 pub(super) async fn insert_suppressions<C: ConnectionTrait>(
     db: &C,
     items: &[NewSuppression],
+    entries: &[AuditEntry],
 ) -> anyhow::Result<()> {
     let now = now_ms();
     let items = one_per_key(items, |s| (s.list_id, s.email.as_str()), false);
+    super::audit::insert_audit(db, entries).await?;
     for chunk in items.chunks(CHUNK) {
         suppression::Entity::insert_many(chunk.iter().map(|s| suppression::ActiveModel {
             list_id: Set(s.list_id.unwrap_or(ALL_LISTS)),
@@ -281,6 +311,47 @@ pub(super) async fn insert_suppressions<C: ConnectionTrait>(
         .context("cannot record suppressions")?;
     }
     Ok(())
+}
+
+/// The consent-trail entries of the suppressions a run learnt: a
+/// recipient's unsubscribe is entered with the link-man and customer of
+/// the member it took out of the list.
+fn suppression_entries(obs: &Observations, run_id: Option<&RunId>) -> Vec<AuditEntry> {
+    let owners: HashMap<(ListId, &str), &MemberState> = obs
+        .members
+        .iter()
+        .map(|m| ((m.key.list_id, m.key.email.as_str()), m))
+        .collect();
+    one_per_key(&obs.suppressions, |s| (s.list_id, s.email.as_str()), false)
+        .iter()
+        .map(|s| {
+            let owner = s.list_id.and_then(|l| owners.get(&(l, s.email.as_str())));
+            suppression_entry(s, run_id).by(
+                owner.and_then(|m| m.link_man_id),
+                owner.and_then(|m| m.customer_id),
+            )
+        })
+        .collect()
+}
+
+/// The consent-trail entry of a new suppression: `recipient_unsubscribed`
+/// with EDM's time as its detail, or `bounced` with the failexport type as
+/// its reason and the campaign as its detail.
+fn suppression_entry(s: &NewSuppression, run_id: Option<&RunId>) -> AuditEntry {
+    use crate::stored_enums::{AuditEvent, AuditSource, SuppressionSource};
+    let event = match s.reason {
+        SuppressionReason::UserUnsubscribe => AuditEvent::RecipientUnsubscribed,
+        SuppressionReason::Bounce => AuditEvent::Bounced,
+    };
+    let mut entry = AuditEntry::now(event, AuditSource::Edm, &s.email)
+        .detail(s.source.to_text())
+        .in_run(run_id);
+    entry.list_id = s.list_id;
+    match &s.source {
+        SuppressionSource::Bounce { bounce_type, .. } => entry.because(bounce_type.as_str()),
+        SuppressionSource::ExportWhileBehind { .. } => entry.because("state database behind"),
+        SuppressionSource::Export { .. } | SuppressionSource::Other(_) => entry,
+    }
 }
 
 pub(super) async fn upsert_list_book<C: ConnectionTrait>(

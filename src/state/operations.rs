@@ -26,6 +26,8 @@ pub struct NewOperation {
     pub link_man_id: Option<LinkManId>,
     pub customer_id: Option<CustomerId>,
     pub fields: MemberFields,
+    /// For `unsub`: why.
+    pub reason: Option<crate::stored_enums::UnsubReason>,
 }
 
 /// An operation still pending, as recovery needs it (rule 9).
@@ -37,6 +39,9 @@ pub struct PendingOperation {
     pub email: String,
     pub link_man_id: Option<LinkManId>,
     pub customer_id: Option<CustomerId>,
+    /// For `unsub`: why it was planned (`None` for one recorded before
+    /// reasons were kept).
+    pub reason: Option<crate::stored_enums::UnsubReason>,
 }
 
 /// A pending operation, for `status`.
@@ -196,6 +201,7 @@ impl Store {
                 email: r.email,
                 link_man_id: r.link_man_id,
                 customer_id: r.customer_id,
+                reason: r.reason,
             })
             .collect())
     }
@@ -228,6 +234,7 @@ impl Store {
                     export_matched: Set(false),
                     created_at: Set(now),
                     updated_at: Set(now),
+                    reason: Set(op.reason),
                     ..Default::default()
                 }))
                 .into_query();
@@ -307,7 +314,8 @@ impl Store {
     }
 
     /// Marks this run's `kind` operations on `emails` in `list_id` done and
-    /// writes the members they produced, in one transaction.
+    /// writes the members they produced and their consent-trail entries,
+    /// in one transaction.
     pub async fn complete_operations(
         &self,
         run_id: &RunId,
@@ -315,6 +323,7 @@ impl Store {
         list_id: ListId,
         emails: &[&Email],
         members: &[MemberState],
+        audit: &[AuditEntry],
     ) -> anyhow::Result<()> {
         let now = now_ms();
         let txn = self.db.begin().await?;
@@ -335,6 +344,7 @@ impl Store {
                 .context("cannot mark operations done")?;
         }
         upsert_members(&txn, members, now).await?;
+        audit::insert_audit(&txn, audit).await?;
         txn.commit()
             .await
             .context("cannot commit completed operations")?;

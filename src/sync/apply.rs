@@ -13,8 +13,8 @@ use crate::domain::{AddressId, Email, ListId, MemberKey, MemberState, Members, O
 use crate::jobs::Context;
 use crate::metrics::{Ended, Operation};
 use crate::remote::{Idempotence, Next, RemoteError};
-use crate::state::{EdmRefusal, NewOperation, NewRefusal, RefusalKey};
-use crate::stored_enums::OpKind;
+use crate::state::{AuditEntry, EdmRefusal, NewOperation, NewRefusal, RefusalKey};
+use crate::stored_enums::{AuditEvent, AuditSource, OpKind, UnsubReason};
 
 /// Applies a plan: every operation recorded before it is sent, marked done
 /// after EDM confirms it.
@@ -32,6 +32,11 @@ pub struct Applier<'a> {
     /// keeping a first sync's million rows in `members` as well as its
     /// plan doubled its peak memory.
     added: BTreeMap<ListId, usize>,
+    /// Why each planned unsubscribe is sent (few: the consent trail's
+    /// reasons).
+    unsub_reasons: HashMap<MemberKey, UnsubReason>,
+    /// Consent-trail entries of parked operations `--retry-parked` sends.
+    retried: Vec<AuditEntry>,
 }
 
 /// An add or unsubscribe batch, and what is left of it to send.
@@ -81,6 +86,8 @@ impl<'a> Applier<'a> {
             retry_parked,
             refusals: HashMap::new(),
             added: BTreeMap::new(),
+            unsub_reasons: HashMap::new(),
+            retried: Vec::new(),
         }
     }
 
@@ -94,70 +101,112 @@ impl<'a> Applier<'a> {
     /// refused it in `edm.max_attempts` runs and it has not changed since.
     /// `--retry-parked` sends it anyway. Counts what it holds back.
     fn parked(&mut self, op: OpKind, key: &MemberKey, content: &str) -> bool {
-        if self.retry_parked {
-            return false;
-        }
         let held = self
             .refusals
             .get(&(op, key.list_id, key.email.to_string()))
             .is_some_and(|r| r.parked && r.content == content);
+        if held && self.retry_parked {
+            self.retried.push(
+                AuditEntry::now(
+                    AuditEvent::Retried,
+                    AuditSource::Operator,
+                    key.email.as_str(),
+                )
+                .in_list(key.list_id)
+                .because(op.as_str())
+                .in_run(Some(self.run_id)),
+            );
+            return false;
+        }
         if held {
             self.counts.parked += 1;
         }
         held
     }
 
+    /// Takes out of the plan the operations EDM refused in
+    /// `edm.max_attempts` runs (unless `--retry-parked`, whose resends
+    /// enter the consent trail).
+    async fn hold_back_parked(&mut self, plan: &mut Plan) -> anyhow::Result<()> {
+        let adds = std::mem::take(&mut plan.adds);
+        plan.adds = adds
+            .into_iter()
+            .filter(|a| !self.parked(OpKind::Add, &a.key, &a.fields.ml_addr_line(&a.key.email)))
+            .collect();
+        let unsubs = std::mem::take(&mut plan.unsubs);
+        plan.unsubs = unsubs
+            .into_iter()
+            .filter(|u| !self.parked(OpKind::Unsub, &u.key, ""))
+            .collect();
+        let edits = std::mem::take(&mut plan.edits);
+        plan.edits = edits
+            .into_iter()
+            .filter(|e| !self.parked(OpKind::Edit, &e.key, &e.fields.ml_addr_line(&e.key.email)))
+            .collect();
+        self.ctx
+            .store
+            .append_audit(&std::mem::take(&mut self.retried))
+            .await?;
+        if self.counts.parked > 0 {
+            tracing::warn!(
+                count = self.counts.parked,
+                "parked operations not sent (refused by EDM in edm.max_attempts runs); `status` lists them, --retry-parked sends them"
+            );
+        }
+        Ok(())
+    }
+
+    /// Adoptions and owner changes: state only, no EDM write.
+    async fn change_owners(&mut self, plan: &Plan) -> anyhow::Result<()> {
+        let rows: Vec<MemberState> = plan
+            .owner_changes
+            .iter()
+            .filter_map(|c| {
+                self.members.get(&c.key).map(|m| MemberState {
+                    origin: if c.adopt { Origin::Adopted } else { m.origin },
+                    // Wanted again: no longer an address the daemon
+                    // took out.
+                    unsubscribed: m.unsubscribed && !c.adopt,
+                    link_man_id: Some(c.link_man_id),
+                    customer_id: Some(c.customer_id),
+                    ..m.clone()
+                })
+            })
+            .collect();
+        let audit: Vec<AuditEntry> = plan
+            .owner_changes
+            .iter()
+            .filter(|c| c.adopt)
+            .map(|c| {
+                AuditEntry::now(AuditEvent::Adopted, AuditSource::Crm, c.key.email.as_str())
+                    .in_list(c.key.list_id)
+                    .by(Some(c.link_man_id), Some(c.customer_id))
+                    .in_run(Some(self.run_id))
+            })
+            .collect();
+        self.ctx.store.upsert_members(&rows, &audit).await?;
+        for row in rows {
+            self.members.insert(row.key.clone(), row);
+        }
+        Ok(())
+    }
+
     pub async fn apply(&mut self, mut plan: Plan) -> anyhow::Result<()> {
         self.refusals = self.ctx.store.load_refusals().await?;
         if !self.refusals.is_empty() {
-            let adds = std::mem::take(&mut plan.adds);
-            plan.adds = adds
-                .into_iter()
-                .filter(|a| !self.parked(OpKind::Add, &a.key, &a.fields.ml_addr_line(&a.key.email)))
-                .collect();
-            let unsubs = std::mem::take(&mut plan.unsubs);
-            plan.unsubs = unsubs
-                .into_iter()
-                .filter(|u| !self.parked(OpKind::Unsub, &u.key, ""))
-                .collect();
-            let edits = std::mem::take(&mut plan.edits);
-            plan.edits = edits
-                .into_iter()
-                .filter(|e| {
-                    !self.parked(OpKind::Edit, &e.key, &e.fields.ml_addr_line(&e.key.email))
-                })
-                .collect();
-            if self.counts.parked > 0 {
-                tracing::warn!(
-                    count = self.counts.parked,
-                    "parked operations not sent (refused by EDM in edm.max_attempts runs); `status` lists them, --retry-parked sends them"
-                );
-            }
+            self.hold_back_parked(&mut plan).await?;
         }
         // State-only changes first.
         if !plan.owner_changes.is_empty() {
-            let rows: Vec<MemberState> = plan
-                .owner_changes
-                .iter()
-                .filter_map(|c| {
-                    self.members.get(&c.key).map(|m| MemberState {
-                        origin: if c.adopt { Origin::Adopted } else { m.origin },
-                        // Wanted again: no longer an address the daemon
-                        // took out.
-                        unsubscribed: m.unsubscribed && !c.adopt,
-                        link_man_id: Some(c.link_man_id),
-                        customer_id: Some(c.customer_id),
-                        ..m.clone()
-                    })
-                })
-                .collect();
-            self.ctx.store.upsert_members(&rows).await?;
-            for row in rows {
-                self.members.insert(row.key.clone(), row);
-            }
+            self.change_owners(&plan).await?;
             self.counts.adopted = plan.adoptions();
         }
         let batch_size = self.ctx.settings.edm.batch_size;
+        self.unsub_reasons = plan
+            .unsubs
+            .iter()
+            .map(|u| (u.key.clone(), u.reason))
+            .collect();
         let unsubs = batches(plan.unsubs, batch_size, |u| &u.key, |_| None);
         if !self.send_batches(BatchKind::Unsub, unsubs).await? {
             return Ok(());
@@ -173,6 +222,26 @@ impl<'a> Applier<'a> {
             self.send_edits(list_id, edits).await?;
         }
         Ok(())
+    }
+
+    /// The consent-trail entry of an add or unsubscribe that took effect
+    /// (`m`: the member it left).
+    fn trail_entry(&self, kind: &BatchKind, m: &MemberState) -> AuditEntry {
+        let email = m.key.email.as_str();
+        let entry = match kind {
+            BatchKind::Add => AuditEntry::now(AuditEvent::Added, AuditSource::Crm, email),
+            BatchKind::Unsub => AuditEntry::unsubscribed(
+                email,
+                self.unsub_reasons
+                    .get(&m.key)
+                    .copied()
+                    .unwrap_or(UnsubReason::LinkmanDeleted),
+            ),
+        };
+        entry
+            .in_list(m.key.list_id)
+            .by(m.link_man_id, m.customer_id)
+            .in_run(Some(self.run_id))
     }
 
     /// A shutdown was asked for: send no further batch.
@@ -267,6 +336,9 @@ impl<'a> Applier<'a> {
                         .map(|a| a.customer_id)
                         .or_else(|| existing.and_then(|m| m.customer_id)),
                     fields: add.map(|a| a.fields.clone()).unwrap_or_default(),
+                    reason: (op == OpKind::Unsub)
+                        .then(|| self.unsub_reasons.get(&key).copied())
+                        .flatten(),
                 }
             })
             .collect()
@@ -565,6 +637,12 @@ impl<'a> Applier<'a> {
             .await?;
         let runs = noted.first().map_or(1, |r| r.failed_runs);
         if noted.first().is_some_and(|r| r.parked) {
+            let entry = AuditEntry::now(AuditEvent::Parked, AuditSource::Edm, email.as_str())
+                .in_list(list_id)
+                .because(op.as_str())
+                .detail(format!("{code} {message}"))
+                .in_run(Some(self.run_id));
+            self.ctx.store.append_audit(&[entry]).await?;
             tracing::error!(list_id = list_id.0, operation = %op, address = %email.masked(), code, edm_message = message, runs, "EDM refused this operation in edm.max_attempts runs: parked, not sent again until it changes or --retry-parked");
         } else {
             tracing::error!(list_id = list_id.0, operation = %op, address = %email.masked(), code, edm_message = message, runs, max_attempts = max, "EDM refused this operation; the rest of its batch was applied");
@@ -639,9 +717,10 @@ impl<'a> Applier<'a> {
             BatchKind::Add => OpKind::Add,
             BatchKind::Unsub => OpKind::Unsub,
         };
+        let audit: Vec<AuditEntry> = rows.iter().map(|m| self.trail_entry(kind, m)).collect();
         self.ctx
             .store
-            .complete_operations(self.run_id, op, list_id, &refs, &rows)
+            .complete_operations(self.run_id, op, list_id, &refs, &rows, &audit)
             .await?;
         match kind {
             BatchKind::Add => self.counts.added += refs.len(),

@@ -28,7 +28,7 @@ use super::apply::Applier;
 use super::behind;
 use super::desired::{Desired, DesiredBuilder, MappingRules};
 use super::lookup::lookup;
-use super::plan::{check_safety, desired_total, members_per_list, plan, planned_adds};
+use super::plan::{check_safety, desired_total, members_per_list, plan_with, planned_adds};
 use super::vanished::second_look;
 use crate::domain::{Email, ListId, Members};
 use crate::jobs::exports::View;
@@ -254,9 +254,10 @@ async fn check_pending(
                     format!("cannot check list {list_id} for operations left pending")
                 })?
         };
-        for r in resolve_pending(&ops, &found, members) {
+        for (op, r) in ops.iter().zip(resolve_pending(&ops, &found, members)) {
             if r.status == OpStatus::Done {
                 recovered += 1;
+                obs.audit.extend(settled_entry(op, r.member.as_ref()));
             }
             if let Some(m) = r.member {
                 members.insert(m.key.clone(), m.clone());
@@ -271,6 +272,27 @@ async fn check_pending(
         );
     }
     Ok(recovered)
+}
+
+/// The consent-trail entry of an add or unsubscribe an earlier run sent
+/// and this one found done (`member`: the row it leaves).
+fn settled_entry(
+    op: &crate::state::PendingOperation,
+    member: Option<&crate::domain::MemberState>,
+) -> Option<crate::state::AuditEntry> {
+    use crate::state::AuditEntry;
+    use crate::stored_enums::{AuditEvent, AuditSource, UnsubReason};
+    let entry = match op.kind {
+        OpKind::Add => AuditEntry::now(AuditEvent::Added, AuditSource::Crm, &op.email),
+        OpKind::Unsub => {
+            AuditEntry::unsubscribed(&op.email, op.reason.unwrap_or(UnsubReason::LinkmanDeleted))
+        }
+        OpKind::Edit => return None,
+    };
+    let (link_man_id, customer_id) = member
+        .map(|m| (m.link_man_id, m.customer_id))
+        .unwrap_or((op.link_man_id, op.customer_id));
+    Some(entry.in_list(op.list_id).by(link_man_id, customer_id))
 }
 
 /// Step 4 for one list: reads it whole and takes what EDM holds as the
@@ -332,7 +354,12 @@ async fn decide_and_apply(
     desired.members.take_reopened(&mut members);
     let desired_count = desired_total(&desired.members, &members);
     // The plan takes the desired members' texts over.
-    let the_plan = plan(desired.members, &members, &suppressions);
+    let the_plan = plan_with(
+        desired.members,
+        &desired.departures,
+        &members,
+        &suppressions,
+    );
     counts.suppressed = the_plan.suppressed.len();
     let safety = check_safety(
         &the_plan,
@@ -343,10 +370,13 @@ async fn decide_and_apply(
     if opts.dry_run {
         return Ok(preview(counts, the_plan, &obs, safety));
     }
-    ctx.store.persist_observations(&obs).await?;
+    ctx.store.persist_observations(&obs, Some(run_id)).await?;
     if let Err(refusal) = safety {
         if opts.force {
             tracing::warn!(reason = %refusal, "safety limit exceeded; applying because of --force");
+            ctx.store
+                .append_audit(&forced_entries(&the_plan, &refusal, run_id))
+                .await?;
         } else {
             tracing::error!(reason = %refusal, "plan refused");
             return Ok(Outcome::Refused(refusal));
@@ -364,6 +394,34 @@ async fn decide_and_apply(
     } else {
         Outcome::Applied
     })
+}
+
+/// The consent-trail entries of a run forced past a safety limit: one per
+/// planned unsubscribe, before it is sent, naming the limit it passed.
+fn forced_entries(
+    the_plan: &super::plan::Plan,
+    refusal: &super::plan::PlanRefusal,
+    run_id: &RunId,
+) -> Vec<crate::state::AuditEntry> {
+    use crate::state::AuditEntry;
+    use crate::stored_enums::{AuditEvent, AuditSource};
+    let passed = refusal.to_string();
+    the_plan
+        .unsubs
+        .iter()
+        .map(|u| {
+            AuditEntry::now(
+                AuditEvent::Forced,
+                AuditSource::Operator,
+                u.key.email.as_str(),
+            )
+            .in_list(u.key.list_id)
+            .by(u.link_man_id, None)
+            .because(u.reason.as_str())
+            .detail(passed.clone())
+            .in_run(Some(run_id))
+        })
+        .collect()
 }
 
 /// A dry run's answer: the plan, the user unsubscribes it would record,

@@ -15,6 +15,7 @@ use crate::domain::{
     CustomerId, Email, EmailError, LinkManId, ListId, MemberFields, MemberKey, MemberState,
     Members, Origin, VAR_COUNT, WantedAsIs, json_text, mask_address,
 };
+use crate::stored_enums::UnsubReason;
 
 /// What the mapping needs from the settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -142,6 +143,33 @@ pub struct Desired {
     /// Link-men returned by more than one customer's `GetLinkManList`: kept
     /// with the first (lowest customer id).
     pub repeated_linkmen: Vec<LinkManId>,
+    /// Why recorded members this pull no longer wants left.
+    pub departures: Departures,
+}
+
+/// Why each recorded member the pull no longer wants is not wanted, from
+/// what the pull had for its link-man: for the reason an unsubscribe is
+/// entered in the consent trail with. Holds only those members (none on a
+/// rerun that changed nothing).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Departures(HashMap<MemberKey, UnsubReason>);
+
+impl Departures {
+    /// Why `key` is no longer wanted, when the pull said.
+    pub fn reason(&self, key: &MemberKey) -> Option<UnsubReason> {
+        self.0.get(key).copied()
+    }
+}
+
+/// Test-only ways in for the planner's tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// Departures with these reasons.
+    pub(crate) fn departures(reasons: &[(MemberKey, UnsubReason)]) -> Departures {
+        Departures(reasons.iter().cloned().collect())
+    }
 }
 
 /// Reads `field` (`customer.X` or `X`) as text (rule 3).
@@ -390,6 +418,12 @@ impl<'m> DesiredBuilder<'m> {
         out.invalid.sort_by_key(|i| i.link_man_id);
         out.repeated_linkmen.sort_unstable();
         out.repeated_linkmen.dedup();
+        out.departures = departures(
+            &self.as_recorded,
+            &self.by_linkman,
+            &self.candidates,
+            self.recorded,
+        );
         // Only each link-man's current candidate stays.
         let by_linkman = self.by_linkman;
         let mut as_recorded = self.as_recorded.positions();
@@ -421,6 +455,43 @@ impl<'m> DesiredBuilder<'m> {
         out.as_is = WantedAsIs::new(as_recorded, self.recorded.generation());
         out
     }
+}
+
+/// Why each recorded member the pull does not want as recorded is gone,
+/// from what the pull had for its link-man: nothing (deleted), no valid
+/// email, or a member with another address or in another list. A member
+/// its link-man still wants under the same key is not gone.
+fn departures(
+    as_recorded: &RecordedLinkMen,
+    by_linkman: &HashMap<LinkManId, Slot>,
+    candidates: &[DesiredMember],
+    recorded: &Members,
+) -> Departures {
+    let mut out = HashMap::new();
+    for (id, at) in as_recorded.unwanted() {
+        let Some(gone) = recorded.at(at) else {
+            continue;
+        };
+        let now = match by_linkman.get(&id) {
+            Some(Slot::Candidate(i)) => candidates.get(*i as usize).map(|c| &c.key),
+            Some(Slot::None) => {
+                out.insert(gone.key.clone(), UnsubReason::EmailLost);
+                continue;
+            }
+            Some(Slot::AsRecorded(_)) | None => as_recorded
+                .wanted_in(as_recorded.of(id))
+                .and_then(|p| recorded.at(p))
+                .map(|m| &m.key),
+        };
+        let reason = match now {
+            None => UnsubReason::LinkmanDeleted,
+            Some(key) if *key == gone.key => continue,
+            Some(key) if key.email != gone.key.email => UnsubReason::EmailChanged,
+            Some(_) => UnsubReason::Rerouted,
+        };
+        out.insert(gone.key.clone(), reason);
+    }
+    Departures(out)
 }
 
 /// Whether the state DB records `want` exactly (owner and texts, byte for
@@ -905,6 +976,64 @@ mod tests {
                 vec![json!({"id": 20, "name": "twenty", "email": "c@x.cn"})],
             ),
         ])
+    }
+
+    #[test]
+    fn each_recorded_member_the_pull_no_longer_wants_is_given_the_reason_its_link_man_left() {
+        // Arrange: five link-men recorded after a sync; then one is
+        // deleted, one has another email, one no valid email, one is routed
+        // to the other list, and one is renamed (still wanted).
+        let before = snapshot(vec![
+            (
+                json!({"id": 1, "type_id": 1, "name": "Acme"}),
+                vec![
+                    json!({"id": 10, "name": "ten", "email": "gone@x.cn"}),
+                    json!({"id": 11, "name": "eleven", "email": "old@x.cn"}),
+                    json!({"id": 12, "name": "twelve", "email": "lost@x.cn"}),
+                    json!({"id": 14, "name": "fourteen", "email": "same@x.cn"}),
+                ],
+            ),
+            (
+                json!({"id": 2, "type_id": 1, "name": "Beta"}),
+                vec![json!({"id": 13, "name": "thirteen", "email": "moved@x.cn"})],
+            ),
+        ]);
+        let recorded = recorded_from(&desired_members(&before, &rules()));
+        let after = snapshot(vec![
+            (
+                json!({"id": 1, "type_id": 1, "name": "Acme"}),
+                vec![
+                    json!({"id": 11, "name": "eleven", "email": "new@x.cn"}),
+                    json!({"id": 12, "name": "twelve", "email": "not an address"}),
+                    json!({"id": 14, "name": "renamed", "email": "same@x.cn"}),
+                ],
+            ),
+            (
+                json!({"id": 2, "type_id": 2, "name": "Beta"}),
+                vec![json!({"id": 13, "name": "thirteen", "email": "moved@x.cn"})],
+            ),
+        ]);
+
+        // Act
+        let d = desired_over(&after, &rules(), &recorded);
+
+        // Assert
+        let reason = |list, email| d.departures.reason(&key(ListId(list), email));
+        assert_eq!(reason(1, "gone@x.cn"), Some(UnsubReason::LinkmanDeleted));
+        assert_eq!(reason(1, "old@x.cn"), Some(UnsubReason::EmailChanged));
+        assert_eq!(reason(1, "lost@x.cn"), Some(UnsubReason::EmailLost));
+        assert_eq!(reason(1, "moved@x.cn"), Some(UnsubReason::Rerouted));
+        assert_eq!(reason(1, "same@x.cn"), None);
+    }
+
+    #[test]
+    fn a_rerun_that_changed_nothing_holds_no_departure() {
+        let snap = three_linkmen();
+        let recorded = recorded_from(&desired_members(&snap, &rules()));
+
+        let d = desired_over(&snap, &rules(), &recorded);
+
+        assert_eq!(d.departures, Departures::default());
     }
 
     #[test]

@@ -14,8 +14,8 @@ use super::apply::Applier;
 use super::lookup::lookup;
 use super::plan::PlannedEdit;
 use crate::domain::{AddressId, Email, ListId, MemberState, Origin};
-use crate::state::NewOperation;
-use crate::stored_enums::OpKind;
+use crate::state::{AuditEntry, NewOperation};
+use crate::stored_enums::{AuditEvent, AuditSource, OpKind};
 
 impl Applier<'_> {
     /// Sends the edits of one list, finding EDM ids that are not known yet.
@@ -140,7 +140,7 @@ impl Applier<'_> {
             }
         }
         if !vanished.is_empty() {
-            self.ctx.store.upsert_members(&vanished).await?;
+            self.ctx.store.upsert_members(&vanished, &[]).await?;
             for m in vanished {
                 self.members.insert(m.key.clone(), m);
             }
@@ -164,6 +164,7 @@ impl Applier<'_> {
                 link_man_id: Some(e.link_man_id),
                 customer_id: Some(e.customer_id),
                 fields: e.fields.clone(),
+                reason: None,
             })
             .collect();
         self.ctx
@@ -198,9 +199,24 @@ impl Applier<'_> {
         }
         let emails: Vec<Email> = done.iter().map(|m| m.key.email.clone()).collect();
         let refs: Vec<&Email> = emails.iter().collect();
+        let audit: Vec<AuditEntry> = done
+            .iter()
+            .map(|m| {
+                let changed = self
+                    .members
+                    .get(&m.key)
+                    .map(|old| m.fields.changed_from(&old.fields).join(", "))
+                    .unwrap_or_default();
+                AuditEntry::now(AuditEvent::Edited, AuditSource::Crm, m.key.email.as_str())
+                    .in_list(list_id)
+                    .by(m.link_man_id, m.customer_id)
+                    .detail(changed)
+                    .in_run(Some(self.run_id))
+            })
+            .collect();
         self.ctx
             .store
-            .complete_operations(self.run_id, OpKind::Edit, list_id, &refs, &done)
+            .complete_operations(self.run_id, OpKind::Edit, list_id, &refs, &done, &audit)
             .await?;
         self.counts.updated += done.len();
         crate::metrics::operations(Operation::Edit, Ended::Done, done.len());

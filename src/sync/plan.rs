@@ -15,7 +15,8 @@
 use std::collections::BTreeMap;
 
 use crate::domain::{CustomerId, LinkManId, ListId, MemberFields, MemberKey, Members};
-use crate::sync::desired::{DesiredMember, DesiredMembers};
+use crate::stored_enums::UnsubReason;
+use crate::sync::desired::{Departures, DesiredMember, DesiredMembers};
 
 pub use crate::domain::{MemberState, Origin, Suppressions};
 
@@ -46,6 +47,8 @@ pub struct PlannedEdit {
 pub struct PlannedUnsub {
     pub key: MemberKey,
     pub link_man_id: Option<LinkManId>,
+    /// Why: for the consent trail.
+    pub reason: UnsubReason,
 }
 
 /// A state-only change: who owns a member, and whether it becomes adopted.
@@ -115,8 +118,20 @@ pub fn planned_adds<'d>(
 /// A member the pull wants exactly as recorded ([`Members::wanted_as_is`])
 /// is desired as it is: it gets nothing, unless a suppression blocks it.
 pub fn plan(desired: DesiredMembers, state: &Members, suppressions: &Suppressions) -> Plan {
+    plan_with(desired, &Departures::default(), state, suppressions)
+}
+
+/// [`plan`], with why each recorded member the pull no longer wants left
+/// (the unsubscribes' reasons; without it, a member not wanted is taken
+/// for one whose link-man was deleted).
+pub fn plan_with(
+    desired: DesiredMembers,
+    departures: &Departures,
+    state: &Members,
+    suppressions: &Suppressions,
+) -> Plan {
     let mut plan = Plan {
-        unsubs: planned_unsubs(&desired, state, suppressions),
+        unsubs: planned_unsubs(&desired, departures, state, suppressions),
         ..Plan::default()
     };
     plan.suppressed = state
@@ -186,6 +201,7 @@ fn keep_in_step(plan: &mut Plan, want: DesiredMember, have: &MemberState) {
 /// sorted by key; a user unsubscribe is never unsubscribed again.
 fn planned_unsubs(
     desired: &DesiredMembers,
+    departures: &Departures,
     state: &Members,
     suppressions: &Suppressions,
 ) -> Vec<PlannedUnsub> {
@@ -200,6 +216,13 @@ fn planned_unsubs(
         .map(|(have, _)| PlannedUnsub {
             key: have.key.clone(),
             link_man_id: have.link_man_id,
+            reason: if suppressions.bounced.contains(&have.key.email) {
+                UnsubReason::Bounce
+            } else {
+                departures
+                    .reason(&have.key)
+                    .unwrap_or(UnsubReason::LinkmanDeleted)
+            },
         })
         .collect();
     unsubs.sort_by(|a, b| a.key.cmp(&b.key));
@@ -587,7 +610,39 @@ mod tests {
         let p = plan(d, &s, &sup);
         assert_eq!(p.unsubs.len(), 1);
         assert_eq!(p.unsubs[0].key, key(ListId(1), "b@x.cn"));
+        assert_eq!(p.unsubs[0].reason, UnsubReason::Bounce);
         assert!(p.adds.is_empty() && p.edits.is_empty());
+    }
+
+    #[test]
+    fn an_unsubscribe_carries_the_reason_the_pull_gave_and_a_deleted_link_man_without_one() {
+        // Arrange: two owned members nobody wants; the pull said why for
+        // one of them.
+        let s = state(vec![
+            have(ListId(1), "old@x.cn", LinkManId(1), "A", Origin::Owned),
+            have(ListId(1), "gone@x.cn", LinkManId(2), "B", Origin::Owned),
+        ]);
+        let d = crate::sync::desired::tests_support::departures(&[(
+            key(ListId(1), "old@x.cn"),
+            UnsubReason::EmailChanged,
+        )]);
+
+        // Act
+        let p = plan_with(DesiredMembers::default(), &d, &s, &Suppressions::default());
+
+        // Assert
+        let reasons: Vec<(String, UnsubReason)> = p
+            .unsubs
+            .iter()
+            .map(|u| (u.key.email.to_string(), u.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                ("gone@x.cn".to_string(), UnsubReason::LinkmanDeleted),
+                ("old@x.cn".to_string(), UnsubReason::EmailChanged),
+            ]
+        );
     }
 
     #[test]

@@ -183,7 +183,9 @@ async fn run_inner(
         return Ok(());
     };
     counts.new_user_unsubscribes = read?;
-    ctx.store.persist_observations(&view.obs).await?;
+    ctx.store
+        .persist_observations(&view.obs, Some(run_id))
+        .await?;
     let View { suppressions, .. } = view;
 
     // 2. Campaigns and their events.
@@ -195,7 +197,8 @@ async fn run_inner(
     counts.campaigns = all_events.len();
 
     // 3. Hard bounces suppress, known or not.
-    counts.new_bounce_suppressions = suppress_hard_bounces(ctx, &all_events, &suppressions).await?;
+    counts.new_bounce_suppressions =
+        suppress_hard_bounces(ctx, run_id, &all_events, &suppressions).await?;
 
     // 4. Records, by the owners of the addresses the events and the
     // unsubscribes name (read for those addresses only). They own what
@@ -211,6 +214,7 @@ async fn run_inner(
 /// suppressed yet; returns how many.
 async fn suppress_hard_bounces(
     ctx: &Context,
+    run_id: &RunId,
     all_events: &[CampaignEvents],
     suppressions: &crate::domain::Suppressions,
 ) -> anyhow::Result<usize> {
@@ -235,7 +239,9 @@ async fn suppress_hard_bounces(
         }
     }
     if !new_bounces.is_empty() {
-        ctx.store.add_suppressions(&new_bounces).await?;
+        ctx.store
+            .add_suppressions(&new_bounces, Some(run_id))
+            .await?;
         tracing::info!(
             count = new_bounces.len(),
             "hard-bounced addresses suppressed in every list"

@@ -31,6 +31,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("crm", 4),
     ("edm", 4),
     ("status", 4),
+    ("audit", 4),
     ("ops_endpoint", 4),
     // 5: what both jobs share; the sandbox servers.
     ("jobs", 5),

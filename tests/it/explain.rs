@@ -103,6 +103,34 @@ async fn explain_names_the_list_state_owner_route_and_operations_of_an_address()
 }
 
 #[tokio::test]
+async fn explain_ends_with_the_last_entries_of_the_consent_trail() {
+    // Arrange: lm1 added, then renamed in the CRM and edited.
+    let cli = synced().await;
+    cli.sb
+        .crm
+        .set_linkman_field(10, "name", serde_json::json!("改名"));
+    let again = cli.run(&["--once", "--job", "contacts"]).await;
+    assert!(again.status.success(), "{}", text_of(&again));
+
+    // Act
+    let text = cli.explain(&["lm1@example.com"]).await;
+    let json = cli.explain(&["lm1@example.com", "--json"]).await;
+
+    // Assert
+    assert!(
+        text.contains("consent trail (the last 2; `audit EMAIL` has it all):"),
+        "{text}"
+    );
+    assert!(text.contains("list 1  added"), "{text}");
+    assert!(
+        text.contains("list 1  edited  link-man 10 customer 1  by crm: fullname"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json[0]["trail"][1]["event"], "edited", "{json}");
+}
+
+#[tokio::test]
 async fn explain_shows_a_user_unsubscribe_as_a_suppression_with_its_source() {
     // Arrange: lm7 (list 2) unsubscribes in EDM; the next run reads it.
     let cli = synced().await;

@@ -80,6 +80,14 @@ impl RecordedLinkMen {
         }
     }
 
+    /// Every entry the pull does not want as recorded: its link-man and
+    /// the member's position.
+    pub(super) fn unwanted(&self) -> impl Iterator<Item = (LinkManId, u32)> + '_ {
+        (0..self.at.len())
+            .filter(|&e| !self.is_wanted(e))
+            .filter_map(|e| Some((*self.ids.get(e)?, self.position(e)?)))
+    }
+
     /// The positions of every member wanted as recorded.
     pub(super) fn positions(&self) -> Vec<u32> {
         (0..self.at.len())
