@@ -237,9 +237,8 @@ impl Store {
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
-    use super::super::tests::both_urls;
+    use super::super::tests::{both_urls, upgraded_from_before};
     use super::*;
-    use migrations::{Migrator, MigratorTrait};
     use secrecy::SecretString;
 
     const OLD_ROWS: &str = "
@@ -258,19 +257,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (urls, _guard) = both_urls(dir.path()).await;
         for url in urls {
-            // Arrange: the schema before the trail, holding rows.
-            let store = Store::connect(&SecretString::from(url.clone()))
-                .await
-                .unwrap();
-            let db = store.connection();
-            let from_14 = Migrator::migrations().len() as u32 - 13;
-            Migrator::down(db, Some(from_14)).await.unwrap();
-            for statement in OLD_ROWS.split(';').filter(|s| !s.trim().is_empty()) {
-                db.execute_unprepared(statement).await.unwrap();
-            }
-
-            // Act
-            Migrator::up(db, None).await.unwrap();
+            // Arrange, act: the schema before the trail, holding rows,
+            // migrated.
+            let store = upgraded_from_before(14, &url, OLD_ROWS).await;
             let all: Vec<String> = ["kept@x.cn", "theirs@x.cn", "optout@x.cn", "bounced@x.cn"]
                 .map(String::from)
                 .to_vec();

@@ -209,10 +209,7 @@ pub(super) async fn upsert_members<C: ConnectionTrait>(
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
-    use super::super::tests::both_urls;
-    use super::*;
-    use migrations::{Migrator, MigratorTrait};
-    use secrecy::SecretString;
+    use super::super::tests::{both_urls, upgraded_from_before};
 
     /// Rows as a database from before `members.unsubscribed` holds them.
     const OLD_ROWS: &str = "
@@ -235,20 +232,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (urls, _guard) = both_urls(dir.path()).await;
         for url in urls {
-            // Arrange: the schema before the column, holding old rows.
-            let store = Store::connect(&SecretString::from(url.clone()))
-                .await
-                .unwrap();
-            let db = store.connection();
-            // Every migration from the one adding the column on, undone.
-            let from_13 = Migrator::migrations().len() as u32 - 12;
-            Migrator::down(db, Some(from_13)).await.unwrap();
-            for statement in OLD_ROWS.split(';').filter(|s| !s.trim().is_empty()) {
-                db.execute_unprepared(statement).await.unwrap();
-            }
-
-            // Act
-            Migrator::up(db, None).await.unwrap();
+            // Arrange, act: the schema before the column, holding old
+            // rows, migrated.
+            let store = upgraded_from_before(13, &url, OLD_ROWS).await;
             let members = store.load_members().await.unwrap();
 
             // Assert: only the address whose last add-or-unsubscribe

@@ -276,6 +276,23 @@ mod tests {
         }
     }
 
+    /// A store on `url` whose schema was taken back to just before
+    /// migration `n` (counted from 1), filled with `rows` (SQL statements
+    /// separated by `;`) and migrated again: an older database upgraded.
+    pub(super) async fn upgraded_from_before(n: usize, url: &str, rows: &str) -> Store {
+        let store = Store::connect(&SecretString::from(url.to_string()))
+            .await
+            .unwrap();
+        let db = store.connection();
+        let newer = (Migrator::migrations().len() + 1 - n) as u32;
+        Migrator::down(db, Some(newer)).await.unwrap();
+        for statement in rows.split(';').filter(|s| !s.trim().is_empty()) {
+            db.execute_unprepared(statement).await.unwrap();
+        }
+        Migrator::up(db, None).await.unwrap();
+        store
+    }
+
     fn member(email: &str, present: bool, fullname: &str) -> MemberState {
         MemberState {
             key: MemberKey::new(ListId(1), Email::parse(email).unwrap()),

@@ -4,16 +4,13 @@
 //! unsubscribes, and the range export as JSON lines and CSV.
 
 use std::process::Output;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::common::binary::{self, text_of};
 use crate::common::{TestDb, config_text, edm_today, seed_basic};
-use crm_edm_sync::edm::password_md5;
-use crm_edm_sync::sandbox::{EDM_PASSWORD, Sandbox, SandboxCampaign, TOKEN};
+use crm_edm_sync::sandbox::{Sandbox, SandboxCampaign};
 use crm_edm_sync::state::AuditRecord;
-
-const BIN: &str = env!("CARGO_BIN_EXE_crm-edm-sync");
 
 struct Cli {
     sb: Sandbox,
@@ -40,27 +37,16 @@ impl Cli {
         Cli { sb, _db: db, dir }
     }
 
+    fn config(&self) -> std::path::PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
     async fn run(&self, args: &[&str]) -> Output {
-        let mut cmd = tokio::process::Command::new(BIN);
-        cmd.arg("--config")
-            .arg(self.dir.path().join("config.toml"))
-            .args(args)
-            .env_remove("RUST_LOG");
-        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-            .await
-            .expect("binary finished in time")
-            .expect("binary ran");
-        let all = text_of(&out);
-        for secret in [TOKEN, EDM_PASSWORD, &password_md5(EDM_PASSWORD)] {
-            assert!(!all.contains(secret), "a secret was printed: {all}");
-        }
-        out
+        binary::run(&self.config(), args).await
     }
 
     async fn ok(&self, args: &[&str]) -> Output {
-        let out = self.run(args).await;
-        assert!(out.status.success(), "{args:?}: {}", text_of(&out));
-        out
+        binary::ok(&self.config(), args).await
     }
 
     async fn contacts(&self) {
@@ -72,14 +58,6 @@ impl Cli {
         let out = self.ok(&["audit", email, "--json"]).await;
         serde_json::from_slice(&out.stdout).expect("a JSON array")
     }
-}
-
-fn text_of(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// `(list_id, event, reason)` of each entry.

@@ -8,12 +8,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::common::binary::{self, text_of};
 use crate::common::daemon::{Daemon, metrics_text};
 use crate::common::{TestDb, config_text, seed_basic};
-use crm_edm_sync::edm::password_md5;
-use crm_edm_sync::sandbox::{EDM_PASSWORD, Sandbox, TOKEN};
-
-const BIN: &str = env!("CARGO_BIN_EXE_crm-edm-sync");
+use crm_edm_sync::sandbox::Sandbox;
 
 struct Cli {
     sb: Sandbox,
@@ -37,27 +35,12 @@ impl Cli {
         cli
     }
 
-    async fn run(&self, args: &[&str]) -> Output {
-        let mut cmd = tokio::process::Command::new(BIN);
-        cmd.arg("--config")
-            .arg(self.dir.path().join("config.toml"))
-            .args(args)
-            .env_remove("RUST_LOG");
-        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-            .await
-            .expect("binary finished in time")
-            .expect("binary ran");
-        let all = text_of(&out);
-        for secret in [TOKEN, EDM_PASSWORD, &password_md5(EDM_PASSWORD)] {
-            assert!(!all.contains(secret), "a secret was printed: {all}");
-        }
-        out
+    fn config(&self) -> std::path::PathBuf {
+        self.dir.path().join("config.toml")
     }
 
     async fn ok(&self, args: &[&str]) -> Output {
-        let out = self.run(args).await;
-        assert!(out.status.success(), "{args:?}: {}", text_of(&out));
-        out
+        binary::ok(&self.config(), args).await
     }
 
     /// `reconcile --json`: the lists by id.
@@ -76,14 +59,6 @@ impl Cli {
             .map(|a| a.id)
             .unwrap_or_else(|| panic!("{address} in list {list}"))
     }
-}
-
-fn text_of(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// The counts of `list_id` in a report: members, missing, changed,

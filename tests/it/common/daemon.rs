@@ -14,14 +14,14 @@ use super::{TestDb, config_text};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_crm-edm-sync");
 
-/// A config that runs contacts every second, write-back once a year, and
-/// tries the lock every second.
+/// A config that runs contacts every second, write-back once a year, the
+/// drift report never, and tries the lock every second.
 pub fn write_config(dir: &std::path::Path, sb: &Sandbox, db: &TestDb) -> std::path::PathBuf {
     let text = config_text(
         sb,
         &db.url,
         "schedule = \"* * * * * *\"",
-        "[writeback]\nschedule = \"0 0 0 1 1 *\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n[http]\nlisten = \"127.0.0.1:0\"\n[daemon]\nlock_poll_secs = 1\nshutdown_timeout_secs = 30\nlock_wait_secs = 2\n",
+        "[writeback]\nschedule = \"0 0 0 1 1 *\"\n[reconcile]\nschedule = \"\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n[http]\nlisten = \"127.0.0.1:0\"\n[daemon]\nlock_poll_secs = 1\nshutdown_timeout_secs = 30\nlock_wait_secs = 2\n",
     );
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap();

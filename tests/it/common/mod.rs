@@ -13,6 +13,7 @@
 
 use std::time::Duration;
 
+pub mod binary;
 pub mod daemon;
 
 use crm_edm_sync::config::Settings;
