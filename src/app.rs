@@ -130,6 +130,18 @@ pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
             };
             crate::audit::print(&settings, question).await
         }
+        Some(Command::Forget {
+            email,
+            dry_run,
+            include_adopted,
+        }) => {
+            let question = crate::forget::Question {
+                email,
+                dry_run,
+                include_adopted,
+            };
+            crate::forget::print(settings, question).await
+        }
         Some(Command::Check) => crate::check::run(settings).await,
         Some(Command::Health) => {
             let (healthy, line) = crate::ops_endpoint::probe(settings.http.listen).await;

@@ -70,12 +70,22 @@ async fn addresses(store: &Store, raw: &str) -> anyhow::Result<Result<Vec<String
         return Ok(Ok(store.emails_matching_mask(raw).await?));
     }
     Ok(match Email::parse(raw) {
-        Ok(email) => Ok(vec![email.as_str().to_string()]),
+        // A forgotten address's trail is kept under its keyed hash.
+        Ok(email) => Ok(std::iter::once(email.as_str().to_string())
+            .chain(hashed(store, email.as_str()).await)
+            .collect()),
         Err(reason) => Err(BadQuestion(format!(
             "{} is not a valid address: {reason}",
             mask_address(raw.trim())
         ))),
     })
+}
+
+/// What `email` is kept as once forgotten; `None` from a database older
+/// than `forget` (no key: nothing was forgotten in it).
+pub async fn hashed(store: &Store, email: &str) -> Option<String> {
+    let key = store.forget_key().await.ok()?;
+    Some(crate::domain::Forgotten::new(key, Default::default()).hash(email))
 }
 
 /// `crm-edm-sync audit …`.

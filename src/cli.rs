@@ -171,6 +171,18 @@ pub enum Command {
         #[arg(long, value_enum, requires = "since")]
         format: Option<AuditFormat>,
     },
+    /// Unsubscribe an address where the daemon added it, then keep it only
+    /// as a keyed hash: it is never added again.
+    Forget {
+        /// The address.
+        email: String,
+        /// Say what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also unsubscribe it where the daemon adopted it.
+        #[arg(long)]
+        include_adopted: bool,
+    },
     /// Validate the config, reach both APIs and the database.
     Check,
     /// Ask the running daemon's /healthz (on http.listen): exit 0 healthy,
@@ -189,6 +201,7 @@ impl Command {
             Command::Explain { .. } => "explain",
             Command::Reconcile { .. } => "reconcile",
             Command::Audit { .. } => "audit",
+            Command::Forget { .. } => "forget",
             Command::Check => "check",
             Command::Health => "health",
             Command::Demo => "demo",

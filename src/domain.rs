@@ -733,6 +733,61 @@ pub struct Suppressions {
     /// Hard bounces: in every list, never added or edited; unsubscribed
     /// where owned.
     pub bounced: HashSet<Email>,
+    /// Addresses `forget` took out: never added again.
+    pub forgotten: Forgotten,
+}
+
+/// How a forgotten address is stored: this prefix, then the hex of its
+/// HMAC-SHA-256 under the database's own key. Not a valid address, so no
+/// code that reads addresses mistakes it for one.
+pub const FORGOTTEN_PREFIX: &str = "forgotten:";
+
+/// The addresses `forget` replaced by their keyed hash, and the key: an
+/// address is recognised without being stored.
+#[derive(Clone, Default, PartialEq)]
+pub struct Forgotten {
+    key: Vec<u8>,
+    hashes: HashSet<String>,
+}
+
+impl Forgotten {
+    pub fn new(key: Vec<u8>, hashes: HashSet<String>) -> Self {
+        Forgotten { key, hashes }
+    }
+
+    /// What `email` (normalised) is stored as once forgotten.
+    pub fn hash(&self, email: &str) -> String {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key)
+            .expect("HMAC takes a key of any length");
+        mac.update(email.as_bytes());
+        format!(
+            "{FORGOTTEN_PREFIX}{}",
+            hex::encode(mac.finalize().into_bytes())
+        )
+    }
+
+    /// Whether `email` was forgotten (no hashing when none was).
+    pub fn contains(&self, email: &str) -> bool {
+        !self.hashes.is_empty() && self.hashes.contains(&self.hash(email))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+}
+
+impl fmt::Debug for Forgotten {
+    /// Never the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forgotten")
+            .field("addresses", &self.hashes.len())
+            .finish()
+    }
 }
 
 impl Suppressions {

@@ -55,6 +55,9 @@ pub struct Explanation {
     /// The last entries of the address's consent trail, oldest first
     /// (`audit EMAIL` prints them all).
     pub trail: Vec<crate::state::AuditRecord>,
+    /// When `forget` took the address out (RFC 3339), if it did: the state
+    /// database then keeps only its keyed hash.
+    pub forgotten_at: Option<String>,
     /// What the logs said once about the address: invalid, or shared by
     /// link-men.
     pub findings: Vec<Finding>,
@@ -178,6 +181,7 @@ pub async fn answer(
                     refusals: Vec::new(),
                     contact_history: Vec::new(),
                     trail: Vec::new(),
+                    forgotten_at: None,
                     findings: store.findings_of(raw.trim()).await?,
                     live: None,
                 });
@@ -185,7 +189,15 @@ pub async fn answer(
             }
         };
         let facts = store.facts_of(email.as_str(), MAX_OPERATIONS).await?;
-        let mut trail = store.audit_of(&[email.as_str().to_string()]).await?;
+        let asked: Vec<String> = std::iter::once(email.as_str().to_string())
+            .chain(crate::audit::hashed(store, email.as_str()).await)
+            .collect();
+        let mut trail = store.audit_of(&asked).await?;
+        let forgotten_at = trail
+            .iter()
+            .rev()
+            .find(|r| r.event == crate::stored_enums::AuditEvent::Forgotten)
+            .map(|r| r.at.clone());
         trail.drain(..trail.len().saturating_sub(MAX_TRAIL));
         let findings = store.findings_of(email.as_str()).await?;
         let lists = per_list(settings, &facts);
@@ -201,6 +213,7 @@ pub async fn answer(
             refusals: facts.refusals,
             contact_history: facts.records,
             trail,
+            forgotten_at,
             findings,
             live,
         });
@@ -394,6 +407,12 @@ pub fn to_text(a: &Explanation) -> String {
         return out;
     }
     write_findings(&mut out, &a.findings);
+    if let Some(at) = &a.forgotten_at {
+        let _ = writeln!(
+            out,
+            "  forgotten at {at} (`forget`): the state database keeps only its keyed hash; it is never added again"
+        );
+    }
     for l in &a.lists {
         write_list(&mut out, l);
     }

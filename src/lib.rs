@@ -24,6 +24,7 @@ pub(crate) mod demo;
 pub mod domain;
 pub mod edm;
 pub mod explain;
+pub mod forget;
 pub(crate) mod ids;
 pub(crate) mod instance;
 pub mod jobs;

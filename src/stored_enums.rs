@@ -176,6 +176,9 @@ pub enum SuppressionReason {
     /// A hard bounce: suppressed in every list.
     #[sea_orm(string_value = "bounce")]
     Bounce,
+    /// `forget`: the address, kept as its keyed hash, is never added again.
+    #[sea_orm(string_value = "forgotten")]
+    Forgotten,
 }
 
 impl SuppressionReason {
@@ -183,6 +186,7 @@ impl SuppressionReason {
         match self {
             SuppressionReason::UserUnsubscribe => "user_unsubscribe",
             SuppressionReason::Bounce => "bounce",
+            SuppressionReason::Forgotten => "forgotten",
         }
     }
 }

@@ -18,6 +18,7 @@ mod m20261204_000011_create_run_requests;
 mod m20261205_000012_index_ledger_by_status_and_id;
 mod m20261205_000013_mark_daemon_unsubscribes;
 mod m20261205_000014_create_audit_trail;
+mod m20261205_000015_create_forget_key;
 
 /// The migrator: every migration in order.
 pub struct Migrator;
@@ -40,6 +41,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261205_000012_index_ledger_by_status_and_id::Migration),
             Box::new(m20261205_000013_mark_daemon_unsubscribes::Migration),
             Box::new(m20261205_000014_create_audit_trail::Migration),
+            Box::new(m20261205_000015_create_forget_key::Migration),
         ]
     }
 }

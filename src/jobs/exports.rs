@@ -59,9 +59,17 @@ impl View {
         let mut user_unsubscribes = 0;
         for &list_id in lists {
             let read_at = now_ms();
-            let lines = ctx.edm.unsubscribe_export(list_id).await.with_context(|| {
+            let mut lines = ctx.edm.unsubscribe_export(list_id).await.with_context(|| {
                 format!("cannot read the unsubscribes of list {list_id}; nothing was applied")
             })?;
+            // A forgotten address's lines (its `forget` unsubscribe, say)
+            // are read, matched and kept under its hash, never in the clear.
+            let forgotten = &self.suppressions.forgotten;
+            if !forgotten.is_empty() {
+                for line in lines.iter_mut().filter(|l| forgotten.contains(&l.address)) {
+                    line.address = forgotten.hash(&line.address);
+                }
+            }
             // Only the lines after the pruning watermark are looked up, and
             // only those: the cost follows this export, not the history.
             let through = ctx.store.lines_seen_through(list_id).await?;

@@ -6,8 +6,9 @@
 //! rule that fits:
 //!
 //! 1. `reactivated`: a recipient unsubscribed it from this list, it
-//!    bounced hard in any list, or the daemon unsubscribed it and has not
-//!    added it since — and EDM holds it active again. The consent risk;
+//!    bounced hard in any list, it was forgotten (`forget`), or the daemon
+//!    unsubscribed it and has not added it since — and EDM holds it active
+//!    again. The consent risk;
 //!    the daemon never touches such a row.
 //! 2. in step: the daemon added or adopted it, records it as present, and
 //!    EDM holds the same fullname and vars (white space at either end set
@@ -156,8 +157,9 @@ impl<'a> ListComparison<'a> {
             return;
         }
         let key = MemberKey::new(self.list_id, email.clone());
-        let suppressed =
-            self.suppressions.user.contains(&key) || self.suppressions.bounced.contains(&key.email);
+        let suppressed = self.suppressions.user.contains(&key)
+            || self.suppressions.bounced.contains(&key.email)
+            || self.suppressions.forgotten.contains(key.email.as_str());
         if let Some(kind) = judge_held(self.members.get(&key), suppressed, addr) {
             self.note(email.as_str().to_string(), kind);
         }

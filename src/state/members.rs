@@ -42,6 +42,10 @@ pub(super) fn member_row(m: &MemberState, now: i64) -> member::ActiveModel {
 /// A member row as the run knows it; a row whose address is not valid is
 /// logged and left out.
 fn member_state(row: member::Model) -> Option<MemberState> {
+    if row.email.starts_with(crate::domain::FORGOTTEN_PREFIX) {
+        // `forget` kept only its hash: not an address any more.
+        return None;
+    }
     let Ok(email) = Email::parse(&row.email) else {
         tracing::warn!(
             member_id = row.id,

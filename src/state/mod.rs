@@ -14,6 +14,7 @@
 mod audit;
 mod connect;
 mod entities;
+mod forget;
 mod integrity;
 mod lease;
 mod lookups;
@@ -31,6 +32,7 @@ mod writable;
 
 pub use audit::{AuditEntry, AuditRecord};
 pub use connect::{MIGRATION_LOCK_KEY, Schema, schema_of, sqlite_file};
+pub use forget::Forgot;
 pub use lease::{Fenced, Lease};
 pub use lookups::{
     AddressFacts, MemberFact, OperationFact, RecordFact, RefusalFact, SuppressionFact,

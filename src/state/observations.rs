@@ -69,7 +69,12 @@ impl Store {
             .await
             .context("cannot read suppressions")?;
         let mut out = Suppressions::default();
+        let mut forgotten = std::collections::HashSet::new();
         for row in rows {
+            if row.reason == SuppressionReason::Forgotten {
+                forgotten.insert(row.email);
+                continue;
+            }
             let Ok(email) = Email::parse(&row.email) else {
                 continue; // an address that is not valid is never sent anyway
             };
@@ -78,6 +83,9 @@ impl Store {
             } else {
                 out.user.insert(MemberKey::new(row.list_id, email));
             }
+        }
+        if !forgotten.is_empty() {
+            out.forgotten = crate::domain::Forgotten::new(self.forget_key().await?, forgotten);
         }
         Ok(out)
     }
@@ -342,6 +350,7 @@ fn suppression_entry(s: &NewSuppression, run_id: Option<&RunId>) -> AuditEntry {
     let event = match s.reason {
         SuppressionReason::UserUnsubscribe => AuditEvent::RecipientUnsubscribed,
         SuppressionReason::Bounce => AuditEvent::Bounced,
+        SuppressionReason::Forgotten => AuditEvent::Forgotten,
     };
     let mut entry = AuditEntry::now(event, AuditSource::Edm, &s.email)
         .detail(s.source.to_text())

@@ -118,6 +118,7 @@ fn summary_event(run_id: &RunId, c: &ContactsCounts, duration_ms: u64, status: R
         vanished_unconfirmed = c.second_look.vanished_unconfirmed,
         lists_behind = c.lists_behind,
         relearnt = c.relearnt,
+        forgotten = c.forgotten,
         duration_ms,
         "run finished"
     );
@@ -173,6 +174,9 @@ async fn observe(
     counts.customers = builder.customers;
     counts.linkmen = builder.linkmen;
     let mut desired = builder.finish();
+    // Forgotten addresses have no member row (they are kept hashed): a
+    // link-man that still has one is never a candidate again.
+    counts.forgotten = desired.members.drop_forgotten(&view.suppressions.forgotten);
     view.members
         .want_as_is(std::mem::take(&mut desired.as_is))?;
     counts.desired = desired_total(&desired.members, &view.members);

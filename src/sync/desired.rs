@@ -550,6 +550,16 @@ fn take_back_shared(
 }
 
 impl DesiredMembers {
+    /// Drops the members whose address was forgotten; how many.
+    pub fn drop_forgotten(&mut self, forgotten: &crate::domain::Forgotten) -> usize {
+        if forgotten.is_empty() {
+            return 0;
+        }
+        let before = self.0.len();
+        self.0.retain(|m| !forgotten.contains(m.key.email.as_str()));
+        before - self.0.len()
+    }
+
     /// Takes back into the desired members those `members` reopened (the
     /// read phase replaced a member the pull wanted as recorded): each is
     /// wanted as it was recorded when the pull saw it.

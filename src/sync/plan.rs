@@ -519,6 +519,7 @@ mod tests {
         let sup = Suppressions {
             user: [key(ListId(1), "s@x.cn")].into_iter().collect(),
             bounced: [Email::parse("b@x.cn").unwrap()].into_iter().collect(),
+            ..Default::default()
         };
         let (gone_key, mut gone) = have(ListId(2), "g@x.cn", LinkManId(6), "G", Origin::Owned);
         gone.present = false;
@@ -556,6 +557,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             bounced: HashSet::new(),
+            ..Default::default()
         };
         // a: desired, not in state (would be an add); b: in state with
         // other fields (would be an edit), and still present by mistake.
@@ -583,6 +585,7 @@ mod tests {
         let sup = Suppressions {
             user: [key(ListId(1), "a@x.cn")].into_iter().collect(),
             bounced: HashSet::new(),
+            ..Default::default()
         };
         let p = plan(
             desired(vec![want(ListId(2), "a@x.cn", LinkManId(1), "A")]),
@@ -597,6 +600,7 @@ mod tests {
         let sup = Suppressions {
             user: HashSet::new(),
             bounced: [Email::parse("b@x.cn").unwrap()].into_iter().collect(),
+            ..Default::default()
         };
         let d = desired(vec![
             want(ListId(1), "b@x.cn", LinkManId(1), "B2"),
@@ -798,6 +802,7 @@ mod tests {
         let suppressions = Suppressions {
             user: [key(ListId(1), "c@x.cn")].into_iter().collect(),
             bounced: [Email::parse("b@x.cn").unwrap()].into_iter().collect(),
+            ..Default::default()
         };
         let desired = DesiredMembers::default();
 

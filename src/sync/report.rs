@@ -40,6 +40,8 @@ pub struct ContactsCounts {
     pub lists_behind: usize,
     /// Planned adds EDM already held there: learnt, not sent again.
     pub relearnt: usize,
+    /// Link-men whose address was forgotten (`forget`): never added.
+    pub forgotten: usize,
 }
 
 /// How a run ended.

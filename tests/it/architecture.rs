@@ -41,6 +41,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("writeback", 6),
     ("explain", 6),
     ("reconcile", 6),
+    ("forget", 6),
     ("reload", 6),
     // 7: commands that run jobs.
     ("once", 7),

@@ -513,3 +513,164 @@ async fn a_parked_operation_and_its_retry_enter_the_trail() {
     );
     assert_eq!(trail[1].source.as_str(), "operator");
 }
+
+/// Every byte of the state database as a dump: the SQLite file and its
+/// write-ahead log, or `pg_dump` of the PostgreSQL database.
+fn database_bytes(url: &str) -> Vec<u8> {
+    if url.starts_with("postgres") {
+        let out = std::process::Command::new("pg_dump")
+            .args(["--data-only", "--dbname", url])
+            .output()
+            .expect("pg_dump runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return out.stdout;
+    }
+    let path = url
+        .trim_start_matches("sqlite://")
+        .split('?')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut bytes = std::fs::read(&path).unwrap();
+    if let Ok(wal) = std::fs::read(format!("{path}-wal")) {
+        bytes.extend(wal);
+    }
+    bytes
+}
+
+fn holds(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn a_forgotten_address_is_in_no_table_no_dump_and_no_output_and_is_never_added_again() {
+    for db in TestDb::all().await {
+        // Arrange: lm1 added, opened a campaign (a contact-history record
+        // quotes it), and is explained once.
+        let url = db.url.clone();
+        let cli = Cli::seeded(db).await;
+        cli.contacts().await;
+        let mut campaign = bounced_in_list_1("nobody@example.com");
+        campaign.opens = vec![("lm1@example.com".into(), 1, String::new(), String::new())];
+        cli.sb.edm.put_campaign(campaign);
+        cli.ok(&["--once", "--job", "writeback"]).await;
+        assert!(holds(&database_bytes(&url), "lm1@example.com"));
+
+        // Act
+        let dry = cli.ok(&["forget", "lm1@example.com", "--dry-run"]).await;
+        let still_there = cli
+            .sb
+            .edm
+            .emails(1)
+            .contains(&"lm1@example.com".to_string());
+        let forgot = cli.ok(&["forget", "lm1@example.com"]).await;
+        let after_forget = cli.sb.edm.emails(1);
+        let rerun = cli.ok(&["--once", "--job", "contacts"]).await;
+        let explain = cli.ok(&["explain", "lm1@example.com"]).await;
+        let trail = cli.trail("lm1@example.com").await;
+        let status = cli.ok(&["status"]).await;
+
+        // Assert: the dry run changed nothing.
+        assert!(String::from_utf8_lossy(&dry.stdout).contains("would be unsubscribed from list 1"));
+        assert!(still_there);
+        // Forgotten: unsubscribed, and the next run does not add it back.
+        assert!(!after_forget.contains(&"lm1@example.com".to_string()));
+        assert!(
+            !cli.sb
+                .edm
+                .emails(1)
+                .contains(&"lm1@example.com".to_string())
+        );
+        let finished: Value = String::from_utf8_lossy(&rerun.stderr)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["message"] == "run finished")
+            .expect("a run finished line");
+        assert_eq!(finished["forgotten"], 1, "{finished}");
+        assert_eq!(finished["added"], 0, "{finished}");
+        // Explain and audit say so.
+        assert!(
+            String::from_utf8_lossy(&explain.stdout).contains("forgotten at "),
+            "{}",
+            text_of(&explain)
+        );
+        let events: Vec<&str> = trail.iter().map(|r| r.event.as_str()).collect();
+        assert!(
+            events.ends_with(&["unsubscribed", "forgotten"]),
+            "{events:?}"
+        );
+        assert_eq!(trail[trail.len() - 2].reason.as_deref(), Some("forget"));
+        // The address is nowhere: not in the database's bytes, not in any
+        // output since (`explain` prints back only what the operator
+        // typed).
+        let bytes = database_bytes(&url);
+        assert!(
+            !holds(&bytes, "lm1@example.com"),
+            "{url}: the address is still stored"
+        );
+        assert!(holds(&bytes, "lm2@example.com"), "{url}: the dump is empty");
+        for out in [&forgot, &rerun, &status] {
+            assert!(
+                !text_of(out).contains("lm1@example.com"),
+                "{}",
+                text_of(out)
+            );
+        }
+        assert!(trail.iter().all(|r| r.email != "lm1@example.com"));
+    }
+}
+
+#[tokio::test]
+async fn a_forgotten_address_put_back_in_edm_is_reported_reactivated() {
+    // Arrange
+    let cli = Cli::seeded(TestDb::new().await).await;
+    cli.contacts().await;
+    cli.ok(&["forget", "lm1@example.com"]).await;
+    cli.sb.edm.reactivate(1, "lm1@example.com", "联系人1");
+
+    // Act
+    let out = cli.ok(&["reconcile", "--json"]).await;
+
+    // Assert
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["lists"][0]["list_id"], 1, "{report}");
+    assert_eq!(report["lists"][0]["reactivated"], 1, "{report}");
+}
+
+#[tokio::test]
+async fn forget_keeps_adopted_lists_unless_asked_and_refuses_a_bad_address() {
+    // Arrange: lm1 was in list 1 before the daemon (adopted).
+    let cli = Cli::seeded(TestDb::new().await).await;
+    cli.sb.edm.add_existing(1, "lm1@example.com", "联系人1");
+    cli.contacts().await;
+
+    // Act
+    let kept = cli.ok(&["forget", "lm1@example.com", "--dry-run"]).await;
+    let asked = cli
+        .ok(&[
+            "forget",
+            "lm1@example.com",
+            "--dry-run",
+            "--include-adopted",
+        ])
+        .await;
+    let bad = cli.run(&["forget", "someone.example.com"]).await;
+
+    // Assert
+    let kept = String::from_utf8_lossy(&kept.stdout);
+    assert!(kept.contains("in no list the daemon added it to"), "{kept}");
+    assert!(kept.contains("adopted in list 1"), "{kept}");
+    assert!(String::from_utf8_lossy(&asked.stdout).contains("would be unsubscribed from list 1"));
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        !text_of(&bad).contains("someone.example.com"),
+        "{}",
+        text_of(&bad)
+    );
+}

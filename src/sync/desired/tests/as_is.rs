@@ -150,6 +150,7 @@ fn suppressions(user: &[(bool, usize)], bounced: &[usize]) -> Suppressions {
             .iter()
             .filter_map(|&e| Email::parse(EMAILS[e]).ok())
             .collect(),
+        ..Default::default()
     }
 }
 
