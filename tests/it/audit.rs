@@ -674,3 +674,60 @@ async fn forget_keeps_adopted_lists_unless_asked_and_refuses_a_bad_address() {
         text_of(&bad)
     );
 }
+
+#[tokio::test]
+async fn a_forget_whose_unsubscribe_fails_hashes_nothing_and_a_second_one_completes_it() {
+    // Arrange: EDM answers the first `ml-unsub` with an error page and
+    // does not carry it out.
+    let db = TestDb::new().await;
+    let url = db.url.clone();
+    let cli = Cli::seeded(db).await;
+    cli.contacts().await;
+    cli.sb
+        .inject("ml-unsub", crm_edm_sync::sandbox::Fault::Status(500), 1);
+
+    // Act
+    let failed = cli.run(&["forget", "lm1@example.com"]).await;
+    let kept = holds(&database_bytes(&url), "lm1@example.com");
+    let again = cli.run(&["forget", "lm1@example.com"]).await;
+
+    // Assert
+    assert_eq!(failed.status.code(), Some(1), "{}", text_of(&failed));
+    assert!(
+        text_of(&failed).contains("nothing was hashed"),
+        "{}",
+        text_of(&failed)
+    );
+    assert!(kept, "the address was hashed although EDM still holds it");
+    assert!(again.status.success(), "{}", text_of(&again));
+    assert!(
+        !cli.sb
+            .edm
+            .emails(1)
+            .contains(&"lm1@example.com".to_string())
+    );
+    assert!(!holds(&database_bytes(&url), "lm1@example.com"));
+}
+
+#[tokio::test]
+async fn an_address_found_in_a_list_and_wanted_is_entered_as_adopted() {
+    // Arrange: lm1 was in list 1 before the first sync.
+    let cli = Cli::seeded(TestDb::new().await).await;
+    cli.sb.edm.add_existing(1, "lm1@example.com", "联系人1");
+
+    // Act
+    cli.contacts().await;
+
+    // Assert: adopted, then its vars set to the CRM's.
+    let trail = cli.trail("lm1@example.com").await;
+    assert_eq!(
+        events(&trail),
+        vec![
+            entry(Some(1), "adopted", None),
+            entry(Some(1), "edited", None)
+        ],
+        "{trail:#?}"
+    );
+    assert_eq!(trail[0].link_man_id, Some(10));
+    assert_eq!(trail[0].source.as_str(), "crm");
+}
