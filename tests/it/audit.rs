@@ -731,3 +731,48 @@ async fn an_address_found_in_a_list_and_wanted_is_entered_as_adopted() {
     assert_eq!(trail[0].link_man_id, Some(10));
     assert_eq!(trail[0].source.as_str(), "crm");
 }
+
+#[tokio::test]
+async fn forget_beside_a_running_daemon_changes_nothing_and_says_why() {
+    // Arrange: an idle daemon holds the state database.
+    let db = TestDb::new().await;
+    let url = db.url.clone();
+    let cli = Cli::seeded(db).await;
+    cli.contacts().await;
+    let daemon_config = cli.dir.path().join("daemon.toml");
+    std::fs::write(
+        &daemon_config,
+        config_text(
+            &cli.sb,
+            &url,
+            "schedule = \"0 0 0 1 1 *\"",
+            "[writeback]\nschedule = \"0 0 0 1 1 *\"\n[reconcile]\nschedule = \"\"\n[log]\nformat = \"json\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        ),
+    )
+    .unwrap();
+    let mut daemon = crate::common::daemon::Daemon::start(&daemon_config, &[]);
+    daemon.ops_url().await;
+
+    // Act
+    let out = cli.run(&["forget", "lm1@example.com"]).await;
+    daemon.signal("-TERM");
+    assert_eq!(
+        daemon.exit_code(std::time::Duration::from_secs(30)).await,
+        Some(0)
+    );
+
+    // Assert
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        text_of(&out).contains("nothing was changed"),
+        "{}",
+        text_of(&out)
+    );
+    assert!(
+        cli.sb
+            .edm
+            .emails(1)
+            .contains(&"lm1@example.com".to_string())
+    );
+    assert!(holds(&database_bytes(&url), "lm1@example.com"));
+}
