@@ -84,8 +84,7 @@ async fn addresses(store: &Store, raw: &str) -> anyhow::Result<Result<Vec<String
 /// What `email` is kept as once forgotten; `None` from a database older
 /// than `forget` (no key: nothing was forgotten in it).
 pub async fn hashed(store: &Store, email: &str) -> Option<String> {
-    let key = store.forget_key().await.ok()?;
-    Some(crate::domain::Forgotten::new(key, Default::default()).hash(email))
+    store.forgotten_hash(email).await.ok()
 }
 
 /// `crm-edm-sync audit …`.

@@ -427,6 +427,20 @@ pub struct MemberState {
     pub fields: MemberFields,
 }
 
+impl MemberState {
+    /// The member once the daemon's `ml-unsub` of it took effect: EDM no
+    /// longer holds it (nor its id), and it is marked as the daemon's
+    /// unsubscribe.
+    pub fn unsubscribed_by_the_daemon(&self) -> MemberState {
+        MemberState {
+            present: false,
+            unsubscribed: true,
+            edm_id: None,
+            ..self.clone()
+        }
+    }
+}
+
 /// What the state DB knows the lists hold, by key.
 ///
 /// Not a `HashMap`: at a million members a hash table's slack (it doubles

@@ -109,8 +109,7 @@ async fn forget(ctx: &Context, email: &Email, include_adopted: bool) -> anyhow::
             return Ok(ExitCode::from(EXIT_FAILED));
         }
     }
-    let key = ctx.store.forget_key().await?;
-    let hash = crate::domain::Forgotten::new(key, Default::default()).hash(email.as_str());
+    let hash = ctx.store.forgotten_hash(email.as_str()).await?;
     let entry =
         AuditEntry::now(AuditEvent::Forgotten, AuditSource::Operator, &hash).in_run(Some(&run_id));
     let forgot = ctx.store.forget(email.as_str(), &hash, &[entry]).await?;
@@ -151,12 +150,7 @@ async fn unsubscribe(
     ctx.store.record_operations(run_id, &[op]).await?;
     ctx.edm.unsub(list_id, std::slice::from_ref(email)).await?;
     let gone: Vec<MemberState> = member
-        .map(|m| MemberState {
-            present: false,
-            unsubscribed: true,
-            edm_id: None,
-            ..m.clone()
-        })
+        .map(MemberState::unsubscribed_by_the_daemon)
         .into_iter()
         .collect();
     let entry = AuditEntry::unsubscribed(email.as_str(), UnsubReason::Forget)

@@ -50,6 +50,13 @@ impl Store {
         Ok(hex_key.into_bytes())
     }
 
+    /// What `email` (normalised) is kept as once forgotten, under this
+    /// database's key.
+    pub async fn forgotten_hash(&self, email: &str) -> anyhow::Result<String> {
+        let key = self.forget_key().await?;
+        Ok(crate::domain::Forgotten::new(key, Default::default()).hash(email))
+    }
+
     /// Replaces `email` by `hash` in every table, records the hash as
     /// forgotten (never added again) and appends `entries` (the trail's
     /// `forgotten` entry among them) — one transaction; then overwrites

@@ -703,12 +703,10 @@ impl<'a> Applier<'a> {
                         edm_id: *edm_id,
                         fields: a.fields.clone(),
                     }),
-                    BatchKind::Unsub => self.members.get(&key).map(|m| MemberState {
-                        present: false,
-                        unsubscribed: true,
-                        edm_id: None,
-                        ..m.clone()
-                    }),
+                    BatchKind::Unsub => self
+                        .members
+                        .get(&key)
+                        .map(MemberState::unsubscribed_by_the_daemon),
                 }
             })
             .collect();
