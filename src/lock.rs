@@ -17,6 +17,23 @@ use secrecy::{ExposeSecret, SecretString};
 /// `pg_locks`.
 pub const ADVISORY_KEY: i64 = 0x63_72_6d_2d_65_64_6d;
 
+/// The advisory-lock key of the state at `url`: [`ADVISORY_KEY`] for the
+/// `default` tenant (so an instance of an earlier release, which takes
+/// that key, and this one exclude each other), and for another tenant a
+/// key made from its schema's name.
+pub fn advisory_key(url: &str) -> i64 {
+    use sha2::Digest;
+    match crate::state::tenant_schema(url) {
+        None => ADVISORY_KEY,
+        Some(schema) => {
+            let digest = sha2::Sha256::digest(format!("crm-edm-sync tenant {schema}"));
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&digest[..8]);
+            i64::from_be_bytes(bytes)
+        }
+    }
+}
+
 /// A held instance lock; dropping it releases it.
 #[derive(Debug)]
 pub enum InstanceLock {
@@ -78,7 +95,7 @@ impl LockTarget {
                     )
                 })?;
                 let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                    .bind(ADVISORY_KEY)
+                    .bind(advisory_key(url))
                     .fetch_one(&mut conn)
                     .await
                     .context("cannot take the advisory lock")?;

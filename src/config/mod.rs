@@ -17,6 +17,10 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::domain::{ListId, VAR_COUNT};
+pub use reseller::{ResellerSettings, TopUp};
+pub use tenants::{
+    DEFAULT_TENANT, RefusedTenant, Tenant, TenantSet, TenantsSettings, scoped_database_url,
+};
 pub use values::{BaseUrl, CronSchedule, Zone};
 
 /// The environment-variable prefix (`CRM_EDM_SYNC__EDM__PASSWORD`).
@@ -48,6 +52,14 @@ pub struct Settings {
     pub http: HttpSettings,
     /// Daemon behaviour: shutdown drain, instance lock.
     pub daemon: DaemonSettings,
+    /// Where the tenant files are (`tenants.dir`).
+    pub tenants: TenantsSettings,
+    /// The bestedm reseller account (optional).
+    pub reseller: ResellerSettings,
+    /// Which tenant these settings are: `default` without `tenants.dir`;
+    /// with it, set by [`Settings::tenant_set`].
+    #[serde(skip)]
+    pub tenant: Tenant,
     /// Every key as the layers gave it, for telling what a reload changed.
     #[serde(skip)]
     pub layers: Layers,
@@ -141,6 +153,8 @@ pub struct DaemonSettings {
     /// This instance's name in the lease row, logs and `User-Agent`
     /// (`crm-edm-sync/VERSION (ID)`); empty: `HOST-PID`.
     pub instance_id: String,
+    /// Jobs running at once in this instance, over all tenants, 1..=256.
+    pub max_parallel_jobs: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -509,7 +523,7 @@ impl Settings {
             }
             *secret = secret_files::read(&format!("{key}_file"), path)?;
         }
-        Ok(())
+        self.reseller.read_secret_file()
     }
 
     /// Every check, the API credentials included.
@@ -519,9 +533,12 @@ impl Settings {
 
     /// The checks a command with `access` needs.
     pub fn validate_for(&self, access: Access) -> Result<(), ConfigError> {
-        if access == Access::Remote {
+        // With tenant files, the credentials are each tenant's (checked
+        // by `tenant_set`): the main config needs none.
+        if access == Access::Remote && self.tenants.dir.is_none() {
             self.validate_remote_access()?;
         }
+        self.reseller.validate()?;
         self.validate_crm()?;
         self.validate_edm()?;
         self.validate_state_and_daemon()?;
@@ -618,6 +635,12 @@ impl Settings {
             self.daemon.lock_poll.as_secs(),
             1,
             3600,
+        )?;
+        in_range(
+            "daemon.max_parallel_jobs",
+            self.daemon.max_parallel_jobs,
+            1,
+            256,
         )?;
         in_range(
             "daemon.shutdown_timeout_secs",
@@ -939,8 +962,10 @@ fn scrub(message: &str, line: &str) -> String {
     out.lines().next().unwrap_or("").trim().to_string()
 }
 
+mod reseller;
 mod secret_files;
 mod strict;
+mod tenants;
 mod values;
 
 #[cfg(test)]

@@ -23,6 +23,14 @@ const OPTIONAL_KEYS: &[(&str, Kind)] = &[
     ("edm.max_requests_per_sec", Kind::Integer),
     ("crm.token_file", Kind::Text),
     ("edm.password_file", Kind::Text),
+    ("tenants.dir", Kind::Text),
+    ("reseller.username", Kind::Text),
+    ("reseller.password", Kind::Text),
+    ("reseller.password_file", Kind::Text),
+    ("reseller.base_url", Kind::Text),
+    ("reseller.top_up_below", Kind::Integer),
+    ("reseller.top_up_count", Kind::Integer),
+    ("reseller.top_up_max_per_day", Kind::Integer),
 ];
 
 /// The kinds of value a key takes, as TOML spells them.
@@ -98,7 +106,7 @@ pub(super) fn origin_of(key: &str, origins: &EnvOrigins, file: Option<&str>) -> 
 
 /// Puts `over`'s keys into `base`, section by section; a list or a value
 /// replaces what was there.
-fn merge(base: &mut Table, over: Table) {
+pub(super) fn merge(base: &mut Table, over: Table) {
     for (key, value) in over {
         match (base.get_mut(&key), value) {
             (Some(Value::Table(inner)), Value::Table(over_inner)) => merge(inner, over_inner),

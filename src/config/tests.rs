@@ -593,3 +593,70 @@ fn the_drift_report_runs_weekly_by_default_and_an_empty_schedule_turns_it_off() 
     );
     assert!(off.reconcile.schedule.is_none());
 }
+
+#[test]
+fn reseller_top_up_keys_go_together_and_need_an_account() {
+    // Arrange
+    let with = |extra: &str| Settings::from_toml(&format!("{MINIMAL}\n[reseller]\n{extra}"));
+    let account = "username = \"r\"\npassword = \"rp\"\n";
+
+    // Act / Assert: all three, or none.
+    let two = with(&format!("{account}top_up_below = 10\ntop_up_count = 100\n")).unwrap_err();
+    assert!(
+        two.to_string().contains("reseller.top_up_max_per_day"),
+        "{two}"
+    );
+    let all = with(&format!(
+        "{account}top_up_below = 10\ntop_up_count = 100\ntop_up_max_per_day = 2\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        all.reseller.top_up(),
+        Some(TopUp {
+            below: 10,
+            count: 100,
+            max_per_day: 2
+        })
+    );
+    // An account needs its password, and a top-up an account.
+    let no_password = with("username = \"r\"\n").unwrap_err();
+    assert!(
+        no_password.to_string().contains("reseller.password"),
+        "{no_password}"
+    );
+    let no_account =
+        with("top_up_below = 10\ntop_up_count = 100\ntop_up_max_per_day = 2\n").unwrap_err();
+    assert!(
+        no_account.to_string().contains("reseller.username"),
+        "{no_account}"
+    );
+    // None at all: off.
+    assert!(!with("").unwrap().reseller.enabled());
+}
+
+#[test]
+fn max_parallel_jobs_defaults_to_four_and_takes_one_to_256() {
+    assert_eq!(
+        Settings::from_toml(MINIMAL)
+            .unwrap()
+            .daemon
+            .max_parallel_jobs,
+        4
+    );
+    let zero =
+        Settings::from_toml(&format!("{MINIMAL}\n[daemon]\nmax_parallel_jobs = 0\n")).unwrap_err();
+    assert!(
+        zero.to_string().contains("daemon.max_parallel_jobs"),
+        "{zero}"
+    );
+}
+
+#[test]
+fn with_a_tenants_dir_the_main_config_needs_no_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Settings::from_toml(&format!(
+        "[tenants]\ndir = {:?}\n",
+        dir.path().display().to_string()
+    ));
+    assert!(s.is_ok(), "{s:?}");
+}

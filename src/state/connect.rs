@@ -153,6 +153,53 @@ async fn why_not_connected(reason: String, raw: &str) -> String {
     }
 }
 
+/// The PostgreSQL schema a tenant's URL puts first on the connection's
+/// `search_path` (`options[search_path]=tenant_x`); `None` for `default`
+/// and SQLite.
+pub fn tenant_schema(raw: &str) -> Option<&str> {
+    let query = raw.split_once('?')?.1;
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("options[search_path]="))
+}
+
+/// Creates where a tenant's state goes, before a writer opens it: its
+/// PostgreSQL schema, or the directory of its SQLite file. Nothing for
+/// `default`, whose place exists as it always did.
+async fn prepare_tenant_place(raw: &str) -> anyhow::Result<()> {
+    if let Some(schema) = tenant_schema(raw) {
+        use sea_orm::sqlx::{self, Connection, PgConnection};
+        let base = raw.replace(&format!("options[search_path]={schema}"), "");
+        let mut conn = PgConnection::connect(base.trim_end_matches(['?', '&']))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the state database: {}",
+                    redact_db_error(&e.to_string(), raw)
+                )
+            })?;
+        // The name is `tenant_` and [a-z0-9_]: nothing to escape.
+        let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+        )))
+        .execute(&mut conn)
+        .await;
+        let _ = conn.close().await;
+        created.with_context(|| format!("cannot create the tenant's schema {schema}"))?;
+        return Ok(());
+    }
+    if let Some(dir) = sqlite_file(raw)
+        .as_deref()
+        .and_then(std::path::Path::parent)
+        .filter(|d| d.extension().is_some_and(|x| x == "tenants"))
+    {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .with_context(|| format!("cannot create the tenants' directory {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// Reads the schema's state without creating anything (sea-orm's own
 /// check creates its table, and on PostgreSQL logs a notice every time).
 pub async fn schema_of(db: &DatabaseConnection) -> anyhow::Result<Schema> {
@@ -280,6 +327,7 @@ impl Store {
     /// touched: no statement is run to check it that could write or log.
     pub async fn connect(url: &SecretString) -> anyhow::Result<Store> {
         let raw = url.expose_secret();
+        prepare_tenant_place(raw).await?;
         let _opening = match sqlite_file(raw) {
             Some(file) => Some(SqliteOpenLock::take(&file).await?),
             None => None,
@@ -363,5 +411,66 @@ impl Store {
     /// that does not exist yet: it reads as a first run would.
     pub async fn empty_in_memory() -> anyhow::Result<Store> {
         Store::connect(&SecretString::from("sqlite::memory:".to_string())).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Tenant, scoped_database_url};
+    use crate::domain::{Email, ListId, MemberKey};
+
+    /// Two tenants on one database (one SQLite file's neighbour, one
+    /// PostgreSQL database): what one records, the other does not see,
+    /// and each has a lease of its own.
+    #[tokio::test]
+    async fn each_tenant_keeps_its_state_apart_on_the_same_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let (urls, _guard) = super::super::tests::both_urls(dir.path()).await;
+        for url in urls {
+            // Arrange: the default tenant and `acme-co`, on one database.
+            let main = SecretString::from(url.clone());
+            let acme_url = scoped_database_url(&main, &"acme-co".parse::<Tenant>().unwrap());
+            let default = Store::connect(&main).await.unwrap();
+            let acme = Store::connect(&acme_url).await.unwrap();
+            let key = MemberKey::new(ListId(1), Email::parse("a@b.cn").unwrap());
+
+            // Act: each records the same address under a name of its own.
+            let mut row = super::super::tests::member("a@b.cn", true, "Default's");
+            default.upsert_members(&[row.clone()], &[]).await.unwrap();
+            row.fields =
+                crate::domain::MemberFields::new("Acme's", &[""; crate::domain::VAR_COUNT]);
+            acme.upsert_members(&[row], &[]).await.unwrap();
+            let me = crate::instance::Instance::current("one");
+            let (default_lease, _) = default.take_lease(&me).await.unwrap();
+            let (acme_lease, _) = acme.take_lease(&me).await.unwrap();
+            let (acme_again, _) = acme.take_lease(&me).await.unwrap();
+
+            // Assert: each reads its own row, and the leases count apart.
+            let name = |s: &Store| {
+                let s = s.clone();
+                let key = key.clone();
+                async move {
+                    let members = s.load_members().await.unwrap();
+                    members.get(&key).unwrap().fields.fullname().to_string()
+                }
+            };
+            assert_eq!(name(&default).await, "Default's", "{url}");
+            assert_eq!(name(&acme).await, "Acme's", "{url}");
+            assert_eq!(
+                (default_lease.epoch, acme_lease.epoch, acme_again.epoch),
+                (1, 1, 2)
+            );
+            if url.starts_with("sqlite") {
+                assert!(dir.path().join("s.db.tenants/acme-co.db").exists());
+            } else {
+                assert_eq!(
+                    tenant_schema(acme_url.expose_secret()),
+                    Some("tenant_acme_co")
+                );
+            }
+            default.close().await;
+            acme.close().await;
+        }
     }
 }

@@ -31,7 +31,7 @@ mod runs;
 mod writable;
 
 pub use audit::{AuditEntry, AuditRecord};
-pub use connect::{MIGRATION_LOCK_KEY, Schema, schema_of, sqlite_file};
+pub use connect::{MIGRATION_LOCK_KEY, Schema, schema_of, sqlite_file, tenant_schema};
 pub use forget::Forgot;
 pub use lease::{Fenced, Lease};
 pub use lookups::{
@@ -295,7 +295,7 @@ mod tests {
         store
     }
 
-    fn member(email: &str, present: bool, fullname: &str) -> MemberState {
+    pub(super) fn member(email: &str, present: bool, fullname: &str) -> MemberState {
         MemberState {
             key: MemberKey::new(ListId(1), Email::parse(email).unwrap()),
             origin: Origin::Owned,
