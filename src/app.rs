@@ -94,8 +94,144 @@ fn quiet_on_closed_stdout() {
 /// Runs the command `cli` names with `settings`. `demo` is handled by
 /// `main` because it needs no settings.
 pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
-    let redactor = crate::redact::Redactor::new(crate::jobs::secrets_of(&settings));
-    let result = match cli.command {
+    let set = match settings.tenant_set(cli.access()) {
+        Ok(set) => set,
+        Err(e) => {
+            eprintln!("crm-edm-sync: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let redactor = crate::redact::Redactor::new(
+        std::iter::once(&settings)
+            .chain(&set.tenants)
+            .flat_map(crate::jobs::secrets_of),
+    );
+    let result = match fleet_wide(&cli, &settings, &set).await {
+        Some(result) => result,
+        None => match one_tenant(&cli, &settings, &set) {
+            Ok(tenant) => {
+                let name = tenant.tenant.to_string();
+                crate::scope::within(&name, run_for(cli, tenant)).await
+            }
+            Err(problem) => {
+                eprintln!("crm-edm-sync: {problem}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // The chain on one line; redacted by construction (no URL or
+            // secret is put into an error), and scrubbed here again: a
+            // secret can still arrive inside text we do not control (a
+            // path, a driver's message).
+            let line = redactor.redact(&format!("{e:#}"));
+            tracing::error!(error = %line, "command failed");
+            println!("crm-edm-sync: {line}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// The commands that serve or cover every tenant: the daemon, `health`,
+/// `tenant purge`, and — with `tenants.dir` and no `--tenant` — `status`,
+/// `check` and `--once`. `None`: the command is about one tenant.
+async fn fleet_wide(
+    cli: &Cli,
+    settings: &Settings,
+    set: &crate::config::TenantSet,
+) -> Option<anyhow::Result<ExitCode>> {
+    let every = settings.tenants.dir.is_some() && cli.tenant.is_none();
+    Some(match &cli.command {
+        Some(Command::Health) => {
+            let (healthy, line) = crate::ops_endpoint::probe(settings.http.listen).await;
+            println!("{line}");
+            Ok(if healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            })
+        }
+        Some(Command::Demo) => crate::demo::run().await,
+        Some(Command::Tenant {
+            action: crate::cli::TenantAction::Purge { name },
+        }) => crate::purge::run(settings, set, name).await,
+        Some(Command::Status { json }) if every => crate::status::print_all(set, *json).await,
+        Some(Command::Check) if every => crate::check::run_all(set).await,
+        None if cli.once && every => once_every_tenant(cli, set).await,
+        None if !cli.once => crate::daemon::run(settings.clone(), cli.config.clone()).await,
+        _ => return None,
+    })
+}
+
+/// The settings of the one tenant a command is about: `--tenant NAME`, or
+/// the only tenant there is. A tenant whose file was removed can still be
+/// read (`status`, `explain`, `audit`) until it is purged.
+fn one_tenant(
+    cli: &Cli,
+    settings: &Settings,
+    set: &crate::config::TenantSet,
+) -> Result<Settings, String> {
+    let names = set.names().join(", ");
+    let Some(name) = &cli.tenant else {
+        return match set.tenants.as_slice() {
+            [only] if set.refused.is_empty() => Ok(only.clone()),
+            _ => Err(format!(
+                "`{}` is about one tenant: name it with --tenant NAME (tenants: {names})",
+                cli.command.as_ref().map_or("--once", Command::name)
+            )),
+        };
+    };
+    if let Some(found) = set.get(name) {
+        return Ok(found.clone());
+    }
+    if let Some(refused) = set.refused.iter().find(|r| &r.name == name) {
+        return Err(refused.error.clone());
+    }
+    let tenant: crate::config::Tenant = name.parse()?;
+    let removed_but_readable =
+        settings.tenants.dir.is_some() && cli.access() == crate::config::Access::StateOnly;
+    if !removed_but_readable {
+        return Err(format!("no tenant {name} (tenants: {names})"));
+    }
+    let mut scoped = settings.clone();
+    scoped.database.url = crate::config::scoped_database_url(&settings.database.url, &tenant);
+    scoped.tenant = tenant;
+    Ok(scoped)
+}
+
+/// `--once` of every tenant, one after the other, each under a heading;
+/// the exit code is the worst of theirs (a refused tenant file is a
+/// configuration error).
+async fn once_every_tenant(cli: &Cli, set: &crate::config::TenantSet) -> anyhow::Result<ExitCode> {
+    let mut worst: u8 = 0;
+    for refused in &set.refused {
+        println!("== tenant {}: refused: {}", refused.name, refused.error);
+        worst = worst.max(EXIT_CONFIG);
+    }
+    for settings in &set.tenants {
+        let name = settings.tenant.to_string();
+        println!("== tenant {name}");
+        let code = crate::scope::within(&name, once(cli, settings.clone())).await;
+        let code = match code {
+            Ok(code) if code == ExitCode::SUCCESS => 0,
+            Ok(_) => EXIT_FAILED,
+            Err(e) => {
+                let line = format!("{e:#}");
+                tracing::error!(error = %line, "command failed");
+                println!("crm-edm-sync: {line}");
+                EXIT_FAILED
+            }
+        };
+        worst = worst.max(code);
+    }
+    Ok(ExitCode::from(worst))
+}
+
+/// The command of one tenant, with its settings.
+async fn run_for(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
+    match cli.command {
         Some(Command::Status { json }) => crate::status::print(&settings, json).await,
         Some(Command::Explain {
             email,
@@ -143,30 +279,9 @@ pub async fn run(cli: Cli, settings: Settings) -> ExitCode {
             crate::forget::print(settings, question).await
         }
         Some(Command::Check) => crate::check::run(settings).await,
-        Some(Command::Health) => {
-            let (healthy, line) = crate::ops_endpoint::probe(settings.http.listen).await;
-            println!("{line}");
-            Ok(if healthy {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_FAILED)
-            })
-        }
-        Some(Command::Demo) => crate::demo::run().await,
-        None if cli.once => once(&cli, settings).await,
-        None => crate::daemon::run(settings, cli.config.clone()).await,
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            // The chain on one line; redacted by construction (no URL or
-            // secret is put into an error), and scrubbed here again: a
-            // secret can still arrive inside text we do not control (a
-            // path, a driver's message).
-            let line = redactor.redact(&format!("{e:#}"));
-            tracing::error!(error = %line, "command failed");
-            println!("crm-edm-sync: {line}");
-            ExitCode::from(EXIT_FAILED)
+        None => once(&cli, settings).await,
+        Some(other @ (Command::Health | Command::Demo | Command::Tenant { .. })) => {
+            anyhow::bail!("`{}` is not a command of one tenant", other.name())
         }
     }
 }

@@ -72,25 +72,9 @@ const TYPE_IDS: std::ops::RangeInclusive<i64> = 1..=7;
 const ROUTE_IDS: std::ops::RangeInclusive<i64> = 1..=4;
 
 pub(crate) async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
-    let clients = crate::jobs::Clients::new(&settings)?;
-    let mut ok = check_config(&settings);
-    for line in schedule_findings(&settings, chrono::Utc::now()) {
+    let (ok, lines) = findings(&settings).await?;
+    for line in lines {
         println!("{line}");
-    }
-    match database_finding(&settings).await {
-        Ok(line) => println!("{line}"),
-        Err(line) => {
-            ok = false;
-            println!("{}", clients.redactor.redact(&line));
-        }
-    }
-    ok &= check_edm(&settings, &clients).await;
-    match clients.crm.customers_page(1, 1).await {
-        Ok(_) => println!("crm: ok"),
-        Err(e) => {
-            ok = false;
-            println!("crm: FAILED: {}", clients.redactor.redact(&e.to_string()));
-        }
     }
     Ok(if ok {
         ExitCode::SUCCESS
@@ -99,80 +83,164 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `check` of every tenant (`tenants.dir`, no `--tenant`): one line each —
+/// `NAME: ok`, `NAME: ok, WARNING: …` or `NAME: FAILED: …` (exit 1), a
+/// refused tenant file among the failures.
+pub(crate) async fn run_all(set: &crate::config::TenantSet) -> anyhow::Result<ExitCode> {
+    let mut all_ok = true;
+    let mut lines: Vec<(String, String)> = set
+        .refused
+        .iter()
+        .map(|r| (r.name.clone(), format!("FAILED: {}", r.error)))
+        .collect();
+    all_ok &= set.refused.is_empty();
+    for settings in &set.tenants {
+        let name = settings.tenant.to_string();
+        let (ok, found) = crate::scope::within(&name, findings(settings)).await?;
+        all_ok &= ok;
+        lines.push((name, one_line(ok, &found)));
+    }
+    lines.sort();
+    for (name, line) in lines {
+        println!("{name}: {line}");
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(crate::cli::EXIT_FAILED)
+    })
+}
+
+/// A tenant's findings in one line: its failures, else its warnings, else
+/// `ok`.
+fn one_line(ok: bool, found: &[String]) -> String {
+    let pick = |word: &str| -> Vec<&str> {
+        found
+            .iter()
+            .filter(|l| l.contains(word))
+            .map(String::as_str)
+            .collect()
+    };
+    let (failed, warned) = (pick("FAILED"), pick("WARNING"));
+    if !ok {
+        format!("FAILED: {}", failed.join("; "))
+    } else if !warned.is_empty() {
+        format!("ok, {}", warned.join("; "))
+    } else {
+        "ok".to_string()
+    }
+}
+
+/// Every line `check` prints for `settings`, and whether all is well.
+async fn findings(settings: &Settings) -> anyhow::Result<(bool, Vec<String>)> {
+    let mut out = Vec::new();
+    let clients = crate::jobs::Clients::new(settings)?;
+    let mut ok = check_config(settings, &mut out);
+    out.extend(schedule_findings(settings, chrono::Utc::now()));
+    match database_finding(settings).await {
+        Ok(line) => out.push(line),
+        Err(line) => {
+            ok = false;
+            out.push(clients.redactor.redact(&line));
+        }
+    }
+    ok &= check_edm(settings, &clients, &mut out).await;
+    match clients.crm.customers_page(1, 1).await {
+        Ok(_) => out.push("crm: ok".to_string()),
+        Err(e) => {
+            ok = false;
+            out.push(format!(
+                "crm: FAILED: {}",
+                clients.redactor.redact(&e.to_string())
+            ));
+        }
+    }
+    Ok((ok, out))
+}
+
 /// The `config:` lines: example placeholders left in, contact-history ids
 /// the CRM does not have. Whether all is well.
-fn check_config(settings: &Settings) -> bool {
+fn check_config(settings: &Settings, out: &mut Vec<String>) -> bool {
     let mut ok = true;
     let placeholders = settings.placeholders();
     if placeholders.is_empty() {
-        println!("config: ok");
+        out.push("config: ok".to_string());
     } else {
         ok = false;
         for key in placeholders {
-            println!("config: FAILED: {key} is still the example's placeholder");
+            out.push(format!(
+                "config: FAILED: {key} is still the example's placeholder"
+            ));
         }
     }
     if !TYPE_IDS.contains(&settings.writeback.type_id) {
         ok = false;
-        println!(
+        out.push(format!(
             "config: FAILED: writeback.type_id = {} is not a contact category of the CRM (1–7)",
             settings.writeback.type_id
-        );
+        ));
     }
     if !ROUTE_IDS.contains(&settings.writeback.route_id) {
         ok = false;
-        println!(
+        out.push(format!(
             "config: FAILED: writeback.route_id = {} is not a contact route of the CRM (1–4; 3 is email)",
             settings.writeback.route_id
-        );
+        ));
     }
     ok
 }
 
 /// The `edm:` lines: the account answers, the synced lists exist, the
 /// sending service (a warning only). Whether all is well.
-async fn check_edm(settings: &Settings, clients: &crate::jobs::Clients) -> bool {
+async fn check_edm(
+    settings: &Settings,
+    clients: &crate::jobs::Clients,
+    out: &mut Vec<String>,
+) -> bool {
     let (edm, redactor) = (&clients.edm, &clients.redactor);
     let account = match edm.customer_info().await {
         Ok(account) => account,
         Err(e) => {
-            println!(
+            out.push(format!(
                 "edm: FAILED (edm.auth = {:?}): {}",
                 edm.auth().as_str(),
                 redactor.redact(&e.to_string())
-            );
+            ));
             return false;
         }
     };
-    println!(
+    out.push(format!(
         "edm: ok (account {}, edm.auth = {:?})",
         account.username,
         edm.auth().as_str()
-    );
+    ));
     let lists = match edm.maillist_list().await {
         Ok(lists) => lists,
         Err(e) => {
-            println!("edm lists: FAILED: {}", redactor.redact(&e.to_string()));
+            out.push(format!(
+                "edm lists: FAILED: {}",
+                redactor.redact(&e.to_string())
+            ));
             return false;
         }
     };
     let mut ok = true;
     for line in list_findings(settings, &lists) {
         ok &= !line.contains("FAILED");
-        println!("{line}");
+        out.push(line);
     }
     match edm.service_info().await {
         Ok(service) => {
             let today = crate::writeback::edm_today(chrono::Utc::now(), settings.edm_zone());
             let addresses = synced_addresses(settings, &lists);
             for line in service_findings(&service, today, addresses) {
-                println!("{line}");
+                out.push(line);
             }
         }
-        Err(e) => println!(
+        Err(e) => out.push(format!(
             "edm service: WARNING: cannot read service-info: {}",
             redactor.redact(&e.to_string())
-        ),
+        )),
     }
     ok
 }

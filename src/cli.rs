@@ -17,6 +17,12 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    /// Only this tenant (a file NAME.toml of tenants.dir; `default`
+    /// without it): with --once, status, check, explain, reconcile, audit
+    /// and forget.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub tenant: Option<String>,
+
     /// Run contacts then writeback once, and exit (0 on success). Next to
     /// an active daemon, the daemon runs it and this prints its outcome.
     #[arg(long)]
@@ -72,9 +78,12 @@ impl Cli {
     pub fn access(&self) -> crate::config::Access {
         use crate::config::Access;
         match &self.command {
-            Some(Command::Status { .. } | Command::Health | Command::Audit { .. }) => {
-                Access::StateOnly
-            }
+            Some(
+                Command::Status { .. }
+                | Command::Health
+                | Command::Audit { .. }
+                | Command::Tenant { .. },
+            ) => Access::StateOnly,
             Some(Command::Explain { live: false, .. }) => Access::StateOnly,
             _ => Access::Remote,
         }
@@ -86,6 +95,21 @@ impl Cli {
     pub fn misuse(&self) -> Option<String> {
         if self.plan.is_some() && self.job == Some(Job::Writeback) {
             return Some("--plan writes the contacts job's plan; --job writeback has none".into());
+        }
+        if let Some(name) = &self.tenant {
+            if let Err(why) = name.parse::<crate::config::Tenant>() {
+                return Some(format!("--tenant: {why}"));
+            }
+            let takes_it = match &self.command {
+                None => self.once,
+                Some(c) => !matches!(c, Command::Health | Command::Demo | Command::Tenant { .. }),
+            };
+            if !takes_it {
+                return Some(match &self.command {
+                    None => "--tenant needs --once (the daemon serves every tenant)".into(),
+                    Some(c) => format!("--tenant cannot be used with the command `{}`", c.name()),
+                });
+            }
         }
         let flags = [
             (self.once, "--once"),
@@ -185,6 +209,11 @@ pub enum Command {
     },
     /// Validate the config, reach both APIs and the database.
     Check,
+    /// Tenants' state: `tenant purge NAME` deletes a removed tenant's.
+    Tenant {
+        #[command(subcommand)]
+        action: TenantAction,
+    },
     /// Ask the running daemon's /healthz (on http.listen): exit 0 healthy,
     /// 1 not. Writes nothing; for container health checks.
     Health,
@@ -202,6 +231,7 @@ impl Command {
             Command::Reconcile { .. } => "reconcile",
             Command::Audit { .. } => "audit",
             Command::Forget { .. } => "forget",
+            Command::Tenant { .. } => "tenant purge",
             Command::Check => "check",
             Command::Health => "health",
             Command::Demo => "demo",
@@ -220,6 +250,15 @@ pub enum AuditFormat {
 }
 
 /// Exit code of a failed or refused run.
+/// What `tenant` does.
+#[derive(Debug, Clone, Subcommand, PartialEq)]
+pub enum TenantAction {
+    /// Delete every row the state database holds for NAME (its schema on
+    /// PostgreSQL, its file on SQLite); refused while NAME has a tenant
+    /// file or an instance holds it.
+    Purge { name: String },
+}
+
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code of bad configuration.
 pub const EXIT_CONFIG: u8 = 2;

@@ -1,17 +1,30 @@
 //! One active instance per state database.
 //!
-//! On PostgreSQL: a session advisory lock held on a dedicated connection
-//! (not a pooled one, which could be recycled and silently drop the lock);
-//! if that connection dies, the lock is gone and the holder must stop. On
-//! SQLite: an exclusive lock on a file beside the database
-//! (`state.db.lock`), released by the kernel when the process dies.
+//! A lock is per tenant: each tenant's state has its own.
+//!
+//! On PostgreSQL: a session advisory lock, one key per tenant
+//! ([`advisory_key`]), held on a dedicated connection (not a pooled one,
+//! which could be recycled and silently drop the lock) that this process
+//! shares for every lock it takes on the database ([`Session`]); if that
+//! connection dies, every lock is gone and the holders must stop. The
+//! daemon also shows it is alive there ([`instances`]): how many instances
+//! share the database decides each one's share of the tenants. On SQLite:
+//! an exclusive lock on a file beside the database (`state.db.lock`),
+//! released by the kernel when the process dies.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use sea_orm::sqlx::{self, Connection, PgConnection};
 use secrecy::{ExposeSecret, SecretString};
+
+/// The class (first key) of the two-key advisory locks by which daemons
+/// show they are alive ("ces!" in ASCII); the second key is the process's.
+pub const PRESENCE_CLASS: i32 = 0x63_65_73_21;
 
 /// The advisory-lock key: "crm-edm" in ASCII, so it is recognisable in
 /// `pg_locks`.
@@ -37,7 +50,7 @@ pub fn advisory_key(url: &str) -> i64 {
 /// A held instance lock; dropping it releases it.
 #[derive(Debug)]
 pub enum InstanceLock {
-    Postgres(Box<PgConnection>),
+    Postgres(PostgresLock),
     File(std::fs::File, PathBuf),
     /// An in-memory SQLite database belongs to one process anyway.
     Unshared,
@@ -73,6 +86,15 @@ impl LockTarget {
         match self {
             LockTarget::Unshared => Ok(Some(InstanceLock::Unshared)),
             LockTarget::File(path) => {
+                // A tenant's lock sits beside its file, in the tenants'
+                // directory, which its first run creates.
+                if let Some(dir) = path
+                    .parent()
+                    .filter(|d| d.extension().is_some_and(|x| x == "tenants"))
+                {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                }
                 let file = std::fs::OpenOptions::new()
                     .create(true)
                     .truncate(false)
@@ -88,18 +110,15 @@ impl LockTarget {
                 }
             }
             LockTarget::Postgres(url) => {
-                let mut conn = PgConnection::connect(url).await.map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot open the lock connection to PostgreSQL: {}",
-                        crate::state::redact_db_error(&e.to_string(), url)
-                    )
-                })?;
-                let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                    .bind(advisory_key(url))
-                    .fetch_one(&mut conn)
-                    .await
-                    .context("cannot take the advisory lock")?;
-                Ok(got.then(|| InstanceLock::Postgres(Box::new(conn))))
+                let session = Session::of(url);
+                let key = advisory_key(url);
+                Ok(session.try_lock(key).await?.map(|generation| {
+                    InstanceLock::Postgres(PostgresLock {
+                        session,
+                        key,
+                        generation,
+                    })
+                }))
             }
         }
     }
@@ -141,7 +160,7 @@ impl InstanceLock {
     /// another instance could lock a new file there).
     pub async fn still_held(&mut self) -> bool {
         match self {
-            InstanceLock::Postgres(conn) => conn.ping().await.is_ok(),
+            InstanceLock::Postgres(lock) => lock.session.holds(lock.key, lock.generation).await,
             InstanceLock::File(file, path) => {
                 use std::os::unix::fs::MetadataExt;
                 match (std::fs::metadata(&*path), file.metadata()) {
@@ -158,9 +177,216 @@ impl InstanceLock {
 
 impl Drop for InstanceLock {
     fn drop(&mut self) {
-        if let InstanceLock::File(file, _) = self {
-            let _ = file.unlock();
+        match self {
+            InstanceLock::File(file, _) => {
+                let _ = file.unlock();
+            }
+            InstanceLock::Postgres(lock) => lock.session.unlock(lock.key, lock.generation),
+            InstanceLock::Unshared => {}
         }
+    }
+}
+
+/// A tenant's advisory lock, held on its database's [`Session`].
+#[derive(Debug)]
+pub struct PostgresLock {
+    session: Arc<Session>,
+    key: i64,
+    /// The session's connection it was taken on: a lock of an earlier,
+    /// lost connection is not held, whatever key the new one holds.
+    generation: u64,
+}
+
+/// This process's one connection to a PostgreSQL database for advisory
+/// locks: every tenant lock, and the daemon's presence. Reconnected when
+/// lost (a new generation: every lock of the old one is gone).
+#[derive(Debug)]
+pub struct Session {
+    url: String,
+    conn: tokio::sync::Mutex<Option<PgConnection>>,
+    generation: AtomicU64,
+    held: std::sync::Mutex<HashSet<i64>>,
+    /// The second key of this process's presence lock, once taken in the
+    /// current generation.
+    presence: std::sync::Mutex<Option<(u64, i32)>>,
+}
+
+/// The sessions of this process, by database (URL without the tenant's
+/// `search_path`).
+static SESSIONS: LazyLock<std::sync::Mutex<HashMap<String, Arc<Session>>>> =
+    LazyLock::new(Default::default);
+
+impl Session {
+    /// The session of the database `url` is on.
+    fn of(url: &str) -> Arc<Session> {
+        let base = database_of(url);
+        let mut all = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(base.clone())
+            .or_insert_with(|| {
+                Arc::new(Session {
+                    url: base,
+                    conn: tokio::sync::Mutex::new(None),
+                    generation: AtomicU64::new(0),
+                    held: Default::default(),
+                    presence: Default::default(),
+                })
+            })
+            .clone()
+    }
+
+    /// The connection, alive: reconnects (a new generation, nothing held)
+    /// when there is none or it does not answer.
+    async fn alive<'a>(
+        &self,
+        conn: &'a mut Option<PgConnection>,
+    ) -> anyhow::Result<&'a mut PgConnection> {
+        let answers = match conn.as_mut() {
+            Some(c) => c.ping().await.is_ok(),
+            None => false,
+        };
+        if !answers {
+            self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            let fresh = PgConnection::connect(&self.url).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the lock connection to PostgreSQL: {}",
+                    crate::state::redact_db_error(&e.to_string(), &self.url)
+                )
+            })?;
+            *conn = Some(fresh);
+        }
+        conn.as_mut().context("no lock connection")
+    }
+
+    /// Takes `key` if free; the generation it was taken in.
+    async fn try_lock(&self, key: i64) -> anyhow::Result<Option<u64>> {
+        let mut guard = self.conn.lock().await;
+        let conn = self.alive(&mut guard).await?;
+        let generation = self.generation.load(Ordering::SeqCst);
+        if self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key)
+        {
+            // Held by this process already (another of its holders).
+            return Ok(None);
+        }
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(conn)
+            .await
+            .context("cannot take the advisory lock")?;
+        if got {
+            self.held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key);
+        }
+        Ok(got.then_some(generation))
+    }
+
+    /// Whether `key`, taken in `generation`, is still held.
+    async fn holds(&self, key: i64, generation: u64) -> bool {
+        let mut guard = self.conn.lock().await;
+        let Some(conn) = guard.as_mut() else {
+            return false;
+        };
+        conn.ping().await.is_ok()
+            && self.generation.load(Ordering::SeqCst) == generation
+            && self
+                .held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&key)
+    }
+
+    /// Lets `key` go (in the background: called from `Drop`).
+    fn unlock(self: &Arc<Session>, key: i64, generation: u64) {
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let session = self.clone();
+        runtime.spawn(async move {
+            let mut guard = session.conn.lock().await;
+            if session.generation.load(Ordering::SeqCst) != generation {
+                return;
+            }
+            if let Some(conn) = guard.as_mut() {
+                let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(key)
+                    .execute(conn)
+                    .await;
+            }
+        });
+    }
+
+    /// Shows this process alive (its presence lock, taken again on a new
+    /// connection) and counts the daemons alive on the database, itself
+    /// included.
+    async fn instances(&self) -> anyhow::Result<usize> {
+        let mut guard = self.conn.lock().await;
+        let conn = self.alive(&mut guard).await?;
+        let generation = self.generation.load(Ordering::SeqCst);
+        let mine = *self.presence.lock().unwrap_or_else(|p| p.into_inner());
+        if mine.is_none_or(|(g, _)| g != generation) {
+            let mut taken = None;
+            for _ in 0..8 {
+                let second: i32 = rand_i32();
+                let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                    .bind(PRESENCE_CLASS)
+                    .bind(second)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .context("cannot show this instance alive")?;
+                if got {
+                    taken = Some((generation, second));
+                    break;
+                }
+            }
+            *self.presence.lock().unwrap_or_else(|p| p.into_inner()) = taken;
+        }
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = $1::bigint::oid AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .bind(i64::from(PRESENCE_CLASS))
+        .fetch_one(conn)
+        .await
+        .context("cannot count the instances")?;
+        Ok(usize::try_from(n).unwrap_or(1).max(1))
+    }
+}
+
+/// A random second key for a presence lock.
+fn rand_i32() -> i32 {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
+/// The database of a tenant's URL: without its `search_path` option.
+fn database_of(url: &str) -> String {
+    match crate::state::tenant_schema(url) {
+        Some(schema) => url
+            .replace(&format!("options[search_path]={schema}"), "")
+            .trim_end_matches(['?', '&'])
+            .to_string(),
+        None => url.to_string(),
+    }
+}
+
+/// How many daemons share the state database at `url` (this one counted,
+/// its presence shown): 1 on SQLite, which one instance serves.
+pub async fn instances(url: &SecretString) -> anyhow::Result<usize> {
+    match LockTarget::of(url) {
+        LockTarget::Postgres(url) => Session::of(&url).instances().await,
+        _ => Ok(1),
     }
 }
 

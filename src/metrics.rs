@@ -37,41 +37,49 @@ pub(crate) const APIS: [&str; 2] = ["crm", "edm"];
 /// The kinds of the pending and parked gauges.
 pub(crate) const QUEUE_KINDS: [&str; 2] = ["edm", "contact_history"];
 
-/// Creates every series from start-up — standby included — so that an
+/// Creates every series of the current tenant from start-up — standby
+/// included — so that an
 /// alert on `increase(…[1h])` or a gauge's value sees a series, not
 /// nothing: counters and gauges at 0 (the last success at 0: none yet),
 /// the EDM service gauges at NaN until the first `service-info` read.
 pub(crate) fn zero_series(jobs: &[&'static str]) {
     for &job in jobs {
         for outcome in OUTCOMES {
-            metrics::counter!(metric::RUNS, "job" => job, "outcome" => outcome).absolute(0);
+            metrics::counter!(metric::RUNS, "tenant" => tenant(), "job" => job, "outcome" => outcome).absolute(0);
         }
     }
-    metrics::counter!(metric::RUNS, "job" => "any", "outcome" => "abandoned").absolute(0);
+    metrics::counter!(metric::RUNS, "tenant" => tenant(), "job" => "any", "outcome" => "abandoned")
+        .absolute(0);
     for kind in OPERATION_KINDS {
         for outcome in OPERATION_OUTCOMES {
-            metrics::counter!(metric::OPERATIONS, "kind" => kind, "outcome" => outcome).absolute(0);
+            metrics::counter!(metric::OPERATIONS, "tenant" => tenant(), "kind" => kind, "outcome" => outcome).absolute(0);
         }
     }
     for api in APIS {
-        metrics::counter!(metric::HTTP_REQUESTS, "api" => api).absolute(0);
-        metrics::counter!(metric::HTTP_RETRIES, "api" => api).absolute(0);
+        metrics::counter!(metric::HTTP_REQUESTS, "tenant" => tenant(), "api" => api).absolute(0);
+        metrics::counter!(metric::HTTP_RETRIES, "tenant" => tenant(), "api" => api).absolute(0);
     }
     for kind in QUEUE_KINDS {
-        metrics::gauge!(metric::PENDING, "kind" => kind).set(0.0);
-        metrics::gauge!(metric::PARKED, "kind" => kind).set(0.0);
+        metrics::gauge!(metric::PENDING, "tenant" => tenant(), "kind" => kind).set(0.0);
+        metrics::gauge!(metric::PARKED, "tenant" => tenant(), "kind" => kind).set(0.0);
     }
-    set_role(false);
     state_db_writable(true);
     for &job in jobs {
         // 0: no success yet (the state database's last one replaces it).
-        metrics::gauge!(metric::LAST_SUCCESS, "job" => job).set(0.0);
+        metrics::gauge!(metric::LAST_SUCCESS, "tenant" => tenant(), "job" => job).set(0.0);
     }
     // Unknown until the first service-info read: NaN, so that no alert on
     // a disabled service, an end date or a low quota fires on it.
-    metrics::gauge!(metric::EDM_SERVICE_ENABLED).set(f64::NAN);
-    metrics::gauge!(metric::EDM_SERVICE_EXPIRES).set(f64::NAN);
-    metrics::gauge!(metric::EDM_QUOTA_LEFT).set(f64::NAN);
+    metrics::gauge!(metric::EDM_SERVICE_ENABLED, "tenant" => tenant()).set(f64::NAN);
+    metrics::gauge!(metric::EDM_SERVICE_EXPIRES, "tenant" => tenant()).set(f64::NAN);
+    metrics::gauge!(metric::EDM_QUOTA_LEFT, "tenant" => tenant()).set(f64::NAN);
+}
+
+/// The `tenant` label: the tenant of the work recording (every series
+/// about a tenant's work carries it; the instance's own — build, role —
+/// do not).
+fn tenant() -> String {
+    crate::scope::current().to_string()
 }
 
 /// This process's version and instance id, as a constant 1.
@@ -97,19 +105,24 @@ pub(crate) fn set_role(active: bool) {
 /// EDM's sending service (`service-info`): 1/0, its last day (midnight
 /// UTC, Unix seconds), and the sends left. Unknown values are not set.
 pub(crate) fn edm_service(enabled: bool, expires_unix: Option<i64>, quota_left: Option<i64>) {
-    metrics::gauge!(metric::EDM_SERVICE_ENABLED).set(if enabled { 1.0 } else { 0.0 });
+    metrics::gauge!(metric::EDM_SERVICE_ENABLED, "tenant" => tenant()).set(if enabled {
+        1.0
+    } else {
+        0.0
+    });
     if let Some(t) = expires_unix {
-        metrics::gauge!(metric::EDM_SERVICE_EXPIRES).set(t as f64);
+        metrics::gauge!(metric::EDM_SERVICE_EXPIRES, "tenant" => tenant()).set(t as f64);
     }
     if let Some(q) = quota_left {
-        metrics::gauge!(metric::EDM_QUOTA_LEFT).set(q as f64);
+        metrics::gauge!(metric::EDM_QUOTA_LEFT, "tenant" => tenant()).set(q as f64);
     }
 }
 
 /// The last success of `job`, read from the state database at start-up,
 /// so that a restart does not blank the gauge.
 pub(crate) fn last_success_at(job: &'static str, unix_ms: i64) {
-    metrics::gauge!(metric::LAST_SUCCESS, "job" => job).set(unix_ms as f64 / 1000.0);
+    metrics::gauge!(metric::LAST_SUCCESS, "tenant" => tenant(), "job" => job)
+        .set(unix_ms as f64 / 1000.0);
 }
 
 /// The `kind` label of the pending and parked gauges.
@@ -168,58 +181,64 @@ impl Ended {
 
 /// Work left pending after a run.
 pub(crate) fn pending(kind: Backlog, n: u64) {
-    metrics::gauge!(metric::PENDING, "kind" => kind.label()).set(n as f64);
+    metrics::gauge!(metric::PENDING, "tenant" => tenant(), "kind" => kind.label()).set(n as f64);
 }
 
 /// Work parked after a run (no longer sent).
 pub(crate) fn parked(kind: Backlog, n: u64) {
-    metrics::gauge!(metric::PARKED, "kind" => kind.label()).set(n as f64);
+    metrics::gauge!(metric::PARKED, "tenant" => tenant(), "kind" => kind.label()).set(n as f64);
 }
 
 /// Whether the state database takes writes (1) or the last run record
 /// could not be written (0).
 pub(crate) fn state_db_writable(writable: bool) {
-    metrics::gauge!(metric::STATE_DB_WRITABLE).set(if writable { 1.0 } else { 0.0 });
+    metrics::gauge!(metric::STATE_DB_WRITABLE, "tenant" => tenant()).set(if writable {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// A run ended with `outcome` (`succeeded`, `failed`, `refused`,
 /// `interrupted`).
 pub(crate) fn run_finished(job: &'static str, outcome: &'static str) {
-    metrics::counter!(metric::RUNS, "job" => job, "outcome" => outcome).increment(1);
+    metrics::counter!(metric::RUNS, "tenant" => tenant(), "job" => job, "outcome" => outcome)
+        .increment(1);
     if outcome == "succeeded" {
-        metrics::gauge!(metric::LAST_SUCCESS, "job" => job)
+        metrics::gauge!(metric::LAST_SUCCESS, "tenant" => tenant(), "job" => job)
             .set(chrono::Utc::now().timestamp() as f64);
     }
 }
 
 /// A run an earlier process left unfinished was marked abandoned.
 pub(crate) fn run_abandoned() {
-    metrics::counter!(metric::RUNS, "job" => "any", "outcome" => "abandoned").increment(1);
+    metrics::counter!(metric::RUNS, "tenant" => tenant(), "job" => "any", "outcome" => "abandoned")
+        .increment(1);
 }
 
 /// `n` operations of `kind` ended with `outcome`.
 pub(crate) fn operations(kind: Operation, outcome: Ended, n: usize) {
     if n > 0 {
-        metrics::counter!(metric::OPERATIONS, "kind" => kind.label(), "outcome" => outcome.label())
+        metrics::counter!(metric::OPERATIONS, "tenant" => tenant(), "kind" => kind.label(), "outcome" => outcome.label())
             .increment(n as u64);
     }
 }
 
 /// One HTTP request to `api` (`crm`, `edm`).
 pub(crate) fn http_request(api: &'static str) {
-    metrics::counter!(metric::HTTP_REQUESTS, "api" => api).increment(1);
+    metrics::counter!(metric::HTTP_REQUESTS, "tenant" => tenant(), "api" => api).increment(1);
 }
 
 /// One retry of a request to `api`.
 pub(crate) fn http_retry(api: &'static str) {
-    metrics::counter!(metric::HTTP_RETRIES, "api" => api).increment(1);
+    metrics::counter!(metric::HTTP_RETRIES, "tenant" => tenant(), "api" => api).increment(1);
 }
 
 /// What the last drift report found in a list: `kind` is `missing`,
 /// `changed`, `reactivated` or `foreign`. Set for every kind of every list
 /// the report read, so a kind that went back to 0 reads 0.
 pub(crate) fn drift_members(list_id: i64, kind: &'static str, n: usize) {
-    metrics::gauge!(metric::DRIFT_MEMBERS, "list_id" => list_id.to_string(), "kind" => kind)
+    metrics::gauge!(metric::DRIFT_MEMBERS, "tenant" => tenant(), "list_id" => list_id.to_string(), "kind" => kind)
         .set(n as f64);
 }
 

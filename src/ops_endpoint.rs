@@ -1,18 +1,21 @@
 //! What an operator's monitoring reads in daemon mode, on `http.listen`:
 //!
-//! - `GET /healthz`: 200 `{"status":"ok",…}` when the state database
-//!   answers and takes writes (the runs' own records got through) and the
-//!   last finished run of each job succeeded (or none ran yet); 503 with a
-//!   JSON `reason` otherwise.
+//! - `GET /healthz`: 200 `{"status":"ok",…}` when, for every tenant, the
+//!   state database answers and takes writes (the runs' own records got
+//!   through) and the last finished contacts and write-back runs succeeded
+//!   (or none ran yet), and no tenant file is refused; 503
+//!   `{"status":"failing","role":…,"failing_tenants":[…],"reason":…}`
+//!   otherwise.
 //! - `GET /metrics`: Prometheus text — runs by job and outcome, operations
 //!   by kind and outcome, HTTP requests and retries by API, the last
 //!   success per job, pending operations.
 //!
 //! The metrics themselves are named and recorded in [`crate::metrics`].
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -22,25 +25,92 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::state::{Store, Writable};
 use crate::stored_enums::Job;
 
+/// What `/healthz` knows of one tenant this process serves.
+#[derive(Clone)]
+pub(crate) struct TenantHealth {
+    /// A reader beside the tenant's jobs' store.
+    store: Store,
+    /// The jobs' store's [`Writable`].
+    writable: Writable,
+    /// Whether this instance holds the tenant (runs its jobs).
+    pub(crate) active: Arc<AtomicBool>,
+}
+
+impl TenantHealth {
+    pub(crate) fn new(store: Store, writable: Writable) -> TenantHealth {
+        TenantHealth {
+            store,
+            writable,
+            active: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// Every tenant of this process as `/healthz` reports it: those it serves,
+/// and the tenant files it refused.
+#[derive(Default)]
+pub(crate) struct FleetHealth {
+    served: RwLock<BTreeMap<String, TenantHealth>>,
+    refused: RwLock<BTreeMap<String, String>>,
+    /// Whether tenants come from `tenants.dir` (a reason then names its
+    /// tenant).
+    named: AtomicBool,
+}
+
+impl FleetHealth {
+    pub(crate) fn new(named: bool) -> FleetHealth {
+        FleetHealth {
+            named: AtomicBool::new(named),
+            ..FleetHealth::default()
+        }
+    }
+
+    pub(crate) fn insert(&self, tenant: &str, health: TenantHealth) {
+        write(&self.served).insert(tenant.to_string(), health);
+    }
+
+    pub(crate) fn remove(&self, tenant: &str) {
+        write(&self.served).remove(tenant);
+    }
+
+    /// The tenant files refused now (name → why), replacing the last set.
+    pub(crate) fn set_refused(&self, refused: BTreeMap<String, String>) {
+        *write(&self.refused) = refused;
+    }
+
+    /// Whether this instance holds at least one tenant.
+    pub(crate) fn any_active(&self) -> bool {
+        read(&self.served)
+            .values()
+            .any(|t| t.active.load(Ordering::SeqCst))
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
 #[derive(Clone)]
 struct OpsState {
-    store: Store,
     metrics: PrometheusHandle,
-    active: Arc<AtomicBool>,
-    /// The jobs' store's [`Writable`]: `store` here is a reader beside it.
-    writable: Writable,
+    fleet: Arc<FleetHealth>,
 }
 
 /// How long `/healthz` waits for the state database.
 const HEALTH_DB_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(800);
 
+/// Tenants whose state `/healthz` reads at once.
+const HEALTH_READS_AT_ONCE: usize = 32;
+
 /// Serves `/healthz` and `/metrics` until the task is aborted.
 pub(crate) async fn serve(
     listen: SocketAddr,
-    store: Store,
     metrics: PrometheusHandle,
-    active: Arc<AtomicBool>,
-    writable: Writable,
+    fleet: Arc<FleetHealth>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -49,12 +119,7 @@ pub(crate) async fn serve(
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(healthz))
         .route("/metrics", axum::routing::get(render_metrics))
-        .with_state(OpsState {
-            store,
-            metrics,
-            active,
-            writable,
-        });
+        .with_state(OpsState { metrics, fleet });
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "ops endpoint stopped");
@@ -71,58 +136,99 @@ async fn render_metrics(State(s): State<OpsState>) -> Response {
         .into_response()
 }
 
+/// 200 while every tenant's state database answers and takes writes and
+/// its last contacts and write-back runs succeeded (or none ran yet), and
+/// no tenant file is refused; else 503 naming the failing tenants.
 async fn healthz(State(s): State<OpsState>) -> Response {
-    let role = if s.active.load(Ordering::SeqCst) {
+    use futures::StreamExt as _;
+    let role = if s.fleet.any_active() {
         "active"
     } else {
         "standby"
     };
-    let failing = |reason: String| {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "failing", "role": role, "reason": reason})),
+    let mut failing: Vec<(String, String)> = read(&s.fleet.refused)
+        .iter()
+        .map(|(name, why)| (name.clone(), format!("tenant file refused: {why}")))
+        .collect();
+    let served: Vec<(String, TenantHealth)> = read(&s.fleet.served)
+        .iter()
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
+    let found: Vec<(String, String)> = futures::stream::iter(served)
+        .map(|(name, tenant)| async move { tenant_failing(&tenant).await.map(|why| (name, why)) })
+        .buffer_unordered(HEALTH_READS_AT_ONCE)
+        .filter_map(std::future::ready)
+        .collect()
+        .await;
+    failing.extend(found);
+    if failing.is_empty() {
+        return (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ok", "role": role})),
         )
-            .into_response()
-    };
+            .into_response();
+    }
+    failing.sort();
+    let named = s.fleet.named.load(Ordering::SeqCst);
+    let reason = failing
+        .iter()
+        .map(|(name, why)| {
+            if named {
+                format!("{name}: {why}")
+            } else {
+                why.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let names: Vec<&String> = failing.iter().map(|(n, _)| n).collect();
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(serde_json::json!({
+            "status": "failing",
+            "role": role,
+            "failing_tenants": names,
+            "reason": reason,
+        })),
+    )
+        .into_response()
+}
+
+/// Why a tenant fails its health check, if it does.
+async fn tenant_failing(t: &TenantHealth) -> Option<String> {
+    if let Some(reason) = t.writable.failing() {
+        return Some(format!("the state database does not take writes: {reason}"));
+    }
     // Answer within a second whatever happens to the database: a check
     // that takes longer is itself the answer.
     let read = async {
-        s.store
+        t.store
             .connection()
             .ping()
             .await
             .map_err(|e| format!("state database unreachable: {e}"))?;
-        s.store
+        t.store
             .last_finished_runs()
             .await
             .map_err(|e| format!("cannot read runs: {e:#}"))
     };
-    if let Some(reason) = s.writable.failing() {
-        return failing(format!("the state database does not take writes: {reason}"));
-    }
     let runs = match tokio::time::timeout(HEALTH_DB_TIMEOUT, read).await {
         Ok(Ok(r)) => r,
-        Ok(Err(reason)) => return failing(reason),
+        Ok(Err(reason)) => return Some(reason),
         Err(_) => {
-            return failing(format!(
+            return Some(format!(
                 "state database did not answer within {} ms",
                 HEALTH_DB_TIMEOUT.as_millis()
             ));
         }
     };
-    for job in Job::ALL {
-        if let Some(run) = runs.iter().find(|r| r.job == job)
-            && !run.status.is_healthy()
-        {
+    Job::ALL.iter().find_map(|&job| {
+        let run = runs.iter().find(|r| r.job == job)?;
+        (!run.status.is_healthy()).then(|| {
             let error = run.error.clone().unwrap_or_default();
-            return failing(format!("last {job} run {}: {error}", run.status));
-        }
-    }
-    (
-        StatusCode::OK,
-        axum::Json(serde_json::json!({"status": "ok", "role": role})),
-    )
-        .into_response()
+            format!("last {job} run {}: {error}", run.status)
+        })
+    })
 }
 
 /// How long `health` waits for `/healthz` (it answers within a second).

@@ -11,13 +11,12 @@
 //! change to one of them is logged as a WARN and waits for a restart; the
 //! running values stay.
 
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use secrecy::ExposeSecret;
 use tokio::sync::watch;
 
-use crate::config::{Access, Settings};
+use crate::config::Settings;
 use crate::jobs::Context;
 
 /// Keys only a restart applies.
@@ -29,6 +28,8 @@ pub(crate) const RESTART_ONLY: &[&str] = &[
     "daemon.lock_poll_secs",
     "daemon.lock_wait_secs",
     "daemon.shutdown_timeout_secs",
+    "daemon.max_parallel_jobs",
+    "tenants.dir",
 ];
 
 /// Keys whose change re-arms the schedules.
@@ -47,9 +48,6 @@ pub(crate) struct Live {
     current: RwLock<Context>,
     /// Bumped when the schedules change: the active period re-arms them.
     schedules: watch::Sender<u64>,
-    /// The `--config` file, read again on reload (`None`: the default
-    /// places, as at start).
-    config: Option<PathBuf>,
 }
 
 /// What a reload changed.
@@ -64,11 +62,10 @@ pub(crate) struct Changes {
 }
 
 impl Live {
-    pub(crate) fn new(base: Context, config: Option<PathBuf>) -> Arc<Live> {
+    pub(crate) fn new(base: Context) -> Arc<Live> {
         Arc::new(Live {
             current: RwLock::new(base),
             schedules: watch::channel(0).0,
-            config,
         })
     }
 
@@ -85,19 +82,10 @@ impl Live {
         self.schedules.subscribe()
     }
 
-    /// Reads the config again and, if it is valid, makes it the one the
-    /// next runs use. Logs what happened either way.
-    pub(crate) fn reload(&self) {
-        let new = match Settings::load(self.config.as_deref(), Access::Remote) {
-            Ok(new) => new,
-            Err(e) => {
-                tracing::error!(error = %e, "config reload refused: the running config stays");
-                return;
-            }
-        };
-        if let Err(e) = self.apply(new) {
-            tracing::error!(error = %format!("{e:#}"), "config reload refused: the running config stays");
-        }
+    /// Whether `new` differs from the running settings in any key.
+    pub(crate) fn differs(&self, new: &Settings) -> bool {
+        let changes = changes(&self.current().settings, new);
+        !(changes.applied.is_empty() && changes.restart_only.is_empty())
     }
 
     /// Makes `new` the settings of the next runs (keeping the running
@@ -254,7 +242,9 @@ password = "p"
             ),
         )
         .unwrap();
-        let load = || Settings::load_with_env(Some(&config), vec![], Access::Remote).unwrap();
+        let load = || {
+            Settings::load_with_env(Some(&config), vec![], crate::config::Access::Remote).unwrap()
+        };
         let old = load();
 
         // Act: the file rotated, the config untouched.

@@ -85,6 +85,15 @@ impl Gate {
     }
 }
 
+/// When a job's ticks come: a cron schedule read in a zone, each tick
+/// `offset` after the time it gives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing<'a> {
+    pub(crate) cron: &'a str,
+    pub(crate) zone: chrono_tz::Tz,
+    pub(crate) offset: std::time::Duration,
+}
+
 /// What a scheduled job runs.
 pub(crate) type JobFn = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
 
@@ -94,12 +103,16 @@ pub(crate) type JobFn = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
 pub(crate) async fn schedule(
     scheduler: &JobScheduler,
     name: &'static str,
-    schedule: &str,
-    zone: chrono_tz::Tz,
+    timing: Timing<'_>,
     gate: Arc<Gate>,
     turn: Arc<tokio::sync::Mutex<()>>,
     job: JobFn,
 ) -> anyhow::Result<uuid::Uuid> {
+    let Timing {
+        cron: schedule,
+        zone,
+        offset,
+    } = timing;
     let cron = ZonedCron::parse(schedule, zone)
         .map_err(|e| anyhow::anyhow!("cannot schedule {name} on {schedule:?}: {e}"))?;
     if cron.next_after(Utc::now()).is_none() {
@@ -110,18 +123,56 @@ pub(crate) async fn schedule(
         );
         return Ok(uuid::Uuid::nil());
     }
+    // Each tick runs in the tenant that armed it (the scheduler's own
+    // task is in none).
+    let tenant = crate::scope::current();
     let tick: JobFn = Arc::new(move || {
         let (gate, turn, job) = (gate.clone(), turn.clone(), job.clone());
-        Box::pin(async move {
+        Box::pin(crate::scope::within(&tenant, async move {
             let Some(_running) = gate.try_enter() else {
                 tracing::warn!(job = name, "previous run still going; tick skipped");
                 return;
             };
             let _turn = turn.lock().await;
             job().await;
-        })
+        }))
     });
-    arm(scheduler.clone(), name, Arc::new(cron), Utc::now(), tick).await
+    let offset = chrono::Duration::from_std(offset).unwrap_or_default();
+    let when = Arc::new(Ticks { cron, offset });
+    arm(scheduler.clone(), name, when, Utc::now() - offset, tick).await
+}
+
+/// A schedule's ticks, each `offset` after the time the schedule gives.
+struct Ticks {
+    cron: ZonedCron,
+    offset: chrono::Duration,
+}
+
+/// A stable share of `cron`'s period for `key` (a tenant and a job): the
+/// same key always gets the same offset, and many keys spread evenly over
+/// the shortest gap between the schedule's next ticks, so that a thousand
+/// tenants on one schedule do not all fire in the same second.
+pub(crate) fn spread_offset(key: &str, cron: &ZonedCron) -> std::time::Duration {
+    use sha2::Digest;
+    let mut at = Utc::now();
+    let mut shortest: Option<chrono::Duration> = None;
+    for _ in 0..4 {
+        let Some(next) = cron.next_after(at) else {
+            break;
+        };
+        if let Some(gap) = cron.next_after(next).map(|after| after - next) {
+            shortest = Some(shortest.map_or(gap, |s| s.min(gap)));
+        }
+        at = next;
+    }
+    let Some(period) = shortest.and_then(|p| p.to_std().ok()) else {
+        return std::time::Duration::ZERO;
+    };
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    let share = u64::from_be_bytes(bytes) as f64 / u64::MAX as f64;
+    std::time::Duration::from_secs((period.as_secs_f64() * share).floor() as u64)
 }
 
 /// Adds the one-shot job of the schedule's next tick after `after`; when
@@ -129,14 +180,16 @@ pub(crate) async fn schedule(
 fn arm(
     scheduler: JobScheduler,
     name: &'static str,
-    cron: Arc<ZonedCron>,
+    cron: Arc<Ticks>,
     after: DateTime<Utc>,
     tick: JobFn,
 ) -> BoxFuture<'static, anyhow::Result<uuid::Uuid>> {
     Box::pin(async move {
-        let at = cron
+        let base = cron
+            .cron
             .next_after(after)
             .ok_or_else(|| anyhow::anyhow!("the schedule of {name} never fires again"))?;
+        let at = base + cron.offset;
         let wait = (at - Utc::now()).to_std().unwrap_or_default();
         let one = CronJob::new_one_shot_at_instant_async(
             std::time::Instant::now() + wait,
@@ -148,7 +201,7 @@ fn arm(
                     if let Ok(early) = (at - Utc::now()).to_std() {
                         tokio::time::sleep(early).await;
                     }
-                    if let Err(e) = arm(scheduler, name, cron, at, tick.clone()).await {
+                    if let Err(e) = arm(scheduler, name, cron, base, tick.clone()).await {
                         tracing::error!(job = name, error = %format!("{e:#}"), "cannot arm the next tick");
                     }
                     tick().await;
@@ -200,8 +253,11 @@ mod tests {
         schedule(
             &scheduler,
             "test",
-            "* * * * * *",
-            chrono_tz::UTC,
+            Timing {
+                cron: "* * * * * *",
+                zone: chrono_tz::UTC,
+                offset: Duration::ZERO,
+            },
             gate.clone(),
             Arc::new(tokio::sync::Mutex::new(())),
             job,
@@ -230,8 +286,11 @@ mod tests {
         let err = schedule(
             &scheduler,
             "x",
-            "every minute",
-            chrono_tz::UTC,
+            Timing {
+                cron: "every minute",
+                zone: chrono_tz::UTC,
+                offset: Duration::ZERO,
+            },
             Arc::default(),
             Arc::default(),
             job,
@@ -254,8 +313,11 @@ mod tests {
         let id = schedule(
             &scheduler,
             "t",
-            "0 0 9 * * *",
-            chrono_tz::Asia::Shanghai,
+            Timing {
+                cron: "0 0 9 * * *",
+                zone: chrono_tz::Asia::Shanghai,
+                offset: Duration::ZERO,
+            },
             Arc::default(),
             Arc::default(),
             job,
@@ -291,8 +353,11 @@ mod tests {
         let id = schedule(
             &scheduler,
             "t",
-            "0 0 0 30 2 *",
-            chrono_tz::UTC,
+            Timing {
+                cron: "0 0 0 30 2 *",
+                zone: chrono_tz::UTC,
+                offset: Duration::ZERO,
+            },
             Arc::default(),
             Arc::default(),
             job,
@@ -300,6 +365,49 @@ mod tests {
         .await
         .unwrap();
         assert!(id.is_nil());
+    }
+
+    /// Ticks with an offset fire that long after the schedule's time, and
+    /// the offset of a key is the same every time and within the period.
+    #[tokio::test]
+    async fn a_spread_offset_is_stable_within_the_period_and_delays_each_tick() {
+        // Arrange: an hourly schedule.
+        let cron = ZonedCron::parse("0 0 * * * *", chrono_tz::UTC).unwrap();
+
+        // Act
+        let offsets: Vec<Duration> = (0..200)
+            .map(|i| spread_offset(&format!("tenant-{i}/contacts"), &cron))
+            .collect();
+        let again = spread_offset("tenant-7/contacts", &cron);
+        let scheduler = JobScheduler::new().await.unwrap();
+        let job: JobFn = Arc::new(|| Box::pin(async {}));
+        let offset = Duration::from_secs(1234);
+        let id = schedule(
+            &scheduler,
+            "t",
+            Timing {
+                cron: "0 0 * * * *",
+                zone: chrono_tz::UTC,
+                offset,
+            },
+            Arc::default(),
+            Arc::default(),
+            job,
+        )
+        .await
+        .unwrap();
+        let mut scheduler = scheduler;
+        let next = scheduler.next_tick_for_job(id).await.unwrap().unwrap();
+
+        // Assert: stable, inside the hour, spread over it.
+        assert_eq!(again, offsets[7]);
+        assert!(offsets.iter().all(|o| *o < Duration::from_secs(3600)));
+        let quarters: std::collections::BTreeSet<u64> =
+            offsets.iter().map(|o| o.as_secs() / 900).collect();
+        assert_eq!(quarters.len(), 4, "{offsets:?}");
+        use chrono::Timelike;
+        let due = next + chrono::Duration::seconds(1);
+        assert_eq!((due.minute() * 60 + due.second()) / 10, 1234 / 10, "{next}");
     }
 
     fn at(rfc3339: &str) -> DateTime<Utc> {

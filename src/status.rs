@@ -48,6 +48,104 @@ pub async fn print(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
+/// `status` of every tenant (`tenants.dir`, no `--tenant`): one line each
+/// — who holds it, its last contacts and write-back runs, what is pending
+/// and parked — or, with `--json`, `{"tenants": [{"tenant", "holder",
+/// "status"}…]}`. A refused tenant file is a line (and an entry with
+/// `refused`) too. Exit 1 when a tenant has no state database yet.
+pub async fn print_all(set: &crate::config::TenantSet, json: bool) -> anyhow::Result<ExitCode> {
+    let mut entries: Vec<(String, serde_json::Value, String)> = Vec::new();
+    for r in &set.refused {
+        let line = format!("refused: {}", r.error);
+        entries.push((
+            r.name.clone(),
+            serde_json::json!({"refused": r.error}),
+            line,
+        ));
+    }
+    let mut all_there = true;
+    for settings in &set.tenants {
+        let name = settings.tenant.to_string();
+        let (value, line) = match tenant_summary(settings).await? {
+            Some(found) => found,
+            None => {
+                all_there = false;
+                let what = "no state database yet";
+                (serde_json::json!({"database": "missing"}), what.to_string())
+            }
+        };
+        entries.push((name, value, line));
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    if json {
+        let tenants: Vec<serde_json::Value> = entries
+            .into_iter()
+            .map(|(name, mut value, _)| {
+                value["tenant"] = serde_json::Value::String(name);
+                value
+            })
+            .collect();
+        let all = serde_json::json!({ "tenants": tenants });
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        for (name, _, line) in entries {
+            println!("{name}: {line}");
+        }
+    }
+    Ok(if all_there {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(crate::cli::EXIT_FAILED)
+    })
+}
+
+/// One tenant's entry and line; `None` without a state database.
+async fn tenant_summary(
+    settings: &Settings,
+) -> anyhow::Result<Option<(serde_json::Value, String)>> {
+    let Some(store) = Store::open_read_only(&settings.database.url).await? else {
+        return Ok(None);
+    };
+    let read = async {
+        let lease = store.lease().await?;
+        let report = StatusReport::read(&store).await?;
+        anyhow::Ok((lease, report))
+    };
+    let read = read.await;
+    store.close().await;
+    let (lease, report) = read?;
+    let holder = match &lease {
+        Some(l) if l.pid != 0 => format!("held by {} (epoch {})", l.holder, l.epoch),
+        Some(l) => format!("released by {} (epoch {})", l.holder, l.epoch),
+        None => "never held".to_string(),
+    };
+    let mut line = holder;
+    for job in crate::stored_enums::Job::ALL {
+        match report.runs.iter().find(|r| r.job == job && !r.dry_run) {
+            Some(r) => {
+                let _ = write!(line, "; {job} {} {}", r.status, when(r.started_at));
+            }
+            None => {
+                let _ = write!(line, "; {job} never ran");
+            }
+        }
+    }
+    let _ = write!(
+        line,
+        "; {} pending, {} parked",
+        report.pending_total,
+        report.parked_total + report.parked_records_total
+    );
+    let value = serde_json::json!({
+        "holder": lease.map(|l| serde_json::json!({
+            "instance": l.holder, "host": l.host, "pid": l.pid,
+            "epoch": l.epoch, "since": when(l.acquired_at), "released": l.pid == 0,
+        })),
+        "status": report.to_json(),
+    });
+    Ok(Some((value, line)))
+}
+
 /// The last runs of each job, newest first.
 async fn runs_per_job(store: &Store) -> anyhow::Result<Vec<RunRow>> {
     let mut per_job: std::collections::HashMap<crate::stored_enums::Job, usize> =

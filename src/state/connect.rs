@@ -200,6 +200,59 @@ async fn prepare_tenant_place(raw: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Deletes all the state at `url` (`tenant purge`): a tenant's PostgreSQL
+/// schema is dropped and its SQLite file removed; the state where
+/// `default` lives (the main file or schema, shared with no other tenant's
+/// rows) has every table dropped. The caller holds the state's lock.
+pub async fn purge_state(url: &SecretString) -> anyhow::Result<()> {
+    let raw = url.expose_secret();
+    if let Some(schema) = tenant_schema(raw) {
+        use sea_orm::sqlx::{self, Connection, PgConnection};
+        let base = raw.replace(&format!("options[search_path]={schema}"), "");
+        let mut conn = PgConnection::connect(base.trim_end_matches(['?', '&']))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the state database: {}",
+                    redact_db_error(&e.to_string(), raw)
+                )
+            })?;
+        let dropped = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+        )))
+        .execute(&mut conn)
+        .await;
+        let _ = conn.close().await;
+        dropped.with_context(|| format!("cannot drop the schema {schema}"))?;
+        return Ok(());
+    }
+    if let Some(file) = sqlite_file(raw).filter(|f| {
+        f.parent()
+            .is_some_and(|d| d.extension().is_some_and(|x| x == "tenants"))
+    }) {
+        for suffix in ["", "-wal", "-shm", ".migrate.lock"] {
+            let path = std::path::PathBuf::from(format!("{}{suffix}", file.display()));
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot remove {}", path.display()));
+                }
+            }
+        }
+        return Ok(());
+    }
+    let db = open_pool(raw, Access::Write).await?;
+    let reset = Migrator::reset(&db).await;
+    let _ = db.close().await;
+    reset.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot drop the state's tables: {}",
+            redact_db_error(&e.to_string(), raw)
+        )
+    })
+}
+
 /// Reads the schema's state without creating anything (sea-orm's own
 /// check creates its table, and on PostgreSQL logs a notice every time).
 pub async fn schema_of(db: &DatabaseConnection) -> anyhow::Result<Schema> {

@@ -31,7 +31,7 @@ mod runs;
 mod writable;
 
 pub use audit::{AuditEntry, AuditRecord};
-pub use connect::{MIGRATION_LOCK_KEY, Schema, schema_of, sqlite_file, tenant_schema};
+pub use connect::{MIGRATION_LOCK_KEY, Schema, purge_state, schema_of, sqlite_file, tenant_schema};
 pub use forget::Forgot;
 pub use lease::{Fenced, Lease};
 pub use lookups::{

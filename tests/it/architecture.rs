@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, u8)] = &[
     // 0: the ids every other module may use.
     ("ids", 0),
+    ("scope", 0),
     // 1: leaves — plain types and helpers.
     ("domain", 1),
     ("stored_enums", 1),
@@ -42,6 +43,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("explain", 6),
     ("reconcile", 6),
     ("forget", 6),
+    ("purge", 6),
     ("reload", 6),
     // 7: commands that run jobs.
     ("once", 7),

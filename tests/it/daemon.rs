@@ -549,26 +549,27 @@ async fn metrics_are_prometheus_text_and_count_what_the_runs_did() {
     )
     .unwrap();
 
-    let runs = m[r#"crm_edm_sync_runs_total{job="contacts",outcome="succeeded"}"#];
+    let runs = m[r#"crm_edm_sync_runs_total{tenant="default",job="contacts",outcome="succeeded"}"#];
     assert!(runs >= 2.0, "{text}");
     assert_eq!(
-        m[r#"crm_edm_sync_operations_total{kind="add",outcome="done"}"#], 10.0,
+        m[r#"crm_edm_sync_operations_total{tenant="default",kind="add",outcome="done"}"#], 10.0,
         "{text}"
     );
     assert!(
-        m[r#"crm_edm_sync_http_requests_total{api="crm"}"#] >= 2.0 * 11.0,
+        m[r#"crm_edm_sync_http_requests_total{tenant="default",api="crm"}"#] >= 2.0 * 11.0,
         "{text}"
     );
     assert!(
-        m[r#"crm_edm_sync_http_requests_total{api="edm"}"#] >= 4.0,
+        m[r#"crm_edm_sync_http_requests_total{tenant="default",api="edm"}"#] >= 4.0,
         "{text}"
     );
     assert!(
-        m[r#"crm_edm_sync_last_success_timestamp_seconds{job="contacts"}"#] > 1.7e9,
+        m[r#"crm_edm_sync_last_success_timestamp_seconds{tenant="default",job="contacts"}"#]
+            > 1.7e9,
         "{text}"
     );
     assert_eq!(
-        m[r#"crm_edm_sync_pending_operations{kind="edm"}"#], 0.0,
+        m[r#"crm_edm_sync_pending_operations{tenant="default",kind="edm"}"#], 0.0,
         "{text}"
     );
     assert_eq!(m["crm_edm_sync_active"], 1.0, "{text}");
@@ -947,11 +948,11 @@ async fn a_parked_operation_is_counted_in_metrics() {
     // Assert
     let m = parse_prometheus(&text);
     assert_eq!(
-        m[r#"crm_edm_sync_parked_operations{kind="edm"}"#], 1.0,
+        m[r#"crm_edm_sync_parked_operations{tenant="default",kind="edm"}"#], 1.0,
         "{text}"
     );
     assert_eq!(
-        m[r#"crm_edm_sync_parked_operations{kind="contact_history"}"#], 0.0,
+        m[r#"crm_edm_sync_parked_operations{tenant="default",kind="contact_history"}"#], 0.0,
         "{text}"
     );
     assert!(!sb.edm.emails(1).contains(&"lm3@example.com".to_string()));
@@ -1033,23 +1034,26 @@ async fn a_standby_serves_metrics_with_every_series_from_start_up_and_the_last_s
     );
     for job in ["contacts", "writeback"] {
         for outcome in ["succeeded", "failed", "refused", "interrupted"] {
-            let series = format!(r#"crm_edm_sync_runs_total{{job="{job}",outcome="{outcome}"}}"#);
+            let series = format!(
+                r#"crm_edm_sync_runs_total{{tenant="default",job="{job}",outcome="{outcome}"}}"#
+            );
             assert_eq!(m.get(&series), Some(&0.0), "{series} missing:\n{text}");
         }
     }
     for kind in ["add", "edit", "unsub", "contact_history"] {
         for outcome in ["done", "failed"] {
-            let series =
-                format!(r#"crm_edm_sync_operations_total{{kind="{kind}",outcome="{outcome}"}}"#);
+            let series = format!(
+                r#"crm_edm_sync_operations_total{{tenant="default",kind="{kind}",outcome="{outcome}"}}"#
+            );
             assert_eq!(m.get(&series), Some(&0.0), "{series} missing:\n{text}");
         }
     }
     assert_eq!(
-        m.get(r#"crm_edm_sync_pending_operations{kind="edm"}"#),
+        m.get(r#"crm_edm_sync_pending_operations{tenant="default",kind="edm"}"#),
         Some(&0.0),
         "{text}"
     );
-    let last = m[r#"crm_edm_sync_last_success_timestamp_seconds{job="contacts"}"#];
+    let last = m[r#"crm_edm_sync_last_success_timestamp_seconds{tenant="default",job="contacts"}"#];
     assert!(
         (before..=after).contains(&last),
         "last success {last} not the recorded run's ({before}..{after}):\n{text}"
@@ -1059,22 +1063,22 @@ async fn a_standby_serves_metrics_with_every_series_from_start_up_and_the_last_s
     for _ in 0..100 {
         let text = metrics_text(&url).await;
         service = parse_prometheus(&text);
-        if service.contains_key("crm_edm_sync_edm_quota_available") {
+        if service.contains_key(r#"crm_edm_sync_edm_quota_available{tenant="default"}"#) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
-        service.get("crm_edm_sync_edm_service_enabled"),
+        service.get(r#"crm_edm_sync_edm_service_enabled{tenant="default"}"#),
         Some(&1.0),
         "{service:?}"
     );
     assert_eq!(
-        service.get("crm_edm_sync_edm_quota_available"),
+        service.get(r#"crm_edm_sync_edm_quota_available{tenant="default"}"#),
         Some(&1_000_000.0)
     );
     assert_eq!(
-        service.get("crm_edm_sync_edm_service_expiration_timestamp_seconds"),
+        service.get(r#"crm_edm_sync_edm_service_expiration_timestamp_seconds{tenant="default"}"#),
         Some(&4_102_358_400.0),
         "2099-12-31 00:00 UTC"
     );
@@ -1154,18 +1158,20 @@ async fn a_fresh_daemon_serves_every_series_with_help_from_start_up() {
 
     // Assert
     for job in ["contacts", "writeback"] {
-        let series = format!(r#"crm_edm_sync_last_success_timestamp_seconds{{job="{job}"}}"#);
+        let series = format!(
+            r#"crm_edm_sync_last_success_timestamp_seconds{{tenant="default",job="{job}"}}"#
+        );
         assert_eq!(m.get(&series), Some(&0.0), "{text}");
     }
     for gauge in [
-        "crm_edm_sync_edm_service_enabled",
-        "crm_edm_sync_edm_service_expiration_timestamp_seconds",
-        "crm_edm_sync_edm_quota_available",
+        r#"crm_edm_sync_edm_service_enabled{tenant="default"}"#,
+        r#"crm_edm_sync_edm_service_expiration_timestamp_seconds{tenant="default"}"#,
+        r#"crm_edm_sync_edm_quota_available{tenant="default"}"#,
     ] {
         assert!(m[gauge].is_nan(), "{gauge} should be unknown: {text}");
     }
     assert_eq!(
-        m.get("crm_edm_sync_state_db_writable"),
+        m.get(r#"crm_edm_sync_state_db_writable{tenant="default"}"#),
         Some(&1.0),
         "{text}"
     );

@@ -206,7 +206,10 @@ async fn a_state_database_that_stops_taking_writes_fails_runs_loudly_and_the_dae
         "{full_body}"
     );
     assert_eq!(
-        gauge(&full_metrics, "crm_edm_sync_state_db_writable"),
+        gauge(
+            &full_metrics,
+            r#"crm_edm_sync_state_db_writable{tenant="default"}"#
+        ),
         Some(0.0)
     );
     assert_eq!(
@@ -218,7 +221,10 @@ async fn a_state_database_that_stops_taking_writes_fails_runs_loudly_and_the_dae
     assert_eq!(recovered_status, 200, "{log}");
     assert_eq!(daemon.count("the state database takes writes again"), 1);
     assert_eq!(
-        gauge(&recovered_metrics, "crm_edm_sync_state_db_writable"),
+        gauge(
+            &recovered_metrics,
+            r#"crm_edm_sync_state_db_writable{tenant="default"}"#
+        ),
         Some(1.0)
     );
     // After the restart: EDM exact, nobody added twice, the 5 own

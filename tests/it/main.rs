@@ -26,4 +26,5 @@ mod real_shapes;
 mod reconcile;
 mod restore;
 mod stdout;
+mod tenants;
 mod writeback;

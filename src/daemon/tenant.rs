@@ -1,39 +1,36 @@
-//! Daemon mode: migrate, serve `/healthz` and `/metrics`, tell systemd it
-//! is ready, then — while this instance holds the state database's lock —
-//! run the contacts job on `sync.schedule`, the write-back job on
-//! `writeback.schedule` and the drift report on `reconcile.schedule`
+//! One tenant in daemon mode: while this instance holds the tenant's lock,
+//! run its contacts job on `sync.schedule`, its write-back job on
+//! `writeback.schedule` and its drift report on `reconcile.schedule`
 //! (tokio-cron-scheduler, six-field cron, read in `sync.timezone`, UTC by
 //! default).
 //!
 //! - A job never overlaps itself: a tick that finds it running is skipped
-//!   and logged. No two jobs run at the same time either.
+//!   and logged. No two jobs of the tenant run at the same time either.
 //! - Another instance on the same database stands by, trying the lock every
 //!   `daemon.lock_poll_secs`, and takes over when the active one stops or
 //!   dies. An active instance that loses its PostgreSQL lock connection
-//!   stops its jobs and stands by.
+//!   stops the tenant's jobs and stands by.
 //! - SIGTERM or SIGINT (or a lost lock): no new ticks; the running job is
 //!   cancelled — it finishes its current batch and records its state — and
 //!   awaited (a `TaskTracker`, no polling), within
 //!   `daemon.shutdown_timeout_secs`, past which it is dropped where it
-//!   stands; then exit 0 (or stand by). A second signal exits at once
-//!   (status 1). What was not sent stays to be planned again at the next
-//!   start.
-//! - SIGHUP (`systemctl reload`) reads the config and its secret files
-//!   again: the next run of each job uses them (see `reload`).
+//!   stands; then return (or stand by). What was not sent stays to be
+//!   planned again at the next start.
+//! - A reload (`reload::Live`) gives the next run of each job the new
+//!   settings, and re-arms the schedules when they changed.
 
-use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_cron_scheduler::JobScheduler;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Settings;
+use super::Shared;
 use crate::jobs::{Context, RunOptions};
 use crate::lock::{InstanceLock, LockTarget};
+use crate::ops_endpoint::TenantHealth;
 use crate::reload::Live;
 use crate::schedule::{Gate, JobFn, schedule};
 use crate::stored_enums::Job;
@@ -44,55 +41,38 @@ use crate::writeback;
 enum Period {
     Stopped,
     LockLost,
+    /// This instance held more than its share of the tenants: it let this
+    /// one go, drained, for another instance to take.
+    HandedOver,
 }
 
-/// Runs the daemon until a signal stops it. `config` is the `--config`
-/// file, read again on SIGHUP.
-pub(crate) async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let listen = settings.http.listen;
-    let base = Context::new(settings).await?;
-    let metrics = crate::metrics::install_recorder()?;
-    start_metrics(&base).await;
-    let active = Arc::new(AtomicBool::new(false));
+/// Serves one tenant until `stop`: its series and health entry, its EDM
+/// service gauges, and its turns at the lock. Runs inside the tenant's
+/// scope (see `scope`), so every line and series it makes carries it.
+pub(super) async fn serve(
+    live: Arc<Live>,
+    shared: Shared,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let base = live.current();
+    let name = base.settings.tenant.to_string();
     // `/healthz` reads through a pool of its own, so that it answers
     // whatever the jobs are doing with theirs.
-    let ops_store = crate::state::Store::reader_beside(&base.settings.database.url).await?;
-    let (addr, ops_task) = crate::ops_endpoint::serve(
-        listen,
-        ops_store.clone(),
-        metrics,
-        active.clone(),
-        base.store.writable().clone(),
-    )
-    .await?;
-    tracing::info!(listen = %addr, "ops endpoint listening: /healthz, /metrics");
-    let stop = CancellationToken::new();
-    let live = Live::new(base.clone(), config);
-    spawn_signal_handler(stop.clone(), live.clone())?;
-    notify_systemd(&[sd_notify::NotifyState::Ready]);
-    let watchdog = spawn_watchdog(ops_store.clone());
+    let reader = crate::state::Store::reader_beside(&base.settings.database.url).await?;
+    let health = TenantHealth::new(reader.clone(), base.store.writable().clone());
+    shared.health.insert(&name, health.clone());
     let service_info = spawn_service_info(live.clone());
-    tracing::info!(
-        contacts = %base.settings.sync.schedule,
-        writeback = %base.settings.writeback.schedule,
-        "daemon started"
-    );
-    let turns = take_turns(&live, &ops_store, &stop, &active).await;
-    if let Some(w) = watchdog {
-        w.abort();
-    }
+    let turns = take_turns(&live, &shared, &reader, &stop, &health).await;
     service_info.abort();
-    ops_task.abort();
-    ops_store.close().await;
+    shared.health.remove(&name);
+    reader.close().await;
     base.store.close().await;
-    turns?;
-    tracing::info!("stopped");
-    Ok(ExitCode::SUCCESS)
+    turns
 }
 
 /// Every series from start-up, standby or not; the last success as the
 /// state database remembers it, so a restart does not blank it.
-async fn start_metrics(base: &Context) {
+pub(super) async fn start_metrics(base: &Context) {
     crate::metrics::zero_series(&Job::SCHEDULED.map(|j| j.as_str()));
     crate::metrics::build_info(&base.instance.id);
     for job in Job::SCHEDULED {
@@ -106,56 +86,66 @@ async fn start_metrics(base: &Context) {
     }
 }
 
-/// Stands by until this instance gets the lock, runs the jobs while it
-/// holds it, and stands by again should it lose it — until a signal.
+/// Stands by until this instance gets the lock (while it holds less than
+/// its share of the tenants), runs the jobs while it holds it, and stands
+/// by again should it lose or hand it over — until a signal.
 async fn take_turns(
     live: &Arc<Live>,
+    shared: &Shared,
     ops_store: &crate::state::Store,
     stop: &CancellationToken,
-    active: &AtomicBool,
+    health: &TenantHealth,
 ) -> anyhow::Result<()> {
     let settings = live.current().settings;
     let poll = settings.daemon.lock_poll;
-    let drain = settings.daemon.shutdown_timeout;
     let target = LockTarget::of(&settings.database.url);
     let mut said_standby = false;
     while !stop.is_cancelled() {
-        match target.try_acquire().await {
-            Ok(Some(lock)) => {
-                said_standby = false;
-                active.store(true, Ordering::SeqCst);
-                crate::metrics::set_role(true);
-                tracing::info!("holding the instance lock: this instance runs the jobs");
-                let period = active_period(live, ops_store, lock, stop, poll, drain).await;
-                active.store(false, Ordering::SeqCst);
-                crate::metrics::set_role(false);
-                if let Period::Stopped = period? {
-                    return Ok(());
+        let mut pause = poll;
+        // At its share, this instance leaves the tenant to the others.
+        if shared.balance.reserve() {
+            match target.try_acquire().await {
+                Ok(Some(lock)) => {
+                    said_standby = false;
+                    health.active.store(true, Ordering::SeqCst);
+                    shared.role_changed();
+                    tracing::info!("holding the instance lock: this instance runs the jobs");
+                    let period = active_period(live, shared, ops_store, lock, stop).await;
+                    health.active.store(false, Ordering::SeqCst);
+                    // A tenant handed over gave its place up already.
+                    if !matches!(period, Ok(Period::HandedOver)) {
+                        shared.balance.unreserve();
+                    }
+                    shared.role_changed();
+                    match period? {
+                        Period::Stopped => return Ok(()),
+                        Period::LockLost => tracing::error!(
+                            "lost the instance lock (lock connection gone, lock file replaced or lease taken by another instance); jobs stopped, standing by"
+                        ),
+                        Period::HandedOver => {}
+                    }
+                    // Give a waiting standby two polls' head start rather
+                    // than grabbing the lock straight back.
+                    pause = poll * 2;
                 }
-                tracing::error!(
-                    "lost the instance lock (lock connection gone, lock file replaced or lease taken by another instance); jobs stopped, standing by"
-                );
-                // Give a waiting standby two polls' head start rather than
-                // grabbing the lock straight back.
-                tokio::select! {
-                    _ = tokio::time::sleep(poll) => {}
-                    _ = stop.cancelled() => {}
+                Ok(None) => {
+                    shared.balance.unreserve();
+                    if !said_standby {
+                        tracing::info!(
+                            poll_secs = poll.as_secs(),
+                            "another instance holds the state database: standing by"
+                        );
+                        said_standby = true;
+                    }
                 }
-            }
-            Ok(None) if !said_standby => {
-                tracing::info!(
-                    poll_secs = poll.as_secs(),
-                    "another instance holds the state database: standing by"
-                );
-                said_standby = true;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot try the instance lock; will try again")
+                Err(e) => {
+                    shared.balance.unreserve();
+                    tracing::warn!(error = %format!("{e:#}"), "cannot try the instance lock; will try again")
+                }
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(poll) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stop.cancelled() => {}
         }
     }
@@ -168,6 +158,8 @@ async fn take_turns(
 /// runs `--once` asks for share them too.
 #[derive(Clone)]
 struct Runs {
+    /// What the tenants of this instance share: the bound on jobs at once.
+    shared: Shared,
     gates: [Arc<Gate>; 3],
     turn: Arc<tokio::sync::Mutex<()>>,
     tracker: TaskTracker,
@@ -194,13 +186,15 @@ impl Runs {
 /// schedule re-arms them without stopping a running job.
 async fn active_period(
     live: &Arc<Live>,
+    shared: &Shared,
     reader: &crate::state::Store,
     mut lock: InstanceLock,
     stop: &CancellationToken,
-    poll: Duration,
-    drain: Duration,
 ) -> anyhow::Result<Period> {
+    let daemon = live.current().settings.daemon.clone();
+    let (poll, drain) = (daemon.lock_poll, daemon.shutdown_timeout);
     let runs = Runs {
+        shared: shared.clone(),
         gates: std::array::from_fn(|_| Arc::new(Gate::default())),
         turn: Arc::new(tokio::sync::Mutex::new(())),
         tracker: TaskTracker::new(),
@@ -221,9 +215,9 @@ async fn active_period(
     let mut schedule_changes = live.schedule_changes();
     let mut scheduler = arm_schedules(live, &runs).await?;
     let check_every = poll.min(Duration::from_secs(1));
-    let lost = loop {
+    let ended = loop {
         tokio::select! {
-            _ = stop.cancelled() => break false,
+            _ = stop.cancelled() => break Period::Stopped,
             Ok(()) = schedule_changes.changed() => {
                 scheduler.shutdown().await?;
                 scheduler = arm_schedules(live, &runs).await?;
@@ -231,12 +225,34 @@ async fn active_period(
             }
             _ = tokio::time::sleep(check_every) => {
                 if !still_ours(&mut lock, reader, ctx.store.fence_epoch()).await {
-                    break true;
+                    break Period::LockLost;
+                }
+                // Between jobs, a tenant beyond this instance's share goes.
+                if runs.tracker.is_empty() && runs.shared.balance.give_one_up() {
+                    tracing::info!("this instance holds more than its share of the tenants: it hands this one over");
+                    break Period::HandedOver;
                 }
                 take_run_request(live, &runs).await;
             }
         }
     };
+    end_period(&ctx, &runs, scheduler, &ended, drain).await?;
+    drop(lock);
+    Ok(ended)
+}
+
+/// Ends an active period that `ended` so: the running job is cancelled
+/// (it finishes its current batch and records its state) or, the lock
+/// lost, dropped where it stands; no other starts; it is awaited, bounded
+/// by `drain`; the lease is marked released unless it was lost.
+async fn end_period(
+    ctx: &Context,
+    runs: &Runs,
+    mut scheduler: JobScheduler,
+    ended: &Period,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let lost = matches!(ended, Period::LockLost);
     if lost {
         // Another instance may be writing already: the running job is
         // dropped where it stands, not drained (what it did not record
@@ -244,9 +260,6 @@ async fn active_period(
         tracing::error!("lost the instance lock or lease: the running job is stopped at once");
         runs.hard_stop.cancel();
     }
-    // Cancel the running job (it finishes its current batch and records
-    // its state), start no other, and await it — bounded by the drain —
-    // before standing by or exiting.
     runs.period.cancel();
     scheduler.shutdown().await?;
     runs.tracker.close();
@@ -255,18 +268,15 @@ async fn active_period(
             drain_secs = drain.as_secs(),
             "waiting for the running job to finish its current batch"
         );
-        notify_systemd(&[sd_notify::NotifyState::Stopping]);
+        if matches!(ended, Period::Stopped) {
+            super::notify_systemd(&[sd_notify::NotifyState::Stopping]);
+        }
     }
     drain_jobs(&runs.tracker, &runs.hard_stop, drain).await;
     if !lost && let Err(e) = ctx.store.release_lease().await {
         tracing::warn!(error = %format!("{e:#}"), "cannot mark the lease released");
     }
-    drop(lock);
-    Ok(if lost {
-        Period::LockLost
-    } else {
-        Period::Stopped
-    })
+    Ok(())
 }
 
 /// A started scheduler with both jobs on their schedules as the current
@@ -290,11 +300,16 @@ async fn arm_schedules(live: &Arc<Live>, runs: &Runs) -> anyhow::Result<JobSched
         };
         let f = job_fn(live.clone(), job, runs);
         let zone = settings.schedule_zone();
+        let offset = runs.shared.offset(&settings, job, &cron, zone);
+        let timing = crate::schedule::Timing {
+            cron: &cron,
+            zone,
+            offset,
+        };
         schedule(
             &scheduler,
             job.as_str(),
-            &cron,
-            zone,
+            timing,
             gate.clone(),
             runs.turn.clone(),
             f,
@@ -309,10 +324,11 @@ async fn arm_schedules(live: &Arc<Live>, runs: &Runs) -> anyhow::Result<JobSched
 /// as a tracked task (so stopping awaits it instead of polling) with the
 /// context current at the tick.
 fn job_fn(live: Arc<Live>, job: Job, runs: &Runs) -> JobFn {
-    let (tracker, period, hard_stop) = (
+    let (tracker, period, hard_stop, jobs) = (
         runs.tracker.clone(),
         runs.period.clone(),
         runs.hard_stop.clone(),
+        runs.shared.jobs.clone(),
     );
     Arc::new(move || {
         if period.is_cancelled() {
@@ -321,15 +337,19 @@ fn job_fn(live: Arc<Live>, job: Job, runs: &Runs) -> JobFn {
             return Box::pin(async {});
         }
         let ctx = live.current().with_shutdown(period.clone());
-        let hard_stop = hard_stop.clone();
-        let running = tracker.spawn(async move {
+        let (hard_stop, slots) = (hard_stop.clone(), jobs.clone());
+        let running = tracker.spawn(crate::scope::carried(async move {
             tokio::select! {
-                _ = run_job(&ctx, job) => {}
+                _ = async {
+                    // At most `daemon.max_parallel_jobs` over all tenants.
+                    let Ok(_slot) = slots.acquire().await else { return };
+                    run_job(&ctx, job).await
+                } => {}
                 _ = hard_stop.cancelled() => {
                     tracing::warn!(job = %job, "job stopped where it stood: the drain bound passed");
                 }
             }
-        });
+        }));
         Box::pin(async move {
             if let Err(e) = running.await {
                 tracing::error!(job = %job, error = %e, "job task ended abnormally");
@@ -351,7 +371,7 @@ async fn take_run_request(live: &Arc<Live>, runs: &Runs) {
         }
     };
     let (live, runs_now) = (live.clone(), runs.clone());
-    runs.tracker.spawn(async move {
+    runs.tracker.spawn(crate::scope::carried(async move {
         let id = request.id;
         let store = live.current().store;
         let printed = tokio::select! {
@@ -364,7 +384,7 @@ async fn take_run_request(live: &Arc<Live>, runs: &Runs) {
         if let Err(e) = store.finish_run_request(id, printed.ok, &printed.text).await {
             tracing::error!(request = id, error = %format!("{e:#}"), "cannot record the outcome of a --once request");
         }
-    });
+    }));
 }
 
 /// Runs a request's jobs in order, each when its scheduled run (if one is
@@ -401,6 +421,10 @@ async fn serve_run_request(
             }
         };
         let _turn = runs.turn.lock().await;
+        let Ok(_slot) = runs.shared.jobs.acquire().await else {
+            break_request(&mut printed, job);
+            return printed;
+        };
         if runs.period.is_cancelled() {
             break_request(&mut printed, job);
             return printed;
@@ -470,53 +494,6 @@ async fn run_job(ctx: &Context, job: Job) {
     }
 }
 
-/// SIGTERM or SIGINT stops (a second one exits at once); SIGHUP reloads
-/// the config (`systemctl reload`), as often as it comes.
-fn spawn_signal_handler(stop: CancellationToken, live: Arc<Live>) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reading the config again");
-            let live = live.clone();
-            // Reading files: off the runtime's threads.
-            if let Err(e) = tokio::task::spawn_blocking(move || live.reload()).await {
-                tracing::error!(error = %e, "config reload ended abnormally");
-            }
-        }
-    });
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::info!(
-            "stop requested: no new runs; the running job finishes its current batch (a second signal exits at once)"
-        );
-        stop.cancel();
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::warn!(
-            "second stop signal: exiting at once; unsent work stays to be planned again"
-        );
-        std::process::exit(1);
-    });
-    Ok(())
-}
-
-/// Tells systemd (when it started us with `Type=notify`); a no-op otherwise.
-fn notify_systemd(state: &[sd_notify::NotifyState]) {
-    if let Err(e) = sd_notify::notify(state) {
-        tracing::warn!(error = %e, "cannot notify systemd");
-    }
-}
-
-/// Pings systemd's watchdog at half its interval while the state database
-/// answers.
 /// How often the daemon reads EDM's `service-info` for its gauges.
 const SERVICE_INFO_EVERY: Duration = Duration::from_secs(3600);
 
@@ -525,7 +502,7 @@ const SERVICE_INFO_EVERY: Duration = Duration::from_secs(3600);
 /// alike: it is one read). A failure is a warning; the gauges keep their
 /// last values.
 fn spawn_service_info(live: Arc<Live>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+    tokio::spawn(crate::scope::carried(async move {
         loop {
             // The client of the current settings (a reload may change the
             // credentials).
@@ -541,18 +518,6 @@ fn spawn_service_info(live: Arc<Live>) -> tokio::task::JoinHandle<()> {
                 Err(e) => tracing::warn!(error = %e, "cannot read EDM's service-info"),
             }
             tokio::time::sleep(SERVICE_INFO_EVERY).await;
-        }
-    })
-}
-
-fn spawn_watchdog(store: crate::state::Store) -> Option<tokio::task::JoinHandle<()>> {
-    let interval = sd_notify::watchdog_enabled()? / 2;
-    Some(tokio::spawn(async move {
-        loop {
-            if store.connection().ping().await.is_ok() {
-                notify_systemd(&[sd_notify::NotifyState::Watchdog]);
-            }
-            tokio::time::sleep(interval).await;
         }
     }))
 }

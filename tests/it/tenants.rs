@@ -1,0 +1,491 @@
+//! Tenants (`tenants.dir`): many CRM companies, each synced into its own
+//! EDM account, by one configuration, one state database and one process.
+
+use std::time::Duration;
+
+use crm_edm_sync::sandbox::Sandbox;
+use serde_json::json;
+
+use crate::common::binary::{ok, run, text_of};
+use crate::common::daemon::{Daemon, metrics_text};
+use crate::common::{TestDb, applied_adds, http_get};
+
+/// A tenant file for `sb`: its CRM and EDM, list 1, and `extra` lines.
+fn tenant_file(sb: &Sandbox, extra: &str) -> String {
+    let own = sb.config_toml("unused");
+    let own = own.split("[database]").next().unwrap();
+    format!("{own}\n[sync]\nlist_id = 1\n{extra}\n")
+}
+
+/// A sandbox with list 1 and `n` customers, one link-man each
+/// (`{prefix}{c}@example.com`).
+async fn company(prefix: &str, n: i64) -> Sandbox {
+    let sb = Sandbox::start().await.unwrap();
+    sb.edm.create_list(1, "客户");
+    for c in 1..=n {
+        sb.crm
+            .put_customer(c, json!({"name": format!("{prefix}公司{c}")}));
+        sb.crm.put_linkman(
+            c,
+            c * 10,
+            json!({"name": format!("{prefix}{c}"), "email": format!("{prefix}{c}@example.com")}),
+        );
+    }
+    sb
+}
+
+/// A main config over `dir/tenants` on `db`, with daemon timings for tests.
+fn main_config(dir: &std::path::Path, db: &TestDb, more: &str) -> std::path::PathBuf {
+    let tenants = dir.join("tenants");
+    std::fs::create_dir_all(&tenants).unwrap();
+    let text = format!(
+        "[tenants]\ndir = {:?}\n[database]\nurl = {:?}\n[sync]\nschedule = \"* * * * * *\"\n[writeback]\nschedule = \"0 0 0 1 1 *\"\n[reconcile]\nschedule = \"\"\n[http]\nlisten = \"127.0.0.1:0\"\n[daemon]\nlock_poll_secs = 1\nshutdown_timeout_secs = 30\nlock_wait_secs = 2\n{more}\n",
+        tenants.display().to_string(),
+        db.url
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn put_tenant(config: &std::path::Path, name: &str, text: &str) {
+    std::fs::write(
+        config
+            .parent()
+            .unwrap()
+            .join("tenants")
+            .join(format!("{name}.toml")),
+        text,
+    )
+    .unwrap();
+}
+
+fn addresses(sb: &Sandbox) -> Vec<String> {
+    let mut found: Vec<String> = sb.edm.addresses(1).into_iter().map(|a| a.address).collect();
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn each_tenant_syncs_its_own_crm_into_its_own_edm_and_keeps_its_state_apart() {
+    for db in TestDb::all().await {
+        // Arrange: two companies, two EDM accounts, one database.
+        let (acme, beta) = (company("acme", 3).await, company("beta", 2).await);
+        let dir = tempfile::tempdir().unwrap();
+        let config = main_config(dir.path(), &db, "");
+        put_tenant(&config, "acme", &tenant_file(&acme, ""));
+        put_tenant(&config, "beta", &tenant_file(&beta, ""));
+
+        // Act: `--once` without `--tenant` runs every tenant.
+        let once = ok(&config, &["--once", "--job", "contacts"]).await;
+        let status = ok(&config, &["status"]).await;
+        let beta_alone = ok(&config, &["status", "--tenant", "beta", "--json"]).await;
+
+        // Assert: each account holds its own company's people, no other's.
+        assert_eq!(
+            addresses(&acme),
+            [
+                "acme1@example.com",
+                "acme2@example.com",
+                "acme3@example.com"
+            ],
+            "{}",
+            db.url
+        );
+        assert_eq!(addresses(&beta), ["beta1@example.com", "beta2@example.com"]);
+        let printed = text_of(&once);
+        assert!(
+            printed.contains("== tenant acme") && printed.contains("== tenant beta"),
+            "{printed}"
+        );
+        // `status` without `--tenant`: one line each; with it, the tenant's
+        // own report.
+        let lines = String::from_utf8_lossy(&status.stdout).to_string();
+        assert_eq!(lines.lines().count(), 2, "{lines}");
+        assert!(
+            lines.lines().next().unwrap().starts_with("acme: held by")
+                || lines.contains("acme: released by"),
+            "{lines}"
+        );
+        let report: serde_json::Value = serde_json::from_slice(&beta_alone.stdout).unwrap();
+        let members: u64 = report["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["count"].as_u64())
+            .sum();
+        assert_eq!(members, 2, "{report}");
+    }
+}
+
+#[tokio::test]
+async fn a_tenant_file_with_a_bad_key_is_named_and_the_other_tenants_run() {
+    // Arrange
+    let db = TestDb::new().await;
+    let acme = company("acme", 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = main_config(dir.path(), &db, "");
+    put_tenant(&config, "acme", &tenant_file(&acme, ""));
+    put_tenant(
+        &config,
+        "broken",
+        &tenant_file(&acme, "max_unsubscribe_ratio = \"high\""),
+    );
+
+    // Act
+    let once = run(&config, &["--once", "--job", "contacts"]).await;
+    let check = run(&config, &["check"]).await;
+
+    // Assert: acme ran; broken is named by file and key; exit 2.
+    assert_eq!(addresses(&acme).len(), 2);
+    let printed = text_of(&once);
+    assert_eq!(once.status.code(), Some(2), "{printed}");
+    assert!(
+        printed.contains("broken.toml") && printed.contains("sync.max_unsubscribe_ratio"),
+        "{printed}"
+    );
+    let checked = String::from_utf8_lossy(&check.stdout).to_string();
+    assert_eq!(check.status.code(), Some(1), "{checked}");
+    assert!(
+        checked.lines().any(|l| l.starts_with("acme: ok")),
+        "{checked}"
+    );
+    assert!(
+        checked
+            .lines()
+            .any(|l| l.starts_with("broken: FAILED") && l.contains("sync.max_unsubscribe_ratio")),
+        "{checked}"
+    );
+}
+
+#[tokio::test]
+async fn a_single_tenant_database_becomes_tenant_default_with_nothing_lost() {
+    for db in TestDb::all().await {
+        // Arrange: a deployment without tenant files has synced.
+        let sb = company("lm", 3).await;
+        let dir = tempfile::tempdir().unwrap();
+        let single = dir.path().join("single.toml");
+        std::fs::write(
+            &single,
+            format!("{}\n[sync]\nlist_id = 1\n", sb.config_toml(&db.url)),
+        )
+        .unwrap();
+        ok(&single, &["--once", "--job", "contacts"]).await;
+        let adds_before = applied_adds(&sb);
+
+        // Act: the same company becomes tenant `default` of a tenants dir,
+        // beside a new one.
+        let config = main_config(dir.path(), &db, "");
+        put_tenant(&config, "default", &tenant_file(&sb, ""));
+        let other = company("new", 1).await;
+        put_tenant(&config, "other", &tenant_file(&other, ""));
+        ok(&config, &["--once", "--job", "contacts"]).await;
+        let status = ok(&config, &["status", "--tenant", "default", "--json"]).await;
+
+        // Assert: `default` found its members (nothing added again), and
+        // its earlier run is still there.
+        assert_eq!(applied_adds(&sb), adds_before, "{}", db.url);
+        let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        assert_eq!(
+            report["runs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["job"] == "contacts")
+                .count(),
+            2,
+            "{report}"
+        );
+        assert_eq!(addresses(&other), ["new1@example.com"]);
+    }
+}
+
+#[tokio::test]
+async fn a_removed_tenant_keeps_its_state_until_purged() {
+    for db in TestDb::all().await {
+        // Arrange: a tenant that has run.
+        let acme = company("acme", 1).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = main_config(dir.path(), &db, "");
+        put_tenant(&config, "acme", &tenant_file(&acme, ""));
+        ok(&config, &["--once", "--job", "contacts"]).await;
+
+        // Act / Assert: purge is refused while its file is there…
+        let refused = run(&config, &["tenant", "purge", "acme"]).await;
+        assert_eq!(refused.status.code(), Some(1), "{}", text_of(&refused));
+        assert!(
+            text_of(&refused).contains("acme.toml"),
+            "{}",
+            text_of(&refused)
+        );
+        // …the state stays readable once the file is removed…
+        std::fs::remove_file(dir.path().join("tenants/acme.toml")).unwrap();
+        let kept = ok(&config, &["status", "--tenant", "acme", "--json"]).await;
+        let report: serde_json::Value = serde_json::from_slice(&kept.stdout).unwrap();
+        assert!(!report["runs"].as_array().unwrap().is_empty(), "{report}");
+        // …and purging deletes it.
+        ok(&config, &["tenant", "purge", "acme"]).await;
+        let gone = run(&config, &["status", "--tenant", "acme"]).await;
+        assert_eq!(gone.status.code(), Some(1), "{}", text_of(&gone));
+        assert!(
+            text_of(&gone).contains("no state database yet"),
+            "{}",
+            text_of(&gone)
+        );
+        if db.url.starts_with("sqlite") {
+            let file = db
+                .url
+                .trim_start_matches("sqlite://")
+                .split('?')
+                .next()
+                .unwrap()
+                .to_string();
+            assert!(!std::path::Path::new(&format!("{file}.tenants/acme.db")).exists());
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_daemon_serves_every_tenant_with_its_name_on_each_line_and_series() {
+    // Arrange: two tenants; beta's CRM refuses its token.
+    let db = TestDb::new().await;
+    let (acme, beta) = (company("acme", 2).await, company("beta", 2).await);
+    let dir = tempfile::tempdir().unwrap();
+    let config = main_config(dir.path(), &db, "");
+    put_tenant(&config, "acme", &tenant_file(&acme, ""));
+    put_tenant(
+        &config,
+        "beta",
+        &tenant_file(&beta, "").replace(crm_edm_sync::sandbox::TOKEN, "wrong-token"),
+    );
+
+    // Act
+    let mut daemon = Daemon::start(&config, &[]);
+    let ops = daemon.ops_url().await;
+    daemon
+        .expect("run finished", 2, Duration::from_secs(30))
+        .await;
+    let health = http_get(format!("{ops}/healthz")).await.unwrap();
+    let (code, body) = (health.status(), health.text().await.unwrap());
+    let text = metrics_text(&ops).await;
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+
+    // Assert: acme synced; beta failed alone, and is named.
+    assert_eq!(addresses(&acme).len(), 2);
+    assert!(addresses(&beta).is_empty());
+    assert_eq!(code, 503, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["status"], "failing");
+    assert_eq!(body["failing_tenants"], json!(["beta"]), "{body}");
+    // Every line of a run names its tenant; every series of its work too.
+    let lines = daemon.lines.lock().unwrap().clone();
+    let run_lines: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l.get("run_id").is_some()).collect();
+    assert!(!run_lines.is_empty());
+    for line in &run_lines {
+        assert!(
+            line["tenant"] == "acme" || line["tenant"] == "beta",
+            "{line}"
+        );
+    }
+    assert!(
+        text.contains(
+            r#"crm_edm_sync_runs_total{tenant="acme",job="contacts",outcome="succeeded"}"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"crm_edm_sync_runs_total{tenant="beta",job="contacts",outcome="failed"}"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_tenant_file_added_or_removed_takes_effect_on_sighup_without_a_restart() {
+    // Arrange: a daemon serving acme.
+    let db = TestDb::new().await;
+    let (acme, late) = (company("acme", 1).await, company("late", 2).await);
+    let dir = tempfile::tempdir().unwrap();
+    let config = main_config(dir.path(), &db, "");
+    put_tenant(&config, "acme", &tenant_file(&acme, ""));
+    let mut daemon = Daemon::start(&config, &[]);
+    daemon.ops_url().await;
+    daemon
+        .expect("run finished", 1, Duration::from_secs(30))
+        .await;
+
+    // Act: a new tenant file, a SIGHUP; then acme's file removed.
+    put_tenant(&config, "late", &tenant_file(&late, ""));
+    daemon.signal("-HUP");
+    daemon
+        .expect("tenant starts", 2, Duration::from_secs(10))
+        .await;
+    for _ in 0..100 {
+        if addresses(&late).len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::remove_file(dir.path().join("tenants/acme.toml")).unwrap();
+    daemon.signal("-HUP");
+    daemon
+        .expect("tenant file removed", 1, Duration::from_secs(10))
+        .await;
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+
+    // Assert
+    assert_eq!(addresses(&late).len(), 2);
+    let removed = daemon.find("tenant file removed").unwrap();
+    assert_eq!(removed["tenant"], "acme", "{removed}");
+}
+
+#[tokio::test]
+async fn a_tenant_name_is_checked_and_names_the_tenants_there_are() {
+    // Arrange
+    let db = TestDb::new().await;
+    let acme = company("acme", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = main_config(dir.path(), &db, "");
+    put_tenant(&config, "acme", &tenant_file(&acme, ""));
+    put_tenant(&config, "beta", &tenant_file(&acme, ""));
+
+    // Act
+    let bad = run(&config, &["status", "--tenant", "Not_A_Name"]).await;
+    let unknown = run(&config, &["--once", "--tenant", "gamma"]).await;
+    let which = run(&config, &["explain", "acme1@example.com"]).await;
+
+    // Assert
+    assert_eq!(bad.status.code(), Some(2), "{}", text_of(&bad));
+    assert_eq!(unknown.status.code(), Some(2), "{}", text_of(&unknown));
+    assert!(
+        text_of(&unknown).contains("acme, beta"),
+        "{}",
+        text_of(&unknown)
+    );
+    assert_eq!(which.status.code(), Some(2), "{}", text_of(&which));
+    assert!(text_of(&which).contains("--tenant"), "{}", text_of(&which));
+}
+
+/// Who holds each tenant, as `status --json` says: tenant → instance
+/// (`None`: released or never held).
+async fn holders(config: &std::path::Path) -> std::collections::BTreeMap<String, Option<String>> {
+    // Exit 1 while a tenant has no state yet: read what there is.
+    let out = run(config, &["status", "--json"]).await;
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    all["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let holder = &t["holder"];
+            let held = holder.is_object() && holder["released"] == false;
+            (
+                t["tenant"].as_str().unwrap().to_string(),
+                held.then(|| holder["instance"].as_str().unwrap().to_string()),
+            )
+        })
+        .collect()
+}
+
+/// How many tenants each instance holds.
+fn shares(
+    held: &std::collections::BTreeMap<String, Option<String>>,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut per = std::collections::BTreeMap::new();
+    for instance in held.values().flatten() {
+        *per.entry(instance.clone()).or_insert(0) += 1;
+    }
+    per
+}
+
+/// Polls `holders` until `done` says so, or `within` passes.
+async fn until(
+    config: &std::path::Path,
+    within: Duration,
+    done: impl Fn(&std::collections::BTreeMap<String, Option<String>>) -> bool,
+) -> std::collections::BTreeMap<String, Option<String>> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let held = holders(config).await;
+        if done(&held) || tokio::time::Instant::now() > deadline {
+            return held;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn instances_on_one_postgres_database_share_the_tenants_and_take_over_a_dead_ones() {
+    let Some(db) = TestDb::postgres().await else {
+        crate::common::skipped_without_postgres("instances_share_the_tenants");
+        return;
+    };
+    // Arrange: six tenants, one instance holding all of them.
+    let dir = tempfile::tempdir().unwrap();
+    let config = main_config(dir.path(), &db, "");
+    let mut companies = Vec::new();
+    for i in 0..6 {
+        let sb = company(&format!("t{i}x"), 2).await;
+        put_tenant(&config, &format!("t{i}"), &tenant_file(&sb, ""));
+        companies.push(sb);
+    }
+    let id = |name: &str| ("CRM_EDM_SYNC__DAEMON__INSTANCE_ID", name.to_string());
+    let start = |name: &str| {
+        let (k, v) = id(name);
+        Daemon::start(&config, &[(k, v.as_str())])
+    };
+    let _a = start("a");
+    let all_a = until(&config, Duration::from_secs(30), |h| {
+        h.values().all(|i| i.as_deref() == Some("a"))
+    })
+    .await;
+    assert!(
+        all_a.values().all(|i| i.as_deref() == Some("a")),
+        "{all_a:?}"
+    );
+
+    // Act: two more instances join.
+    let b = start("b");
+    let _c = start("c");
+    let fair = |h: &std::collections::BTreeMap<String, Option<String>>| {
+        let per = shares(h);
+        per.len() == 3 && per.values().all(|n| *n == 2) && h.values().all(Option::is_some)
+    };
+    let balanced = until(&config, Duration::from_secs(60), fair).await;
+
+    // Assert: each holds its share (⌈6/3⌉ = 2).
+    assert!(fair(&balanced), "{balanced:?}");
+
+    // Act: one instance dies without a word.
+    let held_by_b: Vec<String> = balanced
+        .iter()
+        .filter(|(_, i)| i.as_deref() == Some("b"))
+        .map(|(t, _)| t.clone())
+        .collect();
+    b.signal("-KILL");
+    let after = until(&config, Duration::from_secs(30), |h| {
+        h.values()
+            .all(|i| matches!(i.as_deref(), Some("a") | Some("c")))
+    })
+    .await;
+
+    // Assert: its tenants are taken over by the two left, each at most
+    // ⌈6/2⌉ = 3, and nobody was added twice.
+    assert!(
+        after
+            .values()
+            .all(|i| matches!(i.as_deref(), Some("a") | Some("c"))),
+        "{after:?} (b held {held_by_b:?})"
+    );
+    assert!(shares(&after).values().all(|n| *n <= 3), "{after:?}");
+    for sb in &companies {
+        assert!(
+            applied_adds(sb).values().all(|n| *n == 1),
+            "{:?}",
+            applied_adds(sb)
+        );
+        assert_eq!(addresses(sb).len(), 2);
+    }
+}
