@@ -145,6 +145,7 @@ async fn findings(settings: &Settings) -> anyhow::Result<(bool, Vec<String>)> {
         }
     }
     ok &= check_edm(settings, &clients, &mut out).await;
+    ok &= check_reseller(settings, &clients, &mut out).await;
     match clients.crm.customers_page(1, 1).await {
         Ok(_) => out.push("crm: ok".to_string()),
         Err(e) => {
@@ -243,6 +244,56 @@ async fn check_edm(
         )),
     }
     ok
+}
+
+/// The `reseller:` line, with a reseller account: the tenant's service as
+/// the reseller API reports it, and the top-up rule. Whether all is well.
+async fn check_reseller(
+    settings: &Settings,
+    clients: &crate::jobs::Clients,
+    out: &mut Vec<String>,
+) -> bool {
+    let Some(account) = settings.reseller_edm() else {
+        return true;
+    };
+    let customer = &settings.edm.username;
+    let client = match crate::edm::EdmClient::new(&account, clients.redactor.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            out.push(format!("reseller: FAILED: {e:#}"));
+            return false;
+        }
+    };
+    match client.customer_service_info(customer).await {
+        Ok(s) => {
+            let rule = settings
+                .reseller
+                .top_up()
+                .map_or("no top-up".to_string(), |r| {
+                    format!(
+                        "top-up of {} when below {}, at most {} a day",
+                        r.count, r.below, r.max_per_day
+                    )
+                });
+            out.push(format!(
+                "reseller: ok: customer {customer} (account {}): {} (status {:?}), ends {}, {} sends left; {rule}",
+                account.username,
+                if s.enabled { "enabled" } else { "disabled" },
+                s.status,
+                s.expires.map_or("on an unknown date".to_string(), |d| d.to_string()),
+                s.quota_left.map_or("an unknown number of".to_string(), |q| q.to_string()),
+            ));
+            true
+        }
+        Err(e) => {
+            out.push(format!(
+                "reseller: FAILED (account {}, customer {customer}): {}",
+                account.username,
+                clients.redactor.redact(&e.to_string())
+            ));
+            false
+        }
+    }
 }
 
 /// Each configured list id (`sync.list_id`, `sync.routes[i].list_id`)

@@ -46,4 +46,5 @@ pub mod stored_enums;
 pub mod sync;
 pub(crate) mod telemetry;
 pub(crate) mod template;
+pub mod topup;
 pub mod writeback;

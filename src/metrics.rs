@@ -25,6 +25,7 @@ pub(crate) mod metric {
     pub(crate) const EDM_QUOTA_LEFT: &str = "crm_edm_sync_edm_quota_available";
     pub(crate) const STATE_DB_WRITABLE: &str = "crm_edm_sync_state_db_writable";
     pub(crate) const DRIFT_MEMBERS: &str = "crm_edm_sync_drift_members";
+    pub(crate) const TOP_UPS: &str = "crm_edm_sync_reseller_top_ups_total";
 }
 
 /// Run outcomes a job's run ends with.
@@ -58,6 +59,9 @@ pub(crate) fn zero_series(jobs: &[&'static str]) {
     for api in APIS {
         metrics::counter!(metric::HTTP_REQUESTS, "tenant" => tenant(), "api" => api).absolute(0);
         metrics::counter!(metric::HTTP_RETRIES, "tenant" => tenant(), "api" => api).absolute(0);
+    }
+    for outcome in TOP_UP_OUTCOMES {
+        metrics::counter!(metric::TOP_UPS, "tenant" => tenant(), "outcome" => outcome).absolute(0);
     }
     for kind in QUEUE_KINDS {
         metrics::gauge!(metric::PENDING, "tenant" => tenant(), "kind" => kind).set(0.0);
@@ -242,6 +246,15 @@ pub(crate) fn drift_members(list_id: i64, kind: &'static str, n: usize) {
         .set(n as f64);
 }
 
+/// Outcomes of a reseller top-up.
+pub(crate) const TOP_UP_OUTCOMES: [&str; 3] = ["added", "understock", "failed"];
+
+/// A reseller top-up asked for the tenant ended with `outcome` (`added`,
+/// `understock`, `failed`).
+pub(crate) fn top_up(outcome: &'static str) {
+    metrics::counter!(metric::TOP_UPS, "tenant" => tenant(), "outcome" => outcome).increment(1);
+}
+
 /// Installs the Prometheus recorder for this process.
 pub(crate) fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     let recorder = PrometheusBuilder::new().build_recorder();
@@ -252,6 +265,10 @@ pub(crate) fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_counter!(metric::OPERATIONS, "Operations by kind and outcome");
     metrics::describe_counter!(metric::HTTP_REQUESTS, "HTTP requests by API");
     metrics::describe_counter!(metric::HTTP_RETRIES, "HTTP retries by API");
+    metrics::describe_counter!(
+        metric::TOP_UPS,
+        "Reseller top-ups (add-count) asked for the tenant, by outcome"
+    );
     metrics::describe_gauge!(
         metric::LAST_SUCCESS,
         "Unix time of the last successful run per job"

@@ -111,8 +111,9 @@ pub async fn run_job(ctx: &Context, what: &OnceJobs, job: Job) -> (bool, String)
             Ok(report) => {
                 if let Outcome::DryRun(preview) = &report.outcome {
                     text.push_str(&render_plan(&report, preview));
+                    let top_up = planned_top_up(ctx, &mut text).await;
                     if let Some(path) = &what.plan {
-                        if let Err(e) = write_plan(path, preview) {
+                        if let Err(e) = write_plan(path, preview, top_up) {
                             return (failed(ctx, job, e, &mut text), text);
                         }
                         text.push_str(&format!("plan written to {}\n", path.display()));
@@ -348,11 +349,40 @@ fn changes(old: &MemberFields, new: &MemberFields) -> String {
     parts.join(", ")
 }
 
+/// The reseller top-up the dry run's moment calls for (a line of the
+/// plan, and its `--plan` line); a service that cannot be read is said,
+/// and plans none.
+async fn planned_top_up(ctx: &Context, text: &mut String) -> Option<serde_json::Value> {
+    match crate::topup::planned(ctx).await {
+        Ok(Some(top_up)) => {
+            text.push_str(&format!(
+                "plan: top up {} sends through the reseller account ({} left, below reseller.top_up_below = {})\n",
+                top_up.count,
+                top_up.qty_available,
+                ctx.settings.reseller.top_up_below.unwrap_or_default()
+            ));
+            Some(top_up.json_line(ctx.settings.tenant.as_str()))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            let e = ctx.redactor.redact(&format!("{e:#}"));
+            text.push_str(&format!(
+                "plan: no top-up planned: cannot read the service: {e}\n"
+            ));
+            None
+        }
+    }
+}
+
 /// Writes `--plan FILE`: one JSON object a line, the file created (or
 /// truncated) readable by its owner only, since it holds full addresses.
-fn write_plan(path: &std::path::Path, preview: &Preview) -> anyhow::Result<()> {
+fn write_plan(
+    path: &std::path::Path,
+    preview: &Preview,
+    top_up: Option<serde_json::Value>,
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
     // Readable by its owner only: it holds full addresses.
-    crate::jobs::private_file::write_json_lines(path, preview.json_lines())
+    crate::jobs::private_file::write_json_lines(path, preview.json_lines().chain(top_up))
         .with_context(|| format!("cannot write the plan to {}", path.display()))
 }

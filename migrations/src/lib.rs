@@ -19,6 +19,7 @@ mod m20261205_000012_index_ledger_by_status_and_id;
 mod m20261205_000013_mark_daemon_unsubscribes;
 mod m20261205_000014_create_audit_trail;
 mod m20261205_000015_create_forget_key;
+mod m20261205_000016_create_reseller_top_ups;
 
 /// The migrator: every migration in order.
 pub struct Migrator;
@@ -42,6 +43,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261205_000013_mark_daemon_unsubscribes::Migration),
             Box::new(m20261205_000014_create_audit_trail::Migration),
             Box::new(m20261205_000015_create_forget_key::Migration),
+            Box::new(m20261205_000016_create_reseller_top_ups::Migration),
         ]
     }
 }

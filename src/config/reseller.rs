@@ -128,3 +128,25 @@ impl ResellerSettings {
         Ok(())
     }
 }
+
+impl super::Settings {
+    /// The `[edm]` settings of the reseller client of this tenant: the
+    /// reseller's account, `reseller.base_url` (else the tenant's
+    /// `edm.base_url`), credentials in the query as the documents say, and
+    /// the tenant's timeouts and limits. `None` without a reseller account.
+    pub fn reseller_edm(&self) -> Option<super::EdmSettings> {
+        let reseller = &self.reseller;
+        if !reseller.enabled() {
+            return None;
+        }
+        let mut edm = self.edm.clone();
+        edm.username = reseller.username.clone().unwrap_or_default();
+        edm.password = reseller.password.clone()?;
+        edm.password_file = None;
+        if let Some(url) = &reseller.base_url {
+            edm.base_url = url.clone();
+        }
+        edm.auth = super::EdmAuth::Query;
+        Some(edm)
+    }
+}

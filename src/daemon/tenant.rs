@@ -61,8 +61,9 @@ pub(super) async fn serve(
     let reader = crate::state::Store::reader_beside(&base.settings.database.url).await?;
     let health = TenantHealth::new(reader.clone(), base.store.writable().clone());
     shared.health.insert(&name, health.clone());
-    let service_info = spawn_service_info(live.clone());
-    let turns = take_turns(&live, &shared, &reader, &stop, &health).await;
+    let taken = Arc::new(tokio::sync::Notify::new());
+    let service_info = spawn_service_info(live.clone(), health.active.clone(), taken.clone());
+    let turns = take_turns(&live, &shared, &reader, &stop, &health, &taken).await;
     service_info.abort();
     shared.health.remove(&name);
     reader.close().await;
@@ -95,6 +96,7 @@ async fn take_turns(
     ops_store: &crate::state::Store,
     stop: &CancellationToken,
     health: &TenantHealth,
+    taken: &tokio::sync::Notify,
 ) -> anyhow::Result<()> {
     let settings = live.current().settings;
     let poll = settings.daemon.lock_poll;
@@ -108,6 +110,7 @@ async fn take_turns(
                 Ok(Some(lock)) => {
                     said_standby = false;
                     health.active.store(true, Ordering::SeqCst);
+                    taken.notify_one();
                     shared.role_changed();
                     tracing::info!("holding the instance lock: this instance runs the jobs");
                     let period = active_period(live, shared, ops_store, lock, stop).await;
@@ -494,30 +497,40 @@ async fn run_job(ctx: &Context, job: Job) {
     }
 }
 
-/// How often the daemon reads EDM's `service-info` for its gauges.
+/// How often the daemon reads EDM's `service-info` for its gauges (and
+/// tops the tenant up when that is due).
 const SERVICE_INFO_EVERY: Duration = Duration::from_secs(3600);
 
-/// Reads EDM's sending service now and every [`SERVICE_INFO_EVERY`] into
-/// the `crm_edm_sync_edm_service_*` and quota gauges (active and standby
-/// alike: it is one read). A failure is a warning; the gauges keep their
-/// last values.
-fn spawn_service_info(live: Arc<Live>) -> tokio::task::JoinHandle<()> {
+/// Reads the tenant's sending service now, every [`SERVICE_INFO_EVERY`]
+/// and whenever this instance takes the tenant, into the
+/// `crm_edm_sync_edm_service_*` and quota gauges (standby or not: it is
+/// one read), topping it up while this instance holds it (`topup`). A
+/// failure is a warning; the gauges keep their last values.
+fn spawn_service_info(
+    live: Arc<Live>,
+    active: Arc<std::sync::atomic::AtomicBool>,
+    taken: Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(crate::scope::carried(async move {
         loop {
-            // The client of the current settings (a reload may change the
-            // credentials).
-            let edm = live.current().edm;
-            match edm.service_info().await {
-                Ok(s) => crate::metrics::edm_service(
-                    s.enabled,
-                    s.expires
-                        .and_then(|d| d.and_hms_opt(0, 0, 0))
-                        .map(|t| t.and_utc().timestamp()),
-                    s.quota_left,
-                ),
-                Err(e) => tracing::warn!(error = %e, "cannot read EDM's service-info"),
+            // The context of the current settings (a reload may change
+            // the credentials). A top-up is a fenced write: only once the
+            // lease is taken.
+            let ctx = live.current();
+            let holds = active.load(Ordering::SeqCst) && ctx.store.fence_epoch() > 0;
+            crate::topup::refresh(&ctx, holds).await;
+            tokio::select! {
+                _ = tokio::time::sleep(SERVICE_INFO_EVERY) => {}
+                _ = taken.notified() => {
+                    // Taken: the lease follows within moments.
+                    for _ in 0..50 {
+                        if live.current().store.fence_epoch() > 0 {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
             }
-            tokio::time::sleep(SERVICE_INFO_EVERY).await;
         }
     }))
 }

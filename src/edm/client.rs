@@ -214,6 +214,23 @@ fn date_part(raw: &str) -> Option<String> {
     Some(d.to_string())
 }
 
+/// A `<service>` answer read.
+fn service_from(s: xml::ServiceXml) -> ServiceInfo {
+    let status = s.service_status.trim().to_string();
+    let off = [
+        "disabled", "0", "false", "停用", "关闭", "过期", "expired", "stopped",
+    ];
+    let date = s.expiration_date.trim();
+    ServiceInfo {
+        enabled: !off.contains(&status.to_lowercase().as_str()),
+        expires: date
+            .get(..10)
+            .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok()),
+        quota_left: s.qty_available.trim().parse().ok(),
+        status,
+    }
+}
+
 /// The EDM client.
 #[derive(Clone, Debug)]
 pub struct EdmClient {
@@ -433,19 +450,71 @@ impl EdmClient {
                 "service",
             )
             .await?;
-        let status = s.service_status.trim().to_string();
-        let off = [
-            "disabled", "0", "false", "停用", "关闭", "过期", "expired", "stopped",
-        ];
-        let date = s.expiration_date.trim();
-        Ok(ServiceInfo {
-            enabled: !off.contains(&status.to_lowercase().as_str()),
-            expires: date
-                .get(..10)
-                .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok()),
-            quota_left: s.qty_available.trim().parse().ok(),
-            status,
-        })
+        Ok(service_from(s))
+    }
+
+    /// The reseller API (`service.php?do=service-info&customer=…`, this
+    /// client built with the reseller's account): `customer`'s service.
+    #[tracing::instrument(skip_all)]
+    pub async fn customer_service_info(&self, customer: &str) -> Result<ServiceInfo, RemoteError> {
+        let url = format!("{}/service.php", self.base_url);
+        let s: xml::ServiceXml = self
+            .http
+            .execute(
+                "service-info",
+                Idempotence::Idempotent,
+                || self.reseller_request(&url, "service-info", customer, &[]),
+                |body| self.parse_xml("service-info", body, "service"),
+            )
+            .await?;
+        Ok(service_from(s))
+    }
+
+    /// The reseller API's `add-count`: `count` sends from the reseller's
+    /// pool to `customer`, with `remark`. Sent once (not idempotent: a
+    /// lost answer is not sent again). A refusal is
+    /// [`ErrorKind::Rejected`] with EDM's code (`understock`: the
+    /// reseller's own pool is short).
+    #[tracing::instrument(skip_all)]
+    pub async fn add_count(
+        &self,
+        customer: &str,
+        count: u64,
+        remark: &str,
+    ) -> Result<(), RemoteError> {
+        let url = format!("{}/service.php", self.base_url);
+        let form = [("count", count.to_string()), ("remark", remark.to_string())];
+        let _: ResultXml = self
+            .http
+            .execute(
+                "add-count",
+                Idempotence::NotIdempotent,
+                || self.reseller_request(&url, "add-count", customer, &form),
+                |body| self.parse_xml("add-count", body, "result"),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A reseller request: the documents put `customer` in the query with
+    /// the credentials; the rest goes in the form.
+    fn reseller_request(
+        &self,
+        url: &str,
+        operation: &str,
+        customer: &str,
+        form: &[(&str, String)],
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .client
+            .post(url)
+            .query(&[
+                ("username", self.username.as_str()),
+                ("password", self.password.expose_secret()),
+                ("do", operation),
+                ("customer", customer),
+            ])
+            .form(form)
     }
 
     /// `maillist-list`: every list of the account.

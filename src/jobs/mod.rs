@@ -53,6 +53,11 @@ pub fn secrets_of(settings: &Settings) -> Vec<String> {
         crate::edm::basic_credentials(&settings.edm.username, &password),
         password,
     ];
+    if let Some(reseller) = settings.reseller.password.as_ref() {
+        let plain = reseller.expose_secret().to_string();
+        secrets.push(password_md5(&plain));
+        secrets.push(plain);
+    }
     if let Ok(url) = url::Url::parse(settings.database.url.expose_secret())
         && let Some(p) = url.password()
     {

@@ -81,6 +81,11 @@ struct EdmData {
     /// `service-info`: (status, expiration date, sends left); `None` is
     /// the default: enabled, 2099-12-31, 1 000 000.
     service: Option<(String, String, i64)>,
+    /// The reseller's own sends left to give (`add-count` takes from it);
+    /// `None`: ten million.
+    reseller_pool: Option<i64>,
+    /// Every `add-count` carried out: (customer, count, remark).
+    top_ups: Vec<(String, i64, String)>,
 }
 
 impl EdmData {
@@ -205,6 +210,17 @@ impl EdmHandle {
             expiration_date.to_string(),
             qty_available,
         ));
+    }
+
+    /// The reseller's own sends left to give: an `add-count` of more is
+    /// refused `understock`.
+    pub fn set_reseller_pool(&self, sends: i64) {
+        lock(&self.data).reseller_pool = Some(sends);
+    }
+
+    /// Every `add-count` carried out: (customer, count, remark).
+    pub fn top_ups(&self) -> Vec<(String, i64, String)> {
+        lock(&self.data).top_ups.clone()
     }
 
     pub fn create_list(&self, id: i64, subject: &str) {
@@ -383,9 +399,15 @@ async fn handle_api(
 ) -> Response {
     h.note_encoding(&headers);
     let q = params(query.as_deref(), &[]);
-    let authorized = q.get("username").map(String::as_str) == Some(super::EDM_USER)
+    // `service.php` is the reseller API: the reseller's own account.
+    let (user, password) = if script == "service.php" {
+        (super::RESELLER_USER, super::RESELLER_PASSWORD)
+    } else {
+        (super::EDM_USER, super::EDM_PASSWORD)
+    };
+    let authorized = q.get("username").map(String::as_str) == Some(user)
         && q.get("password").map(String::as_str)
-            == Some(crate::edm::password_md5(super::EDM_PASSWORD).as_str());
+            == Some(crate::edm::password_md5(password).as_str());
     handle(h, script, query, body, authorized).await
 }
 
@@ -518,6 +540,12 @@ fn answer(h: &EdmHandle, script: &str, operation: &str, p: &BTreeMap<String, Str
     match (script, operation) {
         ("account.php", "customer-info") => answer_customer_info(),
         ("account.php", "service-info") => answer_service_info(&mut d),
+        ("service.php", _) if p.get("customer").map(String::as_str) != Some(super::EDM_USER) => {
+            result("customer_not_exist", "不存在此客户", None)
+        }
+        ("service.php", "service-info") => answer_service_info(&mut d),
+        ("service.php", "add-count") => answer_add_count(&mut d, p),
+        ("service.php", "set-service") => answer_set_service(&mut d, p),
         ("mloperate.php", "maillist-list") => answer_maillist_list(&mut d),
         ("mloperate.php", "maillist-detail") => answer_maillist_detail(&mut d, p),
         ("mloperate.php", "ml-addr-list") => answer_ml_addr_list(&mut d, p, list_id),
@@ -567,6 +595,42 @@ fn answer_service_info(d: &mut EdmData) -> String {
     x.leaf(1, "qty_available", &qty.to_string());
     x.close(0, "service");
     x.0
+}
+
+/// `service.php?do=add-count`: sends from the reseller's pool to the
+/// customer's account.
+fn answer_add_count(d: &mut EdmData, p: &BTreeMap<String, String>) -> String {
+    let Some(count) = int(p, "count").filter(|c| *c > 0) else {
+        return result("add_count_error", "群发量无效", None);
+    };
+    let pool = d.reseller_pool.unwrap_or(10_000_000);
+    if count > pool {
+        return result("understock", "您剩余的群发量不足以此次操作", None);
+    }
+    d.reseller_pool = Some(pool - count);
+    let (status, expires, qty) = d
+        .service
+        .clone()
+        .unwrap_or_else(|| ("enabled".to_string(), "2099-12-31".to_string(), 1_000_000));
+    d.service = Some((status, expires, qty + count));
+    let remark = p.get("remark").cloned().unwrap_or_default();
+    d.top_ups.push((super::EDM_USER.to_string(), count, remark));
+    result("success", "添加群发量成功", None)
+}
+
+/// `service.php?do=set-service`: `disabled` 1 or 0.
+fn answer_set_service(d: &mut EdmData, p: &BTreeMap<String, String>) -> String {
+    let (_, expires, qty) = d
+        .service
+        .clone()
+        .unwrap_or_else(|| ("enabled".to_string(), "2099-12-31".to_string(), 1_000_000));
+    let status = if int(p, "disabled") == Some(1) {
+        "disabled"
+    } else {
+        "enabled"
+    };
+    d.service = Some((status.to_string(), expires, qty));
+    result("success", "设置群发服务成功", None)
 }
 
 /// `mloperate.php?do=maillist-list`.

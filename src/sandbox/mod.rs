@@ -28,6 +28,11 @@ pub const TOKEN: &str = "sandbox-crm-token-5f2c9e";
 pub const EDM_USER: &str = "demo";
 /// The EDM password (plain) whose MD5 the sandbox accepts.
 pub const EDM_PASSWORD: &str = "sandbox-edm-password-81d4";
+/// The sandbox's reseller account (`service.php`), whose customer is
+/// [`EDM_USER`].
+pub const RESELLER_USER: &str = "reseller";
+/// Its password (sent as MD5, like the user API's).
+pub const RESELLER_PASSWORD: &str = "sandbox-reseller-password-3e7a";
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it
 /// (the sandbox's state stays usable for the test that observes it).

@@ -371,3 +371,28 @@ pub(super) mod audit_entry {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// The reseller top-ups asked for this tenant (`reseller_top_ups`).
+pub(super) mod top_up {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "reseller_top_ups")]
+    pub(crate) struct Model {
+        #[sea_orm(primary_key)]
+        pub(crate) id: i64,
+        /// `YYYY-MM-DD` in `edm.timezone`.
+        pub(crate) day: String,
+        pub(crate) at: i64,
+        pub(crate) count: i64,
+        /// `asked` (recorded, the call not yet answered), `added`,
+        /// `understock`, `failed`.
+        pub(crate) outcome: String,
+        pub(crate) detail: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub(crate) enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

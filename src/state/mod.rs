@@ -28,6 +28,7 @@ mod refusals;
 mod requests;
 mod retention;
 mod runs;
+mod top_ups;
 mod writable;
 
 pub use audit::{AuditEntry, AuditRecord};
@@ -45,6 +46,7 @@ pub use refusals::{EdmRefusal, NewRefusal, ParkedRecord, RefusalKey};
 pub use requests::{RunAsk, RunRequest};
 pub use retention::Pruned;
 pub use runs::RunRow;
+pub use top_ups::{TopUpDay, TopUpOutcome};
 pub use writable::{UnrecordedEnd, Writable};
 
 use std::collections::HashMap;

@@ -44,6 +44,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("reconcile", 6),
     ("forget", 6),
     ("purge", 6),
+    ("topup", 6),
     ("reload", 6),
     // 7: commands that run jobs.
     ("once", 7),

@@ -24,6 +24,7 @@ mod read_only;
 mod reader_properties;
 mod real_shapes;
 mod reconcile;
+mod reseller;
 mod restore;
 mod stdout;
 mod tenants;
