@@ -26,6 +26,7 @@ pub(crate) mod metric {
     pub(crate) const STATE_DB_WRITABLE: &str = "crm_edm_sync_state_db_writable";
     pub(crate) const DRIFT_MEMBERS: &str = "crm_edm_sync_drift_members";
     pub(crate) const TOP_UPS: &str = "crm_edm_sync_reseller_top_ups_total";
+    pub(crate) const TENANT_HELD: &str = "crm_edm_sync_tenant_held";
 }
 
 /// Run outcomes a job's run ends with.
@@ -68,6 +69,7 @@ pub(crate) fn zero_series(jobs: &[&'static str]) {
         metrics::gauge!(metric::PARKED, "tenant" => tenant(), "kind" => kind).set(0.0);
     }
     state_db_writable(true);
+    tenant_held(false);
     for &job in jobs {
         // 0: no success yet (the state database's last one replaces it).
         metrics::gauge!(metric::LAST_SUCCESS, "tenant" => tenant(), "job" => job).set(0.0);
@@ -246,6 +248,13 @@ pub(crate) fn drift_members(list_id: i64, kind: &'static str, n: usize) {
         .set(n as f64);
 }
 
+/// Whether this instance holds the tenant (its lock and lease: it runs
+/// the tenant's jobs), 1 or 0; summed over the instances, each tenant
+/// should read exactly 1.
+pub(crate) fn tenant_held(held: bool) {
+    metrics::gauge!(metric::TENANT_HELD, "tenant" => tenant()).set(if held { 1.0 } else { 0.0 });
+}
+
 /// Outcomes of a reseller top-up.
 pub(crate) const TOP_UP_OUTCOMES: [&str; 3] = ["added", "understock", "failed"];
 
@@ -265,6 +274,10 @@ pub(crate) fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_counter!(metric::OPERATIONS, "Operations by kind and outcome");
     metrics::describe_counter!(metric::HTTP_REQUESTS, "HTTP requests by API");
     metrics::describe_counter!(metric::HTTP_RETRIES, "HTTP retries by API");
+    metrics::describe_gauge!(
+        metric::TENANT_HELD,
+        "1 while this instance holds the tenant and runs its jobs"
+    );
     metrics::describe_counter!(
         metric::TOP_UPS,
         "Reseller top-ups (add-count) asked for the tenant, by outcome"

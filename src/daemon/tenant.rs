@@ -110,11 +110,13 @@ async fn take_turns(
                 Ok(Some(lock)) => {
                     said_standby = false;
                     health.active.store(true, Ordering::SeqCst);
+                    crate::metrics::tenant_held(true);
                     taken.notify_one();
                     shared.role_changed();
                     tracing::info!("holding the instance lock: this instance runs the jobs");
                     let period = active_period(live, shared, ops_store, lock, stop).await;
                     health.active.store(false, Ordering::SeqCst);
+                    crate::metrics::tenant_held(false);
                     // A tenant handed over gave its place up already.
                     if !matches!(period, Ok(Period::HandedOver)) {
                         shared.balance.unreserve();
