@@ -209,7 +209,13 @@ pub struct Session {
     /// The second key of this process's presence lock, once taken in the
     /// current generation.
     presence: std::sync::Mutex<Option<(u64, i32)>>,
+    /// When the connection last answered: a check within
+    /// [`PING_FRESH`] of it does not ask again.
+    answered: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long an answer of the lock connection vouches for it.
+const PING_FRESH: Duration = Duration::from_millis(500);
 
 /// The sessions of this process, by database (URL without the tenant's
 /// `search_path`).
@@ -229,6 +235,7 @@ impl Session {
                     generation: AtomicU64::new(0),
                     held: Default::default(),
                     presence: Default::default(),
+                    answered: Default::default(),
                 })
             })
             .clone()
@@ -286,13 +293,29 @@ impl Session {
         Ok(got.then_some(generation))
     }
 
+    /// Whether the connection answers (asked at most every
+    /// [`PING_FRESH`]).
+    async fn answers(&self, conn: &mut PgConnection) -> bool {
+        let fresh = self
+            .answered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() < PING_FRESH);
+        if fresh {
+            return true;
+        }
+        let ok = conn.ping().await.is_ok();
+        *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = ok.then(std::time::Instant::now);
+        ok
+    }
+
     /// Whether `key`, taken in `generation`, is still held.
     async fn holds(&self, key: i64, generation: u64) -> bool {
         let mut guard = self.conn.lock().await;
         let Some(conn) = guard.as_mut() else {
             return false;
         };
-        conn.ping().await.is_ok()
+        self.answers(conn).await
             && self.generation.load(Ordering::SeqCst) == generation
             && self
                 .held
@@ -361,6 +384,55 @@ impl Session {
         .await
         .context("cannot count the instances")?;
         Ok(usize::try_from(n).unwrap_or(1).max(1))
+    }
+}
+
+impl Session {
+    /// A tenant's lease epoch and waiting requests, read on this
+    /// connection (never reconnecting: a lost connection is an error).
+    async fn peek(&self, schema: Option<&str>) -> anyhow::Result<crate::state::fleet::Peek> {
+        let mut guard = self.conn.lock().await;
+        let conn = guard.as_mut().context("the lock connection is gone")?;
+        crate::state::fleet::peek(conn, schema).await
+    }
+
+    /// A tenant's last finished run of each job, read on this connection.
+    async fn last_finished(&self, schema: Option<&str>) -> anyhow::Result<Vec<LastRun>> {
+        let mut guard = self.conn.lock().await;
+        let conn = self.alive(&mut guard).await?;
+        crate::state::fleet::last_finished(conn, schema).await
+    }
+}
+
+/// A job's last finished run: how it ended and its error.
+pub type LastRun = (
+    crate::stored_enums::Job,
+    crate::stored_enums::RunStatus,
+    Option<String>,
+);
+
+/// On PostgreSQL, the lease epoch and waiting `--once` requests of the
+/// tenant at `url`, read on this process's lock connection (no tenant
+/// pool is opened); `None` on SQLite, whose caller reads its own store.
+pub async fn peek(url: &SecretString) -> Option<anyhow::Result<crate::state::fleet::Peek>> {
+    match LockTarget::of(url) {
+        LockTarget::Postgres(raw) => {
+            let schema = crate::state::tenant_schema(&raw).map(str::to_string);
+            Some(Session::of(&raw).peek(schema.as_deref()).await)
+        }
+        _ => None,
+    }
+}
+
+/// On PostgreSQL, the tenant's last finished run of each job, read on the
+/// lock connection; `None` on SQLite.
+pub async fn last_finished(url: &SecretString) -> Option<anyhow::Result<Vec<LastRun>>> {
+    match LockTarget::of(url) {
+        LockTarget::Postgres(raw) => {
+            let schema = crate::state::tenant_schema(&raw).map(str::to_string);
+            Some(Session::of(&raw).last_finished(schema.as_deref()).await)
+        }
+        _ => None,
     }
 }
 

@@ -363,6 +363,8 @@ mod tests {
             EDM_QUOTA_LEFT,
             STATE_DB_WRITABLE,
             DRIFT_MEMBERS,
+            TOP_UPS,
+            TENANT_HELD,
         ];
         for file in [
             "deploy/prometheus/alerts.yml",

@@ -34,15 +34,43 @@ pub(crate) struct TenantHealth {
     writable: Writable,
     /// Whether this instance holds the tenant (runs its jobs).
     pub(crate) active: Arc<AtomicBool>,
+    /// The tenant's `database.url`: on PostgreSQL its runs are read on the
+    /// lock connection, no pool of the tenant's opened for it.
+    url: secrecy::SecretString,
 }
 
 impl TenantHealth {
-    pub(crate) fn new(store: Store, writable: Writable) -> TenantHealth {
+    pub(crate) fn new(
+        store: Store,
+        writable: Writable,
+        url: secrecy::SecretString,
+    ) -> TenantHealth {
         TenantHealth {
             store,
             writable,
             active: Arc::new(AtomicBool::new(false)),
+            url,
         }
+    }
+
+    /// Each job's last finished run: how it ended and its error.
+    async fn last_runs(&self) -> Result<Vec<crate::lock::LastRun>, String> {
+        if let Some(read) = crate::lock::last_finished(&self.url).await {
+            return read.map_err(|e| format!("cannot read runs: {e:#}"));
+        }
+        self.store
+            .connection()
+            .ping()
+            .await
+            .map_err(|e| format!("state database unreachable: {e}"))?;
+        Ok(self
+            .store
+            .last_finished_runs()
+            .await
+            .map_err(|e| format!("cannot read runs: {e:#}"))?
+            .into_iter()
+            .map(|r| (r.job, r.status, r.error))
+            .collect())
     }
 }
 
@@ -201,18 +229,7 @@ async fn tenant_failing(t: &TenantHealth) -> Option<String> {
     }
     // Answer within a second whatever happens to the database: a check
     // that takes longer is itself the answer.
-    let read = async {
-        t.store
-            .connection()
-            .ping()
-            .await
-            .map_err(|e| format!("state database unreachable: {e}"))?;
-        t.store
-            .last_finished_runs()
-            .await
-            .map_err(|e| format!("cannot read runs: {e:#}"))
-    };
-    let runs = match tokio::time::timeout(HEALTH_DB_TIMEOUT, read).await {
+    let runs = match tokio::time::timeout(HEALTH_DB_TIMEOUT, t.last_runs()).await {
         Ok(Ok(r)) => r,
         Ok(Err(reason)) => return Some(reason),
         Err(_) => {
@@ -223,10 +240,10 @@ async fn tenant_failing(t: &TenantHealth) -> Option<String> {
         }
     };
     Job::ALL.iter().find_map(|&job| {
-        let run = runs.iter().find(|r| r.job == job)?;
-        (!run.status.is_healthy()).then(|| {
-            let error = run.error.clone().unwrap_or_default();
-            format!("last {job} run {}: {error}", run.status)
+        let (_, status, error) = runs.iter().find(|(j, _, _)| *j == job)?;
+        (!status.is_healthy()).then(|| {
+            let error = error.clone().unwrap_or_default();
+            format!("last {job} run {status}: {error}")
         })
     })
 }

@@ -66,12 +66,22 @@ pub async fn print_all(set: &crate::config::TenantSet, json: bool) -> anyhow::Re
     let mut all_there = true;
     for settings in &set.tenants {
         let name = settings.tenant.to_string();
-        let (value, line) = match tenant_summary(settings).await? {
-            Some(found) => found,
-            None => {
+        let (value, line) = match tenant_summary(settings).await {
+            Ok(Some(found)) => found,
+            Ok(None) => {
                 all_there = false;
                 let what = "no state database yet";
                 (serde_json::json!({"database": "missing"}), what.to_string())
+            }
+            // One tenant's state that cannot be read (being migrated, a
+            // schema of a newer release) is its line, not the command's end.
+            Err(e) => {
+                all_there = false;
+                let e = format!("{e:#}");
+                (
+                    serde_json::json!({"error": e}),
+                    format!("cannot read its state: {e}"),
+                )
             }
         };
         entries.push((name, value, line));

@@ -361,10 +361,16 @@ impl Fleet {
             );
         }
         self.shared.health.set_refused(refused.clone());
+        // The tenants to share: the usable ones, and a refused one that
+        // still runs on its running settings.
+        let running_refused = {
+            let slots = self.slots.lock().await;
+            refused.keys().filter(|n| slots.contains_key(*n)).count()
+        };
         self.shared
             .balance
             .tenants
-            .store(set.tenants.len(), Ordering::SeqCst);
+            .store(set.tenants.len() + running_refused, Ordering::SeqCst);
         let mut slots = self.slots.lock().await;
         // A tenant whose task ended with an error starts again.
         slots.retain(|_, slot| !slot.task.is_finished());
@@ -384,42 +390,45 @@ impl Fleet {
             }
         }
         for settings in set.tenants {
-            let name = settings.tenant.to_string();
-            self.say(&name, None, why);
-            match slots.get(&name) {
-                Some(slot) => {
-                    let live = slot.live.clone();
-                    crate::scope::within(&name, async move {
-                        if (why == Why::Reload || live.differs(&settings))
-                            && let Err(e) = live.apply(settings)
-                        {
-                            tracing::error!(error = %format!("{e:#}"), "config reload refused: the running config stays");
-                        }
-                    })
-                    .await;
+            self.serve_tenant(&mut slots, settings, why).await;
+        }
+    }
+
+    /// Serves the tenant of `settings`: a running one takes them at its
+    /// next run (when they changed), a new one starts.
+    async fn serve_tenant(&self, slots: &mut BTreeMap<String, Slot>, settings: Settings, why: Why) {
+        let name = settings.tenant.to_string();
+        self.say(&name, None, why);
+        if let Some(slot) = slots.get(&name) {
+            let live = slot.live.clone();
+            crate::scope::within(&name, async move {
+                if (why == Why::Reload || live.differs(&settings))
+                    && let Err(e) = live.apply(settings)
+                {
+                    tracing::error!(error = %format!("{e:#}"), "config reload refused: the running config stays");
                 }
-                None => {
-                    let opened = crate::scope::within(&name, async {
-                        tracing::info!("tenant starts");
-                        Context::new(settings).await
-                    })
-                    .await;
-                    match opened {
-                        Ok(ctx) => {
-                            let slot = self.slot(ctx).await;
-                            slots.insert(name, slot);
-                        }
-                        Err(e) => self.say(
-                            &name,
-                            Some((
-                                "cannot open the tenant's state; tried again at the next look",
-                                format!("{e:#}"),
-                            )),
-                            why,
-                        ),
-                    }
-                }
+            })
+            .await;
+            return;
+        }
+        let opened = crate::scope::within(&name, async {
+            tracing::info!("tenant starts");
+            Context::new(settings).await
+        })
+        .await;
+        match opened {
+            Ok(ctx) => {
+                let slot = self.slot(ctx).await;
+                slots.insert(name, slot);
             }
+            Err(e) => self.say(
+                &name,
+                Some((
+                    "cannot open the tenant's state; tried again at the next look",
+                    format!("{e:#}"),
+                )),
+                why,
+            ),
         }
     }
 

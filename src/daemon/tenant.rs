@@ -58,8 +58,15 @@ pub(super) async fn serve(
     let name = base.settings.tenant.to_string();
     // `/healthz` reads through a pool of its own, so that it answers
     // whatever the jobs are doing with theirs.
-    let reader = crate::state::Store::reader_beside(&base.settings.database.url).await?;
-    let health = TenantHealth::new(reader.clone(), base.store.writable().clone());
+    let url = &base.settings.database.url;
+    let reader = if crate::state::sqlite_file(secrecy::ExposeSecret::expose_secret(url)).is_some() {
+        crate::state::Store::reader_beside(url).await?
+    } else {
+        // PostgreSQL reads beside the jobs on a pool of many connections
+        // (and the checks go through the lock connection).
+        base.store.clone()
+    };
+    let health = TenantHealth::new(reader.clone(), base.store.writable().clone(), url.clone());
     shared.health.insert(&name, health.clone());
     let taken = Arc::new(tokio::sync::Notify::new());
     let service_info = spawn_service_info(live.clone(), health.active.clone(), taken.clone());
@@ -229,7 +236,9 @@ async fn active_period(
                 tracing::info!("schedules re-armed after a reload");
             }
             _ = tokio::time::sleep(check_every) => {
-                if !still_ours(&mut lock, reader, ctx.store.fence_epoch()).await {
+                let url = &ctx.settings.database.url;
+                let check = still_ours(&mut lock, reader, url, ctx.store.fence_epoch()).await;
+                if !check.held {
                     break Period::LockLost;
                 }
                 // Between jobs, a tenant beyond this instance's share goes.
@@ -237,7 +246,9 @@ async fn active_period(
                     tracing::info!("this instance holds more than its share of the tenants: it hands this one over");
                     break Period::HandedOver;
                 }
-                take_run_request(live, &runs).await;
+                if check.asked {
+                    take_run_request(live, &runs).await;
+                }
             }
         }
     };
@@ -455,20 +466,51 @@ fn break_request(printed: &mut crate::once::Printed, job: Job) {
     printed.ok = false;
 }
 
-/// Whether this instance still holds both its lock and the lease it took
-/// (read through `reader`, a pool the jobs do not use, so a busy job
-/// cannot make the check wait). A check that does not answer within two
-/// seconds counts as lost: an instance that cannot prove it holds the
-/// database stops writing.
-async fn still_ours(lock: &mut InstanceLock, reader: &crate::state::Store, epoch: i64) -> bool {
+/// What the check every second found.
+struct Check {
+    /// The lock and the lease are still this instance's.
+    held: bool,
+    /// A `--once` request may wait (always, where it cannot be told
+    /// without claiming one).
+    asked: bool,
+}
+
+/// Whether this instance still holds both its lock and the lease it took,
+/// and whether a `--once` request waits. On PostgreSQL both are read on
+/// the process's lock connection (`lock::peek`: no tenant pool stays open
+/// for it); on SQLite through `reader`, a pool the jobs do not use, so a
+/// busy job cannot make the check wait. A check that does not answer
+/// within two seconds counts as lost: an instance that cannot prove it
+/// holds the database stops writing.
+async fn still_ours(
+    lock: &mut InstanceLock,
+    reader: &crate::state::Store,
+    url: &secrecy::SecretString,
+    epoch: i64,
+) -> Check {
     let bound = Duration::from_secs(2);
     let lock_held = tokio::time::timeout(bound, lock.still_held()).await == Ok(true);
-    let lease_held = epoch == 0
-        || matches!(
-            tokio::time::timeout(bound, reader.lease()).await,
-            Ok(Ok(Some(l))) if l.epoch == epoch
-        );
-    lock_held && lease_held
+    match tokio::time::timeout(bound, crate::lock::peek(url)).await {
+        Ok(Some(Ok(peek))) => Check {
+            held: lock_held && (epoch == 0 || peek.epoch == Some(epoch)),
+            asked: peek.asked,
+        },
+        Ok(Some(Err(_))) | Err(_) => Check {
+            held: false,
+            asked: false,
+        },
+        Ok(None) => {
+            let lease_held = epoch == 0
+                || matches!(
+                    tokio::time::timeout(bound, reader.lease()).await,
+                    Ok(Ok(Some(l))) if l.epoch == epoch
+                );
+            Check {
+                held: lock_held && lease_held,
+                asked: true,
+            }
+        }
+    }
 }
 
 /// Awaits the closed `tracker`'s jobs for at most `drain`. Past it,

@@ -69,8 +69,19 @@ enum Access {
 /// from a mixed state: run it again).
 async fn open_pool(raw: &str, access: Access) -> anyhow::Result<DatabaseConnection> {
     let mut options = ConnectOptions::new(raw.to_string());
+    // A tenant's pool (many per process) is smaller, and on PostgreSQL
+    // every pool lets an idle connection go: a thousand idle tenants hold
+    // none.
+    let max = match (is_sqlite(raw), tenant_schema(raw).is_some()) {
+        (true, _) => 1,
+        (false, true) => 4,
+        (false, false) => 8,
+    };
+    if !is_sqlite(raw) {
+        options.idle_timeout(Duration::from_secs(60));
+    }
     options
-        .max_connections(if is_sqlite(raw) { 1 } else { 8 })
+        .max_connections(max)
         .acquire_timeout(Duration::from_secs(10))
         .connect_timeout(Duration::from_secs(10))
         // Statements carry addresses; they do not belong in the logs.

@@ -14,6 +14,7 @@
 mod audit;
 mod connect;
 mod entities;
+pub mod fleet;
 mod forget;
 mod integrity;
 mod lease;

@@ -489,3 +489,141 @@ async fn instances_on_one_postgres_database_share_the_tenants_and_take_over_a_de
         assert_eq!(addresses(sb).len(), 2);
     }
 }
+
+/// Each run's span of time by its `run_id`: (tenant, first line, last line).
+fn run_spans(lines: &[serde_json::Value]) -> Vec<(String, String, String)> {
+    let mut spans: std::collections::BTreeMap<String, (String, String, String)> =
+        Default::default();
+    for line in lines {
+        let (Some(run), Some(at)) = (line["run_id"].as_str(), line["timestamp"].as_str()) else {
+            continue;
+        };
+        let tenant = line["tenant"].as_str().unwrap_or("").to_string();
+        let span = spans
+            .entry(run.to_string())
+            .or_insert_with(|| (tenant, at.to_string(), at.to_string()));
+        span.1 = span.1.clone().min(at.to_string());
+        span.2 = span.2.clone().max(at.to_string());
+    }
+    spans.into_values().collect()
+}
+
+#[tokio::test]
+async fn no_more_jobs_run_at_once_than_max_parallel_jobs_over_all_tenants() {
+    // Arrange: three tenants whose CRM answers slowly; one job at a time.
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = main_config(dir.path(), &db, "max_parallel_jobs = 1");
+    let mut companies = Vec::new();
+    for name in ["a", "b", "c"] {
+        let sb = company(name, 1).await;
+        sb.inject(
+            "Customer/GetAllList",
+            crm_edm_sync::sandbox::Fault::Delay(Duration::from_millis(700)),
+            3,
+        );
+        put_tenant(&config, name, &tenant_file(&sb, ""));
+        companies.push(sb);
+    }
+
+    // Act
+    let mut daemon = Daemon::start(&config, &[]);
+    daemon.ops_url().await;
+    daemon
+        .expect("run finished", 6, Duration::from_secs(40))
+        .await;
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+
+    // Assert: every tenant ran, and no two runs overlapped in time.
+    let lines = daemon.lines.lock().unwrap().clone();
+    let spans = run_spans(&lines);
+    let tenants: std::collections::BTreeSet<&str> = spans.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(tenants.len(), 3, "{spans:?}");
+    for (i, x) in spans.iter().enumerate() {
+        for y in &spans[i + 1..] {
+            let apart = x.2 <= y.1 || y.2 <= x.1;
+            assert!(
+                apart,
+                "two runs at once with max_parallel_jobs = 1: {x:?} and {y:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_tenant_file_added_without_a_signal_is_served_within_a_minute() {
+    // Arrange: a daemon serving acme.
+    let db = TestDb::new().await;
+    let (acme, late) = (company("acme", 1).await, company("late", 1).await);
+    let dir = tempfile::tempdir().unwrap();
+    let config = main_config(dir.path(), &db, "");
+    put_tenant(&config, "acme", &tenant_file(&acme, ""));
+    let mut daemon = Daemon::start(&config, &[]);
+    daemon.ops_url().await;
+    daemon
+        .expect("run finished", 1, Duration::from_secs(30))
+        .await;
+
+    // Act: a file appears; no signal is sent.
+    put_tenant(&config, "late", &tenant_file(&late, ""));
+    let served = daemon
+        .wait_for("tenant starts", 2, Duration::from_secs(60))
+        .await;
+    for _ in 0..100 {
+        if addresses(&late).len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+
+    // Assert
+    assert!(served, "{}", daemon.log());
+    assert_eq!(addresses(&late), ["late1@example.com"]);
+}
+
+#[tokio::test]
+async fn a_tenant_whose_file_turns_bad_keeps_running_on_its_settings_and_is_named_failing() {
+    // Arrange: a daemon serving acme.
+    let db = TestDb::new().await;
+    let acme = company("acme", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = main_config(dir.path(), &db, "");
+    put_tenant(&config, "acme", &tenant_file(&acme, ""));
+    let mut daemon = Daemon::start(&config, &[]);
+    let ops = daemon.ops_url().await;
+    daemon
+        .expect("run finished", 1, Duration::from_secs(30))
+        .await;
+
+    // Act: the file gets a bad value; SIGHUP; a new link-man appears.
+    put_tenant(&config, "acme", &tenant_file(&acme, "list_id = \"one\""));
+    daemon.signal("-HUP");
+    daemon
+        .expect("tenant file refused", 1, Duration::from_secs(10))
+        .await;
+    acme.crm
+        .put_linkman(1, 99, json!({"name": "new", "email": "acme99@example.com"}));
+    for _ in 0..100 {
+        if addresses(&acme).len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let health = http_get(format!("{ops}/healthz")).await.unwrap();
+    let (code, body) = (health.status(), health.text().await.unwrap());
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+
+    // Assert: still synced with its running settings, and named.
+    assert_eq!(addresses(&acme).len(), 2, "{}", daemon.log());
+    assert_eq!(code, 503, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["failing_tenants"], json!(["acme"]), "{body}");
+    assert!(
+        body["reason"].as_str().unwrap().contains("sync.list_id"),
+        "{body}"
+    );
+}
