@@ -225,7 +225,7 @@ static SESSIONS: LazyLock<std::sync::Mutex<HashMap<String, Arc<Session>>>> =
 impl Session {
     /// The session of the database `url` is on.
     fn of(url: &str) -> Arc<Session> {
-        let base = database_of(url);
+        let base = crate::state::database_of(url);
         let mut all = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
         all.entry(base.clone())
             .or_insert_with(|| {
@@ -440,17 +440,6 @@ pub async fn last_finished(url: &SecretString) -> Option<anyhow::Result<Vec<Last
 fn rand_i32() -> i32 {
     let bytes = uuid::Uuid::new_v4().into_bytes();
     i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
-}
-
-/// The database of a tenant's URL: without its `search_path` option.
-fn database_of(url: &str) -> String {
-    match crate::state::tenant_schema(url) {
-        Some(schema) => url
-            .replace(&format!("options[search_path]={schema}"), "")
-            .trim_end_matches(['?', '&'])
-            .to_string(),
-        None => url.to_string(),
-    }
 }
 
 /// How many daemons share the state database at `url` (this one counted,

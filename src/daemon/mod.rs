@@ -42,6 +42,9 @@ mod tenant;
 /// a SIGHUP: a file added, changed or removed takes effect within it.
 pub(crate) const TENANT_FILES_EVERY: Duration = Duration::from_secs(30);
 
+/// New tenants whose state is opened (created, migrated) at once.
+const OPENED_AT_ONCE: usize = 4;
+
 /// What every tenant of this instance shares.
 #[derive(Clone)]
 struct Shared {
@@ -389,47 +392,72 @@ impl Fleet {
                 stop_slot(&name, slot).await;
             }
         }
-        for settings in set.tenants {
+        let (running, new): (Vec<Settings>, Vec<Settings>) = set
+            .tenants
+            .into_iter()
+            .partition(|t| slots.contains_key(t.tenant.as_str()));
+        for settings in running {
             self.serve_tenant(&mut slots, settings, why).await;
+        }
+        self.start_tenants(&mut slots, new, why).await;
+    }
+
+    /// Opens the state of each new tenant (creating and migrating it),
+    /// [`OPENED_AT_ONCE`] at a time, and starts serving it.
+    async fn start_tenants(
+        &self,
+        slots: &mut BTreeMap<String, Slot>,
+        new: Vec<Settings>,
+        why: Why,
+    ) {
+        use futures::StreamExt as _;
+        let mut opened = futures::stream::iter(new)
+            .map(|settings| {
+                let name = settings.tenant.to_string();
+                let opening = crate::scope::within(&name, async {
+                    tracing::info!("tenant starts");
+                    Context::new(settings).await
+                });
+                async move { (name, opening.await) }
+            })
+            .buffer_unordered(OPENED_AT_ONCE);
+        // Each is served as soon as its state is open.
+        while let Some((name, ctx)) = opened.next().await {
+            match ctx {
+                Ok(ctx) => {
+                    self.say(&name, None, why);
+                    let slot = self.slot(ctx).await;
+                    slots.insert(name, slot);
+                }
+                Err(e) => self.say(
+                    &name,
+                    Some((
+                        "cannot open the tenant's state; tried again at the next look",
+                        format!("{e:#}"),
+                    )),
+                    why,
+                ),
+            }
         }
     }
 
-    /// Serves the tenant of `settings`: a running one takes them at its
-    /// next run (when they changed), a new one starts.
+    /// A running tenant takes `settings` at its next run (when they
+    /// changed).
     async fn serve_tenant(&self, slots: &mut BTreeMap<String, Slot>, settings: Settings, why: Why) {
         let name = settings.tenant.to_string();
         self.say(&name, None, why);
-        if let Some(slot) = slots.get(&name) {
-            let live = slot.live.clone();
-            crate::scope::within(&name, async move {
-                if (why == Why::Reload || live.differs(&settings))
-                    && let Err(e) = live.apply(settings)
-                {
-                    tracing::error!(error = %format!("{e:#}"), "config reload refused: the running config stays");
-                }
-            })
-            .await;
+        let Some(slot) = slots.get(&name) else {
             return;
-        }
-        let opened = crate::scope::within(&name, async {
-            tracing::info!("tenant starts");
-            Context::new(settings).await
+        };
+        let live = slot.live.clone();
+        crate::scope::within(&name, async move {
+            if (why == Why::Reload || live.differs(&settings))
+                && let Err(e) = live.apply(settings)
+            {
+                tracing::error!(error = %format!("{e:#}"), "config reload refused: the running config stays");
+            }
         })
         .await;
-        match opened {
-            Ok(ctx) => {
-                let slot = self.slot(ctx).await;
-                slots.insert(name, slot);
-            }
-            Err(e) => self.say(
-                &name,
-                Some((
-                    "cannot open the tenant's state; tried again at the next look",
-                    format!("{e:#}"),
-                )),
-                why,
-            ),
-        }
     }
 
     /// Starts serving the tenant of `ctx`. A tenant that stops with an

@@ -55,6 +55,26 @@ enum Access {
     Snapshot,
 }
 
+/// A tenant's pool (many per process) is smaller, and on PostgreSQL it
+/// holds a connection only while the tenant works (opened when first
+/// needed, let go a second after): a fleet of idle tenants, or one
+/// starting, does not exhaust the server's connections. Returns the most
+/// connections the pool may open.
+fn size_for_tenants(options: &mut ConnectOptions, raw: &str) -> u32 {
+    let tenant = tenant_schema(raw).is_some();
+    if !is_sqlite(raw) {
+        let idle = if tenant { 1 } else { 60 };
+        options
+            .idle_timeout(Duration::from_secs(idle))
+            .connect_lazy(tenant);
+    }
+    match (is_sqlite(raw), tenant) {
+        (true, _) => 1,
+        (false, true) => 2,
+        (false, false) => 8,
+    }
+}
+
 /// Opens a pool on `raw` without touching the schema.
 ///
 /// Read-only is enforced by the database, not only by our code:
@@ -69,17 +89,7 @@ enum Access {
 /// from a mixed state: run it again).
 async fn open_pool(raw: &str, access: Access) -> anyhow::Result<DatabaseConnection> {
     let mut options = ConnectOptions::new(raw.to_string());
-    // A tenant's pool (many per process) is smaller, and on PostgreSQL
-    // every pool lets an idle connection go: a thousand idle tenants hold
-    // none.
-    let max = match (is_sqlite(raw), tenant_schema(raw).is_some()) {
-        (true, _) => 1,
-        (false, true) => 4,
-        (false, false) => 8,
-    };
-    if !is_sqlite(raw) {
-        options.idle_timeout(Duration::from_secs(60));
-    }
+    let max = size_for_tenants(&mut options, raw);
     options
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(10))
@@ -174,30 +184,45 @@ pub fn tenant_schema(raw: &str) -> Option<&str> {
         .find_map(|pair| pair.strip_prefix("options[search_path]="))
 }
 
+/// The database of a tenant's URL: the URL without its `search_path`.
+pub fn database_of(raw: &str) -> String {
+    match tenant_schema(raw) {
+        Some(schema) => raw
+            .replace(&format!("options[search_path]={schema}"), "")
+            .trim_end_matches(['?', '&'])
+            .to_string(),
+        None => raw.to_string(),
+    }
+}
+
+/// Runs `sql` on the PostgreSQL database of the tenant URL `raw`, on a
+/// connection of its own that is on no tenant's `search_path`.
+async fn on_the_database(raw: &str, sql: &str) -> anyhow::Result<()> {
+    use sea_orm::sqlx::{self, Connection, PgConnection};
+    let mut conn = PgConnection::connect(&database_of(raw))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the state database: {}",
+                redact_db_error(&e.to_string(), raw)
+            )
+        })?;
+    let done = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    done.map(|_| ()).map_err(anyhow::Error::from)
+}
+
 /// Creates where a tenant's state goes, before a writer opens it: its
 /// PostgreSQL schema, or the directory of its SQLite file. Nothing for
 /// `default`, whose place exists as it always did.
 async fn prepare_tenant_place(raw: &str) -> anyhow::Result<()> {
     if let Some(schema) = tenant_schema(raw) {
-        use sea_orm::sqlx::{self, Connection, PgConnection};
-        let base = raw.replace(&format!("options[search_path]={schema}"), "");
-        let mut conn = PgConnection::connect(base.trim_end_matches(['?', '&']))
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot open the state database: {}",
-                    redact_db_error(&e.to_string(), raw)
-                )
-            })?;
         // The name is `tenant_` and [a-z0-9_]: nothing to escape.
-        let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
-        )))
-        .execute(&mut conn)
-        .await;
-        let _ = conn.close().await;
-        created.with_context(|| format!("cannot create the tenant's schema {schema}"))?;
-        return Ok(());
+        return on_the_database(raw, &format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+            .await
+            .with_context(|| format!("cannot create the tenant's schema {schema}"));
     }
     if let Some(dir) = sqlite_file(raw)
         .as_deref()
@@ -218,24 +243,9 @@ async fn prepare_tenant_place(raw: &str) -> anyhow::Result<()> {
 pub async fn purge_state(url: &SecretString) -> anyhow::Result<()> {
     let raw = url.expose_secret();
     if let Some(schema) = tenant_schema(raw) {
-        use sea_orm::sqlx::{self, Connection, PgConnection};
-        let base = raw.replace(&format!("options[search_path]={schema}"), "");
-        let mut conn = PgConnection::connect(base.trim_end_matches(['?', '&']))
+        return on_the_database(raw, &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
             .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot open the state database: {}",
-                    redact_db_error(&e.to_string(), raw)
-                )
-            })?;
-        let dropped = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
-        )))
-        .execute(&mut conn)
-        .await;
-        let _ = conn.close().await;
-        dropped.with_context(|| format!("cannot drop the schema {schema}"))?;
-        return Ok(());
+            .with_context(|| format!("cannot drop the schema {schema}"));
     }
     if let Some(file) = sqlite_file(raw).filter(|f| {
         f.parent()
@@ -324,6 +334,22 @@ pub async fn schema_of(db: &DatabaseConnection) -> anyhow::Result<Schema> {
 /// create the tables.
 pub const MIGRATION_LOCK_KEY: i64 = 0x63_65_73_6d_69_67_72;
 
+/// The migration lock of the state at `raw`: [`MIGRATION_LOCK_KEY`] for
+/// `default`'s, and one per tenant schema, so that tenants starting
+/// together migrate side by side.
+fn migration_lock_key(raw: &str) -> i64 {
+    use sha2::Digest;
+    match tenant_schema(raw) {
+        None => MIGRATION_LOCK_KEY,
+        Some(schema) => {
+            let digest = sha2::Sha256::digest(format!("crm-edm-sync migration {schema}"));
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&digest[..8]);
+            i64::from_be_bytes(bytes)
+        }
+    }
+}
+
 /// Applies the pending migrations while holding a migration lock: a
 /// PostgreSQL advisory lock on a connection of its own. (SQLite: the
 /// caller already holds [`SqliteOpenLock`].) The second instance waits,
@@ -339,7 +365,7 @@ async fn migrate_locked(db: &DatabaseConnection, raw: &str) -> anyhow::Result<()
         use sea_orm::sqlx::{self, Connection, PgConnection};
         let mut lock = PgConnection::connect(raw).await.map_err(|e| failed(&e))?;
         sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(MIGRATION_LOCK_KEY)
+            .bind(migration_lock_key(raw))
             .execute(&mut lock)
             .await
             .map_err(|e| failed(&e))?;

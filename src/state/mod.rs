@@ -33,7 +33,9 @@ mod top_ups;
 mod writable;
 
 pub use audit::{AuditEntry, AuditRecord};
-pub use connect::{MIGRATION_LOCK_KEY, Schema, purge_state, schema_of, sqlite_file, tenant_schema};
+pub use connect::{
+    MIGRATION_LOCK_KEY, Schema, database_of, purge_state, schema_of, sqlite_file, tenant_schema,
+};
 pub use forget::Forgot;
 pub use lease::{Fenced, Lease};
 pub use lookups::{

@@ -24,6 +24,8 @@ use clap::Parser;
 use crm_edm_sync::sandbox::{Chaos, Sandbox, SandboxCampaign, Server};
 use serde_json::json;
 
+mod fleet;
+
 #[derive(Parser, Debug)]
 #[command(about = "crm-edm-sync benchmark against the sandbox")]
 struct Args {
@@ -78,6 +80,26 @@ struct Args {
     /// one sweep.
     #[arg(long, default_value_t = 1)]
     rounds: u32,
+    /// Instead of the scenarios: this many tenants of `--linkmen` each, on
+    /// PostgreSQL, served by `--instances` daemons (see `fleet`).
+    #[arg(long, default_value_t = 0)]
+    tenants: usize,
+    /// With `--tenants`: how many daemons share them.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// With `--tenants` and two instances or more: SIGKILL the second once
+    /// a third of the tenants converged.
+    #[arg(long)]
+    kill_one: bool,
+    /// With `--tenants`: tenant 0 has this many link-men instead.
+    #[arg(long, default_value_t = 0)]
+    big: i64,
+    /// With `--tenants`: `sync.schedule`.
+    #[arg(long, default_value = "0 */5 * * * *")]
+    schedule: String,
+    /// With `--tenants`: `daemon.max_parallel_jobs`.
+    #[arg(long, default_value_t = 4)]
+    max_parallel_jobs: usize,
 }
 
 /// The curve's targets, from the smallest size of a sweep to the largest:
@@ -356,6 +378,21 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_default();
     if !args.sweep.is_empty() {
         return sweep(&args, &bin, &wrap).await;
+    }
+    if args.tenants > 0 {
+        let misses = fleet::run(&fleet::FleetArgs {
+            tenants: args.tenants,
+            linkmen: args.linkmen,
+            latency: Duration::from_millis(args.latency_ms),
+            instances: args.instances.max(1),
+            kill_one: args.kill_one,
+            big: args.big,
+            schedule: args.schedule.clone(),
+            max_parallel_jobs: args.max_parallel_jobs,
+            bin: bin.clone(),
+        })
+        .await?;
+        return verdict(misses, false);
     }
     let latency = Duration::from_millis(args.latency_ms);
     let c = args.concurrency as i64;
@@ -1115,6 +1152,21 @@ async fn cleanup(args: &Args, config: &std::path::Path) -> anyhow::Result<()> {
         .ok();
     }
     Ok(())
+}
+
+/// Drops the PostgreSQL database a fleet run used.
+async fn drop_bench_database(url: &str) {
+    use sea_orm::ConnectionTrait;
+    let Some(name) = url.rsplit('/').next().and_then(|n| n.split('?').next()) else {
+        return;
+    };
+    if let Ok(admin) =
+        sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await
+    {
+        let _ = admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
+    }
 }
 
 /// The median wall time of three no-change reruns.
