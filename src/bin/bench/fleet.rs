@@ -40,10 +40,11 @@ struct TenantBox {
 }
 
 /// Requests per tenant of a first sync alone: one CRM page of customers
-/// per 100, one link-man read per customer; EDM: the account's lists, the
-/// export, the list read, the adds in batches of 500.
+/// per 100 (the page that says how many there are ends the paging), one
+/// link-man read per customer; EDM: the account's lists, the export, the
+/// list read, the adds in batches of 500.
 fn lower_bound(linkmen: i64) -> i64 {
-    let pages = (linkmen + 99) / 100 + 1;
+    let pages = (linkmen + 99) / 100;
     let crm = pages + linkmen;
     let edm = 1 + 1 + 1 + (linkmen + 499) / 500;
     crm + edm
