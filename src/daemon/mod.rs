@@ -421,8 +421,12 @@ impl Fleet {
                 async move { (name, opening.await) }
             })
             .buffer_unordered(OPENED_AT_ONCE);
-        // Each is served as soon as its state is open.
-        while let Some((name, ctx)) = opened.next().await {
+        // Each is served as soon as its state is open; a stop ends the
+        // opening (what was not opened is not served).
+        while let Some((name, ctx)) = tokio::select! {
+            next = opened.next() => next,
+            _ = self.stop.cancelled() => None,
+        } {
             match ctx {
                 Ok(ctx) => {
                     self.say(&name, None, why);
