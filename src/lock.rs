@@ -35,16 +35,9 @@ pub const ADVISORY_KEY: i64 = 0x63_72_6d_2d_65_64_6d;
 /// that key, and this one exclude each other), and for another tenant a
 /// key made from its schema's name.
 pub fn advisory_key(url: &str) -> i64 {
-    use sha2::Digest;
-    match crate::state::tenant_schema(url) {
-        None => ADVISORY_KEY,
-        Some(schema) => {
-            let digest = sha2::Sha256::digest(format!("crm-edm-sync tenant {schema}"));
-            let mut bytes = [0u8; 8];
-            bytes.copy_from_slice(&digest[..8]);
-            i64::from_be_bytes(bytes)
-        }
-    }
+    crate::state::tenant_schema(url).map_or(ADVISORY_KEY, |schema| {
+        crate::state::schema_key("tenant", schema)
+    })
 }
 
 /// A held instance lock; dropping it releases it.

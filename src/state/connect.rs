@@ -338,16 +338,17 @@ pub const MIGRATION_LOCK_KEY: i64 = 0x63_65_73_6d_69_67_72;
 /// `default`'s, and one per tenant schema, so that tenants starting
 /// together migrate side by side.
 fn migration_lock_key(raw: &str) -> i64 {
+    tenant_schema(raw).map_or(MIGRATION_LOCK_KEY, |schema| schema_key("migration", schema))
+}
+
+/// An advisory-lock key for `purpose` (`migration`, `tenant`) of a tenant
+/// schema: the first 8 bytes of a SHA-256, the same in every process.
+pub fn schema_key(purpose: &str, schema: &str) -> i64 {
     use sha2::Digest;
-    match tenant_schema(raw) {
-        None => MIGRATION_LOCK_KEY,
-        Some(schema) => {
-            let digest = sha2::Sha256::digest(format!("crm-edm-sync migration {schema}"));
-            let mut bytes = [0u8; 8];
-            bytes.copy_from_slice(&digest[..8]);
-            i64::from_be_bytes(bytes)
-        }
-    }
+    let digest = sha2::Sha256::digest(format!("crm-edm-sync {purpose} {schema}"));
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
 }
 
 /// Applies the pending migrations while holding a migration lock: a

@@ -34,7 +34,8 @@ mod writable;
 
 pub use audit::{AuditEntry, AuditRecord};
 pub use connect::{
-    MIGRATION_LOCK_KEY, Schema, database_of, purge_state, schema_of, sqlite_file, tenant_schema,
+    MIGRATION_LOCK_KEY, Schema, database_of, purge_state, schema_key, schema_of, sqlite_file,
+    tenant_schema,
 };
 pub use forget::Forgot;
 pub use lease::{Fenced, Lease};
