@@ -262,12 +262,21 @@ async fn a_daemon_serves_every_tenant_with_its_name_on_each_line_and_series() {
     // Act
     let mut daemon = Daemon::start(&config, &[]);
     let ops = daemon.ops_url().await;
-    // Both tenants ran: beta's run failed, acme's finished.
+    // Both tenants ran: beta's run failed, acme's succeeded.
     daemon
         .expect("run failed", 1, Duration::from_secs(30))
         .await;
     daemon
-        .expect("run finished", 1, Duration::from_secs(30))
+        .expect_lines(
+            "a succeeded run of acme",
+            |l| {
+                l["message"] == "run finished"
+                    && l["tenant"] == "acme"
+                    && l["status"] == "succeeded"
+            },
+            1,
+            Duration::from_secs(30),
+        )
         .await;
     let health = http_get(format!("{ops}/healthz")).await.unwrap();
     let (code, body) = (health.status(), health.text().await.unwrap());
@@ -276,7 +285,7 @@ async fn a_daemon_serves_every_tenant_with_its_name_on_each_line_and_series() {
     assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
 
     // Assert: acme synced; beta failed alone, and is named.
-    assert_eq!(addresses(&acme).len(), 2);
+    assert_eq!(addresses(&acme).len(), 2, "{}", daemon.log());
     assert!(addresses(&beta).is_empty());
     assert_eq!(code, 503, "{body}");
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();

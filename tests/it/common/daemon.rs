@@ -98,6 +98,34 @@ impl Daemon {
         );
     }
 
+    /// Waits for `n` log lines for which `matches` holds; fails with the
+    /// log, naming `what` was awaited.
+    pub async fn expect_lines(
+        &self,
+        what: &str,
+        matches: impl Fn(&serde_json::Value) -> bool,
+        n: usize,
+        within: Duration,
+    ) {
+        let deadline = tokio::time::Instant::now() + within;
+        let count = || {
+            self.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| matches(l))
+                .count()
+        };
+        while count() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            count() >= n,
+            "expected {n}× {what} within {within:?}:\n{}",
+            self.log()
+        );
+    }
+
     pub fn signal(&self, sig: &str) {
         let pid = self.child.id().expect("running").to_string();
         std::process::Command::new("kill")
