@@ -28,4 +28,5 @@ mod reseller;
 mod restore;
 mod stdout;
 mod tenants;
+mod upgrade;
 mod writeback;
