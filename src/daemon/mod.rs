@@ -146,6 +146,7 @@ pub(crate) async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::
     );
     let max_parallel_jobs = settings.daemon.max_parallel_jobs;
     let tenant_files = settings.tenants.dir.is_some();
+    let (url, poll) = (settings.database.url.clone(), settings.daemon.lock_poll);
     let fleet = Arc::new(Fleet::new(settings, config, shared, stop.clone()));
     // Before anything says it listens: a signal from then on is handled.
     spawn_signal_handler(stop.clone(), fleet.clone())?;
@@ -162,9 +163,16 @@ pub(crate) async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::
         max_parallel_jobs,
         "daemon started"
     );
-    if tenant_files && let Err(e) = fleet.start().await {
-        ops_task.abort();
-        return Err(e);
+    let _only_instance = match tenant_files {
+        true => sqlite_fleet_lock(&url, poll, &stop).await?,
+        false => None,
+    };
+    if tenant_files && !stop.is_cancelled() {
+        fleet.serving.store(true, Ordering::SeqCst);
+        if let Err(e) = fleet.start().await {
+            ops_task.abort();
+            return Err(e);
+        }
     }
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     let watchdog = spawn_watchdog(fleet.clone());
@@ -187,6 +195,42 @@ pub(crate) async fn run(settings: Settings, config: Option<PathBuf>) -> anyhow::
     stopped?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// On SQLite one instance serves a tenants directory, as one served a
+/// single tenant: it holds `<state file>.fleet.lock` for its life, and a
+/// second instance stands by on it (serving nothing, `/healthz` role
+/// `standby`) until the first is gone. Instances share tenants through
+/// PostgreSQL only. `None` on PostgreSQL, or when stopped while waiting.
+async fn sqlite_fleet_lock(
+    url: &secrecy::SecretString,
+    poll: Duration,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<crate::lock::InstanceLock>> {
+    use crate::lock::LockTarget;
+    let LockTarget::File(tenant_lock) = LockTarget::of(url) else {
+        return Ok(None);
+    };
+    let target = LockTarget::File(tenant_lock.with_extension("fleet.lock"));
+    let mut said = false;
+    loop {
+        if let Some(lock) = target.try_acquire().await? {
+            if said {
+                tracing::info!("the other instance is gone: this instance serves the tenants");
+            }
+            return Ok(Some(lock));
+        }
+        if !said {
+            tracing::info!(
+                "another instance serves the tenants of this SQLite state database: standing by (instances share tenants through PostgreSQL only)"
+            );
+            said = true;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
 }
 
 /// Counts the instances sharing the state database now and every
@@ -244,6 +288,9 @@ struct Fleet {
     shared: Shared,
     stop: CancellationToken,
     slots: tokio::sync::Mutex<BTreeMap<String, Slot>>,
+    /// Whether this instance serves tenants: with tenant files on SQLite,
+    /// not while another instance does (`sqlite_fleet_lock`).
+    serving: std::sync::atomic::AtomicBool,
     /// What was last said about each refused tenant file (or the config),
     /// so that the periodic look repeats nothing.
     said: std::sync::Mutex<BTreeMap<String, String>>,
@@ -263,12 +310,14 @@ impl Fleet {
         shared: Shared,
         stop: CancellationToken,
     ) -> Fleet {
+        let serving = main.tenants.dir.is_none();
         Fleet {
             config,
             main,
             shared,
             stop,
             slots: tokio::sync::Mutex::new(BTreeMap::new()),
+            serving: std::sync::atomic::AtomicBool::new(serving),
             said: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
@@ -302,6 +351,10 @@ impl Fleet {
 
     /// Reads the config and the tenant files again and applies them.
     async fn refresh(&self, why: Why) {
+        if !self.serving.load(Ordering::SeqCst) {
+            tracing::info!("standing by: the tenant files are read once this instance serves");
+            return;
+        }
         let (config, running) = (self.config.clone(), self.main.tenants.clone());
         let loaded = tokio::task::spawn_blocking(move || {
             let mut main = Settings::load(config.as_deref(), Access::Remote)?;

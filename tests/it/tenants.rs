@@ -477,8 +477,12 @@ async fn instances_on_one_postgres_database_share_the_tenants_and_take_over_a_de
         .filter(|(_, i)| i.as_deref() == Some("b"))
         .map(|(t, _)| t.clone())
         .collect();
+    // Within the bound the design gives: the survivors' next poll of the
+    // locks (`lock_poll_secs` = 1), plus the wait fencing needs before a
+    // successor's first write (the largest client timeout, 5 s, + 2 s).
+    let bound = Duration::from_secs(1 + 5 + 2);
     b.signal("-KILL");
-    let after = until(&config, Duration::from_secs(30), |h| {
+    let after = until(&config, bound, |h| {
         h.values()
             .all(|i| matches!(i.as_deref(), Some("a") | Some("c")))
     })
@@ -500,6 +504,68 @@ async fn instances_on_one_postgres_database_share_the_tenants_and_take_over_a_de
             applied_adds(sb)
         );
         assert_eq!(addresses(sb).len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn on_sqlite_a_second_instance_stands_by_for_every_tenant_until_the_first_is_gone() {
+    // Arrange: three tenants on SQLite, served by instance a.
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let config = main_config(dir.path(), &db, "");
+    let mut companies = Vec::new();
+    for i in 0..3 {
+        let sb = company(&format!("s{i}x"), 1).await;
+        put_tenant(&config, &format!("s{i}"), &tenant_file(&sb, ""));
+        companies.push(sb);
+    }
+    let start = |name: &str| Daemon::start(&config, &[("CRM_EDM_SYNC__DAEMON__INSTANCE_ID", name)]);
+    let a = start("a");
+    let all = |who: &'static str| {
+        move |h: &std::collections::BTreeMap<String, Option<String>>| {
+            h.len() == 3 && h.values().all(|i| i.as_deref() == Some(who))
+        }
+    };
+    let held = until(&config, Duration::from_secs(30), all("a")).await;
+    assert!(all("a")(&held), "{held:?}");
+
+    // Act: a second instance starts on the same state database.
+    let b = start("b");
+    let ops_b = b.ops_url().await;
+    b.expect("standing by", 1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let while_a_lives = holders(&config).await;
+    let health_b = http_get(format!("{ops_b}/healthz")).await.unwrap();
+    let health_b: serde_json::Value =
+        serde_json::from_str(&health_b.text().await.unwrap()).unwrap();
+
+    // Assert: b serves nothing while a lives.
+    assert!(all("a")(&while_a_lives), "{while_a_lives:?}\n{}", b.log());
+    assert_eq!(b.count("tenant starts"), 0, "{}", b.log());
+    assert_eq!(health_b["role"], "standby", "{health_b}");
+
+    // Act: a dies without a word.
+    a.signal("-KILL");
+    let after = until(&config, Duration::from_secs(30), all("b")).await;
+
+    for sb in &companies {
+        for _ in 0..100 {
+            if !addresses(sb).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // Assert: b serves every tenant, and nobody was added twice.
+    assert!(all("b")(&after), "{after:?}\n{}", b.log());
+    for sb in &companies {
+        assert!(
+            applied_adds(sb).values().all(|n| *n == 1),
+            "{:?}",
+            applied_adds(sb)
+        );
+        assert_eq!(addresses(sb).len(), 1);
     }
 }
 
