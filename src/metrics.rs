@@ -345,6 +345,44 @@ mod tests {
         names
     }
 
+    /// With many tenants the dashboard shows the ones picked in its
+    /// `tenant` variable: every query of a series about a tenant's work
+    /// filters on it (instance-wide series have no `tenant` label).
+    #[test]
+    fn the_dashboard_filters_every_tenant_series_by_its_tenant_variable() {
+        let text = std::fs::read_to_string("deploy/grafana/crm-edm-sync.json").unwrap();
+        let board: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let variables = board["templating"]["list"].as_array().unwrap();
+        assert!(
+            variables.iter().any(|v| v["name"] == "tenant"),
+            "no tenant variable"
+        );
+        let instance_wide = [ACTIVE, ROLE, BUILD_INFO];
+        let mut filtered = 0;
+        for panel in board["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for (at, _) in expr.match_indices("crm_edm_sync_") {
+                    let tail = &expr[at..];
+                    let name = &tail[..tail
+                        .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                        .unwrap_or(tail.len())];
+                    if instance_wide.contains(&name) {
+                        continue;
+                    }
+                    let after = &expr[at + name.len()..];
+                    assert!(
+                        after.starts_with(r#"{tenant=~"$tenant"}"#),
+                        "{:?}: {expr}",
+                        panel["title"]
+                    );
+                    filtered += 1;
+                }
+            }
+        }
+        assert!(filtered >= 10, "{filtered}");
+    }
+
     #[test]
     fn the_shipped_alerts_and_dashboard_name_only_metrics_the_daemon_exports() {
         let known = [
