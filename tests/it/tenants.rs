@@ -587,6 +587,106 @@ fn run_spans(lines: &[serde_json::Value]) -> Vec<(String, String, String)> {
     spans.into_values().collect()
 }
 
+/// Each finished run's (tenant, start, end), in milliseconds since the
+/// epoch, from its `run finished` line (its time less `duration_ms`).
+fn finished_runs(lines: &[serde_json::Value]) -> Vec<(String, i64, i64)> {
+    lines
+        .iter()
+        .filter(|l| l["message"] == "run finished")
+        .map(|l| {
+            let end = chrono::DateTime::parse_from_rfc3339(l["timestamp"].as_str().unwrap())
+                .unwrap()
+                .timestamp_millis();
+            let took = l["duration_ms"].as_i64().unwrap();
+            (l["tenant"].as_str().unwrap().to_string(), end - took, end)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_slow_tenant_and_a_refused_plan_neither_delay_nor_fail_another_tenant() {
+    // Arrange: `quick`; `slow`, whose CRM takes 4 s for every customers
+    // page; `fussy`, which syncs two link-men and then loses both
+    // customers, so its plan is refused (an empty pull).
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = main_config(dir.path(), &db, "");
+    let (quick, slow, fussy) = (
+        company("q", 1).await,
+        company("s", 1).await,
+        company("f", 2).await,
+    );
+    slow.inject(
+        "Customer/GetAllList",
+        crm_edm_sync::sandbox::Fault::Delay(Duration::from_secs(4)),
+        1000,
+    );
+    for (name, sb) in [("quick", &quick), ("slow", &slow), ("fussy", &fussy)] {
+        put_tenant(&config, name, &tenant_file(sb, ""));
+    }
+    let mut daemon = Daemon::start(&config, &[]);
+    let ops = daemon.ops_url().await;
+    for _ in 0..300 {
+        if addresses(&fussy).len() == 2 && addresses(&quick).len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(addresses(&fussy).len(), 2, "{}", daemon.log());
+
+    // Act: fussy's customers go; its runs are refused from then on.
+    fussy.crm.remove_customer(1);
+    fussy.crm.remove_customer(2);
+    let of = |tenant: &'static str, status: &'static str| {
+        move |l: &serde_json::Value| {
+            l["message"] == "run finished" && l["tenant"] == tenant && l["status"] == status
+        }
+    };
+    daemon
+        .expect_lines(
+            "a refused run of fussy",
+            of("fussy", "refused"),
+            1,
+            Duration::from_secs(30),
+        )
+        .await;
+    let quick_before = daemon
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| of("quick", "succeeded")(l))
+        .count();
+    daemon
+        .expect_lines(
+            "three more succeeded runs of quick",
+            of("quick", "succeeded"),
+            quick_before + 3,
+            Duration::from_secs(20),
+        )
+        .await;
+    let health = http_get(format!("{ops}/healthz")).await.unwrap();
+    let body: serde_json::Value = serde_json::from_str(&health.text().await.unwrap()).unwrap();
+    daemon.signal("-TERM");
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)).await, Some(0));
+
+    // Assert: fussy alone is failing, and kept its members; quick ran
+    // start to end inside one of slow's runs.
+    assert_eq!(body["failing_tenants"], json!(["fussy"]), "{body}");
+    assert_eq!(addresses(&fussy).len(), 2);
+    let runs = finished_runs(&daemon.lines.lock().unwrap());
+    let (slows, quicks): (Vec<_>, Vec<_>) = runs
+        .iter()
+        .filter(|r| r.0 == "slow" || r.0 == "quick")
+        .partition(|r| r.0 == "slow");
+    assert!(
+        quicks
+            .iter()
+            .any(|q| slows.iter().any(|s| s.1 < q.1 && q.2 < s.2)),
+        "{runs:?}"
+    );
+}
+
 #[tokio::test]
 async fn no_more_jobs_run_at_once_than_max_parallel_jobs_over_all_tenants() {
     // Arrange: three tenants whose CRM answers slowly; one job at a time.
