@@ -481,12 +481,14 @@ async fn instances_on_one_postgres_database_share_the_tenants_and_take_over_a_de
     // locks (`lock_poll_secs` = 1), plus the wait fencing needs before a
     // successor's first write (the largest client timeout, 5 s, + 2 s).
     let bound = Duration::from_secs(1 + 5 + 2);
+    let killed = std::time::Instant::now();
     b.signal("-KILL");
     let after = until(&config, bound, |h| {
         h.values()
             .all(|i| matches!(i.as_deref(), Some("a") | Some("c")))
     })
     .await;
+    let took = killed.elapsed();
 
     // Assert: its tenants are taken over by the two left, each at most
     // ⌈6/2⌉ = 3, and nobody was added twice.
@@ -494,7 +496,7 @@ async fn instances_on_one_postgres_database_share_the_tenants_and_take_over_a_de
         after
             .values()
             .all(|i| matches!(i.as_deref(), Some("a") | Some("c"))),
-        "{after:?} (b held {held_by_b:?})"
+        "{after:?} after {took:?} (b held {held_by_b:?})"
     );
     assert!(shares(&after).values().all(|n| *n <= 3), "{after:?}");
     for sb in &companies {
