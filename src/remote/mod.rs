@@ -263,12 +263,7 @@ pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
 
 impl HttpCaller {
     pub fn new(api: Api, limits: Limits, redactor: Arc<Redactor>) -> anyhow::Result<Self> {
-        let client = client_builder()
-            .timeout(limits.timeout)
-            .connect_timeout(limits.timeout.min(Duration::from_secs(10)))
-            .pool_max_idle_per_host(64)
-            .user_agent(crate::instance::default_user_agent())
-            .build()?;
+        let client = tls::Clients::shared().with_timeout(limits.timeout)?;
         let limiter = limits
             .per_second
             .and_then(std::num::NonZeroU32::new)
