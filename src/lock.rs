@@ -286,35 +286,60 @@ impl Session {
         Ok(got.then_some(generation))
     }
 
+    /// Whether the connection answered (a ping or any read on it) within
+    /// [`PING_FRESH`].
+    fn answered_lately(&self) -> bool {
+        self.answered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() < PING_FRESH)
+    }
+
+    /// Notes whether the connection just answered.
+    fn note_answer(&self, ok: bool) {
+        *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = ok.then(std::time::Instant::now);
+    }
+
     /// Whether the connection answers (asked at most every
     /// [`PING_FRESH`]).
     async fn answers(&self, conn: &mut PgConnection) -> bool {
-        let fresh = self
-            .answered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|at| at.elapsed() < PING_FRESH);
-        if fresh {
+        if self.answered_lately() {
             return true;
         }
         let ok = conn.ping().await.is_ok();
-        *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = ok.then(std::time::Instant::now);
+        self.note_answer(ok);
         ok
     }
 
     /// Whether `key`, taken in `generation`, is still held.
+    ///
+    /// While the connection answered lately, this asks nothing and does
+    /// not wait for the connection: with hundreds of tenants, their
+    /// every-second checks queue on it, and a check that waited its turn
+    /// past its bound would read as a lost lock — every tenant dropping
+    /// its job at once, then taking its lock and lease again, a storm of
+    /// connections. A lost connection still shows at once: the next read
+    /// fails, and a reconnect starts a new generation.
     async fn holds(&self, key: i64, generation: u64) -> bool {
+        let mine = || {
+            self.generation.load(Ordering::SeqCst) == generation
+                && self
+                    .held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&key)
+        };
+        if !mine() {
+            return false;
+        }
+        if self.answered_lately() {
+            return true;
+        }
         let mut guard = self.conn.lock().await;
         let Some(conn) = guard.as_mut() else {
             return false;
         };
-        self.answers(conn).await
-            && self.generation.load(Ordering::SeqCst) == generation
-            && self
-                .held
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&key)
+        self.answers(conn).await && mine()
     }
 
     /// Lets `key` go (in the background: called from `Drop`).
@@ -386,7 +411,9 @@ impl Session {
     async fn peek(&self, schema: Option<&str>) -> anyhow::Result<crate::state::fleet::Peek> {
         let mut guard = self.conn.lock().await;
         let conn = guard.as_mut().context("the lock connection is gone")?;
-        crate::state::fleet::peek(conn, schema).await
+        let peek = crate::state::fleet::peek(conn, schema).await;
+        self.note_answer(peek.is_ok());
+        peek
     }
 
     /// A tenant's last finished run of each job, read on this connection.

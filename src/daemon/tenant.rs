@@ -479,9 +479,11 @@ struct Check {
 /// and whether a `--once` request waits. On PostgreSQL both are read on
 /// the process's lock connection (`lock::peek`: no tenant pool stays open
 /// for it); on SQLite through `reader`, a pool the jobs do not use, so a
-/// busy job cannot make the check wait. A check that does not answer
-/// within two seconds counts as lost: an instance that cannot prove it
-/// holds the database stops writing.
+/// busy job cannot make the check wait. A lock connection that does not
+/// answer within two seconds counts as lost: an instance that cannot
+/// prove it holds the database stops writing. A read that only waited its
+/// turn behind other tenants' reads (the connection answered lately)
+/// tells nothing this time, and loses nothing.
 async fn still_ours(
     lock: &mut InstanceLock,
     reader: &crate::state::Store,
@@ -495,8 +497,17 @@ async fn still_ours(
             held: lock_held && (epoch == 0 || peek.epoch == Some(epoch)),
             asked: peek.asked,
         },
-        Ok(Some(Err(_))) | Err(_) => Check {
+        // The read failed: the connection is gone or broken.
+        Ok(Some(Err(_))) => Check {
             held: false,
+            asked: false,
+        },
+        // The read waited its turn on the busy lock connection past the
+        // bound: nothing is known this time. Whether the connection
+        // answers decided `lock_held`; a lease another instance took
+        // shows at the next read, and fences every write meanwhile.
+        Err(_) => Check {
+            held: lock_held,
             asked: false,
         },
         Ok(None) => {
