@@ -11,7 +11,7 @@ use crate::common::daemon::{Daemon, metrics_text};
 use crate::common::{TestDb, applied_adds, http_get};
 
 /// A tenant file for `sb`: its CRM and EDM, list 1, and `extra` lines.
-fn tenant_file(sb: &Sandbox, extra: &str) -> String {
+pub(crate) fn tenant_file(sb: &Sandbox, extra: &str) -> String {
     let own = sb.config_toml("unused");
     let own = own.split("[database]").next().unwrap();
     format!("{own}\n[sync]\nlist_id = 1\n{extra}\n")
@@ -35,7 +35,7 @@ async fn company(prefix: &str, n: i64) -> Sandbox {
 }
 
 /// A main config over `dir/tenants` on `db`, with daemon timings for tests.
-fn main_config(dir: &std::path::Path, db: &TestDb, more: &str) -> std::path::PathBuf {
+pub(crate) fn main_config(dir: &std::path::Path, db: &TestDb, more: &str) -> std::path::PathBuf {
     let tenants = dir.join("tenants");
     std::fs::create_dir_all(&tenants).unwrap();
     let text = format!(
@@ -48,7 +48,7 @@ fn main_config(dir: &std::path::Path, db: &TestDb, more: &str) -> std::path::Pat
     path
 }
 
-fn put_tenant(config: &std::path::Path, name: &str, text: &str) {
+pub(crate) fn put_tenant(config: &std::path::Path, name: &str, text: &str) {
     std::fs::write(
         config
             .parent()

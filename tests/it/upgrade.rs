@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::common::binary::ok;
 use crate::common::{TestDb, applied_adds};
+use crate::tenants::{main_config, put_tenant, tenant_file};
 
 /// The release whose databases the fixtures hold.
 const PREVIOUS_RELEASE: &str = "b23466b";
@@ -135,25 +136,8 @@ async fn a_database_written_by_the_previous_release_becomes_tenant_default_with_
         }
         sb.edm.user_unsubscribe(1, "lm2@example.com");
         let dir = tempfile::tempdir().unwrap();
-        let tenants = dir.path().join("tenants");
-        std::fs::create_dir_all(&tenants).unwrap();
-        let own = sb.config_toml("unused");
-        let own = own.split("[database]").next().unwrap();
-        std::fs::write(
-            tenants.join("default.toml"),
-            format!("{own}\n[sync]\nlist_id = 1\n"),
-        )
-        .unwrap();
-        let config = dir.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[tenants]\ndir = {:?}\n[database]\nurl = {:?}\n",
-                tenants.display().to_string(),
-                db.url
-            ),
-        )
-        .unwrap();
+        let config = main_config(dir.path(), &db, "");
+        put_tenant(&config, "default", &tenant_file(&sb, ""));
 
         // Act: this release runs over it as tenant `default`.
         ok(&config, &["--once", "--job", "contacts"]).await;

@@ -177,6 +177,17 @@ fn write_configs(
     Ok(config)
 }
 
+/// Where an instance's log goes: `CES_BENCH_LOG_DIR/<id>.log` when that
+/// is set (to see why a fleet misbehaves), nowhere otherwise.
+fn log_of(id: &str) -> anyhow::Result<std::process::Stdio> {
+    Ok(match std::env::var_os("CES_BENCH_LOG_DIR") {
+        Some(dir) => {
+            std::fs::File::create(std::path::Path::new(&dir).join(format!("{id}.log")))?.into()
+        }
+        None => std::process::Stdio::null(),
+    })
+}
+
 fn spawn(bin: &std::path::Path, config: &std::path::Path, id: &str) -> anyhow::Result<Instance> {
     let child = std::process::Command::new(bin)
         .arg("--config")
@@ -184,7 +195,7 @@ fn spawn(bin: &std::path::Path, config: &std::path::Path, id: &str) -> anyhow::R
         .env("CRM_EDM_SYNC__DAEMON__INSTANCE_ID", id)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(log_of(id)?)
         .spawn()?;
     Ok(Instance {
         id: id.to_string(),
