@@ -34,6 +34,23 @@ async fn company(prefix: &str, n: i64) -> Sandbox {
     sb
 }
 
+/// `count` tenants `{prefix}0`, `{prefix}1`, … of `config`, each a
+/// company of `linkmen` link-men (`{prefix}{i}x1@example.com`, …).
+async fn tenants_named(
+    config: &std::path::Path,
+    prefix: &str,
+    count: usize,
+    linkmen: i64,
+) -> Vec<Sandbox> {
+    let mut companies = Vec::new();
+    for i in 0..count {
+        let sb = company(&format!("{prefix}{i}x"), linkmen).await;
+        put_tenant(config, &format!("{prefix}{i}"), &tenant_file(&sb, ""));
+        companies.push(sb);
+    }
+    companies
+}
+
 /// A main config over `dir/tenants` on `db`, with daemon timings for tests.
 pub(crate) fn main_config(dir: &std::path::Path, db: &TestDb, more: &str) -> std::path::PathBuf {
     let tenants = dir.join("tenants");
@@ -438,12 +455,7 @@ async fn instances_on_one_postgres_database_share_the_tenants_and_take_over_a_de
     // Arrange: six tenants, one instance holding all of them.
     let dir = tempfile::tempdir().unwrap();
     let config = main_config(dir.path(), &db, "");
-    let mut companies = Vec::new();
-    for i in 0..6 {
-        let sb = company(&format!("t{i}x"), 2).await;
-        put_tenant(&config, &format!("t{i}"), &tenant_file(&sb, ""));
-        companies.push(sb);
-    }
+    let companies = tenants_named(&config, "t", 6, 2).await;
     let id = |name: &str| ("CRM_EDM_SYNC__DAEMON__INSTANCE_ID", name.to_string());
     let start = |name: &str| {
         let (k, v) = id(name);
@@ -515,12 +527,7 @@ async fn on_sqlite_a_second_instance_stands_by_for_every_tenant_until_the_first_
     let db = TestDb::sqlite();
     let dir = tempfile::tempdir().unwrap();
     let config = main_config(dir.path(), &db, "");
-    let mut companies = Vec::new();
-    for i in 0..3 {
-        let sb = company(&format!("s{i}x"), 1).await;
-        put_tenant(&config, &format!("s{i}"), &tenant_file(&sb, ""));
-        companies.push(sb);
-    }
+    let companies = tenants_named(&config, "s", 3, 1).await;
     let start = |name: &str| Daemon::start(&config, &[("CRM_EDM_SYNC__DAEMON__INSTANCE_ID", name)]);
     let a = start("a");
     let all = |who: &'static str| {
