@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use super::Shared;
 use crate::jobs::{Context, RunOptions};
-use crate::lock::{InstanceLock, LockTarget};
+use crate::lock::{InstanceLock, LockTarget, Sighting};
 use crate::ops_endpoint::TenantHealth;
 use crate::reload::Live;
 use crate::schedule::{Gate, JobFn, schedule};
@@ -131,8 +131,8 @@ async fn take_turns(
                     shared.role_changed();
                     match period? {
                         Period::Stopped => return Ok(()),
-                        Period::LockLost => tracing::error!(
-                            "lost the instance lock (lock connection gone, lock file replaced or lease taken by another instance); jobs stopped, standing by"
+                        Period::LockLost => tracing::warn!(
+                            "jobs stopped after the instance lock was lost; standing by"
                         ),
                         Period::HandedOver => {}
                     }
@@ -200,7 +200,7 @@ async fn active_period(
     live: &Arc<Live>,
     shared: &Shared,
     reader: &crate::state::Store,
-    mut lock: InstanceLock,
+    lock: InstanceLock,
     stop: &CancellationToken,
 ) -> anyhow::Result<Period> {
     let daemon = live.current().settings.daemon.clone();
@@ -226,7 +226,8 @@ async fn active_period(
     }
     let mut schedule_changes = live.schedule_changes();
     let mut scheduler = arm_schedules(live, &runs).await?;
-    let check_every = poll.min(Duration::from_secs(1));
+    let check_every = poll.min(crate::lock::WATCH_EVERY);
+    let mut watched = Watched::from_now();
     let ended = loop {
         tokio::select! {
             _ = stop.cancelled() => break Period::Stopped,
@@ -236,9 +237,9 @@ async fn active_period(
                 tracing::info!("schedules re-armed after a reload");
             }
             _ = tokio::time::sleep(check_every) => {
-                let url = &ctx.settings.database.url;
-                let check = still_ours(&mut lock, reader, url, ctx.store.fence_epoch()).await;
-                if !check.held {
+                let check = still_ours(&lock, reader, ctx.store.fence_epoch(), &mut watched).await;
+                if let Some(reason) = check.lost {
+                    tracing::error!(%reason, "lost the instance lock or lease: the running job is stopped at once");
                     break Period::LockLost;
                 }
                 // Between jobs, a tenant beyond this instance's share goes.
@@ -273,7 +274,6 @@ async fn end_period(
         // Another instance may be writing already: the running job is
         // dropped where it stands, not drained (what it did not record
         // stays to be planned again, by the new holder).
-        tracing::error!("lost the instance lock or lease: the running job is stopped at once");
         runs.hard_stop.cancel();
     }
     runs.period.cancel();
@@ -468,57 +468,91 @@ fn break_request(printed: &mut crate::once::Printed, job: Job) {
 
 /// What the check every second found.
 struct Check {
-    /// The lock and the lease are still this instance's.
-    held: bool,
+    /// Why the lock or the lease is no longer this instance's; `None`
+    /// while both are.
+    lost: Option<String>,
     /// A `--once` request may wait (always, where it cannot be told
     /// without claiming one).
     asked: bool,
 }
 
-/// Whether this instance still holds both its lock and the lease it took,
-/// and whether a `--once` request waits. On PostgreSQL both are read on
-/// the process's lock connection (`lock::peek`: no tenant pool stays open
-/// for it); on SQLite through `reader`, a pool the jobs do not use, so a
-/// busy job cannot make the check wait. A lock connection that does not
-/// answer within two seconds counts as lost: an instance that cannot
-/// prove it holds the database stops writing. A read that only waited its
-/// turn behind other tenants' reads (the connection answered lately)
-/// tells nothing this time, and loses nothing.
+/// How long a PostgreSQL holder goes on without its lock connection's
+/// watch seeing its lease before it counts the tenant lost. The watch
+/// reads every second or few and closes a connection that fails or does
+/// not answer within `lock::ANSWER_WITHIN` (every holder then sees its
+/// lock gone at once): this bound only catches a watch that stopped
+/// reading altogether.
+const UNSEEN_FOR: Duration = Duration::from_secs(30);
+
+/// When the lease was taken, and when the watch last saw it ours.
+struct Watched {
+    since: std::time::Instant,
+    seen: std::time::Instant,
+}
+
+impl Watched {
+    fn from_now() -> Watched {
+        let now = std::time::Instant::now();
+        Watched {
+            since: now,
+            seen: now,
+        }
+    }
+}
+
+/// Whether this instance still holds both its lock and the lease it took
+/// (`epoch`), and whether a `--once` request waits.
+///
+/// On PostgreSQL it asks nothing: it reads what the lock connection's
+/// watch last saw (`lock::Sighting`), so that a thousand tenants' checks
+/// never queue on one connection. On SQLite it reads through `reader`, a
+/// pool the jobs do not use, so a busy job cannot make the check wait.
 async fn still_ours(
-    lock: &mut InstanceLock,
+    lock: &InstanceLock,
     reader: &crate::state::Store,
-    url: &secrecy::SecretString,
     epoch: i64,
+    watched: &mut Watched,
 ) -> Check {
-    let bound = Duration::from_secs(2);
-    let lock_held = tokio::time::timeout(bound, lock.still_held()).await == Ok(true);
-    match tokio::time::timeout(bound, crate::lock::peek(url)).await {
-        Ok(Some(Ok(peek))) => Check {
-            held: lock_held && (epoch == 0 || peek.epoch == Some(epoch)),
-            asked: peek.asked,
-        },
-        // The read failed: the connection is gone or broken.
-        Ok(Some(Err(_))) => Check {
-            held: false,
-            asked: false,
-        },
-        // The read waited its turn on the busy lock connection past the
-        // bound: nothing is known this time. Whether the connection
-        // answers decided `lock_held`; a lease another instance took
-        // shows at the next read, and fences every write meanwhile.
-        Err(_) => Check {
-            held: lock_held,
-            asked: false,
-        },
-        Ok(None) => {
-            let lease_held = epoch == 0
-                || matches!(
-                    tokio::time::timeout(bound, reader.lease()).await,
-                    Ok(Ok(Some(l))) if l.epoch == epoch
-                );
+    let lost = |why: String| Check {
+        lost: Some(why),
+        asked: false,
+    };
+    match lock.sighting(watched.since) {
+        Some(Sighting::Lost(why)) => lost(why),
+        Some(Sighting::Held(peek)) if epoch != 0 && peek.epoch != Some(epoch) => lost(format!(
+            "another instance took the lease (epoch {} is no longer {epoch})",
+            peek.epoch.unwrap_or(0)
+        )),
+        Some(Sighting::Held(peek)) => {
+            watched.seen = std::time::Instant::now();
             Check {
-                held: lock_held && lease_held,
-                asked: true,
+                lost: None,
+                asked: peek.asked,
+            }
+        }
+        Some(Sighting::NotYet) if watched.seen.elapsed() > UNSEEN_FOR => lost(format!(
+            "the lock connection has not confirmed the lease for {} s",
+            UNSEEN_FOR.as_secs()
+        )),
+        Some(Sighting::NotYet) => Check {
+            lost: None,
+            asked: false,
+        },
+        None if !lock.still_held() => lost("the lock file was removed or replaced".into()),
+        None => {
+            let lease = tokio::time::timeout(Duration::from_secs(2), reader.lease()).await;
+            match lease {
+                _ if epoch == 0 => Check {
+                    lost: None,
+                    asked: true,
+                },
+                Ok(Ok(Some(l))) if l.epoch == epoch => Check {
+                    lost: None,
+                    asked: true,
+                },
+                Ok(Ok(_)) => lost("another instance took the lease".into()),
+                Ok(Err(e)) => lost(format!("cannot read the lease: {e:#}")),
+                Err(_) => lost("the lease could not be read within 2 s".into()),
             }
         }
     }

@@ -48,6 +48,46 @@ pub async fn peek(conn: &mut PgConnection, schema: Option<&str>) -> anyhow::Resu
     Ok(Peek { epoch, asked })
 }
 
+/// Reads the [`Peek`] of every schema of `schemas` on `conn` in one
+/// statement (what a daemon's lock connection reads every second for all
+/// the tenants it holds), in their order. One schema whose tables cannot
+/// be read fails the whole statement: the caller then reads them one by
+/// one ([`peek`]), so that only that tenant learns of it.
+pub async fn peek_many(
+    conn: &mut PgConnection,
+    schemas: &[Option<&str>],
+) -> anyhow::Result<Vec<Peek>> {
+    if schemas.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut parts = Vec::with_capacity(schemas.len());
+    for (i, schema) in schemas.iter().enumerate() {
+        let p = prefix(*schema)?;
+        parts.push(format!(
+            "SELECT {i}::int4, (SELECT epoch FROM {p}lease WHERE id = 1 AND epoch > 0), EXISTS (SELECT 1 FROM {p}run_requests WHERE state = $1)"
+        ));
+    }
+    let sql = parts.join(" UNION ALL ");
+    // Not prepared: the set of held tenants changes, and a statement kept
+    // per set would fill the connection's cache.
+    let rows: Vec<(i32, Option<i64>, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(RequestState::Queued.to_value())
+        .persistent(false)
+        .fetch_all(conn)
+        .await
+        .context("cannot read the tenants' leases and requests")?;
+    let mut peeks = vec![None; schemas.len()];
+    for (i, epoch, asked) in rows {
+        if let Some(slot) = usize::try_from(i).ok().and_then(|i| peeks.get_mut(i)) {
+            *slot = Some(Peek { epoch, asked });
+        }
+    }
+    peeks
+        .into_iter()
+        .map(|p| p.context("a tenant's lease is missing from the answer"))
+        .collect()
+}
+
 /// The last finished (not dry) run of each job of the tenant, newest
 /// first: its job, how it ended and its error.
 pub async fn last_finished(

@@ -180,6 +180,10 @@ pub(crate) fn redact_db_error(text: &str, url: &str) -> String {
     out
 }
 
+/// A fresh PostgreSQL database for another module's tests.
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) use tests::fresh_postgres;
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
@@ -225,7 +229,7 @@ mod tests {
     /// e.g. `postgres://postgres@127.0.0.1:5432`; `.ci/run` sets it).
     /// Without it the PostgreSQL half of a test is skipped, saying so on
     /// stderr, so that `cargo test` runs on a machine without a server.
-    pub(super) fn pg_server() -> Option<String> {
+    pub(crate) fn pg_server() -> Option<String> {
         let server = std::env::var("CRM_EDM_SYNC_TEST_PG")
             .ok()
             .map(|s| s.trim().trim_end_matches('/').to_string())
@@ -238,7 +242,7 @@ mod tests {
 
     /// A fresh PostgreSQL database: its URL and a guard that drops it;
     /// `None` without a server.
-    pub(super) async fn fresh_postgres() -> Option<(String, impl Drop)> {
+    pub(crate) async fn fresh_postgres() -> Option<(String, impl Drop)> {
         struct DropDb(String, String);
         impl Drop for DropDb {
             fn drop(&mut self) {
