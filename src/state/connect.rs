@@ -214,15 +214,34 @@ async fn on_the_database(raw: &str, sql: &str) -> anyhow::Result<()> {
     done.map(|_| ()).map_err(anyhow::Error::from)
 }
 
+/// Whether creating a schema failed only because another session created
+/// it at the same moment (SQLSTATE 23505 on the catalogue, or 42P06).
+fn created_by_another(e: &anyhow::Error) -> bool {
+    use sea_orm::sqlx;
+    e.chain()
+        .any(|cause| match cause.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db)) => {
+                matches!(db.code().as_deref(), Some("23505" | "42P06"))
+            }
+            _ => false,
+        })
+}
+
 /// Creates where a tenant's state goes, before a writer opens it: its
 /// PostgreSQL schema, or the directory of its SQLite file. Nothing for
 /// `default`, whose place exists as it always did.
 async fn prepare_tenant_place(raw: &str) -> anyhow::Result<()> {
     if let Some(schema) = tenant_schema(raw) {
         // The name is `tenant_` and [a-z0-9_]: nothing to escape.
-        return on_the_database(raw, &format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
-            .await
-            .with_context(|| format!("cannot create the tenant's schema {schema}"));
+        let created =
+            on_the_database(raw, &format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")).await;
+        return match created {
+            // Two instances creating it at the same moment: `IF NOT
+            // EXISTS` does not stop the second from failing on the
+            // catalogue's unique index; the schema is there all the same.
+            Err(e) if created_by_another(&e) => Ok(()),
+            other => other.with_context(|| format!("cannot create the tenant's schema {schema}")),
+        };
     }
     if let Some(dir) = sqlite_file(raw)
         .as_deref()
@@ -563,5 +582,36 @@ mod tests {
             default.close().await;
             acme.close().await;
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn instances_creating_a_tenants_schema_at_the_same_moment_all_succeed() {
+        // Arrange: ten tenants' URLs on a fresh database.
+        let Some((url, _guard)) = crate::state::fresh_postgres().await else {
+            return;
+        };
+        let tenants: Vec<String> = (0..10)
+            .map(|i| format!("{url}?options[search_path]=tenant_race{i}"))
+            .collect();
+
+        // Act: four openers at once for each, as instances starting
+        // together do.
+        let mut openers = tokio::task::JoinSet::new();
+        for tenant in &tenants {
+            for _ in 0..4 {
+                let tenant = tenant.clone();
+                openers.spawn(async move { prepare_tenant_place(&tenant).await });
+            }
+        }
+        let failed: Vec<String> = openers
+            .join_all()
+            .await
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+            .collect();
+
+        // Assert
+        assert!(failed.is_empty(), "{failed:?}");
     }
 }
