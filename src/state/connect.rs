@@ -227,14 +227,35 @@ fn created_by_another(e: &anyhow::Error) -> bool {
         })
 }
 
-/// Creates where a tenant's state goes, before a writer opens it: its
-/// PostgreSQL schema, or the directory of its SQLite file. Nothing for
-/// `default`, whose place exists as it always did.
-async fn prepare_tenant_place(raw: &str) -> anyhow::Result<()> {
+/// Creates a tenant's PostgreSQL schema through `db`, the tenant's own
+/// pool (a schema named in `search_path` need not exist yet): the
+/// connection it opens is the one the schema check and the migration use
+/// next, so opening a tenant costs the server one connection, not two — a
+/// thousand tenants opening on three instances at once ran it out of
+/// connections. Nothing for `default`, whose place exists as it always
+/// did.
+async fn prepare_tenant_schema(db: &DatabaseConnection, raw: &str) -> anyhow::Result<()> {
+    use sea_orm::sqlx;
     if let Some(schema) = tenant_schema(raw) {
         // The name is `tenant_` and [a-z0-9_]: nothing to escape.
-        let created =
-            on_the_database(raw, &format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")).await;
+        let sql = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
+        let created = async {
+            let mut conn = db
+                .get_postgres_connection_pool()
+                .acquire()
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot open the state database: {}",
+                        redact_db_error(&e.to_string(), raw)
+                    )
+                })?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut *conn)
+                .await?;
+            anyhow::Ok(())
+        }
+        .await;
         return match created {
             // Two instances creating it at the same moment: `IF NOT
             // EXISTS` does not stop the second from failing on the
@@ -243,6 +264,11 @@ async fn prepare_tenant_place(raw: &str) -> anyhow::Result<()> {
             other => other.with_context(|| format!("cannot create the tenant's schema {schema}")),
         };
     }
+    Ok(())
+}
+
+/// Creates the directory of a tenant's SQLite file, before it is opened.
+async fn prepare_tenant_dir(raw: &str) -> anyhow::Result<()> {
     if let Some(dir) = sqlite_file(raw)
         .as_deref()
         .and_then(std::path::Path::parent)
@@ -437,12 +463,15 @@ impl Store {
     /// touched: no statement is run to check it that could write or log.
     pub async fn connect(url: &SecretString) -> anyhow::Result<Store> {
         let raw = url.expose_secret();
-        prepare_tenant_place(raw).await?;
+        prepare_tenant_dir(raw).await?;
         let _opening = match sqlite_file(raw) {
             Some(file) => Some(SqliteOpenLock::take(&file).await?),
             None => None,
         };
         let db = open_pool(raw, Access::Write).await?;
+        if !is_sqlite(raw) {
+            prepare_tenant_schema(&db, raw).await?;
+        }
         match schema_of(&db).await? {
             Schema::Current => {}
             Schema::Ahead(unknown) => anyhow::bail!(
@@ -601,7 +630,10 @@ mod tests {
         for tenant in &tenants {
             for _ in 0..4 {
                 let tenant = tenant.clone();
-                openers.spawn(async move { prepare_tenant_place(&tenant).await });
+                openers.spawn(async move {
+                    let db = open_pool(&tenant, Access::Write).await?;
+                    prepare_tenant_schema(&db, &tenant).await
+                });
             }
         }
         let failed: Vec<String> = openers
