@@ -539,13 +539,14 @@ async fn still_ours(
             asked: false,
         },
         None if !lock.still_held() => lost("the lock file was removed or replaced".into()),
+        // No lease taken yet: nothing to compare.
+        None if epoch == 0 => Check {
+            lost: None,
+            asked: true,
+        },
         None => {
             let lease = tokio::time::timeout(Duration::from_secs(2), reader.lease()).await;
             match lease {
-                _ if epoch == 0 => Check {
-                    lost: None,
-                    asked: true,
-                },
                 Ok(Ok(Some(l))) if l.epoch == epoch => Check {
                     lost: None,
                     asked: true,

@@ -148,9 +148,9 @@ async fn open_pool(raw: &str, access: Access) -> anyhow::Result<DatabaseConnecti
     });
     match Database::connect(options).await {
         Ok(db) => Ok(db),
-        Err(e) => Err(anyhow::anyhow!(
-            "cannot open the state database: {}",
-            redact_db_error(&why_not_connected(e.to_string(), raw).await, raw)
+        Err(e) => Err(cannot_open(
+            &why_not_connected(e.to_string(), raw).await,
+            raw,
         )),
     }
 }
@@ -195,18 +195,22 @@ pub fn database_of(raw: &str) -> String {
     }
 }
 
+/// "cannot open the state database" and why, with the secrets of `raw`
+/// taken out.
+fn cannot_open(why: &dyn std::fmt::Display, raw: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "cannot open the state database: {}",
+        redact_db_error(&why.to_string(), raw)
+    )
+}
+
 /// Runs `sql` on the PostgreSQL database of the tenant URL `raw`, on a
 /// connection of its own that is on no tenant's `search_path`.
 async fn on_the_database(raw: &str, sql: &str) -> anyhow::Result<()> {
     use sea_orm::sqlx::{self, Connection, PgConnection};
     let mut conn = PgConnection::connect(&database_of(raw))
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the state database: {}",
-                redact_db_error(&e.to_string(), raw)
-            )
-        })?;
+        .map_err(|e| cannot_open(&e, raw))?;
     let done = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
         .execute(&mut conn)
         .await;
@@ -240,16 +244,8 @@ async fn prepare_tenant_schema(db: &DatabaseConnection, raw: &str) -> anyhow::Re
         // The name is `tenant_` and [a-z0-9_]: nothing to escape.
         let sql = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
         let created = async {
-            let mut conn = db
-                .get_postgres_connection_pool()
-                .acquire()
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot open the state database: {}",
-                        redact_db_error(&e.to_string(), raw)
-                    )
-                })?;
+            let pool = db.get_postgres_connection_pool();
+            let mut conn = pool.acquire().await.map_err(|e| cannot_open(&e, raw))?;
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                 .execute(&mut *conn)
                 .await?;
